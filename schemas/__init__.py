@@ -1,0 +1,23 @@
+"""Event contracts shared by every producer and consumer of OmniRouter-stream."""
+
+from schemas.events import (
+    ALL_EVENTS,
+    SCHEMA_VERSION,
+    Assignment,
+    DeadLetter,
+    Outcome,
+    QueryEvent,
+    QueryHints,
+    WindowReport,
+)
+
+__all__ = [
+    "ALL_EVENTS",
+    "SCHEMA_VERSION",
+    "Assignment",
+    "DeadLetter",
+    "Outcome",
+    "QueryEvent",
+    "QueryHints",
+    "WindowReport",
+]

@@ -1,0 +1,122 @@
+"""Event contracts: the one source of truth for every message on every topic.
+
+Each event carries `schema_version`; a consumer rejects (dead-letters) versions
+it does not know. `python -m schemas.export` writes JSON Schema for producers
+and consumers in other languages to schemas/jsonschema/.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION: Literal[1] = 1
+MAX_ID_LENGTH = 200
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class QueryHints(BaseModel):
+    """Optional per-query limits the optimiser honours."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_cost_usd: float | None = Field(default=None, ge=0)
+    min_quality: float | None = Field(default=None, ge=0, le=1)
+    allowed_models: list[str] | None = Field(default=None, min_length=1)
+
+
+class QueryEvent(Event):
+    """A query to route. Topic `omnirouter.queries`; producers choose query_id."""
+
+    query_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    text: str = Field(min_length=1)
+    pool: str = Field(default="default", min_length=1, max_length=MAX_ID_LENGTH)
+    created_at: datetime = Field(default_factory=utc_now)
+    hints: QueryHints | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Assignment(Event):
+    """A routed query. Topic `omnirouter.route.<model>`, keyed by query_id."""
+
+    query_id: str
+    text: str
+    model: str
+    pool: str
+    window_id: str
+    window_start: datetime
+    window_end: datetime
+    predicted_quality: float
+    predicted_cost_usd: float
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+SolverStatus = Literal[
+    "optimal",
+    "time_limited",
+    "infeasible_budget_cheapest_plan",
+    "infeasible_target_best_quality_plan",
+]
+
+
+class WindowReport(Event):
+    """One per solved window. Topic `omnirouter.windows`."""
+
+    window_id: str
+    pool: str
+    window_start: datetime
+    window_end: datetime
+    query_count: int
+    mode: Literal["budget", "quality"]
+    window_budget_usd: float | None = None
+    quality_target: float | None = None
+    predicted_spend_usd: float
+    predicted_mean_quality: float
+    solver: str
+    solver_status: SolverStatus
+    solve_seconds: float
+    assignments_per_model: dict[str, int]
+
+
+class Outcome(Event):
+    """What a model did with a query. Topic `omnirouter.outcomes`.
+
+    quality_score may be None at first and arrive later (user feedback).
+    """
+
+    query_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    model: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    pool: str = "default"
+    quality_score: float | None = Field(default=None, ge=0, le=1)
+    input_tokens: int | None = Field(default=None, ge=0)
+    output_tokens: int | None = Field(default=None, ge=0)
+    cost_usd: float | None = Field(default=None, ge=0)
+    latency_ms: float | None = Field(default=None, ge=0)
+    error: str | None = None
+    text: str | None = None  # the query text, so the store can embed it
+    created_at: datetime = Field(default_factory=utc_now)
+
+
+class DeadLetter(Event):
+    """An event that could not be processed, kept with the reason. Topic `omnirouter.deadletter`."""
+
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    reason: str
+    raw_base64: str
+    created_at: datetime = Field(default_factory=utc_now)
+
+
+ALL_EVENTS: tuple[type[Event], ...] = (QueryEvent, Assignment, WindowReport, Outcome, DeadLetter)

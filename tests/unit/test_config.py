@@ -1,0 +1,53 @@
+"""Configuration: bad settings fail at start with a message that names the variable."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from workers.config import ROUTERBENCH_MODELS, PoolPolicy, Settings, model_topic
+
+
+def test_defaults_route_the_routerbench_models() -> None:
+    settings = Settings()
+    assert settings.router_models == list(ROUTERBENCH_MODELS)
+    assert len({model_topic(m) for m in settings.router_models}) == len(ROUTERBENCH_MODELS)
+
+
+def test_model_names_become_legal_topic_names() -> None:
+    assert model_topic("meta/llama-2-70b-chat") == "omnirouter.route.meta-llama-2-70b-chat"
+    assert model_topic("a b:c") == "omnirouter.route.a-b-c"
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROUTER_MODELS", '["a", "b"]')
+    monkeypatch.setenv("ROUTER_MODEL_CAPACITIES", '{"a": 5}')
+    monkeypatch.setenv("ROUTER_WINDOW_SECONDS", "1.5")
+    settings = Settings()
+    assert settings.router_models == ["a", "b"]
+    assert settings.router_model_capacities == {"a": 5}
+    assert settings.router_window_seconds == 1.5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"router_models": ["a", "b"], "router_model_capacities": {"c": 1}},
+            "ROUTER_MODEL_CAPACITIES",
+        ),
+        ({"router_models": ["a/b", "a-b"]}, "clashing topic names"),
+        ({"router_models": []}, "at least one model"),
+        ({"router_window_budget_usd": -1.0}, "greater than or equal to 0"),
+    ],
+)
+def test_inconsistent_settings_are_rejected(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(**overrides)  # type: ignore[arg-type]
+
+
+def test_a_pool_needs_the_limit_of_its_mode() -> None:
+    with pytest.raises(ValidationError, match="quality mode needs quality_target"):
+        PoolPolicy(mode="quality")
+    with pytest.raises(ValidationError, match="budget mode needs"):
+        PoolPolicy(mode="budget")

@@ -1,0 +1,139 @@
+"""The one settings class: every environment variable the service reads.
+
+Each field's environment variable is its upper-cased name. README.md documents
+them all in one table; `omnirouter config` prints the values in force.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import BaseModel, Field, NonNegativeFloat, PositiveInt, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The 11 models of the RouterBench sample shipped in workers/data.
+ROUTERBENCH_MODELS: tuple[str, ...] = (
+    "WizardLM/WizardLM-13B-V1.2",
+    "claude-instant-v1",
+    "claude-v1",
+    "claude-v2",
+    "gpt-3.5-turbo-1106",
+    "gpt-4-1106-preview",
+    "meta/code-llama-instruct-34b-chat",
+    "meta/llama-2-70b-chat",
+    "mistralai/mistral-7b-chat",
+    "mistralai/mixtral-8x7b-chat",
+    "zero-one-ai/Yi-34B-Chat",
+)
+
+TOPIC_PREFIX = "omnirouter"
+_TOPIC_UNSAFE = re.compile(r"[^a-zA-Z0-9._-]")
+
+
+def model_topic(model: str) -> str:
+    """Kafka topic names allow only [a-zA-Z0-9._-]; model names often hold '/'."""
+    return f"{TOPIC_PREFIX}.route.{_TOPIC_UNSAFE.sub('-', model)}"
+
+
+class ModelPrice(BaseModel):
+    """List price of one model in US dollars per million tokens."""
+
+    input_per_mtok_usd: NonNegativeFloat
+    output_per_mtok_usd: NonNegativeFloat
+
+
+class PoolPolicy(BaseModel):
+    """How one budget pool's windows are solved."""
+
+    mode: Literal["budget", "quality"] = "budget"
+    window_budget_usd: NonNegativeFloat | None = None
+    budget_per_hour_usd: NonNegativeFloat | None = None
+    quality_target: float | None = Field(default=None, ge=0.0, le=1.0)
+    models: list[str] | None = None  # None: every configured model
+
+    @model_validator(mode="after")
+    def _mode_has_its_limit(self) -> PoolPolicy:
+        if (
+            self.mode == "budget"
+            and self.window_budget_usd is None
+            and (self.budget_per_hour_usd is None)
+        ):
+            raise ValueError("budget mode needs window_budget_usd or budget_per_hour_usd")
+        if self.mode == "quality" and self.quality_target is None:
+            raise ValueError("quality mode needs quality_target")
+        return self
+
+
+class Settings(BaseSettings):
+    """Environment configuration. Defaults run `make demo` on a fresh machine."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    # Services. Empty means: start or find a local one (see workers/services.py).
+    kafka_bootstrap_servers: str = ""
+    database_url: str = ""
+
+    # Models and their economics.
+    router_models: list[str] = Field(default_factory=lambda: list(ROUTERBENCH_MODELS))
+    router_model_prices: dict[str, ModelPrice] = Field(default_factory=dict)
+    router_model_capacities: dict[str, PositiveInt] = Field(default_factory=dict)
+    router_fallback_model: str | None = None
+
+    # Windows and the default pool policy.
+    router_window_seconds: float = Field(default=5.0, gt=0)
+    router_max_window_queries: PositiveInt = 2000
+    router_mode: Literal["budget", "quality"] = "budget"
+    router_window_budget_usd: NonNegativeFloat | None = None
+    router_budget_per_hour_usd: NonNegativeFloat | None = None
+    router_quality_target: float = Field(default=0.8, ge=0.0, le=1.0)
+    router_pools: dict[str, PoolPolicy] = Field(default_factory=dict)
+
+    # Optimiser.
+    router_solver: Literal["exact", "fast"] = "exact"
+    router_solver_time_limit_seconds: float = Field(default=2.0, gt=0)
+
+    # Topic layout.
+    kafka_partitions: PositiveInt = 4
+    kafka_replication_factor: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _models_are_consistent(self) -> Settings:
+        if not self.router_models:
+            raise ValueError("ROUTER_MODELS must name at least one model")
+        topics = [model_topic(m) for m in self.router_models]
+        if len(set(topics)) != len(topics):
+            raise ValueError(f"ROUTER_MODELS map to clashing topic names: {topics}")
+        known = set(self.router_models)
+        named = {
+            "ROUTER_MODEL_PRICES": set(self.router_model_prices),
+            "ROUTER_MODEL_CAPACITIES": set(self.router_model_capacities),
+            "ROUTER_FALLBACK_MODEL": {self.router_fallback_model}
+            if self.router_fallback_model
+            else set(),
+        }
+        for pool, policy in self.router_pools.items():
+            named[f"ROUTER_POOLS[{pool}].models"] = set(policy.models or [])
+        for variable, models in named.items():
+            unknown = models - known
+            if unknown:
+                raise ValueError(f"{variable} names models not in ROUTER_MODELS: {sorted(unknown)}")
+        return self
+
+    def topic_names(self) -> dict[str, str]:
+        """Every topic the product uses, by role."""
+        names = {
+            "queries": f"{TOPIC_PREFIX}.queries",
+            "windows": f"{TOPIC_PREFIX}.windows",
+            "outcomes": f"{TOPIC_PREFIX}.outcomes",
+            "responses": f"{TOPIC_PREFIX}.responses",
+            "deadletter": f"{TOPIC_PREFIX}.deadletter",
+        }
+        names.update({f"route:{m}": model_topic(m) for m in self.router_models})
+        return names
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,44 @@
+"""Tables. Alembic migrations in migrations/ create them; keep both in step."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class OutcomeRow(Base):
+    """What one model did with one query: the router's ground truth to learn from.
+
+    A quality score may arrive after the usage (user feedback), so the row is
+    upserted on (query_id, model) and a later score updates it.
+    """
+
+    __tablename__ = "outcomes"
+    __table_args__ = (sa.UniqueConstraint("query_id", "model", name="uq_outcomes_query_model"),)
+
+    id: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True
+    )
+    query_id: Mapped[str] = mapped_column(sa.String(200), index=True)
+    model: Mapped[str] = mapped_column(sa.String(200))
+    pool: Mapped[str] = mapped_column(sa.String(200), default="default")
+    quality_score: Mapped[float | None] = mapped_column(sa.Float)
+    input_tokens: Mapped[int | None] = mapped_column(sa.Integer)
+    output_tokens: Mapped[int | None] = mapped_column(sa.Integer)
+    cost_usd: Mapped[float | None] = mapped_column(sa.Float)
+    latency_ms: Mapped[float | None] = mapped_column(sa.Float)
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    # float32 vector of the query text, as bytes: portable and compact.
+    embedding: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(
+        sa.DateTime(timezone=True), server_default=sa.func.now()
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        sa.DateTime(timezone=True), server_default=sa.func.now(), onupdate=sa.func.now()
+    )

@@ -1,0 +1,112 @@
+"""Outcome repository: the only code that reads or writes the outcomes table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from schemas import Outcome
+from workers.db.models import OutcomeRow
+
+
+@dataclass(frozen=True)
+class StoredOutcome:
+    """An outcome row as the retrieval store needs it."""
+
+    query_id: str
+    model: str
+    quality_score: float | None
+    cost_usd: float | None
+    output_tokens: int | None
+    embedding: np.ndarray | None
+
+
+def create_engine(database_url: str) -> sa.Engine:
+    return sa.create_engine(database_url, pool_pre_ping=True)
+
+
+def upsert_outcomes(
+    session: Session, outcomes: Sequence[Outcome], embeddings: Sequence[np.ndarray | None]
+) -> None:
+    """Insert outcomes, or update the row of the same (query_id, model).
+
+    A field that the newer event leaves None keeps its stored value, so a late
+    quality score does not erase the usage recorded earlier, and vice versa.
+    """
+    if not outcomes:
+        return
+    rows = [
+        {
+            "query_id": o.query_id,
+            "model": o.model,
+            "pool": o.pool,
+            "quality_score": o.quality_score,
+            "input_tokens": o.input_tokens,
+            "output_tokens": o.output_tokens,
+            "cost_usd": o.cost_usd,
+            "latency_ms": o.latency_ms,
+            "error": o.error,
+            "embedding": None if e is None else np.asarray(e, dtype=np.float32).tobytes(),
+        }
+        for o, e in zip(outcomes, embeddings, strict=True)
+    ]
+    # One statement per (query_id, model): duplicates inside a batch would make
+    # ON CONFLICT touch a row twice, which PostgreSQL rejects.
+    latest = {(r["query_id"], r["model"]): r for r in rows}
+    statement: postgresql.Insert | sqlite.Insert
+    if session.get_bind().dialect.name == "postgresql":
+        statement = postgresql.insert(OutcomeRow).values(list(latest.values()))
+    else:
+        statement = sqlite.insert(OutcomeRow).values(list(latest.values()))
+    keep_if_none = (
+        "pool",
+        "quality_score",
+        "input_tokens",
+        "output_tokens",
+        "cost_usd",
+        "latency_ms",
+        "error",
+        "embedding",
+    )
+    table = OutcomeRow.__table__
+    statement = statement.on_conflict_do_update(
+        index_elements=["query_id", "model"],
+        set_={
+            **{c: sa.func.coalesce(statement.excluded[c], table.c[c]) for c in keep_if_none},
+            "updated_at": sa.func.now(),
+        },
+    )
+    session.execute(statement)
+
+
+def iter_outcomes(session: Session, batch_size: int = 5000) -> Iterator[StoredOutcome]:
+    """Every stored outcome, oldest first, streamed in batches."""
+    query = sa.select(
+        OutcomeRow.query_id,
+        OutcomeRow.model,
+        OutcomeRow.quality_score,
+        OutcomeRow.cost_usd,
+        OutcomeRow.output_tokens,
+        OutcomeRow.embedding,
+    ).order_by(OutcomeRow.id)
+    for row in session.execute(query.execution_options(yield_per=batch_size)):
+        yield StoredOutcome(
+            query_id=row.query_id,
+            model=row.model,
+            quality_score=row.quality_score,
+            cost_usd=row.cost_usd,
+            output_tokens=row.output_tokens,
+            embedding=None if row.embedding is None else np.frombuffer(row.embedding, np.float32),
+        )
+
+
+def count_outcomes(session: Session, models: Iterable[str] | None = None) -> int:
+    query = sa.select(sa.func.count()).select_from(OutcomeRow)
+    if models is not None:
+        query = query.where(OutcomeRow.model.in_(list(models)))
+    return int(session.execute(query).scalar_one())

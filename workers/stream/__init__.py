@@ -1,0 +1,1 @@
+"""The Kafka edges: topic administration, Faust app and agents, model workers."""

@@ -1,0 +1,49 @@
+"""Create every topic the product uses, with explicit partition counts.
+
+Brokers that auto-create unknown topics pick their own partition count, which
+breaks Faust tables (PartitionsMismatch); so topics are created up front.
+"""
+
+from __future__ import annotations
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from workers.config import Settings
+
+
+async def create_topics(settings: Settings, bootstrap_servers: str) -> dict[str, str]:
+    """Create missing topics; return {topic: "created" | "exists"}."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = sorted(set(settings.topic_names().values()))
+        missing = [t for t in wanted if t not in existing]
+        if missing:
+            new_topics = [
+                NewTopic(
+                    name=t,
+                    num_partitions=settings.kafka_partitions,
+                    replication_factor=settings.kafka_replication_factor,
+                )
+                for t in missing
+            ]
+            response = await admin.create_topics(new_topics)
+            for topic, code, *_ in response.topic_errors:
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise RuntimeError(f"could not create topic {topic}: error code {code}")
+        return {t: ("created" if t in missing else "exists") for t in wanted}
+    finally:
+        await admin.close()
+
+
+async def describe_partitions(bootstrap_servers: str, topics: list[str]) -> dict[str, int]:
+    """Partition count of each topic, as the broker reports it."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics)
+        return {d["topic"]: len(d["partitions"]) for d in described}
+    finally:
+        await admin.close()
