@@ -62,8 +62,12 @@ class Assignment(Event):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+# optimal: proven by the exact solver; near_optimal: the fast path's feasible plan;
+# time_limited: the best plan found when the time limit struck; infeasible_*: the
+# budget or target could not be met, so the cheapest or the best plan was used.
 SolverStatus = Literal[
     "optimal",
+    "near_optimal",
     "time_limited",
     "infeasible_budget_cheapest_plan",
     "infeasible_target_best_quality_plan",

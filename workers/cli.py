@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
 from pathlib import Path
@@ -98,8 +97,74 @@ def demo(state_dir: Path) -> None:
     sys.exit(run_demo(load_settings(), state_dir))
 
 
-def _echo_json(payload: object) -> None:
-    click.echo(json.dumps(payload, indent=2, default=str))
+@main.command()
+@click.option("--train", "train_path", type=click.Path(exists=True, path_type=Path), required=True)
+@click.option("--test", "test_path", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Without it: 5-fold cross-validation on --train.")  # fmt: skip
+@click.option("--window-size", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--mode", "modes", type=click.Choice(["budget", "quality"]), multiple=True,
+              help="Repeatable; default both.")  # fmt: skip
+@click.option("--solver", type=click.Choice(["exact", "fast"]), default="exact", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/evaluation"),
+              show_default=True)  # fmt: skip
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".omnirouter/cache"),
+              show_default=True, help="Embeddings cached by text hash.")  # fmt: skip
+def evaluate(
+    train_path: Path,
+    test_path: Path | None,
+    window_size: int,
+    modes: tuple[str, ...],
+    solver: str,
+    out_dir: Path,
+    cache_dir: Path,
+) -> None:
+    """Route RouterBench-format outcomes offline; write report.json and cost_quality.png."""
+    from workers.routing import evaluate as evaluation
+    from workers.routing.dataset import DatasetError, load_routerbench
+    from workers.routing.embedder import CachedEmbedder, SentenceEmbedder
+
+    try:
+        train = load_routerbench(train_path)
+        test = load_routerbench(test_path) if test_path else None
+    except DatasetError as exc:
+        raise click.ClickException(str(exc)) from exc
+    settings = evaluation.EvaluationSettings(
+        window_size=window_size,
+        modes=tuple(modes) or ("budget", "quality"),  # type: ignore[arg-type]
+        solver=solver,  # type: ignore[arg-type]
+    )
+    embedder = CachedEmbedder(SentenceEmbedder(), cache_dir)
+    report = evaluation.evaluate(train, test, embedder, settings, progress=click.echo)
+    click.echo(evaluation.summary_table(report))
+    for path in evaluation.write_outputs(report, out_dir):
+        click.echo(f"wrote {path}")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print their figures."""
+
+
+@bench.command("solver")
+@click.option("--sizes", default="100,500,1000,2000,5000", show_default=True)
+@click.option("--repeats", default=3, show_default=True, help="Instances per size; median time.")
+@click.option("--with-capacities/--no-capacities", default=False, show_default=True)
+def bench_solver(sizes: str, repeats: int, with_capacities: bool) -> None:
+    """Exact ILP vs fast path: median solve time and the fast path's objective gap."""
+    from workers.bench import solver
+
+    window_sizes = tuple(int(s) for s in sizes.split(","))
+    header = (
+        f"{'queries':>7} {'models':>6} {'mode':>7} {'exact s':>9} {'fast ms':>9} "
+        f"{'gap % (worst)':>13} {'exact status':>14} {'fast feasible':>13}"
+    )
+    click.echo(header)
+    for row in solver.run(window_sizes, repeats, with_capacities=with_capacities):
+        click.echo(
+            f"{row.n_queries:>7} {11:>6} {row.mode:>7} {row.exact_median_seconds:>9.3f} "
+            f"{row.fast_median_seconds * 1000:>9.2f} {row.gap_percent_worst:>13.4f} "
+            f"{row.exact_status:>14} {row.fast_feasible!s:>13}"
+        )
 
 
 if __name__ == "__main__":

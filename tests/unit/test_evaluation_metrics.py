@@ -1,0 +1,67 @@
+"""Evaluation metrics on tiny hand-made data whose answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workers.routing.evaluate import (
+    accuracy_at_cost,
+    aiq,
+    cost_to_reach,
+    greedy_threshold_plan,
+    group_folds,
+    oracle_plan,
+    upper_hull,
+)
+
+
+def test_hull_drops_dominated_points_and_points_under_a_chord() -> None:
+    points = [(1.0, 0.5), (2.0, 0.55), (3.0, 0.9), (4.0, 0.8), (5.0, 0.9)]
+    # (2, 0.55) lies under the chord (1, 0.5)-(3, 0.9); (4, 0.8) and (5, 0.9) buy nothing.
+    assert upper_hull(points) == [(1.0, 0.5), (3.0, 0.9)]
+
+
+def test_aiq_of_a_flat_router_is_its_accuracy() -> None:
+    assert aiq([(1.0, 0.7)], 0.0, 10.0) == pytest.approx(0.7)
+
+
+def test_aiq_is_the_mean_accuracy_over_the_cost_range() -> None:
+    # Rises linearly from 0.5 at cost 0 to 0.9 at cost 2, then flat to 4:
+    # area = 2 * 0.7 + 2 * 0.9 = 3.2 over a range of 4.
+    assert aiq([(0.0, 0.5), (2.0, 0.9)], 0.0, 4.0) == pytest.approx(0.8, abs=1e-6)
+
+
+def test_accuracy_at_a_cost_interpolates_and_is_none_below_the_cheapest_point() -> None:
+    points = [(1.0, 0.5), (3.0, 0.9)]
+    assert accuracy_at_cost(points, 2.0) == pytest.approx(0.7)
+    assert accuracy_at_cost(points, 10.0) == pytest.approx(0.9)
+    assert accuracy_at_cost(points, 0.5) is None
+
+
+def test_cost_to_reach_an_accuracy() -> None:
+    points = [(1.0, 0.5), (3.0, 0.9)]
+    assert cost_to_reach(points, 0.7) == pytest.approx(2.0)
+    assert cost_to_reach(points, 0.4) == pytest.approx(1.0)
+    assert cost_to_reach(points, 0.95) is None
+
+
+def test_oracle_takes_the_cheapest_correct_model_else_the_cheapest() -> None:
+    scores = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    costs = np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [2.0, 1.0, 3.0]])
+    assert oracle_plan(scores, costs).tolist() == [1, 2, 1]
+
+
+def test_greedy_takes_the_cheapest_model_clearing_the_threshold() -> None:
+    quality = np.array([[0.9, 0.6, 0.3], [0.2, 0.3, 0.4]])
+    cost = np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
+    # Row 0: models 0 and 1 clear 0.5, model 1 is cheaper. Row 1: none clears, best is 2.
+    assert greedy_threshold_plan(quality, cost, 0.5).tolist() == [1, 2]
+    assert greedy_threshold_plan(quality, cost, 0.0).tolist() == [2, 2]
+
+
+def test_repeated_sample_ids_share_a_fold() -> None:
+    ids = ["a", "b", "a", "c", "d", "b", "e"]
+    folds = group_folds(ids, folds=3, seed=0)
+    assert folds[0] == folds[2] and folds[1] == folds[5]
+    assert set(folds.tolist()) == {0, 1, 2}

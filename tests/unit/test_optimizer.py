@@ -1,0 +1,225 @@
+"""The window optimiser: exact ILP and Lagrangian fast path, on known and random instances."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from workers.bench.solver import problem_for, synthetic_window
+from workers.routing.optimizer import (
+    CapacityError,
+    WindowPlan,
+    WindowProblem,
+    per_query_plan,
+    solve_exact,
+    solve_fast,
+)
+
+# ----------------------------------------------------------------- hand-made cases
+
+
+def two_by_two(**limits: object) -> WindowProblem:
+    """Two queries; model 1 is better and ten times dearer."""
+    quality = np.array([[0.5, 1.0], [0.4, 1.0]])
+    cost = np.array([[1.0, 10.0], [1.0, 10.0]])
+    return WindowProblem(quality, cost, **limits)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("solver", [solve_exact, solve_fast])
+def test_budget_for_one_upgrade_upgrades_the_query_that_gains_most(solver: object) -> None:
+    plan = solver(two_by_two(mode="budget", window_budget_usd=11.0))  # type: ignore[operator]
+    # Query 1 gains 0.6 from the upgrade, query 0 only 0.5.
+    assert plan.assignment.tolist() == [0, 1]
+    assert plan.total_cost_usd == 11.0
+    assert plan.status in ("optimal", "near_optimal")
+
+
+@pytest.mark.parametrize("solver", [solve_exact, solve_fast])
+def test_quality_target_is_met_at_least_cost(solver: object) -> None:
+    plan = solver(two_by_two(mode="quality", quality_target=0.72))  # type: ignore[operator]
+    assert plan.assignment.tolist() == [0, 1]
+    assert plan.total_cost_usd == 11.0
+    assert plan.mean_quality == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("solver", [solve_exact, solve_fast])
+def test_capacity_is_respected_even_when_budget_allows_more(solver: object) -> None:
+    problem = two_by_two(mode="budget", window_budget_usd=100.0, capacities=(None, 1))
+    plan = solver(problem)  # type: ignore[operator]
+    assert plan.counts(2).tolist() == [1, 1]
+    assert plan.assignment.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("solver", [solve_exact, solve_fast])
+def test_budget_below_the_cheapest_plan_falls_back_to_it(solver: object) -> None:
+    plan = solver(two_by_two(mode="budget", window_budget_usd=1.0))  # type: ignore[operator]
+    assert plan.status == "infeasible_budget_cheapest_plan"
+    assert plan.assignment.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("solver", [solve_exact, solve_fast])
+def test_unreachable_target_falls_back_to_the_best_plan(solver: object) -> None:
+    problem = two_by_two(mode="quality", quality_target=1.0, capacities=(None, 1))
+    plan = solver(problem)  # type: ignore[operator]
+    assert plan.status == "infeasible_target_best_quality_plan"
+    assert plan.assignment.tolist() == [0, 1]
+
+
+def test_capacities_too_small_are_a_clear_error() -> None:
+    with pytest.raises(CapacityError, match="ROUTER_FALLBACK_MODEL"):
+        solve_exact(two_by_two(mode="budget", window_budget_usd=100.0, capacities=(1, 0)))
+
+
+@pytest.mark.parametrize("solver", [solve_exact, solve_fast])
+def test_overflow_goes_to_the_fallback_model(solver: object) -> None:
+    problem = two_by_two(
+        mode="budget", window_budget_usd=100.0, capacities=(0, 1), fallback_model=0
+    )
+    plan = solver(problem)  # type: ignore[operator]
+    assert plan.counts(2).tolist() == [1, 1]
+
+
+def test_invalid_inputs_are_rejected() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        WindowProblem(np.array([[np.nan]]), np.array([[1.0]]), "quality", quality_target=0.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        WindowProblem(np.array([[1.0]]), np.array([[-1.0]]), "quality", quality_target=0.5)
+    with pytest.raises(ValueError, match="window_budget_usd"):
+        WindowProblem(np.array([[1.0]]), np.array([[1.0]]), "budget")
+
+
+def test_exact_solve_out_of_time_still_assigns_every_query() -> None:
+    quality, cost = synthetic_window(3000, seed=3)
+    problem = problem_for(quality, cost, "quality")
+    plan = solve_exact(problem, time_limit_seconds=0.01)
+    assert plan.status == "time_limited"
+    assert len(plan.assignment) == 3000
+    assert problem.meets_limit(plan.assignment)
+
+
+def test_same_input_gives_the_same_plan() -> None:
+    quality, cost = synthetic_window(300, seed=5)
+    problem = problem_for(quality, cost, "budget", capacities=(60,) * 11)
+    assert solve_exact(problem).assignment.tolist() == solve_exact(problem).assignment.tolist()
+    assert solve_fast(problem).assignment.tolist() == solve_fast(problem).assignment.tolist()
+
+
+# ------------------------------------------------------------------ random instances
+
+
+def draw_matrix(draw: st.DrawFn, n: int, m: int, values: list[float]) -> np.ndarray:
+    cells = draw(st.lists(st.sampled_from(values), min_size=n * m, max_size=n * m))
+    return np.array(cells).reshape(n, m)
+
+
+@st.composite
+def windows(draw: st.DrawFn) -> WindowProblem:
+    n = draw(st.integers(1, 6))
+    m = draw(st.integers(1, 3))
+    # Few distinct values, so ties and zero costs are common.
+    quality = draw_matrix(draw, n, m, [0.0, 0.2, 0.5, 0.5, 0.9, 1.0])
+    cost = draw_matrix(draw, n, m, [0.0, 0.001, 0.003, 0.01, 0.01, 0.05])
+    capacities = draw(st.none() | st.tuples(*[st.none() | st.integers(0, n) for _ in range(m)]))
+    fallback = draw(st.none() | st.integers(0, m - 1))
+    if draw(st.booleans()):
+        budget = draw(st.floats(0, float(cost.max(axis=1).sum()) + 0.01))
+        limits = {"mode": "budget", "window_budget_usd": budget}
+    else:
+        limits = {"mode": "quality", "quality_target": draw(st.floats(0, 1))}
+    return WindowProblem(quality, cost, capacities=capacities, fallback_model=fallback, **limits)  # type: ignore[arg-type]
+
+
+def brute_force(problem: WindowProblem) -> tuple[float | None, float]:
+    """(best objective among plans meeting every constraint or None, best fallback objective)."""
+    caps = problem.capacity_array()
+    best: float | None = None
+    fallback = -np.inf
+    for combo in itertools.product(range(problem.n_models), repeat=problem.n_queries):
+        assignment = np.array(combo)
+        if (np.bincount(assignment, minlength=problem.n_models) > caps).any():
+            continue
+        plan = WindowPlan(problem, assignment, "optimal", "brute", 0.0)
+        if problem.meets_limit(assignment):
+            value = plan.objective(problem.mode)
+            best = value if best is None else max(best, value)
+        # The fallback maximises the other criterion: cheapest, or best quality.
+        other = -plan.total_cost_usd if problem.mode == "budget" else plan.total_quality
+        fallback = max(fallback, other)
+    return best, fallback
+
+
+def holds_window(problem: WindowProblem) -> bool:
+    try:
+        problem.capacity_array()
+    except CapacityError:
+        return False
+    return True
+
+
+def check_plan_shape(problem: WindowProblem, plan: WindowPlan) -> None:
+    assert plan.assignment.shape == (problem.n_queries,)
+    assert ((plan.assignment >= 0) & (plan.assignment < problem.n_models)).all()
+    counts = plan.counts(problem.n_models)
+    assert counts.sum() == problem.n_queries  # every query exactly once
+    assert (counts <= problem.capacity_array()).all()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(windows())
+def test_exact_plan_is_the_brute_force_optimum(problem: WindowProblem) -> None:
+    if not holds_window(problem):
+        with pytest.raises(CapacityError):
+            solve_exact(problem)
+        return
+    plan = solve_exact(problem)
+    check_plan_shape(problem, plan)
+    best, fallback = brute_force(problem)
+    if best is None:
+        assert plan.status.startswith("infeasible")
+        other = -plan.total_cost_usd if problem.mode == "budget" else plan.total_quality
+        assert other == pytest.approx(fallback, abs=1e-9)
+    else:
+        assert plan.status == "optimal"
+        assert problem.meets_limit(plan.assignment)
+        assert plan.objective(problem.mode) == pytest.approx(best, abs=1e-6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(windows())
+def test_fast_plan_is_feasible_and_never_beats_the_exact_one(problem: WindowProblem) -> None:
+    if not holds_window(problem):
+        return
+    fast = solve_fast(problem)
+    check_plan_shape(problem, fast)
+    best, _ = brute_force(problem)
+    if best is not None:
+        assert problem.meets_limit(fast.assignment), fast.status
+        assert fast.objective(problem.mode) <= best + 1e-9
+    else:
+        assert fast.status.startswith("infeasible")
+
+
+@settings(max_examples=100, deadline=None)
+@given(windows())
+def test_exact_is_at_least_as_good_as_the_per_query_greedy(problem: WindowProblem) -> None:
+    if not holds_window(problem) or problem.capacities is not None:
+        return
+    greedy = per_query_plan(problem)
+    if not problem.meets_limit(greedy.assignment):
+        return
+    exact = solve_exact(problem)
+    assert exact.objective(problem.mode) >= greedy.objective(problem.mode) - 1e-9
+
+
+@pytest.mark.parametrize("mode", ["budget", "quality"])
+def test_fast_path_is_close_to_exact_on_realistic_windows(mode: str) -> None:
+    quality, cost = synthetic_window(400, seed=11)
+    problem = problem_for(quality, cost, mode)  # type: ignore[arg-type]
+    exact, fast = solve_exact(problem), solve_fast(problem)
+    assert problem.meets_limit(fast.assignment)
+    gap = abs(exact.objective(problem.mode) - fast.objective(problem.mode))
+    assert gap / abs(exact.objective(problem.mode)) < 0.005

@@ -1,0 +1,1 @@
+"""Benchmark commands (`omnirouter bench ...`): they print their figures; no test times anything."""

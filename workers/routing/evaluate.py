@@ -1,0 +1,449 @@
+"""Offline evaluation: how well routing does on real outcomes, next to baselines.
+
+Every router sees only predictions made from the training part; its choices
+are then scored with the test part's real outcomes (accuracy and dollars).
+Test prompts whose outcome is unknown for some model are left out of scoring,
+since a null score is unknown, not wrong.
+
+Metrics:
+- a router's points (cost, accuracy), one per budget, target or threshold;
+- AIQ (RouterBench, Hu et al. 2024): the area under the router's
+  non-decreasing convex hull of points over the cost range spanned by the
+  single models (cheapest to dearest), divided by that range; the hull is
+  extended flat beyond the router's first and last points;
+- accuracy at the cost of model X: the hull's accuracy at X's cost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from workers.routing.dataset import OutcomeTable
+from workers.routing.embedder import Embedder
+from workers.routing.optimizer import Method, Mode, WindowProblem, solve
+from workers.routing.predictor import Estimates, HybridPredictor, KnnSettings
+from workers.routing.store import RetrievalStore
+
+OMNIROUTER_BUDGET = "omnirouter_budget"
+OMNIROUTER_QUALITY = "omnirouter_quality"
+GREEDY = "greedy_threshold"
+CURVE_ROUTERS = (OMNIROUTER_BUDGET, OMNIROUTER_QUALITY, GREEDY)
+
+
+@dataclass
+class Point:
+    """One operating point; the setting is a budget (USD), a target, or a threshold."""
+
+    setting: float
+    correct: float = 0.0
+    cost_usd: float = 0.0
+    queries: int = 0
+
+    def add(self, correct: float, cost_usd: float, queries: int) -> None:
+        self.correct += correct
+        self.cost_usd += cost_usd
+        self.queries += queries
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.queries if self.queries else float("nan")
+
+
+@dataclass
+class EvaluationSettings:
+    window_size: int = 200
+    modes: tuple[Mode, ...] = ("budget", "quality")
+    solver: Method = "exact"
+    budget_levels: int = 14
+    quality_targets: tuple[float, ...] = tuple(np.round(np.linspace(0.55, 0.95, 9), 2))
+    thresholds: tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 21), 2))
+    knn: KnnSettings = field(default_factory=KnnSettings)
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------ metrics
+
+
+def upper_hull(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Non-decreasing upper convex hull of (cost, accuracy) points, by cost.
+
+    Mixing two operating points at random reaches any point between them, so
+    the hull is what a router can offer at each cost.
+    """
+    hull: list[tuple[float, float]] = []
+    for cost, accuracy in sorted(set(points)):
+        if hull and accuracy <= hull[-1][1]:
+            continue  # dearer and no better
+        while len(hull) >= 2:
+            (c1, a1), (c2, a2) = hull[-2], hull[-1]
+            # Drop the middle point when it lies on or below the chord.
+            if (a2 - a1) * (cost - c1) <= (accuracy - a1) * (c2 - c1):
+                hull.pop()
+            else:
+                break
+        hull.append((cost, accuracy))
+    return hull
+
+
+def hull_accuracy(hull: Sequence[tuple[float, float]], cost: float) -> float:
+    costs = [c for c, _ in hull]
+    accuracies = [a for _, a in hull]
+    return float(np.interp(cost, costs, accuracies))
+
+
+def aiq(points: Sequence[tuple[float, float]], cost_low: float, cost_high: float) -> float:
+    """Average accuracy over [cost_low, cost_high] on the router's hull."""
+    hull = upper_hull(points)
+    if not hull or cost_high <= cost_low:
+        return float("nan")
+    grid = np.linspace(cost_low, cost_high, 2001)
+    values = np.interp(grid, [c for c, _ in hull], [a for _, a in hull])
+    return float(np.trapezoid(values, grid) / (cost_high - cost_low))
+
+
+def accuracy_at_cost(points: Sequence[tuple[float, float]], cost: float) -> float | None:
+    """The hull's accuracy at `cost`; None when the router has no point that cheap."""
+    hull = upper_hull(points)
+    if not hull or cost < hull[0][0]:
+        return None
+    return hull_accuracy(hull, cost)
+
+
+def cost_to_reach(points: Sequence[tuple[float, float]], accuracy: float) -> float | None:
+    """Least cost at which the hull reaches `accuracy`; None if it never does."""
+    hull = upper_hull(points)
+    for (c1, a1), (c2, a2) in itertools.pairwise(hull):
+        if a1 >= accuracy:
+            return c1
+        if a2 >= accuracy:
+            return c1 + (accuracy - a1) * (c2 - c1) / (a2 - a1)
+    if hull and hull[-1][1] >= accuracy:
+        return hull[-1][0]
+    return None
+
+
+# ------------------------------------------------------------------------ routers
+
+
+def greedy_threshold_plan(
+    quality: NDArray[np.float64], cost: NDArray[np.float64], threshold: float
+) -> NDArray[np.int64]:
+    """RouteLLM-style per-query routing: the cheapest model whose predicted quality
+    clears the threshold, else the model predicted best."""
+    clears = quality >= threshold
+    cheapest_clearing = np.where(clears, cost, np.inf).argmin(axis=1)
+    return np.where(clears.any(axis=1), cheapest_clearing, quality.argmax(axis=1)).astype(np.int64)
+
+
+def oracle_plan(scores: NDArray[np.float64], costs: NDArray[np.float64]) -> NDArray[np.int64]:
+    """The cheapest model that answered well; the cheapest model if none did."""
+    good = scores >= 1.0
+    cheapest_good = np.where(good, costs, np.inf).argmin(axis=1)
+    return np.where(good.any(axis=1), cheapest_good, costs.argmin(axis=1)).astype(np.int64)
+
+
+def windows_of(n: int, size: int) -> list[NDArray[np.int64]]:
+    return [np.arange(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def predict_split(
+    train: OutcomeTable,
+    train_vectors: NDArray[np.float32],
+    test: OutcomeTable,
+    test_vectors: NDArray[np.float32],
+    embedder: Embedder,
+    knn: KnnSettings,
+) -> tuple[Estimates, float]:
+    """Predictions for the test prompts from a predictor that knows only the training part."""
+    store = RetrievalStore(train.models, train_vectors.shape[1])
+    store.add_table(train.sample_ids, train_vectors, train.scores, train.costs)
+    predictor = HybridPredictor(embedder, store, knn=knn)
+    report = predictor.fit()
+    estimates = predictor.predict_embedded(test_vectors, [len(p) for p in test.prompts])
+    return estimates, report.blend_weight
+
+
+def route_split(
+    test: OutcomeTable,
+    estimates: Estimates,
+    per_query_budgets: NDArray[np.float64],
+    settings: EvaluationSettings,
+    points: dict[str, dict[float, Point]],
+) -> None:
+    """Route the scored test prompts with every router; add to `points`."""
+    scored = ~np.isnan(test.scores).any(axis=1)
+    truth, spent = test.scores[scored], test.costs[scored]
+    quality, cost = estimates.quality[scored], estimates.cost[scored]
+    n, n_models = truth.shape
+    rows = np.arange(n)
+
+    def record(router: str, setting: float, plan: NDArray[np.int64]) -> None:
+        point = points.setdefault(router, {}).setdefault(setting, Point(setting))
+        point.add(float(truth[rows, plan].sum()), float(spent[rows, plan].sum()), n)
+
+    for j, model in enumerate(test.models):
+        record(f"model:{model}", 0.0, np.full(n, j))
+    rng = np.random.default_rng(settings.seed)
+    record("random", 0.0, rng.integers(0, n_models, n))
+    record("cheapest", 0.0, cost.argmin(axis=1))
+    record("oracle", 0.0, oracle_plan(truth, spent))
+    for threshold in settings.thresholds:
+        record(GREEDY, threshold, greedy_threshold_plan(quality, cost, threshold))
+
+    windows = windows_of(n, settings.window_size)
+    if "budget" in settings.modes:
+        for per_query in per_query_budgets:
+            budget_of = lambda w, b=per_query: float(b * len(w))  # noqa: E731
+            plan = _window_plans(windows, quality, cost, "budget", budget_of, settings.solver)
+            record(OMNIROUTER_BUDGET, float(per_query), plan)
+    if "quality" in settings.modes:
+        for target in settings.quality_targets:
+            target_of = lambda w, t=target: float(t)  # noqa: E731
+            plan = _window_plans(windows, quality, cost, "quality", target_of, settings.solver)
+            record(OMNIROUTER_QUALITY, target, plan)
+
+
+def _window_plans(
+    windows: list[NDArray[np.int64]],
+    quality: NDArray[np.float64],
+    cost: NDArray[np.float64],
+    mode: Mode,
+    limit: Callable[[NDArray[np.int64]], float],
+    solver: Method,
+) -> NDArray[np.int64]:
+    plan = np.zeros(len(quality), dtype=np.int64)
+    for window in windows:
+        if mode == "budget":
+            problem = WindowProblem(
+                quality[window], cost[window], "budget", window_budget_usd=limit(window)
+            )
+        else:
+            problem = WindowProblem(
+                quality[window], cost[window], "quality", quality_target=limit(window)
+            )
+        plan[window] = solve(problem, solver).assignment
+    return plan
+
+
+# ------------------------------------------------------------------ whole evaluation
+
+
+@dataclass
+class Report:
+    routers: dict[str, list[dict[str, float]]]
+    aiq: dict[str, float]
+    accuracy_at_cost_of: dict[str, dict[str, float | None]]
+    single_models: dict[str, dict[str, float]]
+    targets: dict[str, object]
+    settings: dict[str, object]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=float)
+
+
+def group_folds(sample_ids: Sequence[str], folds: int, seed: int) -> NDArray[np.int64]:
+    """Fold of each row; rows of the same sample id share a fold (no leakage)."""
+    distinct = sorted(set(sample_ids))
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    fold_of = {distinct[i]: rank % folds for rank, i in enumerate(order)}
+    return np.array([fold_of[s] for s in sample_ids], dtype=np.int64)
+
+
+def evaluate(
+    train: OutcomeTable,
+    test: OutcomeTable | None,
+    embedder: Embedder,
+    settings: EvaluationSettings,
+    folds: int = 5,
+    progress: Callable[[str], None] = lambda _: None,
+) -> Report:
+    """Train on `train` and route `test`; without `test`, cross-validate on `train`."""
+    points: dict[str, dict[float, Point]] = {}
+    blend_weights = []
+    # Budgets per query from the cheapest model's mean cost to the dearest's.
+    model_costs = np.nanmean(train.costs, axis=0)
+    per_query_budgets = np.geomspace(model_costs.min(), model_costs.max(), settings.budget_levels)
+    train_vectors = embedder.embed(train.prompts)
+    if test is not None:
+        if test.models != train.models:
+            raise ValueError("train and test files must hold the same models")
+        splits = [(train, train_vectors, test, embedder.embed(test.prompts))]
+    else:
+        fold_of = group_folds(train.sample_ids, folds, settings.seed)
+        splits = [
+            (
+                train.take(np.flatnonzero(fold_of != f)),
+                train_vectors[fold_of != f],
+                train.take(np.flatnonzero(fold_of == f)),
+                train_vectors[fold_of == f],
+            )
+            for f in range(folds)
+        ]
+    for number, (fit_part, fit_vectors, test_part, test_vectors) in enumerate(splits, start=1):
+        estimates, weight = predict_split(
+            fit_part, fit_vectors, test_part, test_vectors, embedder, settings.knn
+        )
+        blend_weights.append(weight)
+        route_split(test_part, estimates, per_query_budgets, settings, points)
+        progress(f"split {number}/{len(splits)} routed ({len(test_part)} prompts, blend {weight})")
+    return build_report(points, train.models, settings, blend_weights, cross_validated=test is None)
+
+
+def build_report(
+    points: dict[str, dict[float, Point]],
+    models: list[str],
+    settings: EvaluationSettings,
+    blend_weights: list[float],
+    cross_validated: bool,
+) -> Report:
+    setting_name = {
+        OMNIROUTER_BUDGET: "budget_per_query_usd",
+        OMNIROUTER_QUALITY: "target",
+        GREEDY: "threshold",
+    }
+    routers = {
+        name: [
+            {
+                setting_name.get(name, "setting"): p.setting,
+                "accuracy": p.accuracy,
+                "cost_usd": p.cost_usd,
+            }
+            for p in sorted(by_setting.values(), key=lambda p: p.cost_usd)
+        ]
+        for name, by_setting in points.items()
+    }
+    curves = {name: [(p["cost_usd"], p["accuracy"]) for p in pts] for name, pts in routers.items()}
+    single = {
+        m: {
+            "accuracy": routers[f"model:{m}"][0]["accuracy"],
+            "cost_usd": routers[f"model:{m}"][0]["cost_usd"],
+        }
+        for m in models
+    }
+    cost_low = min(s["cost_usd"] for s in single.values())
+    cost_high = max(s["cost_usd"] for s in single.values())
+    aiqs = {name: aiq(curve, cost_low, cost_high) for name, curve in curves.items()}
+    at_cost = {
+        name: {m: accuracy_at_cost(curves[name], s["cost_usd"]) for m, s in single.items()}
+        for name in CURVE_ROUTERS
+        if name in curves
+    }
+    targets: dict[str, object] = {}
+    if OMNIROUTER_BUDGET in curves:
+        omni_at = at_cost[OMNIROUTER_BUDGET]
+        margins = {
+            m: None if (acc := omni_at[m]) is None else acc - s["accuracy"]
+            for m, s in single.items()
+        }
+        best_model = max(single, key=lambda m: single[m]["accuracy"])
+        reach = cost_to_reach(curves[OMNIROUTER_BUDGET], single[best_model]["accuracy"])
+        targets = {
+            "margin_over_each_model_at_its_cost": margins,
+            "beats_every_model_by_1_point": all(
+                v is not None and v >= 0.01 for v in margins.values()
+            ),
+            "best_model": best_model,
+            "cost_share_to_reach_best_model_accuracy": None
+            if reach is None
+            else reach / single[best_model]["cost_usd"],
+            "aiq_beats_greedy": aiqs[OMNIROUTER_BUDGET] > aiqs.get(GREEDY, float("inf")),
+        }
+    return Report(
+        routers=routers,
+        aiq=aiqs,
+        accuracy_at_cost_of=at_cost,
+        single_models=single,
+        targets=targets,
+        settings={
+            "window_size": settings.window_size,
+            "solver": settings.solver,
+            "cross_validated": cross_validated,
+            "knn": asdict(settings.knn),
+            "blend_weight_per_split": blend_weights,
+        },
+    )
+
+
+def summary_table(report: Report) -> str:
+    lines = [f"{'router':42s} {'AIQ':>7} {'best acc':>9} {'at cost $':>10}"]
+    for name, pts in sorted(report.routers.items(), key=lambda kv: -report.aiq[kv[0]]):
+        best = max(pts, key=lambda p: p["accuracy"])
+        lines.append(
+            f"{name:42s} {report.aiq[name]:7.4f} {best['accuracy']:9.4f} {best['cost_usd']:10.4f}"
+        )
+    if OMNIROUTER_BUDGET in report.accuracy_at_cost_of:
+        lines.append("")
+        lines.append(f"{'at the cost of model':42s} {'model acc':>9} {'omni acc':>9} {'greedy':>9}")
+        for model, single in report.single_models.items():
+            omni = report.accuracy_at_cost_of[OMNIROUTER_BUDGET][model]
+            greedy = report.accuracy_at_cost_of.get(GREEDY, {}).get(model)
+            lines.append(f"{model:42s} {single['accuracy']:9.4f} {_fmt(omni):>9} {_fmt(greedy):>9}")
+    if report.targets:
+        lines.append("")
+        for key, value in report.targets.items():
+            if key != "margin_over_each_model_at_its_cost":
+                lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def plot(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(9, 6))
+    for name in (*CURVE_ROUTERS, "random", "cheapest"):
+        if name not in report.routers:
+            continue
+        pts = report.routers[name]
+        style = "-o" if name in CURVE_ROUTERS else "s"
+        axes.plot(
+            [p["cost_usd"] for p in pts],
+            [p["accuracy"] for p in pts],
+            style,
+            label=name,
+            markersize=4,
+        )
+    for model, single in report.single_models.items():
+        axes.scatter(single["cost_usd"], single["accuracy"], marker="x", color="grey")
+        axes.annotate(model.split("/")[-1], (single["cost_usd"], single["accuracy"]), fontsize=7)
+    oracle = report.routers["oracle"][0]
+    axes.scatter(
+        oracle["cost_usd"],
+        oracle["accuracy"],
+        marker="*",
+        s=150,
+        color="gold",
+        label="oracle",
+        zorder=5,
+    )
+    axes.set_xscale("log")
+    axes.set_xlabel("total cost of the routed queries (USD, log scale)")
+    axes.set_ylabel("accuracy")
+    axes.set_title("Cost vs quality: routers and single models")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_outputs(report: Report, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / "report.json"
+    report_path.write_text(report.to_json())
+    plot_path = out_dir / "cost_quality.png"
+    plot(report, plot_path)
+    return [report_path, plot_path]

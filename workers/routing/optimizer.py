@@ -1,0 +1,478 @@
+"""Assign every query of a window to exactly one model (the OmniRouter optimisation).
+
+For queries i and models j, x_ij in {0, 1} and sum_j x_ij = 1:
+- budget mode:  maximise sum q_ij x_ij  s.t.  sum c_ij x_ij <= B,            sum_i x_ij <= L_j
+- quality mode: minimise sum c_ij x_ij  s.t.  (1/N) sum q_ij x_ij >= alpha,  sum_i x_ij <= L_j
+
+`solve_exact` is the reference (PuLP, HiGHS when installed, else CBC).
+`solve_fast` is Lagrangian dual decomposition: the coupling constraint gets a
+multiplier found by bisection, each capacity gets a price raised until the
+model's load fits, every query then picks its best model on its own, and a
+greedy pass spends what is left of the slack. Both never drop a query: an
+unreachable budget or target falls back to the cheapest or the best plan, and
+the plan's status says so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pulp
+from numpy.typing import NDArray
+
+from schemas.events import SolverStatus as PlanStatus
+
+Mode = Literal["budget", "quality"]
+Method = Literal["exact", "fast"]
+_IlpStatus = Literal["optimal", "out_of_time", "infeasible"]
+
+# Slack when checking a plan against its budget or target, in units of one
+# query's mean cost (budget) or of quality (target): solvers work to ~1e-7.
+FEASIBILITY_TOLERANCE = 1e-6
+
+
+class CapacityError(ValueError):
+    """The models' capacities cannot hold the window and no fallback model is set."""
+
+
+@dataclass(frozen=True)
+class WindowProblem:
+    """One window: predicted quality and cost of every (query, model) pair."""
+
+    quality: NDArray[np.float64]  # (n_queries, n_models), in [0, 1]
+    cost: NDArray[np.float64]  # (n_queries, n_models), USD, >= 0
+    mode: Mode
+    window_budget_usd: float | None = None
+    quality_target: float | None = None
+    # Most queries per model per window; None (or a None entry) is unlimited.
+    capacities: tuple[int | None, ...] | None = None
+    # Model index that takes the overflow when capacities cannot hold the window.
+    fallback_model: int | None = None
+
+    def __post_init__(self) -> None:
+        quality = np.asarray(self.quality, dtype=float)
+        cost = np.asarray(self.cost, dtype=float)
+        object.__setattr__(self, "quality", quality)
+        object.__setattr__(self, "cost", cost)
+        if quality.ndim != 2 or quality.shape != cost.shape or quality.shape[1] == 0:
+            raise ValueError(f"quality {quality.shape} and cost {cost.shape} must be equal 2-D")
+        if not (np.isfinite(quality).all() and np.isfinite(cost).all()):
+            raise ValueError("quality and cost must be finite (predict missing values first)")
+        if (cost < 0).any():
+            raise ValueError("cost must be >= 0")
+        if self.mode == "budget" and (self.window_budget_usd is None or self.window_budget_usd < 0):
+            raise ValueError("budget mode needs window_budget_usd >= 0")
+        if self.mode == "quality" and self.quality_target is None:
+            raise ValueError("quality mode needs quality_target")
+        if self.capacities is not None and len(self.capacities) != self.n_models:
+            raise ValueError(f"{len(self.capacities)} capacities for {self.n_models} models")
+        if self.fallback_model is not None and not 0 <= self.fallback_model < self.n_models:
+            raise ValueError(f"fallback model {self.fallback_model} out of range")
+
+    @property
+    def n_queries(self) -> int:
+        return int(self.quality.shape[0])
+
+    @property
+    def n_models(self) -> int:
+        return int(self.quality.shape[1])
+
+    def meets_limit(self, assignment: NDArray[np.int64]) -> bool:
+        """Does the plan keep the budget (budget mode) or reach the target (quality mode)?"""
+        rows = np.arange(self.n_queries)
+        if self.mode == "budget":
+            return bool(self.cost[rows, assignment].sum() <= _budget(self))
+        return bool(self.quality[rows, assignment].sum() >= _target_total(self))
+
+    def capacity_array(self) -> NDArray[np.float64]:
+        """Capacities as floats (inf: unlimited), with the fallback model made unlimited
+        when the window would not fit otherwise."""
+        if self.capacities is None:
+            return np.full(self.n_models, np.inf)
+        caps = np.array([np.inf if c is None else float(c) for c in self.capacities])
+        if caps.sum() < self.n_queries:
+            if self.fallback_model is None:
+                raise CapacityError(
+                    f"capacities hold {int(caps.sum())} queries, the window has "
+                    f"{self.n_queries}; raise ROUTER_MODEL_CAPACITIES or set ROUTER_FALLBACK_MODEL"
+                )
+            caps[self.fallback_model] = np.inf
+        return caps
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """The chosen model of every query, and how the solve went."""
+
+    assignment: NDArray[np.int64]  # (n_queries,), model index per query
+    status: PlanStatus
+    solver: str
+    solve_seconds: float
+    total_cost_usd: float = field(init=False)
+    total_quality: float = field(init=False)
+
+    def __init__(
+        self,
+        problem: WindowProblem,
+        assignment: NDArray[np.int64],
+        status: PlanStatus,
+        solver: str,
+        solve_seconds: float,
+    ) -> None:
+        rows = np.arange(problem.n_queries)
+        object.__setattr__(self, "assignment", np.asarray(assignment, dtype=np.int64))
+        object.__setattr__(self, "status", status)
+        object.__setattr__(self, "solver", solver)
+        object.__setattr__(self, "solve_seconds", solve_seconds)
+        object.__setattr__(self, "total_cost_usd", float(problem.cost[rows, assignment].sum()))
+        object.__setattr__(self, "total_quality", float(problem.quality[rows, assignment].sum()))
+
+    @property
+    def mean_quality(self) -> float:
+        return self.total_quality / max(len(self.assignment), 1)
+
+    def objective(self, mode: Mode) -> float:
+        """Larger is better: total quality in budget mode, minus total cost in quality mode."""
+        return self.total_quality if mode == "budget" else -self.total_cost_usd
+
+    def counts(self, n_models: int) -> NDArray[np.int64]:
+        return np.bincount(self.assignment, minlength=n_models)
+
+
+def solve(
+    problem: WindowProblem, method: Method = "exact", time_limit_seconds: float = 2.0
+) -> WindowPlan:
+    if method == "exact":
+        return solve_exact(problem, time_limit_seconds)
+    return solve_fast(problem)
+
+
+# --------------------------------------------------------------------------- exact
+
+
+def _pulp_solver(time_limit_seconds: float) -> pulp.LpSolver:
+    """HiGHS in-process when highspy is installed, else PuLP's bundled CBC; one
+    thread each so the same input gives the same plan."""
+    if pulp.HiGHS().available():
+        return pulp.HiGHS(msg=False, timeLimit=time_limit_seconds, threads=1, random_seed=0)
+    return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_seconds, threads=1)
+
+
+def _solve_ilp(
+    problem: WindowProblem,
+    objective: Literal["max_quality", "min_cost"],
+    budget_usd: float | None,
+    min_total_quality: float | None,
+    time_limit_seconds: float,
+) -> tuple[NDArray[np.int64] | None, _IlpStatus]:
+    """The assignment (None when there is none) and how the solve ended."""
+    n, m = problem.quality.shape
+    caps = problem.capacity_array()
+    # Costs are fractions of a cent; scale them near 1 so solver tolerances are relative.
+    cost_scale = float(problem.cost.mean()) or 1.0
+    cost = problem.cost / cost_scale
+    x = [[pulp.LpVariable(f"x_{i}_{j}", cat=pulp.LpBinary) for j in range(m)] for i in range(n)]
+    sense = pulp.LpMaximize if objective == "max_quality" else pulp.LpMinimize
+    model = pulp.LpProblem("window", sense)
+    weights = problem.quality if objective == "max_quality" else cost
+    model += pulp.LpAffineExpression(
+        (x[i][j], float(weights[i, j])) for i in range(n) for j in range(m)
+    )
+    for i in range(n):
+        model += pulp.LpAffineExpression((v, 1.0) for v in x[i]) == 1, f"one_{i}"
+    for j in range(m):
+        if math.isfinite(caps[j]):
+            model += (
+                pulp.LpAffineExpression((x[i][j], 1.0) for i in range(n)) <= caps[j],
+                f"cap_{j}",
+            )
+    if budget_usd is not None:
+        spend = pulp.LpAffineExpression(
+            (x[i][j], float(cost[i, j])) for i in range(n) for j in range(m)
+        )
+        model += spend <= budget_usd / cost_scale, "budget"
+    if min_total_quality is not None:
+        gained = pulp.LpAffineExpression(
+            (x[i][j], float(problem.quality[i, j])) for i in range(n) for j in range(m)
+        )
+        model += gained >= min_total_quality, "target"
+    model.solve(_pulp_solver(time_limit_seconds))
+    if model.sol_status == pulp.LpSolutionInfeasible:
+        return None, "infeasible"
+    if model.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        return None, "out_of_time"
+    values = np.array([[v.varValue or 0.0 for v in row] for row in x])
+    ended: _IlpStatus = "optimal" if model.sol_status == pulp.LpSolutionOptimal else "out_of_time"
+    return values.argmax(axis=1).astype(np.int64), ended
+
+
+def solve_exact(problem: WindowProblem, time_limit_seconds: float = 2.0) -> WindowPlan:
+    """The ILP, exactly. Out of time: the best plan found, else the fast path's."""
+    started = time.perf_counter()
+    solver_name = "highs" if pulp.HiGHS().available() else "cbc"
+    status: PlanStatus
+    if problem.mode == "budget":
+        found, ended = _solve_ilp(
+            problem, "max_quality", problem.window_budget_usd, None, time_limit_seconds
+        )
+        status = "optimal" if ended == "optimal" else "time_limited"
+        if ended == "infeasible":
+            found, ended = _solve_ilp(problem, "min_cost", None, None, time_limit_seconds)
+            status = "infeasible_budget_cheapest_plan"
+    else:
+        found, ended = _solve_ilp(
+            problem, "min_cost", None, _target_total(problem), time_limit_seconds
+        )
+        status = "optimal" if ended == "optimal" else "time_limited"
+        if ended == "infeasible":
+            found, ended = _solve_ilp(problem, "max_quality", None, None, time_limit_seconds)
+            status = "infeasible_target_best_quality_plan"
+    if found is None:  # out of time before any plan: the fast path always has one
+        fast = solve_fast(problem)
+        return WindowPlan(problem, fast.assignment, "time_limited", "lagrangian", _since(started))
+    return WindowPlan(problem, found, status, solver_name, _since(started))
+
+
+# ---------------------------------------------------------------------------- fast
+
+
+def _assign_within_capacity(
+    score: NDArray[np.float64],
+    caps: NDArray[np.float64],
+    prices: NDArray[np.float64] | None = None,
+    rounds: int = 8,
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """Maximise sum of score[i, a_i] with at most caps[j] queries on model j.
+
+    Every model has a price (the capacity constraint's multiplier). An
+    over-full model's price rises just enough that only caps[j] of its queries
+    still prefer it; an under-full model's positive price falls just enough to
+    fill it. Prices carry over between calls (warm start), and what is still
+    over-full after `rounds` is moved to the next-best model with room.
+    Returns the plan and the prices.
+    """
+    n, m = score.shape
+    prices = np.zeros(m) if prices is None else prices.copy()
+    if not np.isfinite(caps).any() or m == 1:
+        return score.argmax(axis=1).astype(np.int64), prices
+    rows = np.arange(n)
+    for _ in range(rounds):
+        net = score - prices
+        choice = net.argmax(axis=1)
+        load = np.bincount(choice, minlength=m)
+        over = np.flatnonzero(load > caps)
+        idle = np.flatnonzero((load < caps) & (prices > 0))
+        if over.size == 0 and idle.size == 0:
+            return choice.astype(np.int64), prices
+        best = net[rows, choice]
+        runner_up = np.partition(net, m - 2, axis=1)[:, m - 2]
+        regret = best - runner_up
+        for j in over:
+            regrets = np.sort(regret[choice == j])[::-1]
+            prices[j] += regrets[int(caps[j])] + 1e-12
+        for j in idle:
+            outsiders = np.sort(best[choice != j] - net[choice != j, j])
+            free = int(caps[j] - load[j])
+            if outsiders.size:
+                prices[j] = max(0.0, prices[j] - outsiders[min(free, outsiders.size) - 1])
+    net = score - prices
+    return _repair_capacity(net, net.argmax(axis=1).astype(np.int64), caps), prices
+
+
+def _repair_capacity(
+    score: NDArray[np.float64], choice: NDArray[np.int64], caps: NDArray[np.float64]
+) -> NDArray[np.int64]:
+    choice = choice.copy()
+    m = score.shape[1]
+    load = np.bincount(choice, minlength=m).astype(float)
+    for j in np.flatnonzero(load > caps):
+        members = np.flatnonzero(choice == j)
+        # Move the queries that lose least by leaving j.
+        alternatives = np.where(load[None, :] < caps[None, :], score[members], -np.inf)
+        alternatives[:, j] = -np.inf
+        loss = score[members, j] - alternatives.max(axis=1)
+        for i in members[np.argsort(loss, kind="stable")]:
+            if load[j] <= caps[j]:
+                break
+            options = np.where(load < caps, score[i], -np.inf)
+            options[j] = -np.inf
+            target = int(options.argmax())
+            choice[i], load[j], load[target] = target, load[j] - 1, load[target] + 1
+    return choice
+
+
+def _bisect_multiplier(
+    caps: NDArray[np.float64],
+    feasible: Callable[[NDArray[np.int64]], bool],
+    lagrangian: _Lagrangian,
+    relative_precision: float = 1e-7,
+) -> tuple[NDArray[np.int64], NDArray[np.int64] | None]:
+    """Smallest multiplier whose per-query choices satisfy the coupling constraint
+    (the Lagrangian dual of that constraint, searched by bisection). Returns the
+    plan there and the plan just below it, which misses the constraint narrowly."""
+    prices: NDArray[np.float64] | None = None
+    low, high = 0.0, 1.0
+    plan, prices = _assign_within_capacity(lagrangian(high), caps, prices)
+    while not feasible(plan) and high < 1e12:
+        low, high = high, high * 4
+        plan, prices = _assign_within_capacity(lagrangian(high), caps, prices)
+    below, _ = _assign_within_capacity(lagrangian(low), caps)
+    if feasible(below):
+        return below, None
+    while high - low > relative_precision * high:
+        middle = (low + high) / 2
+        candidate, prices = _assign_within_capacity(lagrangian(middle), caps, prices)
+        if feasible(candidate):
+            high, plan = middle, candidate
+        else:
+            low, below = middle, candidate
+    return plan, below
+
+
+class _Lagrangian:
+    """Per-query scores for a multiplier on the coupling constraint."""
+
+    def __init__(self, problem: WindowProblem) -> None:
+        scale = float(problem.cost.mean()) or 1.0
+        self.quality = problem.quality
+        self.cost = problem.cost / scale
+        self.mode = problem.mode
+
+    def __call__(self, multiplier: float) -> NDArray[np.float64]:
+        if self.mode == "budget":  # maximise q - lambda c
+            return self.quality - multiplier * self.cost
+        return multiplier * self.quality - self.cost  # minimise c - lambda q
+
+
+def _greedy_moves(
+    problem: WindowProblem,
+    plan: NDArray[np.int64],
+    caps: NDArray[np.float64],
+    purpose: Literal["repair", "improve"],
+) -> NDArray[np.int64]:
+    """Move one query at a time to another model with room, best ratio first.
+
+    "repair" makes a plan that misses the coupling constraint meet it (budget
+    mode: downgrades losing least quality per dollar saved; quality mode:
+    upgrades gaining most quality per dollar). "improve" spends what slack a
+    feasible plan has (budget mode: upgrades by quality per dollar that still
+    fit; quality mode: downgrades by dollars saved per quality lost that keep
+    the target).
+    """
+    plan = plan.copy()
+    n, m = problem.quality.shape
+    rows = np.arange(n)
+    quality, cost = problem.quality, problem.cost
+    load = np.bincount(plan, minlength=m).astype(float)
+    budget_mode = problem.mode == "budget"
+    for _ in range(n * m):
+        room = (load < caps)[None, :]
+        d_quality = quality - quality[rows, plan][:, None]
+        d_cost = cost - cost[rows, plan][:, None]
+        if budget_mode:
+            slack = _budget(problem) - cost[rows, plan].sum()
+        else:
+            slack = quality[rows, plan].sum() - _target_total(problem)
+        if purpose == "repair":
+            if slack >= 0:
+                break
+            # Gain in the constraint (dollars saved / quality added) per unit of objective lost.
+            helps, hurts = (-d_cost, -d_quality) if budget_mode else (d_quality, d_cost)
+            ok = (helps > 0) & room
+            ratio = np.where(ok, helps / np.maximum(hurts, 1e-18), -np.inf)
+            ratio = np.where(ok & (hurts <= 0), np.inf, ratio)
+        else:
+            # Objective gained per unit of slack used.
+            gains, uses = (d_quality, d_cost) if budget_mode else (-d_cost, -d_quality)
+            ok = (gains > 0) & (uses <= slack) & room
+            ratio = np.where(ok, gains / np.maximum(uses, 1e-18), -np.inf)
+            ratio = np.where(ok & (uses <= 0), np.inf, ratio)
+        i, j = divmod(int(np.argmax(ratio)), m)
+        if not ok[i, j]:
+            break
+        load[plan[i]] -= 1
+        load[j] += 1
+        plan[i] = j
+    return plan
+
+
+def solve_fast(problem: WindowProblem) -> WindowPlan:
+    """Lagrangian dual decomposition with adaptive multipliers; always feasible
+    (or the documented fallback), typically within 0.1% of the exact optimum."""
+    started = time.perf_counter()
+    caps = problem.capacity_array()
+    feasible = problem.meets_limit
+    if problem.mode == "budget":
+        cheapest, _ = _assign_within_capacity(-problem.cost, caps)
+        if not feasible(cheapest):
+            return WindowPlan(
+                problem, cheapest, "infeasible_budget_cheapest_plan", "lagrangian", _since(started)
+            )
+    else:
+        best_quality, _ = _assign_within_capacity(problem.quality, caps)
+        if not feasible(best_quality):
+            return WindowPlan(
+                problem,
+                best_quality,
+                "infeasible_target_best_quality_plan",
+                "lagrangian",
+                _since(started),
+            )
+    above, below = _bisect_multiplier(caps, feasible, _Lagrangian(problem))
+    candidates = [_greedy_moves(problem, above, caps, "improve")]
+    if below is not None:
+        repaired = _greedy_moves(problem, below, caps, "repair")
+        if feasible(repaired):
+            candidates.append(_greedy_moves(problem, repaired, caps, "improve"))
+    plans = [WindowPlan(problem, c, "near_optimal", "lagrangian", 0.0) for c in candidates]
+    chosen = max(plans, key=lambda plan: plan.objective(problem.mode))
+    return WindowPlan(problem, chosen.assignment, "near_optimal", "lagrangian", _since(started))
+
+
+def per_query_plan(problem: WindowProblem) -> WindowPlan:
+    """The per-query baseline that batch routing must beat: each query alone gets
+    an equal share of the budget (or must reach the target on its own)."""
+    started = time.perf_counter()
+    quality, cost = problem.quality, problem.cost
+    cheapest, best = _lexargmax(-cost, quality), _lexargmax(quality, -cost)
+    if problem.mode == "budget":
+        share = _budget(problem) / problem.n_queries
+        within = np.where(cost <= share, quality, -np.inf)
+        choice = np.where(np.isfinite(within.max(axis=1)), _lexargmax(within, -cost), cheapest)
+    else:
+        assert problem.quality_target is not None
+        good = np.where(quality >= problem.quality_target, -cost, -np.inf)
+        choice = np.where(np.isfinite(good.max(axis=1)), _lexargmax(good, quality), best)
+    return WindowPlan(
+        problem, choice.astype(np.int64), "near_optimal", "per_query", _since(started)
+    )
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def _lexargmax(primary: NDArray[np.float64], secondary: NDArray[np.float64]) -> NDArray[np.int64]:
+    """Row-wise argmax of `primary`, ties broken by `secondary`."""
+    top = primary.max(axis=1, keepdims=True)
+    return np.where(primary == top, secondary, -np.inf).argmax(axis=1).astype(np.int64)
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started
+
+
+def _budget(problem: WindowProblem) -> float:
+    """The window budget, with the solvers' tolerance."""
+    assert problem.window_budget_usd is not None
+    return problem.window_budget_usd + FEASIBILITY_TOLERANCE * float(problem.cost.mean())
+
+
+def _target_total(problem: WindowProblem) -> float:
+    """The total quality the target asks for, with the solvers' tolerance."""
+    assert problem.quality_target is not None
+    return problem.quality_target * problem.n_queries - FEASIBILITY_TOLERANCE

@@ -1,0 +1,235 @@
+"""The hybrid predictor: each model's quality and cost on each query of a batch.
+
+Two parts, blended with a weight chosen on held-out outcomes:
+- retrieval: the k nearest past queries (FAISS), similarity-weighted, shrunk
+  towards each model's mean by a prior, so a model with few or no outcomes
+  near a query is predicted by its average, and a missing score counts for
+  nothing (unknown, not 0);
+- trained: one logistic-regression head per model on the query vector,
+  refitted on the stored outcomes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from sklearn.linear_model import LogisticRegression
+
+from workers.config import ModelPrice
+from workers.routing.embedder import Embedder
+from workers.routing.store import RetrievalStore
+
+# A common rule of thumb for English text and GPT-style tokenisers.
+CHARS_PER_TOKEN = 4.0
+# Output length assumed for a priced model that no stored outcome tells about.
+DEFAULT_OUTPUT_TOKENS = 256.0
+# Below this many known outcomes (of each class) a head predicts the model's mean.
+MIN_OUTCOMES_PER_CLASS = 5
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    neighbours: int = 20
+    # Softmax temperature over cosine similarity: 0.05 lets a neighbour 0.05
+    # less similar than the nearest count e times less.
+    temperature: float = 0.05
+    # Weight of the model's mean, in neighbours' worth.
+    prior_strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class Estimates:
+    """Predictions for a batch: matrices ready for the optimiser."""
+
+    quality: NDArray[np.float64]  # (n_queries, n_models), P(good answer)
+    cost: NDArray[np.float64]  # (n_queries, n_models), USD
+    vectors: NDArray[np.float32]  # (n_queries, dimension), for the store later
+
+
+def neighbour_weights(similarities: NDArray[np.float32], temperature: float) -> NDArray[np.float64]:
+    """Softmax-style weights of each query's neighbours, the nearest weighing 1."""
+    sims = np.asarray(similarities, dtype=np.float64)
+    if sims.shape[1] == 0:
+        return sims
+    return np.exp((sims - sims[:, :1]) / temperature)
+
+
+def shrunk_mean(
+    values: NDArray[np.float64],
+    weights: NDArray[np.float64],
+    prior: NDArray[np.float64],
+    prior_strength: float,
+) -> NDArray[np.float64]:
+    """Weighted mean over neighbours of every column, ignoring NaN, pulled towards
+    `prior` by `prior_strength` neighbours' worth.
+
+    values: (n_queries, k, n_models); weights: (n_queries, k); prior: (n_models,).
+    """
+    known = ~np.isnan(values)
+    effective = weights[:, :, None] * known
+    total = np.where(known, values, 0.0) * effective
+    return (total.sum(axis=1) + prior_strength * prior) / (effective.sum(axis=1) + prior_strength)
+
+
+def column_means(values: NDArray[np.float64], default: float) -> NDArray[np.float64]:
+    """Mean of each column over known entries; `default` for a column with none."""
+    known = ~np.isnan(values)
+    counts = known.sum(axis=0)
+    sums = np.where(known, values, 0.0).sum(axis=0)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), default)
+
+
+def knn_estimates(
+    store: RetrievalStore, vectors: NDArray[np.float32], settings: KnnSettings
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Quality, cost and output tokens of every model from the nearest stored queries."""
+    n_models = len(store.models)
+    quality_prior = column_means(store.scores, default=0.5)
+    overall_cost = float(np.nanmean(store.costs)) if np.isfinite(store.costs).any() else 0.0
+    cost_prior = column_means(store.costs, default=overall_cost)
+    tokens_prior = column_means(store.output_tokens, default=DEFAULT_OUTPUT_TOKENS)
+    similarities, rows = store.search(vectors, settings.neighbours)
+    if rows.shape[1] == 0:
+        shape = (len(vectors), n_models)
+        return (
+            np.broadcast_to(quality_prior, shape).copy(),
+            np.broadcast_to(cost_prior, shape).copy(),
+            np.broadcast_to(tokens_prior, shape).copy(),
+        )
+    weights = neighbour_weights(similarities, settings.temperature)
+    weights = np.where(rows >= 0, weights, 0.0)
+    rows = np.maximum(rows, 0)
+    quality = shrunk_mean(store.scores[rows], weights, quality_prior, settings.prior_strength)
+    # Cost and length carry no risk of overconfidence: a tiny prior only fills gaps.
+    cost = shrunk_mean(store.costs[rows], weights, cost_prior, 1e-6)
+    tokens = shrunk_mean(store.output_tokens[rows], weights, tokens_prior, 1e-6)
+    return quality, cost, tokens
+
+
+class TrainedHeads:
+    """One logistic regression per model: P(good answer | query vector)."""
+
+    def __init__(self, n_models: int, regularisation: float = 1.0) -> None:
+        self.n_models = n_models
+        self.regularisation = regularisation
+        self._heads: list[LogisticRegression | float] = [0.5] * n_models
+
+    @property
+    def fitted(self) -> bool:
+        return any(isinstance(h, LogisticRegression) for h in self._heads)
+
+    def fit(self, vectors: NDArray[np.float32], scores: NDArray[np.float64]) -> TrainedHeads:
+        """Fit on known outcomes only; a model with too few of either class gets its mean.
+        Scores in (0, 1) count as the fraction of a good answer (sample weights)."""
+        for j in range(self.n_models):
+            known = ~np.isnan(scores[:, j])
+            y = scores[known, j]
+            good, bad = float(y.sum()), float((1 - y).sum())
+            if min(good, bad) < MIN_OUTCOMES_PER_CLASS:
+                self._heads[j] = float(y.mean()) if len(y) else 0.5
+                continue
+            x = vectors[known]
+            features = np.vstack([x, x])
+            labels = np.concatenate([np.ones(len(y)), np.zeros(len(y))])
+            weights = np.concatenate([y, 1 - y])
+            keep = weights > 0
+            head = LogisticRegression(C=self.regularisation, max_iter=2000)
+            head.fit(features[keep], labels[keep], sample_weight=weights[keep])
+            self._heads[j] = head
+        return self
+
+    def predict(self, vectors: NDArray[np.float32]) -> NDArray[np.float64]:
+        columns = [
+            head.predict_proba(vectors)[:, 1]
+            if isinstance(head, LogisticRegression)
+            else np.full(len(vectors), head)
+            for head in self._heads
+        ]
+        return np.column_stack(columns) if columns else np.zeros((len(vectors), 0))
+
+
+@dataclass(frozen=True)
+class FitReport:
+    outcomes_used: int
+    blend_weight: float  # weight of the retrieval part; 1 - it for the trained part
+    holdout_brier_by_weight: dict[float, float]
+
+
+class HybridPredictor:
+    """Retrieval + trained heads; cost from list prices when known, else from neighbours."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        store: RetrievalStore,
+        prices: Mapping[str, ModelPrice] | None = None,
+        knn: KnnSettings | None = None,
+        blend_weight: float = 1.0,
+    ) -> None:
+        self.embedder = embedder
+        self.store = store
+        self.prices = dict(prices or {})
+        self.knn = knn or KnnSettings()
+        self.blend_weight = blend_weight
+        self.heads = TrainedHeads(len(store.models))
+
+    @property
+    def models(self) -> list[str]:
+        return self.store.models
+
+    def fit(self, holdout_fraction: float = 0.2, seed: int = 0) -> FitReport:
+        """Refit the heads on the store and choose the blend weight on a held-out part.
+
+        The held-out queries are predicted by heads and by retrieval that never
+        saw them; the weight with the lowest Brier score on their known
+        outcomes wins; then the heads are refitted on everything.
+        """
+        vectors, scores = self.store.vectors, self.store.scores
+        n = len(vectors)
+        order = np.random.default_rng(seed).permutation(n)
+        holdout, train = order[: int(n * holdout_fraction)], order[int(n * holdout_fraction) :]
+        brier: dict[float, float] = {}
+        if len(holdout) >= 20:
+            inner = RetrievalStore(self.models, self.store.dimension)
+            inner.add_table(
+                [str(i) for i in train], vectors[train], scores[train], self.store.costs[train]
+            )
+            knn_quality, _, _ = knn_estimates(inner, vectors[holdout], self.knn)
+            head_quality = TrainedHeads(len(self.models)).fit(vectors[train], scores[train])
+            trained_quality = head_quality.predict(vectors[holdout])
+            truth = scores[holdout]
+            known = ~np.isnan(truth)
+            for weight in np.round(np.linspace(0, 1, 11), 2):
+                blended = weight * knn_quality + (1 - weight) * trained_quality
+                brier[float(weight)] = float(np.mean((blended[known] - truth[known]) ** 2))
+            self.blend_weight = min(brier, key=lambda w: (brier[w], -w))
+        self.heads.fit(vectors, scores)
+        if not self.heads.fitted:
+            self.blend_weight = 1.0
+        return FitReport(int((~np.isnan(scores)).sum()), self.blend_weight, brier)
+
+    def predict(self, texts: Sequence[str]) -> Estimates:
+        return self.predict_embedded(self.embedder.embed(texts), [len(t) for t in texts])
+
+    def predict_embedded(
+        self, vectors: NDArray[np.float32], prompt_chars: Sequence[int]
+    ) -> Estimates:
+        knn_quality, knn_cost, knn_tokens = knn_estimates(self.store, vectors, self.knn)
+        quality = knn_quality
+        if self.blend_weight < 1.0 and self.heads.fitted:
+            trained = self.heads.predict(vectors)
+            quality = self.blend_weight * knn_quality + (1 - self.blend_weight) * trained
+        cost = knn_cost.copy()
+        prompt_tokens = np.array([math.ceil(c / CHARS_PER_TOKEN) for c in prompt_chars], float)
+        for j, model in enumerate(self.models):
+            price = self.prices.get(model)
+            if price is not None:
+                cost[:, j] = (
+                    prompt_tokens * price.input_per_mtok_usd
+                    + knn_tokens[:, j] * price.output_per_mtok_usd
+                ) / 1e6
+        return Estimates(np.clip(quality, 0.0, 1.0), np.maximum(cost, 0.0), vectors)

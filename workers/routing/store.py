@@ -1,0 +1,161 @@
+"""The retrieval store: past queries' vectors (a FAISS index) and what each model did on them.
+
+One row per distinct query; one column per model. An outcome that was not
+observed is NaN: unknown, never 0. The store grows as outcomes arrive and can
+be rebuilt from the outcomes table; both give the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+from numpy.typing import NDArray
+
+
+@dataclass(frozen=True)
+class OutcomeRecord:
+    """One model's outcome on one query, as the store needs it."""
+
+    query_id: str
+    model: str
+    quality_score: float | None
+    cost_usd: float | None
+    output_tokens: int | None
+    embedding: NDArray[np.float32] | None
+
+
+class RetrievalStore:
+    def __init__(self, models: Sequence[str], dimension: int) -> None:
+        self.models = list(models)
+        self.dimension = dimension
+        self._column = {m: j for j, m in enumerate(self.models)}
+        self._row_of: dict[str, int] = {}
+        self._index = faiss.IndexFlatIP(dimension)
+        self._scores = np.full((0, len(self.models)), np.nan)
+        self._costs = np.full((0, len(self.models)), np.nan)
+        self._output_tokens = np.full((0, len(self.models)), np.nan)
+        self._vectors = np.zeros((0, dimension), dtype=np.float32)
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    # The arrays are over-allocated and grown by doubling; views hide the spare rows.
+    @property
+    def scores(self) -> NDArray[np.float64]:
+        return self._scores[: self._size]
+
+    @property
+    def costs(self) -> NDArray[np.float64]:
+        return self._costs[: self._size]
+
+    @property
+    def output_tokens(self) -> NDArray[np.float64]:
+        return self._output_tokens[: self._size]
+
+    @property
+    def vectors(self) -> NDArray[np.float32]:
+        return self._vectors[: self._size]
+
+    def knows(self, query_id: str) -> bool:
+        return query_id in self._row_of
+
+    def column(self, model: str) -> int:
+        try:
+            return self._column[model]
+        except KeyError:
+            raise KeyError(f"model {model!r} is not one of the store's models") from None
+
+    def _grow_to(self, rows: int) -> None:
+        if rows <= len(self._scores):
+            return
+        capacity = max(rows, 2 * len(self._scores), 64)
+
+        def grown(array: NDArray[np.float64]) -> NDArray[np.float64]:
+            bigger = np.full((capacity, array.shape[1]), np.nan)
+            bigger[: self._size] = array[: self._size]
+            return bigger
+
+        self._scores = grown(self._scores)
+        self._costs = grown(self._costs)
+        self._output_tokens = grown(self._output_tokens)
+        vectors = np.zeros((capacity, self.dimension), dtype=np.float32)
+        vectors[: self._size] = self._vectors[: self._size]
+        self._vectors = vectors
+
+    def _new_rows(self, query_ids: Sequence[str], embeddings: NDArray[np.float32]) -> None:
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1, self.dimension)
+        self._grow_to(self._size + len(query_ids))
+        for offset, query_id in enumerate(query_ids):
+            self._row_of[query_id] = self._size + offset
+        self._vectors[self._size : self._size + len(query_ids)] = embeddings
+        self._index.add(embeddings)
+        self._size += len(query_ids)
+
+    def add(self, record: OutcomeRecord) -> None:
+        """Record one outcome; a field left None keeps what the store knew."""
+        column = self.column(record.model)
+        row = self._row_of.get(record.query_id)
+        if row is None:
+            if record.embedding is None:
+                raise ValueError(f"query {record.query_id!r} is new to the store: need its vector")
+            self._new_rows([record.query_id], record.embedding[None, :])
+            row = self._size - 1
+        for array, value in (
+            (self._scores, record.quality_score),
+            (self._costs, record.cost_usd),
+            (self._output_tokens, record.output_tokens),
+        ):
+            if value is not None:
+                array[row, column] = value
+
+    def add_many(self, records: Iterable[OutcomeRecord]) -> None:
+        for record in records:
+            self.add(record)
+
+    def add_table(
+        self,
+        query_ids: Sequence[str],
+        embeddings: NDArray[np.float32],
+        scores: NDArray[np.float64],
+        costs: NDArray[np.float64],
+    ) -> None:
+        """Bulk load queries with every model's outcome (a RouterBench table)."""
+        fresh = [i for i, q in enumerate(query_ids) if q not in self._row_of]
+        fresh = list({query_ids[i]: i for i in fresh}.values())  # a repeated id counts once
+        self._new_rows([query_ids[i] for i in fresh], embeddings[fresh])
+        rows = np.array([self._row_of[q] for q in query_ids], dtype=int)
+        for array, values in ((self._scores, scores), (self._costs, costs)):
+            known = ~np.isnan(values)
+            target = array[rows]
+            target[known] = values[known]
+            array[rows] = target
+
+    def search(
+        self, queries: NDArray[np.float32], k: int
+    ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        """Cosine similarity and row of the k nearest stored queries (row -1: none)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dimension)
+        if self._size == 0 or k == 0:
+            empty = np.zeros((len(queries), 0))
+            return empty.astype(np.float32), empty.astype(np.int64)
+        similarities, rows = self._index.search(queries, min(k, self._size))
+        return similarities, rows.astype(np.int64)
+
+    @classmethod
+    def rebuild(
+        cls, models: Sequence[str], dimension: int, records: Iterable[OutcomeRecord]
+    ) -> RetrievalStore:
+        """A store from stored outcomes (oldest first). Skips models no longer routed
+        and outcomes of queries whose text was never seen (no vector to place them)."""
+        store = cls(models, dimension)
+        known = set(store.models)
+        for record in records:
+            if record.model in known and (
+                record.embedding is not None or store.knows(record.query_id)
+            ):
+                store.add(record)
+        return store
