@@ -99,16 +99,36 @@ def demo(state_dir: Path) -> None:
 
 @main.command()
 @click.option("--train", "train_path", type=click.Path(exists=True, path_type=Path), required=True)
-@click.option("--test", "test_path", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Without it: 5-fold cross-validation on --train.")  # fmt: skip
+@click.option(
+    "--test",
+    "test_path",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Without it: 5-fold cross-validation on --train.",
+)
 @click.option("--window-size", default=200, show_default=True, type=click.IntRange(min=1))
-@click.option("--mode", "modes", type=click.Choice(["budget", "quality"]), multiple=True,
-              help="Repeatable; default both.")  # fmt: skip
+@click.option(
+    "--mode",
+    "modes",
+    type=click.Choice(["budget", "quality"]),
+    multiple=True,
+    help="Repeatable; default both.",
+)
 @click.option("--solver", type=click.Choice(["exact", "fast"]), default="exact", show_default=True)
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/evaluation"),
-              show_default=True)  # fmt: skip
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path(".omnirouter/cache"),
-              show_default=True, help="Embeddings cached by text hash.")  # fmt: skip
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=Path("out/evaluation"),
+    show_default=True,
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    default=Path(".omnirouter/cache"),
+    show_default=True,
+    help="Embeddings cached by text hash.",
+)
 def evaluate(
     train_path: Path,
     test_path: Path | None,

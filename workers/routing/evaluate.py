@@ -61,7 +61,7 @@ class EvaluationSettings:
     window_size: int = 200
     modes: tuple[Mode, ...] = ("budget", "quality")
     solver: Method = "exact"
-    budget_levels: int = 14
+    budget_levels: int = 24
     quality_targets: tuple[float, ...] = tuple(np.round(np.linspace(0.55, 0.95, 9), 2))
     thresholds: tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 21), 2))
     knn: KnnSettings = field(default_factory=KnnSettings)
@@ -267,9 +267,12 @@ def evaluate(
     """Train on `train` and route `test`; without `test`, cross-validate on `train`."""
     points: dict[str, dict[float, Point]] = {}
     blend_weights = []
-    # Budgets per query from the cheapest model's mean cost to the dearest's.
+    # Budgets per query from half the cheapest model's mean cost (the router
+    # must be measurable at that model's own cost) to the dearest's.
     model_costs = np.nanmean(train.costs, axis=0)
-    per_query_budgets = np.geomspace(model_costs.min(), model_costs.max(), settings.budget_levels)
+    per_query_budgets = np.geomspace(
+        model_costs.min() / 2, model_costs.max(), settings.budget_levels
+    )
     train_vectors = embedder.embed(train.prompts)
     if test is not None:
         if test.models != train.models:
