@@ -112,6 +112,29 @@ class Outcome(Event):
     created_at: datetime = Field(default_factory=utc_now)
 
 
+class ModelResponse(Event):
+    """A model's answer to a routed query. Topic `omnirouter.responses`, keyed by query_id."""
+
+    query_id: str
+    model: str
+    pool: str
+    response: str | None
+    error: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class PredictedQuery(Event):
+    """Internal, between the router's two stages (topic `omnirouter.predicted`, keyed
+    by pool): a valid query with its predicted quality and cost for every model,
+    in the order of ROUTER_MODELS."""
+
+    query: QueryEvent
+    models: list[str]
+    quality: list[float]
+    cost_usd: list[float]
+    predicted_at: datetime = Field(default_factory=utc_now)
+
+
 class DeadLetter(Event):
     """An event that could not be processed, kept with the reason. Topic `omnirouter.deadletter`."""
 
@@ -123,4 +146,12 @@ class DeadLetter(Event):
     created_at: datetime = Field(default_factory=utc_now)
 
 
-ALL_EVENTS: tuple[type[Event], ...] = (QueryEvent, Assignment, WindowReport, Outcome, DeadLetter)
+ALL_EVENTS: tuple[type[Event], ...] = (
+    QueryEvent,
+    Assignment,
+    WindowReport,
+    Outcome,
+    ModelResponse,
+    DeadLetter,
+    PredictedQuery,
+)

@@ -88,6 +88,137 @@ def export_schemas(out: Path | None) -> None:
         click.echo(str(path))
 
 
+def _configure_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _need_bootstrap(settings: Settings) -> str:
+    if not settings.kafka_bootstrap_servers:
+        raise click.ClickException(
+            "KAFKA_BOOTSTRAP_SERVERS is not set (run `omnirouter broker` for a local one)"
+        )
+    return settings.kafka_bootstrap_servers
+
+
+@main.command()
+@click.option("--loglevel", default="info", show_default=True)
+def router(loglevel: str) -> None:
+    """Run a router worker: validate, predict, solve windows, publish assignments."""
+    from workers.stream.app import run_worker
+    from workers.stream.router import build_router_app
+
+    settings = load_settings()
+    if not settings.database_url:
+        click.echo("warning: DATABASE_URL is not set: the router will not learn from outcomes")
+    _configure_logging(loglevel)
+    run_worker(
+        build_router_app(settings, _need_bootstrap(settings), settings.database_url), loglevel
+    )
+
+
+@main.command()
+@click.option("--loglevel", default="info", show_default=True)
+def outcomes(loglevel: str) -> None:
+    """Run the outcome writer: omnirouter.outcomes -> PostgreSQL."""
+    from workers.stream.app import run_worker
+    from workers.stream.outcomes import build_outcome_app
+
+    settings = load_settings()
+    if not settings.database_url:
+        raise click.ClickException("DATABASE_URL is not set")
+    _configure_logging(loglevel)
+    run_worker(
+        build_outcome_app(settings, _need_bootstrap(settings), settings.database_url), loglevel
+    )
+
+
+@main.group("model-worker")
+def model_worker() -> None:
+    """Workers that answer routed queries."""
+
+
+@model_worker.command("replay")
+@click.option("--model", "models", multiple=True, help="Repeatable; default every ROUTER_MODELS.")
+@click.option("--loglevel", default="info", show_default=True)
+def model_worker_replay(models: tuple[str, ...], loglevel: str) -> None:
+    """Answer from recorded outcomes (REPLAY_DATA_PATH) after REPLAY_LATENCY_MS."""
+    from workers.routing.dataset import shipped_sample_path
+    from workers.stream.app import run_worker
+    from workers.stream.model_workers import build_replay_app
+
+    settings = load_settings()
+    data = Path(settings.replay_data_path) if settings.replay_data_path else shipped_sample_path()
+    _configure_logging(loglevel)
+    try:
+        app = build_replay_app(settings, _need_bootstrap(settings), data, models or None)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    run_worker(app, loglevel)
+
+
+@main.command()
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="RouterBench-format file; default the shipped sample.",
+)
+@click.option("--rate", default=50.0, show_default=True, help="Queries per second; 0: unthrottled.")
+@click.option("--limit", default=0, help="At most this many queries; 0: all.")
+@click.option("--skip", default=0, help="Start after this many rows.")
+@click.option("--pool", default="default", show_default=True)
+@click.option("--run-id", default=None, help="Prefix of the query ids; default a fresh one.")
+def replay(
+    data_path: Path | None, rate: float, limit: int, skip: int, pool: str, run_id: str | None
+) -> None:
+    """Produce QueryEvents from a RouterBench-format file."""
+    import uuid
+
+    from workers.routing.dataset import load_routerbench, shipped_sample_path
+    from workers.stream.replay import produce_queries, query_events
+
+    settings = load_settings()
+    table = load_routerbench(data_path or shipped_sample_path())
+    rows = list(range(skip, len(table) if limit <= 0 else min(len(table), skip + limit)))
+    queries = query_events(table.take(rows), run_id or f"replay-{uuid.uuid4().hex[:8]}", pool)
+    seconds = asyncio.run(
+        produce_queries(
+            _need_bootstrap(settings),
+            settings.topic_names()["queries"],
+            queries,
+            rate,
+            progress=lambda n: click.echo(f"produced {n}/{len(queries)}"),
+        )
+    )
+    click.echo(f"produced {len(queries)} queries in {seconds:.1f}s")
+
+
+@main.command("seed-outcomes")
+@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), default=None)
+@click.option("--limit", default=0, help="At most this many prompts; 0: all.")
+def seed_outcomes_command(data_path: Path | None, limit: int) -> None:
+    """Store a RouterBench file's recorded outcomes: a warm start for the predictor."""
+    import sqlalchemy as sa
+
+    from workers.routing.dataset import load_routerbench, shipped_sample_path
+    from workers.routing.embedder import SentenceEmbedder
+    from workers.stream.replay import seed_outcomes
+
+    settings = load_settings()
+    if not settings.database_url:
+        raise click.ClickException("DATABASE_URL is not set")
+    table = load_routerbench(data_path or shipped_sample_path())
+    if limit > 0:
+        table = table.take(list(range(min(limit, len(table)))))
+    count = seed_outcomes(sa.create_engine(settings.database_url), table, SentenceEmbedder())
+    click.echo(f"stored {count} outcomes of {len(table)} prompts")
+
+
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), default=Path(".omnirouter"))
 def demo(state_dir: Path) -> None:

@@ -29,6 +29,7 @@ ROUTERBENCH_MODELS: tuple[str, ...] = (
 )
 
 TOPIC_PREFIX = "omnirouter"
+ROUTER_APP_ID = "omnirouter-router"
 _TOPIC_UNSAFE = re.compile(r"[^a-zA-Z0-9._-]")
 
 
@@ -84,19 +85,67 @@ class Settings(BaseSettings):
     # Windows and the default pool policy.
     router_window_seconds: float = Field(default=5.0, gt=0)
     router_max_window_queries: PositiveInt = 2000
-    router_mode: Literal["budget", "quality"] = "budget"
+    router_mode: Literal["budget", "quality"] = "quality"
     router_window_budget_usd: NonNegativeFloat | None = None
     router_budget_per_hour_usd: NonNegativeFloat | None = None
     router_quality_target: float = Field(default=0.8, ge=0.0, le=1.0)
     router_pools: dict[str, PoolPolicy] = Field(default_factory=dict)
 
-    # Optimiser.
-    router_solver: Literal["exact", "fast"] = "exact"
-    router_solver_time_limit_seconds: float = Field(default=2.0, gt=0)
+    # Optimiser. The fast path keeps a 2,000-query window's solve to milliseconds;
+    # the exact ILP is the reference, bounded by its time limit.
+    router_solver: Literal["exact", "fast"] = "fast"
+    router_solver_time_limit_seconds: float = Field(default=0.25, gt=0)
 
-    # Topic layout.
+    # Input limits and the predictor.
+    router_max_text_chars: PositiveInt = 100_000
+    router_predict_batch: PositiveInt = 64
+    router_store_refresh_seconds: float = Field(default=5.0, gt=0)
+    router_refit_seconds: float = Field(default=300.0, gt=0)
+    router_knn_neighbours: PositiveInt = 20
+
+    # Model workers.
+    replay_data_path: str = ""  # empty: the RouterBench sample shipped in workers/data
+    replay_latency_ms: NonNegativeFloat = 50.0
+
+    # Kafka.
     kafka_partitions: PositiveInt = 4
     kafka_replication_factor: PositiveInt = 1
+    # Some brokers hold a new consumer group's join for the whole rebalance
+    # timeout; short values make workers ready quickly on a single node.
+    kafka_rebalance_timeout_seconds: float = Field(default=3.0, gt=0)
+    kafka_session_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _default_pool_is_usable(self) -> Settings:
+        try:
+            self.pool_policy("default")
+        except ValueError as exc:
+            raise ValueError(
+                f"ROUTER_MODE={self.router_mode} needs its limit: set ROUTER_WINDOW_BUDGET_USD "
+                f"or ROUTER_BUDGET_PER_HOUR_USD (budget) or ROUTER_QUALITY_TARGET (quality) ({exc})"
+            ) from None
+        capacity = sum(self.router_model_capacities.get(m, 10**12) for m in self.router_models)
+        if capacity < self.router_max_window_queries and self.router_fallback_model is None:
+            raise ValueError(
+                f"ROUTER_MODEL_CAPACITIES hold {capacity} queries per window, fewer than "
+                f"ROUTER_MAX_WINDOW_QUERIES={self.router_max_window_queries}; "
+                "raise them or set ROUTER_FALLBACK_MODEL"
+            )
+        return self
+
+    def pool_policy(self, pool: str) -> PoolPolicy:
+        """The pool's own policy from ROUTER_POOLS, else the ROUTER_* defaults."""
+        if pool in self.router_pools:
+            return self.router_pools[pool]
+        return PoolPolicy(
+            mode=self.router_mode,
+            window_budget_usd=self.router_window_budget_usd,
+            budget_per_hour_usd=self.router_budget_per_hour_usd,
+            quality_target=self.router_quality_target,
+        )
+
+    def known_pools(self) -> set[str]:
+        return {"default", *self.router_pools}
 
     @model_validator(mode="after")
     def _models_are_consistent(self) -> Settings:
@@ -125,6 +174,9 @@ class Settings(BaseSettings):
         """Every topic the product uses, by role."""
         names = {
             "queries": f"{TOPIC_PREFIX}.queries",
+            "predicted": f"{TOPIC_PREFIX}.predicted",
+            # Faust changelog of the router's table of routed query ids.
+            "routed_changelog": f"{ROUTER_APP_ID}-routed-changelog",
             "windows": f"{TOPIC_PREFIX}.windows",
             "outcomes": f"{TOPIC_PREFIX}.outcomes",
             "responses": f"{TOPIC_PREFIX}.responses",

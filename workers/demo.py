@@ -1,48 +1,216 @@
-"""`make demo`: the whole product on one machine, on the shipped RouterBench sample.
+"""`make demo`: the whole loop on one machine, on the shipped RouterBench sample.
 
-It starts (or finds) a broker and a database, creates the topics and the
-schema, then routes the sample's queries in windows and prints what the
-routing cost and achieved next to sending everything to one model.
+It finds or starts a broker and a database, creates topics and schema, warms
+the retrieval store with the first half of the sample's recorded outcomes,
+starts the router, the outcome writer and replay model workers for the 11
+models as separate processes, replays the other half as live traffic, and
+ends with what the routing cost and achieved next to sending everything to
+one model. It stops everything it started.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
-from schemas import QueryEvent
+from schemas import WindowReport
 from workers.config import Settings
 from workers.db import migrate
-from workers.routing.dataset import load_routerbench, shipped_sample_path
+from workers.db.models import OutcomeRow
+from workers.routing.dataset import OutcomeTable, load_routerbench, shipped_sample_path
+from workers.routing.embedder import SentenceEmbedder
 from workers.services import demo_database_url, kafka_bootstrap
-from workers.stream.kafka_io import consume_values, produce_values
+from workers.stream.kafka_io import read_topic
+from workers.stream.replay import produce_queries, query_events, seed_outcomes
 from workers.stream.topics import create_topics
+
+WARM_START_PROMPTS = 300
+REPLAY_RATE_QPS = 20.0
+WINDOW_SECONDS = 2.0
+# The demo's budget: 35% of what sending everything to the dearest model costs.
+BUDGET_SHARE_OF_DEAREST = 0.35
+TIMEOUT_SECONDS = 240
+
+
+@contextlib.contextmanager
+def workers(env: dict[str, str], log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The router, the outcome writer and a replay model worker, stopped on exit."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    commands = {
+        "router": ["router"],
+        "outcomes": ["outcomes"],
+        "model-replay": ["model-worker", "replay"],
+    }
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", *args, "--loglevel", "warning"],
+            env=env,
+            stdout=open(log_dir / f"{name}.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        for name, args in commands.items()
+    ]
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def routed_outcomes(engine: sa.Engine, run_id: str) -> list[OutcomeRow]:
+    with Session(engine) as session:
+        query = sa.select(OutcomeRow).where(OutcomeRow.query_id.like(f"{run_id}-%"))
+        return list(session.scalars(query))
+
+
+@dataclass(frozen=True)
+class Spend:
+    label: str
+    accuracy: float
+    cost_usd: float
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    queries_routed: int
+    per_model: dict[str, int]
+    routed: Spend
+    best_single_model: Spend
+    dearest_model: Spend
+    windows: list[dict[str, object]]
+
+
+def summarise(
+    live: OutcomeTable, rows: list[OutcomeRow], reports: list[WindowReport], run_id: str
+) -> DemoSummary:
+    """The routed traffic next to sending the same queries to one model."""
+    subset = live.take([int(r.query_id.removeprefix(f"{run_id}-")) for r in rows])
+    accuracy = np.nanmean(subset.scores, axis=0)
+    totals = np.nansum(subset.costs, axis=0)
+    best, dearest = int(np.nanargmax(accuracy)), int(np.argmax(totals))
+    scores = [r.quality_score for r in rows if r.quality_score is not None]
+    return DemoSummary(
+        queries_routed=len(rows),
+        per_model=dict(Counter(r.model for r in rows).most_common()),
+        routed=Spend(
+            "OmniRouter (routed traffic)",
+            float(np.mean(scores)) if scores else float("nan"),
+            float(sum(r.cost_usd or 0.0 for r in rows)),
+        ),
+        best_single_model=Spend(live.models[best], float(accuracy[best]), float(totals[best])),
+        dearest_model=Spend(live.models[dearest], float(accuracy[dearest]), float(totals[dearest])),
+        windows=[
+            {
+                "window_id": w.window_id,
+                "queries": w.query_count,
+                "budget_usd": w.window_budget_usd,
+                "predicted_spend_usd": w.predicted_spend_usd,
+                "status": w.solver_status,
+            }
+            for w in reports
+        ],
+    )
 
 
 def run_demo(settings: Settings, state_dir: Path) -> int:
     started = time.monotonic()
-    table = load_routerbench(shipped_sample_path())
-    with contextlib.ExitStack() as stack:
-        bootstrap = stack.enter_context(kafka_bootstrap(settings.kafka_bootstrap_servers))
-        click.echo(f"[demo] broker: {bootstrap}")
+    sample = load_routerbench(shipped_sample_path())
+    warm = sample.take(list(range(WARM_START_PROMPTS)))
+    live = sample.take(list(range(WARM_START_PROMPTS, len(sample))))
+    run_id = f"demo-{uuid.uuid4().hex[:8]}"
+    with kafka_bootstrap(settings.kafka_bootstrap_servers) as bootstrap:
+        click.echo(f"[demo] broker {bootstrap}")
         database_url = demo_database_url(settings.database_url, state_dir)
         migrate.upgrade(database_url)
-        click.echo(f"[demo] database migrated: {database_url.split('@')[-1]}")
-        created = asyncio.run(create_topics(settings, bootstrap))
-        click.echo(f"[demo] {len(created)} topics ready")
+        engine = sa.create_engine(database_url)
+        click.echo(f"[demo] database {engine.url.render_as_string(hide_password=True)} migrated")
+        asyncio.run(create_topics(settings, bootstrap))
+        click.echo(f"[demo] {len(settings.topic_names())} topics ready")
 
-        queries = [
-            QueryEvent(query_id=f"demo-{i}", text=prompt) for i, prompt in enumerate(table.prompts)
-        ]
-        topic = settings.topic_names()["queries"]
-        asyncio.run(
-            produce_values(bootstrap, topic, [(q.query_id, q.model_dump_json()) for q in queries])
+        click.echo(f"[demo] warm start: storing the recorded outcomes of {len(warm)} prompts ...")
+        stored = seed_outcomes(engine, warm, SentenceEmbedder())
+        click.echo(f"[demo] stored {stored} outcomes")
+
+        dearest_per_query = float(np.nanmax(np.nanmean(warm.costs, axis=0)))
+        budget_per_hour = BUDGET_SHARE_OF_DEAREST * dearest_per_query * REPLAY_RATE_QPS * 3600
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "DATABASE_URL": database_url,
+            "ROUTER_MODE": "budget",
+            "ROUTER_BUDGET_PER_HOUR_USD": f"{budget_per_hour:.6f}",
+            "ROUTER_WINDOW_SECONDS": str(WINDOW_SECONDS),
+            "HF_HUB_OFFLINE": "1",
+        }
+        click.echo(
+            f"[demo] budget mode: ${budget_per_hour:.2f}/hour at {REPLAY_RATE_QPS:.0f} queries/s "
+            f"(35% of the dearest model), windows of {WINDOW_SECONDS:.0f}s"
         )
-        received = asyncio.run(consume_values(bootstrap, topic, len(queries), timeout_seconds=60))
-        click.echo(f"[demo] produced {len(queries)} queries, read back {len(received)}")
-    click.echo(f"[demo] done in {time.monotonic() - started:.1f}s")
-    return 0 if len(received) == len(queries) else 1
+        with workers(env, state_dir / "logs") as processes:
+            queries = query_events(live, run_id)
+            click.echo(f"[demo] replaying {len(queries)} queries at {REPLAY_RATE_QPS:.0f}/s ...")
+            asyncio.run(
+                produce_queries(
+                    bootstrap, settings.topic_names()["queries"], queries, REPLAY_RATE_QPS
+                )
+            )
+            deadline = time.monotonic() + TIMEOUT_SECONDS
+            done = 0
+            while done < len(queries) and time.monotonic() < deadline:
+                if any(p.poll() is not None for p in processes):
+                    click.echo(f"[demo] a worker exited; see {state_dir / 'logs'}")
+                    return 1
+                time.sleep(2)
+                done = len(routed_outcomes(engine, run_id))
+                click.echo(f"[demo] {done}/{len(queries)} queries answered and stored")
+        rows = routed_outcomes(engine, run_id)
+        raw_reports = asyncio.run(read_topic(bootstrap, settings.topic_names()["windows"]))
+    reports = [WindowReport.model_validate_json(r) for r in raw_reports]
+    summary = summarise(live, rows, reports, run_id)
+    print_summary(summary)
+    report_path = state_dir / "demo_report.json"
+    report_path.write_text(json.dumps(asdict(summary), indent=2))
+    click.echo(f"[demo] full report: {report_path}; worker logs: {state_dir / 'logs'}")
+    click.echo(f"[demo] done in {time.monotonic() - started:.0f}s")
+    return 0 if len(rows) == len(live) else 1
+
+
+def print_summary(summary: DemoSummary) -> None:
+    click.echo(f"\nqueries routed: {summary.queries_routed}")
+    for model, count in summary.per_model.items():
+        click.echo(f"  {model:40s} {count:5d}")
+    click.echo(f"\n{'':42s} {'accuracy':>9} {'cost USD':>10}")
+    for label, spend in (
+        ("OmniRouter (routed traffic)", summary.routed),
+        (f"best single model: {summary.best_single_model.label}", summary.best_single_model),
+        (f"dearest model: {summary.dearest_model.label}", summary.dearest_model),
+    ):
+        click.echo(f"{label:42s} {spend.accuracy:9.3f} {spend.cost_usd:10.4f}")
+    click.echo(f"\nwindows: {len(summary.windows)} (budget vs predicted spend)")
+    for window in summary.windows:
+        click.echo(
+            f"  {window['queries']:4d} queries  budget ${window['budget_usd'] or 0:.4f}  "
+            f"predicted ${window['predicted_spend_usd']:.4f}  {window['status']}"
+        )

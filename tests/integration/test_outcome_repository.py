@@ -28,7 +28,7 @@ def test_outcomes_are_written_and_read_back(postgres_engine: sa.Engine) -> None:
         upsert_outcomes(session, [outcome], [embedding])
 
     with Session(postgres_engine) as session:
-        stored = list(iter_outcomes(session))
+        stored = [record for record, _ in iter_outcomes(session)]
     print(f"wrote 1 outcome to {postgres_engine.url.database}, read back {len(stored)}")
     assert len(stored) == 1
     assert (stored[0].query_id, stored[0].model, stored[0].quality_score) == ("q1", "gpt-4", 1.0)
@@ -46,7 +46,7 @@ def test_a_late_score_updates_the_row_and_keeps_the_usage(postgres_engine: sa.En
         upsert_outcomes(session, [score], [None])
 
     with Session(postgres_engine) as session:
-        (row,) = list(iter_outcomes(session))
+        ((row, _),) = list(iter_outcomes(session))
         assert count_outcomes(session) == 1
     assert row.quality_score == 0.0
     assert row.cost_usd == pytest.approx(0.01)
@@ -61,7 +61,7 @@ def test_duplicates_inside_one_batch_collapse_to_one_row(postgres_engine: sa.Eng
         upsert_outcomes(session, [first, again, other], [None, None, None])
 
     with Session(postgres_engine) as session:
-        rows = {(r.query_id, r.model): r.quality_score for r in iter_outcomes(session)}
+        rows = {(r.query_id, r.model): r.quality_score for r, _ in iter_outcomes(session)}
     assert rows == {("q", "m"): 1.0, ("q", "n"): 1.0}
 
 

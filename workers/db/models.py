@@ -20,7 +20,10 @@ class OutcomeRow(Base):
     """
 
     __tablename__ = "outcomes"
-    __table_args__ = (sa.UniqueConstraint("query_id", "model", name="uq_outcomes_query_model"),)
+    __table_args__ = (
+        sa.UniqueConstraint("query_id", "model", name="uq_outcomes_query_model"),
+        sa.Index("ix_outcomes_updated_at", "updated_at"),
+    )
 
     id: Mapped[int] = mapped_column(
         sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 import sqlalchemy as sa
@@ -12,18 +12,7 @@ from sqlalchemy.orm import Session
 
 from schemas import Outcome
 from workers.db.models import OutcomeRow
-
-
-@dataclass(frozen=True)
-class StoredOutcome:
-    """An outcome row as the retrieval store needs it."""
-
-    query_id: str
-    model: str
-    quality_score: float | None
-    cost_usd: float | None
-    output_tokens: int | None
-    embedding: np.ndarray | None
+from workers.routing.store import OutcomeRecord
 
 
 def create_engine(database_url: str) -> sa.Engine:
@@ -84,8 +73,11 @@ def upsert_outcomes(
     session.execute(statement)
 
 
-def iter_outcomes(session: Session, batch_size: int = 5000) -> Iterator[StoredOutcome]:
-    """Every stored outcome, oldest first, streamed in batches."""
+def iter_outcomes(
+    session: Session, updated_since: datetime | None = None, batch_size: int = 5000
+) -> Iterator[tuple[OutcomeRecord, datetime]]:
+    """Stored outcomes (changed after `updated_since`, if given), oldest change
+    first, each with the time it last changed; streamed in batches."""
     query = sa.select(
         OutcomeRow.query_id,
         OutcomeRow.model,
@@ -93,9 +85,12 @@ def iter_outcomes(session: Session, batch_size: int = 5000) -> Iterator[StoredOu
         OutcomeRow.cost_usd,
         OutcomeRow.output_tokens,
         OutcomeRow.embedding,
-    ).order_by(OutcomeRow.id)
+        OutcomeRow.updated_at,
+    ).order_by(OutcomeRow.updated_at, OutcomeRow.id)
+    if updated_since is not None:
+        query = query.where(OutcomeRow.updated_at > updated_since)
     for row in session.execute(query.execution_options(yield_per=batch_size)):
-        yield StoredOutcome(
+        record = OutcomeRecord(
             query_id=row.query_id,
             model=row.model,
             quality_score=row.quality_score,
@@ -103,6 +98,7 @@ def iter_outcomes(session: Session, batch_size: int = 5000) -> Iterator[StoredOu
             output_tokens=row.output_tokens,
             embedding=None if row.embedding is None else np.frombuffer(row.embedding, np.float32),
         )
+        yield record, row.updated_at
 
 
 def count_outcomes(session: Session, models: Iterable[str] | None = None) -> int:

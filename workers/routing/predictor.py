@@ -159,6 +159,46 @@ class FitReport:
     holdout_brier_by_weight: dict[float, float]
 
 
+def fit_hybrid(
+    vectors: NDArray[np.float32],
+    scores: NDArray[np.float64],
+    costs: NDArray[np.float64],
+    knn: KnnSettings,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[TrainedHeads, float, FitReport]:
+    """Heads fitted on all outcomes, and the blend weight chosen on a held-out part.
+
+    The held-out queries are predicted by heads and by retrieval that never
+    saw them; the weight with the lowest Brier score on their known outcomes
+    wins. Pure, so a worker can run it on a snapshot off the serving thread.
+    """
+    n_models = scores.shape[1]
+    n = len(vectors)
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(n * holdout_fraction)
+    holdout, train = order[:cut], order[cut:]
+    brier: dict[float, float] = {}
+    blend_weight = 1.0
+    if len(holdout) >= 20:
+        inner = RetrievalStore([str(j) for j in range(n_models)], vectors.shape[1])
+        inner.add_table([str(i) for i in train], vectors[train], scores[train], costs[train])
+        knn_quality, _, _ = knn_estimates(inner, vectors[holdout], knn)
+        trained_quality = (
+            TrainedHeads(n_models).fit(vectors[train], scores[train]).predict(vectors[holdout])
+        )
+        truth = scores[holdout]
+        known = ~np.isnan(truth)
+        for weight in np.round(np.linspace(0, 1, 11), 2):
+            blended = weight * knn_quality + (1 - weight) * trained_quality
+            brier[float(weight)] = float(np.mean((blended[known] - truth[known]) ** 2))
+        blend_weight = min(brier, key=lambda w: (brier[w], -w))
+    heads = TrainedHeads(n_models).fit(vectors, scores)
+    if not heads.fitted:
+        blend_weight = 1.0
+    return heads, blend_weight, FitReport(int((~np.isnan(scores)).sum()), blend_weight, brier)
+
+
 class HybridPredictor:
     """Retrieval + trained heads; cost from list prices when known, else from neighbours."""
 
@@ -182,35 +222,16 @@ class HybridPredictor:
         return self.store.models
 
     def fit(self, holdout_fraction: float = 0.2, seed: int = 0) -> FitReport:
-        """Refit the heads on the store and choose the blend weight on a held-out part.
-
-        The held-out queries are predicted by heads and by retrieval that never
-        saw them; the weight with the lowest Brier score on their known
-        outcomes wins; then the heads are refitted on everything.
-        """
-        vectors, scores = self.store.vectors, self.store.scores
-        n = len(vectors)
-        order = np.random.default_rng(seed).permutation(n)
-        holdout, train = order[: int(n * holdout_fraction)], order[int(n * holdout_fraction) :]
-        brier: dict[float, float] = {}
-        if len(holdout) >= 20:
-            inner = RetrievalStore(self.models, self.store.dimension)
-            inner.add_table(
-                [str(i) for i in train], vectors[train], scores[train], self.store.costs[train]
-            )
-            knn_quality, _, _ = knn_estimates(inner, vectors[holdout], self.knn)
-            head_quality = TrainedHeads(len(self.models)).fit(vectors[train], scores[train])
-            trained_quality = head_quality.predict(vectors[holdout])
-            truth = scores[holdout]
-            known = ~np.isnan(truth)
-            for weight in np.round(np.linspace(0, 1, 11), 2):
-                blended = weight * knn_quality + (1 - weight) * trained_quality
-                brier[float(weight)] = float(np.mean((blended[known] - truth[known]) ** 2))
-            self.blend_weight = min(brier, key=lambda w: (brier[w], -w))
-        self.heads.fit(vectors, scores)
-        if not self.heads.fitted:
-            self.blend_weight = 1.0
-        return FitReport(int((~np.isnan(scores)).sum()), self.blend_weight, brier)
+        """Refit the heads and the blend weight on everything in the store."""
+        self.heads, self.blend_weight, report = fit_hybrid(
+            self.store.vectors,
+            self.store.scores,
+            self.store.costs,
+            self.knn,
+            holdout_fraction,
+            seed,
+        )
+        return report
 
     def predict(self, texts: Sequence[str]) -> Estimates:
         return self.predict_embedded(self.embedder.embed(texts), [len(t) for t in texts])

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 
 async def produce_values(
@@ -47,6 +47,40 @@ async def consume_values(
     try:
         while len(values) < expected and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                values.extend(r.value for r in records if r.value is not None)
+    finally:
+        await consumer.stop()
+    return values
+
+
+async def read_topic(
+    bootstrap_servers: str, topic: str, timeout_seconds: float = 30.0
+) -> list[bytes]:
+    """Every value the topic holds now, from the beginning of each partition to its end."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        partitions = [
+            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])
+        ]
+        if not partitions:
+            await consumer.force_metadata_update()
+            partitions = [
+                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])
+            ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            positions = {tp: await consumer.position(tp) for tp in partitions}
+            if all(positions[tp] >= end for tp, end in ends.items()):
+                break
+            batches = await consumer.getmany(*partitions, timeout_ms=200)
             for records in batches.values():
                 values.extend(r.value for r in records if r.value is not None)
     finally:

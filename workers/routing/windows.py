@@ -1,0 +1,99 @@
+"""One pool's window of predicted queries -> assignments and a window report.
+
+Pure: the router agent gathers the window from Kafka and publishes what this
+returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+
+from schemas import Assignment, PredictedQuery, WindowReport
+from workers.config import PoolPolicy
+from workers.routing.optimizer import Method, WindowProblem, solve
+
+
+@dataclass(frozen=True)
+class WindowBounds:
+    window_id: str
+    start: datetime
+    end: datetime
+
+    @property
+    def seconds(self) -> float:
+        return max((self.end - self.start).total_seconds(), 0.0)
+
+
+def window_budget_usd(policy: PoolPolicy, bounds: WindowBounds) -> float | None:
+    """A fixed budget per window, or the hourly budget's share of this window's length."""
+    if policy.window_budget_usd is not None:
+        return policy.window_budget_usd
+    if policy.budget_per_hour_usd is not None:
+        return policy.budget_per_hour_usd * bounds.seconds / 3600.0
+    return None
+
+
+def route_window(
+    pool: str,
+    policy: PoolPolicy,
+    queries: Sequence[PredictedQuery],
+    models: Sequence[str],
+    bounds: WindowBounds,
+    capacities: Mapping[str, int] | None = None,
+    fallback_model: str | None = None,
+    solver: Method = "fast",
+    time_limit_seconds: float = 0.25,
+) -> tuple[list[Assignment], WindowReport]:
+    """Solve the window over the pool's models; every query gets exactly one."""
+    pool_models = list(policy.models or models)
+    columns = [list(models).index(m) for m in pool_models]
+    quality = np.array([q.quality for q in queries], dtype=float)[:, columns]
+    cost = np.array([q.cost_usd for q in queries], dtype=float)[:, columns]
+    budget = window_budget_usd(policy, bounds) if policy.mode == "budget" else None
+    problem = WindowProblem(
+        quality,
+        cost,
+        policy.mode,
+        window_budget_usd=budget,
+        quality_target=policy.quality_target if policy.mode == "quality" else None,
+        capacities=tuple((capacities or {}).get(m) for m in pool_models),
+        fallback_model=pool_models.index(fallback_model) if fallback_model in pool_models else None,
+    )
+    plan = solve(problem, solver, time_limit_seconds)
+    assignments = [
+        Assignment(
+            query_id=query.query.query_id,
+            text=query.query.text,
+            model=pool_models[choice],
+            pool=pool,
+            window_id=bounds.window_id,
+            window_start=bounds.start,
+            window_end=bounds.end,
+            predicted_quality=float(quality[row, choice]),
+            predicted_cost_usd=float(cost[row, choice]),
+            metadata=query.query.metadata,
+        )
+        for row, (query, choice) in enumerate(zip(queries, plan.assignment, strict=True))
+    ]
+    counts = plan.counts(len(pool_models))
+    report = WindowReport(
+        window_id=bounds.window_id,
+        pool=pool,
+        window_start=bounds.start,
+        window_end=bounds.end,
+        query_count=len(queries),
+        mode=policy.mode,
+        window_budget_usd=budget,
+        quality_target=problem.quality_target,
+        predicted_spend_usd=plan.total_cost_usd,
+        predicted_mean_quality=plan.mean_quality,
+        solver=plan.solver,
+        solver_status=plan.status,
+        solve_seconds=plan.solve_seconds,
+        assignments_per_model={m: int(c) for m, c in zip(pool_models, counts, strict=True) if c},
+    )
+    return assignments, report

@@ -1,0 +1,98 @@
+"""The Faust app of one worker role, and its topics.
+
+Every role is its own app (its own consumer group): the router, the outcome
+writer and the model workers scale out independently, each by adding
+processes and partitions. Topics carry raw bytes: the event contracts in
+schemas/ (pydantic) are the one source of truth for their content, and the
+agents decode them themselves so a bad message becomes a dead letter, not a
+crash.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import faust
+from faust.types import EventT, StreamT, TopicT
+
+from workers.config import Settings
+
+
+def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.App:
+    if not bootstrap_servers:
+        raise ValueError("KAFKA_BOOTSTRAP_SERVERS is not set")
+    # Tables live in memory (rebuilt from their changelogs), so Faust's data
+    # directory holds nothing worth keeping: a private temporary one per process.
+    datadir = Path(tempfile.gettempdir()) / "omnirouter-faust" / f"{app_id}-{os.getpid()}"
+    datadir.mkdir(parents=True, exist_ok=True)
+    return faust.App(
+        app_id,
+        broker=[f"kafka://{server}" for server in bootstrap_servers.split(",")],
+        store="memory://",
+        topic_partitions=settings.kafka_partitions,
+        topic_replication_factor=settings.kafka_replication_factor,
+        # `omnirouter topics create` makes every topic with its partition count.
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        broker_rebalance_timeout=settings.kafka_rebalance_timeout_seconds,
+        broker_session_timeout=settings.kafka_session_timeout_seconds,
+        broker_heartbeat_interval=min(1.0, settings.kafka_session_timeout_seconds / 4),
+        web_enabled=False,
+        datadir=str(datadir),
+    )
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The product's topics as seen by one app."""
+
+    queries: TopicT
+    predicted: TopicT
+    windows: TopicT
+    outcomes: TopicT
+    responses: TopicT
+    deadletter: TopicT
+    routes: dict[str, TopicT]  # model -> omnirouter.route.<model>
+
+    @classmethod
+    def of(cls, app: faust.App, settings: Settings) -> Topics:
+        names = settings.topic_names()
+
+        def raw(name: str) -> TopicT:
+            return app.topic(
+                name,
+                key_serializer="raw",
+                value_serializer="raw",
+                partitions=settings.kafka_partitions,
+            )
+
+        return cls(
+            queries=raw(names["queries"]),
+            predicted=raw(names["predicted"]),
+            windows=raw(names["windows"]),
+            outcomes=raw(names["outcomes"]),
+            responses=raw(names["responses"]),
+            deadletter=raw(names["deadletter"]),
+            routes={m: raw(names[f"route:{m}"]) for m in settings.router_models},
+        )
+
+
+def batches(
+    stream: StreamT[bytes], max_events: int, within_seconds: float
+) -> AsyncIterator[Sequence[EventT]]:
+    """Faust's `take_events`: lists of up to `max_events` events, or whatever arrived
+    within `within_seconds`. The events' offsets are acknowledged only after the
+    loop body that got the list has finished with it (at-least-once)."""
+    return cast(faust.Stream[bytes], stream).take_events(max_events, within_seconds)
+
+
+def run_worker(app: faust.App, loglevel: str = "info") -> None:
+    """Run the app until SIGTERM or SIGINT, then stop it cleanly (Faust's Worker)."""
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()

@@ -1,0 +1,94 @@
+"""The outcome writer: omnirouter.outcomes -> PostgreSQL (the router reads them back).
+
+Offsets are acknowledged only after the batch is in the database; while the
+database is unavailable the writer retries with backoff and reads nothing new,
+so no outcome is lost, and the upsert on (query_id, model) makes a replayed
+batch harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import faust
+import numpy as np
+import sqlalchemy as sa
+from faust.types import StreamT
+from sqlalchemy.orm import Session
+
+from schemas import Outcome
+from workers.config import Settings
+from workers.db.repository import upsert_outcomes
+from workers.routing.embedder import Embedder, SentenceEmbedder
+from workers.stream.app import Topics, batches, make_app
+from workers.stream.codec import BadEvent, dead_letter, decode, encode
+
+log = logging.getLogger(__name__)
+
+OUTCOMES_APP_ID = "omnirouter-outcomes"
+MAX_RETRY_SECONDS = 30.0
+
+
+def validate_outcome(raw: bytes | None, settings: Settings) -> Outcome:
+    outcome = decode(raw, Outcome)
+    if outcome.model not in settings.router_models:
+        raise BadEvent(f"outcome for unknown model {outcome.model!r}")
+    return outcome
+
+
+def build_outcome_app(
+    settings: Settings, bootstrap_servers: str, database_url: str, embedder: Embedder | None = None
+) -> faust.App:
+    if not database_url:
+        raise ValueError("DATABASE_URL is not set")
+    app = make_app(OUTCOMES_APP_ID, settings, bootstrap_servers)
+    topics = Topics.of(app, settings)
+    engine = sa.create_engine(database_url, pool_pre_ping=True)
+    text_embedder = embedder or SentenceEmbedder()
+
+    def write(outcomes: Sequence[Outcome]) -> None:
+        texts = [o.text for o in outcomes if o.text]
+        vectors = iter(text_embedder.embed(texts)) if texts else iter(())
+        embeddings: list[np.ndarray | None] = [next(vectors) if o.text else None for o in outcomes]
+        with Session(engine) as session, session.begin():
+            upsert_outcomes(session, outcomes, embeddings)
+
+    @app.agent(topics.outcomes)
+    async def store_outcomes(stream: StreamT[bytes]) -> None:
+        async for events in batches(stream, 500, 0.5):
+            valid: list[Outcome] = []
+            for event in events:
+                message = event.message
+                try:
+                    valid.append(validate_outcome(message.value, settings))
+                except BadEvent as exc:
+                    letter = dead_letter(
+                        message.value, message.topic, message.partition, message.offset, str(exc)
+                    )
+                    log.warning("dead letter from %s@%d: %s", message.topic, message.offset, exc)
+                    await topics.deadletter.send(key=message.key, value=encode(letter))
+            if valid:
+                await write_with_retry(valid)
+
+    async def write_with_retry(outcomes: list[Outcome]) -> None:
+        delay, attempt = 0.5, 1
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(None, write, outcomes)
+                if attempt > 1:
+                    log.info("wrote %d outcomes after %d attempts", len(outcomes), attempt)
+                return
+            except sa.exc.OperationalError as exc:
+                log.warning(
+                    "database unavailable (attempt %d, retry in %.1fs): %s",
+                    attempt,
+                    delay,
+                    exc.orig,
+                )
+                await asyncio.sleep(delay)
+                delay, attempt = min(delay * 2, MAX_RETRY_SECONDS), attempt + 1
+
+    return app

@@ -1,0 +1,306 @@
+"""The router worker: validate and predict, then solve each pool's window and publish.
+
+Two agents, so the heavy per-query work scales apart from the window solve:
+- `predict` reads omnirouter.queries (any partition, any number of workers),
+  dead-letters what is invalid, predicts in micro-batches and forwards to
+  omnirouter.predicted keyed by pool;
+- `solve_windows` reads omnirouter.predicted, where a pool's queries share a
+  partition, gathers a tumbling window (ROUTER_WINDOW_SECONDS, closing early
+  at ROUTER_MAX_WINDOW_QUERIES: Faust's `take_events`), solves each pool's
+  part and publishes assignments and the window report.
+
+Exactly one decision per query, across restarts: offsets are acknowledged
+only after a window is published (at-least-once), and a Faust table keyed by
+query_id (changelog-backed, so it survives restarts) records each decision
+before its assignment is sent and marks it published afterwards. A replayed
+window skips published queries and re-sends recorded decisions unchanged;
+consumers de-duplicate by query_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import faust
+import sqlalchemy as sa
+from faust.types import EventT, StreamT
+from sqlalchemy.orm import Session
+
+from schemas import Assignment, PredictedQuery, QueryEvent
+from workers.config import ROUTER_APP_ID, Settings
+from workers.db.repository import iter_outcomes
+from workers.routing.embedder import Embedder, SentenceEmbedder
+from workers.routing.predictor import HybridPredictor, KnnSettings, fit_hybrid
+from workers.routing.store import OutcomeRecord, RetrievalStore
+from workers.routing.windows import WindowBounds, route_window
+from workers.stream.app import Topics, batches, make_app
+from workers.stream.codec import BadEvent, dead_letter, decode, encode
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PUBLISHED = b"P"
+DECIDED = b"D"  # followed by the assignment's JSON
+# Outcomes committed this long before the last one seen may still appear
+# (transactions commit out of order); re-reading them is harmless.
+REFRESH_OVERLAP = timedelta(seconds=5)
+
+
+def validate_query(raw: bytes | None, settings: Settings) -> QueryEvent:
+    """A valid QueryEvent, or BadEvent with the reason."""
+    query = decode(raw, QueryEvent)
+    if len(query.text) > settings.router_max_text_chars:
+        raise BadEvent(
+            f"text has {len(query.text)} characters, more than "
+            f"ROUTER_MAX_TEXT_CHARS={settings.router_max_text_chars}"
+        )
+    if query.pool not in settings.known_pools():
+        raise BadEvent(f"unknown pool {query.pool!r}; known: {sorted(settings.known_pools())}")
+    return query
+
+
+class RouterState:
+    """The predictor and its upkeep. Every predictor call runs on one thread, so
+    the event loop keeps heartbeating while it embeds, and store updates never
+    race a search."""
+
+    def __init__(self, settings: Settings, embedder: Embedder, database_url: str) -> None:
+        self.settings = settings
+        self.engine = sa.create_engine(database_url, pool_pre_ping=True) if database_url else None
+        store = RetrievalStore(settings.router_models, embedder.dimension)
+        self.predictor = HybridPredictor(
+            embedder,
+            store,
+            prices=settings.router_model_prices,
+            knn=KnnSettings(neighbours=settings.router_knn_neighbours),
+        )
+        self.watermark: datetime | None = None
+        self.predictor_thread = ThreadPoolExecutor(1, thread_name_prefix="predictor")
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="router-io")
+
+    async def on_predictor_thread(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.predictor_thread, function, *args
+        )
+
+    def _read_new_outcomes(self) -> list[tuple[OutcomeRecord, datetime]]:
+        if self.engine is None:
+            return []
+        since = None if self.watermark is None else self.watermark - REFRESH_OVERLAP
+        with Session(self.engine) as session:
+            return list(iter_outcomes(session, updated_since=since))
+
+    async def refresh_store(self) -> int:
+        """Add outcomes stored since the last refresh; a database outage only delays it."""
+        loop = asyncio.get_running_loop()
+        try:
+            rows = await loop.run_in_executor(self.background, self._read_new_outcomes)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("store refresh: database unavailable (%s); keeping the current store", exc)
+            return 0
+        if not rows:
+            return 0
+        store = self.predictor.store
+
+        def apply() -> None:
+            for record, _ in rows:
+                if record.model in store.models and (
+                    record.embedding is not None or store.knows(record.query_id)
+                ):
+                    store.add(record)
+
+        await self.on_predictor_thread(apply)
+        self.watermark = max(changed for _, changed in rows)
+        return len(rows)
+
+    async def refit(self) -> None:
+        """Refit heads and blend on a snapshot of the store, off the serving thread."""
+        predictor = self.predictor
+        vectors, scores, costs = await self.on_predictor_thread(
+            lambda: (
+                predictor.store.vectors.copy(),
+                predictor.store.scores.copy(),
+                predictor.store.costs.copy(),
+            )
+        )
+        if len(vectors) < 50:
+            return
+        loop = asyncio.get_running_loop()
+        heads, weight, report = await loop.run_in_executor(
+            self.background, fit_hybrid, vectors, scores, costs, predictor.knn
+        )
+
+        def swap() -> None:
+            predictor.heads, predictor.blend_weight = heads, weight
+
+        await self.on_predictor_thread(swap)
+        log.info("refit on %d outcomes, blend weight %.2f", report.outcomes_used, weight)
+
+    async def predict(self, queries: Sequence[QueryEvent]) -> list[PredictedQuery]:
+        estimates = await self.on_predictor_thread(
+            self.predictor.predict, [q.text for q in queries]
+        )
+        models = self.settings.router_models
+        return [
+            PredictedQuery(
+                query=query,
+                models=models,
+                quality=estimates.quality[row].tolist(),
+                cost_usd=estimates.cost[row].tolist(),
+            )
+            for row, query in enumerate(queries)
+        ]
+
+
+def build_router_app(
+    settings: Settings, bootstrap_servers: str, database_url: str, embedder: Embedder | None = None
+) -> faust.App:
+    app = make_app(ROUTER_APP_ID, settings, bootstrap_servers)
+    topics = Topics.of(app, settings)
+    routed = app.Table(
+        "routed",
+        default=None,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.kafka_partitions,
+        help="query_id -> decided assignment, then published marker",
+    )
+    state = RouterState(settings, embedder or SentenceEmbedder(), database_url)
+    # The store is rebuilt before the worker starts: no query is predicted from
+    # an empty store just because the database was slow to answer.
+    count = asyncio.run(state.refresh_store())
+    asyncio.run(state.refit())
+    log.info("retrieval store rebuilt from the database: %d outcomes", count)
+
+    @app.timer(settings.router_store_refresh_seconds)
+    async def refresh() -> None:
+        count = await state.refresh_store()
+        if count:
+            log.info("retrieval store: +%d outcomes, %d queries", count, len(state.predictor.store))
+
+    @app.timer(settings.router_refit_seconds)
+    async def refit() -> None:
+        await state.refit()
+
+    @app.agent(topics.queries)
+    async def predict(stream: StreamT[bytes]) -> None:
+        async for events in batches(stream, settings.router_predict_batch, 0.05):
+            valid: list[QueryEvent] = []
+            for event in events:
+                try:
+                    valid.append(validate_query(event.message.value, settings))
+                except BadEvent as exc:
+                    await send_dead_letter(event, str(exc))
+            if not valid:
+                continue
+            sent = [
+                await topics.predicted.send(key=p.query.pool.encode(), value=encode(p))
+                for p in await state.predict(valid)
+            ]
+            await asyncio.gather(*sent)
+
+    async def send_dead_letter(event: EventT, reason: str) -> None:
+        message = event.message
+        letter = dead_letter(
+            message.value, message.topic, message.partition, message.offset, reason
+        )
+        log.warning(
+            "dead letter from %s[%d]@%d: %s",
+            message.topic,
+            message.partition,
+            message.offset,
+            reason,
+        )
+        await topics.deadletter.send(key=message.key, value=encode(letter))
+
+    window_opened = datetime.now(UTC)
+    window_length = timedelta(seconds=settings.router_window_seconds)
+
+    @app.agent(topics.predicted)
+    async def solve_windows(stream: StreamT[bytes]) -> None:
+        nonlocal window_opened
+        async for events in batches(
+            stream, settings.router_max_window_queries, settings.router_window_seconds
+        ):
+            closed = datetime.now(UTC)
+            # An idle spell earns no budget: a window is at most its configured length.
+            window_opened = max(window_opened, closed - window_length)
+            by_pool: dict[str, list[tuple[EventT, PredictedQuery]]] = defaultdict(list)
+            for event in events:
+                predicted = PredictedQuery.model_validate_json(event.message.value or b"")
+                by_pool[predicted.query.pool].append((event, predicted))
+            for pool, items in by_pool.items():
+                bounds = WindowBounds(
+                    f"{pool}:{closed.isoformat()}:{uuid.uuid4().hex[:8]}", window_opened, closed
+                )
+                await publish_window(pool, items, bounds)
+            window_opened = closed
+
+    async def publish_window(
+        pool: str, items: list[tuple[EventT, PredictedQuery]], bounds: WindowBounds
+    ) -> None:
+        fresh: list[tuple[EventT, PredictedQuery]] = []
+        resend: list[Assignment] = []
+        seen: set[str] = set()
+        for event, predicted in items:
+            query_id = predicted.query.query_id
+            recorded = routed.get(query_id.encode())
+            if query_id in seen or recorded == PUBLISHED:
+                log.info("duplicate query_id %s skipped", query_id)
+            elif recorded is not None:
+                resend.append(Assignment.model_validate_json(recorded[len(DECIDED) :]))
+            else:
+                fresh.append((event, predicted))
+            seen.add(query_id)
+        partition_of = {p.query.query_id: e.message.partition for e, p in items}
+        assignments: list[Assignment] = []
+        if fresh:
+            assignments, report = route_window(
+                pool,
+                settings.pool_policy(pool),
+                [p for _, p in fresh],
+                settings.router_models,
+                bounds,
+                capacities=settings.router_model_capacities,
+                fallback_model=settings.router_fallback_model,
+                solver=settings.router_solver,
+                time_limit_seconds=settings.router_solver_time_limit_seconds,
+            )
+            for assignment in assignments:
+                remember(
+                    assignment.query_id,
+                    partition_of[assignment.query_id],
+                    DECIDED + encode(assignment),
+                )
+            await app.producer.flush()  # decisions are durable before anything is sent
+        outgoing = [*assignments, *resend]
+        sent = [
+            await topics.routes[a.model].send(key=a.query_id.encode(), value=encode(a))
+            for a in outgoing
+        ]
+        await asyncio.gather(*sent)
+        for assignment in outgoing:
+            remember(assignment.query_id, partition_of[assignment.query_id], PUBLISHED)
+        if fresh:
+            await topics.windows.send(key=pool.encode(), value=encode(report))
+            log.info(
+                "window %s: %d queries, status %s, predicted spend $%.6f of %s, solved in %.1f ms",
+                bounds.window_id, report.query_count, report.solver_status,
+                report.predicted_spend_usd, report.window_budget_usd, report.solve_seconds * 1000,
+            )  # fmt: skip
+
+    def remember(query_id: str, partition: int, value: bytes) -> None:
+        """Set the table entry in the partition of the pool it came from, so the
+        worker that owns that partition recovers it after a restart."""
+        key = query_id.encode()
+        routed.data[key] = value
+        routed.send_changelog(partition, key, value)
+
+    return app
