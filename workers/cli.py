@@ -160,6 +160,23 @@ def model_worker_replay(models: tuple[str, ...], loglevel: str) -> None:
     run_worker(app, loglevel)
 
 
+@model_worker.command("openai")
+@click.option("--model", "models", multiple=True, help="Repeatable; default every ROUTER_MODELS.")
+@click.option("--loglevel", default="info", show_default=True)
+def model_worker_openai(models: tuple[str, ...], loglevel: str) -> None:
+    """Answer through an OpenAI-compatible API at OPENAI_BASE_URL."""
+    from workers.stream.app import run_worker
+    from workers.stream.openai_worker import build_openai_app
+
+    settings = load_settings()
+    _configure_logging(loglevel)
+    try:
+        app = build_openai_app(settings, _need_bootstrap(settings), models or None)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    run_worker(app, loglevel)
+
+
 @main.command()
 @click.option(
     "--data",

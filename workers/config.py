@@ -10,7 +10,7 @@ import re
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import BaseModel, Field, NonNegativeFloat, PositiveInt, model_validator
+from pydantic import BaseModel, Field, NonNegativeFloat, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The 11 models of the RouterBench sample shipped in workers/data.
@@ -106,6 +106,14 @@ class Settings(BaseSettings):
     # Model workers.
     replay_data_path: str = ""  # empty: the RouterBench sample shipped in workers/data
     replay_latency_ms: NonNegativeFloat = 50.0
+
+    # OpenAI-compatible model worker (vLLM, Ollama, any /v1/chat/completions API).
+    openai_base_url: str = "http://127.0.0.1:8000/v1"
+    openai_api_key: SecretStr = SecretStr("")
+    openai_model_map: dict[str, str] = Field(default_factory=dict)  # our name -> upstream name
+    openai_timeout_seconds: float = Field(default=60.0, gt=0)
+    openai_max_concurrency: PositiveInt = 16
+    openai_log_prompts: bool = False
 
     # Kafka.
     kafka_partitions: PositiveInt = 4

@@ -1,0 +1,150 @@
+"""The OpenAI-compatible worker against a small local server that speaks /v1/chat/completions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from schemas import Assignment, ModelResponse, Outcome
+from workers.config import Settings
+from workers.services import LocalBroker, free_port
+from workers.stream.kafka_io import produce_values, read_topic
+from workers.stream.topics import create_topics
+
+pytestmark = pytest.mark.integration
+
+SECRET = "sk-test-do-not-log-4242"
+MODELS = ["vendor/small", "large"]
+
+
+class FakeChatServer:
+    """Answers every prompt with its reversal; 500 for prompts holding FAIL."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.requests: list[dict[str, object]] = []
+        self.authorizations: set[str] = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append(body)
+        self.authorizations.add(request.headers.get("Authorization", ""))
+        prompt = body["messages"][-1]["content"]
+        if "FAIL" in prompt:
+            return web.Response(status=500, text="upstream exploded")
+        return web.json_response(
+            {
+                "choices": [{"message": {"role": "assistant", "content": prompt[::-1]}}],
+                "usage": {"prompt_tokens": 40, "completion_tokens": 10, "total_tokens": 50},
+            }
+        )
+
+    def __enter__(self) -> FakeChatServer:
+        application = web.Application()
+        application.router.add_post("/v1/chat/completions", self.chat)
+        runner = web.AppRunner(application)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(runner.setup(), self._loop).result()
+        site = web.TCPSite(runner, "127.0.0.1", self.port)
+        asyncio.run_coroutine_threadsafe(site.start(), self._loop).result()
+        self._runner = runner
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+@pytest.fixture
+def chat_server() -> Iterator[FakeChatServer]:
+    with FakeChatServer() as server:
+        yield server
+
+
+def assignment(query_id: str, model: str, text: str) -> Assignment:
+    now = datetime.now(UTC)
+    return Assignment(
+        query_id=query_id, text=text, model=model, pool="default", window_id="w",
+        window_start=now, window_end=now, predicted_quality=0.5, predicted_cost_usd=0.0,
+    )  # fmt: skip
+
+
+def test_answers_usage_and_errors_are_published(
+    chat_server: FakeChatServer, tmp_path: Path
+) -> None:
+    prices = {"large": {"input_per_mtok_usd": 10.0, "output_per_mtok_usd": 30.0}}
+    settings = Settings(router_models=MODELS, kafka_partitions=2)
+    names = settings.topic_names()
+    with LocalBroker() as broker:
+        asyncio.run(create_topics(settings, broker.bootstrap_servers))
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "ROUTER_MODELS": json.dumps(MODELS),
+            "ROUTER_MODEL_PRICES": json.dumps(prices),
+            "KAFKA_PARTITIONS": "2",
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{chat_server.port}/v1",
+            "OPENAI_API_KEY": SECRET,
+            "OPENAI_MODEL_MAP": json.dumps({"vendor/small": "small-upstream"}),
+        }
+        log_path = tmp_path / "openai.log"
+        with open(log_path, "wb") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "model-worker", "openai"],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            try:
+                routed = [
+                    assignment("q1", "large", "private prompt one"),
+                    assignment("q2", "vendor/small", "private prompt two"),
+                    assignment("q3", "large", "please FAIL"),
+                ]
+                for a in routed:
+                    asyncio.run(
+                        produce_values(broker.bootstrap_servers, names[f"route:{a.model}"],
+                                       [(a.query_id, a.model_dump_json())])
+                    )  # fmt: skip
+                deadline = time.monotonic() + 60
+                outcomes: list[Outcome] = []
+                while len(outcomes) < len(routed) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    raw = asyncio.run(read_topic(broker.bootstrap_servers, names["outcomes"]))
+                    outcomes = [Outcome.model_validate_json(r) for r in raw]
+                responses = [
+                    ModelResponse.model_validate_json(r)
+                    for r in asyncio.run(read_topic(broker.bootstrap_servers, names["responses"]))
+                ]
+            finally:
+                worker.terminate()
+                worker.wait(timeout=20)
+
+    by_id = {o.query_id: o for o in outcomes}
+    assert set(by_id) == {"q1", "q2", "q3"}
+    assert (by_id["q1"].input_tokens, by_id["q1"].output_tokens) == (40, 10)
+    assert by_id["q1"].cost_usd == pytest.approx((40 * 10 + 10 * 30) / 1e6)
+    assert by_id["q2"].cost_usd is None  # no price configured: unknown, not free
+    assert by_id["q3"].error == "HTTP 500 from the model API"
+    assert by_id["q1"].quality_score is None  # quality comes later, as feedback
+    answers = {r.query_id: r.response for r in responses}
+    assert answers["q1"] == "private prompt one"[::-1]
+    assert answers["q3"] is None
+    upstream_models = sorted(str(r["model"]) for r in chat_server.requests)
+    assert upstream_models == ["large", "large", "small-upstream"]
+    assert chat_server.authorizations == {f"Bearer {SECRET}"}
+    log_text = log_path.read_text(errors="replace")
+    assert SECRET not in log_text
+    assert "private prompt" not in log_text
+    assert worker.returncode == 0  # SIGTERM: a clean stop

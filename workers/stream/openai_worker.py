@@ -1,0 +1,152 @@
+"""The OpenAI-compatible model worker: answers routed queries through /v1/chat/completions.
+
+Publishes the answer to omnirouter.responses and the usage (tokens, cost from
+ROUTER_MODEL_PRICES, latency, error) to omnirouter.outcomes; the quality
+score comes later, from the user's feedback. The API key is sent only in the
+Authorization header and never logged; prompts are logged only when
+OPENAI_LOG_PROMPTS is true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import faust
+from faust.types import StreamT
+
+from schemas import Assignment, ModelResponse, Outcome
+from workers.config import Settings
+from workers.stream.app import Topics, batches, make_app
+from workers.stream.codec import BadEvent, dead_letter, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+class ChatClient:
+    """One HTTP session to an OpenAI-style API."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.base_url = settings.openai_base_url.rstrip("/")
+        self.limit = asyncio.Semaphore(settings.openai_max_concurrency)
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            headers = {"Content-Type": "application/json"}
+            key = self.settings.openai_api_key.get_secret_value()
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            timeout = aiohttp.ClientTimeout(total=self.settings.openai_timeout_seconds)
+            self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
+        return self._session
+
+    async def answer(self, assignment: Assignment) -> tuple[Outcome, ModelResponse]:
+        upstream = self.settings.openai_model_map.get(assignment.model, assignment.model)
+        body = {"model": upstream, "messages": [{"role": "user", "content": assignment.text}]}
+        if self.settings.openai_log_prompts:
+            log.info("query %s -> %s: %s", assignment.query_id, upstream, assignment.text)
+        started = time.perf_counter()
+        text: str | None = None
+        error: str | None = None
+        usage: dict[str, int] = {}
+        async with self.limit:
+            try:
+                async with self.session().post(
+                    f"{self.base_url}/chat/completions", json=body
+                ) as reply:
+                    if reply.status != 200:
+                        error = f"HTTP {reply.status} from the model API"
+                    else:
+                        payload = await reply.json()
+                        text = payload["choices"][0]["message"]["content"]
+                        usage = payload.get("usage") or {}
+            except (aiohttp.ClientError, TimeoutError, KeyError, IndexError, ValueError) as exc:
+                error = f"{type(exc).__name__} calling the model API"
+        latency_ms = (time.perf_counter() - started) * 1000
+        if error:
+            log.warning("query %s on %s: %s", assignment.query_id, assignment.model, error)
+        prompt_tokens = usage.get("prompt_tokens")
+        completion_tokens = usage.get("completion_tokens")
+        outcome = Outcome(
+            query_id=assignment.query_id,
+            model=assignment.model,
+            pool=assignment.pool,
+            input_tokens=prompt_tokens,
+            output_tokens=completion_tokens,
+            cost_usd=self.cost(assignment.model, prompt_tokens, completion_tokens),
+            latency_ms=latency_ms,
+            error=error,
+            text=assignment.text,
+        )
+        response = ModelResponse(
+            query_id=assignment.query_id,
+            model=assignment.model,
+            pool=assignment.pool,
+            response=text,
+            error=error,
+            metadata=assignment.metadata,
+        )
+        return outcome, response
+
+    def cost(
+        self, model: str, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> float | None:
+        price = self.settings.router_model_prices.get(model)
+        if price is None or prompt_tokens is None or completion_tokens is None:
+            return None
+        return (
+            prompt_tokens * price.input_per_mtok_usd + completion_tokens * price.output_per_mtok_usd
+        ) / 1e6
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def build_openai_app(
+    settings: Settings, bootstrap_servers: str, models: Sequence[str] | None = None
+) -> faust.App:
+    served = list(models or settings.router_models)
+    unknown = set(served) - set(settings.router_models)
+    if unknown:
+        raise ValueError(f"models not in ROUTER_MODELS: {sorted(unknown)}")
+    app = make_app("omnirouter-model-openai", settings, bootstrap_servers)
+    topics = Topics.of(app, settings)
+    names = settings.topic_names()
+    routes = app.topic(
+        *[names[f"route:{m}"] for m in served], key_serializer="raw", value_serializer="raw"
+    )
+    client = ChatClient(settings)
+
+    @app.agent(routes)
+    async def answer(stream: StreamT[bytes]) -> None:
+        async for events in batches(stream, settings.openai_max_concurrency, 0.05):
+            assignments: list[Assignment] = []
+            for event in events:
+                message = event.message
+                try:
+                    assignments.append(decode(message.value, Assignment))
+                except BadEvent as exc:
+                    letter = dead_letter(
+                        message.value, message.topic, message.partition, message.offset, str(exc)
+                    )
+                    await topics.deadletter.send(key=message.key, value=encode(letter))
+            answers = await asyncio.gather(*(client.answer(a) for a in assignments))
+            sent = []
+            for outcome, response in answers:
+                key = outcome.query_id.encode()
+                sent.append(await topics.responses.send(key=key, value=encode(response)))
+                sent.append(await topics.outcomes.send(key=key, value=encode(outcome)))
+            await asyncio.gather(*sent)
+
+    @app.on_before_shutdown.connect
+    async def close_client(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await client.close()
+
+    return app
