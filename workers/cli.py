@@ -335,5 +335,30 @@ def bench_solver(sizes: str, repeats: int, with_capacities: bool) -> None:
         )
 
 
+@bench.command("pipeline")
+@click.option("--queries", default=2000, show_default=True)
+@click.option("--outcomes-in-store", default=100_000, show_default=True)
+@click.option("--window-seconds", default=1.0, show_default=True)
+def bench_pipeline(queries: int, outcomes_in_store: int, window_seconds: float) -> None:
+    """Throughput vs raw embedding, produce->assignment latency, router peak memory."""
+    from workers.bench import pipeline
+
+    figures = pipeline.run(queries, outcomes_in_store, window_seconds, progress=click.echo)
+    share = figures.pipeline_qps / figures.raw_embedding_qps
+    click.echo("")
+    click.echo(f"raw embedding throughput      {figures.raw_embedding_qps:8.0f} queries/s")
+    click.echo(
+        f"pipeline throughput           {figures.pipeline_qps:8.0f} queries/s ({share:.0%} of raw)"
+    )
+    click.echo(
+        f"latency p50 / p99             {figures.latency_p50_seconds:8.2f} / "
+        f"{figures.latency_p99_seconds:.2f} s (window {figures.window_seconds:.1f} s)"
+    )
+    click.echo(
+        f"router peak RSS               {figures.router_peak_rss_mb:8.0f} MB "
+        f"with {figures.outcomes_in_store} outcomes in the store"
+    )
+
+
 if __name__ == "__main__":
     main()

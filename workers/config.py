@@ -123,24 +123,6 @@ class Settings(BaseSettings):
     kafka_rebalance_timeout_seconds: float = Field(default=3.0, gt=0)
     kafka_session_timeout_seconds: float = Field(default=10.0, gt=0)
 
-    @model_validator(mode="after")
-    def _default_pool_is_usable(self) -> Settings:
-        try:
-            self.pool_policy("default")
-        except ValueError as exc:
-            raise ValueError(
-                f"ROUTER_MODE={self.router_mode} needs its limit: set ROUTER_WINDOW_BUDGET_USD "
-                f"or ROUTER_BUDGET_PER_HOUR_USD (budget) or ROUTER_QUALITY_TARGET (quality) ({exc})"
-            ) from None
-        capacity = sum(self.router_model_capacities.get(m, 10**12) for m in self.router_models)
-        if capacity < self.router_max_window_queries and self.router_fallback_model is None:
-            raise ValueError(
-                f"ROUTER_MODEL_CAPACITIES hold {capacity} queries per window, fewer than "
-                f"ROUTER_MAX_WINDOW_QUERIES={self.router_max_window_queries}; "
-                "raise them or set ROUTER_FALLBACK_MODEL"
-            )
-        return self
-
     def pool_policy(self, pool: str) -> PoolPolicy:
         """The pool's own policy from ROUTER_POOLS, else the ROUTER_* defaults."""
         if pool in self.router_pools:
@@ -176,6 +158,24 @@ class Settings(BaseSettings):
             unknown = models - known
             if unknown:
                 raise ValueError(f"{variable} names models not in ROUTER_MODELS: {sorted(unknown)}")
+        return self
+
+    @model_validator(mode="after")
+    def _default_pool_is_usable(self) -> Settings:
+        try:
+            self.pool_policy("default")
+        except ValueError as exc:
+            raise ValueError(
+                f"ROUTER_MODE={self.router_mode} needs its limit: set ROUTER_WINDOW_BUDGET_USD "
+                f"or ROUTER_BUDGET_PER_HOUR_USD (budget) or ROUTER_QUALITY_TARGET (quality) ({exc})"
+            ) from None
+        capacity = sum(self.router_model_capacities.get(m, 10**12) for m in self.router_models)
+        if capacity < self.router_max_window_queries and self.router_fallback_model is None:
+            raise ValueError(
+                f"ROUTER_MODEL_CAPACITIES hold {capacity} queries per window, fewer than "
+                f"ROUTER_MAX_WINDOW_QUERIES={self.router_max_window_queries}; "
+                "raise them or set ROUTER_FALLBACK_MODEL"
+            )
         return self
 
     def topic_names(self) -> dict[str, str]:

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 
 async def produce_values(
@@ -54,24 +54,22 @@ async def consume_values(
     return values
 
 
-async def read_topic(
-    bootstrap_servers: str, topic: str, timeout_seconds: float = 30.0
-) -> list[bytes]:
-    """Every value the topic holds now, from the beginning of each partition to its end."""
+async def read_records(
+    bootstrap_servers: str, topics: list[str], timeout_seconds: float = 30.0
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record the topics hold now, from the beginning of each partition to its end."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None
     )
     await consumer.start()
-    values: list[bytes] = []
+    records: list[ConsumerRecord[bytes, bytes]] = []
     try:
+        await consumer.force_metadata_update()
         partitions = [
-            TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in sorted(consumer.partitions_for_topic(topic) or [])
         ]
-        if not partitions:
-            await consumer.force_metadata_update()
-            partitions = [
-                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])
-            ]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
@@ -81,8 +79,16 @@ async def read_topic(
             if all(positions[tp] >= end for tp, end in ends.items()):
                 break
             batches = await consumer.getmany(*partitions, timeout_ms=200)
-            for records in batches.values():
-                values.extend(r.value for r in records if r.value is not None)
+            for batch in batches.values():
+                records.extend(batch)
     finally:
         await consumer.stop()
-    return values
+    return records
+
+
+async def read_topic(
+    bootstrap_servers: str, topic: str, timeout_seconds: float = 30.0
+) -> list[bytes]:
+    """Every value the topic holds now."""
+    records = await read_records(bootstrap_servers, [topic], timeout_seconds)
+    return [r.value for r in records if r.value is not None]

@@ -1,0 +1,210 @@
+"""`omnirouter bench pipeline`: throughput, latency and memory of a router worker on Kafka.
+
+One run, on this machine, against a local broker and PostgreSQL:
+1. raw embedding throughput of short queries (the ceiling the pipeline is held to);
+2. a router process whose retrieval store holds N outcomes (synthetic vectors);
+3. throughput: queries produced as fast as possible, timed to their last assignment;
+4. latency: queries produced at half that rate, produce -> assignment per query;
+5. the router's peak resident memory (VmHWM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from schemas import Assignment, Outcome, QueryEvent
+from workers.config import Settings
+from workers.db import migrate
+from workers.db.repository import upsert_outcomes
+from workers.routing.dataset import load_routerbench, shipped_sample_path
+from workers.routing.embedder import SentenceEmbedder
+from workers.services import LocalBroker, throwaway_postgres
+from workers.stream.kafka_io import read_records
+from workers.stream.replay import produce_queries
+from workers.stream.topics import create_topics
+
+SHORT_QUERY_CHARS = 160
+
+
+@dataclass(frozen=True)
+class PipelineFigures:
+    raw_embedding_qps: float
+    pipeline_qps: float
+    latency_p50_seconds: float
+    latency_p99_seconds: float
+    window_seconds: float
+    router_peak_rss_mb: float
+    outcomes_in_store: int
+    queries: int
+
+
+def short_queries(count: int, run: str) -> list[QueryEvent]:
+    """Short real questions: the ends of the shipped sample's prompts, cycled."""
+    prompts = load_routerbench(shipped_sample_path()).prompts
+    return [
+        QueryEvent(query_id=f"{run}-{i}", text=prompts[i % len(prompts)][-SHORT_QUERY_CHARS:])
+        for i in range(count)
+    ]
+
+
+def seed_synthetic_outcomes(
+    engine: sa.Engine, count: int, models: list[str], dimension: int
+) -> None:
+    """`count` past queries, each answered by one model, with random unit vectors."""
+    rng = np.random.default_rng(0)
+    for start in range(0, count, 5000):
+        size = min(5000, count - start)
+        vectors = rng.normal(size=(size, dimension)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        outcomes = [
+            Outcome(
+                query_id=f"past-{start + i}",
+                model=models[(start + i) % len(models)],
+                quality_score=float(rng.integers(0, 2)),
+                cost_usd=float(rng.uniform(1e-5, 5e-3)),
+                output_tokens=int(rng.integers(1, 400)),
+            )
+            for i in range(size)
+        ]
+        with Session(engine) as session, session.begin():
+            upsert_outcomes(session, outcomes, list(vectors))
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@contextlib.contextmanager
+def router_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "router", "--loglevel", "warning"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def wait_for_assignments(
+    bootstrap: str, topics: list[str], prefix: str, expected: int, timeout_seconds: float
+) -> dict[str, int]:
+    """query_id -> timestamp (ms) of its assignment, once `expected` of them exist."""
+    deadline = time.monotonic() + timeout_seconds
+    seen: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        for record in await read_records(bootstrap, topics):
+            assignment = Assignment.model_validate_json(record.value or b"")
+            if assignment.query_id.startswith(prefix):
+                seen[assignment.query_id] = record.timestamp
+        if len(seen) >= expected:
+            return seen
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"{len(seen)} of {expected} assignments after {timeout_seconds}s")
+
+
+def run(
+    queries: int = 2000,
+    outcomes_in_store: int = 100_000,
+    window_seconds: float = 1.0,
+    log_dir: Path = Path(".omnirouter/bench"),
+    progress: Callable[[str], None] = print,
+) -> PipelineFigures:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings()
+    names = settings.topic_names()
+    route_topics = [names[f"route:{m}"] for m in settings.router_models]
+    embedder = SentenceEmbedder()
+    texts = [q.text for q in short_queries(queries, "raw")]
+    embedder.embed(texts[:64])  # warm up
+    started = time.perf_counter()
+    embedder.embed(texts)
+    raw_qps = len(texts) / (time.perf_counter() - started)
+    progress(f"raw embedding: {raw_qps:.0f} short queries/s")
+
+    with LocalBroker() as broker, throwaway_postgres() as database_url:
+        migrate.upgrade(database_url)
+        asyncio.run(create_topics(settings, broker.bootstrap_servers))
+        engine = sa.create_engine(database_url)
+        seed_synthetic_outcomes(
+            engine, outcomes_in_store, settings.router_models, embedder.dimension
+        )
+        progress(f"stored {outcomes_in_store} synthetic outcomes")
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "DATABASE_URL": database_url,
+            "ROUTER_WINDOW_SECONDS": str(window_seconds),
+            "ROUTER_REFIT_SECONDS": "3600",
+        }
+        with router_process(env, log_dir / "router.log") as router:
+            bootstrap = broker.bootstrap_servers
+
+            def produce(batch: list[QueryEvent], rate: float) -> None:
+                asyncio.run(produce_queries(bootstrap, names["queries"], batch, rate))
+
+            warm = short_queries(20, "warm")
+            produce(warm, 0)
+            asyncio.run(wait_for_assignments(bootstrap, route_topics, "warm-", 20, 600))
+            progress("router ready")
+
+            run_id = f"tp{uuid.uuid4().hex[:6]}"
+            burst = short_queries(queries, run_id)
+            started_wall = time.time()
+            produce(burst, 0)
+            stamps = asyncio.run(
+                wait_for_assignments(bootstrap, route_topics, f"{run_id}-", queries, 900)
+            )
+            elapsed = max(stamps.values()) / 1000 - started_wall
+            pipeline_qps = queries / elapsed
+            progress(f"pipeline: {queries} queries in {elapsed:.1f}s = {pipeline_qps:.0f}/s")
+
+            run_id = f"lat{uuid.uuid4().hex[:6]}"
+            steady = short_queries(max(200, queries // 4), run_id)
+            rate = pipeline_qps / 2
+            produce_started = time.time()
+            produce(steady, rate)
+            stamps = asyncio.run(
+                wait_for_assignments(bootstrap, route_topics, f"{run_id}-", len(steady), 900)
+            )
+            # Query i was produced at produce_started + i / rate (the producer paces itself).
+            latencies = np.array(
+                [
+                    stamps[q.query_id] / 1000 - (produce_started + i / rate)
+                    for i, q in enumerate(steady)
+                ]
+            )
+            rss = peak_rss_mb(router.pid)
+    return PipelineFigures(
+        raw_embedding_qps=raw_qps,
+        pipeline_qps=pipeline_qps,
+        latency_p50_seconds=float(np.percentile(latencies, 50)),
+        latency_p99_seconds=float(np.percentile(latencies, 99)),
+        window_seconds=window_seconds,
+        router_peak_rss_mb=rss,
+        outcomes_in_store=outcomes_in_store,
+        queries=queries,
+    )
