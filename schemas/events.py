@@ -27,7 +27,8 @@ class Event(BaseModel):
 
 
 class QueryHints(BaseModel):
-    """Optional per-query limits the optimiser honours."""
+    """Optional per-query limits. Reserved: carried through and validated, but the
+    optimiser does not honour them yet (see README, "Not yet")."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     router_predict_batch: PositiveInt = 64
     router_store_refresh_seconds: float = Field(default=5.0, gt=0)
     router_refit_seconds: float = Field(default=300.0, gt=0)
+    # Heads are refitted on at most this many of the newest stored queries.
+    router_refit_max_outcomes: PositiveInt = 20_000
     router_knn_neighbours: PositiveInt = 20
 
     # Model workers.

@@ -23,16 +23,17 @@ from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
-from schemas import Assignment, Outcome, QueryEvent
+from schemas import Outcome, QueryEvent
 from workers.config import Settings
 from workers.db import migrate
 from workers.db.repository import upsert_outcomes
 from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.routing.embedder import SentenceEmbedder
 from workers.services import LocalBroker, throwaway_postgres
-from workers.stream.kafka_io import read_records
 from workers.stream.replay import produce_queries
 from workers.stream.topics import create_topics
 
@@ -109,21 +110,79 @@ def router_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.P
                 process.kill()
 
 
-async def wait_for_assignments(
-    bootstrap: str, topics: list[str], prefix: str, expected: int, timeout_seconds: float
-) -> dict[str, int]:
-    """query_id -> timestamp (ms) of its assignment, once `expected` of them exist."""
-    deadline = time.monotonic() + timeout_seconds
-    seen: dict[str, int] = {}
-    while time.monotonic() < deadline:
-        for record in await read_records(bootstrap, topics):
-            assignment = Assignment.model_validate_json(record.value or b"")
-            if assignment.query_id.startswith(prefix):
-                seen[assignment.query_id] = record.timestamp
-        if len(seen) >= expected:
-            return seen
-        await asyncio.sleep(0.5)
-    raise TimeoutError(f"{len(seen)} of {expected} assignments after {timeout_seconds}s")
+class Stamps:
+    """Producer timestamps (ms) of records on some topics, read incrementally by one
+    consumer that owns every partition (no group, no re-reading)."""
+
+    def __init__(self, bootstrap: str, topics: list[str]) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.seen: dict[str, int] = {}  # query_id -> timestamp
+
+    async def __aenter__(self) -> Stamps:
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
+        )
+        await self.consumer.start()
+        await self.consumer.topics()
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in self.topics
+            for p in sorted(self.consumer.partitions_for_topic(topic) or [])
+        ]
+        self.consumer.assign(partitions)
+        await self.consumer.seek_to_beginning(*partitions)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.consumer.stop()
+
+    async def wait_for(self, ids: list[str], timeout_seconds: float) -> dict[str, int]:
+        deadline = time.monotonic() + timeout_seconds
+        wanted = set(ids)
+        while not wanted <= self.seen.keys():
+            if time.monotonic() > deadline:
+                missing = len(wanted - self.seen.keys())
+                raise TimeoutError(
+                    f"{missing} of {len(wanted)} records missing after {timeout_seconds}s"
+                )
+            for records in (await self.consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    key = (record.key or b"").decode()
+                    self.seen.setdefault(key, record.timestamp)
+        return {i: self.seen[i] for i in ids}
+
+
+async def measure(
+    bootstrap: str, settings: Settings, queries: int, progress: Callable[[str], None]
+) -> tuple[float, NDArray[np.float64]]:
+    """Throughput of a burst, then produce -> assignment latency at half that rate,
+    both from the producers' record timestamps."""
+    names = settings.topic_names()
+    route_topics = [names[f"route:{m}"] for m in settings.router_models]
+    async with (
+        Stamps(bootstrap, route_topics) as assigned,
+        Stamps(bootstrap, [names["queries"]]) as sent,
+    ):
+        warm = short_queries(20, "warm")
+        await produce_queries(bootstrap, names["queries"], warm, 0)
+        await assigned.wait_for([q.query_id for q in warm], 600)
+        progress("router ready")
+
+        burst = short_queries(queries, f"tp{uuid.uuid4().hex[:6]}")
+        await produce_queries(bootstrap, names["queries"], burst, 0)
+        ids = [q.query_id for q in burst]
+        done, started = await assigned.wait_for(ids, 900), await sent.wait_for(ids, 60)
+        elapsed = (max(done.values()) - min(started.values())) / 1000
+        pipeline_qps = queries / elapsed
+        progress(f"pipeline: {queries} queries in {elapsed:.1f}s = {pipeline_qps:.0f}/s")
+
+        steady = short_queries(max(200, queries // 4), f"lat{uuid.uuid4().hex[:6]}")
+        await produce_queries(bootstrap, names["queries"], steady, pipeline_qps / 2)
+        ids = [q.query_id for q in steady]
+        done, started = await assigned.wait_for(ids, 900), await sent.wait_for(ids, 60)
+        latencies = np.array([(done[i] - started[i]) / 1000 for i in ids])
+    return pipeline_qps, latencies
 
 
 def run(
@@ -135,8 +194,6 @@ def run(
 ) -> PipelineFigures:
     log_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings()
-    names = settings.topic_names()
-    route_topics = [names[f"route:{m}"] for m in settings.router_models]
     embedder = SentenceEmbedder()
     texts = [q.text for q in short_queries(queries, "raw")]
     embedder.embed(texts[:64])  # warm up
@@ -161,41 +218,8 @@ def run(
             "ROUTER_REFIT_SECONDS": "3600",
         }
         with router_process(env, log_dir / "router.log") as router:
-            bootstrap = broker.bootstrap_servers
-
-            def produce(batch: list[QueryEvent], rate: float) -> None:
-                asyncio.run(produce_queries(bootstrap, names["queries"], batch, rate))
-
-            warm = short_queries(20, "warm")
-            produce(warm, 0)
-            asyncio.run(wait_for_assignments(bootstrap, route_topics, "warm-", 20, 600))
-            progress("router ready")
-
-            run_id = f"tp{uuid.uuid4().hex[:6]}"
-            burst = short_queries(queries, run_id)
-            started_wall = time.time()
-            produce(burst, 0)
-            stamps = asyncio.run(
-                wait_for_assignments(bootstrap, route_topics, f"{run_id}-", queries, 900)
-            )
-            elapsed = max(stamps.values()) / 1000 - started_wall
-            pipeline_qps = queries / elapsed
-            progress(f"pipeline: {queries} queries in {elapsed:.1f}s = {pipeline_qps:.0f}/s")
-
-            run_id = f"lat{uuid.uuid4().hex[:6]}"
-            steady = short_queries(max(200, queries // 4), run_id)
-            rate = pipeline_qps / 2
-            produce_started = time.time()
-            produce(steady, rate)
-            stamps = asyncio.run(
-                wait_for_assignments(bootstrap, route_topics, f"{run_id}-", len(steady), 900)
-            )
-            # Query i was produced at produce_started + i / rate (the producer paces itself).
-            latencies = np.array(
-                [
-                    stamps[q.query_id] / 1000 - (produce_started + i / rate)
-                    for i, q in enumerate(steady)
-                ]
+            pipeline_qps, latencies = asyncio.run(
+                measure(broker.bootstrap_servers, settings, queries, progress)
             )
             rss = peak_rss_mb(router.pid)
     return PipelineFigures(

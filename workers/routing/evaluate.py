@@ -34,7 +34,8 @@ from workers.routing.store import RetrievalStore
 OMNIROUTER_BUDGET = "omnirouter_budget"
 OMNIROUTER_QUALITY = "omnirouter_quality"
 GREEDY = "greedy_threshold"
-CURVE_ROUTERS = (OMNIROUTER_BUDGET, OMNIROUTER_QUALITY, GREEDY)
+TASK_ORACLE = "task_oracle_budget"
+CURVE_ROUTERS = (OMNIROUTER_BUDGET, OMNIROUTER_QUALITY, GREEDY, TASK_ORACLE)
 
 
 @dataclass
@@ -203,6 +204,19 @@ def route_split(
             budget_of = lambda w, b=per_query: float(b * len(w))  # noqa: E731
             plan = _window_plans(windows, quality, cost, "budget", budget_of, settings.solver)
             record(OMNIROUTER_BUDGET, float(per_query), plan)
+        tasks = np.array(test.eval_names)[scored]
+        if len(set(tasks)) > 1:
+            # A bound for any predictor that only tells tasks apart: the same
+            # windows solved with each task's true per-model accuracy and cost.
+            task_quality, task_cost = np.zeros_like(truth), np.zeros_like(spent)
+            for task in set(tasks):
+                rows_of_task = tasks == task
+                task_quality[rows_of_task] = truth[rows_of_task].mean(axis=0)
+                task_cost[rows_of_task] = spent[rows_of_task].mean(axis=0)
+            for per_query in per_query_budgets:
+                budget_of = lambda w, b=per_query: float(b * len(w))  # noqa: E731
+                plan = _window_plans(windows, task_quality, task_cost, "budget", budget_of, "fast")
+                record(TASK_ORACLE, float(per_query), plan)
     if "quality" in settings.modes:
         for target in settings.quality_targets:
             target_of = lambda w, t=target: float(t)  # noqa: E731
@@ -353,6 +367,14 @@ def build_report(
                 v is not None and v >= 0.01 for v in margins.values()
             ),
             "best_model": best_model,
+            "accuracy_at_35pct_of_best_model_cost": accuracy_at_cost(
+                curves[OMNIROUTER_BUDGET], 0.35 * single[best_model]["cost_usd"]
+            ),
+            "task_oracle_accuracy_at_35pct_of_best_model_cost": accuracy_at_cost(
+                curves[TASK_ORACLE], 0.35 * single[best_model]["cost_usd"]
+            )
+            if TASK_ORACLE in curves
+            else None,
             "cost_share_to_reach_best_model_accuracy": None
             if reach is None
             else reach / single[best_model]["cost_usd"],

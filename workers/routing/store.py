@@ -37,7 +37,6 @@ class RetrievalStore:
         self._scores = np.full((0, len(self.models)), np.nan)
         self._costs = np.full((0, len(self.models)), np.nan)
         self._output_tokens = np.full((0, len(self.models)), np.nan)
-        self._vectors = np.zeros((0, dimension), dtype=np.float32)
         self._size = 0
 
     def __len__(self) -> int:
@@ -58,7 +57,22 @@ class RetrievalStore:
 
     @property
     def vectors(self) -> NDArray[np.float32]:
-        return self._vectors[: self._size]
+        """A copy of the stored vectors (the index holds the only one)."""
+        if self._size == 0:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        return self._index.reconstruct_n(0, self._size)
+
+    def snapshot(
+        self, last: int | None = None
+    ) -> tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64]]:
+        """Copies of vectors, scores and costs of the `last` stored queries (all if None)."""
+        start = 0 if last is None else max(self._size - last, 0)
+        vectors = (
+            self._index.reconstruct_n(start, self._size - start)
+            if self._size > start
+            else np.zeros((0, self.dimension), dtype=np.float32)
+        )
+        return vectors, self.scores[start:].copy(), self.costs[start:].copy()
 
     def knows(self, query_id: str) -> bool:
         return query_id in self._row_of
@@ -82,16 +96,12 @@ class RetrievalStore:
         self._scores = grown(self._scores)
         self._costs = grown(self._costs)
         self._output_tokens = grown(self._output_tokens)
-        vectors = np.zeros((capacity, self.dimension), dtype=np.float32)
-        vectors[: self._size] = self._vectors[: self._size]
-        self._vectors = vectors
 
     def _new_rows(self, query_ids: Sequence[str], embeddings: NDArray[np.float32]) -> None:
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1, self.dimension)
         self._grow_to(self._size + len(query_ids))
         for offset, query_id in enumerate(query_ids):
             self._row_of[query_id] = self._size + offset
-        self._vectors[self._size : self._size + len(query_ids)] = embeddings
         self._index.add(embeddings)
         self._size += len(query_ids)
 

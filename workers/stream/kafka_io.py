@@ -64,7 +64,7 @@ async def read_records(
     await consumer.start()
     records: list[ConsumerRecord[bytes, bytes]] = []
     try:
-        await consumer.force_metadata_update()
+        await consumer.topics()  # fetches the cluster's metadata
         partitions = [
             TopicPartition(topic, p)
             for topic in topics

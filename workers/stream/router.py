@@ -20,6 +20,7 @@ consumers de-duplicate by query_id.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from collections import defaultdict
@@ -51,6 +52,7 @@ DECIDED = b"D"  # followed by the assignment's JSON
 # Outcomes committed this long before the last one seen may still appear
 # (transactions commit out of order); re-reading them is harmless.
 REFRESH_OVERLAP = timedelta(seconds=5)
+REFRESH_CHUNK = 5000
 
 
 def validate_query(raw: bytes | None, settings: Settings) -> QueryEvent:
@@ -90,45 +92,44 @@ class RouterState:
             self.predictor_thread, function, *args
         )
 
-    def _read_new_outcomes(self) -> list[tuple[OutcomeRecord, datetime]]:
+    def _copy_new_outcomes(self) -> int:
+        """Stream outcomes changed since the last refresh from the database into the
+        store, a chunk at a time (the store is changed on the predictor thread)."""
         if self.engine is None:
-            return []
-        since = None if self.watermark is None else self.watermark - REFRESH_OVERLAP
-        with Session(self.engine) as session:
-            return list(iter_outcomes(session, updated_since=since))
-
-    async def refresh_store(self) -> int:
-        """Add outcomes stored since the last refresh; a database outage only delays it."""
-        loop = asyncio.get_running_loop()
-        try:
-            rows = await loop.run_in_executor(self.background, self._read_new_outcomes)
-        except sa.exc.SQLAlchemyError as exc:
-            log.warning("store refresh: database unavailable (%s); keeping the current store", exc)
-            return 0
-        if not rows:
             return 0
         store = self.predictor.store
+        since = None if self.watermark is None else self.watermark - REFRESH_OVERLAP
+        copied = 0
 
-        def apply() -> None:
-            for record, _ in rows:
+        def apply(chunk: list[tuple[OutcomeRecord, datetime]]) -> None:
+            for record, _ in chunk:
                 if record.model in store.models and (
                     record.embedding is not None or store.knows(record.query_id)
                 ):
                     store.add(record)
 
-        await self.on_predictor_thread(apply)
-        self.watermark = max(changed for _, changed in rows)
-        return len(rows)
+        with Session(self.engine) as session:
+            rows = iter_outcomes(session, updated_since=since)
+            while chunk := list(itertools.islice(rows, REFRESH_CHUNK)):
+                self.predictor_thread.submit(apply, chunk).result()
+                self.watermark = max(self.watermark or chunk[-1][1], chunk[-1][1])
+                copied += len(chunk)
+        return copied
+
+    async def refresh_store(self) -> int:
+        """Add outcomes stored since the last refresh; a database outage only delays it."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.background, self._copy_new_outcomes)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("store refresh: database unavailable (%s); keeping the current store", exc)
+            return 0
 
     async def refit(self) -> None:
         """Refit heads and blend on a snapshot of the store, off the serving thread."""
         predictor = self.predictor
         vectors, scores, costs = await self.on_predictor_thread(
-            lambda: (
-                predictor.store.vectors.copy(),
-                predictor.store.scores.copy(),
-                predictor.store.costs.copy(),
-            )
+            predictor.store.snapshot, self.settings.router_refit_max_outcomes
         )
         if len(vectors) < 50:
             return
