@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     # timeout; short values make workers ready quickly on a single node.
     kafka_rebalance_timeout_seconds: float = Field(default=3.0, gt=0)
     kafka_session_timeout_seconds: float = Field(default=10.0, gt=0)
+    # How long a consumer's fetch may wait for data (workers/stream/transport.py).
+    kafka_fetch_max_wait_ms: PositiveInt = 100
 
     def pool_policy(self, pool: str) -> PoolPolicy:
         """The pool's own policy from ROUTER_POOLS, else the ROUTER_* defaults."""

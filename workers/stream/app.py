@@ -21,6 +21,7 @@ import faust
 from faust.types import EventT, StreamT, TopicT
 
 from workers.config import Settings
+from workers.stream.transport import FETCH_MAX_WAIT_ATTRIBUTE
 
 
 def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.App:
@@ -30,9 +31,10 @@ def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.A
     # directory holds nothing worth keeping: a private temporary one per process.
     datadir = Path(tempfile.gettempdir()) / "omnirouter-faust" / f"{app_id}-{os.getpid()}"
     datadir.mkdir(parents=True, exist_ok=True)
-    return faust.App(
+    app = faust.App(
         app_id,
-        broker=[f"kafka://{server}" for server in bootstrap_servers.split(",")],
+        # omnikafka: Faust's aiokafka transport with KAFKA_FETCH_MAX_WAIT_MS (transport.py).
+        broker=[f"omnikafka://{server}" for server in bootstrap_servers.split(",")],
         store="memory://",
         topic_partitions=settings.kafka_partitions,
         topic_replication_factor=settings.kafka_replication_factor,
@@ -46,6 +48,8 @@ def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.A
         web_enabled=False,
         datadir=str(datadir),
     )
+    setattr(app, FETCH_MAX_WAIT_ATTRIBUTE, settings.kafka_fetch_max_wait_ms)
+    return app
 
 
 @dataclass(frozen=True)
