@@ -146,15 +146,19 @@ def model_worker() -> None:
 @click.option("--loglevel", default="info", show_default=True)
 def model_worker_replay(models: tuple[str, ...], loglevel: str) -> None:
     """Answer from recorded outcomes (REPLAY_DATA_PATH) after REPLAY_LATENCY_MS."""
-    from workers.routing.dataset import shipped_sample_path
+    from workers.routing.dataset import load_routerbench, shipped_sample_path
     from workers.stream.app import run_worker
-    from workers.stream.model_workers import build_replay_app
+    from workers.stream.model_worker import build_model_worker_app
+    from workers.stream.replay_worker import ReplayAnswerer
 
     settings = load_settings()
     data = Path(settings.replay_data_path) if settings.replay_data_path else shipped_sample_path()
     _configure_logging(loglevel)
+    answerer = ReplayAnswerer(load_routerbench(data), settings.replay_latency_ms)
     try:
-        app = build_replay_app(settings, _need_bootstrap(settings), data, models or None)
+        app = build_model_worker_app(
+            "replay", settings, _need_bootstrap(settings), answerer, models or None
+        )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     run_worker(app, loglevel)
@@ -166,12 +170,20 @@ def model_worker_replay(models: tuple[str, ...], loglevel: str) -> None:
 def model_worker_openai(models: tuple[str, ...], loglevel: str) -> None:
     """Answer through an OpenAI-compatible API at OPENAI_BASE_URL."""
     from workers.stream.app import run_worker
-    from workers.stream.openai_worker import build_openai_app
+    from workers.stream.model_worker import build_model_worker_app
+    from workers.stream.openai_worker import ChatAnswerer
 
     settings = load_settings()
     _configure_logging(loglevel)
     try:
-        app = build_openai_app(settings, _need_bootstrap(settings), models or None)
+        app = build_model_worker_app(
+            "openai",
+            settings,
+            _need_bootstrap(settings),
+            ChatAnswerer(settings),
+            models or None,
+            batch_size=settings.openai_max_concurrency,
+        )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     run_worker(app, loglevel)

@@ -10,18 +10,23 @@ crash.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 import faust
 from faust.types import EventT, StreamT, TopicT
 
 from workers.config import Settings
+from workers.stream.codec import BadEvent, dead_letter, encode
 from workers.stream.transport import FETCH_MAX_WAIT_ATTRIBUTE
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.App:
@@ -94,6 +99,31 @@ def batches(
     within `within_seconds`. The events' offsets are acknowledged only after the
     loop body that got the list has finished with it (at-least-once)."""
     return cast(faust.Stream[bytes], stream).take_events(max_events, within_seconds)
+
+
+async def decode_or_dead_letter(
+    events: Sequence[EventT], validate: Callable[[bytes | None], T], deadletter: TopicT
+) -> list[T]:
+    """The events that validate; each other one goes to the dead-letter topic with
+    its reason and source position, and the batch goes on."""
+    valid: list[T] = []
+    for event in events:
+        message = event.message
+        try:
+            valid.append(validate(message.value))
+        except BadEvent as exc:
+            log.warning(
+                "dead letter from %s[%d]@%d: %s",
+                message.topic,
+                message.partition,
+                message.offset,
+                exc,
+            )
+            letter = dead_letter(
+                message.value, message.topic, message.partition, message.offset, str(exc)
+            )
+            await deadletter.send(key=message.key, value=encode(letter))
+    return valid
 
 
 def run_worker(app: faust.App, loglevel: str = "info") -> None:

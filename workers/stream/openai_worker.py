@@ -13,22 +13,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import aiohttp
-import faust
-from faust.types import StreamT
 
-from schemas import Assignment, ModelResponse, Outcome
+from schemas import Assignment
 from workers.config import Settings
-from workers.stream.app import Topics, batches, make_app
-from workers.stream.codec import BadEvent, dead_letter, decode, encode
+from workers.stream.model_worker import Answer
 
 log = logging.getLogger(__name__)
 
 
-class ChatClient:
-    """One HTTP session to an OpenAI-style API."""
+class ChatAnswerer:
+    """Answers through one HTTP session to an OpenAI-style API."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -46,7 +42,7 @@ class ChatClient:
             self._session = aiohttp.ClientSession(headers=headers, timeout=timeout)
         return self._session
 
-    async def answer(self, assignment: Assignment) -> tuple[Outcome, ModelResponse]:
+    async def answer_one(self, assignment: Assignment) -> Answer:
         upstream = self.settings.openai_model_map.get(assignment.model, assignment.model)
         body = {"model": upstream, "messages": [{"role": "user", "content": assignment.text}]}
         if self.settings.openai_log_prompts:
@@ -68,31 +64,21 @@ class ChatClient:
                         usage = payload.get("usage") or {}
             except (aiohttp.ClientError, TimeoutError, KeyError, IndexError, ValueError) as exc:
                 error = f"{type(exc).__name__} calling the model API"
-        latency_ms = (time.perf_counter() - started) * 1000
         if error:
             log.warning("query %s on %s: %s", assignment.query_id, assignment.model, error)
         prompt_tokens = usage.get("prompt_tokens")
         completion_tokens = usage.get("completion_tokens")
-        outcome = Outcome(
-            query_id=assignment.query_id,
-            model=assignment.model,
-            pool=assignment.pool,
+        return Answer(
+            response=text,
+            error=error,
             input_tokens=prompt_tokens,
             output_tokens=completion_tokens,
             cost_usd=self.cost(assignment.model, prompt_tokens, completion_tokens),
-            latency_ms=latency_ms,
-            error=error,
-            text=assignment.text,
+            latency_ms=(time.perf_counter() - started) * 1000,
         )
-        response = ModelResponse(
-            query_id=assignment.query_id,
-            model=assignment.model,
-            pool=assignment.pool,
-            response=text,
-            error=error,
-            metadata=assignment.metadata,
-        )
-        return outcome, response
+
+    async def answer(self, assignments: Sequence[Assignment]) -> list[Answer]:
+        return list(await asyncio.gather(*(self.answer_one(a) for a in assignments)))
 
     def cost(
         self, model: str, prompt_tokens: int | None, completion_tokens: int | None
@@ -107,46 +93,3 @@ class ChatClient:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
-
-
-def build_openai_app(
-    settings: Settings, bootstrap_servers: str, models: Sequence[str] | None = None
-) -> faust.App:
-    served = list(models or settings.router_models)
-    unknown = set(served) - set(settings.router_models)
-    if unknown:
-        raise ValueError(f"models not in ROUTER_MODELS: {sorted(unknown)}")
-    app = make_app("omnirouter-model-openai", settings, bootstrap_servers)
-    topics = Topics.of(app, settings)
-    names = settings.topic_names()
-    routes = app.topic(
-        *[names[f"route:{m}"] for m in served], key_serializer="raw", value_serializer="raw"
-    )
-    client = ChatClient(settings)
-
-    @app.agent(routes)
-    async def answer(stream: StreamT[bytes]) -> None:
-        async for events in batches(stream, settings.openai_max_concurrency, 0.05):
-            assignments: list[Assignment] = []
-            for event in events:
-                message = event.message
-                try:
-                    assignments.append(decode(message.value, Assignment))
-                except BadEvent as exc:
-                    letter = dead_letter(
-                        message.value, message.topic, message.partition, message.offset, str(exc)
-                    )
-                    await topics.deadletter.send(key=message.key, value=encode(letter))
-            answers = await asyncio.gather(*(client.answer(a) for a in assignments))
-            sent = []
-            for outcome, response in answers:
-                key = outcome.query_id.encode()
-                sent.append(await topics.responses.send(key=key, value=encode(response)))
-                sent.append(await topics.outcomes.send(key=key, value=encode(outcome)))
-            await asyncio.gather(*sent)
-
-    @app.on_before_shutdown.connect
-    async def close_client(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        await client.close()
-
-    return app

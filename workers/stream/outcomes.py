@@ -22,8 +22,8 @@ from schemas import Outcome
 from workers.config import Settings
 from workers.db.repository import upsert_outcomes
 from workers.routing.embedder import Embedder, SentenceEmbedder
-from workers.stream.app import Topics, batches, make_app
-from workers.stream.codec import BadEvent, dead_letter, decode, encode
+from workers.stream.app import Topics, batches, decode_or_dead_letter, make_app
+from workers.stream.codec import BadEvent, decode
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,9 @@ def build_outcome_app(
     @app.agent(topics.outcomes)
     async def store_outcomes(stream: StreamT[bytes]) -> None:
         async for events in batches(stream, 500, 0.5):
-            valid: list[Outcome] = []
-            for event in events:
-                message = event.message
-                try:
-                    valid.append(validate_outcome(message.value, settings))
-                except BadEvent as exc:
-                    letter = dead_letter(
-                        message.value, message.topic, message.partition, message.offset, str(exc)
-                    )
-                    log.warning("dead letter from %s@%d: %s", message.topic, message.offset, exc)
-                    await topics.deadletter.send(key=message.key, value=encode(letter))
+            valid = await decode_or_dead_letter(
+                events, lambda raw: validate_outcome(raw, settings), topics.deadletter
+            )
             if valid:
                 await write_with_retry(valid)
 

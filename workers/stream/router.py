@@ -41,8 +41,8 @@ from workers.routing.embedder import Embedder, SentenceEmbedder
 from workers.routing.predictor import HybridPredictor, KnnSettings, fit_hybrid
 from workers.routing.store import OutcomeRecord, RetrievalStore
 from workers.routing.windows import WindowBounds, route_window
-from workers.stream.app import Topics, batches, make_app
-from workers.stream.codec import BadEvent, dead_letter, decode, encode
+from workers.stream.app import Topics, batches, decode_or_dead_letter, make_app
+from workers.stream.codec import BadEvent, decode, encode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -193,12 +193,9 @@ def build_router_app(
     @app.agent(topics.queries)
     async def predict(stream: StreamT[bytes]) -> None:
         async for events in batches(stream, settings.router_predict_batch, 0.05):
-            valid: list[QueryEvent] = []
-            for event in events:
-                try:
-                    valid.append(validate_query(event.message.value, settings))
-                except BadEvent as exc:
-                    await send_dead_letter(event, str(exc))
+            valid = await decode_or_dead_letter(
+                events, lambda raw: validate_query(raw, settings), topics.deadletter
+            )
             if not valid:
                 continue
             sent = [
@@ -206,20 +203,6 @@ def build_router_app(
                 for p in await state.predict(valid)
             ]
             await asyncio.gather(*sent)
-
-    async def send_dead_letter(event: EventT, reason: str) -> None:
-        message = event.message
-        letter = dead_letter(
-            message.value, message.topic, message.partition, message.offset, reason
-        )
-        log.warning(
-            "dead letter from %s[%d]@%d: %s",
-            message.topic,
-            message.partition,
-            message.offset,
-            reason,
-        )
-        await topics.deadletter.send(key=message.key, value=encode(letter))
 
     window_opened = datetime.now(UTC)
     window_length = timedelta(seconds=settings.router_window_seconds)

@@ -1,0 +1,109 @@
+"""What every model worker shares: consume omnirouter.route.<model> for the models
+it serves, answer a batch of assignments, publish each ModelResponse and Outcome.
+
+A worker kind is just an `Answerer` (one file each: replay_worker.py,
+openai_worker.py), in the manner of one class per router behind one interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import faust
+from faust.types import StreamT
+
+from schemas import Assignment, ModelResponse, Outcome
+from workers.config import Settings
+from workers.stream.app import Topics, batches, decode_or_dead_letter, make_app
+from workers.stream.codec import decode, encode
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a model made of one assignment; None where it is not known (yet)."""
+
+    response: str | None = None
+    error: str | None = None
+    quality_score: float | None = None
+    cost_usd: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    latency_ms: float | None = None
+
+    def events(self, assignment: Assignment) -> tuple[Outcome, ModelResponse]:
+        outcome = Outcome(
+            query_id=assignment.query_id,
+            model=assignment.model,
+            pool=assignment.pool,
+            quality_score=self.quality_score,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            cost_usd=self.cost_usd,
+            latency_ms=self.latency_ms,
+            error=self.error,
+            text=assignment.text,
+        )
+        response = ModelResponse(
+            query_id=assignment.query_id,
+            model=assignment.model,
+            pool=assignment.pool,
+            response=self.response,
+            error=self.error,
+            metadata=assignment.metadata,
+        )
+        return outcome, response
+
+
+class Answerer(Protocol):
+    async def answer(self, assignments: Sequence[Assignment]) -> list[Answer]:
+        """One Answer per assignment, in order."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def build_model_worker_app(
+    kind: str,
+    settings: Settings,
+    bootstrap_servers: str,
+    answerer: Answerer,
+    models: Sequence[str] | None = None,
+    batch_size: int = 200,
+) -> faust.App:
+    served = list(models or settings.router_models)
+    unknown = set(served) - set(settings.router_models)
+    if unknown:
+        raise ValueError(f"models not in ROUTER_MODELS: {sorted(unknown)}")
+    app = make_app(f"omnirouter-model-{kind}", settings, bootstrap_servers)
+    topics = Topics.of(app, settings)
+    routes = app.topic(
+        *[topics.routes[m].get_topic_name() for m in served],
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+    @app.agent(routes)
+    async def answer(stream: StreamT[bytes]) -> None:
+        async for events in batches(stream, batch_size, 0.05):
+            assignments = await decode_or_dead_letter(
+                events, lambda raw: decode(raw, Assignment), topics.deadletter
+            )
+            if not assignments:
+                continue
+            answers = await answerer.answer(assignments)
+            sent = []
+            for assignment, result in zip(assignments, answers, strict=True):
+                outcome, response = result.events(assignment)
+                key = assignment.query_id.encode()
+                sent.append(await topics.responses.send(key=key, value=encode(response)))
+                sent.append(await topics.outcomes.send(key=key, value=encode(outcome)))
+            await asyncio.gather(*sent)
+
+    @app.on_before_shutdown.connect
+    async def close(sender: object, /, *args: object, signal: object, **kwargs: object) -> None:
+        await answerer.close()
+
+    return app

@@ -1,0 +1,47 @@
+"""The replay model worker: answers from recorded outcomes in a RouterBench-format
+file after a fixed latency. The demo and the benchmarks use it in place of LLMs."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+
+from schemas import Assignment
+from workers.routing.dataset import OutcomeTable
+from workers.stream.model_worker import Answer
+
+NOT_RECORDED = "no recorded outcome for this query and model"
+
+
+class ReplayAnswerer:
+    """Finds a query by its text (or metadata sample_id) and replays what the model did."""
+
+    def __init__(self, table: OutcomeTable, latency_ms: float) -> None:
+        self.table = table
+        self.latency_ms = latency_ms
+        self._by_text = {prompt: row for row, prompt in enumerate(table.prompts)}
+        self._by_id = {sample_id: row for row, sample_id in enumerate(table.sample_ids)}
+
+    def recorded(self, assignment: Assignment) -> Answer:
+        row = self._by_text.get(assignment.text)
+        if row is None:
+            row = self._by_id.get(str(assignment.metadata.get("sample_id")))
+        if row is None or assignment.model not in self.table.models:
+            return Answer(error=NOT_RECORDED, latency_ms=self.latency_ms)
+        column = self.table.models.index(assignment.model)
+        score = float(self.table.scores[row, column])
+        cost = float(self.table.costs[row, column])
+        return Answer(
+            response=self.table.responses[row].get(assignment.model),
+            quality_score=None if math.isnan(score) else score,  # NaN: not recorded
+            cost_usd=None if math.isnan(cost) else cost,
+            latency_ms=self.latency_ms,
+        )
+
+    async def answer(self, assignments: Sequence[Assignment]) -> list[Answer]:
+        await asyncio.sleep(self.latency_ms / 1000)  # the batch is answered concurrently
+        return [self.recorded(a) for a in assignments]
+
+    async def close(self) -> None:
+        return None
