@@ -190,3 +190,41 @@ def test_the_blend_weight_follows_the_data() -> None:
             assert report.blend_weight >= 0.5, report
         else:
             assert report.blend_weight <= 0.5, report
+
+
+def clustered_vectors(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(50, 32))
+    vectors = centres[rng.integers(0, 50, n)] + 0.3 * rng.normal(size=(n, 32))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_growing_and_rebuilding_agree_across_the_switch_to_an_inverted_file() -> None:
+    vectors = clustered_vectors(600, seed=3)
+    history = [
+        OutcomeRecord(f"q{i}", MODELS[i % 2], float(i % 3 == 0), 0.001, 5, vectors[i])
+        for i in range(600)
+    ]
+    grown = RetrievalStore(MODELS, 32, ivf_threshold=400)
+    for record in history:
+        grown.add(record)
+    rebuilt = RetrievalStore.rebuild(MODELS, 32, history, ivf_threshold=400)
+
+    probe = clustered_vectors(20, seed=4)
+    np.testing.assert_array_equal(grown.search(probe, 10)[1], rebuilt.search(probe, 10)[1])
+    np.testing.assert_array_equal(grown.vectors, vectors)  # nothing lost in the switch
+
+
+def test_the_inverted_file_finds_what_an_exact_search_finds() -> None:
+    vectors = clustered_vectors(5000, seed=5)
+    ids = [str(i) for i in range(5000)]
+    nan = np.full((5000, 2), np.nan)
+    exact = RetrievalStore(MODELS, 32, ivf_threshold=10**9)
+    approximate = RetrievalStore(MODELS, 32, ivf_threshold=1000)
+    for store in (exact, approximate):
+        store.add_table(ids, vectors, nan, nan)
+    probe = clustered_vectors(200, seed=6)
+    _, want = exact.search(probe, 10)
+    _, got = approximate.search(probe, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(want, got, strict=True)])
+    assert recall > 0.9, recall

@@ -83,15 +83,26 @@ def column_means(values: NDArray[np.float64], default: float) -> NDArray[np.floa
     return np.where(counts > 0, sums / np.maximum(counts, 1), default)
 
 
+def priors(
+    store: RetrievalStore,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """Each model's mean quality, cost and output tokens over the store: what is
+    predicted where neighbours know nothing. An unobserved cost is the mean of
+    all observed costs (never 0, which would draw all traffic to the unknown)."""
+    overall_cost = float(np.nanmean(store.costs)) if np.isfinite(store.costs).any() else 0.0
+    return (
+        column_means(store.scores, default=0.5),
+        column_means(store.costs, default=overall_cost),
+        column_means(store.output_tokens, default=DEFAULT_OUTPUT_TOKENS),
+    )
+
+
 def knn_estimates(
     store: RetrievalStore, vectors: NDArray[np.float32], settings: KnnSettings
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """Quality, cost and output tokens of every model from the nearest stored queries."""
     n_models = len(store.models)
-    quality_prior = column_means(store.scores, default=0.5)
-    overall_cost = float(np.nanmean(store.costs)) if np.isfinite(store.costs).any() else 0.0
-    cost_prior = column_means(store.costs, default=overall_cost)
-    tokens_prior = column_means(store.output_tokens, default=DEFAULT_OUTPUT_TOKENS)
+    quality_prior, cost_prior, tokens_prior = store.memo("priors", lambda: priors(store))
     similarities, rows = store.search(vectors, settings.neighbours)
     if rows.shape[1] == 0:
         shape = (len(vectors), n_models)

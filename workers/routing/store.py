@@ -3,16 +3,30 @@
 One row per distinct query; one column per model. An outcome that was not
 observed is NaN: unknown, never 0. The store grows as outcomes arrive and can
 be rebuilt from the outcomes table; both give the same rows.
+
+Search is exact (a flat index) while the store is small. Once it holds
+`ivf_threshold` queries, the flat index is replaced by an inverted-file index
+trained on what is stored then: a query scans only the `IVF_PROBES` nearest of
+`IVF_LISTS` clusters, about 6% of the vectors, which keeps k-NN far cheaper
+than embedding at 100,000 stored queries. Adding in the same order converts at
+the same point, so growing and rebuilding still give the same store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import faiss
 import numpy as np
 from numpy.typing import NDArray
+
+T = TypeVar("T")
+
+IVF_THRESHOLD = 20_000
+IVF_LISTS = 256
+IVF_PROBES = 16
 
 
 @dataclass(frozen=True)
@@ -28,16 +42,21 @@ class OutcomeRecord:
 
 
 class RetrievalStore:
-    def __init__(self, models: Sequence[str], dimension: int) -> None:
+    def __init__(
+        self, models: Sequence[str], dimension: int, ivf_threshold: int = IVF_THRESHOLD
+    ) -> None:
         self.models = list(models)
         self.dimension = dimension
+        self.ivf_threshold = ivf_threshold
         self._column = {m: j for j, m in enumerate(self.models)}
         self._row_of: dict[str, int] = {}
-        self._index = faiss.IndexFlatIP(dimension)
+        self._index: faiss.Index = faiss.IndexFlatIP(dimension)
+        self._quantizer: faiss.Index | None = None  # kept alive for the inverted file
         self._scores = np.full((0, len(self.models)), np.nan)
         self._costs = np.full((0, len(self.models)), np.nan)
         self._output_tokens = np.full((0, len(self.models)), np.nan)
         self._size = 0
+        self._memo: dict[str, object] = {}  # values derived from the store, until it changes
 
     def __len__(self) -> int:
         return self._size
@@ -74,6 +93,13 @@ class RetrievalStore:
         )
         return vectors, self.scores[start:].copy(), self.costs[start:].copy()
 
+    def memo(self, name: str, compute: Callable[[], T]) -> T:
+        """`compute()`, remembered until the store next changes (priors over 100,000
+        rows would otherwise be recomputed for every batch)."""
+        if name not in self._memo:
+            self._memo[name] = compute()
+        return cast(T, self._memo[name])
+
     def knows(self, query_id: str) -> bool:
         return query_id in self._row_of
 
@@ -103,7 +129,29 @@ class RetrievalStore:
         for offset, query_id in enumerate(query_ids):
             self._row_of[query_id] = self._size + offset
         self._index.add(embeddings)
+        if self._size + len(query_ids) >= self.ivf_threshold and isinstance(
+            self._index, faiss.IndexFlat
+        ):
+            self._index = self._inverted_file(self._index)
         self._size += len(query_ids)
+        self._memo.clear()
+
+    def _inverted_file(self, flat: faiss.IndexFlat) -> faiss.IndexIVFFlat:
+        vectors = flat.reconstruct_n(0, flat.ntotal)
+        quantizer = faiss.IndexFlatIP(self.dimension)
+        index = faiss.IndexIVFFlat(
+            quantizer,
+            self.dimension,
+            min(IVF_LISTS, len(vectors) // 40),
+            faiss.METRIC_INNER_PRODUCT,
+        )
+        index.cp.seed = 0  # k-means start: the same vectors give the same index
+        index.train(vectors)
+        index.set_direct_map_type(faiss.DirectMap.Array)  # type: ignore[attr-defined]  # reconstruct_n
+        index.add(vectors)
+        index.nprobe = IVF_PROBES
+        self._quantizer = quantizer  # the index borrows it
+        return index
 
     def add(self, record: OutcomeRecord) -> None:
         """Record one outcome; a field left None keeps what the store knew."""
@@ -121,6 +169,7 @@ class RetrievalStore:
         ):
             if value is not None:
                 array[row, column] = value
+                self._memo.clear()
 
     def add_many(self, records: Iterable[OutcomeRecord]) -> None:
         for record in records:
@@ -143,11 +192,13 @@ class RetrievalStore:
             target = array[rows]
             target[known] = values[known]
             array[rows] = target
+        self._memo.clear()
 
     def search(
         self, queries: NDArray[np.float32], k: int
     ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-        """Cosine similarity and row of the k nearest stored queries (row -1: none)."""
+        """Cosine similarity and row of the k nearest stored queries (row -1: none;
+        approximate once the store uses its inverted-file index)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dimension)
         if self._size == 0 or k == 0:
             empty = np.zeros((len(queries), 0))
@@ -157,11 +208,15 @@ class RetrievalStore:
 
     @classmethod
     def rebuild(
-        cls, models: Sequence[str], dimension: int, records: Iterable[OutcomeRecord]
+        cls,
+        models: Sequence[str],
+        dimension: int,
+        records: Iterable[OutcomeRecord],
+        ivf_threshold: int = IVF_THRESHOLD,
     ) -> RetrievalStore:
         """A store from stored outcomes (oldest first). Skips models no longer routed
         and outcomes of queries whose text was never seen (no vector to place them)."""
-        store = cls(models, dimension)
+        store = cls(models, dimension, ivf_threshold)
         known = set(store.models)
         for record in records:
             if record.model in known and (

@@ -190,7 +190,10 @@ def build_router_app(
     async def refit() -> None:
         await state.refit()
 
-    @app.agent(topics.queries)
+    # Two actors: one's batch is embedded while the other's is being sent, so
+    # the predictor thread never waits on Kafka (offsets are still acknowledged
+    # per event, after its batch is forwarded).
+    @app.agent(topics.queries, concurrency=2)
     async def predict(stream: StreamT[bytes]) -> None:
         async for events in batches(stream, settings.router_predict_batch, 0.05):
             valid = await decode_or_dead_letter(
