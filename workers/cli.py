@@ -372,5 +372,41 @@ def bench_pipeline(queries: int, outcomes_in_store: int, window_seconds: float) 
     )
 
 
+@bench.command("accuracy")
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="RouterBench-format file; default the shipped sample.",
+)
+@click.option(
+    "--warm",
+    "warm_prompts",
+    default=300,
+    show_default=True,
+    help="Prompts whose outcomes warm the store; the rest are replayed.",
+)
+@click.option("--rate", default=20.0, show_default=True, help="Replayed queries per second.")
+def bench_accuracy(data_path: Path | None, warm_prompts: int, rate: float) -> None:
+    """Routed accuracy and cost through Kafka vs the offline evaluation, same budget."""
+    from workers.bench import accuracy
+    from workers.routing.dataset import load_routerbench, shipped_sample_path
+
+    path = data_path or shipped_sample_path()
+    figures = accuracy.run(load_routerbench(path), path, warm_prompts, rate_per_second=rate)
+    click.echo(f"prompts scored                {figures.prompts}")
+    click.echo(f"budget per query              ${figures.budget_per_query_usd:.6f}")
+    click.echo(f"mean window (streamed)        {figures.mean_window_queries:.1f} queries")
+    click.echo(f"{'':30s}{'accuracy':>9} {'cost USD':>10}")
+    for label, accuracy_, cost in (
+        ("streamed through Kafka", figures.streamed_accuracy, figures.streamed_cost_usd),
+        ("offline, same windows/budget", figures.offline_accuracy, figures.offline_cost_usd),
+    ):
+        click.echo(f"{label:30s}{accuracy_:9.4f} {cost:10.4f}")
+    gap = 100 * (figures.streamed_accuracy - figures.offline_accuracy)
+    click.echo(f"difference                    {gap:+.2f} points")
+
+
 if __name__ == "__main__":
     main()

@@ -51,6 +51,7 @@ class PoolPolicy(BaseModel):
     mode: Literal["budget", "quality"] = "budget"
     window_budget_usd: NonNegativeFloat | None = None
     budget_per_hour_usd: NonNegativeFloat | None = None
+    budget_per_query_usd: NonNegativeFloat | None = None
     quality_target: float | None = Field(default=None, ge=0.0, le=1.0)
     models: list[str] | None = None  # None: every configured model
 
@@ -59,9 +60,12 @@ class PoolPolicy(BaseModel):
         if (
             self.mode == "budget"
             and self.window_budget_usd is None
-            and (self.budget_per_hour_usd is None)
+            and self.budget_per_hour_usd is None
+            and self.budget_per_query_usd is None
         ):
-            raise ValueError("budget mode needs window_budget_usd or budget_per_hour_usd")
+            raise ValueError(
+                "budget mode needs window_budget_usd, budget_per_hour_usd or budget_per_query_usd"
+            )
         if self.mode == "quality" and self.quality_target is None:
             raise ValueError("quality mode needs quality_target")
         return self
@@ -88,6 +92,7 @@ class Settings(BaseSettings):
     router_mode: Literal["budget", "quality"] = "quality"
     router_window_budget_usd: NonNegativeFloat | None = None
     router_budget_per_hour_usd: NonNegativeFloat | None = None
+    router_budget_per_query_usd: NonNegativeFloat | None = None
     router_quality_target: float = Field(default=0.8, ge=0.0, le=1.0)
     router_pools: dict[str, PoolPolicy] = Field(default_factory=dict)
 
@@ -135,6 +140,7 @@ class Settings(BaseSettings):
             mode=self.router_mode,
             window_budget_usd=self.router_window_budget_usd,
             budget_per_hour_usd=self.router_budget_per_hour_usd,
+            budget_per_query_usd=self.router_budget_per_query_usd,
             quality_target=self.router_quality_target,
         )
 
@@ -170,8 +176,9 @@ class Settings(BaseSettings):
             self.pool_policy("default")
         except ValueError as exc:
             raise ValueError(
-                f"ROUTER_MODE={self.router_mode} needs its limit: set ROUTER_WINDOW_BUDGET_USD "
-                f"or ROUTER_BUDGET_PER_HOUR_USD (budget) or ROUTER_QUALITY_TARGET (quality) ({exc})"
+                f"ROUTER_MODE={self.router_mode} needs its limit: set ROUTER_WINDOW_BUDGET_USD, "
+                "ROUTER_BUDGET_PER_HOUR_USD or ROUTER_BUDGET_PER_QUERY_USD (budget) or "
+                f"ROUTER_QUALITY_TARGET (quality) ({exc})"
             ) from None
         capacity = sum(self.router_model_capacities.get(m, 10**12) for m in self.router_models)
         if capacity < self.router_max_window_queries and self.router_fallback_model is None:

@@ -198,11 +198,10 @@ def route_split(
     for threshold in settings.thresholds:
         record(GREEDY, threshold, greedy_threshold_plan(quality, cost, threshold))
 
-    windows = windows_of(n, settings.window_size)
+    size = settings.window_size
     if "budget" in settings.modes:
         for per_query in per_query_budgets:
-            budget_of = lambda w, b=per_query: float(b * len(w))  # noqa: E731
-            plan = _window_plans(windows, quality, cost, "budget", budget_of, settings.solver)
+            plan = route_windows(quality, cost, size, "budget", per_query, settings.solver)
             record(OMNIROUTER_BUDGET, float(per_query), plan)
         tasks = np.array(test.eval_names)[scored]
         if len(set(tasks)) > 1:
@@ -214,34 +213,33 @@ def route_split(
                 task_quality[rows_of_task] = truth[rows_of_task].mean(axis=0)
                 task_cost[rows_of_task] = spent[rows_of_task].mean(axis=0)
             for per_query in per_query_budgets:
-                budget_of = lambda w, b=per_query: float(b * len(w))  # noqa: E731
-                plan = _window_plans(windows, task_quality, task_cost, "budget", budget_of, "fast")
+                plan = route_windows(task_quality, task_cost, size, "budget", per_query, "fast")
                 record(TASK_ORACLE, float(per_query), plan)
     if "quality" in settings.modes:
         for target in settings.quality_targets:
-            target_of = lambda w, t=target: float(t)  # noqa: E731
-            plan = _window_plans(windows, quality, cost, "quality", target_of, settings.solver)
+            plan = route_windows(quality, cost, size, "quality", target, settings.solver)
             record(OMNIROUTER_QUALITY, target, plan)
 
 
-def _window_plans(
-    windows: list[NDArray[np.int64]],
+def route_windows(
     quality: NDArray[np.float64],
     cost: NDArray[np.float64],
+    window_size: int,
     mode: Mode,
-    limit: Callable[[NDArray[np.int64]], float],
+    limit: float,
     solver: Method,
 ) -> NDArray[np.int64]:
+    """Route queries in consecutive windows of `window_size`; `limit` is the budget
+    per query (budget mode: the window's budget is it times the window's queries)
+    or the quality target (quality mode)."""
     plan = np.zeros(len(quality), dtype=np.int64)
-    for window in windows:
+    for window in windows_of(len(quality), window_size):
         if mode == "budget":
             problem = WindowProblem(
-                quality[window], cost[window], "budget", window_budget_usd=limit(window)
+                quality[window], cost[window], "budget", window_budget_usd=limit * len(window)
             )
         else:
-            problem = WindowProblem(
-                quality[window], cost[window], "quality", quality_target=limit(window)
-            )
+            problem = WindowProblem(quality[window], cost[window], "quality", quality_target=limit)
         plan[window] = solve(problem, solver).assignment
     return plan
 

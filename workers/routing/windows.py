@@ -28,12 +28,15 @@ class WindowBounds:
         return max((self.end - self.start).total_seconds(), 0.0)
 
 
-def window_budget_usd(policy: PoolPolicy, bounds: WindowBounds) -> float | None:
-    """A fixed budget per window, or the hourly budget's share of this window's length."""
+def window_budget_usd(policy: PoolPolicy, bounds: WindowBounds, queries: int) -> float | None:
+    """A fixed budget per window, the hourly budget's share of this window's length,
+    or the budget per query times the window's queries (first one set, in that order)."""
     if policy.window_budget_usd is not None:
         return policy.window_budget_usd
     if policy.budget_per_hour_usd is not None:
         return policy.budget_per_hour_usd * bounds.seconds / 3600.0
+    if policy.budget_per_query_usd is not None:
+        return policy.budget_per_query_usd * queries
     return None
 
 
@@ -53,7 +56,7 @@ def route_window(
     columns = [list(models).index(m) for m in pool_models]
     quality = np.array([q.quality for q in queries], dtype=float)[:, columns]
     cost = np.array([q.cost_usd for q in queries], dtype=float)[:, columns]
-    budget = window_budget_usd(policy, bounds) if policy.mode == "budget" else None
+    budget = window_budget_usd(policy, bounds, len(queries)) if policy.mode == "budget" else None
     problem = WindowProblem(
         quality,
         cost,

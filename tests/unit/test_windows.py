@@ -1,0 +1,65 @@
+"""A pool's window of predicted queries -> assignments and a report (no Kafka)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from schemas import PredictedQuery, QueryEvent
+from workers.config import PoolPolicy
+from workers.routing.windows import WindowBounds, route_window, window_budget_usd
+
+MODELS = ["cheap", "mid", "dear"]
+START = datetime(2026, 11, 24, tzinfo=UTC)
+BOUNDS = WindowBounds("w1", START, START + timedelta(seconds=2))
+
+
+def predicted(i: int, quality: list[float], cost: list[float]) -> PredictedQuery:
+    query = QueryEvent(query_id=f"q{i}", text=f"question {i}", metadata={"tenant": "t"})
+    return PredictedQuery(query=query, models=MODELS, quality=quality, cost_usd=cost)
+
+
+def window(n: int) -> list[PredictedQuery]:
+    return [predicted(i, [0.5, 0.7, 0.9], [0.001, 0.01, 0.1]) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (PoolPolicy(mode="budget", window_budget_usd=3.0), 3.0),
+        (PoolPolicy(mode="budget", budget_per_hour_usd=3600.0), 2.0),  # 2 s of $1/s
+        (PoolPolicy(mode="budget", budget_per_query_usd=0.5), 5.0),  # 10 queries
+    ],
+)
+def test_each_kind_of_budget_gives_the_window_its_share(
+    policy: PoolPolicy, expected: float
+) -> None:
+    assert window_budget_usd(policy, BOUNDS, queries=10) == pytest.approx(expected)
+
+
+def test_every_query_is_assigned_within_budget_to_the_pools_models() -> None:
+    policy = PoolPolicy(mode="budget", budget_per_query_usd=0.02, models=["cheap", "mid"])
+    assignments, report = route_window("gold", policy, window(10), MODELS, BOUNDS)
+
+    assert sorted(a.query_id for a in assignments) == [f"q{i}" for i in range(10)]
+    assert {a.model for a in assignments} <= {"cheap", "mid"}
+    assert report.window_budget_usd == pytest.approx(0.2)
+    assert report.predicted_spend_usd <= 0.2 + 1e-12
+    # Everything on "mid" costs 0.1 and fits: the best plan within budget.
+    assert report.assignments_per_model == {"mid": 10}
+    assert all(a.metadata == {"tenant": "t"} and a.window_id == "w1" for a in assignments)
+    assert report.solver_status in ("optimal", "near_optimal")
+
+
+def test_capacities_and_the_quality_target_shape_the_plan() -> None:
+    policy = PoolPolicy(mode="quality", quality_target=0.7)
+    assignments, report = route_window(
+        "default", policy, window(10), MODELS, BOUNDS, capacities={"mid": 4}, solver="exact"
+    )
+    # Mean 0.7 at least cost with at most 4 on "mid": 4 mid + 3 dear + 3 cheap
+    # (quality 2.8 + 2.7 + 1.5 = 7.0), cost 0.04 + 0.3 + 0.003.
+    assert report.assignments_per_model == {"cheap": 3, "mid": 4, "dear": 3}
+    assert report.predicted_mean_quality == pytest.approx(0.7)
+    assert report.predicted_spend_usd == pytest.approx(0.343)
+    assert len(assignments) == 10
