@@ -71,3 +71,14 @@ def test_the_schema_is_postgres_with_the_unique_key(postgres_engine: sa.Engine) 
     assert {"name": "uq_outcomes_query_model", "column_names": ["query_id", "model"]} in [
         {"name": c["name"], "column_names": c["column_names"]} for c in constraints
     ]
+
+
+def test_a_batch_larger_than_one_statement_can_bind_is_stored_whole(
+    postgres_engine: sa.Engine,
+) -> None:
+    # 7,000 rows x 10 columns is past PostgreSQL's 65,535 bound parameters.
+    outcomes = [Outcome(query_id=f"q{i}", model="m", quality_score=1.0) for i in range(7000)]
+    with Session(postgres_engine) as session, session.begin():
+        upsert_outcomes(session, outcomes, [None] * len(outcomes))
+    with Session(postgres_engine) as session:
+        assert count_outcomes(session) == 7000

@@ -44,14 +44,14 @@ def upsert_outcomes(
         }
         for o, e in zip(outcomes, embeddings, strict=True)
     ]
-    # One statement per (query_id, model): duplicates inside a batch would make
-    # ON CONFLICT touch a row twice, which PostgreSQL rejects.
+    # The last row of each (query_id, model) only: ON CONFLICT may not touch a
+    # row twice in one statement, which PostgreSQL rejects.
     latest = {(r["query_id"], r["model"]): r for r in rows}
     statement: postgresql.Insert | sqlite.Insert
     if session.get_bind().dialect.name == "postgresql":
-        statement = postgresql.insert(OutcomeRow).values(list(latest.values()))
+        statement = postgresql.insert(OutcomeRow)
     else:
-        statement = sqlite.insert(OutcomeRow).values(list(latest.values()))
+        statement = sqlite.insert(OutcomeRow)
     keep_if_none = (
         "pool",
         "quality_score",
@@ -70,7 +70,9 @@ def upsert_outcomes(
             "updated_at": sa.func.now(),
         },
     )
-    session.execute(statement)
+    # A list of rows: SQLAlchemy batches them into multi-row statements that stay
+    # under the database's limit on bound parameters (65,535 for PostgreSQL).
+    session.execute(statement, list(latest.values()))
 
 
 def iter_outcomes(
