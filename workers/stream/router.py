@@ -49,8 +49,8 @@ T = TypeVar("T")
 
 PUBLISHED = b"P"
 DECIDED = b"D"  # followed by the assignment's JSON
-# Outcomes committed this long before the last one seen may still appear
-# (transactions commit out of order); re-reading them is harmless.
+# A transaction stamps its rows with its start time and may commit after a read
+# that started later; each read goes back this far, and re-reading is harmless.
 REFRESH_OVERLAP = timedelta(seconds=5)
 REFRESH_CHUNK = 5000
 
@@ -109,11 +109,17 @@ class RouterState:
                     store.add(record)
 
         with Session(self.engine) as session:
+            # The database's clock when this read's snapshot starts: the next read
+            # starts a little before it, to catch transactions that began earlier
+            # but committed later, and re-reads nothing older however idle it is.
+            read_started = session.execute(
+                sa.select(sa.func.now(type_=sa.DateTime(timezone=True)))
+            ).scalar_one()
             rows = iter_outcomes(session, updated_since=since)
             while chunk := list(itertools.islice(rows, REFRESH_CHUNK)):
                 self.predictor_thread.submit(apply, chunk).result()
-                self.watermark = max(self.watermark or chunk[-1][1], chunk[-1][1])
                 copied += len(chunk)
+        self.watermark = read_started
         return copied
 
     async def refresh_store(self) -> int:
