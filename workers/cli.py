@@ -12,6 +12,14 @@ from pydantic import ValidationError
 
 from workers.config import Settings
 
+data_option = click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="RouterBench-format file; default the shipped sample.",
+)
+
 
 def load_settings() -> Settings:
     """Settings from the environment, or a readable error instead of a traceback."""
@@ -190,13 +198,7 @@ def model_worker_openai(models: tuple[str, ...], loglevel: str) -> None:
 
 
 @main.command()
-@click.option(
-    "--data",
-    "data_path",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="RouterBench-format file; default the shipped sample.",
-)
+@data_option
 @click.option("--rate", default=50.0, show_default=True, help="Queries per second; 0: unthrottled.")
 @click.option("--limit", default=0, help="At most this many queries; 0: all.")
 @click.option("--skip", default=0, help="Start after this many rows.")
@@ -228,7 +230,7 @@ def replay(
 
 
 @main.command("seed-outcomes")
-@click.option("--data", "data_path", type=click.Path(exists=True, path_type=Path), default=None)
+@data_option
 @click.option("--limit", default=0, help="At most this many prompts; 0: all.")
 def seed_outcomes_command(data_path: Path | None, limit: int) -> None:
     """Store a RouterBench file's recorded outcomes: a warm start for the predictor."""
@@ -373,13 +375,7 @@ def bench_pipeline(queries: int, outcomes_in_store: int, window_seconds: float) 
 
 
 @bench.command("accuracy")
-@click.option(
-    "--data",
-    "data_path",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="RouterBench-format file; default the shipped sample.",
-)
+@data_option
 @click.option(
     "--warm",
     "warm_prompts",
