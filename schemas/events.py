@@ -27,8 +27,8 @@ class Event(BaseModel):
 
 
 class QueryHints(BaseModel):
-    """Optional per-query limits. Reserved: carried through and validated, but the
-    optimiser does not honour them yet (see README, "Not yet")."""
+    """Optional per-query limits. allowed_models is strict; max_cost_usd and
+    min_quality narrow the choice while some model still meets them."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from schemas import PredictedQuery, QueryEvent
+from schemas import PredictedQuery, QueryEvent, QueryHints
 from workers.config import PoolPolicy
 from workers.routing.windows import WindowBounds, route_window, window_budget_usd
 
@@ -63,3 +63,44 @@ def test_capacities_and_the_quality_target_shape_the_plan() -> None:
     assert report.predicted_mean_quality == pytest.approx(0.7)
     assert report.predicted_spend_usd == pytest.approx(0.343)
     assert len(assignments) == 10
+
+
+def hinted(i: int, **hints: object) -> PredictedQuery:
+    query = QueryEvent(query_id=f"h{i}", text="x", hints=QueryHints(**hints))  # type: ignore[arg-type]
+    return PredictedQuery(
+        query=query, models=MODELS, quality=[0.5, 0.7, 0.9], cost_usd=[0.001, 0.01, 0.1]
+    )
+
+
+@pytest.mark.parametrize("solver", ["exact", "fast"])
+def test_hints_limit_each_query_to_the_models_they_allow(solver: str) -> None:
+    queries = [
+        hinted(0, allowed_models=["cheap"]),  # strict, though the budget buys better
+        hinted(1, max_cost_usd=0.02),  # "dear" is out
+        hinted(2, min_quality=0.8),  # only "dear" is good enough
+        hinted(3, max_cost_usd=0.0001),  # nothing that cheap: the hint is dropped
+    ]
+    policy = PoolPolicy(mode="budget", budget_per_query_usd=1.0)
+    assignments, _ = route_window("default", policy, queries, MODELS, BOUNDS, solver=solver)  # type: ignore[arg-type]
+    chosen = {a.query_id: a.model for a in assignments}
+    assert chosen == {"h0": "cheap", "h1": "mid", "h2": "dear", "h3": "dear"}
+
+
+@pytest.mark.parametrize("solver", ["exact", "fast"])
+def test_a_hint_holds_in_quality_mode_and_in_the_fallback_plans(solver: str) -> None:
+    queries = [hinted(0, allowed_models=["mid"]), hinted(1, allowed_models=["dear"])]
+    for policy in (
+        PoolPolicy(mode="quality", quality_target=0.1),
+        PoolPolicy(mode="quality", quality_target=1.0),  # unreachable: best plan
+        PoolPolicy(mode="budget", window_budget_usd=0.0),  # unreachable: cheapest plan
+    ):
+        assignments, report = route_window(
+            "default",
+            policy,
+            queries,
+            MODELS,
+            BOUNDS,
+            solver=solver,  # type: ignore[arg-type]
+        )
+        assert [a.model for a in assignments] == ["mid", "dear"], report.solver_status
+        assert report.predicted_spend_usd == pytest.approx(0.11)

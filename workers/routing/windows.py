@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
+from numpy.typing import NDArray
 
 from schemas import Assignment, PredictedQuery, WindowReport
 from workers.config import PoolPolicy
@@ -40,6 +41,46 @@ def window_budget_usd(policy: PoolPolicy, bounds: WindowBounds, queries: int) ->
     return None
 
 
+def allowed_pairs(
+    queries: Sequence[PredictedQuery],
+    pool_models: Sequence[str],
+    quality: NDArray[np.float64],
+    cost: NDArray[np.float64],
+) -> NDArray[np.bool_]:
+    """Which (query, model) pairs the queries' hints allow. `allowed_models` is
+    strict (the router dead-letters a query whose list misses the pool); a
+    query's `max_cost_usd` and `min_quality` narrow it further as long as some
+    model is left, and are dropped for that query otherwise."""
+    allowed = np.ones(quality.shape, dtype=bool)
+    for row, predicted in enumerate(queries):
+        hints = predicted.query.hints
+        if hints is None:
+            continue
+        if hints.allowed_models is not None:
+            allowed[row] = [m in hints.allowed_models for m in pool_models]
+        narrowed = allowed[row].copy()
+        if hints.max_cost_usd is not None:
+            narrowed &= cost[row] <= hints.max_cost_usd
+        if hints.min_quality is not None:
+            narrowed &= quality[row] >= hints.min_quality
+        if narrowed.any():
+            allowed[row] = narrowed
+    return allowed
+
+
+def exclude(
+    quality: NDArray[np.float64], cost: NDArray[np.float64], allowed: NDArray[np.bool_]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Make every pair that is not allowed worse than each allowed pair of its query
+    (lower quality and higher cost), so no plan the optimiser returns uses one:
+    swapping it for the query's cheapest allowed model would improve both sides."""
+    if allowed.all():
+        return quality, cost
+    dearest = np.max(np.where(allowed, cost, 0.0), axis=1, keepdims=True)
+    margin = float(cost.mean()) or 1.0
+    return np.where(allowed, quality, -1.0), np.where(allowed, cost, dearest + margin)
+
+
 def route_window(
     pool: str,
     policy: PoolPolicy,
@@ -51,11 +92,14 @@ def route_window(
     solver: Method = "fast",
     time_limit_seconds: float = 0.25,
 ) -> tuple[list[Assignment], WindowReport]:
-    """Solve the window over the pool's models; every query gets exactly one."""
+    """Solve the window over the pool's models; every query gets exactly one, among
+    the models its hints allow (capacities permitting)."""
     pool_models = list(policy.models or models)
     columns = [list(models).index(m) for m in pool_models]
     quality = np.array([q.quality for q in queries], dtype=float)[:, columns]
     cost = np.array([q.cost_usd for q in queries], dtype=float)[:, columns]
+    allowed = allowed_pairs(queries, pool_models, quality, cost)
+    quality, cost = exclude(quality, cost, allowed)
     budget = window_budget_usd(policy, bounds, len(queries)) if policy.mode == "budget" else None
     problem = WindowProblem(
         quality,

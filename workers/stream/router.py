@@ -65,6 +65,10 @@ def validate_query(raw: bytes | None, settings: Settings) -> QueryEvent:
         )
     if query.pool not in settings.known_pools():
         raise BadEvent(f"unknown pool {query.pool!r}; known: {sorted(settings.known_pools())}")
+    pool_models = set(settings.pool_policy(query.pool).models or settings.router_models)
+    allowed = query.hints.allowed_models if query.hints else None
+    if allowed is not None and not pool_models & set(allowed):
+        raise BadEvent(f"hints.allowed_models names none of pool {query.pool!r}'s models")
     return query
 
 

@@ -1,0 +1,53 @@
+"""What the router accepts from omnirouter.queries, and the reasons it gives otherwise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workers.config import Settings
+from workers.stream.codec import BadEvent
+from workers.stream.router import validate_query
+
+SETTINGS = Settings(
+    router_models=["a", "b", "c"],
+    router_max_text_chars=50,
+    router_pools={"gold": {"mode": "budget", "window_budget_usd": 1.0, "models": ["a", "b"]}},  # type: ignore[dict-item]
+)
+
+
+def raw(**fields: object) -> bytes:
+    return json.dumps({"query_id": "q1", "text": "hello", **fields}).encode()
+
+
+def test_a_valid_query_passes_with_its_defaults() -> None:
+    query = validate_query(raw(), SETTINGS)
+    assert (query.query_id, query.pool, query.hints) == ("q1", "default", None)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b'{"query_id": "q1", "te', "not JSON"),
+        (b"\xc3\x28", "invalid UTF-8 at byte 0"),
+        (b"[1, 2]", "not a JSON object but list"),
+        (raw(text=""), "text: String should have at least 1 character"),
+        (raw(text=7), "text: Input should be a valid string"),
+        (raw(surprise=1), "surprise: Extra inputs are not permitted"),
+        (raw(text="x" * 51), "more than ROUTER_MAX_TEXT_CHARS=50"),
+        (raw(pool="silver"), "unknown pool 'silver'"),
+        (raw(pool="gold", hints={"allowed_models": ["c"]}), "names none of pool 'gold'"),
+        (raw(schema_version=2), "schema_version: Input should be 1"),
+    ],
+)
+def test_bad_queries_are_refused_with_a_reason(payload: bytes, reason: str) -> None:
+    with pytest.raises(BadEvent, match=reason):
+        validate_query(payload, SETTINGS)
+
+
+def test_a_reason_never_repeats_the_content() -> None:
+    secret = "sk-live-123456"
+    with pytest.raises(BadEvent) as caught:
+        validate_query(raw(text=secret * 10), SETTINGS)
+    assert secret not in str(caught.value)
