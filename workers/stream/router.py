@@ -200,10 +200,9 @@ def build_router_app(
     async def refit() -> None:
         await state.refit()
 
-    # Two actors: one's batch is embedded while the other's is being sent, so
-    # the predictor thread never waits on Kafka (offsets are still acknowledged
-    # per event, after its batch is forwarded).
-    @app.agent(topics.queries, concurrency=2)
+    # One actor: with two (one embedding while the other sends), a kill -9 lost
+    # queries in tests/integration/test_crash_recovery.py.
+    @app.agent(topics.queries)
     async def predict(stream: StreamT[bytes]) -> None:
         async for events in batches(stream, settings.router_predict_batch, 0.05):
             valid = await decode_or_dead_letter(
