@@ -171,9 +171,18 @@ class RetrievalStore:
                 array[row, column] = value
                 self._memo.clear()
 
-    def add_many(self, records: Iterable[OutcomeRecord]) -> None:
+    def add_stored(self, records: Iterable[OutcomeRecord]) -> int:
+        """Add outcomes read back from the database; skip those of models no longer
+        routed and of queries whose text was never seen (no vector to place them).
+        Returns how many were added."""
+        added = 0
         for record in records:
-            self.add(record)
+            if record.model in self._column and (
+                record.embedding is not None or self.knows(record.query_id)
+            ):
+                self.add(record)
+                added += 1
+        return added
 
     def add_table(
         self,
@@ -217,10 +226,5 @@ class RetrievalStore:
         """A store from stored outcomes (oldest first). Skips models no longer routed
         and outcomes of queries whose text was never seen (no vector to place them)."""
         store = cls(models, dimension, ivf_threshold)
-        known = set(store.models)
-        for record in records:
-            if record.model in known and (
-                record.embedding is not None or store.knows(record.query_id)
-            ):
-                store.add(record)
+        store.add_stored(records)
         return store

@@ -106,11 +106,7 @@ class RouterState:
         copied = 0
 
         def apply(chunk: list[tuple[OutcomeRecord, datetime]]) -> None:
-            for record, _ in chunk:
-                if record.model in store.models and (
-                    record.embedding is not None or store.knows(record.query_id)
-                ):
-                    store.add(record)
+            store.add_stored(record for record, _ in chunk)
 
         with Session(self.engine) as session:
             # The database's clock when this read's snapshot starts: the next read
