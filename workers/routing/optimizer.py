@@ -324,8 +324,12 @@ def _bisect_multiplier(
     below, _ = _assign_within_capacity(lagrangian(low), caps)
     if feasible(below):
         return below, None
+    # Halving ends at the precision, or where floating point cannot split the
+    # interval any more (the multiplier can shrink towards 0 in tied cases).
     while high - low > relative_precision * high:
         middle = (low + high) / 2
+        if not low < middle < high:
+            break
         candidate, prices = _assign_within_capacity(lagrangian(middle), caps, prices)
         if feasible(candidate):
             high, plan = middle, candidate
