@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import Assignment, QueryEvent
-from workers.config import Settings
+from workers.config import ROUTER_APP_ID, Settings
 from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.routing.embedder import SentenceEmbedder
 from workers.services import LocalBroker
@@ -42,11 +43,27 @@ def broker() -> Iterator[str]:
 
 def start_router(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "router", "--loglevel", "warning"],
+        [sys.executable, "-m", "workers.cli", "router", "--loglevel", "info"],
         env=env,
         stdout=open(log, "ab"),
         stderr=subprocess.STDOUT,
     )
+
+
+async def committed_offsets(bootstrap: str, topics: list[str]) -> dict[str, int | None]:
+    """The router group's committed offset of each partition, for a failure message."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=ROUTER_APP_ID)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        partitions = [
+            TopicPartition(topic, partition)
+            for topic in topics
+            for partition in sorted(consumer.partitions_for_topic(topic) or [])
+        ]
+        return {f"{tp.topic}[{tp.partition}]": await consumer.committed(tp) for tp in partitions}
+    finally:
+        await consumer.stop()
 
 
 def decisions(bootstrap: str, topics: list[str]) -> dict[str, list[tuple[str, str]]]:
@@ -58,11 +75,6 @@ def decisions(bootstrap: str, topics: list[str]) -> dict[str, list[tuple[str, st
     return seen
 
 
-@pytest.mark.skip(
-    reason="flaky: passes most runs (300 produced, 300 assigned, 0-1 identical re-sends), "
-    "but in about one run of four the restarted router never routes the last ~50 queries; "
-    "under investigation in issue 6 (run it with --loglevel info in start_router)"
-)
 def test_a_router_killed_mid_window_loses_and_doubles_no_decision(
     broker: str, postgres_url: str, tmp_path: Path
 ) -> None:
@@ -85,6 +97,7 @@ def test_a_router_killed_mid_window_loses_and_doubles_no_decision(
         QueryEvent(query_id=f"crash-{i}", text=sample.prompts[40 + i % 500][-300:])
         for i in range(QUERIES)
     ]
+    produced = {q.query_id for q in queries}
     log = tmp_path / "router.log"
     first = start_router(env, log)
     try:
@@ -101,9 +114,18 @@ def test_a_router_killed_mid_window_loses_and_doubles_no_decision(
 
         second = start_router(env, log)
         try:
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 120
             while len(decisions(broker, routes)) < QUERIES:
-                assert time.monotonic() < deadline, "the restarted router did not finish"
+                if time.monotonic() > deadline:
+                    missing = produced - set(decisions(broker, routes))
+                    offsets = asyncio.run(
+                        committed_offsets(broker, [names["queries"], names["predicted"]])
+                    )
+                    raise AssertionError(
+                        f"the restarted router did not finish: {len(missing)} queries never "
+                        f"routed, e.g. {sorted(missing)[:5]}; committed offsets {offsets}; "
+                        f"router log {log}"
+                    )
                 assert second.poll() is None, log.read_text(errors="replace")[-2000:]
                 time.sleep(0.5)
             time.sleep(2)  # anything still to come would be a duplicate
@@ -115,7 +137,6 @@ def test_a_router_killed_mid_window_loses_and_doubles_no_decision(
         if first.poll() is None:
             first.kill()
 
-    produced = {q.query_id for q in queries}
     messages = sum(len(v) for v in final.values())
     distinct = {query_id: set(published) for query_id, published in final.items()}
     print(

@@ -75,12 +75,15 @@ async def read_records(
         ends = await consumer.end_offsets(partitions)
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
-            positions = {tp: await consumer.position(tp) for tp in partitions}
-            if all(positions[tp] >= end for tp, end in ends.items()):
-                break
             batches = await consumer.getmany(*partitions, timeout_ms=200)
             for batch in batches.values():
                 records.extend(batch)
+            # A fetch also reports each partition's end (its high watermark): the
+            # Tansu broker answers end_offsets with the start of the last batch + 1.
+            ends = {tp: max(end, consumer.highwater(tp) or 0) for tp, end in ends.items()}
+            positions = {tp: await consumer.position(tp) for tp in partitions}
+            if all(positions[tp] >= end for tp, end in ends.items()):
+                break
     finally:
         await consumer.stop()
     return records

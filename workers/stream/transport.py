@@ -1,19 +1,30 @@
-"""Faust's aiokafka transport with a configurable fetch wait.
+"""Faust's aiokafka transport, with two fixes the router's guarantees rely on.
 
-Faust fixes its consumers' fetch_max_wait_ms at 1,500 ms. Apache Kafka answers
-a fetch as soon as data arrives, but some Kafka-compatible brokers (the local
-Tansu broker among them) hold every fetch for the whole wait, which adds up to
-1.5 s to each hop of the pipeline. This transport, registered for the URL
-scheme `omnikafka://` through Faust's `faust.transports` entry point, sets the
-wait from KAFKA_FETCH_MAX_WAIT_MS instead (make_app hands it to the app).
+1. A configurable fetch wait. Faust fixes its consumers' fetch_max_wait_ms at
+   1,500 ms. Apache Kafka answers a fetch as soon as data arrives, but some
+   Kafka-compatible brokers (the local Tansu broker among them) hold every
+   fetch for the whole wait, which adds up to 1.5 s to each hop of the
+   pipeline. The wait comes from KAFKA_FETCH_MAX_WAIT_MS instead.
+2. No skipped records on a partition that has no committed offset yet. While
+   a worker recovers its tables after a rebalance, Faust drops the records its
+   fetcher returns and afterwards seeks each partition back to its committed
+   offset; a partition with none (a worker killed before its first commit) was
+   left where the fetcher stopped, past records nobody processed. Such a
+   partition is now sent back to its beginning, as `auto_offset_reset=earliest`
+   promises (found by tests/integration/test_crash_recovery.py).
+
+The transport is registered for the URL scheme `omnikafka://` through Faust's
+`faust.transports` entry point; make_app uses it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import aiokafka
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 
 FETCH_MAX_WAIT_ATTRIBUTE = "omnirouter_fetch_max_wait_ms"
 
@@ -24,6 +35,16 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # Read by the consumer when it starts its fetcher.
         consumer._fetch_max_wait_ms = getattr(self.app, FETCH_MAX_WAIT_ATTRIBUTE, 1500)
         return consumer
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        committed = await super().seek_to_committed()
+        changelogs = self.app.tables.changelog_topics
+        never_committed = [
+            tp for tp, offset in committed.items() if offset is None and tp.topic not in changelogs
+        ]
+        if never_committed:
+            await self.seek_to_beginning(*never_committed)
+        return committed
 
 
 class Consumer(faust_aiokafka.Consumer):
