@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 from pydantic import ValidationError
+from sqlalchemy.engine import make_url
 
 from workers.config import Settings
 
@@ -36,8 +37,13 @@ def main() -> None:
 
 @main.command("config")
 def show_config() -> None:
-    """Print the configuration in force (from environment variables) as JSON."""
-    click.echo(load_settings().model_dump_json(indent=2))
+    """Print the configuration in force (from environment variables) as JSON,
+    secrets masked (API keys, the SASL password, the database password)."""
+    settings = load_settings()
+    database_url = settings.database_url
+    if database_url:
+        database_url = make_url(database_url).render_as_string(hide_password=True)
+    click.echo(settings.model_copy(update={"database_url": database_url}).model_dump_json(indent=2))
 
 
 @main.command()
@@ -212,6 +218,7 @@ def replay(
 
     from workers.routing.dataset import load_routerbench, shipped_sample_path
     from workers.stream.replay import produce_queries, query_events
+    from workers.stream.security import aiokafka_options
 
     settings = load_settings()
     table = load_routerbench(data_path or shipped_sample_path())
@@ -224,6 +231,7 @@ def replay(
             queries,
             rate,
             progress=lambda n: click.echo(f"produced {n}/{len(queries)}"),
+            security=aiokafka_options(settings),
         )
     )
     click.echo(f"produced {len(queries)} queries in {seconds:.1f}s")

@@ -131,6 +131,15 @@ class Settings(BaseSettings):
     kafka_session_timeout_seconds: float = Field(default=10.0, gt=0)
     # How long a consumer's fetch may wait for data (workers/stream/transport.py).
     kafka_fetch_max_wait_ms: PositiveInt = 100
+    # Connection security, for every Kafka client of every worker and command
+    # (workers/stream/security.py). Files are PEM.
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_cafile: str = ""  # empty: the system's trusted authorities
+    kafka_ssl_certfile: str = ""  # client certificate, for brokers that ask for one
+    kafka_ssl_keyfile: str = ""
 
     def pool_policy(self, pool: str) -> PoolPolicy:
         """The pool's own policy from ROUTER_POOLS, else the ROUTER_* defaults."""
@@ -168,6 +177,17 @@ class Settings(BaseSettings):
             unknown = models - known
             if unknown:
                 raise ValueError(f"{variable} names models not in ROUTER_MODELS: {sorted(unknown)}")
+        return self
+
+    @model_validator(mode="after")
+    def _kafka_security_is_complete(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
+            raise ValueError(
+                f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                "KAFKA_SASL_USERNAME and KAFKA_SASL_PASSWORD"
+            )
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ValueError("KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE go together")
         return self
 
     @model_validator(mode="after")

@@ -38,6 +38,7 @@ from workers.routing.embedder import SentenceEmbedder
 from workers.services import demo_database_url, kafka_bootstrap
 from workers.stream.kafka_io import read_topic
 from workers.stream.replay import produce_queries, query_events, seed_outcomes
+from workers.stream.security import aiokafka_options
 from workers.stream.topics import create_topics
 
 WARM_START_PROMPTS = 300
@@ -173,7 +174,11 @@ def run_demo(settings: Settings, state_dir: Path) -> int:
             click.echo(f"[demo] replaying {len(queries)} queries at {REPLAY_RATE_QPS:.0f}/s ...")
             asyncio.run(
                 produce_queries(
-                    bootstrap, settings.topic_names()["queries"], queries, REPLAY_RATE_QPS
+                    bootstrap,
+                    settings.topic_names()["queries"],
+                    queries,
+                    REPLAY_RATE_QPS,
+                    security=aiokafka_options(settings),
                 )
             )
             deadline = time.monotonic() + TIMEOUT_SECONDS
@@ -186,7 +191,11 @@ def run_demo(settings: Settings, state_dir: Path) -> int:
                 done = len(routed_outcomes(engine, run_id))
                 click.echo(f"[demo] {done}/{len(queries)} queries answered and stored")
         rows = routed_outcomes(engine, run_id)
-        raw_reports = asyncio.run(read_topic(bootstrap, settings.topic_names()["windows"]))
+        raw_reports = asyncio.run(
+            read_topic(
+                bootstrap, settings.topic_names()["windows"], security=aiokafka_options(settings)
+            )
+        )
     reports = [WindowReport.model_validate_json(r) for r in raw_reports]
     summary = summarise(live, rows, reports, run_id)
     print_summary(summary)

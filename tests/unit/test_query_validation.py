@@ -32,6 +32,8 @@ def test_a_valid_query_passes_with_its_defaults() -> None:
         (b'{"query_id": "q1", "te', "not JSON"),
         (b"\xc3\x28", "invalid UTF-8 at byte 0"),
         (b"[1, 2]", "not a JSON object but list"),
+        (b"[" * 100_000, "nested too deeply"),
+        (b'{"query_id": "q1", "text": "t", "hints": {"max_cost_usd": NaN}}', "NaN is not a number"),
         (raw(text=""), "text: String should have at least 1 character"),
         (raw(text=7), "text: Input should be a valid string"),
         (raw(surprise=1), "surprise: Extra inputs are not permitted"),

@@ -23,6 +23,7 @@ from faust.types import EventT, StreamT, TopicT
 
 from workers.config import Settings
 from workers.stream.codec import BadEvent, dead_letter, encode
+from workers.stream.security import faust_credentials
 from workers.stream.transport import FETCH_MAX_WAIT_ATTRIBUTE
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.A
         broker_rebalance_timeout=settings.kafka_rebalance_timeout_seconds,
         broker_session_timeout=settings.kafka_session_timeout_seconds,
         broker_heartbeat_interval=min(1.0, settings.kafka_session_timeout_seconds / 4),
+        broker_credentials=faust_credentials(settings),
         web_enabled=False,
         datadir=str(datadir),
     )

@@ -26,9 +26,13 @@ def decode(raw: bytes | None, event_type: type[EventT]) -> EventT:
     except UnicodeDecodeError as exc:
         raise BadEvent(f"invalid UTF-8 at byte {exc.start}") from None
     try:
-        payload = json.loads(text)
+        payload = json.loads(text, parse_constant=_refuse_non_finite)
     except json.JSONDecodeError as exc:
         raise BadEvent(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise BadEvent("not JSON this service reads: nested too deeply") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer of more than 4,300 digits
+        raise BadEvent(f"not JSON this service reads: {str(exc).split(':')[0]}") from None
     if not isinstance(payload, dict):
         raise BadEvent(f"not a JSON object but {type(payload).__name__}")
     try:
@@ -39,6 +43,10 @@ def decode(raw: bytes | None, event_type: type[EventT]) -> EventT:
             for error in exc.errors(include_input=False, include_url=False)
         )
         raise BadEvent(f"invalid {event_type.__name__}: {problems}") from None
+
+
+def _refuse_non_finite(constant: str) -> float:
+    raise ValueError(f"{constant} is not a number JSON allows")
 
 
 def encode(event: BaseModel) -> bytes:

@@ -1,20 +1,26 @@
-"""Plain aiokafka producing and reading, for commands and tests outside the Faust app."""
+"""Plain aiokafka producing and reading, for commands and tests outside the Faust app.
+
+`security` is workers.stream.security.aiokafka_options for a secured cluster."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 
 async def produce_values(
-    bootstrap_servers: str, topic: str, keyed_values: Sequence[tuple[str, str | bytes]]
+    bootstrap_servers: str,
+    topic: str,
+    keyed_values: Sequence[tuple[str, str | bytes]],
+    security: Mapping[str, Any] | None = None,
 ) -> None:
     """Send (key, value) pairs and wait until the broker acknowledged every one."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", **(security or {}))
     await producer.start()
     try:
         sends = [
@@ -31,7 +37,11 @@ async def produce_values(
 
 
 async def consume_values(
-    bootstrap_servers: str, topic: str, expected: int, timeout_seconds: float = 30.0
+    bootstrap_servers: str,
+    topic: str,
+    expected: int,
+    timeout_seconds: float = 30.0,
+    security: Mapping[str, Any] | None = None,
 ) -> list[bytes]:
     """Read a topic from the beginning until `expected` values arrived or time ran out."""
     consumer = AIOKafkaConsumer(
@@ -40,6 +50,7 @@ async def consume_values(
         group_id=f"omnirouter-reader-{uuid.uuid4().hex[:8]}",
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        **(security or {}),
     )
     await consumer.start()
     values: list[bytes] = []
@@ -55,11 +66,17 @@ async def consume_values(
 
 
 async def read_records(
-    bootstrap_servers: str, topics: list[str], timeout_seconds: float = 30.0
+    bootstrap_servers: str,
+    topics: list[str],
+    timeout_seconds: float = 30.0,
+    security: Mapping[str, Any] | None = None,
 ) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record the topics hold now, from the beginning of each partition to its end."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None
+        bootstrap_servers=bootstrap_servers,
+        enable_auto_commit=False,
+        group_id=None,
+        **(security or {}),
     )
     await consumer.start()
     records: list[ConsumerRecord[bytes, bytes]] = []
@@ -90,8 +107,11 @@ async def read_records(
 
 
 async def read_topic(
-    bootstrap_servers: str, topic: str, timeout_seconds: float = 30.0
+    bootstrap_servers: str,
+    topic: str,
+    timeout_seconds: float = 30.0,
+    security: Mapping[str, Any] | None = None,
 ) -> list[bytes]:
     """Every value the topic holds now."""
-    records = await read_records(bootstrap_servers, [topic], timeout_seconds)
+    records = await read_records(bootstrap_servers, [topic], timeout_seconds, security)
     return [r.value for r in records if r.value is not None]

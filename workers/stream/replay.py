@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import sqlalchemy as sa
 from aiokafka import AIOKafkaProducer
@@ -35,10 +36,14 @@ async def produce_queries(
     queries: list[QueryEvent],
     rate_per_second: float,
     progress: Callable[[int], None] = lambda _: None,
+    security: Mapping[str, Any] | None = None,
 ) -> float:
     """Produce at a steady rate (0: as fast as possible), keyed by query_id; return
-    the seconds it took. Returns once the broker acknowledged every query."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5)
+    the seconds it took. Returns once the broker acknowledged every query.
+    `security`: workers.stream.security.aiokafka_options, for a secured cluster."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5, **(security or {})
+    )
     await producer.start()
     started = time.monotonic()
     try:

@@ -10,11 +10,12 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from workers.config import Settings
+from workers.stream.security import aiokafka_options
 
 
 async def create_topics(settings: Settings, bootstrap_servers: str) -> dict[str, str]:
     """Create missing topics; return {topic: "created" | "exists"}."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **aiokafka_options(settings))
     await admin.start()
     try:
         existing = set(await admin.list_topics())

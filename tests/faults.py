@@ -1,0 +1,129 @@
+"""Fault injection for integration tests: a TCP proxy on loopback the test can cut,
+worker processes, and counting what the router published.
+
+Put it between the workers and a service (the broker, PostgreSQL); `cut()` drops
+every open connection and refuses new ones, as an unreachable host would look
+to a client; `restore()` accepts connections again on the same port. It works
+with any broker or database, since it only forwards bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from schemas import Assignment
+from workers.services import free_port
+from workers.stream.kafka_io import read_records
+
+CHUNK = 65536
+
+
+class TcpProxy:
+    def __init__(self, target_port: int, listen_port: int | None = None) -> None:
+        self.target_port = target_port
+        self.port = listen_port or free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _call(self, coroutine: object) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)  # type: ignore[arg-type]
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(CHUNK):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def _serve(
+        self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter
+    ) -> None:
+        try:
+            upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client.close()
+            return
+        self._open |= {client, upstream}
+        try:
+            await asyncio.gather(
+                self._pipe(client_reader, upstream), self._pipe(upstream_reader, client)
+            )
+        finally:
+            self._open -= {client, upstream}
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, "127.0.0.1", self.port, reuse_address=True
+        )
+
+    async def _drop_everything(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._open):
+            writer.transport.abort()  # a reset, not a polite close
+        self._open.clear()
+
+    def start(self) -> TcpProxy:
+        self._thread.start()
+        self._call(self._listen())
+        return self
+
+    def cut(self) -> None:
+        self._call(self._drop_everything())
+
+    def restore(self) -> None:
+        self._call(self._listen())
+
+    def stop(self) -> None:
+        self._call(self._drop_everything())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[TcpProxy]:
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+
+
+def start_worker(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """An `omnirouter <command>` worker process, its output appended to `log`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", command, "--loglevel", "info"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def decisions(bootstrap: str, topics: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """query_id -> every (model, window_id) published for it on the route topics."""
+    seen: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for record in asyncio.run(read_records(bootstrap, topics)):
+        assignment = Assignment.model_validate_json(record.value or b"")
+        seen[assignment.query_id].append((assignment.model, assignment.window_id))
+    return seen
+
+
+def wait_until(condition: Callable[[], bool], timeout_seconds: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_seconds}s: {what}"
+        time.sleep(0.5)

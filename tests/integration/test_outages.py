@@ -1,0 +1,195 @@
+"""The broker or the database goes away for a while and comes back.
+
+A TCP proxy on loopback (tests/faults.py) sits between the workers and the
+service; the test cuts it for OUTAGE_SECONDS and restores it. The workers must
+reconnect by themselves, and every query and outcome must be accounted for,
+counted over everything published or stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from schemas import Outcome, QueryEvent
+from tests.faults import TcpProxy, decisions, start_worker, wait_until
+from workers.config import Settings
+from workers.routing.dataset import load_routerbench, shipped_sample_path
+from workers.routing.embedder import SentenceEmbedder
+from workers.services import LocalBroker
+from workers.stream.codec import encode
+from workers.stream.kafka_io import produce_values
+from workers.stream.replay import produce_queries, seed_outcomes
+from workers.stream.topics import create_topics
+
+pytestmark = pytest.mark.integration
+
+OUTAGE_SECONDS = 15  # longer than the Kafka session timeout (10 s): the group must rejoin
+SETTINGS = Settings(kafka_partitions=2)
+NAMES = SETTINGS.topic_names()
+ROUTES = [NAMES[f"route:{m}"] for m in SETTINGS.router_models]
+
+
+def worker_env(bootstrap: str, database_url: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "DATABASE_URL": database_url,
+        "KAFKA_PARTITIONS": "2",
+        "ROUTER_WINDOW_SECONDS": "0.5",
+        "ROUTER_REFIT_SECONDS": "3600",
+        "ROUTER_STORE_REFRESH_SECONDS": "1",
+    }
+
+
+def queries(prefix: str, count: int) -> list[QueryEvent]:
+    sample = load_routerbench(shipped_sample_path())
+    return [
+        QueryEvent(query_id=f"{prefix}-{i}", text=sample.prompts[40 + i][-300:])
+        for i in range(count)
+    ]
+
+
+def assert_each_routed_once(bootstrap: str, produced: set[str]) -> str:
+    published = decisions(bootstrap, ROUTES)
+    messages = sum(len(v) for v in published.values())
+    assert set(published) == produced, f"lost {sorted(produced - set(published))[:10]}"
+    doubled = {q: set(d) for q, d in published.items() if len(set(d)) > 1}
+    assert not doubled, doubled
+    return (
+        f"produced {len(produced)}, assigned {len(published)}, messages {messages}, "
+        f"identical re-sends {messages - len(published)}, lost 0, decided twice 0"
+    )
+
+
+@pytest.fixture
+def proxied_broker() -> Iterator[tuple[LocalBroker, TcpProxy]]:
+    """A broker whose advertised address is a proxy, so every client goes through it."""
+    proxy = TcpProxy(target_port=0)
+    broker = LocalBroker(advertised_port=proxy.port)
+    proxy.target_port = broker.port
+    with broker, proxy.running():
+        yield broker, proxy
+
+
+def test_the_router_rides_out_a_broker_outage(
+    proxied_broker: tuple[LocalBroker, TcpProxy], postgres_url: str, tmp_path: Path
+) -> None:
+    _, proxy = proxied_broker
+    bootstrap = proxy.address
+    asyncio.run(create_topics(SETTINGS, bootstrap))
+    sample = load_routerbench(shipped_sample_path())
+    seed_outcomes(sa.create_engine(postgres_url), sample.take(list(range(40))), SentenceEmbedder())
+    before, after = queries("before", 150), queries("after", 150)
+    log = tmp_path / "router.log"
+    router = start_worker("router", worker_env(bootstrap, postgres_url), log)
+    try:
+        asyncio.run(produce_queries(bootstrap, NAMES["queries"], before, 0))
+        wait_until(lambda: len(decisions(bootstrap, ROUTES)) >= 50, 120, "routing started")
+        proxy.cut()  # mid-stream: windows open, assignments in flight
+        time.sleep(OUTAGE_SECONDS)
+        assert router.poll() is None, "the router died during the outage"
+        proxy.restore()
+        asyncio.run(produce_queries(bootstrap, NAMES["queries"], after, 0))
+        produced = {q.query_id for q in before + after}
+        wait_until(
+            lambda: len(decisions(bootstrap, ROUTES)) >= len(produced),
+            180,
+            f"every query routed after the outage (router log {log})",
+        )
+        time.sleep(2)  # anything still to come would be a duplicate
+        print(f"broker outage of {OUTAGE_SECONDS}s: {assert_each_routed_once(bootstrap, produced)}")
+        assert router.poll() is None
+    finally:
+        router.terminate()
+        router.wait(timeout=30)
+
+
+def outcome_events(prefix: str, count: int) -> list[tuple[str, bytes]]:
+    models = SETTINGS.router_models
+    return [
+        (
+            f"{prefix}-{i}",
+            encode(
+                Outcome(
+                    query_id=f"{prefix}-{i}",
+                    model=models[i % len(models)],
+                    quality_score=float(i % 2),
+                    cost_usd=0.001,
+                )
+            ),
+        )
+        for i in range(count)
+    ]
+
+
+def stored_outcomes(engine: sa.Engine) -> tuple[int, int]:
+    """(rows, distinct (query_id, model) pairs) in the outcomes table."""
+    with engine.connect() as connection:
+        rows, pairs = connection.execute(
+            sa.text("SELECT count(*), count(DISTINCT (query_id, model)) FROM outcomes")
+        ).one()
+    return int(rows), int(pairs)
+
+
+def test_outcomes_wait_out_a_database_outage_while_routing_goes_on(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    direct = sa.create_engine(postgres_url)  # the test's own view, never cut
+    with LocalBroker() as broker, TcpProxy(make_url(postgres_url).port or 5432).running() as proxy:
+        bootstrap = broker.bootstrap_servers
+        proxied_url = make_url(postgres_url).set(port=proxy.port).render_as_string(False)
+        asyncio.run(create_topics(SETTINGS, bootstrap))
+        env = worker_env(bootstrap, proxied_url)
+        writer = start_worker("outcomes", env, tmp_path / "outcomes.log")
+        router = start_worker("router", env, tmp_path / "router.log")
+        try:
+            first, second = outcome_events("first", 100), outcome_events("second", 100)
+            asyncio.run(produce_values(bootstrap, NAMES["outcomes"], first))
+            wait_until(lambda: stored_outcomes(direct)[0] == 100, 120, "first outcomes stored")
+
+            proxy.cut()
+            cut_at = time.monotonic()
+            asyncio.run(produce_values(bootstrap, NAMES["outcomes"], second))
+            during = queries("during", 60)
+            asyncio.run(produce_queries(bootstrap, NAMES["queries"], during, 0))
+            wait_until(
+                lambda: len(decisions(bootstrap, ROUTES)) >= len(during),
+                60,
+                "routing while the database is down",
+            )
+            routed_during = assert_each_routed_once(bootstrap, {q.query_id for q in during})
+            assert stored_outcomes(direct) == (100, 100)  # nothing written, nothing faked
+            time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - cut_at)))
+            assert writer.poll() is None and router.poll() is None
+            proxy.restore()
+
+            wait_until(lambda: stored_outcomes(direct)[0] >= 200, 120, "outcomes written later")
+            time.sleep(2)
+            rows, pairs = stored_outcomes(direct)
+            assert (rows, pairs) == (200, 200)
+            print(
+                f"database outage of {OUTAGE_SECONDS}s: outcomes produced 200, stored {rows}, "
+                f"distinct {pairs}; queries routed during the outage: {routed_during}"
+            )
+        finally:
+            for process in (writer, router):
+                process.terminate()
+                process.wait(timeout=30)
+
+
+def test_postgres_tls_settings_in_the_url_reach_the_driver(postgres_url: str) -> None:
+    """sslmode is passed to libpq untouched: this server has no TLS, so `require` fails
+    with the server's own answer, and `disable` connects."""
+    url = make_url(postgres_url)
+    with sa.create_engine(url.update_query_dict({"sslmode": "disable"})).connect() as connection:
+        assert connection.execute(sa.text("SELECT 1")).scalar() == 1
+    with pytest.raises(sa.exc.OperationalError, match="SSL"):
+        sa.create_engine(url.update_query_dict({"sslmode": "require"})).connect()
