@@ -18,19 +18,20 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from schemas import Outcome, QueryEvent
+from schemas import Outcome, QueryEvent, WindowReport
 from tests.faults import TcpProxy, decisions, start_worker, wait_until
 from workers.config import Settings
 from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.routing.embedder import SentenceEmbedder
 from workers.services import LocalBroker
 from workers.stream.codec import encode
-from workers.stream.kafka_io import produce_values
+from workers.stream.kafka_io import produce_values, read_topic
 from workers.stream.replay import produce_queries, seed_outcomes
 from workers.stream.topics import create_topics
 
 pytestmark = pytest.mark.integration
 
+MAX_WINDOW_QUERIES = 40
 OUTAGE_SECONDS = 15  # longer than the Kafka session timeout (10 s): the group must rejoin
 SETTINGS = Settings(kafka_partitions=2)
 NAMES = SETTINGS.topic_names()
@@ -44,6 +45,7 @@ def worker_env(bootstrap: str, database_url: str) -> dict[str, str]:
         "DATABASE_URL": database_url,
         "KAFKA_PARTITIONS": "2",
         "ROUTER_WINDOW_SECONDS": "0.5",
+        "ROUTER_MAX_WINDOW_QUERIES": str(MAX_WINDOW_QUERIES),
         "ROUTER_REFIT_SECONDS": "3600",
         "ROUTER_STORE_REFRESH_SECONDS": "1",
     }
@@ -106,6 +108,11 @@ def test_the_router_rides_out_a_broker_outage(
         )
         time.sleep(2)  # anything still to come would be a duplicate
         print(f"broker outage of {OUTAGE_SECONDS}s: {assert_each_routed_once(bootstrap, produced)}")
+        reports = [
+            WindowReport.model_validate_json(raw)
+            for raw in asyncio.run(read_topic(bootstrap, NAMES["windows"]))
+        ]
+        assert max(r.query_count for r in reports) <= MAX_WINDOW_QUERIES  # the limit holds
         assert router.poll() is None
     finally:
         router.terminate()
@@ -123,6 +130,7 @@ def outcome_events(prefix: str, count: int) -> list[tuple[str, bytes]]:
                     model=models[i % len(models)],
                     quality_score=float(i % 2),
                     cost_usd=0.001,
+                    text=f"question {i} of {prefix}",
                 )
             ),
         )

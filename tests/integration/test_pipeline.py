@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from schemas import Assignment, DeadLetter, PredictedQuery, QueryEvent, WindowReport
+from schemas import Assignment, DeadLetter, Outcome, PredictedQuery, QueryEvent, WindowReport
 from workers.config import Settings
 from workers.db.models import OutcomeRow
 from workers.demo import workers
@@ -149,6 +149,49 @@ def test_queries_are_routed_answered_stored_and_learned_from(
         # Outcomes are in PostgreSQL, one per query, with the replayed score.
         rows = outcome_rows(engine, f"{run}-")
         assert sorted(r.query_id for r in rows) == sorted(q.query_id for q in queries)
+
+        # Outcome events: a late score updates its row; an unknown model, or an unknown
+        # query without its text, is a dead letter.
+        scored = rows[2]
+        assert scored.quality_score is not None
+        late = Outcome(
+            query_id=scored.query_id, model=scored.model, quality_score=1 - scored.quality_score
+        )
+        strays = [
+            Outcome(query_id=scored.query_id, model="no-such-model", quality_score=1.0),
+            Outcome(query_id=f"{run}-never-routed", model=scored.model, quality_score=1.0),
+        ]
+        asyncio.run(
+            produce_values(
+                broker,
+                names["outcomes"],
+                [(o.query_id, o.model_dump_json()) for o in [*strays, late]],
+            )
+        )
+
+        def rescored() -> bool:
+            (now,) = [
+                r
+                for r in outcome_rows(engine, scored.query_id)
+                if (r.query_id, r.model) == (scored.query_id, scored.model)
+            ]
+            return now.quality_score == late.quality_score and now.cost_usd == scored.cost_usd
+
+        wait_for(rescored, 30, "the late score")
+        wait_for(
+            lambda: len(read_all(broker, names["deadletter"])) == len(malformed) + len(strays),
+            30,
+            "the outcomes' dead letters",
+        )
+        letters = [DeadLetter.model_validate_json(r) for r in read_all(broker, names["deadletter"])]
+        outcome_reasons = [
+            letter.reason for letter in letters if letter.source_topic == names["outcomes"]
+        ]
+        assert any("unknown model 'no-such-model'" in r for r in outcome_reasons)
+        assert any(
+            f"unknown query '{run}-never-routed' without its text" in r for r in outcome_reasons
+        )
+        assert not outcome_rows(engine, f"{run}-never-routed")
 
         # The router learned: the same text again is predicted closer to what happened.
         first = queries[1]

@@ -48,6 +48,11 @@ def test_bad_queries_are_refused_with_a_reason(payload: bytes, reason: str) -> N
         validate_query(payload, SETTINGS)
 
 
+def test_a_megabyte_of_text_is_refused_at_the_default_limit() -> None:
+    with pytest.raises(BadEvent, match="more than ROUTER_MAX_TEXT_CHARS=100000"):
+        validate_query(raw(text="x" * 1_000_000), Settings())
+
+
 def test_a_reason_never_repeats_the_content() -> None:
     secret = "sk-live-123456"
     with pytest.raises(BadEvent) as caught:

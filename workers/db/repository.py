@@ -108,3 +108,12 @@ def count_outcomes(session: Session, models: Iterable[str] | None = None) -> int
     if models is not None:
         query = query.where(OutcomeRow.model.in_(list(models)))
     return int(session.execute(query).scalar_one())
+
+
+def stored_query_ids(session: Session, query_ids: Iterable[str]) -> set[str]:
+    """Which of these query ids have at least one stored outcome."""
+    wanted = list(query_ids)
+    if not wanted:
+        return set()
+    query = sa.select(OutcomeRow.query_id).where(OutcomeRow.query_id.in_(wanted)).distinct()
+    return set(session.execute(query).scalars())

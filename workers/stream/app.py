@@ -105,27 +105,25 @@ def batches(
 
 async def decode_or_dead_letter(
     events: Sequence[EventT], validate: Callable[[bytes | None], T], deadletter: TopicT
-) -> list[T]:
-    """The events that validate; each other one goes to the dead-letter topic with
-    its reason and source position, and the batch goes on."""
-    valid: list[T] = []
+) -> list[tuple[EventT, T]]:
+    """The events that validate, each with its value; each other one goes to the
+    dead-letter topic with its reason and source position, and the batch goes on."""
+    valid: list[tuple[EventT, T]] = []
     for event in events:
-        message = event.message
         try:
-            valid.append(validate(message.value))
+            valid.append((event, validate(event.message.value)))
         except BadEvent as exc:
-            log.warning(
-                "dead letter from %s[%d]@%d: %s",
-                message.topic,
-                message.partition,
-                message.offset,
-                exc,
-            )
-            letter = dead_letter(
-                message.value, message.topic, message.partition, message.offset, str(exc)
-            )
-            await deadletter.send(key=message.key, value=encode(letter))
+            await send_dead_letter(event, str(exc), deadletter)
     return valid
+
+
+async def send_dead_letter(event: EventT, reason: str, deadletter: TopicT) -> None:
+    message = event.message
+    log.warning(
+        "dead letter from %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
+    )
+    letter = dead_letter(message.value, message.topic, message.partition, message.offset, reason)
+    await deadletter.send(key=message.key, value=encode(letter))
 
 
 def run_worker(app: faust.App, loglevel: str = "info") -> None:

@@ -88,9 +88,10 @@ def build_model_worker_app(
     @app.agent(routes)
     async def answer(stream: StreamT[bytes]) -> None:
         async for events in batches(stream, batch_size, 0.05):
-            assignments = await decode_or_dead_letter(
+            decoded = await decode_or_dead_letter(
                 events, lambda raw: decode(raw, Assignment), topics.deadletter
             )
+            assignments = [assignment for _, assignment in decoded]
             if not assignments:
                 continue
             answers = await answerer.answer(assignments)

@@ -3,7 +3,9 @@
 Offsets are acknowledged only after the batch is in the database; while the
 database is unavailable the writer retries with backoff and reads nothing new,
 so no outcome is lost, and the upsert on (query_id, model) makes a replayed
-batch harmless.
+batch harmless. An outcome without the query's text must update a stored
+query (a late score, say): one for a query the database has never seen would
+teach nothing, so it goes to the dead-letter topic.
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ from sqlalchemy.orm import Session
 
 from schemas import Outcome
 from workers.config import Settings
-from workers.db.repository import upsert_outcomes
+from workers.db.repository import stored_query_ids, upsert_outcomes
 from workers.routing.embedder import Embedder, SentenceEmbedder
-from workers.stream.app import Topics, batches, decode_or_dead_letter, make_app
+from workers.stream.app import (
+    Topics,
+    batches,
+    decode_or_dead_letter,
+    make_app,
+    send_dead_letter,
+)
 from workers.stream.codec import BadEvent, decode
 
 log = logging.getLogger(__name__)
@@ -48,12 +56,17 @@ def build_outcome_app(
     engine = sa.create_engine(database_url, pool_pre_ping=True)
     text_embedder = embedder or SentenceEmbedder()
 
-    def write(outcomes: Sequence[Outcome]) -> None:
-        texts = [o.text for o in outcomes if o.text]
-        vectors = iter(text_embedder.embed(texts)) if texts else iter(())
-        embeddings: list[np.ndarray | None] = [next(vectors) if o.text else None for o in outcomes]
+    def write(outcomes: Sequence[Outcome]) -> set[str]:
+        """Store the outcomes; return the query ids refused as unknown (no text, no row)."""
         with Session(engine) as session, session.begin():
-            upsert_outcomes(session, outcomes, embeddings)
+            textless = {o.query_id for o in outcomes if not o.text}
+            known = {o.query_id for o in outcomes if o.text} | stored_query_ids(session, textless)
+            kept = [o for o in outcomes if o.query_id in known]
+            texts = [o.text for o in kept if o.text]
+            vectors = iter(text_embedder.embed(texts)) if texts else iter(())
+            embeddings: list[np.ndarray | None] = [next(vectors) if o.text else None for o in kept]
+            upsert_outcomes(session, kept, embeddings)
+        return textless - known
 
     @app.agent(topics.outcomes)
     async def store_outcomes(stream: StreamT[bytes]) -> None:
@@ -61,18 +74,23 @@ def build_outcome_app(
             valid = await decode_or_dead_letter(
                 events, lambda raw: validate_outcome(raw, settings), topics.deadletter
             )
-            if valid:
-                await write_with_retry(valid)
+            if not valid:
+                continue
+            unknown = await write_with_retry([outcome for _, outcome in valid])
+            for event, outcome in valid:
+                if outcome.query_id in unknown:
+                    reason = f"outcome for unknown query {outcome.query_id!r} without its text"
+                    await send_dead_letter(event, reason, topics.deadletter)
 
-    async def write_with_retry(outcomes: list[Outcome]) -> None:
+    async def write_with_retry(outcomes: list[Outcome]) -> set[str]:
         delay, attempt = 0.5, 1
         loop = asyncio.get_running_loop()
         while True:
             try:
-                await loop.run_in_executor(None, write, outcomes)
+                unknown = await loop.run_in_executor(None, write, outcomes)
                 if attempt > 1:
                     log.info("wrote %d outcomes after %d attempts", len(outcomes), attempt)
-                return
+                return unknown
             except sa.exc.OperationalError as exc:
                 log.warning(
                     "database unavailable (attempt %d, retry in %.1fs): %s",

@@ -201,9 +201,10 @@ def build_router_app(
     @app.agent(topics.queries)
     async def predict(stream: StreamT[bytes]) -> None:
         async for events in batches(stream, settings.router_predict_batch, 0.05):
-            valid = await decode_or_dead_letter(
+            decoded = await decode_or_dead_letter(
                 events, lambda raw: validate_query(raw, settings), topics.deadletter
             )
+            valid = [query for _, query in decoded]
             if not valid:
                 continue
             sent = [
