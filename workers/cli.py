@@ -13,6 +13,9 @@ from sqlalchemy.engine import make_url
 
 from workers.config import Settings
 
+# Each role's default Prometheus port (METRICS_PORT overrides it).
+ROUTER_METRICS_PORT, OUTCOMES_METRICS_PORT, MODEL_WORKER_METRICS_PORT = 9101, 9102, 9103
+
 data_option = click.option(
     "--data",
     "data_path",
@@ -92,6 +95,35 @@ def db_upgrade(database_url: str, revision: str) -> None:
     click.echo(f"database at {revision}")
 
 
+@main.command()
+@click.option("--since", default="24h", show_default=True, help="Period: 90s, 15m, 6h, 2d, 1w.")
+@click.option(
+    "--png",
+    "png_path",
+    type=click.Path(path_type=Path),
+    default=Path("omnirouter-report.png"),
+    show_default=True,
+)
+def report(since: str, png_path: Path) -> None:
+    """Spend, realised quality and counts per pool and model, from PostgreSQL."""
+    import sqlalchemy as sa
+
+    from workers.report import format_table, parse_duration, plot, read_facts, summarise
+
+    settings = load_settings()
+    if not settings.database_url:
+        raise click.ClickException("DATABASE_URL is not set")
+    try:
+        period = parse_duration(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from exc
+    facts = read_facts(sa.create_engine(settings.database_url), period)
+    click.echo(f"outcomes stored in the last {since}: {len(facts)}")
+    click.echo(format_table(summarise(facts)))
+    plot(facts, png_path)
+    click.echo(f"spend and quality over time: {png_path}")
+
+
 @main.command("export-schemas")
 @click.option("--out", type=click.Path(path_type=Path), default=None)
 def export_schemas(out: Path | None) -> None:
@@ -102,12 +134,12 @@ def export_schemas(out: Path | None) -> None:
         click.echo(str(path))
 
 
-def _configure_logging(level: str) -> None:
-    import logging
+def _configure_logging(level: str, log_format: str = "text") -> None:
+    import logging.config
 
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from workers.logs import logging_config
+
+    logging.config.dictConfig(logging_config(level, log_format))
 
 
 def _need_bootstrap(settings: Settings) -> str:
@@ -128,10 +160,9 @@ def router(loglevel: str) -> None:
     settings = load_settings()
     if not settings.database_url:
         click.echo("warning: DATABASE_URL is not set: the router will not learn from outcomes")
-    _configure_logging(loglevel)
-    run_worker(
-        build_router_app(settings, _need_bootstrap(settings), settings.database_url), loglevel
-    )
+    _configure_logging(loglevel, settings.log_format)
+    app = build_router_app(settings, _need_bootstrap(settings), settings.database_url)
+    run_worker(app, settings, ROUTER_METRICS_PORT, loglevel)
 
 
 @main.command()
@@ -144,10 +175,9 @@ def outcomes(loglevel: str) -> None:
     settings = load_settings()
     if not settings.database_url:
         raise click.ClickException("DATABASE_URL is not set")
-    _configure_logging(loglevel)
-    run_worker(
-        build_outcome_app(settings, _need_bootstrap(settings), settings.database_url), loglevel
-    )
+    _configure_logging(loglevel, settings.log_format)
+    app = build_outcome_app(settings, _need_bootstrap(settings), settings.database_url)
+    run_worker(app, settings, OUTCOMES_METRICS_PORT, loglevel)
 
 
 @main.group("model-worker")
@@ -167,7 +197,7 @@ def model_worker_replay(models: tuple[str, ...], loglevel: str) -> None:
 
     settings = load_settings()
     data = Path(settings.replay_data_path) if settings.replay_data_path else shipped_sample_path()
-    _configure_logging(loglevel)
+    _configure_logging(loglevel, settings.log_format)
     answerer = ReplayAnswerer(load_routerbench(data), settings.replay_latency_ms)
     try:
         app = build_model_worker_app(
@@ -175,7 +205,7 @@ def model_worker_replay(models: tuple[str, ...], loglevel: str) -> None:
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    run_worker(app, loglevel)
+    run_worker(app, settings, MODEL_WORKER_METRICS_PORT, loglevel)
 
 
 @model_worker.command("openai")
@@ -188,7 +218,7 @@ def model_worker_openai(models: tuple[str, ...], loglevel: str) -> None:
     from workers.stream.openai_worker import ChatAnswerer
 
     settings = load_settings()
-    _configure_logging(loglevel)
+    _configure_logging(loglevel, settings.log_format)
     try:
         app = build_model_worker_app(
             "openai",
@@ -200,7 +230,7 @@ def model_worker_openai(models: tuple[str, ...], loglevel: str) -> None:
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    run_worker(app, loglevel)
+    run_worker(app, settings, MODEL_WORKER_METRICS_PORT, loglevel)
 
 
 @main.command()

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     openai_max_concurrency: PositiveInt = 16
     openai_log_prompts: bool = False
 
+    # Operations: each worker's Prometheus port (0: none; unset: 9101 router,
+    # 9102 outcome writer, 9103 model worker) and the log format.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    log_format: Literal["text", "json"] = "text"
+
     # Kafka.
     kafka_partitions: PositiveInt = 4
     kafka_replication_factor: PositiveInt = 1

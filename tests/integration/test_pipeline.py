@@ -8,16 +8,19 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
 from schemas import Assignment, DeadLetter, Outcome, PredictedQuery, QueryEvent, WindowReport
+from workers.cli import MODEL_WORKER_METRICS_PORT, OUTCOMES_METRICS_PORT, ROUTER_METRICS_PORT
 from workers.config import Settings
 from workers.db.models import OutcomeRow
 from workers.demo import workers
@@ -73,6 +76,19 @@ def outcome_rows(engine: sa.Engine, prefix: str) -> list[OutcomeRow]:
         return list(
             session.scalars(sa.select(OutcomeRow).where(OutcomeRow.query_id.like(f"{prefix}%")))
         )
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A worker's /metrics: each sample summed over its labels, and by dead-letter kind
+    under "<name>|<reason>"."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    totals: dict[str, float] = defaultdict(float)
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            totals[sample.name] += sample.value
+            if "reason" in sample.labels:
+                totals[f"{sample.name}|{sample.labels['reason']}"] += sample.value
+    return totals
 
 
 def read_all(bootstrap: str, topic: str) -> list[bytes]:
@@ -203,6 +219,27 @@ def test_queries_are_routed_answered_stored_and_learned_from(
             produce_values(broker, names["queries"], [(again.query_id, again.model_dump_json())])
         )
         wait_for(lambda: len(outcome_rows(engine, f"{run}-again")) == 1, 60, "the repeated query")
+
+        # Each worker's /metrics counts what happened above.
+        reports = [WindowReport.model_validate_json(r) for r in read_all(broker, names["windows"])]
+        router = scrape(ROUTER_METRICS_PORT)
+        assert router["omnirouter_queries_total"] == len(queries) + 2  # + the duplicate, again
+        assert router["omnirouter_assignments_total"] == len(queries) + 1
+        assert router["omnirouter_windows_total"] == len(reports)
+        assert router["omnirouter_window_solve_seconds_count"] == len(reports)
+        assert router["omnirouter_predicted_spend_usd_total"] == pytest.approx(
+            sum(r.predicted_spend_usd for r in reports)
+        )
+        for kind in ("not_json", "schema", "unknown_pool", "invalid_utf8"):
+            assert router[f"omnirouter_dead_letters_total|{kind}"] == 1, kind
+        writer = scrape(OUTCOMES_METRICS_PORT)
+        assert writer["omnirouter_outcomes_written_total"] == len(queries) + 2  # + late, again
+        assert writer["omnirouter_dead_letters_total|unknown_model"] == 1
+        assert writer["omnirouter_dead_letters_total|unknown_query"] == 1
+        assert writer["omnirouter_outcome_write_seconds_count"] >= 1
+        assert "omnirouter_consumer_lag_messages" in writer
+        answered = scrape(MODEL_WORKER_METRICS_PORT)["omnirouter_answers_total"]
+        assert answered == len(queries) + 1
     predictions = {
         p.query.query_id: p
         for p in map(PredictedQuery.model_validate_json, read_all(broker, names["predicted"]))

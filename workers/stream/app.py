@@ -22,6 +22,8 @@ import faust
 from faust.types import EventT, StreamT, TopicT
 
 from workers.config import Settings
+from workers.logs import logging_config
+from workers.stream import metrics
 from workers.stream.codec import BadEvent, dead_letter, encode
 from workers.stream.security import faust_credentials
 from workers.stream.transport import FETCH_MAX_WAIT_ATTRIBUTE
@@ -56,6 +58,7 @@ def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.A
         datadir=str(datadir),
     )
     setattr(app, FETCH_MAX_WAIT_ATTRIBUTE, settings.kafka_fetch_max_wait_ms)
+    metrics.track_consumer_lag(app)
     return app
 
 
@@ -122,11 +125,21 @@ async def send_dead_letter(event: EventT, reason: str, deadletter: TopicT) -> No
     log.warning(
         "dead letter from %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
     )
+    metrics.DEAD_LETTERS.labels(message.topic, metrics.reason_kind(reason)).inc()
     letter = dead_letter(message.value, message.topic, message.partition, message.offset, reason)
     await deadletter.send(key=message.key, value=encode(letter))
 
 
-def run_worker(app: faust.App, loglevel: str = "info") -> None:
-    """Run the app until SIGTERM or SIGINT, then stop it cleanly (Faust's Worker)."""
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+def run_worker(
+    app: faust.App, settings: Settings, default_metrics_port: int, loglevel: str
+) -> None:
+    """Serve the metrics, then run the app until SIGTERM or SIGINT and stop it
+    cleanly (Faust's Worker)."""
+    metrics.serve(default_metrics_port if settings.metrics_port is None else settings.metrics_port)
+    worker = faust.Worker(
+        app,
+        loglevel=loglevel,
+        quiet=True,
+        logging_config=logging_config(loglevel, settings.log_format),
+    )
     worker.execute_from_commandline()

@@ -8,6 +8,7 @@ openai_worker.py), in the manner of one class per router behind one interface.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -17,8 +18,11 @@ from faust.types import StreamT
 
 from schemas import Assignment, ModelResponse, Outcome
 from workers.config import Settings
+from workers.stream import metrics
 from workers.stream.app import Topics, batches, decode_or_dead_letter, make_app
 from workers.stream.codec import decode, encode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,13 @@ def build_model_worker_app(
             sent = []
             for assignment, result in zip(assignments, answers, strict=True):
                 outcome, response = result.events(assignment)
+                metrics.ANSWERS.labels(assignment.model, "error" if outcome.error else "ok").inc()
+                log.debug(
+                    "answered %s with %s",
+                    assignment.query_id,
+                    assignment.model,
+                    extra={"query_id": assignment.query_id, "window_id": assignment.window_id},
+                )
                 key = assignment.query_id.encode()
                 sent.append(await topics.responses.send(key=key, value=encode(response)))
                 sent.append(await topics.outcomes.send(key=key, value=encode(outcome)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 
 import faust
@@ -24,6 +25,7 @@ from schemas import Outcome
 from workers.config import Settings
 from workers.db.repository import stored_query_ids, upsert_outcomes
 from workers.routing.embedder import Embedder, SentenceEmbedder
+from workers.stream import metrics
 from workers.stream.app import (
     Topics,
     batches,
@@ -76,7 +78,15 @@ def build_outcome_app(
             )
             if not valid:
                 continue
-            unknown = await write_with_retry([outcome for _, outcome in valid])
+            outcomes = [outcome for _, outcome in valid]
+            unknown = await write_with_retry(outcomes)
+            written = [o for o in outcomes if o.query_id not in unknown]
+            metrics.observe_outcomes(written)
+            log.debug(
+                "wrote %d outcomes",
+                len(written),
+                extra={"query_ids": sorted({o.query_id for o in written})},
+            )
             for event, outcome in valid:
                 if outcome.query_id in unknown:
                     reason = f"outcome for unknown query {outcome.query_id!r} without its text"
@@ -85,9 +95,11 @@ def build_outcome_app(
     async def write_with_retry(outcomes: list[Outcome]) -> set[str]:
         delay, attempt = 0.5, 1
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         while True:
             try:
                 unknown = await loop.run_in_executor(None, write, outcomes)
+                metrics.OUTCOME_WRITE_SECONDS.observe(time.monotonic() - started)
                 if attempt > 1:
                     log.info("wrote %d outcomes after %d attempts", len(outcomes), attempt)
                 return unknown
@@ -98,6 +110,7 @@ def build_outcome_app(
                     delay,
                     exc.orig,
                 )
+                metrics.OUTCOME_WRITE_RETRIES.inc()
                 await asyncio.sleep(delay)
                 delay, attempt = min(delay * 2, MAX_RETRY_SECONDS), attempt + 1
 

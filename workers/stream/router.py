@@ -41,6 +41,7 @@ from workers.routing.embedder import Embedder, SentenceEmbedder
 from workers.routing.predictor import HybridPredictor, KnnSettings, fit_hybrid
 from workers.routing.store import OutcomeRecord, RetrievalStore
 from workers.routing.windows import WindowBounds, route_window
+from workers.stream import metrics
 from workers.stream.app import Topics, batches, decode_or_dead_letter, make_app
 from workers.stream.codec import BadEvent, decode, encode
 
@@ -207,6 +208,8 @@ def build_router_app(
             valid = [query for _, query in decoded]
             if not valid:
                 continue
+            for query in valid:
+                metrics.QUERIES_IN.labels(query.pool).inc()
             sent = [
                 await topics.predicted.send(key=p.query.pool.encode(), value=encode(p))
                 for p in await state.predict(valid)
@@ -283,10 +286,17 @@ def build_router_app(
             remember(assignment.query_id, partition_of[assignment.query_id], PUBLISHED)
         if fresh:
             await topics.windows.send(key=pool.encode(), value=encode(report))
+            metrics.observe_window(report, assignments)
             log.info(
                 "window %s: %d queries, status %s, predicted spend $%.6f of %s, solved in %.1f ms",
                 bounds.window_id, report.query_count, report.solver_status,
                 report.predicted_spend_usd, report.window_budget_usd, report.solve_seconds * 1000,
+                extra={
+                    "window_id": bounds.window_id,
+                    "pool": pool,
+                    "query_ids": [a.query_id for a in assignments],
+                    "models": [a.model for a in assignments],
+                },
             )  # fmt: skip
 
     def remember(query_id: str, partition: int, value: bytes) -> None:

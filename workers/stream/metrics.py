@@ -1,0 +1,143 @@
+"""Prometheus metrics of every worker, served on its METRICS_PORT at /metrics.
+
+Operators read from them whether routing saves money without losing quality:
+spend predicted at routing time against the budget, then against what the
+outcomes say was spent; predicted quality against realised quality per model
+(calibration). Ratios are left to PromQL (sum / count), so every metric here
+is a plain counter, histogram or gauge. What each one means: README, Operations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import faust
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from schemas import Assignment, Outcome, WindowReport
+
+log = logging.getLogger(__name__)
+
+QUERIES_IN = Counter("omnirouter_queries_total", "Valid queries read by the router", ["pool"])
+DEAD_LETTERS = Counter(
+    "omnirouter_dead_letters_total", "Events sent to the dead-letter topic", ["topic", "reason"]
+)
+ASSIGNMENTS = Counter(
+    "omnirouter_assignments_total", "Queries assigned (decided once each)", ["model", "pool"]
+)
+PREDICTED_QUALITY = Counter(
+    "omnirouter_predicted_quality_sum",
+    "Sum of the predicted quality of assigned queries (divide by assignments)",
+    ["model", "pool"],
+)
+WINDOW_SOLVE_SECONDS = Histogram(
+    "omnirouter_window_solve_seconds",
+    "Time to solve one pool's window",
+    ["pool"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+WINDOW_QUERIES = Histogram(
+    "omnirouter_window_queries",
+    "Queries in one pool's window",
+    ["pool"],
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000),
+)
+WINDOWS = Counter("omnirouter_windows_total", "Windows solved", ["pool", "status"])
+WINDOW_BUDGET_USD = Counter(
+    "omnirouter_window_budget_usd_total", "Budget of the windows solved (budget mode)", ["pool"]
+)
+PREDICTED_SPEND_USD = Counter(
+    "omnirouter_predicted_spend_usd_total", "Spend predicted for the windows solved", ["pool"]
+)
+REALISED_SPEND_USD = Counter(
+    "omnirouter_realised_spend_usd_total", "Cost reported by outcomes written", ["model", "pool"]
+)
+REALISED_QUALITY = Counter(
+    "omnirouter_realised_quality_sum",
+    "Sum of the quality scores of outcomes written (divide by scored outcomes)",
+    ["model", "pool"],
+)
+SCORED_OUTCOMES = Counter(
+    "omnirouter_scored_outcomes_total", "Outcomes written with a quality score", ["model", "pool"]
+)
+ANSWERS = Counter(
+    "omnirouter_answers_total", "Assignments a model worker answered", ["model", "result"]
+)
+OUTCOMES_WRITTEN = Counter("omnirouter_outcomes_written_total", "Outcomes written to PostgreSQL")
+OUTCOME_WRITE_SECONDS = Histogram(
+    "omnirouter_outcome_write_seconds", "Time to write one batch of outcomes, retries included"
+)
+OUTCOME_WRITE_RETRIES = Counter(
+    "omnirouter_outcome_write_retries_total", "Outcome batch writes retried (database unavailable)"
+)
+CONSUMER_LAG = Gauge(
+    "omnirouter_consumer_lag_messages",
+    "Messages in a partition not yet committed by this worker's group",
+    ["topic", "partition"],
+)
+
+# First match wins: a dead letter's reason, as a label with few values.
+_REASON_KINDS = (
+    ("not JSON", "not_json"),
+    ("invalid UTF-8", "invalid_utf8"),
+    ("empty message", "empty"),
+    ("ROUTER_MAX_TEXT_CHARS", "text_too_long"),
+    ("unknown pool", "unknown_pool"),
+    ("hints.allowed_models", "hints"),
+    ("unknown model", "unknown_model"),
+    ("unknown query", "unknown_query"),
+    ("invalid ", "schema"),
+)
+
+
+def reason_kind(reason: str) -> str:
+    return next((kind for text, kind in _REASON_KINDS if text in reason), "other")
+
+
+def serve(port: int) -> None:
+    """Serve /metrics on `port` (0: not at all). A port in use costs the metrics,
+    not the worker."""
+    if port == 0:
+        return
+    try:
+        start_http_server(port)
+    except OSError as exc:
+        log.error("metrics: cannot listen on port %d (%s); set METRICS_PORT", port, exc)
+        return
+    log.info("metrics on http://0.0.0.0:%d/metrics", port)
+
+
+def observe_window(report: WindowReport, assignments: Sequence[Assignment]) -> None:
+    pool = report.pool
+    WINDOWS.labels(pool, report.solver_status).inc()
+    WINDOW_SOLVE_SECONDS.labels(pool).observe(report.solve_seconds)
+    WINDOW_QUERIES.labels(pool).observe(report.query_count)
+    PREDICTED_SPEND_USD.labels(pool).inc(report.predicted_spend_usd)
+    if report.window_budget_usd is not None:
+        WINDOW_BUDGET_USD.labels(pool).inc(report.window_budget_usd)
+    for assignment in assignments:
+        ASSIGNMENTS.labels(assignment.model, pool).inc()
+        PREDICTED_QUALITY.labels(assignment.model, pool).inc(assignment.predicted_quality)
+
+
+def observe_outcomes(outcomes: Sequence[Outcome]) -> None:
+    OUTCOMES_WRITTEN.inc(len(outcomes))
+    for outcome in outcomes:
+        if outcome.cost_usd is not None:
+            REALISED_SPEND_USD.labels(outcome.model, outcome.pool).inc(outcome.cost_usd)
+        if outcome.quality_score is not None:
+            SCORED_OUTCOMES.labels(outcome.model, outcome.pool).inc()
+            REALISED_QUALITY.labels(outcome.model, outcome.pool).inc(outcome.quality_score)
+
+
+def track_consumer_lag(app: faust.App, every_seconds: float = 5.0) -> None:
+    """Publish each partition's lag from Faust's own monitor (end offset seen in
+    fetches minus the group's committed offset)."""
+
+    @app.timer(every_seconds)
+    async def consumer_lag() -> None:
+        monitor = app.monitor
+        for tp, end in monitor.tp_end_offsets.items():
+            committed = monitor.tp_committed_offsets.get(tp, 0)
+            CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, end - committed))
