@@ -170,6 +170,10 @@ def run_demo(settings: Settings, state_dir: Path) -> int:
             f"(35% of the dearest model), windows of {WINDOW_SECONDS:.0f}s"
         )
         with workers(env, state_dir / "logs") as processes:
+            click.echo(
+                "[demo] metrics: http://127.0.0.1:9101/metrics (router), :9102 (outcome writer), "
+                ":9103 (model worker)"
+            )
             queries = query_events(live, run_id)
             click.echo(f"[demo] replaying {len(queries)} queries at {REPLAY_RATE_QPS:.0f}/s ...")
             asyncio.run(

@@ -1,15 +1,21 @@
-"""docker-compose.yml parses and only runs commands the CLI really has."""
+"""docker-compose.yml parses and only runs commands the CLI really has; the Prometheus
+config and the Grafana dashboard match the metrics the workers serve."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import click
 import yaml
+from prometheus_client import REGISTRY
 
-from workers.cli import main
+from workers.cli import MODEL_WORKER_METRICS_PORT, OUTCOMES_METRICS_PORT, ROUTER_METRICS_PORT, main
 
-COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+OPS = ROOT / "ops"
 
 
 def resolve(command: list[str]) -> click.Command:
@@ -40,3 +46,50 @@ def test_every_worker_command_exists_in_the_cli() -> None:
         assert "KAFKA_BOOTSTRAP_SERVERS" in service["environment"], name
         resolved = resolve(service["command"])
         assert not isinstance(resolved, click.Group), f"{name}: {service['command']} is a group"
+
+
+def exposed_metric_names() -> set[str]:
+    """Every sample name the workers' /metrics can carry (prometheus_client adds the
+    _total of counters and the _bucket/_count/_sum of histograms)."""
+    import workers.stream.metrics  # noqa: F401  (registers the metrics)
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""]}
+    return {
+        family.name + suffix
+        for family in REGISTRY.collect()
+        if family.name.startswith("omnirouter_")
+        for suffix in suffixes[family.type]
+    }
+
+
+def test_the_dashboard_queries_only_metrics_the_workers_serve() -> None:
+    dashboard = json.loads((OPS / "grafana" / "dashboards" / "omnirouter.json").read_text())
+    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for expr in expressions for name in re.findall(r"omnirouter_[a-z_]+", expr)}
+    served = exposed_metric_names()
+    assert used <= served, sorted(used - served)
+    # Every metric the workers serve is on the dashboard, in some form.
+    families = {re.sub(r"_(total|bucket|count|sum)$", "", name) for name in served}
+    assert {re.sub(r"_(total|bucket|count|sum)$", "", name) for name in used} == families
+
+
+def test_prometheus_scrapes_every_worker_on_its_metrics_port() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert {"prometheus", "grafana"} <= set(services)
+    config = yaml.safe_load((OPS / "prometheus.yml").read_text())
+    scraped = {
+        name: sd["port"]
+        for job in config["scrape_configs"]
+        for sd in job["dns_sd_configs"]
+        for name in sd["names"]
+    }
+    expected_port = {
+        "router": ROUTER_METRICS_PORT,
+        "outcomes": OUTCOMES_METRICS_PORT,
+        "model-worker": MODEL_WORKER_METRICS_PORT,
+    }
+    workers = {name: s for name, s in services.items() if "command" in s and "build" in s}
+    for name, service in workers.items():
+        role = service["command"][0]
+        if role in expected_port:
+            assert scraped.get(name) == expected_port[role], name

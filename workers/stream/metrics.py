@@ -27,7 +27,7 @@ ASSIGNMENTS = Counter(
     "omnirouter_assignments_total", "Queries assigned (decided once each)", ["model", "pool"]
 )
 PREDICTED_QUALITY = Counter(
-    "omnirouter_predicted_quality_sum",
+    "omnirouter_predicted_quality_total",
     "Sum of the predicted quality of assigned queries (divide by assignments)",
     ["model", "pool"],
 )
@@ -54,7 +54,7 @@ REALISED_SPEND_USD = Counter(
     "omnirouter_realised_spend_usd_total", "Cost reported by outcomes written", ["model", "pool"]
 )
 REALISED_QUALITY = Counter(
-    "omnirouter_realised_quality_sum",
+    "omnirouter_realised_quality_total",
     "Sum of the quality scores of outcomes written (divide by scored outcomes)",
     ["model", "pool"],
 )
