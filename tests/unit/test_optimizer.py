@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -99,6 +100,22 @@ def test_exact_solve_out_of_time_still_assigns_every_query() -> None:
     assert plan.status == "time_limited"
     assert len(plan.assignment) == 3000
     assert problem.meets_limit(plan.assignment)
+
+
+def test_the_fast_path_ends_on_an_exact_tie_that_needs_a_tiny_multiplier() -> None:
+    """Regression: equal qualities of 0, the dear model first. At multiplier 0 the tie
+    picks the dear model (over budget); every positive multiplier, however small,
+    picks the cheap one, so the bisection drove its upper end down to 5e-324 and
+    then spun on a midpoint of 0. Run in a daemon thread so a hang fails the test."""
+    problem = WindowProblem(
+        np.array([[0.0, 0.0]]), np.array([[2.0, 1.0]]), mode="budget", window_budget_usd=1.0
+    )
+    plans: list[WindowPlan] = []
+    worker = threading.Thread(target=lambda: plans.append(solve_fast(problem)), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert plans, "solve_fast did not return within 10 s"
+    assert plans[0].assignment.tolist() == [1] and plans[0].total_cost_usd == 1.0
 
 
 def test_same_input_gives_the_same_plan() -> None:

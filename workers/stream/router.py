@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -48,12 +49,29 @@ from workers.stream.codec import BadEvent, decode, encode
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-PUBLISHED = b"P"
+PUBLISHED = b"P"  # followed by "<changelog partition>:<unix time>"
 DECIDED = b"D"  # followed by the assignment's JSON
 # A transaction stamps its rows with its start time and may commit after a read
 # that started later; each read goes back this far, and re-reading is harmless.
 REFRESH_OVERLAP = timedelta(seconds=5)
 REFRESH_CHUNK = 5000
+
+
+def published_marker(partition: int, at: float) -> bytes:
+    return PUBLISHED + f"{partition}:{at:.0f}".encode()
+
+
+def forgettable(value: bytes, cutoff: float) -> int | None:
+    """The changelog partition of a published marker older than `cutoff`, so its
+    entry can be deleted; None for anything to keep. Decisions not yet marked
+    published are kept: a restart must re-send them."""
+    if not value.startswith(PUBLISHED):
+        return None
+    try:
+        partition, at = value[len(PUBLISHED) :].decode().split(":")
+        return int(partition) if float(at) < cutoff else None
+    except ValueError:
+        return None
 
 
 def validate_query(raw: bytes | None, settings: Settings) -> QueryEvent:
@@ -193,6 +211,21 @@ def build_router_app(
         if count:
             log.info("retrieval store: +%d outcomes, %d queries", count, len(state.predictor.store))
 
+    @app.timer(min(settings.router_dedup_horizon_seconds / 4, 300.0))
+    async def forget_old_decisions() -> None:
+        """Query ids published longer ago than ROUTER_DEDUP_HORIZON_SECONDS leave the
+        table (and its changelog), so its memory stays bounded."""
+        cutoff = time.time() - settings.router_dedup_horizon_seconds
+        forgotten = 0
+        for key, value in list(routed.data.items()):
+            partition = forgettable(value, cutoff)
+            if partition is not None:
+                del routed.data[key]
+                routed.send_changelog(partition, key, None)
+                forgotten += 1
+        if forgotten:
+            log.info("forgot %d query ids published before the de-duplication horizon", forgotten)
+
     @app.timer(settings.router_refit_seconds)
     async def refit() -> None:
         await state.refit()
@@ -248,7 +281,7 @@ def build_router_app(
         for event, predicted in items:
             query_id = predicted.query.query_id
             recorded = routed.get(query_id.encode())
-            if query_id in seen or recorded == PUBLISHED:
+            if query_id in seen or (recorded is not None and recorded.startswith(PUBLISHED)):
                 log.info("duplicate query_id %s skipped", query_id)
             elif recorded is not None:
                 resend.append(Assignment.model_validate_json(recorded[len(DECIDED) :]))
@@ -283,7 +316,11 @@ def build_router_app(
         ]
         await asyncio.gather(*sent)
         for assignment in outgoing:
-            remember(assignment.query_id, partition_of[assignment.query_id], PUBLISHED)
+            remember(
+                assignment.query_id,
+                partition_of[assignment.query_id],
+                published_marker(partition_of[assignment.query_id], time.time()),
+            )
         if fresh:
             await topics.windows.send(key=pool.encode(), value=encode(report))
             metrics.observe_window(report, assignments)
