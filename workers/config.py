@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     # A query id published longer ago than this is forgotten: a producer's
     # duplicate after it is routed again (bounds the router's memory).
     router_dedup_horizon_seconds: float = Field(default=86_400.0, gt=0)
-    router_predict_batch: PositiveInt = 64
+    router_predict_batch: PositiveInt = 256
     router_store_refresh_seconds: float = Field(default=5.0, gt=0)
     router_refit_seconds: float = Field(default=300.0, gt=0)
     # Heads are refitted on at most this many of the newest stored queries.
