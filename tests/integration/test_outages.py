@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,6 +115,43 @@ def test_the_router_rides_out_a_broker_outage(
             for raw in asyncio.run(read_topic(bootstrap, NAMES["windows"]))
         ]
         assert max(r.query_count for r in reports) <= MAX_WINDOW_QUERIES  # the limit holds
+        assert router.poll() is None
+    finally:
+        router.terminate()
+        router.wait(timeout=30)
+
+
+RESTART_COMMAND = os.environ.get("OMNIROUTER_TEST_BROKER_RESTART_COMMAND", "")
+
+
+@pytest.mark.skipif(
+    not (RESTART_COMMAND and os.environ.get("KAFKA_BOOTSTRAP_SERVERS")),
+    reason="a broker restart needs a broker that keeps its data: the local one keeps it in "
+    "memory only. Set KAFKA_BOOTSTRAP_SERVERS and OMNIROUTER_TEST_BROKER_RESTART_COMMAND "
+    "(e.g. 'docker compose restart kafka') to run it",
+)
+def test_the_router_rides_out_a_broker_restart(postgres_url: str, tmp_path: Path) -> None:
+    bootstrap = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+    asyncio.run(create_topics(SETTINGS, bootstrap))
+    run = f"restart-{uuid.uuid4().hex[:6]}"  # the broker may hold earlier runs' queries
+    before, after = queries(f"{run}-before", 150), queries(f"{run}-after", 150)
+    produced = {q.query_id for q in before + after}
+
+    def routed_here() -> int:
+        return len(set(decisions(bootstrap, ROUTES)) & produced)
+
+    log = tmp_path / "router.log"
+    router = start_worker("router", worker_env(bootstrap, postgres_url), log)
+    try:
+        asyncio.run(produce_queries(bootstrap, NAMES["queries"], before, 0))
+        wait_until(lambda: routed_here() >= 50, 120, "routing started")
+        subprocess.run(RESTART_COMMAND, shell=True, check=True, timeout=300)
+        asyncio.run(produce_queries(bootstrap, NAMES["queries"], after, 0))
+        wait_until(lambda: routed_here() == len(produced), 300, f"all routed (log {log})")
+        time.sleep(2)
+        published = {q: d for q, d in decisions(bootstrap, ROUTES).items() if q in produced}
+        doubled = {q: set(d) for q, d in published.items() if len(set(d)) > 1}
+        assert not doubled, doubled
         assert router.poll() is None
     finally:
         router.terminate()
