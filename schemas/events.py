@@ -8,9 +8,9 @@ and consumers in other languages to schemas/jsonschema/.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION: Literal[1] = 1
 MAX_ID_LENGTH = 200
@@ -18,6 +18,14 @@ MAX_ID_LENGTH = 200
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _assume_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+# A time without a zone is taken as UTC, so times from any producer compare.
+UtcDatetime = Annotated[datetime, AfterValidator(_assume_utc)]
 
 
 class Event(BaseModel):
@@ -43,7 +51,7 @@ class QueryEvent(Event):
     query_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     text: str = Field(min_length=1)
     pool: str = Field(default="default", min_length=1, max_length=MAX_ID_LENGTH)
-    created_at: datetime = Field(default_factory=utc_now)
+    created_at: UtcDatetime = Field(default_factory=utc_now)
     hints: QueryHints | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
 
@@ -110,7 +118,7 @@ class Outcome(Event):
     latency_ms: float | None = Field(default=None, ge=0)
     error: str | None = None
     text: str | None = None  # the query text, so the store can embed it
-    created_at: datetime = Field(default_factory=utc_now)
+    created_at: UtcDatetime = Field(default_factory=utc_now)
 
 
 class ModelResponse(Event):
@@ -144,7 +152,7 @@ class DeadLetter(Event):
     source_offset: int
     reason: str
     raw_base64: str
-    created_at: datetime = Field(default_factory=utc_now)
+    created_at: UtcDatetime = Field(default_factory=utc_now)
 
 
 ALL_EVENTS: tuple[type[Event], ...] = (

@@ -8,7 +8,7 @@ import pytest
 
 from schemas import PredictedQuery, QueryEvent, QueryHints
 from workers.config import PoolPolicy
-from workers.routing.windows import WindowBounds, route_window, window_budget_usd
+from workers.routing.windows import WindowBounds, route_window, traffic_span, window_budget_usd
 
 MODELS = ["cheap", "mid", "dear"]
 START = datetime(2026, 11, 24, tzinfo=UTC)
@@ -104,3 +104,48 @@ def test_a_hint_holds_in_quality_mode_and_in_the_fallback_plans(solver: str) -> 
         )
         assert [a.model for a in assignments] == ["mid", "dear"], report.solver_status
         assert report.predicted_spend_usd == pytest.approx(0.11)
+
+
+# ---------------------------------------------------------------- traffic span
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+FIVE_SECONDS = timedelta(seconds=5)
+
+
+def at(*seconds: float) -> list[datetime]:
+    return [T0 + timedelta(seconds=s) for s in seconds]
+
+
+def test_windows_of_steady_traffic_tile_production_time() -> None:
+    first = traffic_span(at(0.1, 2.0, 4.9), None, FIVE_SECONDS)
+    second = traffic_span(at(5.3, 9.8), first[1], FIVE_SECONDS)
+    assert second == (first[1], T0 + timedelta(seconds=9.8))  # starts where the last ended
+
+
+def test_after_an_idle_spell_a_window_earns_one_window_length() -> None:
+    start, end = traffic_span(at(100.0), T0, FIVE_SECONDS)
+    assert (end - start) == FIVE_SECONDS
+
+
+def test_the_first_window_begins_one_mean_gap_before_its_first_query() -> None:
+    start, end = traffic_span(at(1.0, 2.0, 3.0), None, FIVE_SECONDS)
+    assert (start, end) == (T0, T0 + timedelta(seconds=3))
+
+
+def test_a_backlog_read_late_brings_the_budget_of_the_time_it_was_produced_in() -> None:
+    # 12 s of traffic read in one window after a restart: its span is the 12 s, not 5.
+    start, end = traffic_span(at(10.0, 16.0, 22.0), T0 + timedelta(seconds=9.9), FIVE_SECONDS)
+    assert (end - start).total_seconds() == pytest.approx(12.1)
+
+
+def test_clock_skew_never_leaves_a_window_without_budget() -> None:
+    # The previous window ended after this one's queries were made (another producer's clock).
+    start, end = traffic_span(at(3.0), T0 + timedelta(seconds=8), FIVE_SECONDS)
+    assert (end - start) == FIVE_SECONDS
+
+
+def test_a_time_without_a_zone_is_taken_as_utc() -> None:
+    query = QueryEvent.model_validate(
+        {"query_id": "q", "text": "t", "created_at": "2026-01-01T00:00:05"}
+    )
+    assert query.created_at == T0 + FIVE_SECONDS

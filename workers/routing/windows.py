@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import numpy as np
 from numpy.typing import NDArray
@@ -27,6 +27,24 @@ class WindowBounds:
     @property
     def seconds(self) -> float:
         return max((self.end - self.start).total_seconds(), 0.0)
+
+
+def traffic_span(
+    created: Sequence[datetime], previous_end: datetime | None, window_length: timedelta
+) -> tuple[datetime, datetime]:
+    """The stretch of production time a window's queries stand for, which an hourly
+    budget is shared by: from the previous window's last query to this one's
+    last. Windows of steady traffic tile time; a backlog read late (a restart, a
+    lag) brings the budget of the time it was produced in, not just the window's.
+    With no previous query close by (the start, an idle spell), the window begins
+    one mean gap between its queries before its first (one window length for a
+    lone query)."""
+    first, last = min(created), max(created)
+    gap = (last - first) / (len(created) - 1) if len(created) > 1 else window_length
+    start = first - min(gap, window_length)
+    if previous_end is not None and start < previous_end < last:
+        start = previous_end
+    return start, last
 
 
 def window_budget_usd(policy: PoolPolicy, bounds: WindowBounds, queries: int) -> float | None:

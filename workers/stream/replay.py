@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -39,7 +40,9 @@ async def produce_queries(
     security: Mapping[str, Any] | None = None,
 ) -> float:
     """Produce at a steady rate (0: as fast as possible), keyed by query_id; return
-    the seconds it took. Returns once the broker acknowledged every query.
+    the seconds it took. Returns once the broker acknowledged every query. Each
+    query's created_at is the moment it is sent, as for live traffic (hourly
+    budgets follow it).
     `security`: workers.stream.security.aiokafka_options, for a secured cluster."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5, **(security or {})
@@ -53,8 +56,9 @@ async def produce_queries(
                 due = started + number / rate_per_second
                 if (wait := due - time.monotonic()) > 0:
                     await asyncio.sleep(wait)
+            sent = query.model_copy(update={"created_at": datetime.now(UTC)})  # as live
             pending.append(
-                await producer.send(topic, key=query.query_id.encode(), value=encode(query))
+                await producer.send(topic, key=sent.query_id.encode(), value=encode(sent))
             )
             if number % 100 == 0:
                 progress(number)

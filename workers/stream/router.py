@@ -41,7 +41,7 @@ from workers.db.repository import iter_outcomes
 from workers.routing.embedder import Embedder, SentenceEmbedder
 from workers.routing.predictor import HybridPredictor, KnnSettings, fit_hybrid
 from workers.routing.store import OutcomeRecord, RetrievalStore
-from workers.routing.windows import WindowBounds, route_window
+from workers.routing.windows import WindowBounds, route_window, traffic_span
 from workers.stream import metrics
 from workers.stream.app import Topics, batches, decode_or_dead_letter, make_app
 from workers.stream.codec import BadEvent, decode, encode
@@ -249,28 +249,29 @@ def build_router_app(
             ]
             await asyncio.gather(*sent)
 
-    window_opened = datetime.now(UTC)
     window_length = timedelta(seconds=settings.router_window_seconds)
+    last_query_created: dict[str, datetime] = {}  # pool -> its latest window's last query
 
     @app.agent(topics.predicted)
     async def solve_windows(stream: StreamT[bytes]) -> None:
-        nonlocal window_opened
         async for events in batches(
             stream, settings.router_max_window_queries, settings.router_window_seconds
         ):
             closed = datetime.now(UTC)
-            # An idle spell earns no budget: a window is at most its configured length.
-            window_opened = max(window_opened, closed - window_length)
             by_pool: dict[str, list[tuple[EventT, PredictedQuery]]] = defaultdict(list)
             for event in events:
                 predicted = PredictedQuery.model_validate_json(event.message.value or b"")
                 by_pool[predicted.query.pool].append((event, predicted))
             for pool, items in by_pool.items():
-                bounds = WindowBounds(
-                    f"{pool}:{closed.isoformat()}:{uuid.uuid4().hex[:8]}", window_opened, closed
+                # Budgets per hour follow the time the queries were produced in.
+                start, end = traffic_span(
+                    [p.query.created_at for _, p in items],
+                    last_query_created.get(pool),
+                    window_length,
                 )
-                await publish_window(pool, items, bounds)
-            window_opened = closed
+                last_query_created[pool] = max(end, last_query_created.get(pool, end))
+                window_id = f"{pool}:{closed.isoformat()}:{uuid.uuid4().hex[:8]}"
+                await publish_window(pool, items, WindowBounds(window_id, start, end))
 
     async def publish_window(
         pool: str, items: list[tuple[EventT, PredictedQuery]], bounds: WindowBounds
