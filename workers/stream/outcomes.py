@@ -59,14 +59,17 @@ def build_outcome_app(
     text_embedder = embedder or SentenceEmbedder()
 
     def write(outcomes: Sequence[Outcome]) -> set[str]:
-        """Store the outcomes; return the query ids refused as unknown (no text, no row)."""
+        """Store the outcomes; return the query ids refused as unknown (no text, no row).
+        The embedding runs outside the write's transaction, which stays short."""
+        textless = {o.query_id for o in outcomes if not o.text}
+        with Session(engine) as session:
+            stored = stored_query_ids(session, textless)
+        known = {o.query_id for o in outcomes if o.text} | stored
+        kept = [o for o in outcomes if o.query_id in known]
+        texts = [o.text for o in kept if o.text]
+        vectors = iter(text_embedder.embed(texts)) if texts else iter(())
+        embeddings: list[np.ndarray | None] = [next(vectors) if o.text else None for o in kept]
         with Session(engine) as session, session.begin():
-            textless = {o.query_id for o in outcomes if not o.text}
-            known = {o.query_id for o in outcomes if o.text} | stored_query_ids(session, textless)
-            kept = [o for o in outcomes if o.query_id in known]
-            texts = [o.text for o in kept if o.text]
-            vectors = iter(text_embedder.embed(texts)) if texts else iter(())
-            embeddings: list[np.ndarray | None] = [next(vectors) if o.text else None for o in kept]
             upsert_outcomes(session, kept, embeddings)
         return textless - known
 

@@ -316,12 +316,10 @@ def build_router_app(
             for a in outgoing
         ]
         await asyncio.gather(*sent)
+        published_at = time.time()
         for assignment in outgoing:
-            remember(
-                assignment.query_id,
-                partition_of[assignment.query_id],
-                published_marker(partition_of[assignment.query_id], time.time()),
-            )
+            partition = partition_of[assignment.query_id]
+            remember(assignment.query_id, partition, published_marker(partition, published_at))
         if fresh:
             await topics.windows.send(key=pool.encode(), value=encode(report))
             metrics.observe_window(report, assignments)
