@@ -398,7 +398,11 @@ def bench_pipeline(queries: int, outcomes_in_store: int, window_seconds: float) 
     figures = pipeline.run(queries, outcomes_in_store, window_seconds, progress=click.echo)
     share = figures.pipeline_qps / figures.raw_embedding_qps
     click.echo("")
-    click.echo(f"raw embedding throughput      {figures.raw_embedding_qps:8.0f} queries/s")
+    click.echo(
+        f"raw embedding throughput      {figures.raw_embedding_qps:8.0f} queries/s "
+        f"(mean of {figures.raw_embedding_qps_before:.0f} before and "
+        f"{figures.raw_embedding_qps_after:.0f} after the pipeline)"
+    )
     click.echo(
         f"pipeline throughput, steady   {figures.pipeline_qps:8.0f} queries/s ({share:.0%} of raw)"
     )

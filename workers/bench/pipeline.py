@@ -1,7 +1,9 @@
 """`omnirouter bench pipeline`: throughput, latency and memory of a router worker on Kafka.
 
 One run, on this machine, against a local broker and PostgreSQL:
-1. raw embedding throughput of short queries (the ceiling the pipeline is held to);
+1. raw embedding throughput of short queries (the ceiling the pipeline is held to),
+   measured before the pipeline runs and again after it, since a shared machine's
+   speed drifts within minutes; the mean of the two is the ceiling;
 2. a router process whose retrieval store holds N outcomes (synthetic vectors);
 3. throughput: queries produced as fast as possible; the steady rate is the
    queries assigned after the first window over the time from the first window
@@ -45,7 +47,9 @@ SHORT_QUERY_CHARS = 160
 
 @dataclass(frozen=True)
 class PipelineFigures:
-    raw_embedding_qps: float
+    raw_embedding_qps: float  # mean of the measurements before and after
+    raw_embedding_qps_before: float
+    raw_embedding_qps_after: float
     pipeline_qps: float  # steady rate, compared with the raw embedding rate
     burst_qps: float  # first produce -> last assignment
     latency_p50_seconds: float
@@ -214,10 +218,15 @@ def run(
     embedder = SentenceEmbedder()
     texts = [q.text for q in short_queries(queries, "raw")]
     embedder.embed(texts[:64])  # warm up
-    started = time.perf_counter()
-    embedder.embed(texts)
-    raw_qps = len(texts) / (time.perf_counter() - started)
-    progress(f"raw embedding: {raw_qps:.0f} short queries/s")
+
+    def raw_embedding_qps(when: str) -> float:
+        started = time.perf_counter()
+        embedder.embed(texts)
+        qps = len(texts) / (time.perf_counter() - started)
+        progress(f"raw embedding, {when}: {qps:.0f} short queries/s")
+        return qps
+
+    raw_before = raw_embedding_qps("before the pipeline")
 
     with LocalBroker() as broker, throwaway_postgres() as database_url:
         migrate.upgrade(database_url)
@@ -244,8 +253,11 @@ def run(
                 )
             )
             rss = peak_rss_mb(router.pid)
+    raw_after = raw_embedding_qps("after the pipeline")
     return PipelineFigures(
-        raw_embedding_qps=raw_qps,
+        raw_embedding_qps=(raw_before + raw_after) / 2,
+        raw_embedding_qps_before=raw_before,
+        raw_embedding_qps_after=raw_after,
         pipeline_qps=pipeline_qps,
         burst_qps=burst_qps,
         latency_p50_seconds=float(np.percentile(latencies, 50)),

