@@ -450,5 +450,48 @@ def bench_accuracy(data_path: Path | None, warm_prompts: int, rate: float) -> No
     click.echo(f"difference                    {gap:+.2f} points")
 
 
+@bench.command("signal")
+@data_option
+@click.option(
+    "--auc",
+    "aucs",
+    default="0.5,0.55,0.6,0.65,0.7,0.75,0.8",
+    show_default=True,
+    help="Within-task AUCs of the synthetic predictor, comma-separated.",
+)
+@click.option("--window-size", default=200, show_default=True, type=click.IntRange(min=1))
+def bench_signal(data_path: Path | None, aucs: str, window_size: int) -> None:
+    """Routing targets vs predictor strength: cross-validated routing with synthetic
+    quality estimates of a chosen within-task AUC (see workers/bench/signal.py)."""
+    from workers.bench import signal
+    from workers.routing.dataset import DatasetError, load_routerbench, shipped_sample_path
+
+    try:
+        levels = [float(a) for a in aucs.split(",")]
+        figures = signal.run(
+            load_routerbench(data_path or shipped_sample_path()), levels, window_size
+        )
+    except (DatasetError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    best = figures[0].best_model
+    click.echo(f"margins: points of accuracy over a model at that model's own cost; best: {best}")
+    click.echo(
+        f"{'AUC':>5} {'measured':>8} {'AIQ':>7} {'acc @35%':>8} {'reach at':>9} "
+        f"{'best margin':>11} {'least margin':>12}  of model"
+    )
+    for row in figures:
+        margins = {m: v for m, v in row.margin_at_each_model_cost.items() if v is not None}
+        weakest = min(margins, key=lambda m: margins[m])
+        at_35 = row.accuracy_at_35pct_of_best_model_cost
+        reach = row.cost_share_to_reach_best_model_accuracy
+        click.echo(
+            f"{row.auc_requested:5.2f} {row.auc_measured:8.3f} {row.aiq:7.4f} "
+            f"{'-' if at_35 is None else f'{at_35:.4f}':>8} "
+            f"{'never' if reach is None else f'{reach:.0%}':>9} "
+            f"{100 * margins.get(best, float('nan')):+11.1f} {100 * margins[weakest]:+12.1f}  "
+            f"{weakest}"
+        )
+
+
 if __name__ == "__main__":
     main()

@@ -63,6 +63,13 @@ def test_evaluate_cross_validates_a_real_slice(tmp_path: Path) -> None:
     )
     assert budget_points[-1]["accuracy"] > report["routers"]["cheapest"][0]["accuracy"]
     assert set(report["targets"]) >= {"beats_every_model_by_1_point", "aiq_beats_greedy"}
+    # The headroom: the same windows and budgets solved knowing every outcome.
+    assert report["aiq"]["oracle_budget"] > report["aiq"]["omnirouter_budget"]
+    assert report["aiq"]["oracle_budget"] <= oracle + 1e-9
+    auc = report["predictor_within_task_auc"]
+    assert set(auc) == {*table.eval_names, "all"}
+    assert all(0.0 <= value <= 1.0 for value in auc.values())
+    assert "predictor within-task AUC" in result.output
 
 
 def test_a_malformed_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from workers.routing.evaluate import (
     group_folds,
     oracle_plan,
     upper_hull,
+    within_task_auc,
 )
 
 
@@ -65,3 +66,43 @@ def test_repeated_sample_ids_share_a_fold() -> None:
     folds = group_folds(ids, folds=3, seed=0)
     assert folds[0] == folds[2] and folds[1] == folds[5]
     assert set(folds.tolist()) == {0, 1, 2}
+
+
+def test_within_task_auc_ranks_within_each_task_only() -> None:
+    tasks = ["math"] * 4 + ["trivia"] * 4
+    truth = np.array(
+        # model 0: right on the first half of each task; model 1: always right on math
+        [[1, 1], [1, 1], [0, 1], [0, 1], [1, 0], [1, 1], [0, 0], [0, np.nan]],
+        dtype=float,
+    )
+    # Model 0 is ranked perfectly within each task; model 1 only tells the tasks
+    # apart (higher on math), which is no ranking at all within trivia.
+    quality = np.array(
+        [
+            [0.9, 0.8],
+            [0.8, 0.8],
+            [0.2, 0.8],
+            [0.1, 0.8],
+            [0.6, 0.3],
+            [0.5, 0.3],
+            [0.4, 0.3],
+            [0.3, 0.3],
+        ]
+    )
+    auc = within_task_auc(quality, truth, tasks)
+    # math: model 1 has only right answers there, so only model 0 counts.
+    assert auc["math"] == pytest.approx(1.0)
+    # trivia: model 0 perfect (1.0), model 1 all tied over its known rows (0.5).
+    assert auc["trivia"] == pytest.approx(0.75)
+    assert auc["all"] == pytest.approx((1.0 + 1.0 + 0.5) / 3)
+
+
+def test_within_task_auc_by_split_does_not_count_differences_between_folds() -> None:
+    # A per-task table learned on the other folds: constant within each fold, and
+    # lower for the fold that did better (it learned from the worse ones).
+    truth = np.array([[1], [1], [1], [0], [1], [0], [0], [0]], dtype=float)
+    splits = [0, 0, 0, 0, 1, 1, 1, 1]
+    quality = np.array([[0.25]] * 4 + [[0.75]] * 4)
+    tasks = ["t"] * 8
+    assert within_task_auc(quality, truth, tasks)["t"] < 0.5
+    assert within_task_auc(quality, truth, tasks, splits)["t"] == pytest.approx(0.5)

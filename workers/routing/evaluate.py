@@ -11,7 +11,17 @@ Metrics:
   non-decreasing convex hull of points over the cost range spanned by the
   single models (cheapest to dearest), divided by that range; the hull is
   extended flat beyond the router's first and last points;
-- accuracy at the cost of model X: the hull's accuracy at X's cost.
+- accuracy at the cost of model X: the hull's accuracy at X's cost;
+- the predictor's within-task AUC: how well its quality estimates tell a
+  model's right answers from its wrong ones among prompts of one task. Telling
+  tasks apart is easy; routing beyond what a per-task table gives needs this
+  to be well above 0.5.
+
+Two bounds bracket OmniRouter, on the same windows and budgets:
+- task_oracle_budget: the ILP fed each task's true per-model accuracy and cost,
+  what a predictor that only knows the task can reach;
+- oracle_budget: the ILP fed the true outcomes and costs, what any predictor
+  can reach (the headroom).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from sklearn.metrics import roc_auc_score
 
 from workers.routing.dataset import OutcomeTable
 from workers.routing.embedder import Embedder
@@ -35,7 +46,8 @@ OMNIROUTER_BUDGET = "omnirouter_budget"
 OMNIROUTER_QUALITY = "omnirouter_quality"
 GREEDY = "greedy_threshold"
 TASK_ORACLE = "task_oracle_budget"
-CURVE_ROUTERS = (OMNIROUTER_BUDGET, OMNIROUTER_QUALITY, GREEDY, TASK_ORACLE)
+ORACLE_BUDGET = "oracle_budget"
+CURVE_ROUTERS = (OMNIROUTER_BUDGET, OMNIROUTER_QUALITY, GREEDY, TASK_ORACLE, ORACLE_BUDGET)
 
 
 @dataclass
@@ -130,6 +142,35 @@ def cost_to_reach(points: Sequence[tuple[float, float]], accuracy: float) -> flo
     return None
 
 
+def within_task_auc(
+    quality: NDArray[np.float64],
+    truth: NDArray[np.float64],
+    tasks: Sequence[str],
+    splits: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Mean AUC of predicted quality against real outcomes, over models, within each
+    task ("all": over every task and model). With `splits`, AUCs are taken within
+    each split and averaged: pooled across cross-validation folds they would read
+    below 0.5 even for a per-task table, since a fold that did better than the rest
+    had a lower mean to learn from. A model whose outcomes in a cell are all alike,
+    or unknown, is left out there: it has nothing to rank."""
+    task_of = np.asarray(tasks)
+    split_of = np.zeros(len(task_of), dtype=int) if splits is None else np.asarray(splits)
+    by_task: dict[str, list[float]] = {}
+    for task, split in sorted(set(zip(task_of.tolist(), split_of.tolist(), strict=True))):
+        for j in range(truth.shape[1]):
+            rows = (task_of == task) & (split_of == split) & ~np.isnan(truth[:, j])
+            outcomes = truth[rows, j] >= 0.5
+            if outcomes.all() or not outcomes.any():
+                continue
+            auc = float(roc_auc_score(outcomes, quality[rows, j]))
+            by_task.setdefault(task or "unlabelled", []).append(auc)
+    means = {task: float(np.mean(aucs)) for task, aucs in by_task.items()}
+    if by_task:
+        means["all"] = float(np.mean([a for aucs in by_task.values() for a in aucs]))
+    return means
+
+
 # ------------------------------------------------------------------------ routers
 
 
@@ -203,6 +244,8 @@ def route_split(
         for per_query in per_query_budgets:
             plan = route_windows(quality, cost, size, "budget", per_query, settings.solver)
             record(OMNIROUTER_BUDGET, float(per_query), plan)
+            plan = route_windows(truth, spent, size, "budget", per_query, "fast")
+            record(ORACLE_BUDGET, float(per_query), plan)
         tasks = np.array(test.eval_names)[scored]
         if len(set(tasks)) > 1:
             # A bound for any predictor that only tells tasks apart: the same
@@ -254,6 +297,7 @@ class Report:
     accuracy_at_cost_of: dict[str, dict[str, float | None]]
     single_models: dict[str, dict[str, float]]
     targets: dict[str, object]
+    predictor_within_task_auc: dict[str, float]
     settings: dict[str, object]
 
     def to_json(self) -> str:
@@ -301,14 +345,28 @@ def evaluate(
             )
             for f in range(folds)
         ]
+    predicted, outcomes, tasks, split_numbers = [], [], [], []
     for number, (fit_part, fit_vectors, test_part, test_vectors) in enumerate(splits, start=1):
         estimates, weight = predict_split(
             fit_part, fit_vectors, test_part, test_vectors, embedder, settings.knn
         )
         blend_weights.append(weight)
         route_split(test_part, estimates, per_query_budgets, settings, points)
+        predicted.append(estimates.quality)
+        outcomes.append(test_part.scores)
+        tasks.extend(test_part.eval_names)
+        split_numbers.extend([number] * len(test_part))
         progress(f"split {number}/{len(splits)} routed ({len(test_part)} prompts, blend {weight})")
-    return build_report(points, train.models, settings, blend_weights, cross_validated=test is None)
+    return build_report(
+        points,
+        train.models,
+        settings,
+        blend_weights,
+        cross_validated=test is None,
+        predictor_auc=within_task_auc(
+            np.vstack(predicted), np.vstack(outcomes), tasks, split_numbers
+        ),
+    )
 
 
 def build_report(
@@ -317,6 +375,7 @@ def build_report(
     settings: EvaluationSettings,
     blend_weights: list[float],
     cross_validated: bool,
+    predictor_auc: dict[str, float],
 ) -> Report:
     setting_name = {
         OMNIROUTER_BUDGET: "budget_per_query_usd",
@@ -384,6 +443,7 @@ def build_report(
         accuracy_at_cost_of=at_cost,
         single_models=single,
         targets=targets,
+        predictor_within_task_auc=predictor_auc,
         settings={
             "window_size": settings.window_size,
             "solver": settings.solver,
@@ -402,12 +462,30 @@ def summary_table(report: Report) -> str:
             f"{name:42s} {report.aiq[name]:7.4f} {best['accuracy']:9.4f} {best['cost_usd']:10.4f}"
         )
     if OMNIROUTER_BUDGET in report.accuracy_at_cost_of:
+        columns = {
+            OMNIROUTER_BUDGET: "omni",
+            GREEDY: "greedy",
+            TASK_ORACLE: "task orc",
+            ORACLE_BUDGET: "oracle",
+        }
         lines.append("")
-        lines.append(f"{'at the cost of model':42s} {'model acc':>9} {'omni acc':>9} {'greedy':>9}")
+        lines.append(
+            f"{'at the cost of model':42s} {'model':>9}"
+            + "".join(f" {title:>9}" for title in columns.values())
+        )
         for model, single in report.single_models.items():
-            omni = report.accuracy_at_cost_of[OMNIROUTER_BUDGET][model]
-            greedy = report.accuracy_at_cost_of.get(GREEDY, {}).get(model)
-            lines.append(f"{model:42s} {single['accuracy']:9.4f} {_fmt(omni):>9} {_fmt(greedy):>9}")
+            at = [report.accuracy_at_cost_of.get(name, {}).get(model) for name in columns]
+            lines.append(
+                f"{model:42s} {single['accuracy']:9.4f}" + "".join(f" {_fmt(a):>9}" for a in at)
+            )
+    if report.predictor_within_task_auc:
+        lines.append("")
+        lines.append(
+            "predictor within-task AUC (0.5 = no signal): "
+            + ", ".join(
+                f"{task} {auc:.3f}" for task, auc in report.predictor_within_task_auc.items()
+            )
+        )
     if report.targets:
         lines.append("")
         for key, value in report.targets.items():
