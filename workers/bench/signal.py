@@ -15,6 +15,7 @@ The table it prints says how strong a predictor must be for a routing target;
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import cast
@@ -87,35 +88,22 @@ def run(
     settings = evaluation.EvaluationSettings(
         window_size=window_size, modes=("budget",), solver="fast", seed=seed
     )
-    model_costs = np.nanmean(table.costs, axis=0)
-    per_query_budgets = np.geomspace(
-        model_costs.min() / 2, model_costs.max(), settings.budget_levels
-    )
+    budgets = evaluation.per_query_budgets(table.costs, settings.budget_levels)
     fold_of = evaluation.group_folds(table.sample_ids, folds, seed)
-    figures = []
-    for auc in aucs:
+
+    def predictions(auc: float) -> Iterator[tuple[OutcomeTable, Estimates]]:
         rng = np.random.default_rng(seed)
-        points: dict[str, dict[float, evaluation.Point]] = {}
-        predicted, outcomes, tasks, splits = [], [], [], []
         for fold in range(folds):
             fit_part = table.take(np.flatnonzero(fold_of != fold))
             test_part = table.take(np.flatnonzero(fold_of == fold))
-            quality = synthetic_quality(
-                task_means(fit_part, fit_part.scores, test_part.eval_names),
-                test_part.scores,
-                auc,
-                rng,
-            )
+            prior = task_means(fit_part, fit_part.scores, test_part.eval_names)
+            quality = synthetic_quality(prior, test_part.scores, auc, rng)
             cost = task_means(fit_part, fit_part.costs, test_part.eval_names)
-            estimates = Estimates(quality, cost, np.zeros((len(test_part), 0), np.float32))
-            evaluation.route_split(test_part, estimates, per_query_budgets, settings, points)
-            predicted.append(quality)
-            outcomes.append(test_part.scores)
-            tasks.extend(test_part.eval_names)
-            splits.extend([fold] * len(test_part))
-        measured = evaluation.within_task_auc(
-            np.vstack(predicted), np.vstack(outcomes), tasks, splits
-        )
+            yield test_part, Estimates(quality, cost, np.zeros((len(test_part), 0), np.float32))
+
+    figures = []
+    for auc in aucs:
+        points, measured = evaluation.score_splits(predictions(auc), budgets, settings)
         report = evaluation.build_report(
             points, table.models, settings, [], cross_validated=True, predictor_auc=measured
         )

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -215,7 +215,7 @@ def predict_split(
 def route_split(
     test: OutcomeTable,
     estimates: Estimates,
-    per_query_budgets: NDArray[np.float64],
+    budgets: NDArray[np.float64],
     settings: EvaluationSettings,
     points: dict[str, dict[float, Point]],
 ) -> None:
@@ -241,7 +241,7 @@ def route_split(
 
     size = settings.window_size
     if "budget" in settings.modes:
-        for per_query in per_query_budgets:
+        for per_query in budgets:
             plan = route_windows(quality, cost, size, "budget", per_query, settings.solver)
             record(OMNIROUTER_BUDGET, float(per_query), plan)
             plan = route_windows(truth, spent, size, "budget", per_query, "fast")
@@ -255,7 +255,7 @@ def route_split(
                 rows_of_task = tasks == task
                 task_quality[rows_of_task] = truth[rows_of_task].mean(axis=0)
                 task_cost[rows_of_task] = spent[rows_of_task].mean(axis=0)
-            for per_query in per_query_budgets:
+            for per_query in budgets:
                 plan = route_windows(task_quality, task_cost, size, "budget", per_query, "fast")
                 record(TASK_ORACLE, float(per_query), plan)
     if "quality" in settings.modes:
@@ -312,6 +312,32 @@ def group_folds(sample_ids: Sequence[str], folds: int, seed: int) -> NDArray[np.
     return np.array([fold_of[s] for s in sample_ids], dtype=np.int64)
 
 
+def per_query_budgets(costs: NDArray[np.float64], levels: int) -> NDArray[np.float64]:
+    """Budgets per query to sweep: from half the cheapest model's mean cost (the
+    router must be measurable at that model's own cost) to the dearest's."""
+    model_costs = np.nanmean(costs, axis=0)
+    return np.geomspace(model_costs.min() / 2, model_costs.max(), levels)
+
+
+def score_splits(
+    predictions: Iterable[tuple[OutcomeTable, Estimates]],
+    budgets: NDArray[np.float64],
+    settings: EvaluationSettings,
+) -> tuple[dict[str, dict[float, Point]], dict[str, float]]:
+    """Route each split's test prompts, given their estimates, with every router.
+    Returns every router's points and the estimates' within-task AUC."""
+    points: dict[str, dict[float, Point]] = {}
+    predicted, outcomes, tasks, split_numbers = [], [], [], []
+    for number, (test_part, estimates) in enumerate(predictions):
+        route_split(test_part, estimates, budgets, settings, points)
+        predicted.append(estimates.quality)
+        outcomes.append(test_part.scores)
+        tasks.extend(test_part.eval_names)
+        split_numbers.extend([number] * len(test_part))
+    auc = within_task_auc(np.vstack(predicted), np.vstack(outcomes), tasks, split_numbers)
+    return points, auc
+
+
 def evaluate(
     train: OutcomeTable,
     test: OutcomeTable | None,
@@ -321,14 +347,6 @@ def evaluate(
     progress: Callable[[str], None] = lambda _: None,
 ) -> Report:
     """Train on `train` and route `test`; without `test`, cross-validate on `train`."""
-    points: dict[str, dict[float, Point]] = {}
-    blend_weights = []
-    # Budgets per query from half the cheapest model's mean cost (the router
-    # must be measurable at that model's own cost) to the dearest's.
-    model_costs = np.nanmean(train.costs, axis=0)
-    per_query_budgets = np.geomspace(
-        model_costs.min() / 2, model_costs.max(), settings.budget_levels
-    )
     train_vectors = embedder.embed(train.prompts)
     if test is not None:
         if test.models != train.models:
@@ -345,27 +363,28 @@ def evaluate(
             )
             for f in range(folds)
         ]
-    predicted, outcomes, tasks, split_numbers = [], [], [], []
-    for number, (fit_part, fit_vectors, test_part, test_vectors) in enumerate(splits, start=1):
-        estimates, weight = predict_split(
-            fit_part, fit_vectors, test_part, test_vectors, embedder, settings.knn
-        )
-        blend_weights.append(weight)
-        route_split(test_part, estimates, per_query_budgets, settings, points)
-        predicted.append(estimates.quality)
-        outcomes.append(test_part.scores)
-        tasks.extend(test_part.eval_names)
-        split_numbers.extend([number] * len(test_part))
-        progress(f"split {number}/{len(splits)} routed ({len(test_part)} prompts, blend {weight})")
+    blend_weights: list[float] = []
+
+    def predictions() -> Iterator[tuple[OutcomeTable, Estimates]]:
+        for number, (fit_part, fit_vectors, test_part, test_vectors) in enumerate(splits, 1):
+            estimates, weight = predict_split(
+                fit_part, fit_vectors, test_part, test_vectors, embedder, settings.knn
+            )
+            blend_weights.append(weight)
+            yield test_part, estimates
+            progress(
+                f"split {number}/{len(splits)} routed ({len(test_part)} prompts, blend {weight})"
+            )
+
+    budgets = per_query_budgets(train.costs, settings.budget_levels)
+    points, auc = score_splits(predictions(), budgets, settings)
     return build_report(
         points,
         train.models,
         settings,
         blend_weights,
         cross_validated=test is None,
-        predictor_auc=within_task_auc(
-            np.vstack(predicted), np.vstack(outcomes), tasks, split_numbers
-        ),
+        predictor_auc=auc,
     )
 
 
