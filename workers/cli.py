@@ -473,11 +473,12 @@ def bench_signal(data_path: Path | None, aucs: str, window_size: int) -> None:
         )
     except (DatasetError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    best = figures[0].best_model
-    click.echo(f"margins: points of accuracy over a model at that model's own cost; best: {best}")
+    best, cheapest = figures[0].best_model, figures[0].cheapest_model
+    click.echo("margin: points of accuracy over a model at that model's own cost")
+    click.echo(f"best model: {best}; cheapest: {cheapest}")
     click.echo(
         f"{'AUC':>5} {'measured':>8} {'AIQ':>7} {'acc @35%':>8} {'reach at':>9} "
-        f"{'best margin':>11} {'least margin':>12}  of model"
+        f"{'margin best':>11} {'cheapest':>9} {'least':>6}  of model"
     )
     for row in figures:
         margins = {m: v for m, v in row.margin_at_each_model_cost.items() if v is not None}
@@ -488,8 +489,9 @@ def bench_signal(data_path: Path | None, aucs: str, window_size: int) -> None:
             f"{row.auc_requested:5.2f} {row.auc_measured:8.3f} {row.aiq:7.4f} "
             f"{'-' if at_35 is None else f'{at_35:.4f}':>8} "
             f"{'never' if reach is None else f'{reach:.0%}':>9} "
-            f"{100 * margins.get(best, float('nan')):+11.1f} {100 * margins[weakest]:+12.1f}  "
-            f"{weakest}"
+            f"{100 * margins.get(best, float('nan')):+11.1f} "
+            f"{100 * margins.get(cheapest, float('nan')):+9.1f} "
+            f"{100 * margins[weakest]:+6.1f}  {weakest}"
         )
 
 

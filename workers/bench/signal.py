@@ -34,6 +34,7 @@ class SignalFigures:
     auc_measured: float
     aiq: float
     best_model: str
+    cheapest_model: str
     accuracy_at_35pct_of_best_model_cost: float | None
     cost_share_to_reach_best_model_accuracy: float | None
     margin_at_each_model_cost: dict[str, float | None]
@@ -114,6 +115,9 @@ def run(
                 auc_measured=measured.get("all", float("nan")),
                 aiq=report.aiq[evaluation.OMNIROUTER_BUDGET],
                 best_model=str(targets["best_model"]),
+                cheapest_model=min(
+                    report.single_models, key=lambda m: report.single_models[m]["cost_usd"]
+                ),
                 accuracy_at_35pct_of_best_model_cost=cast(
                     "float | None", targets["accuracy_at_35pct_of_best_model_cost"]
                 ),
