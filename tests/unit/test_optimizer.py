@@ -118,6 +118,23 @@ def test_the_fast_path_ends_on_an_exact_tie_that_needs_a_tiny_multiplier() -> No
     assert plans[0].assignment.tolist() == [1] and plans[0].total_cost_usd == 1.0
 
 
+def test_identical_queries_share_a_capped_cheap_model() -> None:
+    """Regression (found by the property test below): two identical queries, a cheap
+    model that holds one and a dear one. Prices cannot split a tie, so both queries
+    flipped together between the models, the fast path ended with both on the dear
+    one and called a budget that fits one of each infeasible."""
+    problem = WindowProblem(
+        np.zeros((2, 2)),
+        np.array([[0.001, 0.01], [0.001, 0.01]]),
+        mode="budget",
+        window_budget_usd=0.015625,
+        capacities=(1, None),
+    )
+    plan = solve_fast(problem)
+    assert sorted(plan.assignment.tolist()) == [0, 1]
+    assert plan.status == "near_optimal"
+
+
 def test_same_input_gives_the_same_plan() -> None:
     quality, cost = synthetic_window(300, seed=5)
     problem = problem_for(quality, cost, "budget", capacities=(60,) * 11)

@@ -244,7 +244,8 @@ def route_split(
         for per_query in budgets:
             plan = route_windows(quality, cost, size, "budget", per_query, settings.solver)
             record(OMNIROUTER_BUDGET, float(per_query), plan)
-            plan = route_windows(truth, spent, size, "budget", per_query, "fast")
+            # Same solver: the fast path leaves more on the table with 0/1 qualities.
+            plan = route_windows(truth, spent, size, "budget", per_query, settings.solver)
             record(ORACLE_BUDGET, float(per_query), plan)
         tasks = np.array(test.eval_names)[scored]
         if len(set(tasks)) > 1:
@@ -313,10 +314,13 @@ def group_folds(sample_ids: Sequence[str], folds: int, seed: int) -> NDArray[np.
 
 
 def per_query_budgets(costs: NDArray[np.float64], levels: int) -> NDArray[np.float64]:
-    """Budgets per query to sweep: from half the cheapest model's mean cost (the
-    router must be measurable at that model's own cost) to the dearest's."""
+    """Budgets per query to sweep: `levels` from half the cheapest model's mean cost
+    (the router must be measurable at that model's own cost) to the dearest's, and
+    each model's own, where the targets are read: between two levels the hull is a
+    chord, below a steep curve."""
     model_costs = np.nanmean(costs, axis=0)
-    return np.geomspace(model_costs.min() / 2, model_costs.max(), levels)
+    spread = np.geomspace(model_costs.min() / 2, model_costs.max(), levels)
+    return np.unique(np.concatenate([spread, model_costs]))
 
 
 def score_splits(

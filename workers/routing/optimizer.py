@@ -281,7 +281,8 @@ def _assign_within_capacity(
             if outsiders.size:
                 prices[j] = max(0.0, prices[j] - outsiders[min(free, outsiders.size) - 1])
     net = score - prices
-    return _repair_capacity(net, net.argmax(axis=1).astype(np.int64), caps), prices
+    repaired = _repair_capacity(net, net.argmax(axis=1).astype(np.int64), caps)
+    return _use_free_capacity(score, repaired, caps), prices
 
 
 def _repair_capacity(
@@ -303,6 +304,33 @@ def _repair_capacity(
             options[j] = -np.inf
             target = int(options.argmax())
             choice[i], load[j], load[target] = target, load[j] - 1, load[target] + 1
+    return choice
+
+
+def _use_free_capacity(
+    score: NDArray[np.float64], choice: NDArray[np.int64], caps: NDArray[np.float64]
+) -> NDArray[np.int64]:
+    """Move queries to models with room where that raises their score, largest gain
+    first. Prices cannot split queries that tie (identical queries, say): they all
+    flip together between two models and can leave one empty that some prefer."""
+    choice = choice.copy()
+    n, m = score.shape
+    rows = np.arange(n)
+    for _ in range(m):  # a pass per model at most: a move only ever frees room
+        load = np.bincount(choice, minlength=m)
+        moved = False
+        for j in np.flatnonzero(load < caps):
+            gain = score[:, j] - score[rows, choice]
+            gainers = np.flatnonzero(gain > 0)
+            free = int(min(caps[j] - load[j], gainers.size))
+            takers = gainers[np.argsort(-gain[gainers], kind="stable")[:free]]
+            if takers.size:
+                np.subtract.at(load, choice[takers], 1)
+                load[j] += takers.size
+                choice[takers] = j
+                moved = True
+        if not moved:
+            break
     return choice
 
 
