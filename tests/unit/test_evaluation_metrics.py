@@ -12,6 +12,7 @@ from workers.routing.evaluate import (
     greedy_threshold_plan,
     group_folds,
     oracle_plan,
+    task_means,
     upper_hull,
     within_task_auc,
 )
@@ -106,3 +107,11 @@ def test_within_task_auc_by_split_does_not_count_differences_between_folds() -> 
     tasks = ["t"] * 8
     assert within_task_auc(quality, truth, tasks)["t"] < 0.5
     assert within_task_auc(quality, truth, tasks, splits)["t"] == pytest.approx(0.5)
+
+
+def test_task_means_ignore_unknowns_and_fall_back_to_the_overall_mean() -> None:
+    values = np.array([[1.0, np.nan], [0.0, 4.0], [1.0, 2.0]])
+    means = task_means(values, ["a", "a", "b"], ["b", "a", "new"])
+    assert means[0].tolist() == [1.0, 2.0]
+    assert means[1].tolist() == [0.5, 4.0]
+    assert means[2] == pytest.approx([2 / 3, 3.0])

@@ -64,21 +64,6 @@ def synthetic_quality(
     return 1.0 / (1.0 + np.exp(-posterior_logit))
 
 
-def task_means(
-    fit_part: OutcomeTable, values: NDArray[np.float64], tasks: list[str]
-) -> NDArray[np.float64]:
-    """Each row's task mean of `values` over the fitting part (overall mean for a new task)."""
-    fit_tasks = np.array(fit_part.eval_names)
-    overall = np.nanmean(values, axis=0)
-    means = {
-        task: np.nanmean(values[fit_tasks == task], axis=0)
-        if (fit_tasks == task).any()
-        else overall
-        for task in set(tasks)
-    }
-    return np.array([means[task] for task in tasks])
-
-
 def run(
     table: OutcomeTable,
     aucs: list[float],
@@ -97,9 +82,10 @@ def run(
         for fold in range(folds):
             fit_part = table.take(np.flatnonzero(fold_of != fold))
             test_part = table.take(np.flatnonzero(fold_of == fold))
-            prior = task_means(fit_part, fit_part.scores, test_part.eval_names)
+            fit_tasks, test_tasks = fit_part.eval_names, test_part.eval_names
+            prior = evaluation.task_means(fit_part.scores, fit_tasks, test_tasks)
             quality = synthetic_quality(prior, test_part.scores, auc, rng)
-            cost = task_means(fit_part, fit_part.costs, test_part.eval_names)
+            cost = evaluation.task_means(fit_part.costs, fit_tasks, test_tasks)
             yield test_part, Estimates(quality, cost, np.zeros((len(test_part), 0), np.float32))
 
     figures = []

@@ -171,6 +171,20 @@ def within_task_auc(
     return means
 
 
+def task_means(
+    values: NDArray[np.float64], tasks_of_values: Sequence[str], tasks: Sequence[str]
+) -> NDArray[np.float64]:
+    """For each of `tasks`, the mean of each column of `values` over the rows of that
+    task (NaN ignored); the mean over all rows for a task `values` has no row of."""
+    task_of = np.asarray(tasks_of_values)
+    overall = np.nanmean(values, axis=0)
+    means = {
+        task: np.nanmean(values[task_of == task], axis=0) if (task_of == task).any() else overall
+        for task in set(tasks)
+    }
+    return np.array([means[task] for task in tasks]).reshape(len(tasks), values.shape[1])
+
+
 # ------------------------------------------------------------------------ routers
 
 
@@ -251,11 +265,8 @@ def route_split(
         if len(set(tasks)) > 1:
             # A bound for any predictor that only tells tasks apart: the same
             # windows solved with each task's true per-model accuracy and cost.
-            task_quality, task_cost = np.zeros_like(truth), np.zeros_like(spent)
-            for task in set(tasks):
-                rows_of_task = tasks == task
-                task_quality[rows_of_task] = truth[rows_of_task].mean(axis=0)
-                task_cost[rows_of_task] = spent[rows_of_task].mean(axis=0)
+            task_quality = task_means(truth, tasks, tasks)
+            task_cost = task_means(spent, tasks, tasks)
             for per_query in budgets:
                 plan = route_windows(task_quality, task_cost, size, "budget", per_query, "fast")
                 record(TASK_ORACLE, float(per_query), plan)
