@@ -3,6 +3,7 @@
 from schemas.events import (
     ALL_EVENTS,
     SCHEMA_VERSION,
+    SCORE_SOURCE_RANK,
     Assignment,
     DeadLetter,
     ModelResponse,
@@ -10,12 +11,14 @@ from schemas.events import (
     PredictedQuery,
     QueryEvent,
     QueryHints,
+    ScoreSource,
     WindowReport,
 )
 
 __all__ = [
     "ALL_EVENTS",
     "SCHEMA_VERSION",
+    "SCORE_SOURCE_RANK",
     "Assignment",
     "DeadLetter",
     "ModelResponse",
@@ -23,5 +26,6 @@ __all__ = [
     "PredictedQuery",
     "QueryEvent",
     "QueryHints",
+    "ScoreSource",
     "WindowReport",
 ]

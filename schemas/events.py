@@ -29,9 +29,16 @@ UtcDatetime = Annotated[datetime, AfterValidator(_assume_utc)]
 
 
 class Event(BaseModel):
+    """Every event names its contract's version (`schema_version`, declared by each
+    event: 1, or 1 and 2 where version 2 added optional fields)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+
+# Who gave an outcome's quality score, weakest first: a stronger source's score
+# is never replaced by a weaker one's (a user's feedback outranks a judge's).
+ScoreSource = Literal["judge", "replay", "user"]
+SCORE_SOURCE_RANK: dict[str, int] = {"judge": 1, "replay": 2, "user": 3}
 
 
 class QueryHints(BaseModel):
@@ -48,6 +55,8 @@ class QueryHints(BaseModel):
 class QueryEvent(Event):
     """A query to route. Topic `omnirouter.queries`; producers choose query_id."""
 
+    schema_version: Literal[1] = SCHEMA_VERSION
+
     query_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     text: str = Field(min_length=1)
     pool: str = Field(default="default", min_length=1, max_length=MAX_ID_LENGTH)
@@ -57,8 +66,12 @@ class QueryEvent(Event):
 
 
 class Assignment(Event):
-    """A routed query. Topic `omnirouter.route.<model>`, keyed by query_id."""
+    """A routed query. Topic `omnirouter.route.<model>`, keyed by query_id.
 
+    Version 2 added `exploration`: the router sent the query to this model to
+    learn about it (ROUTER_EXPLORATION_SHARE), not because it predicted it best."""
+
+    schema_version: Literal[1, 2] = 2
     query_id: str
     text: str
     model: str
@@ -69,23 +82,32 @@ class Assignment(Event):
     predicted_quality: float
     predicted_cost_usd: float
     metadata: dict[str, Any] = Field(default_factory=dict)
+    exploration: bool = False
 
 
 # optimal: proven by the exact solver; near_optimal: the fast path's feasible plan;
 # time_limited: the best plan found when the time limit struck; infeasible_*: the
-# budget or target could not be met, so the cheapest or the best plan was used.
+# budget or target could not be met, so the cheapest or the best plan was used;
+# unjudged_target_best_quality_plan: the target was not reached by predictions
+# that rest on priors alone (too few stored outcomes to judge it yet).
 SolverStatus = Literal[
     "optimal",
     "near_optimal",
     "time_limited",
     "infeasible_budget_cheapest_plan",
     "infeasible_target_best_quality_plan",
+    "unjudged_target_best_quality_plan",
 ]
 
 
 class WindowReport(Event):
-    """One per solved window. Topic `omnirouter.windows`."""
+    """One per solved window. Topic `omnirouter.windows`.
 
+    Version 2 added the exploration figures (included in the query count and
+    the predicted spend) and `mean_support`: stored outcomes' worth behind the
+    chosen predictions, on average (0: priors alone)."""
+
+    schema_version: Literal[1, 2] = 2
     window_id: str
     pool: str
     window_start: datetime
@@ -100,14 +122,22 @@ class WindowReport(Event):
     solver_status: SolverStatus
     solve_seconds: float
     assignments_per_model: dict[str, int]
+    exploration_queries: int = 0
+    exploration_spend_usd: float = 0.0
+    exploration_per_model: dict[str, int] = Field(default_factory=dict)
+    mean_support: float | None = None
 
 
 class Outcome(Event):
     """What a model did with a query. Topic `omnirouter.outcomes`.
 
-    quality_score may be None at first and arrive later (user feedback).
+    quality_score may be None at first and arrive later, from a judge or from
+    the application's user (feedback). Version 2 added `source`, who gave the
+    score (a score without one counts as the user's), and `judge_cost_usd`,
+    what the judge's call cost.
     """
 
+    schema_version: Literal[1, 2] = 2
     query_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     model: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     pool: str = "default"
@@ -119,17 +149,30 @@ class Outcome(Event):
     error: str | None = None
     text: str | None = None  # the query text, so the store can embed it
     created_at: UtcDatetime = Field(default_factory=utc_now)
+    source: ScoreSource | None = None
+    judge_cost_usd: float | None = Field(default=None, ge=0)
+
+    @property
+    def score_source(self) -> ScoreSource | None:
+        """Who gave quality_score; None when there is no score."""
+        if self.quality_score is None:
+            return None
+        return self.source or "user"
 
 
 class ModelResponse(Event):
-    """A model's answer to a routed query. Topic `omnirouter.responses`, keyed by query_id."""
+    """A model's answer to a routed query. Topic `omnirouter.responses`, keyed by query_id.
 
+    Version 2 added `text`, the query's text, so a judge can read the question."""
+
+    schema_version: Literal[1, 2] = 2
     query_id: str
     model: str
     pool: str
     response: str | None
     error: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    text: str | None = None
 
 
 class PredictedQuery(Event):
@@ -137,15 +180,21 @@ class PredictedQuery(Event):
     by pool): a valid query with its predicted quality and cost for every model,
     in the order of ROUTER_MODELS."""
 
+    schema_version: Literal[1] = SCHEMA_VERSION
+
     query: QueryEvent
     models: list[str]
     quality: list[float]
     cost_usd: list[float]
+    # Stored outcomes' worth behind each quality prediction (0: the prior alone).
+    support: list[float] = Field(default_factory=list)
     predicted_at: datetime = Field(default_factory=utc_now)
 
 
 class DeadLetter(Event):
     """An event that could not be processed, kept with the reason. Topic `omnirouter.deadletter`."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
 
     source_topic: str
     source_partition: int

@@ -198,7 +198,9 @@ def model_worker_replay(models: tuple[str, ...], loglevel: str) -> None:
     settings = load_settings()
     data = Path(settings.replay_data_path) if settings.replay_data_path else shipped_sample_path()
     _configure_logging(loglevel, settings.log_format)
-    answerer = ReplayAnswerer(load_routerbench(data), settings.replay_latency_ms)
+    answerer = ReplayAnswerer(
+        load_routerbench(data), settings.replay_latency_ms, settings.replay_scores
+    )
     try:
         app = build_model_worker_app(
             "replay", settings, _need_bootstrap(settings), answerer, models or None

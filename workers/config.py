@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, NonNegativeFloat, PositiveInt, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The 11 models of the RouterBench sample shipped in workers/data.
@@ -36,6 +44,9 @@ _TOPIC_UNSAFE = re.compile(r"[^a-zA-Z0-9._-]")
 def model_topic(model: str) -> str:
     """Kafka topic names allow only [a-zA-Z0-9._-]; model names often hold '/'."""
     return f"{TOPIC_PREFIX}.route.{_TOPIC_UNSAFE.sub('-', model)}"
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 class ModelPrice(BaseModel):
@@ -85,6 +96,9 @@ class Settings(BaseSettings):
     router_model_prices: dict[str, ModelPrice] = Field(default_factory=dict)
     router_model_capacities: dict[str, PositiveInt] = Field(default_factory=dict)
     router_fallback_model: str | None = None
+    # What the user believes each model's quality (P(good answer)) to be before any
+    # outcome is stored, e.g. from a public leaderboard; absent: one shared prior.
+    router_model_priors: dict[str, Probability] = Field(default_factory=dict)
 
     # Windows and the default pool policy.
     router_window_seconds: float = Field(default=5.0, gt=0)
@@ -112,10 +126,38 @@ class Settings(BaseSettings):
     # Heads are refitted on at most this many of the newest stored queries.
     router_refit_max_outcomes: PositiveInt = 20_000
     router_knn_neighbours: PositiveInt = 20
+    # How many stored outcomes' worth a model's prior (ROUTER_MODEL_PRIORS, else its
+    # mean) counts for beside a query's neighbours: few neighbours, little trust.
+    router_prior_strength: PositiveFloat = 1.0
+    # Quality within this of another model's, paying the dearest instead of the
+    # cheapest, is a tie, won by the cheaper model (both solvers, both modes).
+    router_tie_tolerance: NonNegativeFloat = 0.005
+    # Share of each window's queries (and, in budget mode, of its budget) that
+    # goes to the models the router knows least about where that is worth most.
+    router_exploration_share: float = Field(default=0.05, ge=0.0, le=0.5)
 
     # Model workers.
     replay_data_path: str = ""  # empty: the RouterBench sample shipped in workers/data
     replay_latency_ms: NonNegativeFloat = 50.0
+    # Whether the replay model worker reports the recorded quality score with its
+    # answer (false: as a real model, no score; a judge or the user scores).
+    replay_scores: bool = True
+
+    # The judge (`omnirouter judge`): scores a sample of the answers on
+    # omnirouter.responses and publishes them as outcomes (source "judge").
+    judge_sample_share: float = Field(default=0.2, ge=0.0, le=1.0)
+    judge_base_url: str = "http://127.0.0.1:8000/v1"
+    judge_model: str = "judge"
+    judge_api_key: SecretStr = SecretStr("")
+    judge_price: ModelPrice | None = None  # the judge model's list price, for its spend
+    # The rubric sent to the judge; {question} and {answer} are filled in. Empty:
+    # the built-in rubric (workers/stream/judge_openai.py).
+    judge_rubric: str = ""
+    judge_timeout_seconds: float = Field(default=30.0, gt=0)
+    judge_max_retries: int = Field(default=4, ge=0)
+    judge_max_concurrency: PositiveInt = 8
+    # The replay judge (benchmarks, demo): recorded scores, this share flipped.
+    judge_flip_share: float = Field(default=0.0, ge=0.0, le=1.0)
 
     # OpenAI-compatible model worker (vLLM, Ollama, any /v1/chat/completions API).
     openai_base_url: str = "http://127.0.0.1:8000/v1"
@@ -174,6 +216,7 @@ class Settings(BaseSettings):
         known = set(self.router_models)
         named = {
             "ROUTER_MODEL_PRICES": set(self.router_model_prices),
+            "ROUTER_MODEL_PRIORS": set(self.router_model_priors),
             "ROUTER_MODEL_CAPACITIES": set(self.router_model_capacities),
             "ROUTER_FALLBACK_MODEL": {self.router_fallback_model}
             if self.router_fallback_model

@@ -15,8 +15,10 @@ class Base(DeclarativeBase):
 class OutcomeRow(Base):
     """What one model did with one query: the router's ground truth to learn from.
 
-    A quality score may arrive after the usage (user feedback), so the row is
-    upserted on (query_id, model) and a later score updates it.
+    A quality score may arrive after the usage (from a judge, or the user's
+    feedback), so the row is upserted on (query_id, model); a later score
+    replaces the stored one unless a stronger source gave that (a user's score
+    outranks a judge's; schemas.SCORE_SOURCE_RANK).
     """
 
     __tablename__ = "outcomes"
@@ -32,6 +34,8 @@ class OutcomeRow(Base):
     model: Mapped[str] = mapped_column(sa.String(200))
     pool: Mapped[str] = mapped_column(sa.String(200), default="default")
     quality_score: Mapped[float | None] = mapped_column(sa.Float)
+    score_source: Mapped[str | None] = mapped_column(sa.String(16))  # user, judge, replay
+    judge_cost_usd: Mapped[float | None] = mapped_column(sa.Float)
     input_tokens: Mapped[int | None] = mapped_column(sa.Integer)
     output_tokens: Mapped[int | None] = mapped_column(sa.Integer)
     cost_usd: Mapped[float | None] = mapped_column(sa.Float)

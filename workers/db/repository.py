@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from schemas import Outcome
+from schemas import SCORE_SOURCE_RANK, Outcome
 from workers.db.models import OutcomeRow
 from workers.routing.store import OutcomeRecord
 
@@ -19,60 +20,103 @@ def create_engine(database_url: str) -> sa.Engine:
     return sa.create_engine(database_url, pool_pre_ping=True)
 
 
+# Columns an event leaves as they are when it says nothing (None) about them.
+_KEEP_IF_NONE = (
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "latency_ms",
+    "error",
+    "embedding",
+    "judge_cost_usd",
+)
+
+
+def _row(outcome: Outcome, embedding: np.ndarray | None) -> dict[str, Any]:
+    return {
+        "query_id": outcome.query_id,
+        "model": outcome.model,
+        "pool": outcome.pool,
+        "quality_score": outcome.quality_score,
+        "score_source": outcome.score_source,
+        "input_tokens": outcome.input_tokens,
+        "output_tokens": outcome.output_tokens,
+        "cost_usd": outcome.cost_usd,
+        "latency_ms": outcome.latency_ms,
+        "error": outcome.error,
+        "embedding": None if embedding is None else np.asarray(embedding, np.float32).tobytes(),
+        "judge_cost_usd": outcome.judge_cost_usd,
+    }
+
+
+def _outranks(new_source: str | None, old_source: str | None) -> bool:
+    return SCORE_SOURCE_RANK.get(new_source or "", 0) >= SCORE_SOURCE_RANK.get(old_source or "", 0)
+
+
+def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (query_id, model), merged in order as the upsert merges into a
+    stored row: a field an event leaves None keeps the earlier value, a score
+    replaces an earlier one unless a stronger source gave that, and the pool is
+    the first event's. (ON CONFLICT may not touch a row twice in one statement,
+    so a batch is merged here first; usage with the text followed by a judge's
+    score in the same batch keeps both.)"""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["query_id"], row["model"])
+        if key not in merged:
+            merged[key] = dict(row)
+            continue
+        kept = merged[key]
+        for column in _KEEP_IF_NONE:
+            if row[column] is not None:
+                kept[column] = row[column]
+        if row["quality_score"] is not None and _outranks(
+            row["score_source"], kept["score_source"]
+        ):
+            kept["quality_score"], kept["score_source"] = row["quality_score"], row["score_source"]
+    return list(merged.values())
+
+
 def upsert_outcomes(
     session: Session, outcomes: Sequence[Outcome], embeddings: Sequence[np.ndarray | None]
 ) -> None:
-    """Insert outcomes, or update the row of the same (query_id, model).
+    """Insert outcomes, or merge them into the row of the same (query_id, model).
 
     A field that the newer event leaves None keeps its stored value, so a late
-    quality score does not erase the usage recorded earlier, and vice versa.
+    quality score does not erase the usage recorded earlier, and vice versa; a
+    score replaces the stored one only if its source ranks at least as high
+    (user > replay > judge), so a judge never overrides a user's feedback.
     """
     if not outcomes:
         return
-    rows = [
-        {
-            "query_id": o.query_id,
-            "model": o.model,
-            "pool": o.pool,
-            "quality_score": o.quality_score,
-            "input_tokens": o.input_tokens,
-            "output_tokens": o.output_tokens,
-            "cost_usd": o.cost_usd,
-            "latency_ms": o.latency_ms,
-            "error": o.error,
-            "embedding": None if e is None else np.asarray(e, dtype=np.float32).tobytes(),
-        }
-        for o, e in zip(outcomes, embeddings, strict=True)
-    ]
-    # The last row of each (query_id, model) only: ON CONFLICT may not touch a
-    # row twice in one statement, which PostgreSQL rejects.
-    latest = {(r["query_id"], r["model"]): r for r in rows}
+    rows = merge_rows(_row(o, e) for o, e in zip(outcomes, embeddings, strict=True))
     statement: postgresql.Insert | sqlite.Insert
     if session.get_bind().dialect.name == "postgresql":
         statement = postgresql.insert(OutcomeRow)
     else:
         statement = sqlite.insert(OutcomeRow)
-    keep_if_none = (
-        "pool",
-        "quality_score",
-        "input_tokens",
-        "output_tokens",
-        "cost_usd",
-        "latency_ms",
-        "error",
-        "embedding",
-    )
     table = OutcomeRow.__table__
+    new, old = statement.excluded, table.c
+    takes_score = sa.and_(
+        new.quality_score.is_not(None),
+        _source_rank(new.score_source) >= _source_rank(old.score_source),
+    )
     statement = statement.on_conflict_do_update(
         index_elements=["query_id", "model"],
         set_={
-            **{c: sa.func.coalesce(statement.excluded[c], table.c[c]) for c in keep_if_none},
+            **{c: sa.func.coalesce(new[c], old[c]) for c in _KEEP_IF_NONE},
+            "quality_score": sa.case((takes_score, new.quality_score), else_=old.quality_score),
+            "score_source": sa.case((takes_score, new.score_source), else_=old.score_source),
             "updated_at": sa.func.now(),
         },
     )
     # A list of rows: SQLAlchemy batches them into multi-row statements that stay
     # under the database's limit on bound parameters (65,535 for PostgreSQL).
-    session.execute(statement, list(latest.values()))
+    session.execute(statement, rows)
+
+
+def _source_rank(column: sa.ColumnElement[Any]) -> sa.ColumnElement[int]:
+    return sa.case(SCORE_SOURCE_RANK, value=column, else_=0)
 
 
 def iter_outcomes(

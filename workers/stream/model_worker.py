@@ -16,7 +16,7 @@ from typing import Protocol
 import faust
 from faust.types import StreamT
 
-from schemas import Assignment, ModelResponse, Outcome
+from schemas import Assignment, ModelResponse, Outcome, ScoreSource
 from workers.config import Settings
 from workers.stream import metrics
 from workers.stream.app import Topics, batches, decode_or_dead_letter, make_app
@@ -32,6 +32,7 @@ class Answer:
     response: str | None = None
     error: str | None = None
     quality_score: float | None = None
+    score_source: ScoreSource | None = None  # who gave quality_score
     cost_usd: float | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
@@ -49,6 +50,7 @@ class Answer:
             latency_ms=self.latency_ms,
             error=self.error,
             text=assignment.text,
+            source=self.score_source,
         )
         response = ModelResponse(
             query_id=assignment.query_id,
@@ -57,6 +59,7 @@ class Answer:
             response=self.response,
             error=self.error,
             metadata=assignment.metadata,
+            text=assignment.text,
         )
         return outcome, response
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from schemas import Assignment
 from workers.routing.dataset import OutcomeTable
@@ -15,26 +16,34 @@ NOT_RECORDED = "no recorded outcome for this query and model"
 
 
 class ReplayAnswerer:
-    """Finds a query by its text (or metadata sample_id) and replays what the model did."""
+    """Finds a query by its text (or metadata sample_id) and replays what the model did:
+    its answer and cost, and its recorded score unless `scores` is off (then, as a
+    real model, it leaves scoring to a judge or the user)."""
 
-    def __init__(self, table: OutcomeTable, latency_ms: float) -> None:
+    def __init__(self, table: OutcomeTable, latency_ms: float, scores: bool = True) -> None:
         self.table = table
         self.latency_ms = latency_ms
+        self.scores = scores
         self._by_text = {prompt: row for row, prompt in enumerate(table.prompts)}
         self._by_id = {sample_id: row for row, sample_id in enumerate(table.sample_ids)}
 
+    def row_of(self, text: str | None, metadata: Mapping[str, Any]) -> int | None:
+        """The recorded prompt: by its text, else by metadata sample_id."""
+        row = self._by_text.get(text) if text is not None else None
+        return row if row is not None else self._by_id.get(str(metadata.get("sample_id")))
+
     def recorded(self, assignment: Assignment) -> Answer:
-        row = self._by_text.get(assignment.text)
-        if row is None:
-            row = self._by_id.get(str(assignment.metadata.get("sample_id")))
+        row = self.row_of(assignment.text, assignment.metadata)
         if row is None or assignment.model not in self.table.models:
             return Answer(error=NOT_RECORDED, latency_ms=self.latency_ms)
         column = self.table.models.index(assignment.model)
         score = float(self.table.scores[row, column])
         cost = float(self.table.costs[row, column])
+        scored = self.scores and not math.isnan(score)  # NaN: not recorded
         return Answer(
             response=self.table.responses[row].get(assignment.model),
-            quality_score=None if math.isnan(score) else score,  # NaN: not recorded
+            quality_score=score if scored else None,
+            score_source="replay" if scored else None,
             cost_usd=None if math.isnan(cost) else cost,
             latency_ms=self.latency_ms,
         )
