@@ -6,6 +6,7 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from pydantic import ValidationError
@@ -13,8 +14,12 @@ from sqlalchemy.engine import make_url
 
 from workers.config import Settings
 
+if TYPE_CHECKING:
+    from workers.routing.dataset import OutcomeTable
+
 # Each role's default Prometheus port (METRICS_PORT overrides it).
 ROUTER_METRICS_PORT, OUTCOMES_METRICS_PORT, MODEL_WORKER_METRICS_PORT = 9101, 9102, 9103
+JUDGE_METRICS_PORT = 9104
 
 data_option = click.option(
     "--data",
@@ -105,10 +110,19 @@ def db_upgrade(database_url: str, revision: str) -> None:
     show_default=True,
 )
 def report(since: str, png_path: Path) -> None:
-    """Spend, realised quality and counts per pool and model, from PostgreSQL."""
+    """Spend, realised quality and counts per pool and model, scores by source and
+    the judge's spend, from PostgreSQL."""
     import sqlalchemy as sa
 
-    from workers.report import format_table, parse_duration, plot, read_facts, summarise
+    from workers.report import (
+        format_sources,
+        format_table,
+        parse_duration,
+        plot,
+        read_facts,
+        summarise,
+        summarise_sources,
+    )
 
     settings = load_settings()
     if not settings.database_url:
@@ -120,6 +134,8 @@ def report(since: str, png_path: Path) -> None:
     facts = read_facts(sa.create_engine(settings.database_url), period)
     click.echo(f"outcomes stored in the last {since}: {len(facts)}")
     click.echo(format_table(summarise(facts)))
+    click.echo("")
+    click.echo(format_sources(summarise_sources(facts)))
     plot(facts, png_path)
     click.echo(f"spend and quality over time: {png_path}")
 
@@ -180,6 +196,17 @@ def outcomes(loglevel: str) -> None:
     run_worker(app, settings, OUTCOMES_METRICS_PORT, loglevel)
 
 
+def _replay_table(settings: Settings) -> OutcomeTable:
+    """The recorded outcomes replay workers answer and judge from (REPLAY_DATA_PATH)."""
+    from workers.routing.dataset import DatasetError, load_routerbench, shipped_sample_path
+
+    path = Path(settings.replay_data_path) if settings.replay_data_path else shipped_sample_path()
+    try:
+        return load_routerbench(path)
+    except (DatasetError, OSError) as exc:
+        raise click.ClickException(f"REPLAY_DATA_PATH: {exc}") from exc
+
+
 @main.group("model-worker")
 def model_worker() -> None:
     """Workers that answer routed queries."""
@@ -190,16 +217,14 @@ def model_worker() -> None:
 @click.option("--loglevel", default="info", show_default=True)
 def model_worker_replay(models: tuple[str, ...], loglevel: str) -> None:
     """Answer from recorded outcomes (REPLAY_DATA_PATH) after REPLAY_LATENCY_MS."""
-    from workers.routing.dataset import load_routerbench, shipped_sample_path
     from workers.stream.app import run_worker
     from workers.stream.model_worker import build_model_worker_app
     from workers.stream.replay_worker import ReplayAnswerer
 
     settings = load_settings()
-    data = Path(settings.replay_data_path) if settings.replay_data_path else shipped_sample_path()
     _configure_logging(loglevel, settings.log_format)
     answerer = ReplayAnswerer(
-        load_routerbench(data), settings.replay_latency_ms, settings.replay_scores
+        _replay_table(settings), settings.replay_latency_ms, settings.replay_scores
     )
     try:
         app = build_model_worker_app(
@@ -233,6 +258,46 @@ def model_worker_openai(models: tuple[str, ...], loglevel: str) -> None:
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     run_worker(app, settings, MODEL_WORKER_METRICS_PORT, loglevel)
+
+
+@main.group()
+def judge() -> None:
+    """Workers that score a sample (JUDGE_SAMPLE_SHARE) of the answers on
+    omnirouter.responses and publish the scores as outcomes."""
+
+
+@judge.command("openai")
+@click.option("--loglevel", default="info", show_default=True)
+def judge_openai(loglevel: str) -> None:
+    """Score through an OpenAI-compatible API at JUDGE_BASE_URL (JUDGE_RUBRIC)."""
+    from workers.stream.app import run_worker
+    from workers.stream.judge import build_judge_app, events_per_batch
+    from workers.stream.judge_openai import ChatJudge
+
+    settings = load_settings()
+    try:
+        chat = ChatJudge(settings)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _configure_logging(loglevel, settings.log_format)
+    batch = events_per_batch(settings.judge_max_concurrency, settings.judge_sample_share)
+    app = build_judge_app("openai", settings, _need_bootstrap(settings), chat, batch)
+    run_worker(app, settings, JUDGE_METRICS_PORT, loglevel)
+
+
+@judge.command("replay")
+@click.option("--loglevel", default="info", show_default=True)
+def judge_replay(loglevel: str) -> None:
+    """Score from recorded outcomes (REPLAY_DATA_PATH), JUDGE_FLIP_SHARE of them flipped."""
+    from workers.stream.app import run_worker
+    from workers.stream.judge import build_judge_app
+    from workers.stream.judge_replay import ReplayJudge
+
+    settings = load_settings()
+    _configure_logging(loglevel, settings.log_format)
+    replay_judge = ReplayJudge(_replay_table(settings), settings.judge_flip_share)
+    app = build_judge_app("replay", settings, _need_bootstrap(settings), replay_judge)
+    run_worker(app, settings, JUDGE_METRICS_PORT, loglevel)
 
 
 @main.command()
@@ -270,24 +335,63 @@ def replay(
 
 
 @main.command("seed-outcomes")
-@data_option
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="RouterBench or generic file (.jsonl, .json, .csv); default the shipped sample.",
+)
+@click.option(
+    "--format",
+    "file_format",
+    type=click.Choice(["auto", "routerbench", "generic"]),
+    default="auto",
+    show_default=True,
+    help="auto: RouterBench if the first JSON row has outcomes and prompt; CSV is generic.",
+)
 @click.option("--limit", default=0, help="At most this many prompts; 0: all.")
-def seed_outcomes_command(data_path: Path | None, limit: int) -> None:
-    """Store a RouterBench file's recorded outcomes: a warm start for the predictor."""
+@click.option(
+    "--skip-unknown-models",
+    is_flag=True,
+    help="Leave out rows of models not in ROUTER_MODELS instead of refusing the file.",
+)
+def seed_outcomes_command(
+    data_path: Path | None, file_format: str, limit: int, skip_unknown_models: bool
+) -> None:
+    """Store recorded outcomes as a warm start for the predictor: a RouterBench file
+    (every model's outcome on a prompt a line) or a generic file of one row per
+    prompt and model (text, model, score, cost, tokens, optional prompt_id)."""
     import sqlalchemy as sa
 
-    from workers.routing.dataset import load_routerbench, shipped_sample_path
+    from workers.routing import dataset
     from workers.routing.embedder import SentenceEmbedder
-    from workers.stream.replay import seed_outcomes
+    from workers.stream.replay import seed_records
 
     settings = load_settings()
     if not settings.database_url:
         raise click.ClickException("DATABASE_URL is not set")
-    table = load_routerbench(data_path or shipped_sample_path())
-    if limit > 0:
-        table = table.take(list(range(min(limit, len(table)))))
-    count = seed_outcomes(sa.create_engine(settings.database_url), table, SentenceEmbedder())
-    click.echo(f"stored {count} outcomes of {len(table)} prompts")
+    try:
+        records = dataset.load_seed_file(
+            data_path or dataset.shipped_sample_path(),
+            file_format,  # type: ignore[arg-type]
+        )
+    except dataset.DatasetError as exc:
+        raise click.ClickException(str(exc)) from exc
+    records, unknown = dataset.split_known_models(
+        dataset.first_prompts(records, limit), settings.router_models
+    )
+    named = ", ".join(f"{m} ({n} row{'s' * (n != 1)})" for m, n in unknown.items())
+    if unknown and not skip_unknown_models:
+        raise click.ClickException(
+            f"models not in ROUTER_MODELS: {named}; add them to ROUTER_MODELS "
+            "or pass --skip-unknown-models"
+        )
+    if unknown:
+        click.echo(f"skipped the rows of models not in ROUTER_MODELS: {named}")
+    prompts = len({r.prompt_id for r in records})
+    count = seed_records(sa.create_engine(settings.database_url), records, SentenceEmbedder())
+    click.echo(f"stored {count} outcomes of {prompts} prompts")
 
 
 @main.command()

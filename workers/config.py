@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     router_knn_neighbours: PositiveInt = 20
     # How many stored outcomes' worth a model's prior (ROUTER_MODEL_PRIORS, else its
     # mean) counts for beside a query's neighbours: few neighbours, little trust.
-    router_prior_strength: PositiveFloat = 1.0
+    router_prior_strength: PositiveFloat = 10.0
     # Quality within this of another model's, paying the dearest instead of the
     # cheapest, is a tie, won by the cheaper model (both solvers, both modes).
     router_tie_tolerance: NonNegativeFloat = 0.005

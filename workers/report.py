@@ -1,8 +1,9 @@
 """`omnirouter report --since DURATION`: what routing cost and achieved, from PostgreSQL.
 
 Per pool and per model: outcomes, how many carry a quality score, realised
-spend and mean realised quality, errors; and a PNG of spend and quality over
-time. It reads the outcomes table only, so it answers for any period the
+spend and mean realised quality, errors; per pool, who gave the scores (user,
+replay, judge) and what the judge's calls cost; and a PNG of spend and quality
+over time. It reads the outcomes table only, so it answers for any period the
 database holds, metrics server or not.
 """
 
@@ -40,6 +41,8 @@ class OutcomeFact:
     cost_usd: float | None
     quality_score: float | None
     error: str | None
+    score_source: str | None = None  # user, replay, judge; None without a score
+    judge_cost_usd: float | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,18 @@ class Figures:
     errors: int
     spend_usd: float
     mean_quality: float | None  # None when nothing was scored
+
+
+@dataclass(frozen=True)
+class SourceFigures:
+    """Who scored a pool's outcomes, and what judging them cost."""
+
+    pool: str  # "(all)" for every pool together
+    scored: dict[str, int]  # source -> scored outcomes; a score without a source is the user's
+    judge_spend_usd: float
+
+
+SOURCES = ("user", "replay", "judge")
 
 
 def read_facts(
@@ -65,6 +80,8 @@ def read_facts(
             OutcomeRow.cost_usd,
             OutcomeRow.quality_score,
             OutcomeRow.error,
+            OutcomeRow.score_source,
+            OutcomeRow.judge_cost_usd,
         )
         .where(OutcomeRow.created_at >= cutoff)
         .order_by(OutcomeRow.created_at)
@@ -93,6 +110,32 @@ def _figures(pool: str, model: str, facts: list[OutcomeFact]) -> Figures:
         spend_usd=sum(f.cost_usd or 0.0 for f in facts),
         mean_quality=sum(scores) / len(scores) if scores else None,
     )
+
+
+def summarise_sources(facts: Sequence[OutcomeFact]) -> list[SourceFigures]:
+    """Scores by source and the judge's spend per pool, sorted, then "(all)"."""
+    pools = sorted({f.pool for f in facts})
+    per_pool = [_source_figures(pool, [f for f in facts if f.pool == pool]) for pool in pools]
+    return [*per_pool, _source_figures("(all)", list(facts))]
+
+
+def _source_figures(pool: str, facts: list[OutcomeFact]) -> SourceFigures:
+    scored = dict.fromkeys(SOURCES, 0)
+    for fact in facts:
+        if fact.quality_score is not None:
+            source = fact.score_source or "user"
+            scored[source] = scored.get(source, 0) + 1
+    spend = sum(f.judge_cost_usd or 0.0 for f in facts)
+    return SourceFigures(pool=pool, scored=scored, judge_spend_usd=spend)
+
+
+def format_sources(figures: Sequence[SourceFigures]) -> str:
+    header = f"{'pool':<12} " + " ".join(f"{s:>7}" for s in SOURCES) + f" {'judge $':>11}"
+    lines = ["scored outcomes by source, and the judge's spend", header, "-" * len(header)]
+    for f in figures:
+        counts = " ".join(f"{f.scored.get(s, 0):>7}" for s in SOURCES)
+        lines.append(f"{f.pool:<12} {counts} {f.judge_spend_usd:>11.6f}")
+    return "\n".join(lines)
 
 
 def format_table(figures: Sequence[Figures]) -> str:

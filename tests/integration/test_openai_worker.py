@@ -7,18 +7,19 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from schemas import Assignment, ModelResponse, Outcome
+from tests.chat_server import ChatServer, completion
 from workers.config import Settings
-from workers.services import LocalBroker, free_port
+from workers.services import LocalBroker
 from workers.stream.kafka_io import produce_values, read_topic
 from workers.stream.topics import create_topics
 
@@ -28,49 +29,17 @@ SECRET = "sk-test-do-not-log-4242"
 MODELS = ["vendor/small", "large"]
 
 
-class FakeChatServer:
+async def reverse_or_fail(body: dict[str, Any]) -> web.StreamResponse:
     """Answers every prompt with its reversal; 500 for prompts holding FAIL."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.requests: list[dict[str, object]] = []
-        self.authorizations: set[str] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    async def chat(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.requests.append(body)
-        self.authorizations.add(request.headers.get("Authorization", ""))
-        prompt = body["messages"][-1]["content"]
-        if "FAIL" in prompt:
-            return web.Response(status=500, text="upstream exploded")
-        return web.json_response(
-            {
-                "choices": [{"message": {"role": "assistant", "content": prompt[::-1]}}],
-                "usage": {"prompt_tokens": 40, "completion_tokens": 10, "total_tokens": 50},
-            }
-        )
-
-    def __enter__(self) -> FakeChatServer:
-        application = web.Application()
-        application.router.add_post("/v1/chat/completions", self.chat)
-        runner = web.AppRunner(application)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(runner.setup(), self._loop).result()
-        site = web.TCPSite(runner, "127.0.0.1", self.port)
-        asyncio.run_coroutine_threadsafe(site.start(), self._loop).result()
-        self._runner = runner
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
+    prompt = body["messages"][-1]["content"]
+    if "FAIL" in prompt:
+        return web.Response(status=500, text="upstream exploded")
+    return completion(prompt[::-1])
 
 
 @pytest.fixture
-def chat_server() -> Iterator[FakeChatServer]:
-    with FakeChatServer() as server:
+def chat_server() -> Iterator[ChatServer]:
+    with ChatServer(reverse_or_fail) as server:
         yield server
 
 
@@ -82,9 +51,7 @@ def assignment(query_id: str, model: str, text: str) -> Assignment:
     )  # fmt: skip
 
 
-def test_answers_usage_and_errors_are_published(
-    chat_server: FakeChatServer, tmp_path: Path
-) -> None:
+def test_answers_usage_and_errors_are_published(chat_server: ChatServer, tmp_path: Path) -> None:
     prices = {"large": {"input_per_mtok_usd": 10.0, "output_per_mtok_usd": 30.0}}
     settings = Settings(router_models=MODELS, kafka_partitions=2)
     names = settings.topic_names()

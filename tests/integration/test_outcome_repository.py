@@ -8,7 +8,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from schemas import Outcome
+from workers.db import migrate
+from workers.db.models import OutcomeRow
 from workers.db.repository import count_outcomes, iter_outcomes, upsert_outcomes
+from workers.services import throwaway_postgres
 
 pytestmark = pytest.mark.integration
 
@@ -82,3 +85,125 @@ def test_a_batch_larger_than_one_statement_can_bind_is_stored_whole(
         upsert_outcomes(session, outcomes, [None] * len(outcomes))
     with Session(postgres_engine) as session:
         assert count_outcomes(session) == 7000
+
+
+def stored_rows(engine: sa.Engine) -> dict[tuple[str, str], OutcomeRow]:
+    with Session(engine) as session:
+        return {(r.query_id, r.model): r for r in session.scalars(sa.select(OutcomeRow))}
+
+
+def write(engine: sa.Engine, *batches: list[tuple[Outcome, np.ndarray | None]]) -> None:
+    """Each batch in a transaction of its own, as the outcome writer does."""
+    for batch in batches:
+        with Session(engine) as session, session.begin():
+            upsert_outcomes(session, [o for o, _ in batch], [e for _, e in batch])
+
+
+def test_usage_with_text_and_a_judge_score_in_one_batch_keep_both(
+    postgres_engine: sa.Engine,
+) -> None:
+    embedding = np.linspace(0, 1, 384, dtype=np.float32)
+    usage = Outcome(
+        query_id="q", model="m", pool="gold", text="hello", output_tokens=9, cost_usd=0.01
+    )
+    judged = Outcome(
+        query_id="q", model="m", quality_score=0.7, source="judge", judge_cost_usd=1e-4
+    )
+    write(postgres_engine, [(usage, embedding), (judged, None)])
+
+    row = stored_rows(postgres_engine)[("q", "m")]
+    assert (row.quality_score, row.score_source, row.pool) == (0.7, "judge", "gold")
+    assert (row.cost_usd, row.output_tokens) == (pytest.approx(0.01), 9)
+    assert row.judge_cost_usd == pytest.approx(1e-4)
+    assert row.embedding is not None
+    np.testing.assert_array_equal(np.frombuffer(row.embedding, np.float32), embedding)
+
+
+# (the first score's source, the second's, whose score is kept: FIRST or SECOND)
+FIRST, SECOND = 0, 1
+PRECEDENCE = [
+    ("user", "judge", FIRST),
+    ("judge", "user", SECOND),
+    ("replay", "judge", FIRST),
+    ("judge", "replay", SECOND),
+    ("user", "replay", FIRST),
+    ("replay", "user", SECOND),
+    ("judge", "judge", SECOND),  # the same source: the later score replaces
+    ("replay", "replay", SECOND),
+    ("user", "user", SECOND),
+    (None, "judge", FIRST),  # a score without a source is the user's (Outcome v1)
+]
+
+
+@pytest.mark.parametrize("one_batch", [False, True], ids=["two batches", "one batch"])
+@pytest.mark.parametrize(("first", "second", "kept"), PRECEDENCE)
+def test_a_score_replaces_the_stored_one_only_from_a_source_as_strong(
+    postgres_engine: sa.Engine, first: str | None, second: str, kept: int, one_batch: bool
+) -> None:
+    usage = Outcome(query_id="q", model="m", text="hi", cost_usd=0.02)
+    scores = [
+        Outcome(query_id="q", model="m", quality_score=0.25, source=first),  # type: ignore[arg-type]
+        Outcome(query_id="q", model="m", quality_score=0.75, source=second),  # type: ignore[arg-type]
+    ]
+    events = [(usage, np.ones(384, np.float32)), *((s, None) for s in scores)]
+    if one_batch:
+        write(postgres_engine, events)
+    else:
+        write(postgres_engine, *([e] for e in events))
+
+    row = stored_rows(postgres_engine)[("q", "m")]
+    winner = scores[kept]
+    assert (row.quality_score, row.score_source) == (winner.quality_score, winner.score_source)
+    assert row.cost_usd == pytest.approx(0.02)
+    assert row.embedding is not None
+
+
+@pytest.mark.parametrize("one_batch", [False, True], ids=["two batches", "one batch"])
+def test_a_score_only_event_leaves_the_pool_of_the_first_insert(
+    postgres_engine: sa.Engine, one_batch: bool
+) -> None:
+    usage = Outcome(query_id="q", model="m", pool="gold", text="hi", cost_usd=0.02)
+    score = Outcome(query_id="q", model="m", quality_score=1.0, source="user")  # pool "default"
+    events = [(usage, np.ones(384, np.float32)), (score, None)]
+    write(postgres_engine, *([events] if one_batch else ([e] for e in events)))
+
+    row = stored_rows(postgres_engine)[("q", "m")]
+    assert (row.pool, row.quality_score, row.score_source) == ("gold", 1.0, "user")
+    assert row.cost_usd == pytest.approx(0.02)
+
+
+def test_migration_0003_marks_the_scores_already_stored_as_the_users() -> None:
+    with throwaway_postgres() as url:
+        migrate.upgrade(url, "0002")
+        engine = sa.create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO outcomes (query_id, model, pool, quality_score, cost_usd) "
+                    "VALUES ('old', 'm', 'default', 0.5, 0.01), ('old', 'n', 'default', NULL, 0.02)"
+                )
+            )
+        migrate.upgrade(url, "head")
+        try:
+            rows = stored_rows(engine)
+            scored, unscored = rows[("old", "m")], rows[("old", "n")]
+            assert (scored.quality_score, scored.score_source) == (0.5, "user")
+            assert (unscored.quality_score, unscored.score_source) == (None, None)
+            assert scored.judge_cost_usd is None and unscored.judge_cost_usd is None
+            assert scored.cost_usd == pytest.approx(0.01)
+
+            # Old scores are the user's: a judge does not replace them, a new user score does.
+            judge = Outcome(query_id="old", model="m", quality_score=0.0, source="judge")
+            write(engine, [(judge, None)])
+            assert stored_rows(engine)[("old", "m")].quality_score == 0.5
+            judge_n = Outcome(query_id="old", model="n", quality_score=1.0, source="judge")
+            user = Outcome(query_id="old", model="m", quality_score=1.0, source="user")
+            write(engine, [(judge_n, None), (user, None)])
+            rows = stored_rows(engine)
+            assert (rows[("old", "m")].quality_score, rows[("old", "m")].score_source) == (
+                1.0,
+                "user",
+            )
+            assert rows[("old", "n")].score_source == "judge"
+        finally:
+            engine.dispose()

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from schemas import Outcome
 from workers.cli import main
 from workers.db.repository import upsert_outcomes
-from workers.report import parse_duration, read_facts, summarise
+from workers.report import parse_duration, read_facts, summarise, summarise_sources
 
 pytestmark = pytest.mark.integration
 
@@ -74,9 +74,49 @@ def test_the_command_prints_the_table_and_writes_the_plot(
         line for line in result.output.splitlines() if line.startswith("gold  ") and "(all)" in line
     )
     assert gold_total.split()[2:] == ["2", "1", "1", "0.090000", "0.5000"]
+    assert "scored outcomes by source, and the judge's spend" in result.output
+    sources = result.output.split("scored outcomes by source")[1].splitlines()
+    assert sources[1].split() == ["pool", "user", "replay", "judge", "judge", "$"]
+    (everything,) = [line.split() for line in sources if line.startswith("(all)")]
+    assert everything == ["(all)", "4", "0", "0", "0.000000"]
     assert png.stat().st_size > 10_000  # a real image, not an empty file
     bad = CliRunner().invoke(main, ["report", "--since", "yesterday"])
     assert bad.exit_code != 0 and "not a duration" in bad.output
+
+
+JUDGED = [
+    Outcome(query_id="j1", model="cheap", pool="default", cost_usd=0.001, text="one"),
+    Outcome(query_id="j1", model="cheap", source="judge", quality_score=0.7, judge_cost_usd=0.004),
+    Outcome(query_id="j2", model="dear", pool="gold", cost_usd=0.01, text="two"),
+    Outcome(query_id="j2", model="dear", source="judge", judge_cost_usd=0.003),  # no score read
+    Outcome(query_id="j3", model="dear", pool="gold", quality_score=1.0, source="replay"),
+    # A judge's score, then the user's for the same answer: the user's stays.
+    Outcome(query_id="j4", model="cheap", pool="gold", text="four"),
+    Outcome(query_id="j4", model="cheap", source="judge", quality_score=0.2, judge_cost_usd=0.002),
+    Outcome(query_id="j4", model="cheap", source="user", quality_score=1.0),
+]
+
+
+def test_scores_by_source_and_the_judge_s_spend(postgres_engine: sa.Engine) -> None:
+    store(postgres_engine, OUTCOMES)
+    for outcome in JUDGED:  # one event at a time, as the outcome writer's batches may be
+        store(postgres_engine, [outcome])
+
+    facts = read_facts(postgres_engine, timedelta(hours=1))
+    sources = {f.pool: f for f in summarise_sources(facts)}
+
+    assert list(sources) == ["default", "gold", "(all)"]
+    # OUTCOMES' scores carry no source: the user's.
+    assert sources["default"].scored == {"user": 3, "replay": 0, "judge": 1}
+    assert sources["default"].judge_spend_usd == pytest.approx(0.004)
+    assert sources["gold"].scored == {"user": 2, "replay": 1, "judge": 0}
+    assert sources["gold"].judge_spend_usd == pytest.approx(0.003 + 0.002)
+    assert sources["(all)"].scored == {"user": 5, "replay": 1, "judge": 1}
+    assert sources["(all)"].judge_spend_usd == pytest.approx(0.009)
+    # The judge's spend is not the models' spend.
+    figures = {(f.pool, f.model): f for f in summarise(facts)}
+    assert figures[("default", "cheap")].spend_usd == pytest.approx(0.003 + 0.001)
+    assert figures[("gold", "cheap")].mean_quality == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(

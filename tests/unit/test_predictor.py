@@ -125,7 +125,7 @@ def test_neighbours_decide_quality_and_cost() -> None:
         scores=np.array([[0.0, 1.0], [1.0, 0.0]]),
         costs=np.array([[0.001, 0.02], [0.003, 0.04]]),
     )
-    quality, cost, _ = knn_estimates(
+    quality, cost, _, _ = knn_estimates(
         store, unit(1, 0.05, 0)[None, :], KnnSettings(neighbours=2, prior_strength=0.01)
     )
     assert quality[0, 1] > 0.95 and quality[0, 0] < 0.05
@@ -133,11 +133,12 @@ def test_neighbours_decide_quality_and_cost() -> None:
 
 
 def test_an_empty_store_predicts_the_neutral_prior() -> None:
-    quality, cost, _ = knn_estimates(
+    quality, cost, _, support = knn_estimates(
         RetrievalStore(MODELS, 3), unit(1, 0, 0)[None, :], KnnSettings()
     )
     assert quality.tolist() == [[0.5, 0.5]]
     assert cost.tolist() == [[0.0, 0.0]]
+    assert support.tolist() == [[0.0, 0.0]]  # nothing stored: the prior alone
 
 
 def test_list_prices_give_the_cost_from_tokens() -> None:

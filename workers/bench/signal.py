@@ -86,7 +86,8 @@ def run(
             prior = evaluation.task_means(fit_part.scores, fit_tasks, test_tasks)
             quality = synthetic_quality(prior, test_part.scores, auc, rng)
             cost = evaluation.task_means(fit_part.costs, fit_tasks, test_tasks)
-            yield test_part, Estimates(quality, cost, np.zeros((len(test_part), 0), np.float32))
+            vectors = np.zeros((len(test_part), 0), np.float32)
+            yield test_part, Estimates(quality, cost, vectors, np.zeros_like(quality))
 
     figures = []
     for auc in aucs:

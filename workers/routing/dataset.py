@@ -1,17 +1,23 @@
-"""RouterBench-format files: one JSON object a line with every model's outcome on a prompt."""
+"""Outcome files: RouterBench format (one JSON object a line with every model's
+outcome on a prompt), and generic warm-start files (one row per prompt and model)."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 
 class DatasetError(ValueError):
-    """A RouterBench-format file that cannot be used, with the line at fault."""
+    """An outcome file that cannot be used, with the line at fault."""
 
 
 @dataclass(frozen=True)
@@ -96,3 +102,228 @@ def load_routerbench(path: str | Path) -> OutcomeTable:
 def shipped_sample_path() -> Path:
     """The RouterBench sample inside the package (see workers/data/README.md)."""
     return Path(str(resources.files("workers") / "data" / "routerbench_sample.jsonl"))
+
+
+# ---------------------------------------------------------------------------
+# Generic warm-start files: one row per (prompt, model), from a user's own evaluations.
+
+SeedFormat = Literal["auto", "routerbench", "generic"]
+GENERIC_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv"}
+ACCEPTED_FORMATS = "JSON lines (.jsonl, .json) or CSV with a header row (.csv)"
+GENERIC_FIELDS = ("prompt_id", "text", "model", "score", "cost", "tokens")
+# Seeded query ids are "<run id>-<prompt_id>" and at most 200 characters.
+MAX_PROMPT_ID_CHARS = 180
+
+
+@dataclass(frozen=True)
+class RecordedOutcome:
+    """One model's recorded outcome on one prompt; None where it was not recorded."""
+
+    prompt_id: str  # given, or derived from the text (text_prompt_id)
+    text: str
+    model: str
+    score: float | None  # 0..1
+    cost: float | None  # USD
+    output_tokens: int | None
+
+
+def text_prompt_id(text: str) -> str:
+    """A stable id for a prompt given without one: rows with the same text share it."""
+    return "text-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def _optional_number(value: object, name: str, where: str) -> float | None:
+    """JSON null or a CSV empty cell -> None; a number (or a CSV cell holding one) -> float."""
+    if value is None or (isinstance(value, str) and value.strip() in ("", "null")):
+        return None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise DatasetError(f"{where}: {name} is not a number: {value!r}") from None
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise DatasetError(f"{where}: {name} is not a number: {value!r}")
+    else:
+        number = float(value)
+    if not math.isfinite(number):
+        raise DatasetError(f"{where}: {name} is not a finite number: {value!r}")
+    return number
+
+
+def _required_text(value: object, name: str, where: str) -> str:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DatasetError(f"{where}: {name} is missing or empty")
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: {name} is not a string: {value!r}")
+    return value
+
+
+def _record(row: Mapping[str, object], where: str) -> RecordedOutcome:
+    """Validate one row of a generic file (JSON object or CSV row by header)."""
+    text = _required_text(row.get("text"), "text", where)
+    model = _required_text(row.get("model"), "model", where).strip()
+    score = _optional_number(row.get("score"), "score", where)
+    if score is not None and not 0 <= score <= 1:
+        raise DatasetError(f"{where}: score {score:g} is outside [0, 1]")
+    cost = _optional_number(row.get("cost"), "cost", where)
+    if cost is not None and cost < 0:
+        raise DatasetError(f"{where}: cost {cost:g} is negative")
+    tokens = _optional_number(row.get("tokens"), "tokens", where)
+    if tokens is not None and (tokens < 0 or not tokens.is_integer()):
+        raise DatasetError(f"{where}: tokens {tokens:g} is not a whole number >= 0")
+    raw_id = row.get("prompt_id")
+    if isinstance(raw_id, int) and not isinstance(raw_id, bool):
+        raw_id = str(raw_id)
+    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        prompt_id = text_prompt_id(text)
+    else:
+        prompt_id = _required_text(raw_id, "prompt_id", where).strip()
+        if len(prompt_id) > MAX_PROMPT_ID_CHARS:
+            raise DatasetError(f"{where}: prompt_id is longer than {MAX_PROMPT_ID_CHARS} chars")
+    return RecordedOutcome(
+        prompt_id=prompt_id,
+        text=text,
+        model=model,
+        score=score,
+        cost=cost,
+        output_tokens=None if tokens is None else int(tokens),
+    )
+
+
+def _json_rows(path: Path) -> Iterator[tuple[int, Mapping[str, object]]]:
+    with open(path, encoding="utf-8-sig") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}:{line_number}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{path}:{line_number}: not a JSON object")
+            yield line_number, row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, Mapping[str, object]]]:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        header = [name.strip() for name in next(reader, [])]
+        missing = [name for name in ("text", "model") if name not in header]
+        doubled = sorted({name for name in header if header.count(name) > 1})
+        if doubled:
+            raise DatasetError(f"{path}:1: the header row repeats {', '.join(doubled)}")
+        if missing:
+            raise DatasetError(
+                f"{path}:1: the header row lacks column(s) {', '.join(missing)} "
+                f"(columns: {', '.join(GENERIC_FIELDS)})"
+            )
+        ended = reader.line_num
+        for cells in reader:
+            line_number, ended = ended + 1, reader.line_num  # a quoted cell may span lines
+            if not any(cell.strip() for cell in cells):
+                continue
+            if len(cells) != len(header):
+                raise DatasetError(
+                    f"{path}:{line_number}: {len(cells)} fields, the header has {len(header)}"
+                )
+            yield line_number, dict(zip(header, cells, strict=True))
+
+
+def load_outcome_rows(path: str | Path) -> list[RecordedOutcome]:
+    """Read a generic warm-start file: one row per (prompt, model) with text, model,
+    score (0..1), cost (USD), tokens (output) and optionally prompt_id (without it,
+    rows with the same text are one prompt). JSON lines (.jsonl, .json) or CSV with
+    a header row (.csv); null or an empty cell: not recorded."""
+    path = Path(path)
+    kind = GENERIC_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DatasetError(f"{path}: unknown file type {path.suffix!r}; use {ACCEPTED_FORMATS}")
+    rows = _csv_rows(path) if kind == "csv" else _json_rows(path)
+    records: list[RecordedOutcome] = []
+    first_line: dict[tuple[str, str], int] = {}
+    text_of: dict[str, tuple[str, int]] = {}
+    for line_number, row in rows:
+        where = f"{path}:{line_number}"
+        record = _record(row, where)
+        text, line = text_of.setdefault(record.prompt_id, (record.text, line_number))
+        if text != record.text:
+            raise DatasetError(
+                f"{where}: prompt_id {record.prompt_id!r} has another text on line {line}"
+            )
+        seen = first_line.setdefault((record.prompt_id, record.model), line_number)
+        if seen != line_number:
+            raise DatasetError(
+                f"{where}: a second row for model {record.model!r} on this prompt "
+                f"(the first is on line {seen})"
+            )
+        records.append(record)
+    if not records:
+        raise DatasetError(f"{path}: no rows")
+    return records
+
+
+def detect_format(path: str | Path) -> Literal["routerbench", "generic"]:
+    """RouterBench if the first JSON row has "outcomes" and "prompt"; generic otherwise
+    (CSV always)."""
+    path = Path(path)
+    kind = GENERIC_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise DatasetError(f"{path}: unknown file type {path.suffix!r}; use {ACCEPTED_FORMATS}")
+    if kind == "csv":
+        return "generic"
+    with open(path, encoding="utf-8-sig") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return "generic"  # load_outcome_rows names the line at fault
+    is_routerbench = isinstance(row, dict) and "outcomes" in row and "prompt" in row
+    return "routerbench" if is_routerbench else "generic"
+
+
+def table_records(table: OutcomeTable) -> list[RecordedOutcome]:
+    """A RouterBench table as rows, one per (prompt, model); NaN -> None."""
+    return [
+        RecordedOutcome(
+            prompt_id=table.sample_ids[row],
+            text=prompt,
+            model=model,
+            score=None if math.isnan(score := table.scores[row, column]) else float(score),
+            cost=None if math.isnan(cost := table.costs[row, column]) else float(cost),
+            output_tokens=None,
+        )
+        for row, prompt in enumerate(table.prompts)
+        for column, model in enumerate(table.models)
+    ]
+
+
+def load_seed_file(path: str | Path, file_format: SeedFormat = "auto") -> list[RecordedOutcome]:
+    """Rows of a warm-start file in either format (auto: see detect_format)."""
+    chosen = detect_format(path) if file_format == "auto" else file_format
+    if chosen == "routerbench":
+        return table_records(load_routerbench(path))
+    return load_outcome_rows(path)
+
+
+def first_prompts(records: Sequence[RecordedOutcome], limit: int) -> list[RecordedOutcome]:
+    """The rows of the first `limit` prompts, in file order (limit <= 0: all)."""
+    if limit <= 0:
+        return list(records)
+    kept: set[str] = set()
+    for record in records:
+        if len(kept) == limit:
+            break
+        kept.add(record.prompt_id)
+    return [r for r in records if r.prompt_id in kept]
+
+
+def split_known_models(
+    records: Sequence[RecordedOutcome], models: Sequence[str]
+) -> tuple[list[RecordedOutcome], dict[str, int]]:
+    """The rows of known models, and how many rows each unknown model has."""
+    known = set(models)
+    unknown: dict[str, int] = {}
+    for record in records:
+        if record.model not in known:
+            unknown[record.model] = unknown.get(record.model, 0) + 1
+    return [r for r in records if r.model in known], dict(sorted(unknown.items()))

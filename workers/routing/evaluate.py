@@ -78,6 +78,8 @@ class EvaluationSettings:
     quality_targets: tuple[float, ...] = tuple(np.round(np.linspace(0.55, 0.95, 9), 2))
     thresholds: tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 21), 2))
     knn: KnnSettings = field(default_factory=KnnSettings)
+    # As the router's ROUTER_TIE_TOLERANCE: ties and near-ties to the cheaper model.
+    tie_tolerance: float = 0.005
     seed: int = 0
 
 
@@ -256,7 +258,9 @@ def route_split(
     size = settings.window_size
     if "budget" in settings.modes:
         for per_query in budgets:
-            plan = route_windows(quality, cost, size, "budget", per_query, settings.solver)
+            plan = route_windows(
+                quality, cost, size, "budget", per_query, settings.solver, settings.tie_tolerance
+            )
             record(OMNIROUTER_BUDGET, float(per_query), plan)
             # Same solver: the fast path leaves more on the table with 0/1 qualities.
             plan = route_windows(truth, spent, size, "budget", per_query, settings.solver)
@@ -272,7 +276,9 @@ def route_split(
                 record(TASK_ORACLE, float(per_query), plan)
     if "quality" in settings.modes:
         for target in settings.quality_targets:
-            plan = route_windows(quality, cost, size, "quality", target, settings.solver)
+            plan = route_windows(
+                quality, cost, size, "quality", target, settings.solver, settings.tie_tolerance
+            )
             record(OMNIROUTER_QUALITY, target, plan)
 
 
@@ -283,18 +289,21 @@ def route_windows(
     mode: Mode,
     limit: float,
     solver: Method,
+    tie_tolerance: float = 0.0,
 ) -> NDArray[np.int64]:
     """Route queries in consecutive windows of `window_size`; `limit` is the budget
     per query (budget mode: the window's budget is it times the window's queries)
     or the quality target (quality mode)."""
     plan = np.zeros(len(quality), dtype=np.int64)
     for window in windows_of(len(quality), window_size):
-        if mode == "budget":
-            problem = WindowProblem(
-                quality[window], cost[window], "budget", window_budget_usd=limit * len(window)
-            )
-        else:
-            problem = WindowProblem(quality[window], cost[window], "quality", quality_target=limit)
+        problem = WindowProblem(
+            quality[window],
+            cost[window],
+            mode,
+            window_budget_usd=limit * len(window) if mode == "budget" else None,
+            quality_target=limit if mode == "quality" else None,
+            tie_tolerance=tie_tolerance,
+        )
         plan[window] = solve(problem, solver).assignment
     return plan
 

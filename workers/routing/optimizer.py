@@ -4,6 +4,12 @@ For queries i and models j, x_ij in {0, 1} and sum_j x_ij = 1:
 - budget mode:  maximise sum q_ij x_ij  s.t.  sum c_ij x_ij <= B,            sum_i x_ij <= L_j
 - quality mode: minimise sum c_ij x_ij  s.t.  (1/N) sum q_ij x_ij >= alpha,  sum_i x_ij <= L_j
 
+Ties and near-ties go to the cheaper model: wherever the solvers seek quality
+they maximise `preference`, the quality less `tie_tolerance` times the cost
+as a share of the query's dearest option, so a model that costs more must be
+better by more than the tolerance to be chosen over a cheaper one (with
+nothing known, every prediction ties, and the cheapest plan is the answer).
+
 `solve_exact` is the reference (PuLP, HiGHS when installed, else CBC).
 `solve_fast` is Lagrangian dual decomposition: the coupling constraint gets a
 multiplier found by bisection, each capacity gets a price raised until the
@@ -53,6 +59,8 @@ class WindowProblem:
     capacities: tuple[int | None, ...] | None = None
     # Model index that takes the overflow when capacities cannot hold the window.
     fallback_model: int | None = None
+    # Quality a model must gain to be worth its whole extra cost (see `preference`).
+    tie_tolerance: float = 0.0
 
     def __post_init__(self) -> None:
         quality = np.asarray(self.quality, dtype=float)
@@ -73,6 +81,14 @@ class WindowProblem:
             raise ValueError(f"{len(self.capacities)} capacities for {self.n_models} models")
         if self.fallback_model is not None and not 0 <= self.fallback_model < self.n_models:
             raise ValueError(f"fallback model {self.fallback_model} out of range")
+        if self.tie_tolerance < 0:
+            raise ValueError("tie_tolerance must be >= 0")
+        dearest = cost.max(axis=1, keepdims=True)
+        relative_cost = np.divide(cost, dearest, out=np.zeros_like(cost), where=dearest > 0)
+        object.__setattr__(self, "preference", quality - self.tie_tolerance * relative_cost)
+
+    # Quality less the tie penalty: what the solvers maximise (set in __post_init__).
+    preference: NDArray[np.float64] = field(init=False, repr=False, compare=False)
 
     @property
     def n_queries(self) -> int:
@@ -115,6 +131,7 @@ class WindowPlan:
     solve_seconds: float
     total_cost_usd: float = field(init=False)
     total_quality: float = field(init=False)
+    total_preference: float = field(init=False)
 
     def __init__(
         self,
@@ -131,14 +148,18 @@ class WindowPlan:
         object.__setattr__(self, "solve_seconds", solve_seconds)
         object.__setattr__(self, "total_cost_usd", float(problem.cost[rows, assignment].sum()))
         object.__setattr__(self, "total_quality", float(problem.quality[rows, assignment].sum()))
+        object.__setattr__(
+            self, "total_preference", float(problem.preference[rows, assignment].sum())
+        )
 
     @property
     def mean_quality(self) -> float:
         return self.total_quality / max(len(self.assignment), 1)
 
     def objective(self, mode: Mode) -> float:
-        """Larger is better: total quality in budget mode, minus total cost in quality mode."""
-        return self.total_quality if mode == "budget" else -self.total_cost_usd
+        """Larger is better: total preference (quality, ties to the cheaper) in budget
+        mode, minus total cost in quality mode."""
+        return self.total_preference if mode == "budget" else -self.total_cost_usd
 
     def counts(self, n_models: int) -> NDArray[np.int64]:
         return np.bincount(self.assignment, minlength=n_models)
@@ -179,7 +200,7 @@ def _solve_ilp(
     x = [[pulp.LpVariable(f"x_{i}_{j}", cat=pulp.LpBinary) for j in range(m)] for i in range(n)]
     sense = pulp.LpMaximize if objective == "max_quality" else pulp.LpMinimize
     model = pulp.LpProblem("window", sense)
-    weights = problem.quality if objective == "max_quality" else cost
+    weights = problem.preference if objective == "max_quality" else cost
     model += pulp.LpAffineExpression(
         (x[i][j], float(weights[i, j])) for i in range(n) for j in range(m)
     )
@@ -372,12 +393,13 @@ class _Lagrangian:
     def __init__(self, problem: WindowProblem) -> None:
         scale = float(problem.cost.mean()) or 1.0
         self.quality = problem.quality
+        self.preference = problem.preference
         self.cost = problem.cost / scale
         self.mode = problem.mode
 
     def __call__(self, multiplier: float) -> NDArray[np.float64]:
-        if self.mode == "budget":  # maximise q - lambda c
-            return self.quality - multiplier * self.cost
+        if self.mode == "budget":  # maximise preference - lambda c
+            return self.preference - multiplier * self.cost
         return multiplier * self.quality - self.cost  # minimise c - lambda q
 
 
@@ -400,12 +422,14 @@ def _greedy_moves(
     n, m = problem.quality.shape
     rows = np.arange(n)
     quality, cost = problem.quality, problem.cost
+    objective = problem.preference if problem.mode == "budget" else -cost
     load = np.bincount(plan, minlength=m).astype(float)
     budget_mode = problem.mode == "budget"
     for _ in range(n * m):
         room = (load < caps)[None, :]
         d_quality = quality - quality[rows, plan][:, None]
         d_cost = cost - cost[rows, plan][:, None]
+        d_objective = objective - objective[rows, plan][:, None]
         if budget_mode:
             slack = _budget(problem) - cost[rows, plan].sum()
         else:
@@ -414,13 +438,13 @@ def _greedy_moves(
             if slack >= 0:
                 break
             # Gain in the constraint (dollars saved / quality added) per unit of objective lost.
-            helps, hurts = (-d_cost, -d_quality) if budget_mode else (d_quality, d_cost)
+            helps, hurts = (-d_cost, -d_objective) if budget_mode else (d_quality, -d_objective)
             ok = (helps > 0) & room
             ratio = np.where(ok, helps / np.maximum(hurts, 1e-18), -np.inf)
             ratio = np.where(ok & (hurts <= 0), np.inf, ratio)
         else:
             # Objective gained per unit of slack used.
-            gains, uses = (d_quality, d_cost) if budget_mode else (-d_cost, -d_quality)
+            gains, uses = (d_objective, d_cost) if budget_mode else (d_objective, -d_quality)
             ok = (gains > 0) & (uses <= slack) & room
             ratio = np.where(ok, gains / np.maximum(uses, 1e-18), -np.inf)
             ratio = np.where(ok & (uses <= 0), np.inf, ratio)
@@ -448,9 +472,10 @@ def solve_fast(problem: WindowProblem) -> WindowPlan:
     else:
         best_quality, _ = _assign_within_capacity(problem.quality, caps)
         if not feasible(best_quality):
+            best_preferred, _ = _assign_within_capacity(problem.preference, caps)
             return WindowPlan(
                 problem,
-                best_quality,
+                best_preferred,
                 "infeasible_target_best_quality_plan",
                 "lagrangian",
                 _since(started),
@@ -471,10 +496,10 @@ def per_query_plan(problem: WindowProblem) -> WindowPlan:
     an equal share of the budget (or must reach the target on its own)."""
     started = time.perf_counter()
     quality, cost = problem.quality, problem.cost
-    cheapest, best = _lexargmax(-cost, quality), _lexargmax(quality, -cost)
+    cheapest, best = _lexargmax(-cost, quality), _lexargmax(problem.preference, -cost)
     if problem.mode == "budget":
         share = _budget(problem) / problem.n_queries
-        within = np.where(cost <= share, quality, -np.inf)
+        within = np.where(cost <= share, problem.preference, -np.inf)
         choice = np.where(np.isfinite(within.max(axis=1)), _lexargmax(within, -cost), cheapest)
     else:
         assert problem.quality_target is not None

@@ -6,6 +6,7 @@ returns.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -14,8 +15,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from schemas import Assignment, PredictedQuery, WindowReport
+from schemas.events import SolverStatus
 from workers.config import PoolPolicy
-from workers.routing.optimizer import Method, WindowProblem, solve
+from workers.routing.exploration import explore_and_solve
+from workers.routing.optimizer import Method, WindowProblem
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,28 @@ def exclude(
     return np.where(allowed, quality, -1.0), np.where(allowed, cost, dearest + margin)
 
 
+# Below this many stored outcomes' worth behind the chosen predictions, on average,
+# a window's predictions are the priors and little else: a quality target they
+# miss is not judged infeasible, only not judged yet.
+UNJUDGED_SUPPORT = 1.0
+
+
+def honest_status(status: SolverStatus, mean_support: float) -> SolverStatus:
+    """The plan's status, saying so when a missed target rests on priors alone."""
+    if status == "infeasible_target_best_quality_plan" and mean_support < UNJUDGED_SUPPORT:
+        return "unjudged_target_best_quality_plan"
+    return status
+
+
+def support_matrix(
+    queries: Sequence[PredictedQuery], columns: Sequence[int]
+) -> NDArray[np.float64]:
+    """Each prediction's support; none recorded (an older router's event) counts as 0."""
+    return np.array(
+        [q.support if q.support else [0.0] * len(q.models) for q in queries], dtype=float
+    ).reshape(len(queries), -1)[:, columns]
+
+
 def route_window(
     pool: str,
     policy: PoolPolicy,
@@ -109,13 +134,17 @@ def route_window(
     fallback_model: str | None = None,
     solver: Method = "fast",
     time_limit_seconds: float = 0.25,
+    tie_tolerance: float = 0.0,
+    exploration_share: float = 0.0,
 ) -> tuple[list[Assignment], WindowReport]:
     """Solve the window over the pool's models; every query gets exactly one, among
-    the models its hints allow (capacities permitting)."""
+    the models its hints allow (capacities permitting); an `exploration_share` of
+    it goes where the router knows least (workers/routing/exploration.py)."""
     pool_models = list(policy.models or models)
     columns = [list(models).index(m) for m in pool_models]
     quality = np.array([q.quality for q in queries], dtype=float)[:, columns]
     cost = np.array([q.cost_usd for q in queries], dtype=float)[:, columns]
+    support = support_matrix(queries, columns)
     allowed = allowed_pairs(queries, pool_models, quality, cost)
     quality, cost = exclude(quality, cost, allowed)
     budget = window_budget_usd(policy, bounds, len(queries)) if policy.mode == "budget" else None
@@ -127,8 +156,16 @@ def route_window(
         quality_target=policy.quality_target if policy.mode == "quality" else None,
         capacities=tuple((capacities or {}).get(m) for m in pool_models),
         fallback_model=pool_models.index(fallback_model) if fallback_model in pool_models else None,
+        tie_tolerance=tie_tolerance,
     )
-    plan = solve(problem, solver, time_limit_seconds)
+    # The window's id seeds the exploration draws: a replayed window draws the same.
+    rng = np.random.default_rng(list(hashlib.sha256(bounds.window_id.encode()).digest()[:8]))
+    explored = explore_and_solve(
+        problem, support, exploration_share, rng, solver, time_limit_seconds, allowed
+    )
+    plan = explored.plan
+    rows = np.arange(len(queries))
+    mean_support = float(support[rows, plan.assignment].mean()) if len(queries) else 0.0
     assignments = [
         Assignment(
             query_id=query.query.query_id,
@@ -141,10 +178,10 @@ def route_window(
             predicted_quality=float(quality[row, choice]),
             predicted_cost_usd=float(cost[row, choice]),
             metadata=query.query.metadata,
+            exploration=bool(explored.explored[row]),
         )
         for row, (query, choice) in enumerate(zip(queries, plan.assignment, strict=True))
     ]
-    counts = plan.counts(len(pool_models))
     report = WindowReport(
         window_id=bounds.window_id,
         pool=pool,
@@ -157,8 +194,17 @@ def route_window(
         predicted_spend_usd=plan.total_cost_usd,
         predicted_mean_quality=plan.mean_quality,
         solver=plan.solver,
-        solver_status=plan.status,
+        solver_status=honest_status(plan.status, mean_support),
         solve_seconds=plan.solve_seconds,
-        assignments_per_model={m: int(c) for m, c in zip(pool_models, counts, strict=True) if c},
+        assignments_per_model=_counts(pool_models, plan.assignment),
+        exploration_queries=int(explored.explored.sum()),
+        exploration_spend_usd=explored.exploration_spend_usd,
+        exploration_per_model=_counts(pool_models, plan.assignment[explored.explored]),
+        mean_support=mean_support,
     )
     return assignments, report
+
+
+def _counts(models: Sequence[str], assignment: NDArray[np.int64]) -> dict[str, int]:
+    counts = np.bincount(assignment, minlength=len(models))
+    return {m: int(c) for m, c in zip(models, counts, strict=True) if c}

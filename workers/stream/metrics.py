@@ -44,6 +44,16 @@ WINDOW_QUERIES = Histogram(
     buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000),
 )
 WINDOWS = Counter("omnirouter_windows_total", "Windows solved", ["pool", "status"])
+EXPLORATIONS = Counter(
+    "omnirouter_exploration_assignments_total",
+    "Queries sent to a model to learn about it (included in the assignments)",
+    ["model", "pool"],
+)
+EXPLORATION_SPEND_USD = Counter(
+    "omnirouter_exploration_spend_usd_total",
+    "Predicted spend of exploratory assignments (included in the predicted spend)",
+    ["pool"],
+)
 WINDOW_BUDGET_USD = Counter(
     "omnirouter_window_budget_usd_total", "Budget of the windows solved (budget mode)", ["pool"]
 )
@@ -63,6 +73,21 @@ SCORED_OUTCOMES = Counter(
 )
 ANSWERS = Counter(
     "omnirouter_answers_total", "Assignments a model worker answered", ["model", "result"]
+)
+JUDGE_VERDICTS = Counter(
+    "omnirouter_judge_verdicts_total",
+    "Responses the judge read, by result (scored, no_score, skipped_unsampled, skipped_error)",
+    ["model", "result"],
+)
+JUDGE_SCORE = Counter(
+    "omnirouter_judge_score_total",
+    "Sum of the judge's scores (divide by the scored verdicts: mean judged quality)",
+    ["model"],
+)
+JUDGE_SPEND_USD = Counter("omnirouter_judge_spend_usd_total", "What the judge's calls cost")
+JUDGE_FAILED_BATCHES = Counter(
+    "omnirouter_judge_failed_batches_total",
+    "Batches of responses the judge gave up on (an unexpected error, logged)",
 )
 OUTCOMES_WRITTEN = Counter("omnirouter_outcomes_written_total", "Outcomes written to PostgreSQL")
 OUTCOME_WRITE_SECONDS = Histogram(
@@ -116,9 +141,12 @@ def observe_window(report: WindowReport, assignments: Sequence[Assignment]) -> N
     PREDICTED_SPEND_USD.labels(pool).inc(report.predicted_spend_usd)
     if report.window_budget_usd is not None:
         WINDOW_BUDGET_USD.labels(pool).inc(report.window_budget_usd)
+    EXPLORATION_SPEND_USD.labels(pool).inc(report.exploration_spend_usd)
     for assignment in assignments:
         ASSIGNMENTS.labels(assignment.model, pool).inc()
         PREDICTED_QUALITY.labels(assignment.model, pool).inc(assignment.predicted_quality)
+        if assignment.exploration:
+            EXPLORATIONS.labels(assignment.model, pool).inc()
 
 
 def observe_outcomes(outcomes: Sequence[Outcome]) -> None:

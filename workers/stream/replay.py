@@ -1,10 +1,11 @@
-"""Replaying RouterBench-format files: queries into Kafka, or past outcomes into the database."""
+"""Replaying outcome files: a RouterBench file's queries into Kafka, or recorded
+outcomes (RouterBench or generic warm-start files) into the database."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,9 +13,9 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaProducer
 from sqlalchemy.orm import Session
 
-from schemas import Outcome, QueryEvent
+from schemas import Outcome, QueryEvent, ScoreSource
 from workers.db.repository import upsert_outcomes
-from workers.routing.dataset import OutcomeTable
+from workers.routing.dataset import OutcomeTable, RecordedOutcome, table_records
 from workers.routing.embedder import Embedder
 from workers.stream.codec import encode
 
@@ -68,25 +69,45 @@ async def produce_queries(
     return time.monotonic() - started
 
 
+SEED_SOURCE: ScoreSource = "replay"
+
+
+def seed_records(
+    engine: sa.Engine,
+    records: Sequence[RecordedOutcome],
+    embedder: Embedder,
+    run_id: str = "seed",
+) -> int:
+    """Store recorded outcomes (one per prompt and model) as a warm start for the
+    router: each distinct text is embedded once, every row of a prompt gets its
+    vector, and the query id is "<run_id>-<prompt_id>". Returns the rows stored.
+
+    The scores are recorded evaluations, so their source is "replay", as the
+    replay model worker's: a user's feedback (user > replay) replaces them, a
+    judge's (judge < replay) does not, and seeding a corrected file again
+    (replay >= replay) does. "user" would block no later feedback either (user
+    >= user), but would count warm-start data as users' feedback, which it is not."""
+    texts = list(dict.fromkeys(r.text for r in records))
+    vectors = dict(zip(texts, embedder.embed(texts), strict=True)) if texts else {}
+    outcomes = [
+        Outcome(
+            query_id=f"{run_id}-{r.prompt_id}",
+            model=r.model,
+            quality_score=r.score,
+            cost_usd=r.cost,
+            output_tokens=r.output_tokens,
+            text=r.text,
+            source=SEED_SOURCE,
+        )
+        for r in records
+    ]
+    with Session(engine) as session, session.begin():
+        upsert_outcomes(session, outcomes, [vectors[r.text] for r in records])
+    return len(outcomes)
+
+
 def seed_outcomes(
     engine: sa.Engine, table: OutcomeTable, embedder: Embedder, run_id: str = "seed"
 ) -> int:
-    """Store every model's recorded outcome on every prompt: a warm start for the router."""
-    vectors = embedder.embed(table.prompts)
-    outcomes, embeddings = [], []
-    for row, prompt in enumerate(table.prompts):
-        for column, model in enumerate(table.models):
-            score, cost = table.scores[row, column], table.costs[row, column]
-            outcomes.append(
-                Outcome(
-                    query_id=f"{run_id}-{table.sample_ids[row]}",
-                    model=model,
-                    quality_score=None if score != score else float(score),
-                    cost_usd=None if cost != cost else float(cost),
-                    text=prompt,
-                )
-            )
-            embeddings.append(vectors[row])
-    with Session(engine) as session, session.begin():
-        upsert_outcomes(session, outcomes, embeddings)
-    return len(outcomes)
+    """Store every model's recorded outcome on every prompt of a RouterBench table."""
+    return seed_records(engine, table_records(table), embedder, run_id)

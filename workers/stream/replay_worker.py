@@ -15,6 +15,18 @@ from workers.stream.model_worker import Answer
 NOT_RECORDED = "no recorded outcome for this query and model"
 
 
+class PromptIndex:
+    """A RouterBench table's rows, found by prompt text, else by metadata sample_id."""
+
+    def __init__(self, table: OutcomeTable) -> None:
+        self._by_text = {prompt: row for row, prompt in enumerate(table.prompts)}
+        self._by_id = {sample_id: row for row, sample_id in enumerate(table.sample_ids)}
+
+    def row_of(self, text: str | None, metadata: Mapping[str, Any]) -> int | None:
+        row = self._by_text.get(text) if text is not None else None
+        return row if row is not None else self._by_id.get(str(metadata.get("sample_id")))
+
+
 class ReplayAnswerer:
     """Finds a query by its text (or metadata sample_id) and replays what the model did:
     its answer and cost, and its recorded score unless `scores` is off (then, as a
@@ -24,13 +36,11 @@ class ReplayAnswerer:
         self.table = table
         self.latency_ms = latency_ms
         self.scores = scores
-        self._by_text = {prompt: row for row, prompt in enumerate(table.prompts)}
-        self._by_id = {sample_id: row for row, sample_id in enumerate(table.sample_ids)}
+        self.prompts = PromptIndex(table)
 
     def row_of(self, text: str | None, metadata: Mapping[str, Any]) -> int | None:
         """The recorded prompt: by its text, else by metadata sample_id."""
-        row = self._by_text.get(text) if text is not None else None
-        return row if row is not None else self._by_id.get(str(metadata.get("sample_id")))
+        return self.prompts.row_of(text, metadata)
 
     def recorded(self, assignment: Assignment) -> Answer:
         row = self.row_of(assignment.text, assignment.metadata)

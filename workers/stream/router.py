@@ -104,7 +104,11 @@ class RouterState:
             embedder,
             store,
             prices=settings.router_model_prices,
-            knn=KnnSettings(neighbours=settings.router_knn_neighbours),
+            knn=KnnSettings(
+                neighbours=settings.router_knn_neighbours,
+                prior_strength=settings.router_prior_strength,
+            ),
+            model_priors=settings.router_model_priors,
         )
         self.watermark: datetime | None = None
         self.predictor_thread = ThreadPoolExecutor(1, thread_name_prefix="predictor")
@@ -180,6 +184,7 @@ class RouterState:
                 models=models,
                 quality=estimates.quality[row].tolist(),
                 cost_usd=estimates.cost[row].tolist(),
+                support=estimates.support[row].tolist(),
             )
             for row, query in enumerate(queries)
         ]
@@ -304,6 +309,8 @@ def build_router_app(
                 fallback_model=settings.router_fallback_model,
                 solver=settings.router_solver,
                 time_limit_seconds=settings.router_solver_time_limit_seconds,
+                tie_tolerance=settings.router_tie_tolerance,
+                exploration_share=settings.router_exploration_share,
             )
             for assignment in assignments:
                 remember(

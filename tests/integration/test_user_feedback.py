@@ -1,0 +1,151 @@
+"""A user's feedback through the real outcome writer: it outranks a judge's score,
+whichever comes first, in separate batches or in one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from schemas import Outcome
+from workers.config import Settings
+from workers.db.models import OutcomeRow
+from workers.services import LocalBroker
+from workers.stream.kafka_io import produce_values
+from workers.stream.topics import create_topics
+
+pytestmark = pytest.mark.integration
+
+MODEL, OTHER_MODEL = "gpt-4-1106-preview", "claude-v2"
+
+
+@pytest.fixture
+def broker() -> Iterator[str]:
+    with LocalBroker() as local:
+        yield local.bootstrap_servers
+
+
+@pytest.fixture
+def outcome_writer(broker: str, postgres_url: str, tmp_path: Path) -> Iterator[str]:
+    """`omnirouter outcomes` as a process of its own; yields the outcomes topic."""
+    settings = Settings(kafka_partitions=2)  # type: ignore[call-arg]
+    asyncio.run(create_topics(settings, broker))
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": broker,
+        "DATABASE_URL": postgres_url,
+        "KAFKA_PARTITIONS": "2",
+        "METRICS_PORT": "0",
+    }
+    env.pop("ROUTER_MODELS", None)
+    log_path = tmp_path / "outcomes.log"
+    with open(log_path, "wb") as log:
+        writer = subprocess.Popen(
+            [sys.executable, "-m", "workers.cli", "outcomes", "--loglevel", "warning"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield settings.topic_names()["outcomes"]
+        finally:
+            writer.send_signal(signal.SIGTERM)
+            try:
+                writer.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                writer.kill()
+                writer.wait()
+    print(log_path.read_text()[-2000:])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def stored(engine: sa.Engine, query_id: str) -> dict[str, OutcomeRow]:
+    with Session(engine) as session:
+        query = sa.select(OutcomeRow).where(OutcomeRow.query_id == query_id)
+        return {row.model: row for row in session.scalars(query)}
+
+
+def user_feedback(query_id: str, score: float) -> str:
+    """What an application sends for a query its user rated (as in the README)."""
+    return json.dumps(
+        {
+            "schema_version": 2,
+            "query_id": query_id,
+            "model": MODEL,
+            "quality_score": score,
+            "source": "user",
+        }
+    )
+
+
+def events(query_id: str) -> list[str]:
+    """Usage with the text, a judge's score, the user's, another judge's."""
+    usage = Outcome(query_id=query_id, model=MODEL, text="Is 7 prime?", cost_usd=0.003)
+    judge = Outcome(query_id=query_id, model=MODEL, quality_score=0.2, source="judge")
+    late_judge = judge.model_copy(update={"quality_score": 0.4})
+    return [
+        usage.model_dump_json(),
+        judge.model_dump_json(),
+        user_feedback(query_id, 1.0),
+        late_judge.model_dump_json(),
+    ]
+
+
+def sentinel(query_id: str) -> str:
+    """Behind the others on their partition (same key): once stored, they are too."""
+    return Outcome(query_id=query_id, model=OTHER_MODEL, text="Is 7 prime?").model_dump_json()
+
+
+def test_a_users_score_outranks_a_judges_before_and_after_it(
+    broker: str, postgres_url: str, outcome_writer: str
+) -> None:
+    engine = sa.create_engine(postgres_url)
+
+    def send(query_id: str, *values: str) -> None:
+        asyncio.run(produce_values(broker, outcome_writer, [(query_id, v) for v in values]))
+
+    def source_of(query_id: str) -> str | None:
+        row = stored(engine, query_id).get(MODEL)
+        return None if row is None else (row.score_source or "unscored")
+
+    # One event at a time, each stored before the next is sent: separate batches.
+    usage, judge, user, late_judge = events("fb-1")
+    started = time.monotonic()
+    send("fb-1", usage)
+    wait_for(lambda: source_of("fb-1") == "unscored", 120, "the usage")  # model load
+    print(f"outcome writer stored its first outcome after {time.monotonic() - started:.1f}s")
+    send("fb-1", judge)
+    wait_for(lambda: source_of("fb-1") == "judge", 30, "the judge's score")
+    send("fb-1", user)
+    wait_for(lambda: source_of("fb-1") == "user", 30, "the user's score")
+    send("fb-1", late_judge, sentinel("fb-1"))
+    wait_for(lambda: OTHER_MODEL in stored(engine, "fb-1"), 30, "the events after the user's")
+
+    # The same four events at once: most likely one batch, merged before the upsert.
+    send("fb-2", *events("fb-2"), sentinel("fb-2"))
+    wait_for(lambda: OTHER_MODEL in stored(engine, "fb-2"), 30, "the burst")
+
+    for query_id in ("fb-1", "fb-2"):
+        row = stored(engine, query_id)[MODEL]
+        assert (row.quality_score, row.score_source) == (1.0, "user"), query_id
+        assert row.cost_usd == pytest.approx(0.003)
+        assert row.embedding is not None and len(row.embedding) == 384 * 4
+    engine.dispose()

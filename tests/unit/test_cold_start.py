@@ -1,0 +1,180 @@
+"""Cold start: with nothing stored, routing follows the user's priors and the prices,
+ties go to the cheaper model, a target is honestly unjudged, and exploration keeps
+the window's budget."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from schemas import PredictedQuery, QueryEvent
+from workers.config import ModelPrice, PoolPolicy
+from workers.routing.exploration import NOT_EXPLORED, choose_explorations, explore_and_solve
+from workers.routing.optimizer import WindowProblem, per_query_plan, solve_exact, solve_fast
+from workers.routing.predictor import HybridPredictor
+from workers.routing.store import OutcomeRecord, RetrievalStore
+from workers.routing.windows import WindowBounds, route_window
+
+# The dearest model first, as a user listed them when the fast path sent a whole
+# window to it: 120x the cost of the cheapest plan.
+MODELS = ["frontier", "mid", "small"]
+COSTS = [0.012, 0.001, 0.0001]
+SOLVERS = [solve_exact, solve_fast, per_query_plan]
+
+
+def tied_window(n: int = 30, quality: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((n, 3), quality), np.tile(COSTS, (n, 1))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"mode": "quality", "quality_target": 0.8},  # unreachable: the best-quality plan
+        {"mode": "quality", "quality_target": 0.4},  # reachable by any plan
+        {"mode": "budget", "window_budget_usd": 1.0},  # enough for every query on frontier
+        {"mode": "budget", "window_budget_usd": 0.0},  # below any plan
+    ],
+)
+def test_ties_go_to_the_cheapest_model(solver: object, limits: dict[str, object]) -> None:
+    quality, cost = tied_window()
+    problem = WindowProblem(quality, cost, tie_tolerance=0.005, **limits)  # type: ignore[arg-type]
+    plan = solver(problem)  # type: ignore[operator]
+    assert plan.counts(3).tolist() == [0, 0, 30]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_near_tie_goes_to_the_cheaper_model_and_a_real_gain_to_the_better(
+    solver: object,
+) -> None:
+    # frontier predicted 0.003 better (a near tie), mid 0.05 better than small (a gain).
+    quality = np.array([[0.803, 0.5, 0.8], [0.5, 0.85, 0.8]])
+    cost = np.array([COSTS, COSTS])
+    problem = WindowProblem(quality, cost, "budget", window_budget_usd=1.0, tie_tolerance=0.005)
+    plan = solver(problem)  # type: ignore[operator]
+    assert plan.assignment.tolist() == [2, 1]
+
+
+def test_without_a_tolerance_the_plan_is_the_old_one() -> None:
+    quality = np.array([[0.803, 0.5, 0.8]])
+    problem = WindowProblem(quality, np.array([COSTS]), "budget", window_budget_usd=1.0)
+    assert solve_exact(problem).assignment.tolist() == [0]
+
+
+def unit(*xs: float) -> np.ndarray:
+    v = np.array(xs, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+class FixedEmbedder:
+    dimension = 3
+
+    def embed(self, texts: object) -> np.ndarray:
+        return np.stack([unit(1, 0, 0) for _ in texts])  # type: ignore[attr-defined]
+
+
+def test_an_empty_store_predicts_the_stated_priors_with_no_support() -> None:
+    store = RetrievalStore(MODELS, 3)
+    predictor = HybridPredictor(
+        FixedEmbedder(),
+        store,
+        prices={
+            m: ModelPrice(input_per_mtok_usd=c, output_per_mtok_usd=c)
+            for m, c in zip(MODELS, COSTS, strict=True)
+        },
+        model_priors={"frontier": 0.9, "mid": 0.7},
+    )
+    estimates = predictor.predict(["a question"])
+    assert estimates.quality[0].tolist() == pytest.approx([0.9, 0.7, 0.5])
+    assert estimates.support[0].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_outcomes_move_a_prior_and_give_support() -> None:
+    store = RetrievalStore(MODELS, 3)
+    for i in range(20):
+        store.add(OutcomeRecord(f"q{i}", "frontier", 0.0, 0.01, 10, unit(1, 0.01 * i, 0)))
+    predictor = HybridPredictor(FixedEmbedder(), store, model_priors={"frontier": 0.9})
+    estimates = predictor.predict(["a question"])
+    assert estimates.quality[0, 0] < 0.3  # twenty failures outweigh the stated 0.9
+    assert estimates.support[0, 0] > 5
+    assert estimates.support[0, 1] == 0.0  # nothing known of "mid"
+
+
+START = datetime(2026, 11, 25, tzinfo=UTC)
+BOUNDS = WindowBounds("w-cold", START, START + timedelta(seconds=5))
+
+
+def predicted(i: int, quality: list[float], support: list[float]) -> PredictedQuery:
+    query = QueryEvent(query_id=f"q{i}", text=f"question {i}")
+    return PredictedQuery(
+        query=query, models=MODELS, quality=quality, cost_usd=COSTS, support=support
+    )
+
+
+def test_a_missed_target_on_priors_alone_is_unjudged_not_infeasible() -> None:
+    policy = PoolPolicy(mode="quality", quality_target=0.8)
+    cold = [predicted(i, [0.5, 0.5, 0.5], [0.0, 0.0, 0.0]) for i in range(30)]
+    assignments, report = route_window("default", policy, cold, MODELS, BOUNDS, tie_tolerance=0.005)
+    assert report.solver_status == "unjudged_target_best_quality_plan"
+    assert report.mean_support == 0.0
+    assert {a.model for a in assignments} == {"small"}
+
+    known = [predicted(i, [0.5, 0.5, 0.5], [50.0, 50.0, 50.0]) for i in range(30)]
+    _, report = route_window("default", policy, known, MODELS, BOUNDS, tie_tolerance=0.005)
+    assert report.solver_status == "infeasible_target_best_quality_plan"
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_exploration_is_marked_and_kept_within_the_budget_and_its_share(method: str) -> None:
+    policy = PoolPolicy(mode="budget", window_budget_usd=0.04)
+    cold = [predicted(i, [0.5, 0.5, 0.5], [0.0, 0.0, 0.0]) for i in range(200)]
+    assignments, report = route_window(
+        "default", policy, cold, MODELS, BOUNDS, solver=method,  # type: ignore[arg-type]
+        tie_tolerance=0.005, exploration_share=0.1,
+    )  # fmt: skip
+    explored = [a for a in assignments if a.exploration]
+    assert 0 < len(explored) <= 20
+    assert report.exploration_queries == len(explored)
+    spend = sum(a.predicted_cost_usd for a in explored)
+    assert report.exploration_spend_usd == pytest.approx(spend)
+    assert spend <= 0.1 * 0.04 + 1e-12
+    assert report.predicted_spend_usd <= 0.04 + 1e-9
+    assert sum(report.exploration_per_model.values()) == len(explored)
+    assert all(a.model != "small" for a in explored)  # the planned model is not explored
+    assert len(assignments) == 200 and len({a.query_id for a in assignments}) == 200
+
+
+def test_exploration_prefers_what_is_least_known() -> None:
+    # "mid" is well known to be worse; "frontier" is unknown: explore frontier.
+    n = 100
+    problem = WindowProblem(
+        np.tile([0.5, 0.3, 0.6], (n, 1)), np.tile(COSTS, (n, 1)), "budget", window_budget_usd=2.0
+    )
+    support = np.tile([0.0, 500.0, 500.0], (n, 1))
+    planned = np.full(n, 2)
+    chosen = choose_explorations(problem, planned, support, 0.2, np.random.default_rng(0))
+    picked = chosen[chosen != NOT_EXPLORED]
+    assert len(picked) == 20
+    assert set(picked.tolist()) == {0}
+
+
+def test_no_exploration_when_the_budget_has_no_room() -> None:
+    quality, cost = tied_window(100)
+    problem = WindowProblem(quality, cost, "budget", window_budget_usd=float(cost[:, 2].sum()))
+    explored = explore_and_solve(
+        problem, np.zeros_like(quality), 0.2, np.random.default_rng(0), "fast"
+    )
+    assert not explored.explored.any()
+    assert explored.plan.total_cost_usd <= problem.window_budget_usd + 1e-12  # type: ignore[operator]
+
+
+def test_exploration_in_quality_mode_still_reaches_the_target() -> None:
+    n = 100
+    quality = np.tile([0.95, 0.8, 0.6], (n, 1))
+    problem = WindowProblem(quality, np.tile(COSTS, (n, 1)), "quality", quality_target=0.8)
+    support = np.tile([0.0, 0.0, 0.0], (n, 1))
+    explored = explore_and_solve(problem, support, 0.1, np.random.default_rng(1), "exact")
+    assert explored.explored.sum() > 0
+    assert explored.plan.mean_quality >= 0.8 - 1e-9

@@ -1,0 +1,227 @@
+"""Generic warm-start files (one row per prompt and model): parsing, errors, format detection."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from workers.routing.dataset import (
+    DatasetError,
+    RecordedOutcome,
+    detect_format,
+    first_prompts,
+    load_outcome_rows,
+    load_seed_file,
+    shipped_sample_path,
+    split_known_models,
+    text_prompt_id,
+)
+
+
+def at(path: Path, line: int) -> str:
+    """The start of an error message naming this line of this file."""
+    return f"^{re.escape(str(path))}:{line}: "
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_json_lines_are_read_with_nulls_and_prompts_grouped_by_text(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "evals.jsonl",
+        [
+            {"text": "2+2?", "model": "a", "score": 1, "cost": 0.002, "tokens": 12},
+            {"text": "2+2?", "model": "b", "score": None, "cost": None, "tokens": None},
+            {"text": "Name a colour.", "model": "a", "score": 0.25, "prompt_id": 7},
+            {"text": "Capital of France?", "model": "a"},  # score, cost, tokens absent
+        ],
+    )
+    rows = load_outcome_rows(path)
+    assert rows == [
+        RecordedOutcome(text_prompt_id("2+2?"), "2+2?", "a", 1.0, 0.002, 12),
+        RecordedOutcome(text_prompt_id("2+2?"), "2+2?", "b", None, None, None),
+        RecordedOutcome("7", "Name a colour.", "a", 0.25, None, None),
+        RecordedOutcome(
+            text_prompt_id("Capital of France?"), "Capital of France?", "a", None, None, None
+        ),
+    ]
+    assert text_prompt_id("2+2?") == text_prompt_id("2+2?") != text_prompt_id("2+3?")
+
+
+def test_csv_is_read_by_its_header_with_empty_cells_as_null(tmp_path: Path) -> None:
+    path = tmp_path / "evals.csv"
+    path.write_text(
+        "\ufeffmodel,text,score,cost,tokens,prompt_id,notes\n"  # any order; BOM, extras
+        'a,"Say ""hi"", twice",1,0.5,3,p1,ok\n'
+        'b,"Say ""hi"", twice",,,,p1,\n'
+        "\n"
+        'a,"two\nlines",0,0,0,,\n',
+        encoding="utf-8",
+    )
+    assert load_outcome_rows(path) == [
+        RecordedOutcome("p1", 'Say "hi", twice', "a", 1.0, 0.5, 3),
+        RecordedOutcome("p1", 'Say "hi", twice', "b", None, None, None),
+        RecordedOutcome(text_prompt_id("two\nlines"), "two\nlines", "a", 0.0, 0.0, 0),
+    ]
+
+
+GOOD = {"text": "q", "model": "a", "score": 0.5, "cost": 0.1, "tokens": 4}
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"model": "a"}, "text is missing or empty"),
+        ({"text": "", "model": "a"}, "text is missing or empty"),
+        ({"text": 3, "model": "a"}, "text is not a string"),
+        ({"text": "q"}, "model is missing or empty"),
+        ({**GOOD, "score": 1.5}, "score 1.5 is outside [0, 1]"),
+        ({**GOOD, "score": -0.1}, "score -0.1 is outside [0, 1]"),
+        ({**GOOD, "score": "high"}, "score is not a number: 'high'"),
+        ({**GOOD, "score": True}, "score is not a number: True"),
+        ({**GOOD, "cost": -1}, "cost -1 is negative"),
+        ({**GOOD, "cost": [1]}, "cost is not a number"),
+        ({**GOOD, "tokens": -2}, "tokens -2 is not a whole number >= 0"),
+        ({**GOOD, "tokens": 2.5}, "tokens 2.5 is not a whole number >= 0"),
+        ({**GOOD, "prompt_id": "x" * 181}, "prompt_id is longer than 180"),
+        ({**GOOD, "prompt_id": 1.5}, "prompt_id is not a string"),
+        ([1, 2], "not a JSON object"),
+    ],
+)
+def test_every_bad_json_row_is_named_by_its_line(tmp_path: Path, bad: object, message: str) -> None:
+    path = write_jsonl(tmp_path / "evals.jsonl", [GOOD | {"model": "z"}, bad])
+    with pytest.raises(DatasetError) as caught:
+        load_outcome_rows(path)
+    assert str(caught.value).startswith(f"{path}:2: ")
+    assert message in str(caught.value)
+
+
+def test_json_that_does_not_parse_and_non_finite_numbers_name_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "evals.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + '{"text": "q", "model":\n')
+    with pytest.raises(DatasetError, match=at(path, 3) + r"not JSON"):
+        load_outcome_rows(path)
+    path.write_text('{"text": "q", "model": "a", "cost": NaN}\n')
+    with pytest.raises(DatasetError, match=at(path, 1) + r"cost is not a finite number"):
+        load_outcome_rows(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("q,a,1.2,,", "score 1.2 is outside [0, 1]"),
+        ("q,a,abc,,", "score is not a number: 'abc'"),
+        ("q,a,,-0.5,", "cost -0.5 is negative"),
+        ("q,a,,,-1", "tokens -1 is not a whole number >= 0"),
+        ("q,a,,,many", "tokens is not a number: 'many'"),
+        ("q,a,,,inf", "tokens is not a finite number"),
+        (",a,1,,", "text is missing or empty"),
+        ("q, ,1,,", "model is missing or empty"),
+        ("q,a,1", "3 fields, the header has 5"),
+    ],
+)
+def test_every_bad_csv_row_is_named_by_its_line(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "evals.csv"
+    path.write_text(f"text,model,score,cost,tokens\nq,z,1,0,0\n{line}\n")
+    with pytest.raises(DatasetError) as caught:
+        load_outcome_rows(path)
+    assert str(caught.value).startswith(f"{path}:3: ")
+    assert message in str(caught.value)
+
+
+def test_a_csv_line_after_a_multi_line_cell_is_counted_right(tmp_path: Path) -> None:
+    path = tmp_path / "evals.csv"
+    path.write_text('text,model,score\n"a\nb\nc",m,1\nq,m,2\n')
+    with pytest.raises(DatasetError, match=at(path, 5) + r"score 2 is outside"):
+        load_outcome_rows(path)
+
+
+def test_a_csv_header_needs_text_and_model_once(tmp_path: Path) -> None:
+    path = tmp_path / "evals.csv"
+    path.write_text("prompt,model,score\nq,a,1\n")
+    with pytest.raises(DatasetError, match=at(path, 1) + r"the header row lacks column\(s\) text"):
+        load_outcome_rows(path)
+    path.write_text("text,model,score,score\nq,a,1,0\n")
+    with pytest.raises(DatasetError, match=at(path, 1) + r"the header row repeats score"):
+        load_outcome_rows(path)
+
+
+def test_a_prompt_is_one_text_and_a_model_is_scored_once_per_prompt(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "evals.jsonl",
+        [GOOD | {"prompt_id": "p"}, GOOD | {"prompt_id": "p", "text": "other", "model": "b"}],
+    )
+    with pytest.raises(
+        DatasetError, match=at(path, 2) + r"prompt_id 'p' has another text on line 1"
+    ):
+        load_outcome_rows(path)
+    path = write_jsonl(tmp_path / "evals.jsonl", [GOOD, GOOD | {"model": "b"}, GOOD])
+    with pytest.raises(
+        DatasetError, match=at(path, 3) + r"a second row for model 'a' .*first is on line 1"
+    ):
+        load_outcome_rows(path)
+
+
+def test_empty_files_and_unknown_file_types_are_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "evals.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(DatasetError, match="no rows"):
+        load_outcome_rows(empty)
+    other = tmp_path / "evals.parquet"
+    other.write_text("")
+    for read in (load_outcome_rows, detect_format, load_seed_file):
+        with pytest.raises(DatasetError, match=r"\.parquet.*JSON lines \(\.jsonl, \.json\) or CSV"):
+            read(other)  # type: ignore[operator]
+
+
+def test_the_format_is_detected_from_the_first_row(tmp_path: Path) -> None:
+    assert detect_format(shipped_sample_path()) == "routerbench"
+    generic = write_jsonl(tmp_path / "evals.json", [GOOD])
+    assert detect_format(generic) == "generic"
+    looks_like = write_jsonl(tmp_path / "prompt_only.jsonl", [{"prompt": "q", "model": "a"}])
+    assert detect_format(looks_like) == "generic"  # "outcomes" and "prompt" both needed
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n{not json\n")
+    assert detect_format(broken) == "generic"  # and the generic loader names line 2
+    with pytest.raises(DatasetError, match=at(broken, 2) + r"not JSON"):
+        load_seed_file(broken)
+    csv_path = tmp_path / "evals.csv"
+    csv_path.write_text('text,model\n"{""outcomes"": 1, ""prompt"": 2}",a\n')
+    assert detect_format(csv_path) == "generic"
+
+
+def test_a_routerbench_file_becomes_one_row_per_prompt_and_model() -> None:
+    rows = load_seed_file(shipped_sample_path(), "auto")
+    assert rows == load_seed_file(shipped_sample_path(), "routerbench")
+    first = first_prompts(rows, 2)
+    assert len({r.prompt_id for r in first}) == 2
+    assert len(first) == 22  # 11 models each
+    assert first[0].prompt_id == "winogrande.dev.1181"
+    assert all(r.output_tokens is None for r in first)
+    assert all(r.score in (0.0, 1.0, None) for r in first)
+
+
+def test_a_generic_file_cannot_be_read_as_routerbench(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "evals.jsonl", [GOOD])
+    with pytest.raises(DatasetError, match=at(path, 1) + r"not a RouterBench row"):
+        load_seed_file(path, "routerbench")
+
+
+def test_limits_count_prompts_and_unknown_models_are_counted() -> None:
+    rows = [
+        RecordedOutcome("p1", "t1", "a", 1.0, None, None),
+        RecordedOutcome("p2", "t2", "a", 1.0, None, None),
+        RecordedOutcome("p1", "t1", "x", 0.0, None, None),
+        RecordedOutcome("p3", "t3", "y", 0.0, None, None),
+    ]
+    assert first_prompts(rows, 1) == [rows[0], rows[2]]
+    assert first_prompts(rows, 0) == rows
+    assert first_prompts(rows, 9) == rows
+    kept, unknown = split_known_models(rows, ["a", "b"])
+    assert kept == rows[:2]
+    assert unknown == {"x": 1, "y": 1}

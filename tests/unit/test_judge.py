@@ -1,0 +1,257 @@
+"""The judge's pure parts: reading a score from a reply, the deterministic sample,
+the replay judge's flips, the rubric, and what a verdict publishes."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from schemas import ModelResponse
+from workers.cli import main
+from workers.config import Settings
+from workers.routing.dataset import OutcomeTable, load_routerbench, shipped_sample_path
+from workers.stream.judge import (
+    Verdict,
+    checked,
+    events_per_batch,
+    hashed_share,
+    is_sampled,
+    verdict_outcome,
+)
+from workers.stream.judge_openai import (
+    BUILT_IN_RUBRIC,
+    ChatJudge,
+    fill,
+    parse_score,
+    rubric_in_force,
+)
+from workers.stream.judge_replay import ReplayJudge
+
+
+@pytest.mark.parametrize(
+    ("reply", "score"),
+    [
+        ("The answer is right.\nScore: 8", 0.8),
+        ("Score: 0", 0.0),
+        ("Score: 10", 1.0),
+        ("Score: 7/10", 0.7),
+        ("Score: 7 / 10", 0.7),
+        ("Score: 7 out of 10", 0.7),
+        ("Score: 8.5", 0.85),
+        ("Score: 6.5/10.", 0.65),
+        ("**Score:** 9", 0.9),
+        ("score = 4", 0.4),
+        ("The final score is 6", 0.6),
+        ("Score (0-10): 3", 0.3),
+        ("Score: 3\nOn reflection it is better.\nScore: 8", 0.8),  # the last one counts
+        ("Rating: 4/10", 0.4),
+        ("I would give it a rating of 2.", 0.2),
+        ("Correct. 9/10", 0.9),
+        ("It gets 2/3 of the steps right; overall 7/10", 0.7),  # only /10 is the scale
+        ("Score: 9 (the answer has 2 small errors)", 0.9),
+        ("8", 0.8),
+        ("  7.5  ", 0.75),
+        ("9/10", 0.9),
+    ],
+)
+def test_readable_replies_give_their_score(reply: str, score: float) -> None:
+    assert parse_score(reply) == pytest.approx(score)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        None,
+        "",
+        "   \n ",
+        "I cannot tell; the weather is nice today.",
+        "Score: N",  # the template, echoed
+        "Score: NaN",
+        "Score: nan\n7/10",  # a "Score:" line without a number: the judge did not say
+        "Score: infinity",
+        "Score: 42",  # off the scale
+        "Score: -3",
+        "Score: 11/10",
+        "Score: 4/5",  # another scale than the one asked for: no guess
+        "Score: 80%",
+        "Score: 1e3",
+        "Score: 8,5",
+        "8/10 or maybe 6/10",  # two candidates, no label
+        "I'd say 8, maybe 6",
+        "The answer mentions 1945 correctly.",
+        "It has 3 errors.",
+        "Score: 1" + "0" * 400,
+    ],
+)
+def test_unreadable_replies_give_no_score(reply: str | None) -> None:
+    assert parse_score(reply) is None
+
+
+def test_parsing_a_pathological_reply_is_quick() -> None:
+    import time
+
+    started = time.perf_counter()
+    for reply in ("score" + " " * 50_000 + "x", "Score: " + "*" * 50_000, "7/" * 30_000):
+        assert parse_score(reply) is None
+    assert time.perf_counter() - started < 2.0
+
+
+def responses(count: int, model: str = "m") -> list[ModelResponse]:
+    return [
+        ModelResponse(query_id=f"q{i}", model=model, pool="default", response="a", text="t")
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("share", [0.05, 0.2, 0.5])
+def test_the_sample_is_near_the_share_and_the_same_every_time(share: float) -> None:
+    keys = responses(10_000)
+    first = [is_sampled(r, share) for r in keys]
+    second = [is_sampled(r, share) for r in responses(10_000)]
+    assert first == second
+    # Binomial: within 4 standard deviations of the share.
+    tolerance = 4 * math.sqrt(share * (1 - share) / len(keys))
+    assert abs(sum(first) / len(keys) - share) < tolerance
+    # The model is part of the key: another model's sample is a different one.
+    other = [is_sampled(r, share) for r in responses(10_000, model="other")]
+    assert other != first
+
+
+def test_share_zero_and_one_take_nothing_and_everything() -> None:
+    keys = responses(2_000)
+    assert not any(is_sampled(r, 0.0) for r in keys)
+    assert all(is_sampled(r, 1.0) for r in keys)
+
+
+def test_the_sample_does_not_depend_on_the_process() -> None:
+    """hashlib, not hash(): another interpreter with another hash seed agrees."""
+    code = (
+        "from workers.stream.judge import hashed_share;"
+        "print([hashed_share(f'q{i}', 'm', 'sample') for i in range(20)])"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == str([hashed_share(f"q{i}", "m", "sample") for i in range(20)])
+
+
+def test_a_batch_takes_about_concurrency_sampled_answers() -> None:
+    assert events_per_batch(8, 0.2) == 40
+    assert events_per_batch(8, 1.0) == 8
+    assert events_per_batch(8, 0.0) == 1000
+    assert events_per_batch(8, 0.001) == 1000
+
+
+def replay_responses(table: OutcomeTable) -> list[ModelResponse]:
+    return [
+        ModelResponse(
+            query_id=f"r{row}", model=model, pool="default", response="x", text=table.prompts[row]
+        )
+        for row in range(len(table))
+        for model in table.models
+    ]
+
+
+async def test_the_replay_judge_flips_the_share_asked_for_and_always_the_same() -> None:
+    table = load_routerbench(shipped_sample_path())
+    answers = replay_responses(table)
+    truth = await ReplayJudge(table, flip_share=0.0).score(answers)
+    flipped = await ReplayJudge(table, flip_share=0.3).score(answers)
+    again = await ReplayJudge(table, flip_share=0.3).score(answers)
+    assert flipped == again
+    judged = [
+        (answer, t.score, f.score)
+        for answer, t, f in zip(answers, truth, flipped, strict=True)
+        if t.score is not None
+    ]
+    assert len(judged) > 5_000
+    assert all(f == pytest.approx(1 - t) or f == t for _, t, f in judged)
+    share = sum(1 for _, t, f in judged if f != t) / len(judged)
+    assert abs(share - 0.3) < 4 * math.sqrt(0.3 * 0.7 / len(judged))
+    # Which answers are flipped does not follow which are sampled (salts differ).
+    sampled = [(t, f) for answer, t, f in judged if is_sampled(answer, 0.2)]
+    sampled_share = sum(1 for t, f in sampled if f != t) / len(sampled)
+    assert abs(sampled_share - 0.3) < 4 * math.sqrt(0.3 * 0.7 / len(sampled))
+    assert {v.cost_usd for v in flipped if v.score is not None} == {0.0}
+
+
+async def test_the_replay_judge_finds_prompts_by_text_or_sample_id_and_knows_no_other() -> None:
+    table = OutcomeTable(
+        sample_ids=["s0", "s1"],
+        eval_names=["e", "e"],
+        prompts=["what is two and two?", "name a colour"],
+        models=["a", "b"],
+        scores=np.array([[1.0, 0.0], [float("nan"), 1.0]]),
+        costs=np.zeros((2, 2)),
+        responses=[{}, {}],
+    )
+    judge = ReplayJudge(table)
+
+    def response(text: str | None, model: str, **metadata: str) -> ModelResponse:
+        return ModelResponse(
+            query_id="q", model=model, pool="p", response="x", text=text, metadata=metadata
+        )
+
+    verdicts = await judge.score(
+        [
+            response("what is two and two?", "a"),
+            response("what is two and two?", "b"),
+            response(None, "b", sample_id="s1"),
+            response("never recorded", "a"),
+            response("name a colour", "a"),  # NaN: not recorded
+            response("name a colour", "z"),
+        ]
+    )
+    assert [v.score for v in verdicts] == [1.0, 0.0, 1.0, None, None, None]
+    assert all(v.error for v in verdicts[3:])
+
+
+def test_the_rubric_needs_both_placeholders() -> None:
+    assert rubric_in_force("") == BUILT_IN_RUBRIC
+    assert rubric_in_force("Q: {question} A: {answer}") == "Q: {question} A: {answer}"
+    with pytest.raises(ValueError, match=r"JUDGE_RUBRIC must contain .*missing: \{answer\}"):
+        rubric_in_force("Grade this: {question}")
+    with pytest.raises(ValueError, match="JUDGE_RUBRIC"):
+        ChatJudge(Settings(judge_rubric="no placeholders at all"))
+
+
+def test_a_bad_rubric_stops_the_command_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    monkeypatch.setenv("JUDGE_RUBRIC", "Grade: {answer}")
+    result = CliRunner().invoke(main, ["judge", "openai"])
+    assert result.exit_code != 0
+    assert "JUDGE_RUBRIC must contain" in result.output and "{question}" in result.output
+
+
+def test_filling_the_rubric_leaves_the_texts_as_they_are() -> None:
+    rubric = 'Q: {question}\nA: {answer}\nReply as {"score": N}'
+    filled = fill(rubric, "what is {answer}?", "it is {question}")
+    assert filled == 'Q: what is {answer}?\nA: it is {question}\nReply as {"score": N}'
+    assert "{question}" in BUILT_IN_RUBRIC and "{answer}" in BUILT_IN_RUBRIC
+    assert "Score: N" in BUILT_IN_RUBRIC
+
+
+def test_what_a_verdict_publishes() -> None:
+    (response,) = responses(1)
+    scored = verdict_outcome(response, Verdict(score=0.7, cost_usd=0.002))
+    assert scored is not None
+    assert (scored.quality_score, scored.source, scored.judge_cost_usd) == (0.7, "judge", 0.002)
+    assert scored.score_source == "judge" and scored.text is None
+    spent = verdict_outcome(response, Verdict(cost_usd=0.002, error="no score"))
+    assert spent is not None and spent.quality_score is None and spent.judge_cost_usd == 0.002
+    assert verdict_outcome(response, Verdict(cost_usd=0.0, error="no score")) is None
+    assert verdict_outcome(response, Verdict(error="timed out")) is None
+
+
+def test_a_judge_s_out_of_range_score_is_no_score() -> None:
+    assert checked(Verdict(score=1.5, cost_usd=0.1)).score is None
+    assert checked(Verdict(score=float("nan"))).score is None
+    assert checked(Verdict(score=0.5, cost_usd=-1.0)) == Verdict(score=0.5, cost_usd=None)
+    assert checked(Verdict(score=1.0, cost_usd=0.0)) == Verdict(score=1.0, cost_usd=0.0)

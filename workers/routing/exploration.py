@@ -1,0 +1,167 @@
+"""Exploration: a small share of each window goes where the router knows least.
+
+A router that only ever sends a query to the model it predicts best never
+learns that it misjudged another one. So after a window is planned, a share
+of its queries is sent to other models, chosen by Thompson sampling: each
+(query, model) pair draws a quality from a Beta belief centred on the
+prediction, as wide as the prediction's support is thin (the stored outcomes'
+worth behind it). A pair whose draw beats the planned model's prediction by
+most is explored first: that is where a model is both unknown and possibly
+better, where learning about it is worth most.
+
+Exploration never breaks the window's promise. In budget mode it spends at
+most `share` of the window's budget and never so much that the rest of the
+window could no longer be planned within what is left; in quality mode it
+gives up at most the quality the window can spare above its target. The rest
+of the window is then solved again by the same optimiser with what is left,
+so the window as a whole keeps its budget (or reaches its target).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from workers.routing.optimizer import Method, WindowPlan, WindowProblem, solve
+
+NOT_EXPLORED = -1
+
+
+@dataclass(frozen=True)
+class ExploredPlan:
+    """The window's plan with its exploratory assignments."""
+
+    plan: WindowPlan  # covers every query of the window, explored ones included
+    explored: NDArray[np.bool_]  # (n_queries,), True where the model was chosen to learn
+    exploration_spend_usd: float
+
+
+def belief_samples(
+    quality: NDArray[np.float64], support: NDArray[np.float64], rng: np.random.Generator
+) -> NDArray[np.float64]:
+    """One draw per pair from Beta(q (n + 2), (1 - q)(n + 2)): the prediction q as
+    its mean, n stored outcomes' worth as its width (n = 0: uniform)."""
+    strength = np.maximum(support, 0.0) + 2.0
+    q = np.clip(quality, 1e-6, 1 - 1e-6)
+    return rng.beta(q * strength, (1 - q) * strength)
+
+
+def choose_explorations(
+    problem: WindowProblem,
+    planned: NDArray[np.int64],
+    support: NDArray[np.float64],
+    share: float,
+    rng: np.random.Generator,
+    allowed: NDArray[np.bool_] | None = None,
+) -> NDArray[np.int64]:
+    """For each query the model to explore, or NOT_EXPLORED: at most round(share x
+    queries) of them, within the budget's share and the window's room (module doc)."""
+    n, m = problem.quality.shape
+    chosen = np.full(n, NOT_EXPLORED, dtype=np.int64)
+    most = math.floor(share * n + 0.5)
+    if most == 0 or m == 1:
+        return chosen
+    rows = np.arange(n)
+    draws = belief_samples(problem.quality, support, rng)
+    candidates = np.ones((n, m), dtype=bool) if allowed is None else allowed.copy()
+    candidates[rows, planned] = False
+    gain = np.where(candidates, draws - problem.quality[rows, planned][:, None], -np.inf)
+    model = gain.argmax(axis=1)
+    best_gain = gain[rows, model]
+    spend_limit, room, uses = _limits(problem, share, rows, model)
+    caps = problem.capacity_array() - np.bincount(planned, minlength=m)
+    spent = used = 0.0
+    count = 0
+    for i in np.argsort(-best_gain, kind="stable"):
+        if count >= most or best_gain[i] <= 0:
+            break
+        j, cost = int(model[i]), float(problem.cost[i, model[i]])
+        if spent + cost > spend_limit or used + uses[i] > room or caps[j] < 1:
+            continue
+        chosen[i] = j
+        spent, used, count = spent + cost, used + uses[i], count + 1
+        caps[j] -= 1
+        caps[planned[i]] += 1
+    return chosen
+
+
+def _limits(
+    problem: WindowProblem, share: float, rows: NDArray[np.int64], model: NDArray[np.int64]
+) -> tuple[float, float, NDArray[np.float64]]:
+    """The most exploration may spend, the room the window has, and what exploring
+    each query would use of that room (see the module doc)."""
+    cost, quality = problem.cost, problem.quality
+    if problem.mode == "budget":
+        assert problem.window_budget_usd is not None
+        cheapest = cost.min(axis=1)
+        room = problem.window_budget_usd - float(cheapest.sum())
+        return share * problem.window_budget_usd, room, cost[rows, model] - cheapest
+    assert problem.quality_target is not None
+    best = quality.max(axis=1)
+    room = float(best.sum()) - problem.quality_target * problem.n_queries
+    return math.inf, room, best - quality[rows, model]
+
+
+def explore_and_solve(
+    problem: WindowProblem,
+    support: NDArray[np.float64],
+    share: float,
+    rng: np.random.Generator,
+    method: Method = "fast",
+    time_limit_seconds: float = 0.25,
+    allowed: NDArray[np.bool_] | None = None,
+) -> ExploredPlan:
+    """Plan the window, explore a share of it, and plan the rest again with what is
+    left of the budget (or of the target)."""
+    plan = solve(problem, method, time_limit_seconds)
+    explore = choose_explorations(problem, plan.assignment, support, share, rng, allowed)
+    explored = explore != NOT_EXPLORED
+    if not explored.any():
+        return ExploredPlan(plan, explored, 0.0)
+    rest = np.flatnonzero(~explored)
+    assignment = np.where(explored, explore, plan.assignment)
+    status, solver, seconds = plan.status, plan.solver, plan.solve_seconds
+    if rest.size:
+        rest_plan = solve(_rest_of(problem, explore, rest), method, time_limit_seconds)
+        assignment[rest] = rest_plan.assignment
+        status, solver = rest_plan.status, rest_plan.solver
+        seconds += rest_plan.solve_seconds
+    spend = float(problem.cost[explored, explore[explored]].sum())
+    return ExploredPlan(WindowPlan(problem, assignment, status, solver, seconds), explored, spend)
+
+
+def _rest_of(
+    problem: WindowProblem, explore: NDArray[np.int64], rest: NDArray[np.int64]
+) -> WindowProblem:
+    """The window's unexplored queries, with what exploration left of the budget,
+    the target and the capacities."""
+    explored = np.flatnonzero(explore != NOT_EXPLORED)
+    picks = explore[explored]
+    budget = target = None
+    if problem.mode == "budget":
+        assert problem.window_budget_usd is not None
+        budget = problem.window_budget_usd - float(problem.cost[explored, picks].sum())
+    else:
+        assert problem.quality_target is not None
+        needed = problem.quality_target * problem.n_queries
+        target = (needed - float(problem.quality[explored, picks].sum())) / rest.size
+    capacities = None
+    if problem.capacities is not None:
+        taken = np.bincount(picks, minlength=problem.n_models)
+        capacities = tuple(
+            None if cap is None else max(int(cap - taken[j]), 0)
+            for j, cap in enumerate(problem.capacities)
+        )
+    return WindowProblem(
+        problem.quality[rest],
+        problem.cost[rest],
+        problem.mode,
+        window_budget_usd=budget,
+        quality_target=None if target is None else float(np.clip(target, 0.0, 1.0)),
+        capacities=capacities,
+        fallback_model=problem.fallback_model,
+        tie_tolerance=problem.tie_tolerance,
+    )

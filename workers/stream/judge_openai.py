@@ -1,0 +1,199 @@
+"""The LLM judge: asks an OpenAI-compatible /v1/chat/completions API to grade answers.
+
+The rubric (JUDGE_RUBRIC, else the built-in one) asks for a score from 0 to 10 on
+a last line "Score: N"; `parse_score` reads it and maps it to [0, 1]. A reply it
+cannot read with confidence gives no score, never a guessed one. The client's
+own retries (JUDGE_MAX_RETRIES, exponential backoff) handle HTTP 429, 5xx,
+connection errors and timeouts; a call that still fails gives no score. The API
+key goes only into the Authorization header, and neither it nor a question or
+an answer is ever logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+from collections.abc import Sequence
+
+import openai
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletion
+
+from schemas import ModelResponse
+from workers.config import ModelPrice, Settings
+from workers.stream.judge import Verdict
+
+log = logging.getLogger(__name__)
+
+SCALE_MAX = 10.0  # the rubric's scale: 0 to 10
+PLACEHOLDERS = ("{question}", "{answer}")
+
+BUILT_IN_RUBRIC = """You are grading an answer to a question. Judge only whether the \
+answer is correct and answers the question; ignore its style and length.
+
+Question:
+{question}
+
+Answer:
+{answer}
+
+Give at most three sentences of reasoning, then end with one line of the form
+Score: N
+where N is a whole number from 0 (wrong, or no answer) to 10 (fully correct)."""
+
+
+def rubric_in_force(rubric: str) -> str:
+    """JUDGE_RUBRIC, else the built-in rubric; one without both placeholders is a
+    configuration error, raised at start."""
+    if not rubric.strip():
+        return BUILT_IN_RUBRIC
+    missing = [p for p in PLACEHOLDERS if p not in rubric]
+    if missing:
+        raise ValueError(
+            f"JUDGE_RUBRIC must contain {' and '.join(PLACEHOLDERS)} (missing: "
+            f"{', '.join(missing)}) and ask for a score from 0 to 10 on a line 'Score: N'"
+        )
+    return rubric
+
+
+def fill(rubric: str, question: str, answer: str) -> str:
+    """The rubric with its placeholders replaced in one pass (a question holding
+    '{answer}' stays as it is; other braces need no escaping)."""
+    values = {"question": question, "answer": answer}
+    return re.sub(r"\{(question|answer)\}", lambda match: values[match[1]], rubric)
+
+
+# A number not glued to more digits, letters or a percent sign ("8e3", "80%", "8,5").
+_NUMBER = r"(?<![\w.])([-+]?\d+(?:\.\d+)?)(?![.,]?\d|[^\W\d]|%)"
+_OVER = r"(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?)(?![.,/]?\d|[^\W\d]|%))?"
+_DECOR = r"[\s*_\"'`]*"
+_LABELLED = re.compile(
+    # One run of decoration between required tokens: no ambiguous backtracking.
+    rf"\b(score|rating|grade)\b{_DECOR}(?:\([^)\n]*\){_DECOR})?"
+    rf"(?:(?:[:=]|\bis\b|\bof\b){_DECOR})?{_NUMBER}{_OVER}",
+    re.IGNORECASE,
+)
+_SCORE_COLON = re.compile(rf"\bscore\b{_DECOR}[:=]", re.IGNORECASE)
+_FRACTION = re.compile(rf"{_NUMBER}\s*(?:/|out\s+of)\s*10(?![.,/]?\d|[^\W\d]|%)", re.IGNORECASE)
+_BARE = re.compile(rf"^{_DECOR}{_NUMBER}(?:\s*/\s*10)?[\s*_\"'`.]*$")
+
+
+def _on_scale(value: float, over: float | None = None) -> float | None:
+    if over is not None and over != SCALE_MAX:
+        return None  # another scale than the one asked for: no guess
+    if not math.isfinite(value) or not 0.0 <= value <= SCALE_MAX:
+        return None
+    return value / SCALE_MAX
+
+
+def parse_score(reply: str | None) -> float | None:
+    """The judge's score mapped to [0, 1], or None when the reply does not give one
+    clearly. In order: the last "Score: N" (or "score is N", "Score: N/10"); else
+    the last "rating N" / "grade N"; else "N/10" if every such fraction agrees;
+    else a reply that is just a number. A score off the 0-10 scale is none."""
+    if not reply or not reply.strip():
+        return None
+    labelled = [
+        (m[1].lower(), float(m[2]), float(m[3]) if m[3] else None)
+        for m in _LABELLED.finditer(reply)
+    ]
+    for wanted in ("score", "rating", "grade"):
+        found = [(number, over) for label, number, over in labelled if label == wanted]
+        if found:
+            return _on_scale(*found[-1])
+        if wanted == "score" and _SCORE_COLON.search(reply):
+            return None  # "Score:" with no number after it: the judge did not say
+    fractions = {float(m[1]) for m in _FRACTION.finditer(reply)}
+    if fractions:
+        return _on_scale(fractions.pop()) if len(fractions) == 1 else None
+    bare = _BARE.match(reply.strip())
+    return _on_scale(float(bare[1])) if bare else None
+
+
+def reply_text(completion: ChatCompletion) -> str | None:
+    """The first choice's content; None for a reply without one."""
+    try:
+        return completion.choices[0].message.content
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def judging_cost(usage: CompletionUsage | None, price: ModelPrice | None) -> float | None:
+    if usage is None or price is None:
+        return None
+    if usage.prompt_tokens is None or usage.completion_tokens is None:
+        return None  # a server that reports no usage: unknown, not free
+    return (
+        usage.prompt_tokens * price.input_per_mtok_usd
+        + usage.completion_tokens * price.output_per_mtok_usd
+    ) / 1e6
+
+
+def describe(exc: openai.OpenAIError) -> str:
+    """What went wrong, without the request (it holds the question and answer)."""
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code} from the judge API"
+    if isinstance(exc, openai.APITimeoutError):
+        return "timed out calling the judge API"
+    return f"{type(exc).__name__} calling the judge API"
+
+
+class ChatJudge:
+    """Grades answers through an OpenAI-compatible chat API, JUDGE_MAX_CONCURRENCY
+    calls at a time."""
+
+    def __init__(self, settings: Settings, client: openai.AsyncOpenAI | None = None) -> None:
+        self.rubric = rubric_in_force(settings.judge_rubric)
+        self.model = settings.judge_model
+        self.price = settings.judge_price
+        self.retries = settings.judge_max_retries
+        self.limit = asyncio.Semaphore(settings.judge_max_concurrency)
+        self.client = client or openai.AsyncOpenAI(
+            base_url=settings.judge_base_url,
+            # Servers without authentication still get a Bearer token (the client needs one).
+            api_key=settings.judge_api_key.get_secret_value() or "unused",
+            timeout=settings.judge_timeout_seconds,
+            max_retries=settings.judge_max_retries,
+        )
+
+    async def score(self, responses: Sequence[ModelResponse]) -> list[Verdict]:
+        return list(await asyncio.gather(*(self.score_one(r) for r in responses)))
+
+    async def score_one(self, response: ModelResponse) -> Verdict:
+        if not response.text or not response.response:
+            return Verdict(error="no question or no answer to judge")
+        prompt = fill(self.rubric, response.text, response.response)
+        async with self.limit:
+            try:
+                completion = await self.client.chat.completions.create(
+                    model=self.model,
+                    messages=[{"role": "user", "content": prompt}],
+                    temperature=0,
+                )
+            except openai.OpenAIError as exc:
+                error = describe(exc)
+                log.warning(
+                    "judging %s on %s: %s (after up to %d retries)",
+                    response.query_id,
+                    response.model,
+                    error,
+                    self.retries,
+                    extra={"query_id": response.query_id},
+                )
+                return Verdict(error=error)
+        cost = judging_cost(completion.usage, self.price)
+        score = parse_score(reply_text(completion))
+        if score is None:
+            log.info(
+                "the judge's reply on %s with %s held no score it could read",
+                response.query_id,
+                response.model,
+                extra={"query_id": response.query_id},
+            )
+            return Verdict(cost_usd=cost, error="no score in the judge's reply")
+        return Verdict(score=score, cost_usd=cost)
+
+    async def close(self) -> None:
+        await self.client.close()
