@@ -396,11 +396,18 @@ def seed_outcomes_command(
 
 @main.command()
 @click.option("--state-dir", type=click.Path(path_type=Path), default=Path(".omnirouter"))
-def demo(state_dir: Path) -> None:
-    """Run the whole loop locally on the shipped RouterBench sample."""
+@click.option(
+    "--warm-start",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 599),
+    help="Store the recorded outcomes of this many sample prompts first (0: empty store).",
+)
+def demo(state_dir: Path, warm_start: int) -> None:
+    """Run the whole loop locally on the shipped RouterBench sample, learning from a judge."""
     from workers.demo import run_demo
 
-    sys.exit(run_demo(load_settings(), state_dir))
+    sys.exit(run_demo(load_settings(), state_dir, warm_start))
 
 
 @main.command()
@@ -554,6 +561,70 @@ def bench_accuracy(data_path: Path | None, warm_prompts: int, rate: float) -> No
         click.echo(f"{label:30s}{accuracy_:9.4f} {cost:10.4f}")
     gap = 100 * (figures.streamed_accuracy - figures.offline_accuracy)
     click.echo(f"difference                    {gap:+.2f} points")
+
+
+@bench.command("cold-start")
+@data_option
+@click.option("--queries", default=2000, show_default=True, help="Queries streamed.")
+@click.option("--judge-share", default=0.2, show_default=True, help="Share the judge scores.")
+@click.option("--judge-flip", default=0.1, show_default=True, help="Share of judge labels flipped.")
+@click.option("--rate", default=20.0, show_default=True, help="Queries per second.")
+@click.option(
+    "--png",
+    "png_path",
+    type=click.Path(path_type=Path),
+    default=Path("out/cold_start.png"),
+    show_default=True,
+)
+def bench_cold_start(
+    data_path: Path | None,
+    queries: int,
+    judge_share: float,
+    judge_flip: float,
+    rate: float,
+    png_path: Path,
+) -> None:
+    """Learning from an empty store through Kafka: replay models, the replay judge,
+    budget mode; per block of 250 queries beside a warm-started router."""
+    from workers.bench import cold_start
+    from workers.routing.dataset import load_routerbench, shipped_sample_path
+    from workers.routing.embedder import CachedEmbedder, SentenceEmbedder
+
+    path = data_path or shipped_sample_path()
+    embedder = CachedEmbedder(SentenceEmbedder(), Path(".omnirouter/cache"))
+    figures = cold_start.run(
+        load_routerbench(path), path, embedder, queries, judge_share, judge_flip,
+        rate_per_second=rate, progress=click.echo,
+    )  # fmt: skip
+    budget = figures.budget_per_query_usd
+    click.echo(f"budget per query ${budget:.6f}; exploration share {figures.exploration_share}")
+    click.echo(f"windows {figures.windows}; judge spend ${figures.judge_spend_usd:.4f}")
+    click.echo(
+        f"{'queries':>11} {'accuracy':>8} {'warm':>6} {'single':>6} {'cost $':>8} "
+        f"{'warm $':>8} {'budget $':>8} {'explore $':>9} {'scored':>6}  top model share"
+    )
+    for block, block_budget in zip(figures.blocks, figures.budget_per_block, strict=True):
+        top = max(block.share_per_model, key=lambda m: block.share_per_model[m])
+        click.echo(
+            f"{block.first + 1:>5}-{block.first + block.queries:<5} {block.accuracy:8.4f} "
+            f"{block.warm_accuracy:6.4f} {block.best_single_accuracy:6.4f} "
+            f"{block.cost_usd:8.4f} {block.warm_cost_usd:8.4f} {block_budget:8.4f} "
+            f"{block.exploration_spend_usd:9.4f} {block.scored_so_far:6d}  "
+            f"{top} {block.share_per_model[top]:.0%}"
+        )
+    first, last = figures.blocks[0], figures.blocks[-1]
+    click.echo(f"priors alone, block 1: {figures.priors_alone_share}")
+    click.echo(f"block 1 shares:        {first.share_per_model}")
+    explored = sum(b.exploration_spend_usd for b in figures.blocks)
+    spent = sum(b.cost_usd for b in figures.blocks)
+    click.echo(
+        f"targets: block 1 spend {first.cost_usd:.4f} <= budget {figures.budget_per_block[0]:.4f}: "
+        f"{first.cost_usd <= figures.budget_per_block[0]}; last block {last.accuracy:.4f} vs warm "
+        f"{last.warm_accuracy:.4f} ({100 * (last.accuracy - last.warm_accuracy):+.1f} points) "
+        f"at ${last.cost_usd:.4f} vs ${last.warm_cost_usd:.4f}; exploration "
+        f"{explored / max(spent, 1e-12):.1%} of spend (share {figures.exploration_share:.0%})"
+    )
+    click.echo(f"learning curve: {cold_start.plot(figures, png_path)}")
 
 
 @bench.command("signal")

@@ -1,11 +1,14 @@
 """`make demo`: the whole loop on one machine, on the shipped RouterBench sample.
 
-It finds or starts a broker and a database, creates topics and schema, warms
-the retrieval store with the first half of the sample's recorded outcomes,
-starts the router, the outcome writer and replay model workers for the 11
-models as separate processes, replays the other half as live traffic, and
-ends with what the routing cost and achieved next to sending everything to
-one model. It stops everything it started.
+It finds or starts a broker and a database, creates topics and schema, and
+starts the router, the outcome writer, replay model workers for the 11 models
+(answering without a score, as real models do) and the replay judge (scoring
+a share of the answers) as separate processes. The store starts empty unless
+`--warm-start N` stores the recorded outcomes of the first N prompts: the
+router knows only the models' list prices and learns from the judge as the
+sample streams through. It ends with what the routing cost and achieved next
+to sending everything to one model, and the learning curve block by block.
+It stops everything it started.
 """
 
 from __future__ import annotations
@@ -35,14 +38,16 @@ from workers.db import migrate
 from workers.db.models import OutcomeRow
 from workers.routing.dataset import OutcomeTable, load_routerbench, shipped_sample_path
 from workers.routing.embedder import SentenceEmbedder
+from workers.routing.prices import fitted_prices
 from workers.services import demo_database_url, kafka_bootstrap
 from workers.stream.kafka_io import read_topic
 from workers.stream.replay import produce_queries, query_events, seed_outcomes
 from workers.stream.security import aiokafka_options
 from workers.stream.topics import create_topics
 
-WARM_START_PROMPTS = 300
 REPLAY_RATE_QPS = 20.0
+JUDGE_SAMPLE_SHARE = 0.3
+LEARNING_BLOCK = 100
 WINDOW_SECONDS = 2.0
 # The demo's budget: 35% of what sending everything to the dearest model costs.
 BUDGET_SHARE_OF_DEAREST = 0.35
@@ -50,14 +55,19 @@ TIMEOUT_SECONDS = 240
 
 
 @contextlib.contextmanager
-def workers(env: dict[str, str], log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """The router, the outcome writer and a replay model worker, stopped on exit."""
+def workers(
+    env: dict[str, str], log_dir: Path, judge: bool = False
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """The router, the outcome writer, a replay model worker and, with `judge`, the
+    replay judge, stopped on exit."""
     log_dir.mkdir(parents=True, exist_ok=True)
     commands = {
         "router": ["router"],
         "outcomes": ["outcomes"],
         "model-replay": ["model-worker", "replay"],
     }
+    if judge:
+        commands["judge-replay"] = ["judge", "replay"]
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "workers.cli", *args, "--loglevel", "warning"],
@@ -101,23 +111,48 @@ class DemoSummary:
     best_single_model: Spend
     dearest_model: Spend
     windows: list[dict[str, object]]
+    learning_curve: list[dict[str, float]]
+
+
+def learning_curve(
+    live: OutcomeTable, rows: list[OutcomeRow], run_id: str, block: int = LEARNING_BLOCK
+) -> list[dict[str, float]]:
+    """Accuracy (recorded scores) and cost of the routed traffic per block of
+    queries, in the order they were produced."""
+    chosen = {int(r.query_id.removeprefix(f"{run_id}-")): r for r in rows}
+    curve = []
+    for first in range(0, len(live), block):
+        picked = [
+            (i, chosen[i]) for i in range(first, min(first + block, len(live))) if i in chosen
+        ]
+        scores = [live.scores[i, live.models.index(r.model)] for i, r in picked]
+        curve.append(
+            {
+                "queries": float(first + len(picked)),
+                "accuracy": float(np.nanmean(scores)) if picked else float("nan"),
+                "cost_usd": float(sum(r.cost_usd or 0.0 for _, r in picked)),
+            }
+        )
+    return curve
 
 
 def summarise(
     live: OutcomeTable, rows: list[OutcomeRow], reports: list[WindowReport], run_id: str
 ) -> DemoSummary:
-    """The routed traffic next to sending the same queries to one model."""
-    subset = live.take([int(r.query_id.removeprefix(f"{run_id}-")) for r in rows])
+    """The routed traffic next to sending the same queries to one model; accuracy
+    from the recorded scores (the judge's, which taught the router, cover a share)."""
+    index = [int(r.query_id.removeprefix(f"{run_id}-")) for r in rows]
+    subset = live.take(index)
     accuracy = np.nanmean(subset.scores, axis=0)
     totals = np.nansum(subset.costs, axis=0)
     best, dearest = int(np.nanargmax(accuracy)), int(np.argmax(totals))
-    scores = [r.quality_score for r in rows if r.quality_score is not None]
+    scores = [live.scores[i, live.models.index(r.model)] for i, r in zip(index, rows, strict=True)]
     return DemoSummary(
         queries_routed=len(rows),
         per_model=dict(Counter(r.model for r in rows).most_common()),
         routed=Spend(
             "OmniRouter (routed traffic)",
-            float(np.mean(scores)) if scores else float("nan"),
+            float(np.nanmean(scores)) if scores else float("nan"),
             float(sum(r.cost_usd or 0.0 for r in rows)),
         ),
         best_single_model=Spend(live.models[best], float(accuracy[best]), float(totals[best])),
@@ -129,17 +164,19 @@ def summarise(
                 "budget_usd": w.window_budget_usd,
                 "predicted_spend_usd": w.predicted_spend_usd,
                 "status": w.solver_status,
+                "exploration_queries": w.exploration_queries,
             }
             for w in reports
         ],
+        learning_curve=learning_curve(live, rows, run_id),
     )
 
 
-def run_demo(settings: Settings, state_dir: Path) -> int:
+def run_demo(settings: Settings, state_dir: Path, warm_start: int = 0) -> int:
     started = time.monotonic()
     sample = load_routerbench(shipped_sample_path())
-    warm = sample.take(list(range(WARM_START_PROMPTS)))
-    live = sample.take(list(range(WARM_START_PROMPTS, len(sample))))
+    warm = sample.take(list(range(warm_start)))
+    live = sample.take(list(range(warm_start, len(sample))))
     run_id = f"demo-{uuid.uuid4().hex[:8]}"
     with kafka_bootstrap(settings.kafka_bootstrap_servers) as bootstrap:
         click.echo(f"[demo] broker {bootstrap}")
@@ -150,11 +187,14 @@ def run_demo(settings: Settings, state_dir: Path) -> int:
         asyncio.run(create_topics(settings, bootstrap))
         click.echo(f"[demo] {len(settings.topic_names())} topics ready")
 
-        click.echo(f"[demo] warm start: storing the recorded outcomes of {len(warm)} prompts ...")
-        stored = seed_outcomes(engine, warm, SentenceEmbedder())
-        click.echo(f"[demo] stored {stored} outcomes")
+        if len(warm):
+            click.echo(f"[demo] warm start: storing the recorded outcomes of {len(warm)} prompts")
+            stored = seed_outcomes(engine, warm, SentenceEmbedder())
+            click.echo(f"[demo] stored {stored} outcomes")
+        else:
+            click.echo("[demo] empty store: the router knows the models' list prices only")
 
-        dearest_per_query = float(np.nanmax(np.nanmean(warm.costs, axis=0)))
+        dearest_per_query = float(np.nanmax(np.nanmean(sample.costs, axis=0)))
         budget_per_hour = BUDGET_SHARE_OF_DEAREST * dearest_per_query * REPLAY_RATE_QPS * 3600
         env = {
             **os.environ,
@@ -163,16 +203,23 @@ def run_demo(settings: Settings, state_dir: Path) -> int:
             "ROUTER_MODE": "budget",
             "ROUTER_BUDGET_PER_HOUR_USD": f"{budget_per_hour:.6f}",
             "ROUTER_WINDOW_SECONDS": str(WINDOW_SECONDS),
+            "ROUTER_MODEL_PRICES": json.dumps(
+                {m: p.model_dump() for m, p in fitted_prices(sample).items()}
+            ),
+            "ROUTER_STORE_REFRESH_SECONDS": "1",
+            "ROUTER_REFIT_SECONDS": "30",
+            "REPLAY_SCORES": "false",
+            "JUDGE_SAMPLE_SHARE": str(JUDGE_SAMPLE_SHARE),
             "HF_HUB_OFFLINE": "1",
         }
         click.echo(
             f"[demo] budget mode: ${budget_per_hour:.2f}/hour at {REPLAY_RATE_QPS:.0f} queries/s "
             f"(35% of the dearest model), windows of {WINDOW_SECONDS:.0f}s"
         )
-        with workers(env, state_dir / "logs") as processes:
+        with workers(env, state_dir / "logs", judge=True) as processes:
             click.echo(
                 "[demo] metrics: http://127.0.0.1:9101/metrics (router), :9102 (outcome writer), "
-                ":9103 (model worker)"
+                f":9103 (model worker), :9104 (judge, scoring {JUDGE_SAMPLE_SHARE:.0%})"
             )
             queries = query_events(live, run_id)
             click.echo(f"[demo] replaying {len(queries)} queries at {REPLAY_RATE_QPS:.0f}/s ...")
@@ -221,9 +268,9 @@ def print_summary(summary: DemoSummary) -> None:
         (f"dearest model: {summary.dearest_model.label}", summary.dearest_model),
     ):
         click.echo(f"{label:42s} {spend.accuracy:9.3f} {spend.cost_usd:10.4f}")
-    click.echo(f"\nwindows: {len(summary.windows)} (budget vs predicted spend)")
-    for window in summary.windows:
-        click.echo(
-            f"  {window['queries']:4d} queries  budget ${window['budget_usd'] or 0:.4f}  "
-            f"predicted ${window['predicted_spend_usd']:.4f}  {window['status']}"
-        )
+    explored = sum(int(w["exploration_queries"]) for w in summary.windows)  # type: ignore[call-overload]
+    click.echo(f"\nwindows: {len(summary.windows)}; queries explored: {explored}")
+    click.echo(f"\nlearning curve (blocks of {LEARNING_BLOCK}, in production order)")
+    click.echo(f"{'queries':>9} {'accuracy':>9} {'cost USD':>10}")
+    for point in summary.learning_curve:
+        click.echo(f"{point['queries']:9.0f} {point['accuracy']:9.3f} {point['cost_usd']:10.4f}")

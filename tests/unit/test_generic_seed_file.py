@@ -179,6 +179,14 @@ def test_empty_files_and_unknown_file_types_are_refused(tmp_path: Path) -> None:
             read(other)  # type: ignore[operator]
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_file_that_is_not_utf8_text_is_refused(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"evals{suffix}"
+    path.write_bytes(b"text,model\n\xff\xfe,a\n")
+    with pytest.raises(DatasetError, match="not a readable text file"):
+        load_seed_file(path)
+
+
 def test_the_format_is_detected_from_the_first_row(tmp_path: Path) -> None:
     assert detect_format(shipped_sample_path()) == "routerbench"
     generic = write_jsonl(tmp_path / "evals.json", [GOOD])

@@ -3,25 +3,33 @@ the replay judge's flips, the rubric, and what a verdict publishes."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from prometheus_client import REGISTRY
 
-from schemas import ModelResponse
+from schemas import DeadLetter, ModelResponse, Outcome
 from workers.cli import main
 from workers.config import Settings
 from workers.routing.dataset import OutcomeTable, load_routerbench, shipped_sample_path
+from workers.stream.app import Topics
 from workers.stream.judge import (
     Verdict,
     checked,
     events_per_batch,
     hashed_share,
     is_sampled,
+    judge_events,
+    judge_or_log,
     verdict_outcome,
 )
 from workers.stream.judge_openai import (
@@ -255,3 +263,77 @@ def test_a_judge_s_out_of_range_score_is_no_score() -> None:
     assert checked(Verdict(score=float("nan"))).score is None
     assert checked(Verdict(score=0.5, cost_usd=-1.0)) == Verdict(score=0.5, cost_usd=None)
     assert checked(Verdict(score=1.0, cost_usd=0.0)) == Verdict(score=1.0, cost_usd=0.0)
+
+
+class FakeTopic:
+    """Records what is sent; a send's future is already done, as the broker's ack."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes | None, bytes]] = []
+
+    async def send(self, key: bytes | None = None, value: bytes = b"") -> asyncio.Future[None]:
+        self.sent.append((key, value))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def fake_topics() -> tuple[Topics, FakeTopic, FakeTopic]:
+    outcomes, deadletter = FakeTopic(), FakeTopic()
+    topics = Topics(
+        queries=cast(Any, None), predicted=cast(Any, None), windows=cast(Any, None),
+        outcomes=cast(Any, outcomes), responses=cast(Any, None),
+        deadletter=cast(Any, deadletter), routes={},
+    )  # fmt: skip
+    return topics, outcomes, deadletter
+
+
+def event(value: bytes, offset: int) -> Any:
+    message = SimpleNamespace(
+        value=value, key=b"k", topic="omnirouter.responses", partition=0, offset=offset
+    )
+    return SimpleNamespace(message=message)
+
+
+class FixedJudge:
+    def __init__(self, verdict: Verdict | Exception) -> None:
+        self.verdict = verdict
+        self.seen: list[str] = []
+
+    async def score(self, responses: Sequence[ModelResponse]) -> list[Verdict]:
+        self.seen.extend(r.query_id for r in responses)
+        if isinstance(self.verdict, Exception):
+            raise self.verdict
+        return [self.verdict for _ in responses]
+
+    async def close(self) -> None:
+        return None
+
+
+def batch() -> list[Any]:
+    answered = responses(3)
+    failed = ModelResponse(query_id="e", model="m", pool="p", response=None, error="HTTP 500")
+    raws = [r.model_dump_json().encode() for r in [*answered, failed]] + [b"{not json"]
+    return [event(raw, offset) for offset, raw in enumerate(raws)]
+
+
+async def test_a_batch_s_sample_is_judged_and_published_and_bad_bytes_are_dead_letters() -> None:
+    topics, outcomes, deadletter = fake_topics()
+    judge = FixedJudge(Verdict(score=0.6, cost_usd=0.01))
+    await judge_events(batch(), judge, 1.0, topics)
+    assert judge.seen == ["q0", "q1", "q2"]  # not the failed answer
+    published = [Outcome.model_validate_json(value) for _, value in outcomes.sent]
+    assert [(o.query_id, o.quality_score, o.source) for o in published] == [
+        ("q0", 0.6, "judge"), ("q1", 0.6, "judge"), ("q2", 0.6, "judge"),
+    ]  # fmt: skip
+    assert [key for key, _ in outcomes.sent] == [b"q0", b"q1", b"q2"]
+    (letter,) = [DeadLetter.model_validate_json(value) for _, value in deadletter.sent]
+    assert letter.source_offset == 4 and letter.reason.startswith("not JSON")
+
+
+async def test_a_failing_judge_costs_its_batch_not_the_worker() -> None:
+    topics, outcomes, _ = fake_topics()
+    before = REGISTRY.get_sample_value("omnirouter_judge_failed_batches_total") or 0.0
+    await judge_or_log(batch(), FixedJudge(RuntimeError("bug")), 1.0, topics)  # does not raise
+    assert outcomes.sent == []
+    assert REGISTRY.get_sample_value("omnirouter_judge_failed_batches_total") == before + 1

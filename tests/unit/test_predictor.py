@@ -182,7 +182,9 @@ def test_the_blend_weight_follows_the_data() -> None:
         vectors, scores = clustered_data(600, seed=2, linear=linear)
         store = RetrievalStore(MODELS, 16)
         store.add_table([str(i) for i in range(600)], vectors, scores, np.zeros_like(scores))
-        predictor = HybridPredictor(NoEmbedder(), store, knn=KnnSettings(neighbours=10))
+        # A weak prior: ten neighbours that agree must be able to carry the prediction.
+        knn = KnnSettings(neighbours=10, prior_strength=1.0)
+        predictor = HybridPredictor(NoEmbedder(), store, knn=knn)
         report = predictor.fit()
         assert report.blend_weight == min(
             report.holdout_brier_by_weight, key=report.holdout_brier_by_weight.get

@@ -238,7 +238,10 @@ def load_outcome_rows(path: str | Path) -> list[RecordedOutcome]:
     kind = GENERIC_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DatasetError(f"{path}: unknown file type {path.suffix!r}; use {ACCEPTED_FORMATS}")
-    rows = _csv_rows(path) if kind == "csv" else _json_rows(path)
+    try:
+        rows = list(_csv_rows(path) if kind == "csv" else _json_rows(path))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"{path}: not a readable text file ({exc})") from None
     records: list[RecordedOutcome] = []
     first_line: dict[tuple[str, str], int] = {}
     text_of: dict[str, tuple[str, int]] = {}
@@ -271,11 +274,10 @@ def detect_format(path: str | Path) -> Literal["routerbench", "generic"]:
         raise DatasetError(f"{path}: unknown file type {path.suffix!r}; use {ACCEPTED_FORMATS}")
     if kind == "csv":
         return "generic"
-    with open(path, encoding="utf-8-sig") as handle:
-        first = next((line for line in handle if line.strip()), "")
     try:
-        row = json.loads(first)
-    except json.JSONDecodeError:
+        with open(path, encoding="utf-8-sig") as handle:
+            row = json.loads(next((line for line in handle if line.strip()), ""))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return "generic"  # load_outcome_rows names the line at fault
     is_routerbench = isinstance(row, dict) and "outcomes" in row and "prompt" in row
     return "routerbench" if is_routerbench else "generic"

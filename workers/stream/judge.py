@@ -149,6 +149,19 @@ async def judge_events(
         observe_verdict(response, verdict)
 
 
+async def judge_or_log(
+    events: Sequence[EventT], judge: Judge, share: float, topics: Topics
+) -> None:
+    """judge_events, and an unexpected error logged and counted, never raised: Faust
+    acknowledges a batch's offsets when the loop body is done with it, even when
+    it raised (and the agent would then stop), so the judge goes on with the next."""
+    try:
+        await judge_events(events, judge, share, topics)
+    except Exception:
+        log.exception("a batch of %d responses was not judged", len(events))
+        metrics.JUDGE_FAILED_BATCHES.inc()
+
+
 def build_judge_app(
     kind: str, settings: Settings, bootstrap_servers: str, judge: Judge, batch_size: int = 200
 ) -> faust.App:
@@ -158,15 +171,8 @@ def build_judge_app(
 
     @app.agent(topics.responses)
     async def judge_responses(stream: StreamT[bytes]) -> None:
-        # Faust acknowledges a batch's offsets when the loop body is done with it,
-        # even when it raised (and the agent would then stop): a failed batch is
-        # logged and counted, and the judge goes on with the next.
         async for events in batches(stream, batch_size, 0.05):
-            try:
-                await judge_events(events, judge, share, topics)
-            except Exception:
-                log.exception("a batch of %d responses was not judged", len(events))
-                metrics.JUDGE_FAILED_BATCHES.inc()
+            await judge_or_log(events, judge, share, topics)
 
     @app.on_before_shutdown.connect
     async def close(sender: object, /, *args: object, signal: object, **kwargs: object) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import subprocess
@@ -24,7 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from schemas import DeadLetter, ModelResponse, Outcome
 from tests.chat_server import ChatServer, completion
 from workers.config import ModelPrice, Settings
+from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.services import LocalBroker, free_port
+from workers.stream.judge import is_sampled
 from workers.stream.judge_openai import ChatJudge
 from workers.stream.kafka_io import produce_values, read_topic
 from workers.stream.topics import create_topics
@@ -240,3 +243,69 @@ async def test_the_chat_judge_prices_each_call_and_sends_the_rubric(
         "Score: N from 0 to 10"
     )
     assert {r["temperature"] for r in judge_api.requests} == {0}
+
+
+def test_the_replay_judge_scores_its_sample_with_the_recorded_scores(tmp_path: Path) -> None:
+    table = load_routerbench(shipped_sample_path())
+    settings = Settings(kafka_partitions=2)
+    names = settings.topic_names()
+    answers = [
+        ModelResponse(
+            query_id=f"r-{row}", model=model, pool="default", response="x", text=table.prompts[row]
+        )
+        for row in range(20)
+        for model in table.models[:3]
+    ]
+    sampled = [a for a in answers if is_sampled(a, 0.5)]
+    scores = {
+        (a.query_id, a.model): float(table.scores[int(a.query_id[2:]), table.models.index(a.model)])
+        for a in sampled
+    }
+    recorded = {key: score for key, score in scores.items() if not math.isnan(score)}
+    metrics_port = free_port()
+    with LocalBroker() as broker:
+        bootstrap = broker.bootstrap_servers
+        asyncio.run(create_topics(settings, bootstrap))
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "KAFKA_PARTITIONS": "2",
+            "METRICS_PORT": str(metrics_port),
+            "JUDGE_SAMPLE_SHARE": "0.5",
+        }
+        with open(tmp_path / "judge.log", "wb") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "judge", "replay"],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            try:
+                asyncio.run(
+                    produce_values(
+                        bootstrap,
+                        names["responses"],
+                        [(a.query_id, a.model_dump_json()) for a in answers],
+                    )
+                )
+                poll(
+                    lambda: scrape(metrics_port),
+                    lambda m: (
+                        sum(v for (n, _), v in m.items() if n == "omnirouter_judge_verdicts_total")
+                        >= len(answers)
+                    ),
+                    30,
+                    "every response judged or skipped",
+                )
+                outcomes = [
+                    Outcome.model_validate_json(raw)
+                    for raw in asyncio.run(read_topic(bootstrap, names["outcomes"]))
+                ]
+                assert worker.poll() is None, "the judge died"
+            finally:
+                worker.send_signal(signal.SIGTERM)
+                worker.wait(timeout=20)
+
+    assert 0 < len(sampled) < len(answers)
+    assert {(o.query_id, o.model): o.quality_score for o in outcomes} == recorded
+    assert len(outcomes) == len(recorded)
+    assert {(o.source, o.judge_cost_usd) for o in outcomes} == {("judge", 0.0)}
+    assert worker.returncode == 0

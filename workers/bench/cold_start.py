@@ -1,0 +1,322 @@
+"""`omnirouter bench cold-start`: does the router learn on traffic it has no scores for?
+
+An empty store, replay model workers that answer without a score (as real
+models do), and the replay judge scoring a share of the answers with some
+labels flipped: the only quality the router ever learns is the judge's. N
+queries of a RouterBench-format file stream through Kafka in budget mode at a
+budget per query worth a share of the dearest model's mean cost; the models'
+list prices are what the user tells the router (fitted here from the file's
+recorded costs by workers/routing/prices.py), since with nothing stored
+prices are all it can go by.
+
+Per block of queries, in production order, it reports the routed accuracy
+(from the recorded scores, never the judge's), the cost, the exploration
+spend and the scored outcomes stored so far, beside:
+- the warm-started router: the same predictor and optimiser knowing every
+  outcome of the file but the query's own (5-fold cross-fitting, routed
+  offline in windows of the stream's mean size at the same budget; a store
+  holding the query's own outcome would be an oracle, not a warm start);
+- the best single model at the same cost (the models' hull within the block).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+from numpy.typing import NDArray
+from sqlalchemy.orm import Session
+
+from schemas import Assignment, WindowReport
+from workers.config import ModelPrice, Settings
+from workers.db import migrate
+from workers.db.models import OutcomeRow
+from workers.demo import routed_outcomes, workers
+from workers.routing import evaluate
+from workers.routing.dataset import OutcomeTable
+from workers.routing.embedder import Embedder
+from workers.routing.predictor import HybridPredictor, KnnSettings
+from workers.routing.prices import fitted_prices
+from workers.routing.store import RetrievalStore
+from workers.services import LocalBroker, throwaway_postgres
+from workers.stream.kafka_io import read_topic
+from workers.stream.replay import produce_queries, query_events
+from workers.stream.topics import create_topics
+
+TIE_TOLERANCE = Settings.model_fields["router_tie_tolerance"].default
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of queries, in production order."""
+
+    first: int
+    queries: int
+    accuracy: float
+    cost_usd: float
+    exploration_spend_usd: float
+    scored_so_far: int
+    warm_accuracy: float
+    warm_cost_usd: float
+    best_single_accuracy: float
+    share_per_model: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ColdStartFigures:
+    budget_per_query_usd: float
+    exploration_share: float
+    priors_alone_share: dict[str, float]  # each model's share of block 1 on the priors alone
+    blocks: list[Block]
+    windows: int
+    judge_spend_usd: float
+
+    @property
+    def budget_per_block(self) -> list[float]:
+        return [self.budget_per_query_usd * b.queries for b in self.blocks]
+
+
+def run(
+    table: OutcomeTable,
+    data_path: Path,
+    embedder: Embedder,
+    queries: int = 2000,
+    judge_share: float = 0.2,
+    judge_flip: float = 0.1,
+    budget_share_of_dearest: float = 0.35,
+    rate_per_second: float = 20.0,
+    window_seconds: float = 2.0,
+    block_size: int = 250,
+    log_dir: Path = Path(".omnirouter/bench-cold-start"),
+    progress: Callable[[str], None] = lambda _: None,
+) -> ColdStartFigures:
+    live = table.take(list(range(min(queries, len(table)))))
+    budget = budget_share_of_dearest * float(np.nanmax(np.nanmean(table.costs, axis=0)))
+    settings = Settings()
+    prices = fitted_prices(table)
+    run_id = f"cold-{uuid.uuid4().hex[:6]}"
+    with LocalBroker() as broker, throwaway_postgres() as database_url:
+        migrate.upgrade(database_url)
+        asyncio.run(create_topics(settings, broker.bootstrap_servers))
+        engine = sa.create_engine(database_url)
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "DATABASE_URL": database_url,
+            "ROUTER_MODE": "budget",
+            "ROUTER_BUDGET_PER_QUERY_USD": repr(budget),
+            "ROUTER_MODEL_PRICES": _prices_json(prices),
+            "ROUTER_WINDOW_SECONDS": str(window_seconds),
+            "ROUTER_STORE_REFRESH_SECONDS": "1",
+            "ROUTER_REFIT_SECONDS": "30",
+            "REPLAY_DATA_PATH": str(data_path),
+            "REPLAY_SCORES": "false",
+            "JUDGE_SAMPLE_SHARE": repr(judge_share),
+            "JUDGE_FLIP_SHARE": repr(judge_flip),
+        }
+        events = query_events(live, run_id)
+        with workers(env, log_dir, judge=True):
+            progress(f"streaming {len(events)} queries at {rate_per_second:.0f}/s ...")
+            asyncio.run(
+                produce_queries(
+                    broker.bootstrap_servers,
+                    settings.topic_names()["queries"],
+                    events,
+                    rate_per_second,
+                    progress=lambda n: progress(f"produced {n}") if n % 500 == 0 else None,
+                )
+            )
+            _wait_for_answers(engine, run_id, len(events), timeout_seconds=600)
+        assignments = _read_assignments(broker.bootstrap_servers, settings)
+        reports = [
+            WindowReport.model_validate_json(raw)
+            for raw in asyncio.run(
+                read_topic(broker.bootstrap_servers, settings.topic_names()["windows"])
+            )
+        ]
+        scored_at = _scored_query_rows(engine, run_id)
+        judge_spend = _judge_spend(engine, run_id)
+    chosen = {int(a.query_id.removeprefix(f"{run_id}-")): a for a in assignments}
+    window_size = max(1, round(float(np.mean([w.query_count for w in reports]))))
+    progress("routing the warm-started reference offline ...")
+    warm_plan = _warm_reference(table, live, embedder, budget, window_size)
+    blocks = _blocks(live, chosen, warm_plan, scored_at, block_size)
+    return ColdStartFigures(
+        budget_per_query_usd=budget,
+        exploration_share=settings.router_exploration_share,
+        priors_alone_share=_priors_alone_share(
+            live, embedder, prices, budget, block_size, window_size
+        ),
+        blocks=blocks,
+        windows=len(reports),
+        judge_spend_usd=judge_spend,
+    )
+
+
+def _prices_json(prices: dict[str, ModelPrice]) -> str:
+    return json.dumps({m: p.model_dump() for m, p in prices.items()})
+
+
+def _wait_for_answers(
+    engine: sa.Engine, run_id: str, expected: int, timeout_seconds: float
+) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while len({r.query_id for r in routed_outcomes(engine, run_id)}) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not every query was answered in {timeout_seconds:.0f}s")
+        time.sleep(1)
+
+
+def _read_assignments(bootstrap: str, settings: Settings) -> list[Assignment]:
+    names = settings.topic_names()
+    found: dict[str, Assignment] = {}
+    for model in settings.router_models:
+        for raw in asyncio.run(read_topic(bootstrap, names[f"route:{model}"])):
+            assignment = Assignment.model_validate_json(raw)
+            found[assignment.query_id] = assignment
+    return list(found.values())
+
+
+def _scored_query_rows(engine: sa.Engine, run_id: str) -> NDArray[np.int64]:
+    """The production index of each stored scored outcome's query."""
+    with Session(engine) as session:
+        ids = session.scalars(
+            sa.select(OutcomeRow.query_id).where(
+                OutcomeRow.query_id.like(f"{run_id}-%"), OutcomeRow.quality_score.is_not(None)
+            )
+        )
+        return np.array([int(i.removeprefix(f"{run_id}-")) for i in ids], dtype=np.int64)
+
+
+def _judge_spend(engine: sa.Engine, run_id: str) -> float:
+    with Session(engine) as session:
+        total = session.scalar(
+            sa.select(sa.func.sum(OutcomeRow.judge_cost_usd)).where(
+                OutcomeRow.query_id.like(f"{run_id}-%")
+            )
+        )
+    return float(total or 0.0)
+
+
+def _warm_reference(
+    table: OutcomeTable, live: OutcomeTable, embedder: Embedder, budget: float, window_size: int
+) -> NDArray[np.int64]:
+    """The model chosen for each live query by a router that knows every outcome of
+    the file but the query's own fold (5-fold cross-fitting)."""
+    vectors = embedder.embed(table.prompts)
+    folds = evaluate.group_folds(table.sample_ids, 5, seed=0)
+    quality = np.zeros(table.scores.shape)
+    cost = np.zeros(table.scores.shape)
+    for fold in range(5):
+        fit, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+        estimates, _ = evaluate.predict_split(
+            table.take(fit), vectors[fit], table.take(held), vectors[held], embedder, KnnSettings()
+        )
+        quality[held], cost[held] = estimates.quality, estimates.cost
+    n = len(live)
+    return evaluate.route_windows(
+        quality[:n], cost[:n], window_size, "budget", budget, "fast", TIE_TOLERANCE
+    )
+
+
+def _priors_alone_share(
+    live: OutcomeTable,
+    embedder: Embedder,
+    prices: dict[str, ModelPrice],
+    budget: float,
+    block_size: int,
+    window_size: int,
+) -> dict[str, float]:
+    """Each model's share of the first block when routed by a predictor with an
+    empty store: the priors and the prices alone."""
+    prompts = live.prompts[:block_size]
+    empty = RetrievalStore(live.models, embedder.dimension)
+    estimates = HybridPredictor(embedder, empty, prices=prices).predict(prompts)
+    plan = evaluate.route_windows(
+        estimates.quality, estimates.cost, window_size, "budget", budget, "fast", TIE_TOLERANCE
+    )
+    counts = np.bincount(plan, minlength=len(live.models)) / len(prompts)
+    return {m: float(c) for m, c in zip(live.models, counts, strict=True) if c}
+
+
+def _blocks(
+    live: OutcomeTable,
+    chosen: dict[int, Assignment],
+    warm_plan: NDArray[np.int64],
+    scored_at: NDArray[np.int64],
+    block_size: int,
+) -> list[Block]:
+    blocks = []
+    models = live.models
+    for first in range(0, len(live), block_size):
+        rows = np.arange(first, min(first + block_size, len(live)))
+        picked = np.array([models.index(chosen[int(i)].model) for i in rows])
+        explored = np.array([chosen[int(i)].exploration for i in rows])
+        scores, costs = live.scores[rows], np.nan_to_num(live.costs[rows])
+        index = np.arange(len(rows))
+        scored = ~np.isnan(scores).any(axis=1)
+        accuracy = float(np.nanmean(scores[index, picked]))
+        cost = float(costs[index, picked].sum())
+        warm = warm_plan[rows]
+        singles = [
+            (float(costs[:, j].sum()), float(np.nanmean(scores[scored, j])))
+            for j in range(len(models))
+        ]
+        blocks.append(
+            Block(
+                first=first,
+                queries=len(rows),
+                accuracy=accuracy,
+                cost_usd=cost,
+                exploration_spend_usd=float(costs[index, picked][explored].sum()),
+                scored_so_far=int((scored_at < rows[-1] + 1).sum()),
+                warm_accuracy=float(np.nanmean(scores[index, warm])),
+                warm_cost_usd=float(costs[index, warm].sum()),
+                best_single_accuracy=evaluate.hull_accuracy(evaluate.upper_hull(singles), cost),
+                share_per_model={
+                    m: float(np.mean(picked == j))
+                    for j, m in enumerate(models)
+                    if (picked == j).any()
+                },
+            )
+        )
+    return blocks
+
+
+def plot(figures: ColdStartFigures, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ends = [b.first + b.queries for b in figures.blocks]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    top.plot(ends, [b.accuracy for b in figures.blocks], "o-", label="cold start (router)")
+    top.plot(ends, [b.warm_accuracy for b in figures.blocks], "s--", label="warm-started router")
+    best_single = [b.best_single_accuracy for b in figures.blocks]
+    top.plot(ends, best_single, ":", label="best single model, same cost")
+    top.set_ylabel("routed accuracy (recorded scores)")
+    top.legend()
+    top.grid(alpha=0.3)
+    bottom.plot(ends, [b.cost_usd for b in figures.blocks], "o-", label="spend")
+    bottom.plot(ends, figures.budget_per_block, "k--", label="budget")
+    exploration = [b.exploration_spend_usd for b in figures.blocks]
+    bottom.plot(ends, exploration, "^-", label="exploration spend")
+    bottom.set_ylabel("USD per block")
+    bottom.set_xlabel("queries routed")
+    bottom.legend()
+    bottom.grid(alpha=0.3)
+    fig.suptitle("Learning from an empty store (judge-scored sample)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
