@@ -163,7 +163,8 @@ class Outcome(Event):
 class ModelResponse(Event):
     """A model's answer to a routed query. Topic `omnirouter.responses`, keyed by query_id.
 
-    Version 2 added `text`, the query's text, so a judge can read the question."""
+    Version 2 added `text`, the query's text, so a judge can read the question, and
+    `exploration`, copied from the Assignment (a judge scores every such answer)."""
 
     schema_version: Literal[1, 2] = 2
     query_id: str
@@ -173,6 +174,7 @@ class ModelResponse(Event):
     error: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     text: str | None = None
+    exploration: bool = False
 
 
 class PredictedQuery(Event):

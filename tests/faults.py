@@ -104,9 +104,10 @@ class TcpProxy:
 
 
 def start_worker(command: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """An `omnirouter <command>` worker process, its output appended to `log`."""
+    """An `omnirouter <command>` worker process ("router", "judge openai", ...), its
+    output appended to `log`."""
     return subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", command, "--loglevel", "info"],
+        [sys.executable, "-m", "workers.cli", *command.split(), "--loglevel", "info"],
         env=env,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,

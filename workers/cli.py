@@ -568,7 +568,7 @@ def bench_accuracy(data_path: Path | None, warm_prompts: int, rate: float) -> No
 @click.option("--queries", default=2000, show_default=True, help="Queries streamed.")
 @click.option("--judge-share", default=0.2, show_default=True, help="Share the judge scores.")
 @click.option("--judge-flip", default=0.1, show_default=True, help="Share of judge labels flipped.")
-@click.option("--rate", default=20.0, show_default=True, help="Queries per second.")
+@click.option("--rate", default=10.0, show_default=True, help="Queries per second.")
 @click.option(
     "--png",
     "png_path",
@@ -613,6 +613,13 @@ def bench_cold_start(
             f"{top} {block.share_per_model[top]:.0%}"
         )
     first, last = figures.blocks[0], figures.blocks[-1]
+    click.echo(
+        "predicted spend per block: "
+        + " ".join(f"{b.predicted_cost_usd:.4f}" for b in figures.blocks)
+    )
+    click.echo(f"{'last block: model':40s} {'believed':>8} {'actual':>7}")
+    for model, believed in last.believed.items():
+        click.echo(f"  {model:38s} {believed:8.3f} {last.actual[model]:7.3f}")
     click.echo(f"priors alone, block 1: {figures.priors_alone_share}")
     click.echo(f"block 1 shares:        {first.share_per_model}")
     explored = sum(b.exploration_spend_usd for b in figures.blocks)

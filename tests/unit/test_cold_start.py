@@ -13,7 +13,7 @@ from schemas import PredictedQuery, QueryEvent
 from workers.config import ModelPrice, PoolPolicy
 from workers.routing.exploration import NOT_EXPLORED, choose_explorations, explore_and_solve
 from workers.routing.optimizer import WindowProblem, per_query_plan, solve_exact, solve_fast
-from workers.routing.predictor import HybridPredictor
+from workers.routing.predictor import HybridPredictor, quality_by_price
 from workers.routing.store import OutcomeRecord, RetrievalStore
 from workers.routing.windows import WindowBounds, route_window
 
@@ -178,3 +178,28 @@ def test_exploration_in_quality_mode_still_reaches_the_target() -> None:
     explored = explore_and_solve(problem, support, 0.1, np.random.default_rng(1), "exact")
     assert explored.explored.sum() > 0
     assert explored.plan.mean_quality >= 0.8 - 1e-9
+
+
+def test_an_untried_model_is_expected_as_good_as_tried_models_of_its_price() -> None:
+    weights = np.array([0.9, 0.9, 0.0])
+    costs = np.array([0.001, 0.01, 0.1])  # the untried model is the dearest
+    rising = quality_by_price(np.array([0.5, 0.7, 0.0]), weights, costs)
+    assert rising[1] > rising[0] and rising[2] > rising[1]
+    flat = quality_by_price(np.array([0.6, 0.6, 0.0]), weights, costs)
+    assert flat.tolist() == pytest.approx([0.6, 0.6, 0.6])
+    nothing = quality_by_price(np.zeros(3), np.zeros(3), costs)
+    assert nothing.tolist() == [0.5, 0.5, 0.5]
+
+
+def test_the_price_line_moves_an_untried_dear_model_up_as_cheap_ones_are_judged() -> None:
+    prices = {
+        m: ModelPrice(input_per_mtok_usd=c * 1000, output_per_mtok_usd=c * 1000)
+        for m, c in zip(MODELS, COSTS, strict=True)
+    }
+    store = RetrievalStore(MODELS, 3)
+    for i in range(30):  # small right 40%, mid right 80%; frontier never tried
+        vector = unit(1, 0.01 * i, 0)
+        store.add(OutcomeRecord(f"q{i}", "small", float(i % 5 < 2), None, None, vector))
+        store.add(OutcomeRecord(f"q{i}", "mid", float(i % 5 < 4), None, None, None))
+    quality = HybridPredictor(FixedEmbedder(), store, prices=prices).predict(["x"]).quality[0]
+    assert quality[0] > quality[1] > quality[2]

@@ -137,6 +137,12 @@ def test_share_zero_and_one_take_nothing_and_everything() -> None:
     assert all(is_sampled(r, 1.0) for r in keys)
 
 
+def test_every_exploratory_answer_is_judged() -> None:
+    explored = [r.model_copy(update={"exploration": True}) for r in responses(500)]
+    assert all(is_sampled(r, 0.0) for r in explored)
+    assert all(is_sampled(r, 0.2) for r in explored)
+
+
 def test_the_sample_does_not_depend_on_the_process() -> None:
     """hashlib, not hash(): another interpreter with another hash seed agrees."""
     code = (

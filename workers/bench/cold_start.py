@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
-from schemas import Assignment, WindowReport
+from schemas import Assignment, PredictedQuery, WindowReport
 from workers.config import ModelPrice, Settings
 from workers.db import migrate
 from workers.db.models import OutcomeRow
@@ -68,6 +68,11 @@ class Block:
     warm_cost_usd: float
     best_single_accuracy: float
     share_per_model: dict[str, float]
+    predicted_cost_usd: float  # what the router expected to spend on the block
+    # What the router believed of each model on the block's queries (mean predicted
+    # quality), beside each model's real accuracy there.
+    believed: dict[str, float]
+    actual: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -92,12 +97,16 @@ def run(
     judge_share: float = 0.2,
     judge_flip: float = 0.1,
     budget_share_of_dearest: float = 0.35,
-    rate_per_second: float = 20.0,
+    rate_per_second: float = 10.0,
     window_seconds: float = 2.0,
     block_size: int = 250,
+    seed: int = 0,
     log_dir: Path = Path(".omnirouter/bench-cold-start"),
     progress: Callable[[str], None] = lambda _: None,
 ) -> ColdStartFigures:
+    # Real traffic mixes tasks; the file lists them one after another.
+    order = np.random.default_rng(seed).permutation(len(table))
+    table = table.take(order)
     live = table.take(list(range(min(queries, len(table)))))
     budget = budget_share_of_dearest * float(np.nanmax(np.nanmean(table.costs, axis=0)))
     settings = Settings()
@@ -136,6 +145,12 @@ def run(
             )
             _wait_for_answers(engine, run_id, len(events), timeout_seconds=600)
         assignments = _read_assignments(broker.bootstrap_servers, settings)
+        predicted = [
+            PredictedQuery.model_validate_json(raw)
+            for raw in asyncio.run(
+                read_topic(broker.bootstrap_servers, settings.topic_names()["predicted"])
+            )
+        ]
         reports = [
             WindowReport.model_validate_json(raw)
             for raw in asyncio.run(
@@ -145,10 +160,11 @@ def run(
         scored_at = _scored_query_rows(engine, run_id)
         judge_spend = _judge_spend(engine, run_id)
     chosen = {int(a.query_id.removeprefix(f"{run_id}-")): a for a in assignments}
+    beliefs = {int(p.query.query_id.removeprefix(f"{run_id}-")): p.quality for p in predicted}
     window_size = max(1, round(float(np.mean([w.query_count for w in reports]))))
     progress("routing the warm-started reference offline ...")
     warm_plan = _warm_reference(table, live, embedder, budget, window_size)
-    blocks = _blocks(live, chosen, warm_plan, scored_at, block_size)
+    blocks = _blocks(live, chosen, beliefs, warm_plan, scored_at, block_size)
     return ColdStartFigures(
         budget_per_query_usd=budget,
         exploration_share=settings.router_exploration_share,
@@ -250,45 +266,56 @@ def _priors_alone_share(
 def _blocks(
     live: OutcomeTable,
     chosen: dict[int, Assignment],
+    beliefs: dict[int, list[float]],
     warm_plan: NDArray[np.int64],
     scored_at: NDArray[np.int64],
     block_size: int,
 ) -> list[Block]:
-    blocks = []
+    return [
+        _block(live, rows, chosen, beliefs, warm_plan[rows], int((scored_at <= rows[-1]).sum()))
+        for first in range(0, len(live), block_size)
+        if (rows := np.arange(first, min(first + block_size, len(live)))).size
+    ]
+
+
+def _block(
+    live: OutcomeTable,
+    rows: NDArray[np.int64],
+    chosen: dict[int, Assignment],
+    beliefs: dict[int, list[float]],
+    warm: NDArray[np.int64],
+    scored_so_far: int,
+) -> Block:
+    """One block's figures from the recorded outcomes of the models chosen."""
     models = live.models
-    for first in range(0, len(live), block_size):
-        rows = np.arange(first, min(first + block_size, len(live)))
-        picked = np.array([models.index(chosen[int(i)].model) for i in rows])
-        explored = np.array([chosen[int(i)].exploration for i in rows])
-        scores, costs = live.scores[rows], np.nan_to_num(live.costs[rows])
-        index = np.arange(len(rows))
-        scored = ~np.isnan(scores).any(axis=1)
-        accuracy = float(np.nanmean(scores[index, picked]))
-        cost = float(costs[index, picked].sum())
-        warm = warm_plan[rows]
-        singles = [
-            (float(costs[:, j].sum()), float(np.nanmean(scores[scored, j])))
-            for j in range(len(models))
-        ]
-        blocks.append(
-            Block(
-                first=first,
-                queries=len(rows),
-                accuracy=accuracy,
-                cost_usd=cost,
-                exploration_spend_usd=float(costs[index, picked][explored].sum()),
-                scored_so_far=int((scored_at < rows[-1] + 1).sum()),
-                warm_accuracy=float(np.nanmean(scores[index, warm])),
-                warm_cost_usd=float(costs[index, warm].sum()),
-                best_single_accuracy=evaluate.hull_accuracy(evaluate.upper_hull(singles), cost),
-                share_per_model={
-                    m: float(np.mean(picked == j))
-                    for j, m in enumerate(models)
-                    if (picked == j).any()
-                },
-            )
-        )
-    return blocks
+    assignments = [chosen[int(i)] for i in rows]
+    picked = np.array([models.index(a.model) for a in assignments])
+    explored = np.array([a.exploration for a in assignments])
+    scores, costs = live.scores[rows], np.nan_to_num(live.costs[rows])
+    index = np.arange(len(rows))
+    scored = ~np.isnan(scores).any(axis=1)
+    cost = float(costs[index, picked].sum())
+    singles = [
+        (float(costs[:, j].sum()), float(np.nanmean(scores[scored, j]))) for j in range(len(models))
+    ]
+    believed = np.mean([beliefs[int(i)] for i in rows], axis=0)
+    return Block(
+        first=int(rows[0]),
+        queries=len(rows),
+        accuracy=float(np.nanmean(scores[index, picked])),
+        cost_usd=cost,
+        exploration_spend_usd=float(costs[index, picked][explored].sum()),
+        scored_so_far=scored_so_far,
+        warm_accuracy=float(np.nanmean(scores[index, warm])),
+        warm_cost_usd=float(costs[index, warm].sum()),
+        best_single_accuracy=evaluate.hull_accuracy(evaluate.upper_hull(singles), cost),
+        share_per_model={
+            m: float(np.mean(picked == j)) for j, m in enumerate(models) if (picked == j).any()
+        },
+        predicted_cost_usd=sum(a.predicted_cost_usd for a in assignments),
+        believed=dict(zip(models, believed.tolist(), strict=True)),
+        actual=dict(zip(models, np.nanmean(scores, axis=0).tolist(), strict=True)),
+    )
 
 
 def plot(figures: ColdStartFigures, path: Path) -> Path:

@@ -9,12 +9,16 @@ worth behind it). A pair whose draw beats the planned model's prediction by
 most is explored first: that is where a model is both unknown and possibly
 better, where learning about it is worth most.
 
-Exploration never breaks the window's promise. In budget mode it spends at
-most `share` of the window's budget and never so much that the rest of the
-window could no longer be planned within what is left; in quality mode it
-gives up at most the quality the window can spare above its target. The rest
-of the window is then solved again by the same optimiser with what is left,
-so the window as a whole keeps its budget (or reaches its target).
+Exploration never breaks the window's promise. In budget mode it spends its
+allowance, `share` of each window's budget, and never so much that the rest
+of the window could no longer be planned within what is left; an allowance a
+window does not use (one query on a dear model may cost more than a small
+window's share) carries over to the next, up to the cost of the window's
+dearest query, so over time exploration spends `share` of the budget and no
+more, and the dearest model can be tried too. In quality mode it gives up at
+most the quality the window can spare above its target. The rest of the
+window is then solved again by the same optimiser with what is left, so the
+window as a whole keeps its budget (or reaches its target).
 """
 
 from __future__ import annotations
@@ -37,6 +41,18 @@ class ExploredPlan:
     plan: WindowPlan  # covers every query of the window, explored ones included
     explored: NDArray[np.bool_]  # (n_queries,), True where the model was chosen to learn
     exploration_spend_usd: float
+    # Budget mode: what exploration may spend in the next window of the pool.
+    next_allowance_usd: float = 0.0
+
+
+def window_allowance(problem: WindowProblem, share: float, carried_usd: float) -> float:
+    """What exploration may spend in this window: its share of the budget plus what
+    earlier windows left unused, at most the cost of the window's dearest query
+    (or the share, if that is more)."""
+    if problem.mode != "budget" or problem.window_budget_usd is None:
+        return math.inf
+    own = share * problem.window_budget_usd
+    return min(own + carried_usd, max(own, float(problem.cost.max())))
 
 
 def belief_samples(
@@ -56,9 +72,10 @@ def choose_explorations(
     share: float,
     rng: np.random.Generator,
     allowed: NDArray[np.bool_] | None = None,
+    allowance_usd: float = math.inf,
 ) -> NDArray[np.int64]:
     """For each query the model to explore, or NOT_EXPLORED: at most round(share x
-    queries) of them, within the budget's share and the window's room (module doc)."""
+    queries) of them, within the allowance and the window's room (module doc)."""
     n, m = problem.quality.shape
     chosen = np.full(n, NOT_EXPLORED, dtype=np.int64)
     most = math.floor(share * n + 0.5)
@@ -71,7 +88,7 @@ def choose_explorations(
     gain = np.where(candidates, draws - problem.quality[rows, planned][:, None], -np.inf)
     model = gain.argmax(axis=1)
     best_gain = gain[rows, model]
-    spend_limit, room, uses = _limits(problem, share, rows, model)
+    room, uses = _room(problem, rows, model)
     caps = problem.capacity_array() - np.bincount(planned, minlength=m)
     spent = used = 0.0
     count = 0
@@ -79,7 +96,7 @@ def choose_explorations(
         if count >= most or best_gain[i] <= 0:
             break
         j, cost = int(model[i]), float(problem.cost[i, model[i]])
-        if spent + cost > spend_limit or used + uses[i] > room or caps[j] < 1:
+        if spent + cost > allowance_usd or used + uses[i] > room or caps[j] < 1:
             continue
         chosen[i] = j
         spent, used, count = spent + cost, used + uses[i], count + 1
@@ -88,21 +105,21 @@ def choose_explorations(
     return chosen
 
 
-def _limits(
-    problem: WindowProblem, share: float, rows: NDArray[np.int64], model: NDArray[np.int64]
-) -> tuple[float, float, NDArray[np.float64]]:
-    """The most exploration may spend, the room the window has, and what exploring
-    each query would use of that room (see the module doc)."""
+def _room(
+    problem: WindowProblem, rows: NDArray[np.int64], model: NDArray[np.int64]
+) -> tuple[float, NDArray[np.float64]]:
+    """The room the window has for exploring, and what exploring each query would
+    use of it (see the module doc)."""
     cost, quality = problem.cost, problem.quality
     if problem.mode == "budget":
         assert problem.window_budget_usd is not None
         cheapest = cost.min(axis=1)
         room = problem.window_budget_usd - float(cheapest.sum())
-        return share * problem.window_budget_usd, room, cost[rows, model] - cheapest
+        return room, cost[rows, model] - cheapest
     assert problem.quality_target is not None
     best = quality.max(axis=1)
     room = float(best.sum()) - problem.quality_target * problem.n_queries
-    return math.inf, room, best - quality[rows, model]
+    return room, best - quality[rows, model]
 
 
 def explore_and_solve(
@@ -113,14 +130,19 @@ def explore_and_solve(
     method: Method = "fast",
     time_limit_seconds: float = 0.25,
     allowed: NDArray[np.bool_] | None = None,
+    carried_usd: float = 0.0,
 ) -> ExploredPlan:
     """Plan the window, explore a share of it, and plan the rest again with what is
-    left of the budget (or of the target)."""
+    left of the budget (or of the target). `carried_usd`: the allowance earlier
+    windows of the pool left (the previous ExploredPlan's next_allowance_usd)."""
     plan = solve(problem, method, time_limit_seconds)
-    explore = choose_explorations(problem, plan.assignment, support, share, rng, allowed)
+    allowance = window_allowance(problem, share, carried_usd)
+    explore = choose_explorations(problem, plan.assignment, support, share, rng, allowed, allowance)
     explored = explore != NOT_EXPLORED
+    spend = float(problem.cost[explored, explore[explored]].sum())
+    left = allowance - spend if math.isfinite(allowance) else 0.0
     if not explored.any():
-        return ExploredPlan(plan, explored, 0.0)
+        return ExploredPlan(plan, explored, 0.0, left)
     rest = np.flatnonzero(~explored)
     assignment = np.where(explored, explore, plan.assignment)
     status, solver, seconds = plan.status, plan.solver, plan.solve_seconds
@@ -129,8 +151,9 @@ def explore_and_solve(
         assignment[rest] = rest_plan.assignment
         status, solver = rest_plan.status, rest_plan.solver
         seconds += rest_plan.solve_seconds
-    spend = float(problem.cost[explored, explore[explored]].sum())
-    return ExploredPlan(WindowPlan(problem, assignment, status, solver, seconds), explored, spend)
+    return ExploredPlan(
+        WindowPlan(problem, assignment, status, solver, seconds), explored, spend, left
+    )
 
 
 def _rest_of(

@@ -6,8 +6,10 @@ Two parts, blended with a weight chosen on held-out outcomes:
   with few or no outcomes near a query is predicted by its prior, and a
   missing score counts for nothing (unknown, not 0). A model's prior is its
   mean over the store, itself shrunk towards what the user stated
-  (ROUTER_MODEL_PRIORS, else one shared value): with nothing stored, routing
-  follows the user's priors and the prices;
+  (ROUTER_MODEL_PRIORS) or, where silent, towards what the store says of
+  models of its price (one shared value while nothing is known): with nothing
+  stored, routing follows the user's priors and the prices, and a model
+  nobody has tried yet is expected to be as good as tried models of its price;
 - trained: one logistic-regression head per model on the query vector,
   refitted on the stored outcomes.
 
@@ -21,15 +23,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 from sklearn.linear_model import LogisticRegression
 
 from workers.config import ModelPrice
+from workers.routing.clusters import cluster_means
 from workers.routing.embedder import Embedder
 from workers.routing.store import RetrievalStore
+
+T = TypeVar("T", float, NDArray[np.float64])
 
 # A common rule of thumb for English text and GPT-style tokenisers.
 CHARS_PER_TOKEN = 4.0
@@ -41,6 +46,10 @@ MIN_OUTCOMES_PER_CLASS = 5
 SHARED_PRIOR_QUALITY = 0.5
 # How many stored outcomes' worth the stated prior counts for in a model's mean.
 STATED_PRIOR_OUTCOMES = 5.0
+# Prompt length of the typical query a list price is read at (quality_by_price).
+TYPICAL_PROMPT_TOKENS = 500.0
+# Pulls the slope of quality on log cost towards flat while few models are known.
+PRICE_SLOPE_RIDGE = 1.0
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,8 @@ def shrunk_mean(
     """Weighted mean over neighbours of every column, ignoring NaN, pulled towards
     `prior` by `prior_strength` neighbours' worth.
 
-    values: (n_queries, k, n_models); weights: (n_queries, k); prior: (n_models,).
+    values: (n_queries, k, n_models); weights: (n_queries, k); prior: (n_models,) or
+    (n_queries, n_models).
     """
     known = ~np.isnan(values)
     effective = weights[:, :, None] * known
@@ -99,9 +109,66 @@ def column_means(values: NDArray[np.float64], default: float) -> NDArray[np.floa
     return np.where(counts > 0, sums / np.maximum(counts, 1), default)
 
 
-def stated_priors(models: Sequence[str], stated: Mapping[str, float]) -> NDArray[np.float64]:
-    """What the user believes each model's quality to be; the shared prior where silent."""
-    return np.array([stated.get(m, SHARED_PRIOR_QUALITY) for m in models], dtype=float)
+def list_price_cost(price: ModelPrice, prompt_tokens: T, output_tokens: T) -> T:
+    """USD of a query at a model's list price."""
+    return (
+        prompt_tokens * price.input_per_mtok_usd + output_tokens * price.output_per_mtok_usd
+    ) / 1e6
+
+
+@dataclass(frozen=True)
+class Beliefs:
+    """What the user told the router before any outcome: each model's quality
+    (ROUTER_MODEL_PRIORS) and what a typical query costs on it at its list price
+    (ROUTER_MODEL_PRICES); NaN where the user said nothing."""
+
+    quality: NDArray[np.float64]
+    typical_cost: NDArray[np.float64]
+
+    @classmethod
+    def of(
+        cls,
+        models: Sequence[str],
+        stated: Mapping[str, float] | None = None,
+        prices: Mapping[str, ModelPrice] | None = None,
+    ) -> Beliefs:
+        stated, prices = stated or {}, prices or {}
+        quality = [stated.get(m, math.nan) for m in models]
+        typical = [
+            list_price_cost(p, TYPICAL_PROMPT_TOKENS, DEFAULT_OUTPUT_TOKENS)
+            if (p := prices.get(m)) is not None
+            else math.nan
+            for m in models
+        ]
+        return cls(np.array(quality, dtype=float), np.array(typical, dtype=float))
+
+    @classmethod
+    def none(cls, n_models: int) -> Beliefs:
+        return cls(np.full(n_models, math.nan), np.full(n_models, math.nan))
+
+    def key(self) -> str:
+        return (self.quality.tobytes() + self.typical_cost.tobytes()).hex()
+
+
+def quality_by_price(
+    means: NDArray[np.float64], weights: NDArray[np.float64], costs: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """What the store says of a model's quality from its cost alone: a line of quality
+    against log cost through the models it knows (weighted by how much it knows of
+    each; the slope shrunk towards flat). Dearer models are often better, but by how
+    much, or whether at all, is the store's to say. The shared prior while nothing is
+    known; the known models' mean while their costs do not differ."""
+    known = (weights > 0) & np.isfinite(costs) & (costs > 0)
+    if not known.any():
+        return np.full(len(means), SHARED_PRIOR_QUALITY)
+    w, y = weights[known], means[known]
+    centre = float(np.average(y, weights=w))
+    x = np.log(np.where(np.isfinite(costs) & (costs > 0), costs, np.nan))
+    x_centre = float(np.average(x[known], weights=w))
+    spread = float(np.sum(w * (x[known] - x_centre) ** 2))
+    slope = float(np.sum(w * (x[known] - x_centre) * (y - centre))) / (spread + PRICE_SLOPE_RIDGE)
+    line = centre + slope * (x - x_centre)
+    return np.clip(np.where(np.isfinite(line), line, centre), 0.02, 0.98)
 
 
 @dataclass(frozen=True)
@@ -114,21 +181,54 @@ class Priors:
     output_tokens: NDArray[np.float64]
 
 
-def priors(store: RetrievalStore, stated: NDArray[np.float64]) -> Priors:
-    """Each model's mean quality over the store, shrunk towards `stated` by
-    STATED_PRIOR_OUTCOMES; its mean cost and output tokens. An unobserved cost is
-    the mean of all observed costs (never 0, which would draw all traffic to the
-    unknown)."""
+def priors(store: RetrievalStore, beliefs: Beliefs) -> Priors:
+    """Each model's mean quality over the store, shrunk by STATED_PRIOR_OUTCOMES
+    towards what the user stated or, where silent, towards what the store says of
+    models of its cost (`quality_by_price`); its mean cost and output tokens. An
+    unobserved cost is the mean of all observed costs (never 0, which would draw
+    all traffic to the unknown)."""
     known = ~np.isnan(store.scores)
     counts = known.sum(axis=0)
-    sums = np.where(known, store.scores, 0.0).sum(axis=0)
+    means = np.where(known, store.scores, 0.0).sum(axis=0) / np.maximum(counts, 1)
+    weight = counts / (counts + STATED_PRIOR_OUTCOMES)
+    observed_cost = column_means(store.costs, default=math.nan)
+    typical_cost = np.where(np.isnan(beliefs.typical_cost), observed_cost, beliefs.typical_cost)
+    stated = np.where(
+        np.isnan(beliefs.quality), quality_by_price(means, weight, typical_cost), beliefs.quality
+    )
     overall_cost = float(np.nanmean(store.costs)) if np.isfinite(store.costs).any() else 0.0
     return Priors(
-        quality=(sums + STATED_PRIOR_OUTCOMES * stated) / (counts + STATED_PRIOR_OUTCOMES),
-        weight=counts / (counts + STATED_PRIOR_OUTCOMES),
-        cost=column_means(store.costs, default=overall_cost),
+        quality=weight * means + (1 - weight) * stated,
+        weight=weight,
+        cost=np.where(np.isnan(observed_cost), overall_cost, observed_cost),
         output_tokens=column_means(store.output_tokens, default=DEFAULT_OUTPUT_TOKENS),
     )
+
+
+# How many outcomes' worth a model's mean counts for beside its outcomes in a cluster.
+CLUSTER_PRIOR_OUTCOMES = 20.0
+
+
+def cluster_priors(
+    store: RetrievalStore, vectors: NDArray[np.float32], prior: Priors, key: str
+) -> NDArray[np.float64]:
+    """For each query and model, what to expect where the neighbours say nothing: the
+    mean score in the query's cluster (shrunk towards the model's prior) as far as
+    the model's outcomes are sparse in the store, the model's prior as far as every
+    stored query has one (there the neighbours hold it; `key` names the prior, for
+    the store's memo)."""
+    clusters = store.clusters
+
+    def compute() -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        means = cluster_means(
+            clusters.labels, store.scores, clusters.n_clusters, prior.quality,
+            CLUSTER_PRIOR_OUTCOMES,
+        )  # fmt: skip
+        sparsity = 1.0 - (~np.isnan(store.scores)).mean(axis=0) if len(store) else np.ones(1)
+        return means, sparsity
+
+    means, sparsity = store.memo(f"cluster means:{key}", compute)
+    return sparsity * means[clusters.assign(vectors)] + (1 - sparsity) * prior.quality
 
 
 class KnnEstimates(NamedTuple):
@@ -142,29 +242,32 @@ def knn_estimates(
     store: RetrievalStore,
     vectors: NDArray[np.float32],
     settings: KnnSettings,
-    stated: NDArray[np.float64] | None = None,
+    beliefs: Beliefs | None = None,
 ) -> KnnEstimates:
     """Quality, cost and output tokens of every model from the nearest stored queries,
     and the support of each quality estimate: the neighbours' known outcomes
     (weighted) plus the prior's strength as far as the prior rests on outcomes."""
-    if stated is None:
-        stated = np.full(len(store.models), SHARED_PRIOR_QUALITY)
-    prior = store.memo(f"priors:{stated.tobytes().hex()}", lambda: priors(store, stated))
+    beliefs = beliefs or Beliefs.none(len(store.models))
+    prior = store.memo(f"priors:{beliefs.key()}", lambda: priors(store, beliefs))
     shape = (len(vectors), len(store.models))
+    quality_prior = cluster_priors(store, vectors, prior, beliefs.key())
     similarities, rows = store.search(vectors, settings.neighbours)
-    prior_support = np.broadcast_to(settings.prior_strength * prior.weight, shape)
+    # A cluster's mean shapes the estimate but, coarse as it is, does not narrow
+    # the belief exploration draws from: support counts the neighbours' outcomes
+    # and the model's prior as far as it rests on outcomes.
+    prior_support = np.broadcast_to(settings.prior_strength * prior.weight, shape).copy()
     if rows.shape[1] == 0:
         return KnnEstimates(
-            np.broadcast_to(prior.quality, shape).copy(),
+            quality_prior,
             np.broadcast_to(prior.cost, shape).copy(),
             np.broadcast_to(prior.output_tokens, shape).copy(),
-            prior_support.copy(),
+            prior_support,
         )
     weights = neighbour_weights(similarities, settings.temperature)
     weights = np.where(rows >= 0, weights, 0.0)
     rows = np.maximum(rows, 0)
     neighbours = store.scores[rows]
-    quality = shrunk_mean(neighbours, weights, prior.quality, settings.prior_strength)
+    quality = shrunk_mean(neighbours, weights, quality_prior, settings.prior_strength)
     # Cost and length carry no risk of overconfidence: a tiny prior only fills gaps.
     cost = shrunk_mean(store.costs[rows], weights, prior.cost, 1e-6)
     tokens = shrunk_mean(store.output_tokens[rows], weights, prior.output_tokens, 1e-6)
@@ -277,7 +380,7 @@ class HybridPredictor:
         self.store = store
         self.prices = dict(prices or {})
         self.knn = knn or KnnSettings()
-        self.stated_priors = stated_priors(store.models, model_priors or {})
+        self.beliefs = Beliefs.of(store.models, model_priors, prices)
         self.blend_weight = blend_weight
         self.heads = TrainedHeads(len(store.models))
 
@@ -303,7 +406,7 @@ class HybridPredictor:
     def predict_embedded(
         self, vectors: NDArray[np.float32], prompt_chars: Sequence[int]
     ) -> Estimates:
-        knn = knn_estimates(self.store, vectors, self.knn, self.stated_priors)
+        knn = knn_estimates(self.store, vectors, self.knn, self.beliefs)
         quality = knn.quality
         if self.blend_weight < 1.0 and self.heads.fitted:
             trained = self.heads.predict(vectors)
@@ -313,8 +416,5 @@ class HybridPredictor:
         for j, model in enumerate(self.models):
             price = self.prices.get(model)
             if price is not None:
-                cost[:, j] = (
-                    prompt_tokens * price.input_per_mtok_usd
-                    + knn.output_tokens[:, j] * price.output_per_mtok_usd
-                ) / 1e6
+                cost[:, j] = list_price_cost(price, prompt_tokens, knn.output_tokens[:, j])
         return Estimates(np.clip(quality, 0.0, 1.0), np.maximum(cost, 0.0), vectors, knn.support)

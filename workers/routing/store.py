@@ -10,6 +10,10 @@ trained on what is stored then: a query scans only the `IVF_PROBES` nearest of
 `IVF_LISTS` clusters, about 6% of the vectors, which keeps k-NN far cheaper
 than embedding at 100,000 stored queries. Adding in the same order converts at
 the same point, so growing and rebuilding still give the same store.
+
+Each stored query also belongs to a cluster (workers/routing/clusters.py), so
+what a model did on a kind of query can be read where its neighbours say
+nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import TypeVar, cast
 import faiss
 import numpy as np
 from numpy.typing import NDArray
+
+from workers.routing.clusters import QueryClusters
 
 T = TypeVar("T")
 
@@ -57,6 +63,7 @@ class RetrievalStore:
         self._output_tokens = np.full((0, len(self.models)), np.nan)
         self._size = 0
         self._memo: dict[str, object] = {}  # values derived from the store, until it changes
+        self.clusters = QueryClusters(dimension)
 
     def __len__(self) -> int:
         return self._size
@@ -134,6 +141,7 @@ class RetrievalStore:
         ):
             self._index = self._inverted_file(self._index)
         self._size += len(query_ids)
+        self.clusters.extend(embeddings, lambda: self._index.reconstruct_n(0, self._size))
         self._memo.clear()
 
     def _inverted_file(self, flat: faiss.IndexFlat) -> faiss.IndexIVFFlat:

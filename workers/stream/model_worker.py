@@ -60,6 +60,7 @@ class Answer:
             error=self.error,
             metadata=assignment.metadata,
             text=assignment.text,
+            exploration=assignment.exploration,
         )
         return outcome, response
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from schemas import Assignment
 from workers.routing.dataset import OutcomeTable
+from workers.routing.predictor import CHARS_PER_TOKEN
 from workers.stream.model_worker import Answer
 
 NOT_RECORDED = "no recorded outcome for this query and model"
@@ -50,11 +51,15 @@ class ReplayAnswerer:
         score = float(self.table.scores[row, column])
         cost = float(self.table.costs[row, column])
         scored = self.scores and not math.isnan(score)  # NaN: not recorded
+        response = self.table.responses[row].get(assignment.model)
         return Answer(
-            response=self.table.responses[row].get(assignment.model),
+            response=response,
             quality_score=score if scored else None,
             score_source="replay" if scored else None,
             cost_usd=None if math.isnan(cost) else cost,
+            # As a real API reports its usage: tokens by the characters-per-token rule.
+            input_tokens=math.ceil(len(assignment.text) / CHARS_PER_TOKEN),
+            output_tokens=None if response is None else math.ceil(len(response) / CHARS_PER_TOKEN),
             latency_ms=self.latency_ms,
         )
 
