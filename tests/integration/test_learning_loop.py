@@ -121,13 +121,33 @@ def test_an_empty_store_learns_from_the_judge_and_routing_follows(
             asyncio.run(produce_values(bootstrap, names["queries"], queries(run, 0, 40)))
             wait_until(lambda: len(judged(engine, run)["dear"]) >= 3, 120, "judged dear answers")
             wait_until(lambda: len(judged(engine, run)["cheap"]) >= 3, 60, "judged cheap answers")
-            # Later traffic, once the scores are in the store.
+            # Probes until the router's store has the scores (it refreshes every second).
+            probes = iter(range(1000, 1100))
+
+            def learned() -> bool:
+                probe = next(probes)
+                asyncio.run(produce_values(bootstrap, names["queries"], queries(run, probe, 1)))
+                predicted = asyncio.run(read_topic(bootstrap, names["predicted"]))
+                return any(
+                    p.quality[0] - p.quality[1] > 0.3
+                    for p in map(PredictedQuery.model_validate_json, predicted)
+                    if int(p.query.query_id.rsplit("-", 1)[1]) >= 1000  # a probe
+                    and len(p.query.query_id) > len(run) + 4
+                )
+
+            wait_until(learned, 60, "a prediction that has learned from the judge")
+            # Later traffic.
             asyncio.run(produce_values(bootstrap, names["queries"], queries(run, 100, 40)))
-            wait_until(
-                lambda: len(asyncio.run(read_topic(bootstrap, names["predicted"]))) >= 80,
-                120,
-                "predictions of all 80 queries",
-            )
+            later_ids = {f"{run}-{i}" for i in range(100, 140)}
+
+            def assigned() -> set[str]:
+                return {
+                    Assignment.model_validate_json(raw).query_id
+                    for model in MODELS
+                    for raw in asyncio.run(read_topic(bootstrap, names[f"route:{model}"]))
+                }
+
+            wait_until(lambda: later_ids <= assigned(), 120, "assignments of the later queries")
             assert all(p.poll() is None for p in processes), log.read_text()[-3000:]
             predicted = [
                 PredictedQuery.model_validate_json(raw)
