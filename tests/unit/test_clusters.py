@@ -58,3 +58,18 @@ def test_a_sparse_model_is_predicted_from_its_outcomes_on_the_same_kind_of_query
     # Its few outcomes on each kind tell the kinds apart, though a probe's five
     # nearest neighbours rarely hold one.
     assert quality[probe_kind == 0].min() > quality[probe_kind == 1].max() + 0.15
+
+
+def test_a_model_s_answer_length_is_read_from_its_kind_of_query() -> None:
+    """One short answer of a model on one kind of query must not make it look cheap on
+    a kind where every model answers at length (code, say)."""
+    vectors, kind = two_kinds(200)
+    store = RetrievalStore(MODELS, 8)
+    for i, vector in enumerate(vectors):
+        store.add(OutcomeRecord(f"q{i}", "a", 1.0, None, 300 if kind[i] == 0 else 2, vector))
+    short = int(np.flatnonzero(kind == 1)[0])
+    store.add(OutcomeRecord(f"q{short}", "b", 1.0, None, 2, None))  # b's only answer: short
+    probes, probe_kind = two_kinds(20, seed=1)
+    tokens = knn_estimates(store, probes, KnnSettings(neighbours=5)).output_tokens[:, 1]
+    assert tokens[probe_kind == 0].min() > 200
+    assert tokens[probe_kind == 1].max() < 10

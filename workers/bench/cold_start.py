@@ -165,6 +165,7 @@ def run(
     progress("routing the warm-started reference offline ...")
     warm_plan = _warm_reference(table, live, embedder, budget, window_size)
     blocks = _blocks(live, chosen, beliefs, warm_plan, scored_at, block_size)
+    _write_decisions(log_dir / "decisions.jsonl", live, chosen)
     return ColdStartFigures(
         budget_per_query_usd=budget,
         exploration_share=settings.router_exploration_share,
@@ -175,6 +176,24 @@ def run(
         windows=len(reports),
         judge_spend_usd=judge_spend,
     )
+
+
+def _write_decisions(path: Path, live: OutcomeTable, chosen: dict[int, Assignment]) -> None:
+    """Each query's decision beside what it really cost and scored, for a closer look."""
+    with path.open("w") as out:
+        for i, assignment in sorted(chosen.items()):
+            j = live.models.index(assignment.model)
+            row = {
+                "query": i,
+                "task": live.eval_names[i],
+                "model": assignment.model,
+                "exploration": assignment.exploration,
+                "predicted_quality": assignment.predicted_quality,
+                "predicted_cost_usd": assignment.predicted_cost_usd,
+                "cost_usd": float(np.nan_to_num(live.costs[i, j])),
+                "score": None if np.isnan(live.scores[i, j]) else float(live.scores[i, j]),
+            }
+            out.write(json.dumps(row) + "\n")
 
 
 def _prices_json(prices: dict[str, ModelPrice]) -> str:

@@ -81,8 +81,8 @@ def cluster_means(
     prior: NDArray[np.float64],
     strength: float,
 ) -> NDArray[np.float64]:
-    """Each cluster's mean score per model, shrunk towards `prior` (per model) by
-    `strength` outcomes."""
+    """Each cluster's mean score per model, shrunk towards `prior` (per model, or per
+    cluster and model) by `strength` outcomes."""
     known = ~np.isnan(scores)
     sums = np.zeros((n_clusters, scores.shape[1]))
     counts = np.zeros((n_clusters, scores.shape[1]))

@@ -231,6 +231,34 @@ def cluster_priors(
     return sparsity * means[clusters.assign(vectors)] + (1 - sparsity) * prior.quality
 
 
+def cluster_output_tokens(
+    store: RetrievalStore, vectors: NDArray[np.float32]
+) -> NDArray[np.float64]:
+    """For each query and model, the answer length to expect where the neighbours say
+    nothing: the model's mean on the query's cluster, shrunk by CLUSTER_PRIOR_OUTCOMES
+    towards every model's mean there (a kind of query, code say, draws long answers
+    from every model; one short answer of a model elsewhere says little)."""
+    clusters = store.clusters
+
+    def compute() -> NDArray[np.float64]:
+        tokens = store.output_tokens
+        known = ~np.isnan(tokens)
+        everyone = float(tokens[known].mean()) if known.any() else DEFAULT_OUTPUT_TOKENS
+        # Every model's answers on a query, as one column: their total and count.
+        row_sums = np.where(known, tokens, 0.0).sum(axis=1, keepdims=True)
+        row_counts = known.sum(axis=1, keepdims=True).astype(float)
+        sums = np.zeros((clusters.n_clusters, 1))
+        counts = np.zeros((clusters.n_clusters, 1))
+        np.add.at(sums, clusters.labels, row_sums)
+        np.add.at(counts, clusters.labels, row_counts)
+        per_cluster = (sums + everyone) / (counts + 1.0)
+        return cluster_means(
+            clusters.labels, tokens, clusters.n_clusters, per_cluster, CLUSTER_PRIOR_OUTCOMES
+        )
+
+    return store.memo("cluster output tokens", compute)[clusters.assign(vectors)]
+
+
 class KnnEstimates(NamedTuple):
     quality: NDArray[np.float64]
     cost: NDArray[np.float64]
@@ -260,7 +288,7 @@ def knn_estimates(
         return KnnEstimates(
             quality_prior,
             np.broadcast_to(prior.cost, shape).copy(),
-            np.broadcast_to(prior.output_tokens, shape).copy(),
+            cluster_output_tokens(store, vectors),
             prior_support,
         )
     weights = neighbour_weights(similarities, settings.temperature)
@@ -270,7 +298,9 @@ def knn_estimates(
     quality = shrunk_mean(neighbours, weights, quality_prior, settings.prior_strength)
     # Cost and length carry no risk of overconfidence: a tiny prior only fills gaps.
     cost = shrunk_mean(store.costs[rows], weights, prior.cost, 1e-6)
-    tokens = shrunk_mean(store.output_tokens[rows], weights, prior.output_tokens, 1e-6)
+    tokens = shrunk_mean(
+        store.output_tokens[rows], weights, cluster_output_tokens(store, vectors), 1.0
+    )
     support = (weights[:, :, None] * ~np.isnan(neighbours)).sum(axis=1) + prior_support
     return KnnEstimates(quality, cost, tokens, support)
 
