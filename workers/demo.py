@@ -111,6 +111,7 @@ class DemoSummary:
     best_single_model: Spend
     dearest_model: Spend
     windows: list[dict[str, object]]
+    queries_explored: int
     learning_curve: list[dict[str, float]]
 
 
@@ -168,6 +169,7 @@ def summarise(
             }
             for w in reports
         ],
+        queries_explored=sum(w.exploration_queries for w in reports),
         learning_curve=learning_curve(live, rows, run_id),
     )
 
@@ -268,8 +270,7 @@ def print_summary(summary: DemoSummary) -> None:
         (f"dearest model: {summary.dearest_model.label}", summary.dearest_model),
     ):
         click.echo(f"{label:42s} {spend.accuracy:9.3f} {spend.cost_usd:10.4f}")
-    explored = sum(int(w["exploration_queries"]) for w in summary.windows)  # type: ignore[call-overload]
-    click.echo(f"\nwindows: {len(summary.windows)}; queries explored: {explored}")
+    click.echo(f"\nwindows: {len(summary.windows)}; queries explored: {summary.queries_explored}")
     click.echo(f"\nlearning curve (blocks of {LEARNING_BLOCK}, in production order)")
     click.echo(f"{'queries':>9} {'accuracy':>9} {'cost USD':>10}")
     for point in summary.learning_curve:

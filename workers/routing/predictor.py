@@ -40,7 +40,9 @@ T = TypeVar("T", float, NDArray[np.float64])
 CHARS_PER_TOKEN = 4.0
 # Output length assumed for a priced model that no stored outcome tells about.
 DEFAULT_OUTPUT_TOKENS = 256.0
-# Below this many known outcomes (of each class) a head predicts the model's mean.
+# Below this many known outcomes (of each class) a model's head is its mean, shrunk
+# towards the shared prior by STATED_PRIOR_OUTCOMES (the raw mean of three judged
+# answers swung a cold start's predictions to 0.08 and 0.96).
 MIN_OUTCOMES_PER_CLASS = 5
 # Quality believed of a model the user stated nothing about.
 SHARED_PRIOR_QUALITY = 0.5
@@ -311,21 +313,25 @@ class TrainedHeads:
     def __init__(self, n_models: int, regularisation: float = 1.0) -> None:
         self.n_models = n_models
         self.regularisation = regularisation
-        self._heads: list[LogisticRegression | float] = [0.5] * n_models
+        self._heads: list[LogisticRegression | float] = [SHARED_PRIOR_QUALITY] * n_models
 
     @property
     def fitted(self) -> bool:
         return any(isinstance(h, LogisticRegression) for h in self._heads)
 
     def fit(self, vectors: NDArray[np.float32], scores: NDArray[np.float64]) -> TrainedHeads:
-        """Fit on known outcomes only; a model with too few of either class gets its mean.
-        Scores in (0, 1) count as the fraction of a good answer (sample weights)."""
+        """Fit on known outcomes only; a model with too few of either class gets its
+        shrunk mean. Scores in (0, 1) count as the fraction of a good answer (sample
+        weights)."""
         for j in range(self.n_models):
             known = ~np.isnan(scores[:, j])
             y = scores[known, j]
             good, bad = float(y.sum()), float((1 - y).sum())
             if min(good, bad) < MIN_OUTCOMES_PER_CLASS:
-                self._heads[j] = float(y.mean()) if len(y) else 0.5
+                shrunk = (good + STATED_PRIOR_OUTCOMES * SHARED_PRIOR_QUALITY) / (
+                    len(y) + STATED_PRIOR_OUTCOMES
+                )
+                self._heads[j] = shrunk
                 continue
             x = vectors[known]
             features = np.vstack([x, x])
