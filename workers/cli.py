@@ -623,13 +623,13 @@ def bench_cold_start(
     click.echo(f"priors alone, block 1: {figures.priors_alone_share}")
     click.echo(f"block 1 shares:        {first.share_per_model}")
     explored = sum(b.exploration_spend_usd for b in figures.blocks)
-    spent = sum(b.cost_usd for b in figures.blocks)
+    total_budget = sum(figures.budget_per_block)
     click.echo(
         f"targets: block 1 spend {first.cost_usd:.4f} <= budget {figures.budget_per_block[0]:.4f}: "
         f"{first.cost_usd <= figures.budget_per_block[0]}; last block {last.accuracy:.4f} vs warm "
         f"{last.warm_accuracy:.4f} ({100 * (last.accuracy - last.warm_accuracy):+.1f} points) "
         f"at ${last.cost_usd:.4f} vs ${last.warm_cost_usd:.4f}; exploration "
-        f"{explored / max(spent, 1e-12):.1%} of spend (share {figures.exploration_share:.0%})"
+        f"{explored / max(total_budget, 1e-12):.1%} of the budget (share {figures.exploration_share:.0%})"
     )
     click.echo(f"learning curve: {cold_start.plot(figures, png_path)}")
 

@@ -231,3 +231,11 @@ def test_the_inverted_file_finds_what_an_exact_search_finds() -> None:
     _, got = approximate.search(probe, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(want, got, strict=True)])
     assert recall > 0.9, recall
+
+
+def test_a_model_with_few_outcomes_gets_its_mean_shrunk_not_its_raw_mean() -> None:
+    """Three judged answers, all wrong, must not make a model look hopeless."""
+    vectors = np.eye(16, dtype=np.float32)[:3]
+    heads = TrainedHeads(1).fit(vectors, np.array([[0.0], [0.0], [0.0]]))
+    predicted = heads.predict(vectors)[:, 0]
+    assert predicted == pytest.approx([2.5 / 8] * 3)  # (0 + 5 x 0.5) / (3 + 5)

@@ -72,6 +72,7 @@ def test_incomplete_security_settings_fail_at_start(
 def test_the_config_command_masks_every_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     secrets = {
         "OPENAI_API_KEY": "sk-live-abcdef",
+        "JUDGE_API_KEY": "sk-judge-778899",
         "KAFKA_SASL_PASSWORD": "kafka-pass-123",
         "DATABASE_URL": "postgresql+psycopg://router:db-pass-456@db.internal/omnirouter",
     }
@@ -81,6 +82,6 @@ def test_the_config_command_masks_every_secret(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("KAFKA_SASL_USERNAME", "router")
     result = CliRunner().invoke(main, ["config"])
     assert result.exit_code == 0, result.output
-    for leaked in ("sk-live-abcdef", "kafka-pass-123", "db-pass-456"):
+    for leaked in ("sk-live-abcdef", "sk-judge-778899", "kafka-pass-123", "db-pass-456"):
         assert leaked not in result.output
     assert "router:***@db.internal" in result.output  # the rest of the URL stays readable
