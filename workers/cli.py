@@ -629,7 +629,8 @@ def bench_cold_start(
         f"{first.cost_usd <= figures.budget_per_block[0]}; last block {last.accuracy:.4f} vs warm "
         f"{last.warm_accuracy:.4f} ({100 * (last.accuracy - last.warm_accuracy):+.1f} points) "
         f"at ${last.cost_usd:.4f} vs ${last.warm_cost_usd:.4f}; exploration "
-        f"{explored / max(total_budget, 1e-12):.1%} of the budget (share {figures.exploration_share:.0%})"
+        f"{explored / max(total_budget, 1e-12):.1%} of the budget "
+        f"(share {figures.exploration_share:.0%})"
     )
     click.echo(f"learning curve: {cold_start.plot(figures, png_path)}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -45,7 +46,7 @@ from workers.stream.replay import produce_queries, query_events, seed_outcomes
 from workers.stream.security import aiokafka_options
 from workers.stream.topics import create_topics
 
-REPLAY_RATE_QPS = 20.0
+REPLAY_RATE_QPS = 10.0
 JUDGE_SAMPLE_SHARE = 0.3
 LEARNING_BLOCK = 100
 WINDOW_SECONDS = 2.0
@@ -88,6 +89,28 @@ def workers(
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def wait_for_answers(
+    engine: sa.Engine,
+    run_id: str,
+    expected: int,
+    processes: list[subprocess.Popen[bytes]],
+    state_dir: Path,
+) -> bool:
+    """Poll until `expected` queries of the run are answered and stored; False when a
+    worker exited or TIMEOUT_SECONDS passed."""
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    while (done := len(routed_outcomes(engine, run_id))) < expected:
+        if any(p.poll() is not None for p in processes):
+            click.echo(f"[demo] a worker exited; see {state_dir / 'logs'}")
+            return False
+        if time.monotonic() > deadline:
+            click.echo(f"[demo] {done}/{expected} answered after {TIMEOUT_SECONDS}s; giving up")
+            return False
+        time.sleep(2)
+        click.echo(f"[demo] {done}/{expected} queries answered and stored")
+    return True
 
 
 def routed_outcomes(engine: sa.Engine, run_id: str) -> list[OutcomeRow]:
@@ -224,25 +247,21 @@ def run_demo(settings: Settings, state_dir: Path, warm_start: int = 0) -> int:
                 f":9103 (model worker), :9104 (judge, scoring {JUDGE_SAMPLE_SHARE:.0%})"
             )
             queries = query_events(live, run_id)
-            click.echo(f"[demo] replaying {len(queries)} queries at {REPLAY_RATE_QPS:.0f}/s ...")
-            asyncio.run(
-                produce_queries(
-                    bootstrap,
-                    settings.topic_names()["queries"],
-                    queries,
-                    REPLAY_RATE_QPS,
-                    security=aiokafka_options(settings),
-                )
+            produce = functools.partial(
+                produce_queries,
+                bootstrap,
+                settings.topic_names()["queries"],
+                security=aiokafka_options(settings),
             )
-            deadline = time.monotonic() + TIMEOUT_SECONDS
-            done = 0
-            while done < len(queries) and time.monotonic() < deadline:
-                if any(p.poll() is not None for p in processes):
-                    click.echo(f"[demo] a worker exited; see {state_dir / 'logs'}")
-                    return 1
-                time.sleep(2)
-                done = len(routed_outcomes(engine, run_id))
-                click.echo(f"[demo] {done}/{len(queries)} queries answered and stored")
+            # The first query alone: once it is answered every worker is up, and the
+            # rest streams into windows as live traffic would, not into one backlog.
+            asyncio.run(produce(queries[:1], 0))
+            if not wait_for_answers(engine, run_id, 1, processes, state_dir):
+                return 1
+            click.echo(f"[demo] replaying {len(queries)} queries at {REPLAY_RATE_QPS:.0f}/s ...")
+            asyncio.run(produce(queries[1:], REPLAY_RATE_QPS))
+            if not wait_for_answers(engine, run_id, len(queries), processes, state_dir):
+                return 1
         rows = routed_outcomes(engine, run_id)
         raw_reports = asyncio.run(
             read_topic(
