@@ -57,13 +57,24 @@ def show_config() -> None:
 @main.command()
 @click.option("--port", type=int, default=9092, show_default=True, help="Port on 127.0.0.1.")
 def broker(port: int) -> None:
-    """Run the local memory-only Kafka-compatible broker until interrupted."""
+    """Run the local memory-only Kafka-compatible broker until interrupted (SIGINT or
+    SIGTERM), then stop it."""
     from workers.services import LocalBroker
 
-    local = LocalBroker(port=port).start()
-    click.echo(f"broker listening on {local.bootstrap_servers}; Ctrl-C stops it")
-    try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    def stop_on_signal(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    # Handlers, not a blocked mask for sigwait: the broker process would inherit the
+    # mask and ignore the SIGTERM that stops it. (sigwait without one let SIGTERM's
+    # default action end this process and leave the broker running.)
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGINT, stop_on_signal)
+    local = LocalBroker(port=port)
+    try:  # a signal during start-up stops the broker too
+        local.start()
+        click.echo(f"broker listening on {local.bootstrap_servers}; Ctrl-C stops it")
+        while True:
+            signal.pause()
     finally:
         local.stop()
 
