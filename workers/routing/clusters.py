@@ -67,7 +67,10 @@ class QueryClusters:
 
     def _fit(self, vectors: NDArray[np.float32]) -> None:
         k = int(min(MAX_CLUSTERS, max(1, len(vectors) // ROWS_PER_CLUSTER)))
-        kmeans = faiss.Kmeans(self.dimension, k, niter=20, seed=0, spherical=True)
+        # ROWS_PER_CLUSTER, not faiss's 39, is the least we ask of a centroid.
+        kmeans = faiss.Kmeans(
+            self.dimension, k, niter=20, seed=0, spherical=True, min_points_per_centroid=1
+        )
         kmeans.train(np.ascontiguousarray(vectors, dtype=np.float32))
         self._centroids = kmeans.index
         self._fitted_at = len(vectors)
