@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import faust
-from faust.types import StreamT
+from faust.types import StreamT, TopicT
 
 from schemas import Assignment, ModelResponse, Outcome, ScoreSource
 from workers.config import Settings
@@ -103,9 +103,8 @@ def build_model_worker_app(
             if not assignments:
                 continue
             answers = await answerer.answer(assignments)
-            sent = []
-            for assignment, result in zip(assignments, answers, strict=True):
-                outcome, response = result.events(assignment)
+            answered = [result.events(a) for a, result in zip(assignments, answers, strict=True)]
+            for assignment, (outcome, _) in zip(assignments, answered, strict=True):
                 metrics.ANSWERS.labels(assignment.model, "error" if outcome.error else "ok").inc()
                 log.debug(
                     "answered %s with %s",
@@ -113,13 +112,19 @@ def build_model_worker_app(
                     assignment.model,
                     extra={"query_id": assignment.query_id, "window_id": assignment.window_id},
                 )
-                key = assignment.query_id.encode()
-                sent.append(await topics.responses.send(key=key, value=encode(response)))
-                sent.append(await topics.outcomes.send(key=key, value=encode(outcome)))
-            await asyncio.gather(*sent)
+            # Outcomes first, acknowledged, then the answers: a judge's score for an
+            # answer then always follows the outcome that stores its query (same key,
+            # same partition), so the writer never meets a score for a query unknown.
+            await publish(topics.outcomes, [outcome for outcome, _ in answered])
+            await publish(topics.responses, [response for _, response in answered])
 
     @app.on_before_shutdown.connect
     async def close(sender: object, /, *args: object, signal: object, **kwargs: object) -> None:
         await answerer.close()
+
+    async def publish(topic: TopicT, messages: Sequence[Outcome | ModelResponse]) -> None:
+        """Send every message keyed by its query id; return once the broker has them."""
+        sent = [await topic.send(key=m.query_id.encode(), value=encode(m)) for m in messages]
+        await asyncio.gather(*sent)
 
     return app
