@@ -125,6 +125,8 @@ class WindowReport(Event):
     exploration_queries: int = 0
     exploration_spend_usd: float = 0.0
     exploration_per_model: dict[str, int] = Field(default_factory=dict)
+    # Budget mode: exploration allowance this window left to the pool's next one.
+    exploration_carried_usd: float = 0.0
     mean_support: float | None = None
 
 

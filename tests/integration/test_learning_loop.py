@@ -194,8 +194,10 @@ def test_an_empty_store_learns_from_the_judge_and_routing_follows(
         assert report.exploration_queries <= math.floor(
             EXPLORATION_SHARE * report.query_count + 0.5
         )
-        assert report.exploration_spend_usd <= EXPLORATION_SHARE * budget + 1e-12
         assert report.predicted_spend_usd <= budget + 1e-9
+    # An allowance a window leaves carries over, so the share holds over the windows.
+    explored_spend = sum(r.exploration_spend_usd for r in reports)
+    assert explored_spend <= EXPLORATION_SHARE * sum(r.window_budget_usd or 0.0 for r in reports)
     assert sum(r.exploration_queries for r in reports) == sum(a.exploration for a in assignments)
     judge_log = log.read_text()
     assert re.search(r"Traceback", judge_log) is None, judge_log[-3000:]

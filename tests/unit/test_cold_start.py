@@ -203,3 +203,24 @@ def test_the_price_line_moves_an_untried_dear_model_up_as_cheap_ones_are_judged(
         store.add(OutcomeRecord(f"q{i}", "mid", float(i % 5 < 4), None, None, None))
     quality = HybridPredictor(FixedEmbedder(), store, prices=prices).predict(["x"]).quality[0]
     assert quality[0] > quality[1] > quality[2]
+
+
+def test_an_unused_allowance_carries_over_until_a_dear_query_can_be_explored() -> None:
+    """A small window's share cannot pay for one query on the dearest model; what it
+    leaves carries over, up to one dear query's cost, and pays for it later."""
+    policy = PoolPolicy(mode="budget", budget_per_query_usd=0.002)
+    window = [predicted(i, [0.5, 0.5, 0.5], [0.0, 0.0, 0.0]) for i in range(20)]
+    carried, explored_models, spent, budget = 0.0, [], 0.0, 0.0
+    for number in range(30):
+        bounds = WindowBounds(f"w{number}", START, START + timedelta(seconds=5))
+        assignments, report = route_window(
+            "default", policy, window, MODELS, bounds, tie_tolerance=0.005,
+            exploration_share=0.05, exploration_carried_usd=carried,
+        )  # fmt: skip
+        assert report.exploration_carried_usd <= max(0.05 * 0.04, max(COSTS)) + 1e-12
+        carried = report.exploration_carried_usd
+        explored_models += [a.model for a in assignments if a.exploration]
+        spent += report.exploration_spend_usd
+        budget += report.window_budget_usd or 0.0
+    assert "frontier" in explored_models  # $0.012 a query, against $0.002 of share a window
+    assert spent <= 0.05 * budget + 1e-12

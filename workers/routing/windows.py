@@ -136,10 +136,13 @@ def route_window(
     time_limit_seconds: float = 0.25,
     tie_tolerance: float = 0.0,
     exploration_share: float = 0.0,
+    exploration_carried_usd: float = 0.0,
 ) -> tuple[list[Assignment], WindowReport]:
     """Solve the window over the pool's models; every query gets exactly one, among
     the models its hints allow (capacities permitting); an `exploration_share` of
-    it goes where the router knows least (workers/routing/exploration.py)."""
+    it goes where the router knows least (workers/routing/exploration.py), with
+    what the pool's previous window left of its allowance (its report's
+    `exploration_carried_usd`)."""
     pool_models = list(policy.models or models)
     columns = [list(models).index(m) for m in pool_models]
     quality = np.array([q.quality for q in queries], dtype=float)[:, columns]
@@ -161,7 +164,14 @@ def route_window(
     # The window's id seeds the exploration draws: a replayed window draws the same.
     rng = np.random.default_rng(list(hashlib.sha256(bounds.window_id.encode()).digest()[:8]))
     explored = explore_and_solve(
-        problem, support, exploration_share, rng, solver, time_limit_seconds, allowed
+        problem,
+        support,
+        exploration_share,
+        rng,
+        solver,
+        time_limit_seconds,
+        allowed,
+        exploration_carried_usd,
     )
     plan = explored.plan
     rows = np.arange(len(queries))
@@ -200,6 +210,7 @@ def route_window(
         exploration_queries=int(explored.explored.sum()),
         exploration_spend_usd=explored.exploration_spend_usd,
         exploration_per_model=_counts(pool_models, plan.assignment[explored.explored]),
+        exploration_carried_usd=explored.next_allowance_usd,
         mean_support=mean_support,
     )
     return assignments, report

@@ -258,6 +258,9 @@ def build_router_app(
 
     window_length = timedelta(seconds=settings.router_window_seconds)
     last_query_created: dict[str, datetime] = {}  # pool -> its latest window's last query
+    # pool -> exploration allowance its latest window left (in memory: a restart
+    # starts it again from nothing, which only ever explores less).
+    exploration_carried: dict[str, float] = {}
 
     @app.agent(topics.predicted)
     async def solve_windows(stream: StreamT[bytes]) -> None:
@@ -311,7 +314,9 @@ def build_router_app(
                 time_limit_seconds=settings.router_solver_time_limit_seconds,
                 tie_tolerance=settings.router_tie_tolerance,
                 exploration_share=settings.router_exploration_share,
+                exploration_carried_usd=exploration_carried.get(pool, 0.0),
             )
+            exploration_carried[pool] = report.exploration_carried_usd
             for assignment in assignments:
                 remember(
                     assignment.query_id,
