@@ -2,10 +2,12 @@
 
 Two parts, blended with a weight chosen on held-out outcomes:
 - retrieval: the k nearest past queries (FAISS), similarity-weighted, shrunk
-  towards each model's prior by `prior_strength` outcomes' worth, so a model
-  with few or no outcomes near a query is predicted by its prior, and a
-  missing score counts for nothing (unknown, not 0). A model's prior is its
-  mean over the store, itself shrunk towards what the user stated
+  towards a prior by `prior_strength` outcomes' worth, so a model with few or
+  no outcomes near a query is predicted by its prior, and a missing score
+  counts for nothing (unknown, not 0). The prior is the model's mean on the
+  query's cluster of stored queries as far as the model's outcomes are sparse
+  (workers/routing/clusters.py), its mean over the store as far as every
+  stored query has one; that mean is itself shrunk towards what the user stated
   (ROUTER_MODEL_PRIORS) or, where silent, towards what the store says of
   models of its price (one shared value while nothing is known): with nothing
   stored, routing follows the user's priors and the prices, and a model
