@@ -181,14 +181,18 @@ def _need_bootstrap(settings: Settings) -> str:
 @click.option("--loglevel", default="info", show_default=True)
 def router(loglevel: str) -> None:
     """Run a router worker: validate, predict, solve windows, publish assignments."""
+    from workers.routing.embedder import SentenceEmbedder
     from workers.stream.app import run_worker
     from workers.stream.router import build_router_app
+    from workers.stream.router_state import RouterState
 
     settings = load_settings()
     if not settings.database_url:
         click.echo("warning: DATABASE_URL is not set: the router will not learn from outcomes")
     _configure_logging(loglevel, settings.log_format)
-    app = build_router_app(settings, _need_bootstrap(settings), settings.database_url)
+    state = RouterState(settings, SentenceEmbedder(), settings.database_url)
+    asyncio.run(state.warm())  # the store is rebuilt before any query is predicted
+    app = build_router_app(settings, _need_bootstrap(settings), state)
     run_worker(app, settings, ROUTER_METRICS_PORT, loglevel)
 
 

@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     # duplicate after it is routed again (bounds the router's memory).
     router_dedup_horizon_seconds: float = Field(default=86_400.0, gt=0)
     router_predict_batch: PositiveInt = 256
+    # How far a query's created_at may stand from its record's broker timestamp
+    # (and ahead of the router's clock): it decides the hourly budget's share.
+    router_clock_skew_seconds: float = Field(default=60.0, ge=0)
     router_store_refresh_seconds: float = Field(default=5.0, gt=0)
     router_refit_seconds: float = Field(default=300.0, gt=0)
     # Heads are refitted on at most this many of the newest stored queries.
@@ -251,13 +254,17 @@ class Settings(BaseSettings):
                 "ROUTER_BUDGET_PER_HOUR_USD or ROUTER_BUDGET_PER_QUERY_USD (budget) or "
                 f"ROUTER_QUALITY_TARGET (quality) ({exc})"
             ) from None
-        capacity = sum(self.router_model_capacities.get(m, 10**12) for m in self.router_models)
-        if capacity < self.router_max_window_queries and self.router_fallback_model is None:
-            raise ValueError(
-                f"ROUTER_MODEL_CAPACITIES hold {capacity} queries per window, fewer than "
-                f"ROUTER_MAX_WINDOW_QUERIES={self.router_max_window_queries}; "
-                "raise them or set ROUTER_FALLBACK_MODEL"
-            )
+        for pool in self.known_pools():
+            models = self.pool_policy(pool).models or self.router_models
+            capacity = sum(self.router_model_capacities.get(m, 10**12) for m in models)
+            has_fallback = self.router_fallback_model in models
+            if capacity < self.router_max_window_queries and not has_fallback:
+                raise ValueError(
+                    f"ROUTER_MODEL_CAPACITIES hold {capacity} queries per window of pool "
+                    f"{pool!r}, fewer than ROUTER_MAX_WINDOW_QUERIES="
+                    f"{self.router_max_window_queries}; raise them or set ROUTER_FALLBACK_MODEL "
+                    "to one of the pool's models"
+                )
         return self
 
     def topic_names(self) -> dict[str, str]:
@@ -267,6 +274,8 @@ class Settings(BaseSettings):
             "predicted": f"{TOPIC_PREFIX}.predicted",
             # Faust changelog of the router's table of routed query ids.
             "routed_changelog": f"{ROUTER_APP_ID}-routed-changelog",
+            # ... and of its table of what each pool's windows used up (time billed).
+            "ledger_changelog": f"{ROUTER_APP_ID}-pool_ledger-changelog",
             "windows": f"{TOPIC_PREFIX}.windows",
             "outcomes": f"{TOPIC_PREFIX}.outcomes",
             "responses": f"{TOPIC_PREFIX}.responses",

@@ -1,18 +1,88 @@
-"""The router's table of decisions forgets published query ids after the horizon."""
+"""The router's decision log: the exactly-once split of a window, and forgetting."""
 
 from __future__ import annotations
 
-from workers.stream.router import DECIDED, PUBLISHED, forgettable, published_marker
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from faust.types import TableT
+
+from schemas import Assignment, PredictedQuery, QueryEvent
+from workers.stream.codec import encode
+from workers.stream.decision_log import (
+    DECIDED,
+    PUBLISHED,
+    DecisionLog,
+    classify,
+    parse_published,
+    published_marker,
+)
 
 
-def test_a_published_marker_older_than_the_cutoff_is_forgotten_in_its_partition() -> None:
-    marker = published_marker(partition=3, at=1_000.0)
-    assert marker.startswith(PUBLISHED)
-    assert forgettable(marker, cutoff=1_001.0) == 3
-    assert forgettable(marker, cutoff=999.0) is None  # still inside the horizon
+def predicted(query_id: str) -> PredictedQuery:
+    query = QueryEvent(query_id=query_id, text="t")
+    return PredictedQuery(query=query, models=["m"], quality=[0.5], cost_usd=[0.1])
 
 
-def test_decisions_not_yet_published_and_unreadable_markers_are_kept() -> None:
-    assert forgettable(DECIDED + b'{"query_id": "q"}', cutoff=10**12) is None
-    assert forgettable(PUBLISHED, cutoff=10**12) is None  # a marker from before the horizon existed
-    assert forgettable(PUBLISHED + b"x:y", cutoff=10**12) is None
+def decided(query_id: str, model: str = "m") -> bytes:
+    assignment = Assignment(
+        query_id=query_id, text="t", model=model, pool="default", window_id="w",
+        window_start="2026-01-01T00:00:00Z", window_end="2026-01-01T00:00:01Z",
+        predicted_quality=0.5, predicted_cost_usd=0.1,
+    )  # fmt: skip
+    return DECIDED + encode(assignment)
+
+
+def test_a_window_splits_into_fresh_resent_and_duplicate_queries() -> None:
+    window = [predicted(q) for q in ["new", "decided", "published", "new"]]
+    recorded = {"decided": decided("decided", "dear"), "published": published_marker(0, 1.0)}
+    split = classify(window, recorded)
+    assert [p.query.query_id for p in split.fresh] == ["new"]  # once, though it came twice
+    assert [(a.query_id, a.model) for a in split.resend] == [("decided", "dear")]  # unchanged
+    assert split.duplicates == ["published", "new"]
+
+
+def test_published_markers_read_back() -> None:
+    assert parse_published(published_marker(partition=3, at=1_000.0)) == (3, 1_000.0)
+    assert parse_published(decided("q")) is None
+    assert parse_published(PUBLISHED) is None  # a marker from before markers had a time
+    assert parse_published(PUBLISHED + b"x:y") is None
+
+
+@dataclass
+class FakeChangelog:
+    """The part of a Faust table the log uses: its in-memory data and changelog sends."""
+
+    data: dict[bytes, bytes] = field(default_factory=dict)
+    sent: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
+
+    def send_changelog(self, partition: int, key: bytes, value: bytes | None) -> Any:
+        self.sent.append((partition, key, value))
+
+
+def test_forgetting_deletes_only_entries_published_before_the_cutoff_oldest_first() -> None:
+    table = FakeChangelog()
+    log = DecisionLog(cast(TableT, table))
+    log.mark_published(["old"], {"old": 1}, at=100.0)
+    log.mark_published(["young"], {"young": 2}, at=200.0)
+    table.data[b"undecided"] = decided("undecided")  # decided, never published: kept
+    assert log.forget_before(150.0) == 1
+    assert set(table.data) == {b"young", b"undecided"}
+    assert table.sent[-1] == (1, b"old", None)  # a tombstone in the entry's partition
+
+
+def test_recovered_entries_are_forgotten_too() -> None:
+    table = FakeChangelog(data={b"recovered": published_marker(0, 50.0), b"d": decided("d")})
+    log = DecisionLog(cast(TableT, table))
+    assert log.track_recovered() == 1
+    assert log.forget_before(60.0) == 1
+    assert set(table.data) == {b"d"}
+
+
+def test_an_entry_published_again_after_its_first_marker_is_kept() -> None:
+    table = FakeChangelog()
+    log = DecisionLog(cast(TableT, table))
+    log.mark_published(["q"], {"q": 0}, at=100.0)
+    log.mark_published(["q"], {"q": 0}, at=300.0)  # a producer's duplicate routed again
+    assert log.forget_before(200.0) == 0
+    assert b"q" in table.data

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from schemas import PredictedQuery, QueryEvent, QueryHints
 from workers.config import PoolPolicy
-from workers.routing.windows import WindowBounds, route_window, traffic_span, window_budget_usd
+from workers.routing.windows import (
+    WindowBounds,
+    bounded_created_at,
+    route_window,
+    traffic_span,
+    window_budget_usd,
+)
 
 MODELS = ["cheap", "mid", "dear"]
 START = datetime(2026, 11, 24, tzinfo=UTC)
@@ -138,10 +145,25 @@ def test_a_backlog_read_late_brings_the_budget_of_the_time_it_was_produced_in() 
     assert (end - start).total_seconds() == pytest.approx(12.1)
 
 
-def test_clock_skew_never_leaves_a_window_without_budget() -> None:
-    # The previous window ended after this one's queries were made (another producer's clock).
+def test_no_second_is_billed_twice() -> None:
+    # The pool's billing already stands past this window's queries (a producer whose
+    # clock lags, or queries replayed after a restart): no new time, no new budget.
     start, end = traffic_span(at(3.0), T0 + timedelta(seconds=8), FIVE_SECONDS)
-    assert (end - start) == FIVE_SECONDS
+    assert start == end == T0 + timedelta(seconds=8)
+    # Partly billed: only the part after the billed point counts.
+    start, end = traffic_span(at(3.0, 6.0, 9.0), T0 + timedelta(seconds=8), FIVE_SECONDS)
+    assert (start, end) == (T0 + timedelta(seconds=8), T0 + timedelta(seconds=9))
+
+
+def test_consecutive_windows_never_overlap() -> None:
+    billed: datetime | None = None
+    spans = []
+    for times in [(0.5, 4.0), (3.0, 7.0), (6.5,), (12.0, 13.0)]:  # out-of-order stamps
+        span = traffic_span(at(*times), billed, FIVE_SECONDS)
+        billed = span[1]
+        spans.append(span)
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end
 
 
 def test_a_time_without_a_zone_is_taken_as_utc() -> None:
@@ -149,3 +171,24 @@ def test_a_time_without_a_zone_is_taken_as_utc() -> None:
         {"query_id": "q", "text": "t", "created_at": "2026-01-01T00:00:05"}
     )
     assert query.created_at == T0 + FIVE_SECONDS
+
+
+SKEW = timedelta(seconds=60)
+
+
+@pytest.mark.parametrize(
+    ("stamp", "expected"),
+    [
+        (T0 + timedelta(hours=1), T0 + SKEW),  # an hour ahead: held at the skew allowance
+        (T0 - timedelta(hours=1), T0 - SKEW),  # an hour behind: likewise
+        (T0 + timedelta(seconds=20), T0 + timedelta(seconds=20)),  # within the allowance: kept
+    ],
+)
+def test_created_at_is_bounded_by_the_broker_timestamp(stamp: datetime, expected: datetime) -> None:
+    assert bounded_created_at(stamp, T0, T0 + timedelta(seconds=1), SKEW) == expected
+
+
+def test_created_at_never_runs_ahead_of_the_routers_clock() -> None:
+    # A record timestamp set by the producer (CreateTime) can be forged too.
+    broker_time = T0 + timedelta(hours=1)
+    assert bounded_created_at(broker_time, broker_time, T0, SKEW) == T0 + SKEW

@@ -33,21 +33,35 @@ class WindowBounds:
 
 
 def traffic_span(
-    created: Sequence[datetime], previous_end: datetime | None, window_length: timedelta
+    created: Sequence[datetime], billed_until: datetime | None, window_length: timedelta
 ) -> tuple[datetime, datetime]:
     """The stretch of production time a window's queries stand for, which an hourly
-    budget is shared by: from the previous window's last query to this one's
-    last. Windows of steady traffic tile time; a backlog read late (a restart, a
-    lag) brings the budget of the time it was produced in, not just the window's.
-    With no previous query close by (the start, an idle spell), the window begins
-    one mean gap between its queries before its first (one window length for a
-    lone query)."""
+    budget is shared by: from where the pool's billing stands (`billed_until`,
+    the previous window's end) to this window's last query. Windows of steady
+    traffic tile time; a backlog read late (a restart, a lag) brings the budget
+    of the time it was produced in, not just the window's. No second is billed
+    twice: a window whose queries were all made before `billed_until` (a late
+    producer, a replay) gets no new time. With nothing billed close by (the
+    start, an idle spell), the window begins one mean gap between its queries
+    before its first (one window length for a lone query)."""
     first, last = min(created), max(created)
     gap = (last - first) / (len(created) - 1) if len(created) > 1 else window_length
     start = first - min(gap, window_length)
-    if previous_end is not None and start < previous_end < last:
-        start = previous_end
-    return start, last
+    if billed_until is not None:
+        start = max(start, billed_until)
+    return start, max(start, last)
+
+
+def bounded_created_at(
+    created_at: datetime, broker_time: datetime, now: datetime, skew: timedelta
+) -> datetime:
+    """A producer's `created_at`, kept within `skew` of the broker's timestamp of its
+    record and never later than `skew` past the router's own clock: the time a
+    query stands for decides its window's hourly budget, so a producer's clock
+    (or a forged stamp an hour ahead) must not bring budget of time not yet come."""
+    earliest = broker_time - skew
+    latest = min(broker_time, now) + skew
+    return min(max(created_at, earliest), latest)
 
 
 def window_budget_usd(policy: PoolPolicy, bounds: WindowBounds, queries: int) -> float | None:

@@ -101,13 +101,28 @@ class Topics:
         )
 
 
-def batches(
+async def batches(
     stream: StreamT[bytes], max_events: int, within_seconds: float
 ) -> AsyncIterator[Sequence[EventT]]:
     """Faust's `take_events`: lists of up to `max_events` events, or whatever arrived
-    within `within_seconds`. The events' offsets are acknowledged only after the
-    loop body that got the list has finished with it (at-least-once)."""
-    return cast(faust.Stream[bytes], stream).take_events(max_events, within_seconds)
+    within `within_seconds`, each acknowledged only once the loop body that got it
+    has finished with it.
+
+    `take_events` acknowledges a list in a `finally`, so also when the body
+    raised: its offsets would be committed although nothing was done with them.
+    Each event therefore carries one more reference while the body runs, which
+    only a body that finished gives back. An event read before the consumer's
+    latest rebalance is not acknowledged either: its partition may have gone to
+    another worker, which re-reads it from the committed offset."""
+    app = stream.app
+    async for events in cast(faust.Stream[bytes], stream).take_events(max_events, within_seconds):
+        for event in events:
+            event.message.incref()
+        yield events
+        generation = app.consumer_generation_id
+        for event in events:
+            if event.message.generation_id == generation:
+                event.ack()
 
 
 async def decode_or_dead_letter(

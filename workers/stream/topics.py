@@ -19,7 +19,9 @@ async def create_topics(settings: Settings, bootstrap_servers: str) -> dict[str,
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = sorted(set(settings.topic_names().values()))
+        names = settings.topic_names()
+        wanted = sorted(set(names.values()))
+        compacted = {topic for role, topic in names.items() if role.endswith("_changelog")}
         missing = [t for t in wanted if t not in existing]
         if missing:
             new_topics = [
@@ -27,6 +29,9 @@ async def create_topics(settings: Settings, bootstrap_servers: str) -> dict[str,
                     name=t,
                     num_partitions=settings.kafka_partitions,
                     replication_factor=settings.kafka_replication_factor,
+                    # A table's changelog keeps the latest entry per key, so a
+                    # recovering router reads each key once, not the whole history.
+                    topic_configs={"cleanup.policy": "compact"} if t in compacted else {},
                 )
                 for t in missing
             ]

@@ -1,0 +1,139 @@
+"""The router's memory of what it decided: one entry per query id in a Faust table.
+
+An entry is first the decided assignment (`DECIDED` + its JSON), written and
+acknowledged by the broker before the assignment is sent, then a published
+marker (`PUBLISHED` + "<partition>:<unix time>") once it was sent. The table's
+changelog is compacted and partitioned like omnirouter.predicted, so the router
+that owns a pool's partition recovers its decisions after a restart or a
+rebalance. Entries older than the de-duplication horizon are forgotten a few at
+a time, oldest first, without scanning the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from faust.types import TableT
+
+from schemas import Assignment, PredictedQuery
+from workers.stream.codec import encode
+
+PUBLISHED = b"P"  # followed by "<changelog partition>:<unix time>"
+DECIDED = b"D"  # followed by the assignment's JSON
+
+
+def published_marker(partition: int, at: float) -> bytes:
+    return PUBLISHED + f"{partition}:{at:.0f}".encode()
+
+
+def parse_published(value: bytes) -> tuple[int, float] | None:
+    """(partition, published at) of a published marker; None for anything else."""
+    if not value.startswith(PUBLISHED):
+        return None
+    try:
+        partition, at = value[len(PUBLISHED) :].decode().split(":")
+        return int(partition), float(at)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class WindowItems:
+    """A window's queries of one pool split by what the decision log knows of them."""
+
+    fresh: list[PredictedQuery]  # never decided: to be solved
+    resend: list[Assignment]  # decided but maybe never sent: re-sent unchanged
+    duplicates: list[str]  # already published, or twice in this window: skipped
+
+
+def classify(
+    predicted: Sequence[PredictedQuery], recorded: Mapping[str, bytes | None]
+) -> WindowItems:
+    """Split a window by the decision log's entries (query id -> entry or None).
+    Pure, so the exactly-once rule reads in one place: a query is decided once;
+    a recorded decision is re-sent as it was; a published one is never sent again."""
+    fresh: list[PredictedQuery] = []
+    resend: list[Assignment] = []
+    duplicates: list[str] = []
+    seen: set[str] = set()
+    for item in predicted:
+        query_id = item.query.query_id
+        entry = recorded.get(query_id)
+        if query_id in seen or (entry is not None and entry.startswith(PUBLISHED)):
+            duplicates.append(query_id)
+        elif entry is not None and entry.startswith(DECIDED):
+            resend.append(Assignment.model_validate_json(entry[len(DECIDED) :]))
+        else:
+            fresh.append(item)
+        seen.add(query_id)
+    return WindowItems(fresh, resend, duplicates)
+
+
+@dataclass
+class DecisionLog:
+    """The decisions table, with the few operations the window stage needs."""
+
+    table: TableT
+    # (published at, query id) of entries this process published or recovered,
+    # oldest first: forgetting pops from the front instead of scanning the table.
+    _published: list[tuple[float, bytes]] = field(default_factory=list)
+
+    def recorded(self, query_ids: Iterable[str]) -> dict[str, bytes | None]:
+        return {query_id: self.table.data.get(query_id.encode()) for query_id in query_ids}
+
+    async def decide(
+        self, assignments: Sequence[Assignment], partition_of: Mapping[str, int]
+    ) -> None:
+        """Record each decision and wait until the broker has acknowledged all of
+        them: only then may an assignment be sent, so a crash after a send always
+        finds its decision (and re-sends it unchanged instead of deciding again)."""
+        deliveries = [
+            self._write(a.query_id, partition_of[a.query_id], DECIDED + encode(a))
+            for a in assignments
+        ]
+        await asyncio.gather(*deliveries)
+
+    def mark_published(
+        self, query_ids: Iterable[str], partition_of: Mapping[str, int], at: float
+    ) -> None:
+        """Mark sent decisions; a marker lost in a crash only costs an identical re-send."""
+        for query_id in query_ids:
+            partition = partition_of[query_id]
+            self._write(query_id, partition, published_marker(partition, at))
+            heapq.heappush(self._published, (at, query_id.encode()))
+
+    def track_recovered(self) -> int:
+        """After a rebalance, queue the recovered published entries for forgetting
+        (one pass over the table per rebalance, not per forgetting round)."""
+        tracked = {key for _, key in self._published}
+        added = 0
+        for key, value in list(self.table.data.items()):
+            marker = parse_published(value)
+            if marker is not None and key not in tracked:
+                heapq.heappush(self._published, (marker[1], key))
+                added += 1
+        return added
+
+    def forget_before(self, cutoff: float) -> int:
+        """Delete entries published before `cutoff`, oldest first, from the table
+        and (a tombstone) its compacted changelog."""
+        forgotten = 0
+        while self._published and self._published[0][0] < cutoff:
+            _, key = heapq.heappop(self._published)
+            marker = parse_published(self.table.data.get(key, b""))
+            if marker is None or marker[1] >= cutoff:
+                continue  # gone already, moved to another router, or published again
+            del self.table.data[key]
+            self.table.send_changelog(marker[0], key, None)
+            forgotten += 1
+        return forgotten
+
+    def _write(self, query_id: str, partition: int, value: bytes) -> asyncio.Future[object]:
+        """Set the entry in the changelog partition of the pool's predicted partition,
+        so the router that owns that partition recovers it."""
+        key = query_id.encode()
+        self.table.data[key] = value
+        return self.table.send_changelog(partition, key, value)

@@ -1,0 +1,82 @@
+"""The router's first stage: omnirouter.queries -> validate -> predict -> omnirouter.predicted.
+
+Per-query work that scales out over partitions and router processes. Invalid
+queries become dead letters with their reason; valid ones are predicted in
+micro-batches and forwarded keyed by pool, so a pool's window gathers on one
+partition of omnirouter.predicted. A batch is acknowledged only once all its
+predictions are acknowledged by the broker (`batches`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from faust.types import EventT, StreamT
+
+from schemas import QueryEvent
+from workers.config import Settings
+from workers.routing.windows import bounded_created_at
+from workers.stream import metrics
+from workers.stream.app import Topics, batches, decode_or_dead_letter
+from workers.stream.codec import BadEvent, decode, encode
+from workers.stream.router_state import RouterState
+
+# Whatever arrived within this long is predicted together (up to ROUTER_PREDICT_BATCH).
+PREDICT_BATCH_SECONDS = 0.05
+
+
+def validate_query(raw: bytes | None, settings: Settings) -> QueryEvent:
+    """A valid QueryEvent, or BadEvent with the reason."""
+    query = decode(raw, QueryEvent)
+    if len(query.text) > settings.router_max_text_chars:
+        raise BadEvent(
+            f"text has {len(query.text)} characters, more than "
+            f"ROUTER_MAX_TEXT_CHARS={settings.router_max_text_chars}"
+        )
+    if query.pool not in settings.known_pools():
+        raise BadEvent(f"unknown pool {query.pool!r}; known: {sorted(settings.known_pools())}")
+    pool_models = set(settings.pool_policy(query.pool).models or settings.router_models)
+    allowed = query.hints.allowed_models if query.hints else None
+    if allowed is not None and not pool_models & set(allowed):
+        raise BadEvent(f"hints.allowed_models names none of pool {query.pool!r}'s models")
+    return query
+
+
+def with_bounded_time(event: EventT, query: QueryEvent, skew: timedelta) -> QueryEvent:
+    """The query with its `created_at` held within `skew` of its record's broker
+    timestamp (and of the router's clock): it decides the window's hourly budget."""
+    broker_time = datetime.fromtimestamp(event.message.timestamp, UTC)
+    bounded = bounded_created_at(query.created_at, broker_time, datetime.now(UTC), skew)
+    return (
+        query if bounded == query.created_at else query.model_copy(update={"created_at": bounded})
+    )
+
+
+async def predict_batch(
+    events: Sequence[EventT], state: RouterState, topics: Topics, settings: Settings
+) -> None:
+    decoded = await decode_or_dead_letter(
+        events, lambda raw: validate_query(raw, settings), topics.deadletter
+    )
+    skew = timedelta(seconds=settings.router_clock_skew_seconds)
+    valid = [with_bounded_time(event, query, skew) for event, query in decoded]
+    if not valid:
+        return
+    for query in valid:
+        metrics.QUERIES_IN.labels(query.pool).inc()
+    sent = [
+        await topics.predicted.send(key=p.query.pool.encode(), value=encode(p))
+        for p in await state.predict(valid)
+    ]
+    await asyncio.gather(*sent)
+
+
+async def predict_stage(
+    state: RouterState, topics: Topics, settings: Settings, stream: StreamT[bytes]
+) -> None:
+    """One actor: two would interleave events, so windows would see queries out
+    of production order and hourly budgets would go wrong."""
+    async for events in batches(stream, settings.router_predict_batch, PREDICT_BATCH_SECONDS):
+        await predict_batch(events, state, topics, settings)

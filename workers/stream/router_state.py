@@ -1,0 +1,142 @@
+"""The router's predictor and its upkeep: store refresh from PostgreSQL, refits,
+and predictions, all on one predictor thread so the event loop keeps
+heartbeating while it embeds, and store updates never race a search.
+
+Construction does no I/O; `warm` rebuilds the store before the worker starts
+(the `omnirouter router` command calls it), so no query is predicted from an
+empty store just because the database was slow to answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from schemas import PredictedQuery, QueryEvent
+from workers.config import Settings
+from workers.db.repository import iter_outcomes
+from workers.routing.embedder import Embedder
+from workers.routing.predictor import HybridPredictor, KnnSettings, fit_hybrid
+from workers.routing.store import OutcomeRecord, RetrievalStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A transaction stamps its rows with its start time and may commit after a read
+# that started later; each read goes back this far, and re-reading is harmless.
+REFRESH_OVERLAP = timedelta(seconds=5)
+REFRESH_CHUNK = 5000
+
+
+class RouterState:
+    """The predictor and its upkeep. Every predictor call runs on one thread, so
+    the event loop keeps heartbeating while it embeds, and store updates never
+    race a search."""
+
+    def __init__(self, settings: Settings, embedder: Embedder, database_url: str) -> None:
+        self.settings = settings
+        self.engine = sa.create_engine(database_url, pool_pre_ping=True) if database_url else None
+        store = RetrievalStore(settings.router_models, embedder.dimension)
+        self.predictor = HybridPredictor(
+            embedder,
+            store,
+            prices=settings.router_model_prices,
+            knn=KnnSettings(
+                neighbours=settings.router_knn_neighbours,
+                prior_strength=settings.router_prior_strength,
+            ),
+            model_priors=settings.router_model_priors,
+        )
+        self.watermark: datetime | None = None
+        self.predictor_thread = ThreadPoolExecutor(1, thread_name_prefix="predictor")
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="router-io")
+
+    async def on_predictor_thread(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.predictor_thread, function, *args
+        )
+
+    def _copy_new_outcomes(self) -> int:
+        """Stream outcomes changed since the last refresh from the database into the
+        store, a chunk at a time (the store is changed on the predictor thread)."""
+        if self.engine is None:
+            return 0
+        store = self.predictor.store
+        since = None if self.watermark is None else self.watermark - REFRESH_OVERLAP
+        copied = 0
+
+        def apply(chunk: list[tuple[OutcomeRecord, datetime]]) -> None:
+            store.add_stored(record for record, _ in chunk)
+
+        with Session(self.engine) as session:
+            # The database's clock when this read's snapshot starts: the next read
+            # starts a little before it, to catch transactions that began earlier
+            # but committed later, and re-reads nothing older however idle it is.
+            read_started = session.execute(
+                sa.select(sa.func.now(type_=sa.DateTime(timezone=True)))
+            ).scalar_one()
+            rows = iter_outcomes(session, updated_since=since)
+            while chunk := list(itertools.islice(rows, REFRESH_CHUNK)):
+                self.predictor_thread.submit(apply, chunk).result()
+                copied += len(chunk)
+        self.watermark = read_started
+        return copied
+
+    async def refresh_store(self) -> int:
+        """Add outcomes stored since the last refresh; a database outage only delays it."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self.background, self._copy_new_outcomes)
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("store refresh: database unavailable (%s); keeping the current store", exc)
+            return 0
+
+    async def refit(self) -> None:
+        """Refit heads and blend on a snapshot of the store, off the serving thread."""
+        predictor = self.predictor
+        vectors, scores, costs = await self.on_predictor_thread(
+            predictor.store.snapshot, self.settings.router_refit_max_outcomes
+        )
+        if len(vectors) < 50:
+            return
+        loop = asyncio.get_running_loop()
+        heads, weight, report = await loop.run_in_executor(
+            self.background, fit_hybrid, vectors, scores, costs, predictor.knn
+        )
+
+        def swap() -> None:
+            predictor.heads, predictor.blend_weight = heads, weight
+
+        await self.on_predictor_thread(swap)
+        log.info("refit on %d outcomes, blend weight %.2f", report.outcomes_used, weight)
+
+    async def warm(self) -> int:
+        """Rebuild the store from the database and fit the heads, before serving."""
+        count = await self.refresh_store()
+        await self.refit()
+        log.info("retrieval store rebuilt from the database: %d outcomes", count)
+        return count
+
+    async def predict(self, queries: Sequence[QueryEvent]) -> list[PredictedQuery]:
+        estimates = await self.on_predictor_thread(
+            self.predictor.predict, [q.text for q in queries]
+        )
+        models = self.settings.router_models
+        return [
+            PredictedQuery(
+                query=query,
+                models=models,
+                quality=estimates.quality[row].tolist(),
+                cost_usd=estimates.cost[row].tolist(),
+                support=estimates.support[row].tolist(),
+            )
+            for row, query in enumerate(queries)
+        ]

@@ -1,0 +1,215 @@
+"""The router's second stage: omnirouter.predicted -> one window per pool -> solve -> publish.
+
+A pool's queries share a partition of omnirouter.predicted, so one router holds
+a pool's whole window. For each pool of a window:
+1. split the queries by the decision log: fresh, decided but maybe unsent, published;
+2. solve the fresh ones (off the event loop) under what the pool's ledger says
+   is left of its time and exploration allowance;
+3. record the decisions and wait until the broker has them, then send every
+   assignment, mark them published, send the window report, update the ledger.
+A failure of the solve in one pool dead-letters that pool's fresh queries with
+the reason; other pools go on. Anything else that fails stops the worker with
+the batch unacknowledged (`batches`), so its successor routes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import faust
+from faust.types import EventT, StreamT
+
+from schemas import Assignment, PredictedQuery, QueryHints, WindowReport
+from workers.config import Settings
+from workers.routing.windows import WindowBounds, route_window, traffic_span
+from workers.stream import metrics
+from workers.stream.app import Topics, batches, decode_or_dead_letter, send_dead_letter
+from workers.stream.codec import BadEvent, decode, encode
+from workers.stream.decision_log import DecisionLog, classify
+from workers.stream.pool_ledger import PoolAccount, PoolLedger
+
+log = logging.getLogger(__name__)
+
+Item = tuple[EventT, PredictedQuery]
+
+
+@dataclass(frozen=True)
+class WindowStage:
+    """What the stage needs: the app (for its consumer generation), topics,
+    settings, the decision log, the pools' ledger and the solver's thread."""
+
+    app: faust.App
+    topics: Topics
+    settings: Settings
+    decisions: DecisionLog
+    ledger: PoolLedger
+    solver: ThreadPoolExecutor
+
+
+def aligned(predicted: PredictedQuery, models: Sequence[str]) -> PredictedQuery:
+    """The prediction in the order of this router's models. A model it does not
+    cover (one added since it was predicted) is not allowed for the query;
+    BadEvent when it covers none of its pool's models."""
+    if list(predicted.models) == list(models):
+        return predicted
+    index = {m: i for i, m in enumerate(predicted.models)}
+    covered = [m for m in models if m in index]
+    hints = predicted.query.hints or QueryHints()
+    allowed = [m for m in covered if hints.allowed_models is None or m in hints.allowed_models]
+    if not allowed:
+        raise BadEvent(
+            f"predicted for models {list(predicted.models)}, none of which this router "
+            "routes to (or the query allows): predict it again by producing it anew"
+        )
+
+    def column(values: Sequence[float], missing: float) -> list[float]:
+        return [values[index[m]] if m in index and values else missing for m in models]
+
+    query = predicted.query.model_copy(
+        update={"hints": hints.model_copy(update={"allowed_models": allowed})}
+    )
+    return predicted.model_copy(
+        update={
+            "query": query,
+            "models": list(models),
+            "quality": column(predicted.quality, 0.0),
+            "cost_usd": column(predicted.cost_usd, 0.0),
+            "support": column(predicted.support, 0.0),
+        }
+    )
+
+
+def read_prediction(raw: bytes | None, settings: Settings) -> PredictedQuery:
+    return aligned(decode(raw, PredictedQuery), settings.router_models)
+
+
+def current(stage: WindowStage, events: Sequence[EventT]) -> bool:
+    """Whether the events were read in the consumer's current generation. After a
+    rebalance this router may no longer own their partition: it must not decide
+    or publish them (the owner re-reads them from the committed offset)."""
+    generation = stage.app.consumer_generation_id
+    return all(event.message.generation_id == generation for event in events)
+
+
+async def window_stage(stage: WindowStage, stream: StreamT[bytes]) -> None:
+    settings = stage.settings
+    async for events in batches(
+        stream, settings.router_max_window_queries, settings.router_window_seconds
+    ):
+        await solve_batch(stage, events)
+
+
+async def solve_batch(stage: WindowStage, events: Sequence[EventT]) -> None:
+    closed = datetime.now(UTC)
+    items = await decode_or_dead_letter(
+        events, lambda raw: read_prediction(raw, stage.settings), stage.topics.deadletter
+    )
+    by_pool: dict[str, list[Item]] = defaultdict(list)
+    for event, predicted in items:
+        by_pool[predicted.query.pool].append((event, predicted))
+    for pool, pool_items in by_pool.items():
+        if not current(stage, [event for event, _ in pool_items]):
+            log.warning("pool %s: a rebalance came during the window; left to the owner", pool)
+            continue
+        window_id = f"{pool}:{closed.isoformat()}:{uuid.uuid4().hex[:8]}"
+        await publish_pool_window(stage, pool, pool_items, window_id)
+
+
+async def publish_pool_window(
+    stage: WindowStage, pool: str, items: list[Item], window_id: str
+) -> None:
+    partition_of = {p.query.query_id: e.message.partition for e, p in items}
+    split = classify([p for _, p in items], stage.decisions.recorded(partition_of))
+    for query_id in split.duplicates:
+        log.info("duplicate query_id %s skipped", query_id)
+    solved = await solve_fresh(stage, pool, items, split.fresh, window_id) if split.fresh else None
+    assignments = solved[0] if solved else []
+    if assignments:
+        await stage.decisions.decide(assignments, partition_of)  # durable before any send
+    outgoing = [*assignments, *split.resend]
+    await asyncio.gather(
+        *[
+            await stage.topics.routes[a.model].send(key=a.query_id.encode(), value=encode(a))
+            for a in outgoing
+        ]
+    )
+    stage.decisions.mark_published([a.query_id for a in outgoing], partition_of, time.time())
+    if solved:
+        await report_window(stage, solved[1], assignments, partition_of[assignments[0].query_id])
+
+
+async def solve_fresh(
+    stage: WindowStage,
+    pool: str,
+    items: list[Item],
+    fresh: list[PredictedQuery],
+    window_id: str,
+) -> tuple[list[Assignment], WindowReport] | None:
+    """The pool's fresh queries solved on the solver thread, or None when the solve
+    failed: then each of them is a dead letter with the reason."""
+    settings = stage.settings
+    account = stage.ledger.account(pool)
+    start, end = traffic_span(
+        [p.query.created_at for p in fresh],
+        account.billed_until,
+        timedelta(seconds=settings.router_window_seconds),
+    )
+    bounds = WindowBounds(window_id, start, end)
+    try:
+        return await asyncio.get_running_loop().run_in_executor(
+            stage.solver,
+            lambda: route_window(
+                pool,
+                settings.pool_policy(pool),
+                fresh,
+                settings.router_models,
+                bounds,
+                capacities=settings.router_model_capacities,
+                fallback_model=settings.router_fallback_model,
+                solver=settings.router_solver,
+                time_limit_seconds=settings.router_solver_time_limit_seconds,
+                tie_tolerance=settings.router_tie_tolerance,
+                exploration_share=settings.router_exploration_share,
+                exploration_carried_usd=account.exploration_carried_usd,
+            ),
+        )
+    except Exception as exc:  # the pure core could not plan this pool's window
+        log.exception("window %s: the solve failed; its queries go to the dead letters", window_id)
+        fresh_ids = {p.query.query_id for p in fresh}
+        reason = f"routing failed in pool {pool!r}: {type(exc).__name__}: {exc}"
+        for event, predicted in items:
+            if predicted.query.query_id in fresh_ids:
+                await send_dead_letter(event, reason, stage.topics.deadletter)
+        return None
+
+
+async def report_window(
+    stage: WindowStage, report: WindowReport, assignments: list[Assignment], partition: int
+) -> None:
+    """Publish the window report and metrics, and move the pool's ledger on."""
+    pool = report.pool
+    await stage.topics.windows.send(key=pool.encode(), value=encode(report))
+    account = PoolAccount(
+        billed_until=report.window_end, exploration_carried_usd=report.exploration_carried_usd
+    )
+    stage.ledger.record(pool, partition, account)
+    metrics.observe_window(report, assignments)
+    log.info(
+        "window %s: %d queries, status %s, predicted spend $%.6f of %s, solved in %.1f ms",
+        report.window_id, report.query_count, report.solver_status,
+        report.predicted_spend_usd, report.window_budget_usd, report.solve_seconds * 1000,
+        extra={
+            "window_id": report.window_id,
+            "pool": pool,
+            "query_ids": [a.query_id for a in assignments],
+            "models": [a.model for a in assignments],
+        },
+    )  # fmt: skip
