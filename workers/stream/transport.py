@@ -1,4 +1,4 @@
-"""Faust's aiokafka transport, with two fixes the router's guarantees rely on.
+"""Faust's aiokafka transport, with fixes the router's guarantees rely on.
 
 1. A configurable fetch wait. Faust fixes its consumers' fetch_max_wait_ms at
    1,500 ms. Apache Kafka answers a fetch as soon as data arrives, but some
@@ -18,6 +18,14 @@
    seek's read position: the refetched records then look already read and are
    dropped (a few queries lost in about one restart in six). The seek is
    therefore done again once that batch has run out.
+4. Changelog ends read from a fetch. Some Kafka-compatible brokers (the local
+   Tansu broker among them) answer a partition's end offset with the start of
+   its last record batch + 1, not its end. Faust recovers a table up to that
+   end, so a restarted router missed the last decisions of its changelog; and a
+   router that had already read further (an earlier assignment) crashed on
+   Faust's consistency check ("persisted offset ... is higher than the last
+   offset in that topic"). The end is therefore confirmed by fetching the last
+   batch: a fetch response carries the partition's true high watermark.
 
 The transport is registered for the URL scheme `omnikafka://` through Faust's
 `faust.transports` entry point; make_app uses it.
@@ -26,8 +34,9 @@ The transport is registered for the URL scheme `omnikafka://` through Faust's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import Any
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
 
 import aiokafka
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -35,6 +44,7 @@ from faust.types import TP
 
 FETCH_MAX_WAIT_ATTRIBUTE = "omnirouter_fetch_max_wait_ms"
 SEEK_SETTLE_SECONDS = 0.5
+END_PROBE_TIMEOUT_SECONDS = 10.0
 
 
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -43,6 +53,36 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         # Read by the consumer when it starts its fetcher.
         consumer._fetch_max_wait_ms = getattr(self.app, FETCH_MAX_WAIT_ATTRIBUTE, 1500)
         return consumer
+
+    async def _highwaters(self, partitions: Iterable[TP]) -> Mapping[TP, int]:
+        reported = await super()._highwaters(list(partitions))
+        if self.consumer.in_transaction:
+            return reported  # last stable offsets, not ends
+        return await self._confirmed_ends(reported)
+
+    async def _confirmed_ends(self, reported: Mapping[TP, int]) -> dict[TP, int]:
+        """Each partition's end as the high watermark of a fetch of its last batch,
+        on a consumer of no group (so nothing is committed or rebalanced)."""
+        ends = dict(reported)
+        pending = {tp for tp, end in reported.items() if end}
+        if not pending:
+            return ends
+        probe = self._create_client_consumer(cast(faust_aiokafka.Transport, self.transport))
+        await probe.start()
+        try:
+            probe.assign(list(pending))
+            for tp in pending:
+                probe.seek(tp, reported[tp] - 1)
+            deadline = time.monotonic() + END_PROBE_TIMEOUT_SECONDS
+            while pending and time.monotonic() < deadline:
+                await probe.getmany(*pending, timeout_ms=200)
+                for tp in list(pending):
+                    if (highwater := probe.highwater(tp)) is not None:
+                        ends[tp] = max(ends[tp], highwater)
+                        pending.discard(tp)
+        finally:
+            await probe.stop()
+        return ends
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         committed = await super().seek_to_committed()
