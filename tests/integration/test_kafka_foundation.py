@@ -8,7 +8,7 @@ import pytest
 
 from workers.config import Settings
 from workers.stream.kafka_io import consume_values, produce_values
-from workers.stream.topics import create_topics, describe_partitions
+from workers.stream.topics import create_topics, describe_cleanup_policies, describe_partitions
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +26,18 @@ async def test_topics_are_created_with_explicit_partitions_and_idempotently(
     partitions = await describe_partitions(kafka_bootstrap_servers, topics)
     # Not the broker's auto-create default of 4: the count we asked for.
     assert partitions == dict.fromkeys(topics, 3)
+
+
+async def test_table_changelogs_are_compacted_and_event_topics_are_not(
+    kafka_bootstrap_servers: str,
+) -> None:
+    """A recovering router reads each decision once, not a day of history."""
+    settings = Settings(kafka_partitions=3, router_models=["m/one", "m-two"])
+    await create_topics(settings, kafka_bootstrap_servers)
+    names = settings.topic_names()
+    policies = await describe_cleanup_policies(kafka_bootstrap_servers, list(names.values()))
+    for role, topic in names.items():
+        assert policies[topic] == ("compact" if role.endswith("_changelog") else "delete"), role
 
 
 async def test_values_produced_are_consumed_back_in_full(kafka_bootstrap_servers: str) -> None:

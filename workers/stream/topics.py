@@ -7,6 +7,7 @@ breaks Faust tables (PartitionsMismatch); so topics are created up front.
 from __future__ import annotations
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
 from workers.config import Settings
@@ -51,5 +52,22 @@ async def describe_partitions(bootstrap_servers: str, topics: list[str]) -> dict
     try:
         described = await admin.describe_topics(topics)
         return {d["topic"]: len(d["partitions"]) for d in described}
+    finally:
+        await admin.close()
+
+
+async def describe_cleanup_policies(bootstrap_servers: str, topics: list[str]) -> dict[str, str]:
+    """Each topic's cleanup.policy as the broker reports it ("delete" when unset)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:
+        resources = [ConfigResource(ConfigResourceType.TOPIC, topic) for topic in topics]
+        policies = dict.fromkeys(topics, "delete")
+        for response in await admin.describe_configs(resources):
+            for _, _, _, name, entries in response.resources:
+                for entry in entries:
+                    if entry[0] == "cleanup.policy" and entry[1]:
+                        policies[name] = entry[1]
+        return policies
     finally:
         await admin.close()
