@@ -519,11 +519,15 @@ def bench_solver(sizes: str, repeats: int, with_capacities: bool) -> None:
 @click.option("--queries", default=2000, show_default=True)
 @click.option("--outcomes-in-store", default=100_000, show_default=True)
 @click.option("--window-seconds", default=1.0, show_default=True)
-def bench_pipeline(queries: int, outcomes_in_store: int, window_seconds: float) -> None:
-    """Throughput vs raw embedding, produce->assignment latency, router peak memory."""
+@click.option("--routers", default=1, show_default=True, type=click.IntRange(1, 16))
+def bench_pipeline(
+    queries: int, outcomes_in_store: int, window_seconds: float, routers: int
+) -> None:
+    """Throughput vs raw embedding, produce->assignment latency, router peak memory;
+    with --routers N, of N router processes in one consumer group."""
     from workers.bench import pipeline
 
-    figures = pipeline.run(queries, outcomes_in_store, window_seconds, progress=click.echo)
+    figures = pipeline.run(queries, outcomes_in_store, window_seconds, routers, progress=click.echo)
     share = figures.pipeline_qps / figures.raw_embedding_qps
     click.echo("")
     click.echo(
@@ -544,7 +548,8 @@ def bench_pipeline(queries: int, outcomes_in_store: int, window_seconds: float) 
     )
     click.echo(
         f"router peak RSS               {figures.router_peak_rss_mb:8.0f} MB "
-        f"with {figures.outcomes_in_store} outcomes in the store"
+        f"with {figures.outcomes_in_store} outcomes in the store "
+        f"(the largest of {figures.routers} router(s))"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -86,3 +87,30 @@ def test_an_entry_published_again_after_its_first_marker_is_kept() -> None:
     log.mark_published(["q"], {"q": 0}, at=300.0)  # a producer's duplicate routed again
     assert log.forget_before(200.0) == 0
     assert b"q" in table.data
+
+
+class UnacknowledgedChangelog(FakeChangelog):
+    """A changelog whose sends the test acknowledges by hand, as a broker would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deliveries: list[asyncio.Future[None]] = []
+
+    def send_changelog(self, partition: int, key: bytes, value: bytes | None) -> Any:
+        super().send_changelog(partition, key, value)
+        self.deliveries.append(asyncio.get_running_loop().create_future())
+        return self.deliveries[-1]
+
+
+async def test_decisions_are_acknowledged_by_the_broker_before_decide_returns() -> None:
+    table = UnacknowledgedChangelog()
+    log = DecisionLog(cast(TableT, table))
+    assignments = [Assignment.model_validate_json(decided(q)[len(DECIDED) :]) for q in ["a", "b"]]
+    deciding = asyncio.ensure_future(log.decide(assignments, {"a": 0, "b": 1}))
+    await asyncio.sleep(0)
+    table.deliveries[0].set_result(None)
+    await asyncio.sleep(0)
+    assert not deciding.done()  # one decision is not acknowledged yet: nothing may be sent
+    table.deliveries[1].set_result(None)
+    await asyncio.wait_for(deciding, timeout=1)
+    assert [(p, k) for p, k, _ in table.sent] == [(0, b"a"), (1, b"b")]

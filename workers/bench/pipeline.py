@@ -10,7 +10,11 @@ One run, on this machine, against a local broker and PostgreSQL:
    to the last (what the stages sustain, the target), the burst rate the whole
    burst over produce -> last assignment (which also holds one window's latency);
 4. latency: queries produced at half that rate, produce -> assignment per query;
-5. the router's peak resident memory (VmHWM).
+5. the routers' peak resident memory (VmHWM), the largest of them.
+With `--routers N`, N router processes share the work as one consumer group
+(the burst starts once all N have joined it); on a 2-core machine they compete
+for the same cores, so the figure says what one machine gives, not how the
+group scales across machines.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
 from schemas import Outcome, QueryEvent
-from workers.config import Settings
+from workers.config import ROUTER_APP_ID, Settings
 from workers.db import migrate
 from workers.db.repository import upsert_outcomes
 from workers.routing.dataset import load_routerbench, shipped_sample_path
@@ -58,6 +63,7 @@ class PipelineFigures:
     router_peak_rss_mb: float
     outcomes_in_store: int
     queries: int
+    routers: int
 
 
 def short_queries(count: int, run: str) -> list[QueryEvent]:
@@ -100,22 +106,49 @@ def peak_rss_mb(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def router_process(env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "router", "--loglevel", "warning"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield process
-        finally:
+def router_processes(
+    env: dict[str, str], log_dir: Path, count: int
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`count` router workers, one consumer group, each with its own log."""
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for number in range(count):
+            with open(log_dir / f"router-{number}.log", "wb") as log:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "workers.cli", "router", "--loglevel", "warning"],
+                        env={**env, "METRICS_PORT": "0"} if number else env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+        yield processes
+    finally:
+        for process in processes:
             process.terminate()
+        for process in processes:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+async def wait_for_group_members(bootstrap: str, group: str, count: int, timeout: float) -> None:
+    """Until the consumer group has `count` members (every router joined)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            described = await admin.describe_consumer_groups([group])
+            members = len(described[0].groups[0][5]) if described[0].groups else 0
+            if members >= count:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{members} of {count} routers joined group {group}")
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
 
 
 class Stamps:
@@ -171,7 +204,11 @@ def steady_rate(assigned_ms: list[int], window_seconds: float) -> float:
 
 
 async def measure(
-    bootstrap: str, settings: Settings, queries: int, progress: Callable[[str], None]
+    bootstrap: str,
+    settings: Settings,
+    queries: int,
+    routers: int,
+    progress: Callable[[str], None],
 ) -> tuple[float, float, NDArray[np.float64]]:
     """Throughput of a burst, then produce -> assignment latency at half that rate,
     both from the producers' record timestamps."""
@@ -184,7 +221,8 @@ async def measure(
         warm = short_queries(20, "warm")
         await produce_queries(bootstrap, names["queries"], warm, 0)
         await assigned.wait_for([q.query_id for q in warm], 600)
-        progress("router ready")
+        await wait_for_group_members(bootstrap, ROUTER_APP_ID, routers, 600)
+        progress(f"{routers} router(s) ready")
 
         burst = short_queries(queries, f"tp{uuid.uuid4().hex[:6]}")
         await produce_queries(bootstrap, names["queries"], burst, 0)
@@ -210,6 +248,7 @@ def run(
     queries: int = 2000,
     outcomes_in_store: int = 100_000,
     window_seconds: float = 1.0,
+    routers: int = 1,
     log_dir: Path = Path(".omnirouter/bench"),
     progress: Callable[[str], None] = print,
 ) -> PipelineFigures:
@@ -243,16 +282,17 @@ def run(
             "ROUTER_WINDOW_SECONDS": str(window_seconds),
             "ROUTER_REFIT_SECONDS": "3600",
         }
-        with router_process(env, log_dir / "router.log") as router:
+        with router_processes(env, log_dir, routers) as processes:
             pipeline_qps, burst_qps, latencies = asyncio.run(
                 measure(
                     broker.bootstrap_servers,
                     settings.model_copy(update={"router_window_seconds": window_seconds}),
                     queries,
+                    routers,
                     progress,
                 )
             )
-            rss = peak_rss_mb(router.pid)
+            rss = max(peak_rss_mb(process.pid) for process in processes)
     raw_after = raw_embedding_qps("after the pipeline")
     return PipelineFigures(
         raw_embedding_qps=(raw_before + raw_after) / 2,
@@ -266,4 +306,5 @@ def run(
         router_peak_rss_mb=rss,
         outcomes_in_store=outcomes_in_store,
         queries=queries,
+        routers=routers,
     )
