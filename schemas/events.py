@@ -196,9 +196,15 @@ class PredictedQuery(Event):
 
 
 class DeadLetter(Event):
-    """An event that could not be processed, kept with the reason. Topic `omnirouter.deadletter`."""
+    """An event that could not be processed, kept with the reason. Topic `omnirouter.deadletter`.
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    Version 2 added `truncated` and `original_size_bytes`: a letter holds no more
+    of the original bytes than fits in one produce request, so for a larger event
+    `raw_base64` is an excerpt (its first bytes) and the source position finds the
+    whole; and `source_last_offset`, the last offset of a record batch that could
+    not be decoded at all (its bytes are not kept; `source_offset` is its first)."""
+
+    schema_version: Literal[1, 2] = 2
 
     source_topic: str
     source_partition: int
@@ -206,6 +212,9 @@ class DeadLetter(Event):
     reason: str
     raw_base64: str
     created_at: UtcDatetime = Field(default_factory=utc_now)
+    truncated: bool = False
+    original_size_bytes: int | None = Field(default=None, ge=0)  # None: not known
+    source_last_offset: int | None = None
 
 
 ALL_EVENTS: tuple[type[Event], ...] = (

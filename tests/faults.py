@@ -17,7 +17,10 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import Assignment
 from workers.services import free_port
@@ -128,3 +131,72 @@ def wait_until(condition: Callable[[], bool], timeout_seconds: float, what: str)
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout_seconds}s: {what}"
         time.sleep(0.5)
+
+
+def poll_until(condition: Callable[[], bool], timeout_seconds: float) -> bool:
+    """Whether `condition` came true before the deadline (wait_until, for a test that
+    reports its counts rather than stopping at the timeout)."""
+    deadline = time.monotonic() + timeout_seconds
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+async def lag(bootstrap: str, group: str, topics: list[str]) -> dict[str, int]:
+    """'topic[partition]' -> records the group has not committed yet (its end offset minus
+    its committed offset, everything when it has committed nothing). The Tansu broker
+    answers end offsets short of the end (the start of the last batch + 1): there a
+    committed offset past that counts as nothing left."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        await consumer.topics()  # fetches the cluster's metadata
+        partitions = [
+            TopicPartition(topic, partition)
+            for topic in topics
+            for partition in sorted(consumer.partitions_for_topic(topic) or [])
+        ]
+        ends = await consumer.end_offsets(partitions)
+        return {
+            f"{tp.topic}[{tp.partition}]": max(0, ends[tp] - (await consumer.committed(tp) or 0))
+            for tp in partitions
+        }
+    finally:
+        await consumer.stop()
+
+
+def caught_up(bootstrap: str, group: str, topics: list[str]) -> bool:
+    """The group has committed every record of `topics`: nothing it reads is left to
+    come (a condition to wait for instead of a fixed sleep)."""
+    return not any(asyncio.run(lag(bootstrap, group, topics)).values())
+
+
+@dataclass(frozen=True)
+class DecisionCount:
+    """The fault tests' counts over every message published for the produced queries."""
+
+    produced: set[str]
+    published: dict[str, list[tuple[str, str]]]  # query_id -> (model, window_id) sent
+
+    @classmethod
+    def of(cls, published: dict[str, list[tuple[str, str]]], produced: set[str]) -> DecisionCount:
+        return cls(produced, {q: sent for q, sent in published.items() if q in produced})
+
+    @property
+    def lost(self) -> set[str]:
+        return self.produced - set(self.published)
+
+    @property
+    def decided_twice(self) -> dict[str, set[tuple[str, str]]]:
+        return {q: set(sent) for q, sent in self.published.items() if len(set(sent)) > 1}
+
+    def __str__(self) -> str:
+        messages = sum(len(sent) for sent in self.published.values())
+        resent = sum(len(sent) - len(set(sent)) for sent in self.published.values())
+        return (
+            f"produced {len(self.produced)}, assigned {len(self.published)}, messages "
+            f"{messages}, identical re-sends {resent}, lost {len(self.lost)}, "
+            f"decided twice {len(self.decided_twice)}"
+        )

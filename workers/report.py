@@ -5,6 +5,13 @@ spend and mean realised quality, errors; per pool, who gave the scores (user,
 replay, judge) and what the judge's calls cost; and a PNG of spend and quality
 over time. It reads the outcomes table only, so it answers for any period the
 database holds, metrics server or not.
+
+A period holds the answers given in it (the row's created_at: the model
+worker's outcome is published before its answer, so it creates the row), each
+with the score it has by now. A score arrives later (a judge, a user's feedback
+days on) and moves the row's updated_at; reading periods by that would pull an
+old answer's spend into today's figures whenever it is scored, and count the
+spend of one answer in two periods' reports.
 """
 
 from __future__ import annotations

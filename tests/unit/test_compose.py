@@ -8,10 +8,17 @@ import re
 from pathlib import Path
 
 import click
+import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from workers.cli import MODEL_WORKER_METRICS_PORT, OUTCOMES_METRICS_PORT, ROUTER_METRICS_PORT, main
+from workers.cli import (
+    JUDGE_METRICS_PORT,
+    MODEL_WORKER_METRICS_PORT,
+    OUTCOMES_METRICS_PORT,
+    ROUTER_METRICS_PORT,
+    main,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -87,9 +94,33 @@ def test_prometheus_scrapes_every_worker_on_its_metrics_port() -> None:
         "router": ROUTER_METRICS_PORT,
         "outcomes": OUTCOMES_METRICS_PORT,
         "model-worker": MODEL_WORKER_METRICS_PORT,
+        "judge": JUDGE_METRICS_PORT,
     }
     workers = {name: s for name, s in services.items() if "command" in s and "build" in s}
+    roles = {service["command"][0] for service in workers.values()}
+    assert set(expected_port) <= roles, sorted(set(expected_port) - roles)
     for name, service in workers.items():
         role = service["command"][0]
         if role in expected_port:
             assert scraped.get(name) == expected_port[role], name
+
+
+def with_compose_defaults(value: object) -> str:
+    """A service's environment value as compose reads it when the variable is unset:
+    `${NAME:-default}` becomes `default`."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
+
+
+def test_every_worker_s_environment_is_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.config import Settings
+
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    workers = {name: s for name, s in services.items() if "command" in s and "build" in s}
+    for name, service in workers.items():
+        with monkeypatch.context() as environment:
+            for key, value in service["environment"].items():
+                environment.setenv(key, with_compose_defaults(value))
+            try:
+                Settings()
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError
+                raise AssertionError(f"{name}: {exc}") from exc

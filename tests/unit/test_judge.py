@@ -274,6 +274,8 @@ def test_a_judge_s_out_of_range_score_is_no_score() -> None:
 class FakeTopic:
     """Records what is sent; a send's future is already done, as the broker's ack."""
 
+    app = SimpleNamespace(conf=SimpleNamespace(producer_max_request_size=1_000_000))
+
     def __init__(self) -> None:
         self.sent: list[tuple[bytes | None, bytes]] = []
 

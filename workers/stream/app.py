@@ -24,7 +24,7 @@ from faust.types import EventT, StreamT, TopicT
 from workers.config import Settings
 from workers.logs import logging_config
 from workers.stream import metrics
-from workers.stream.codec import BadEvent, dead_letter, encode
+from workers.stream.codec import BadEvent, dead_letter, dead_letter_key, encode
 from workers.stream.security import faust_credentials
 from workers.stream.transport import FETCH_MAX_WAIT_ATTRIBUTE
 
@@ -140,13 +140,19 @@ async def decode_or_dead_letter(
 
 
 async def send_dead_letter(event: EventT, reason: str, deadletter: TopicT) -> None:
+    """Send the event's dead letter, sized to fit the app's producer request: a larger
+    event is kept as an excerpt (the producer would refuse the whole, and the
+    agent's batch would fail with it)."""
     message = event.message
     log.warning(
         "dead letter from %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
     )
     metrics.DEAD_LETTERS.labels(message.topic, metrics.reason_kind(reason)).inc()
-    letter = dead_letter(message.value, message.topic, message.partition, message.offset, reason)
-    await deadletter.send(key=message.key, value=encode(letter))
+    limit = deadletter.app.conf.producer_max_request_size
+    letter = dead_letter(
+        message.value, message.topic, message.partition, message.offset, reason, limit
+    )
+    await deadletter.send(key=dead_letter_key(message.key, limit), value=encode(letter))
 
 
 def run_worker(

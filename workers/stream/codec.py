@@ -53,13 +53,70 @@ def encode(event: BaseModel) -> bytes:
     return event.model_dump_json().encode("utf-8")
 
 
+# A dead letter is one record of one produce request, which the producer refuses
+# above its max request size (Faust's producer_max_request_size). The letter's
+# other fields (its reason at most MAX_REASON_CHARS), its key (at most a quarter
+# of the request) and the record batch's framing fit in ENVELOPE_ROOM_BYTES and
+# that quarter; the original bytes, base64-encoded (4 characters per 3 bytes),
+# get the rest.
+ENVELOPE_ROOM_BYTES = 16_384
+MAX_REASON_CHARS = 1_000
+
+
 def dead_letter(
-    raw: bytes | None, topic: str, partition: int, offset: int, reason: str
+    raw: bytes | None,
+    topic: str,
+    partition: int,
+    offset: int,
+    reason: str,
+    max_request_size: int | None = None,
 ) -> DeadLetter:
+    """The letter for an event that could not be processed. With `max_request_size`,
+    it keeps no more of the original bytes than fits in a request of that size:
+    then an excerpt (their beginning), flagged `truncated`; the source position
+    finds the whole."""
+    value = raw or b""
+    kept = value if max_request_size is None else value[: raw_bytes_that_fit(max_request_size)]
     return DeadLetter(
         source_topic=topic,
         source_partition=partition,
         source_offset=offset,
-        reason=reason,
-        raw_base64=base64.b64encode(raw or b"").decode("ascii"),
+        reason=bounded_reason(reason),
+        raw_base64=base64.b64encode(kept).decode("ascii"),
+        truncated=len(kept) < len(value),
+        original_size_bytes=len(value),
     )
+
+
+def undecodable_batch_letter(
+    topic: str, partition: int, first_offset: int, last_offset: int, reason: str
+) -> DeadLetter:
+    """The letter for a record batch no record of which could be read: its offsets,
+    not its bytes (the consumer never had them as records)."""
+    return DeadLetter(
+        source_topic=topic,
+        source_partition=partition,
+        source_offset=first_offset,
+        source_last_offset=last_offset,
+        reason=bounded_reason(reason),
+        raw_base64="",
+    )
+
+
+def raw_bytes_that_fit(max_request_size: int) -> int:
+    """How many original bytes a dead letter carries in a request of `max_request_size`."""
+    room = max_request_size - max_request_size // 4 - ENVELOPE_ROOM_BYTES
+    return max(0, room) * 3 // 4
+
+
+def dead_letter_key(key: bytes | None, max_request_size: int) -> bytes | None:
+    """The source's key for its dead letter, unless it alone would take more than a
+    quarter of the request (then the letter goes unkeyed)."""
+    return key if key is None or len(key) <= max_request_size // 4 else None
+
+
+def bounded_reason(reason: str) -> str:
+    """A reason cut to MAX_REASON_CHARS: some quote what they reject (a field name)."""
+    if len(reason) <= MAX_REASON_CHARS:
+        return reason
+    return reason[: MAX_REASON_CHARS - 1] + "…"

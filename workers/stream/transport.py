@@ -18,7 +18,20 @@
    seek's read position: the refetched records then look already read and are
    dropped (a few queries lost in about one restart in six). The seek is
    therefore done again once that batch has run out.
-4. Changelog ends read from a fetch. Some Kafka-compatible brokers (the local
+4. No crash on a record batch that cannot be decoded (a CRC that does not
+   match, a codec whose library is missing, a payload its codec cannot
+   decompress). aiokafka raises while Faust's consumer thread drains the fetched
+   records, which stopped the worker, and every worker given that partition after
+   it: a crash loop, nothing routed any more. Each partition's fetched records are
+   now read through `SkippingUndecodable`: such a batch is skipped (the
+   partition's position moves past it, as past any read batch) and reported; the
+   consumer sends a dead letter with the reason and the batch's offsets, waits
+   for the broker's acknowledgement, and only then counts those offsets as done
+   (Faust's gap mechanism), so the group's committed offset passes the batch only
+   once its dead letter is stored. Records fetched for other partitions in the
+   same call are kept (before, an error there lost them after their position had
+   moved on).
+5. Changelog ends read from a fetch. Some Kafka-compatible brokers (the local
    Tansu broker among them) answer a partition's end offset with the start of
    its last record batch + 1, not its end. Faust recovers a table up to that
    end, so a restarted router missed the last decisions of its changelog; and a
@@ -34,20 +47,134 @@ The transport is registered for the URL scheme `omnikafka://` through Faust's
 from __future__ import annotations
 
 import asyncio
+import collections
+import logging
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple, cast
 
 import aiokafka
+from aiokafka.consumer.fetcher import FetchResult, PartitionRecords
+from aiokafka.structs import ConsumerRecord
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP
+from faust.types import TP, TopicT
+
+from workers.config import get_settings
+from workers.stream import metrics
+from workers.stream.codec import encode, undecodable_batch_letter
+
+log = logging.getLogger(__name__)
 
 FETCH_MAX_WAIT_ATTRIBUTE = "omnirouter_fetch_max_wait_ms"
 SEEK_SETTLE_SECONDS = 0.5
 END_PROBE_TIMEOUT_SECONDS = 10.0
 
 
+class UndecodableBatch(NamedTuple):
+    """Offsets `first`..`last` of a partition, skipped because their batch could not be decoded."""
+
+    tp: TP
+    first: int
+    last: int
+    reason: str
+
+
+class _BatchesSeen:
+    """The record batches of one fetched response (aiokafka's MemoryRecords), keeping
+    the one handed out last: the batch a decoding error comes from."""
+
+    def __init__(self, records: Any) -> None:
+        self._records = records
+        self.last: Any = None
+
+    def has_next(self) -> bool:
+        return bool(self._records.has_next())
+
+    def next_batch(self) -> Any:
+        self.last = None  # unknown, should reading the next one fail
+        self.last = self._records.next_batch()
+        return self.last
+
+    def size_in_bytes(self) -> int:
+        return int(self._records.size_in_bytes())
+
+
+class SkippingUndecodable:
+    """aiokafka's records of one fetched partition (PartitionRecords), read on past any
+    batch that cannot be decoded: that batch is reported and skipped, and the
+    partition's next fetch offset moves past it."""
+
+    def __init__(
+        self, tp: TP, records: PartitionRecords, report: Callable[[UndecodableBatch], None]
+    ) -> None:
+        self._tp = tp
+        self._records = records
+        self._batches = _BatchesSeen(records._records)
+        records._records = self._batches  # its iterator reads them from its first step on
+        self._report = report
+
+    @property
+    def next_fetch_offset(self) -> int:
+        return int(self._records.next_fetch_offset)
+
+    def __iter__(self) -> SkippingUndecodable:
+        return self
+
+    def __next__(self) -> ConsumerRecord[Any, Any]:
+        while True:
+            try:
+                return next(self._records)
+            except StopIteration:
+                raise
+            # Anything but the end: CorruptRecordException (a CRC), UnsupportedCodecError
+            # (no library for the codec), the codec library's own DecompressionError...
+            except Exception as exc:
+                self._skip(exc)
+
+    def _skip(self, exc: Exception) -> None:
+        first = self.next_fetch_offset
+        batch = self._batches.last
+        # Without the batch (the response's framing itself is broken) step one offset:
+        # the next fetch starts after it.
+        after = int(batch.next_offset) if batch is not None else first + 1
+        reason = f"undecodable record batch: {type(exc).__name__}: {exc}"
+        self._report(UndecodableBatch(self._tp, first, after - 1, reason))
+        self._records.next_fetch_offset = after
+        if batch is None:
+            raise StopIteration
+        self._records._records_iterator = self._records._unpack_records()  # the next batch on
+
+
+class _GuardedFetchResults(collections.OrderedDict[TP, Any]):
+    """aiokafka's fetcher's table of fetched results by partition (`Fetcher._records`),
+    each partition's records wrapped in SkippingUndecodable as they arrive."""
+
+    def __init__(self, report: Callable[[UndecodableBatch], None]) -> None:
+        super().__init__()
+        self._report = report
+
+    def __setitem__(self, tp: TP, result: Any) -> None:
+        if type(result) is FetchResult and isinstance(result._partition_records, PartitionRecords):
+            result._partition_records = SkippingUndecodable(
+                tp, result._partition_records, self._report
+            )
+        super().__setitem__(tp, result)
+
+
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Appended on this thread, taken by the Consumer on the app's (deques are thread-safe).
+        self.undecodable: collections.deque[UndecodableBatch] = collections.deque()
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        fetcher = self._ensure_consumer()._fetcher
+        guarded = _GuardedFetchResults(self.undecodable.append)
+        for tp, result in fetcher._records.items():
+            guarded[tp] = result
+        fetcher._records = guarded
+
     def _create_worker_consumer(self, *args: Any, **kwargs: Any) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(*args, **kwargs)
         # Read by the consumer when it starts its fetcher.
@@ -96,8 +223,62 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class Consumer(faust_aiokafka.Consumer):
+    _thread: ConsumerThread
+    _deadletter: TopicT | None = None
+    # partition -> last offset this process sent a dead letter for: a batch fetched
+    # again (a seek back to the committed offset) is not dead-lettered twice.
+    _dead_lettered_to: dict[TP, int]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._dead_lettered_to = {}
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:
+        records = await super()._getmany(active_partitions, timeout)
+        await self._dead_letter_undecodable()
+        return records
+
+    async def _dead_letter_undecodable(self) -> None:
+        """A dead letter for each batch the thread skipped, acknowledged by the broker
+        before its offsets count as done; one that cannot be sent now waits for the
+        next fetch (and holds the group's committed offset before it meanwhile)."""
+        pending = self._thread.undecodable
+        while pending:
+            batch = pending[0]
+            try:
+                if batch.last > self._dead_lettered_to.get(batch.tp, -1):
+                    await self._send_dead_letter(batch)
+                    self._dead_lettered_to[batch.tp] = batch.last
+            except Exception:
+                log.exception("dead letter for %s not sent; retried after the next fetch", batch)
+                return
+            pending.popleft()
+            await self._add_gap(batch.tp, batch.first, batch.last)
+
+    async def _send_dead_letter(self, batch: UndecodableBatch) -> None:
+        tp = batch.tp
+        log.warning(
+            "dead letter from %s[%d]@%d-%d: %s",
+            tp.topic, tp.partition, batch.first, batch.last, batch.reason,
+        )  # fmt: skip
+        metrics.DEAD_LETTERS.labels(tp.topic, metrics.reason_kind(batch.reason)).inc()
+        letter = undecodable_batch_letter(
+            tp.topic, tp.partition, batch.first, batch.last, batch.reason
+        )
+        sent = await self._deadletter_topic().send(value=encode(letter))
+        await sent
+
+    def _deadletter_topic(self) -> TopicT:
+        if self._deadletter is None:
+            self._deadletter = self.app.topic(
+                get_settings().topic_names()["deadletter"],
+                key_serializer="raw",
+                value_serializer="raw",
+            )
+        return self._deadletter
 
     async def perform_seek(self) -> None:
         await super().perform_seek()

@@ -1,0 +1,81 @@
+"""Reading fetched records past batches that cannot be decoded (transport.py), on
+aiokafka's own record parsing of real v2 record batches."""
+
+from __future__ import annotations
+
+import struct
+
+from aiokafka.consumer.fetcher import READ_UNCOMMITTED, PartitionRecords
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
+from aiokafka.record.util import calc_crc32c
+from faust.types import TP
+
+from workers.stream.transport import SkippingUndecodable, UndecodableBatch
+
+PARTITION = TP("omnirouter.queries", 0)
+CRC_AT = struct.calcsize(">qiib")
+ATTRIBUTES_AT = struct.calcsize(">qiibI")
+ZSTD = 4
+
+
+def batch(base_offset: int, count: int, *, claimed_codec: int = 0, crc_flip: int = 0) -> bytes:
+    """A v2 record batch of `count` records from `base_offset`, possibly claiming a codec
+    its payload is not in, or with a CRC that does not match."""
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=0,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    for delta in range(count):
+        builder.append(delta, timestamp=None, key=None, value=b"v%d" % delta, headers=[])
+    data = bytearray(builder.build())
+    struct.pack_into(">q", data, 0, base_offset)  # as the broker sets it
+    (attributes,) = struct.unpack_from(">h", data, ATTRIBUTES_AT)
+    struct.pack_into(">h", data, ATTRIBUTES_AT, attributes | claimed_codec)
+    struct.pack_into(">I", data, CRC_AT, calc_crc32c(bytes(data[ATTRIBUTES_AT:])) ^ crc_flip)
+    return bytes(data)
+
+
+def read(fetched: bytes, fetch_offset: int) -> tuple[list[int], list[UndecodableBatch], int]:
+    """The offsets read, the batches reported, and the partition's next fetch offset."""
+    records = PartitionRecords(
+        PARTITION, MemoryRecords(fetched), [], fetch_offset, None, None, True, READ_UNCOMMITTED
+    )
+    reported: list[UndecodableBatch] = []
+    skipping = SkippingUndecodable(PARTITION, records, reported.append)
+    offsets = [record.offset for record in skipping]
+    return offsets, reported, skipping.next_fetch_offset
+
+
+def test_a_batch_with_a_wrong_crc_is_reported_and_the_next_batches_are_read() -> None:
+    fetched = batch(0, 3) + batch(3, 4, crc_flip=1) + batch(7, 2)
+    offsets, reported, next_offset = read(fetched, 0)
+    assert offsets == [0, 1, 2, 7, 8]
+    ((tp, first, last, reason),) = reported
+    assert (tp, first, last) == (PARTITION, 3, 6)
+    assert "CorruptRecordException" in reason and "CRC" in reason
+    assert next_offset == 9
+
+
+def test_a_payload_its_codec_cannot_read_is_skipped_also_as_the_last_batch() -> None:
+    offsets, reported, next_offset = read(batch(10, 2) + batch(12, 3, claimed_codec=ZSTD), 10)
+    assert offsets == [10, 11]
+    assert [(b.first, b.last) for b in reported] == [(12, 14)]
+    assert next_offset == 15  # the next fetch starts past it: no refetch, no loop
+
+
+def test_a_fetch_that_starts_inside_a_bad_batch_reports_from_its_position() -> None:
+    offsets, reported, next_offset = read(batch(20, 5, crc_flip=1) + batch(25, 1), 22)
+    assert offsets == [25]
+    assert [(b.first, b.last) for b in reported] == [(22, 24)]
+    assert next_offset == 26
+
+
+def test_good_batches_are_read_as_aiokafka_reads_them() -> None:
+    offsets, reported, next_offset = read(batch(0, 2) + batch(2, 2), 1)
+    assert (offsets, reported, next_offset) == ([1, 2, 3], [], 4)
