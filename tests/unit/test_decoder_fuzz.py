@@ -13,7 +13,7 @@ from schemas import Outcome, QueryEvent
 from workers.config import Settings
 from workers.stream.codec import BadEvent
 from workers.stream.outcomes import validate_outcome
-from workers.stream.router import validate_query
+from workers.stream.predict_stage import validate_query
 
 SETTINGS = Settings(router_models=["a", "b"], router_max_text_chars=200)
 CASES = 1000

@@ -8,7 +8,7 @@ import pytest
 
 from workers.config import Settings
 from workers.stream.codec import BadEvent
-from workers.stream.router import validate_query
+from workers.stream.predict_stage import validate_query
 
 SETTINGS = Settings(
     router_models=["a", "b", "c"],
