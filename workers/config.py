@@ -180,7 +180,9 @@ class Settings(BaseSettings):
     kafka_replication_factor: PositiveInt = 1
     # Some brokers hold a new consumer group's join for the whole rebalance
     # timeout; short values make workers ready quickly on a single node.
-    kafka_rebalance_timeout_seconds: float = Field(default=3.0, gt=0)
+    # None: long enough for a router to finish the window it is gathering when a
+    # rebalance starts (window + solver time limit + 2 s); see rebalance_timeout_seconds.
+    kafka_rebalance_timeout_seconds: float | None = Field(default=None, gt=0)
     kafka_session_timeout_seconds: float = Field(default=10.0, gt=0)
     # How long a consumer's fetch may wait for data (workers/stream/transport.py).
     kafka_fetch_max_wait_ms: PositiveInt = 100
@@ -205,6 +207,14 @@ class Settings(BaseSettings):
             budget_per_query_usd=self.router_budget_per_query_usd,
             quality_target=self.router_quality_target,
         )
+
+    def rebalance_timeout_seconds(self) -> float:
+        """A router's revocation waits for the window it is gathering to be solved and
+        published (Faust's stream_wait_empty); a member slower than the rebalance
+        timeout is put out of the group while it may still publish."""
+        if self.kafka_rebalance_timeout_seconds is not None:
+            return self.kafka_rebalance_timeout_seconds
+        return self.router_window_seconds + self.router_solver_time_limit_seconds + 2.0
 
     def known_pools(self) -> set[str]:
         return {"default", *self.router_pools}
@@ -231,6 +241,17 @@ class Settings(BaseSettings):
             unknown = models - known
             if unknown:
                 raise ValueError(f"{variable} names models not in ROUTER_MODELS: {sorted(unknown)}")
+        return self
+
+    @model_validator(mode="after")
+    def _a_window_fits_in_a_rebalance(self) -> Settings:
+        needed = self.router_window_seconds + self.router_solver_time_limit_seconds
+        if self.rebalance_timeout_seconds() <= needed:
+            raise ValueError(
+                f"KAFKA_REBALANCE_TIMEOUT_SECONDS={self.kafka_rebalance_timeout_seconds} must "
+                f"exceed ROUTER_WINDOW_SECONDS + ROUTER_SOLVER_TIME_LIMIT_SECONDS ({needed}): a "
+                "router finishes its window before it hands its partitions over"
+            )
         return self
 
     @model_validator(mode="after")

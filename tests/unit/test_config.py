@@ -39,6 +39,20 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ({"router_models": ["a/b", "a-b"]}, "clashing topic names"),
         ({"router_models": []}, "at least one model"),
         ({"router_window_budget_usd": -1.0}, "greater than or equal to 0"),
+        (
+            {"router_window_seconds": 5.0, "kafka_rebalance_timeout_seconds": 3.0},
+            "KAFKA_REBALANCE_TIMEOUT_SECONDS=3.0 must exceed",
+        ),
+        (  # a pool whose models cannot hold a window, though others can
+            {
+                "router_models": ["a", "b"],
+                "router_model_capacities": {"a": 10},
+                "router_pools": {
+                    "small": {"mode": "budget", "window_budget_usd": 1, "models": ["a"]}
+                },
+            },
+            "of pool 'small'",
+        ),
     ],
 )
 def test_inconsistent_settings_are_rejected(overrides: dict[str, object], message: str) -> None:
@@ -51,3 +65,9 @@ def test_a_pool_needs_the_limit_of_its_mode() -> None:
         PoolPolicy(mode="quality")
     with pytest.raises(ValidationError, match="budget mode needs"):
         PoolPolicy(mode="budget")
+
+
+def test_the_rebalance_timeout_outlasts_a_window_and_its_solve() -> None:
+    settings = Settings(router_window_seconds=5.0, router_solver_time_limit_seconds=0.25)
+    assert settings.rebalance_timeout_seconds() == pytest.approx(7.25)
+    assert Settings(kafka_rebalance_timeout_seconds=30.0).rebalance_timeout_seconds() == 30.0

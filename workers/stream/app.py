@@ -54,7 +54,7 @@ def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.A
         # gathers them into a few produce requests instead of one per message
         # (socket writes were 40% of a busy router's event loop without it).
         producer_linger_ms=5,
-        broker_rebalance_timeout=settings.kafka_rebalance_timeout_seconds,
+        broker_rebalance_timeout=settings.rebalance_timeout_seconds(),
         broker_session_timeout=settings.kafka_session_timeout_seconds,
         broker_heartbeat_interval=min(1.0, settings.kafka_session_timeout_seconds / 4),
         broker_credentials=faust_credentials(settings),
@@ -111,18 +111,20 @@ async def batches(
     `take_events` acknowledges a list in a `finally`, so also when the body
     raised: its offsets would be committed although nothing was done with them.
     Each event therefore carries one more reference while the body runs, which
-    only a body that finished gives back. An event read before the consumer's
-    latest rebalance is not acknowledged either: its partition may have gone to
-    another worker, which re-reads it from the committed offset."""
-    app = stream.app
+    only a body that finished gives back."""
     async for events in cast(faust.Stream[bytes], stream).take_events(max_events, within_seconds):
-        for event in events:
-            event.message.incref()
+        leave_unacknowledged(events)
         yield events
-        generation = app.consumer_generation_id
         for event in events:
-            if event.message.generation_id == generation:
-                event.ack()
+            event.ack()
+
+
+def leave_unacknowledged(events: Sequence[EventT]) -> None:
+    """Keep events from being acknowledged when the body that got them finishes: a
+    batch handed over unprocessed (a rebalance began) is re-read by the
+    partition's owner from the committed offset."""
+    for event in events:
+        event.message.incref()
 
 
 async def decode_or_dead_letter(

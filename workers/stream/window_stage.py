@@ -31,7 +31,13 @@ from schemas import Assignment, PredictedQuery, QueryHints, WindowReport
 from workers.config import Settings
 from workers.routing.windows import WindowBounds, route_window, traffic_span
 from workers.stream import metrics
-from workers.stream.app import Topics, batches, decode_or_dead_letter, send_dead_letter
+from workers.stream.app import (
+    Topics,
+    batches,
+    decode_or_dead_letter,
+    leave_unacknowledged,
+    send_dead_letter,
+)
 from workers.stream.codec import BadEvent, decode, encode
 from workers.stream.decision_log import DecisionLog, classify
 from workers.stream.pool_ledger import PoolAccount, PoolLedger
@@ -92,11 +98,14 @@ def read_prediction(raw: bytes | None, settings: Settings) -> PredictedQuery:
 
 
 def current(stage: WindowStage, events: Sequence[EventT]) -> bool:
-    """Whether the events were read in the consumer's current generation. After a
-    rebalance this router may no longer own their partition: it must not decide
-    or publish them (the owner re-reads them from the committed offset)."""
+    """Whether the events were read in the consumer's current generation and no
+    rebalance has begun since. Otherwise this router may no longer own their
+    partition: it must not decide or publish them (the owner re-reads them from
+    the committed offset, and finds every decision stored before)."""
     generation = stage.app.consumer_generation_id
-    return all(event.message.generation_id == generation for event in events)
+    return not stage.app.rebalancing and all(
+        event.message.generation_id == generation for event in events
+    )
 
 
 async def window_stage(stage: WindowStage, stream: StreamT[bytes]) -> None:
@@ -116,9 +125,6 @@ async def solve_batch(stage: WindowStage, events: Sequence[EventT]) -> None:
     for event, predicted in items:
         by_pool[predicted.query.pool].append((event, predicted))
     for pool, pool_items in by_pool.items():
-        if not current(stage, [event for event, _ in pool_items]):
-            log.warning("pool %s: a rebalance came during the window; left to the owner", pool)
-            continue
         window_id = f"{pool}:{closed.isoformat()}:{uuid.uuid4().hex[:8]}"
         await publish_pool_window(stage, pool, pool_items, window_id)
 
@@ -132,8 +138,17 @@ async def publish_pool_window(
         log.info("duplicate query_id %s skipped", query_id)
     solved = await solve_fresh(stage, pool, items, split.fresh, window_id) if split.fresh else None
     assignments = solved[0] if solved else []
+    events = [event for event, _ in items]
+    if not current(stage, events):
+        log.warning("window %s: a rebalance began; its queries are left to the owner", window_id)
+        leave_unacknowledged(events)
+        return
     if assignments:
         await stage.decisions.decide(assignments, partition_of)  # durable before any send
+        if not current(stage, events):
+            log.warning("window %s: a rebalance began; decided, left to the owner", window_id)
+            leave_unacknowledged(events)
+            return
     outgoing = [*assignments, *split.resend]
     await asyncio.gather(
         *[
