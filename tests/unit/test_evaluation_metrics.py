@@ -115,3 +115,67 @@ def test_task_means_ignore_unknowns_and_fall_back_to_the_overall_mean() -> None:
     assert means[0].tolist() == [1.0, 2.0]
     assert means[1].tolist() == [0.5, 4.0]
     assert means[2] == pytest.approx([2 / 3, 3.0])
+
+
+def two_model_table(tasks: list[str], scores: list[list[float]], costs: list[list[float]]):
+    """A test file of two models ("cheap", "dear") and the estimates of a predictor
+    that knows every outcome and cost: what routing can do is then the solver's and
+    the evaluation's doing alone."""
+    from workers.routing.dataset import OutcomeTable
+    from workers.routing.predictor import Estimates
+
+    n = len(tasks)
+    table = OutcomeTable(
+        sample_ids=[f"q{i}" for i in range(n)],
+        eval_names=tasks,
+        prompts=[f"prompt {i}" for i in range(n)],
+        models=["cheap", "dear"],
+        scores=np.array(scores, dtype=float),
+        costs=np.array(costs, dtype=float),
+        responses=[{} for _ in range(n)],
+    )
+    estimates = Estimates(
+        table.scores.copy(), table.costs.copy(), np.zeros((n, 2), np.float32), np.ones((n, 2))
+    )
+    return table, estimates
+
+
+def test_a_file_sorted_by_task_is_routed_in_windows_of_mixed_tasks() -> None:
+    """Task a needs the dear model (cost 2), task b does not (the cheap one, 0.1, is
+    right there). At 1.5 a query, windows of one task each leave a's windows 50
+    queries short of the dear model while b's spend 0.1 a query; real traffic
+    interleaves them, and then every query can have its right model."""
+    from workers.routing.evaluate import OMNIROUTER_BUDGET, EvaluationSettings, route_split
+
+    n = 200
+    tasks = ["a"] * n + ["b"] * n
+    scores = [[0.0, 1.0]] * n + [[1.0, 1.0]] * n
+    costs = [[0.1, 2.0]] * n + [[0.1, 1.0]] * n
+    table, estimates = two_model_table(tasks, scores, costs)
+    points: dict = {}
+    settings = EvaluationSettings(window_size=n, modes=("budget",), solver="fast")
+    route_split(table, estimates, np.array([1.5]), settings, points)
+    assert points[OMNIROUTER_BUDGET][1.5].accuracy == 1.0
+
+
+def test_the_router_is_measured_at_the_dearest_model_s_cost_from_above() -> None:
+    """The dear model is always right and costs 1 or 2 a query (1.5 on average); a
+    window that drew more of its dearer queries cannot have it throughout at 1.5 a
+    query. A higher budget lets every window have it: spending no more than the
+    dear model, the router must not read below it at its cost."""
+    from workers.routing.evaluate import (
+        EvaluationSettings,
+        build_report,
+        per_query_budgets,
+        score_splits,
+    )
+
+    n = 400
+    costs = [[0.1, 1.0 + i % 2] for i in range(n)]
+    table, estimates = two_model_table(["a"] * n, [[0.0, 1.0]] * n, costs)
+    settings = EvaluationSettings(window_size=10, modes=("budget",), solver="fast")
+    budgets = per_query_budgets(table.costs, settings.budget_levels)
+    points, auc = score_splits([(table, estimates)], budgets, settings)
+    report = build_report(points, table.models, settings, [], False, auc)
+    margins = report.targets["margin_over_each_model_at_its_cost"]
+    assert isinstance(margins, dict) and margins["dear"] == pytest.approx(0.0, abs=1e-9)

@@ -69,6 +69,15 @@ def test_a_payload_its_codec_cannot_read_is_skipped_also_as_the_last_batch() -> 
     assert next_offset == 15  # the next fetch starts past it: no refetch, no loop
 
 
+def test_a_codec_this_client_cannot_read_is_reported_not_raised() -> None:
+    """Codec 7 names no codec (a newer one, say): aiokafka's UnsupportedCodecError, as
+    for a codec whose library is missing."""
+    offsets, reported, next_offset = read(batch(0, 1) + batch(1, 2, claimed_codec=7), 0)
+    assert offsets == [0] and next_offset == 3
+    ((_, first, last, reason),) = reported
+    assert (first, last) == (1, 2) and "UnsupportedCodecError" in reason
+
+
 def test_a_fetch_that_starts_inside_a_bad_batch_reports_from_its_position() -> None:
     offsets, reported, next_offset = read(batch(20, 5, crc_flip=1) + batch(25, 1), 22)
     assert offsets == [25]

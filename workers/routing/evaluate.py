@@ -235,8 +235,10 @@ def route_split(
     settings: EvaluationSettings,
     points: dict[str, dict[float, Point]],
 ) -> None:
-    """Route the scored test prompts with every router; add to `points`."""
-    scored = ~np.isnan(test.scores).any(axis=1)
+    """Route the scored test prompts with every router, in a seeded random order of
+    arrival (`arrival_order`); add to `points`."""
+    scored = np.flatnonzero(~np.isnan(test.scores).any(axis=1))
+    scored = scored[arrival_order(len(scored), settings.seed)]
     truth, spent = test.scores[scored], test.costs[scored]
     quality, cost = estimates.quality[scored], estimates.cost[scored]
     n, n_models = truth.shape
@@ -280,6 +282,15 @@ def route_split(
                 quality, cost, size, "quality", target, settings.solver, settings.tie_tolerance
             )
             record(OMNIROUTER_QUALITY, target, plan)
+
+
+def arrival_order(n: int, seed: int) -> NDArray[np.int64]:
+    """The order the test prompts arrive in: seeded and random, as real traffic mixes
+    kinds of query. Files are often sorted by task; windows of one task each would
+    each get the same budget, so a dear task's windows could not have the dear
+    model that a cheap task's windows leave unspent, a handicap of the file's order
+    that no single model (which has no budget) bears."""
+    return np.random.default_rng([seed, n]).permutation(n).astype(np.int64)
 
 
 def route_windows(
@@ -335,12 +346,16 @@ def group_folds(sample_ids: Sequence[str], folds: int, seed: int) -> NDArray[np.
 
 def per_query_budgets(costs: NDArray[np.float64], levels: int) -> NDArray[np.float64]:
     """Budgets per query to sweep: `levels` from half the cheapest model's mean cost
-    (the router must be measurable at that model's own cost) to the dearest's, and
-    each model's own, where the targets are read: between two levels the hull is a
-    chord, below a steep curve."""
+    to the dearest's, each model's own, where the targets are read (between two
+    levels the hull is a chord, below a steep curve), and twice the dearest's. The
+    router must be measurable at the cheapest and the dearest model's own cost:
+    below the one, and above the other, since a window of dearer than average
+    queries cannot have the dearest model throughout at its mean cost (the
+    router's points sit at what it really spent, so a budget it leaves unspent
+    flatters nothing)."""
     model_costs = np.nanmean(costs, axis=0)
     spread = np.geomspace(model_costs.min() / 2, model_costs.max(), levels)
-    return np.unique(np.concatenate([spread, model_costs]))
+    return np.unique(np.concatenate([spread, model_costs, [2 * model_costs.max()]]))
 
 
 def score_splits(
