@@ -58,3 +58,12 @@ def test_a_reason_never_repeats_the_content() -> None:
     with pytest.raises(BadEvent) as caught:
         validate_query(raw(text=secret * 10), SETTINGS)
     assert secret not in str(caught.value)
+
+
+def test_a_query_too_large_to_forward_is_refused_though_its_text_is_short() -> None:
+    # A short text with a megabyte of metadata: the prediction the router would send
+    # on could not leave its producer, and the whole batch would fail with it.
+    payload = raw(metadata={"blob": "x" * 1_000_000})
+    with pytest.raises(BadEvent, match="exceed the router's producer request size"):
+        validate_query(payload, SETTINGS)
+    assert validate_query(raw(metadata={"blob": "x" * 100_000}), SETTINGS).metadata

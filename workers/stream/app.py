@@ -31,6 +31,10 @@ from workers.stream.transport import FETCH_MAX_WAIT_ATTRIBUTE
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# The most one produce request of a worker may carry (Faust's default, stated so
+# the router can refuse a query it could not forward; README "Record sizes").
+PRODUCER_MAX_REQUEST_BYTES = 1_000_000
+
 
 def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.App:
     if not bootstrap_servers:
@@ -54,6 +58,7 @@ def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.A
         # gathers them into a few produce requests instead of one per message
         # (socket writes were 40% of a busy router's event loop without it).
         producer_linger_ms=5,
+        producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,
         broker_rebalance_timeout=settings.rebalance_timeout_seconds(),
         broker_session_timeout=settings.kafka_session_timeout_seconds,
         broker_heartbeat_interval=min(1.0, settings.kafka_session_timeout_seconds / 4),

@@ -108,6 +108,8 @@ _REASON_KINDS = (
     ("invalid UTF-8", "invalid_utf8"),
     ("empty message", "empty"),
     ("ROUTER_MAX_TEXT_CHARS", "text_too_long"),
+    ("producer request size", "too_large"),
+    ("undecodable record batch", "undecodable"),
     ("unknown pool", "unknown_pool"),
     ("hints.allowed_models", "hints"),
     ("unknown model", "unknown_model"),

@@ -19,7 +19,7 @@ from schemas import QueryEvent
 from workers.config import Settings
 from workers.routing.windows import bounded_created_at
 from workers.stream import metrics
-from workers.stream.app import Topics, batches, decode_or_dead_letter
+from workers.stream.app import PRODUCER_MAX_REQUEST_BYTES, Topics, batches, decode_or_dead_letter
 from workers.stream.codec import BadEvent, decode, encode
 from workers.stream.router_state import RouterState
 
@@ -27,8 +27,15 @@ from workers.stream.router_state import RouterState
 PREDICT_BATCH_SECONDS = 0.05
 
 
+def prediction_room_bytes(models: Sequence[str]) -> int:
+    """What a prediction adds to its query's JSON: the model names and three numbers
+    per model, with room to spare for fields the query left to their defaults."""
+    per_model = max((len(m.encode()) for m in models), default=0) + 3 * 32 + 8
+    return len(models) * per_model + 4096
+
+
 def validate_query(raw: bytes | None, settings: Settings) -> QueryEvent:
-    """A valid QueryEvent, or BadEvent with the reason."""
+    """A valid QueryEvent the router can forward, or BadEvent with the reason."""
     query = decode(raw, QueryEvent)
     if len(query.text) > settings.router_max_text_chars:
         raise BadEvent(
@@ -41,6 +48,12 @@ def validate_query(raw: bytes | None, settings: Settings) -> QueryEvent:
     allowed = query.hints.allowed_models if query.hints else None
     if allowed is not None and not pool_models & set(allowed):
         raise BadEvent(f"hints.allowed_models names none of pool {query.pool!r}'s models")
+    forwarded = len(raw or b"") + prediction_room_bytes(settings.router_models)
+    if forwarded > PRODUCER_MAX_REQUEST_BYTES:
+        raise BadEvent(
+            f"query of {len(raw or b'')} bytes: its prediction would exceed the router's "
+            f"producer request size ({PRODUCER_MAX_REQUEST_BYTES} bytes)"
+        )
     return query
 
 
