@@ -13,7 +13,7 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,11 +21,20 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from schemas import Outcome, QueryEvent, WindowReport
-from tests.faults import TcpProxy, decisions, start_worker, wait_until
-from workers.config import Settings
+from tests.faults import (
+    DecisionCount,
+    TcpProxy,
+    caught_up,
+    decisions,
+    lag,
+    poll_until,
+    start_worker,
+    wait_until,
+)
+from workers.config import ROUTER_APP_ID, Settings
 from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.routing.embedder import SentenceEmbedder
-from workers.services import LocalBroker
+from workers.services import LocalBroker, PersistentLocalBroker
 from workers.stream.codec import encode
 from workers.stream.kafka_io import produce_values, read_topic
 from workers.stream.replay import produce_queries, seed_outcomes
@@ -38,6 +47,7 @@ OUTAGE_SECONDS = 15  # longer than the Kafka session timeout (10 s): the group m
 SETTINGS = Settings(kafka_partitions=2)
 NAMES = SETTINGS.topic_names()
 ROUTES = [NAMES[f"route:{m}"] for m in SETTINGS.router_models]
+READ_BY_ROUTER = [NAMES["queries"], NAMES["predicted"]]
 
 
 def worker_env(bootstrap: str, database_url: str) -> dict[str, str]:
@@ -124,34 +134,60 @@ def test_the_router_rides_out_a_broker_outage(
 RESTART_COMMAND = os.environ.get("OMNIROUTER_TEST_BROKER_RESTART_COMMAND", "")
 
 
-@pytest.mark.skipif(
-    not (RESTART_COMMAND and os.environ.get("KAFKA_BOOTSTRAP_SERVERS")),
-    reason="a broker restart needs a broker that keeps its data: the local one keeps it in "
-    "memory only. Set KAFKA_BOOTSTRAP_SERVERS and OMNIROUTER_TEST_BROKER_RESTART_COMMAND "
-    "(e.g. 'docker compose restart kafka') to run it",
+@pytest.fixture
+def restartable_broker(request: pytest.FixtureRequest) -> tuple[str, Callable[[], object]]:
+    """(bootstrap servers, restart) of a broker that keeps its data: your own cluster and
+    its restart command when OMNIROUTER_TEST_BROKER_RESTART_COMMAND is set, else the
+    persistent local broker (noida-db), restarted with SIGTERM on the same port and data."""
+    if RESTART_COMMAND:
+        configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
+        if not configured:
+            pytest.fail("OMNIROUTER_TEST_BROKER_RESTART_COMMAND needs KAFKA_BOOTSTRAP_SERVERS")
+        return configured, lambda: subprocess.run(RESTART_COMMAND, shell=True, check=True)
+    broker: PersistentLocalBroker = request.getfixturevalue("persistent_broker")
+    return broker.bootstrap_servers, broker.restart
+
+
+@pytest.mark.xfail(
+    reason="issue 15, router: after the group rejoin a broker restart forces (the broker "
+    "forgot the member), the router stops reading part of omnirouter.queries or skips "
+    "recorded but unpublished decisions as duplicates: 25-157 of 300 lost in 5 runs. "
+    "Remove this mark with the router's fix",
+    strict=False,
 )
-def test_the_router_rides_out_a_broker_restart(postgres_url: str, tmp_path: Path) -> None:
-    bootstrap = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+def test_the_router_rides_out_a_broker_restart(
+    restartable_broker: tuple[str, Callable[[], object]], postgres_url: str, tmp_path: Path
+) -> None:
+    bootstrap, restart = restartable_broker
     asyncio.run(create_topics(SETTINGS, bootstrap))
-    run = f"restart-{uuid.uuid4().hex[:6]}"  # the broker may hold earlier runs' queries
+    run = f"restart-{uuid.uuid4().hex[:6]}"  # your broker may hold earlier runs' queries
     before, after = queries(f"{run}-before", 150), queries(f"{run}-after", 150)
     produced = {q.query_id for q in before + after}
 
-    def routed_here() -> int:
-        return len(set(decisions(bootstrap, ROUTES)) & produced)
+    def routed(query_ids: set[str]) -> set[str]:
+        return set(decisions(bootstrap, ROUTES)) & query_ids
 
     log = tmp_path / "router.log"
     router = start_worker("router", worker_env(bootstrap, postgres_url), log)
     try:
         asyncio.run(produce_queries(bootstrap, NAMES["queries"], before, 0))
-        wait_until(lambda: routed_here() >= 50, 120, "routing started")
-        subprocess.run(RESTART_COMMAND, shell=True, check=True, timeout=300)
+        wait_until(lambda: len(routed(produced)) >= 50, 120, "routing started")
+        routed_before = routed(produced)
+        restart()  # mid-stream: windows open, assignments in flight
+        assert routed(produced) >= routed_before, "the broker lost decisions in its restart"
         asyncio.run(produce_queries(bootstrap, NAMES["queries"], after, 0))
-        wait_until(lambda: routed_here() == len(produced), 300, f"all routed (log {log})")
-        time.sleep(2)
-        published = {q: d for q, d in decisions(bootstrap, ROUTES).items() if q in produced}
-        doubled = {q: set(d) for q, d in published.items() if len(set(d)) > 1}
-        assert not doubled, doubled
+        poll_until(lambda: routed(produced) == produced, 90)
+        settled = poll_until(lambda: caught_up(bootstrap, ROUTER_APP_ID, READ_BY_ROUTER), 30)
+        count = DecisionCount.of(decisions(bootstrap, ROUTES), produced)
+        after_routed = routed({q.query_id for q in after})
+        print(
+            f"broker restart: routed before it {len(routed_before)} (all kept by the broker), "
+            f"{count}; produced after it and routed {len(after_routed)} of {len(after)}"
+        )
+        assert not count.lost, f"lost {sorted(count.lost)[:10]} (router log {log})"
+        assert not count.decided_twice, count.decided_twice
+        left = asyncio.run(lag(bootstrap, ROUTER_APP_ID, READ_BY_ROUTER))
+        assert settled, f"records the router never committed: {left}"
         assert router.poll() is None
     finally:
         router.terminate()
