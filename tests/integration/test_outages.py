@@ -151,7 +151,7 @@ def restartable_broker(request: pytest.FixtureRequest) -> tuple[str, Callable[[]
 @pytest.mark.xfail(
     reason="issue 15, router: after the group rejoin a broker restart forces (the broker "
     "forgot the member), the router stops reading part of omnirouter.queries or skips "
-    "recorded but unpublished decisions as duplicates: 25-157 of 300 lost in 5 runs. "
+    "recorded but unpublished decisions as duplicates: 25-157 of 300 lost in 6 runs. "
     "Remove this mark with the router's fix",
     strict=False,
 )
