@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first: otherwise sentence-transformers pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# The static embedder (ROUTER_EMBEDDER=static), distilled offline from the packaged
+	# MiniLM into .omnirouter/embedders; a router would otherwise build it on first use.
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/omnirouter embedder build
 	touch $(STAMP)
 
 demo: $(STAMP)

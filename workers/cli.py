@@ -16,6 +16,7 @@ from workers.config import Settings
 
 if TYPE_CHECKING:
     from workers.routing.dataset import OutcomeTable
+    from workers.routing.embedder import Embedder
 
 # Each role's default Prometheus port (METRICS_PORT overrides it).
 ROUTER_METRICS_PORT, OUTCOMES_METRICS_PORT, MODEL_WORKER_METRICS_PORT = 9101, 9102, 9103
@@ -177,11 +178,40 @@ def _need_bootstrap(settings: Settings) -> str:
     return settings.kafka_bootstrap_servers
 
 
+def _embedder(settings: Settings, kind: str | None = None) -> Embedder:
+    """The embedder of `kind`, else of ROUTER_EMBEDDER (the static one distilled into
+    EMBEDDER_CACHE_DIR on first use)."""
+    from workers.routing.embedder import make_embedder
+
+    return make_embedder(kind or settings.router_embedder, Path(settings.embedder_cache_dir))
+
+
+embedder_option = click.option(
+    "--embedder",
+    "embedder_kind",
+    type=click.Choice(["static", "minilm"]),
+    default=None,
+    help="Text -> vector; default ROUTER_EMBEDDER.",
+)
+
+
+@main.group()
+def embedder() -> None:
+    """The embedders (README "Configuration", ROUTER_EMBEDDER)."""
+
+
+@embedder.command("build")
+def embedder_build() -> None:
+    """Distil the static embedder from the packaged MiniLM into EMBEDDER_CACHE_DIR,
+    offline, unless it is there (`make` runs this)."""
+    built = _embedder(load_settings(), "static")
+    click.echo(f"static embedder ready: {built.name}, {built.dimension} dimensions")
+
+
 @main.command()
 @click.option("--loglevel", default="info", show_default=True)
 def router(loglevel: str) -> None:
     """Run a router worker: validate, predict, solve windows, publish assignments."""
-    from workers.routing.embedder import SentenceEmbedder
     from workers.stream.app import run_worker
     from workers.stream.router import build_router_app
     from workers.stream.router_state import RouterState
@@ -190,7 +220,7 @@ def router(loglevel: str) -> None:
     if not settings.database_url:
         click.echo("warning: DATABASE_URL is not set: the router will not learn from outcomes")
     _configure_logging(loglevel, settings.log_format)
-    state = RouterState(settings, SentenceEmbedder(), settings.database_url)
+    state = RouterState(settings, _embedder(settings), settings.database_url)
     asyncio.run(state.warm())  # the store is rebuilt before any query is predicted
     app = build_router_app(settings, _need_bootstrap(settings), state)
     run_worker(app, settings, ROUTER_METRICS_PORT, loglevel)
@@ -380,7 +410,6 @@ def seed_outcomes_command(
     import sqlalchemy as sa
 
     from workers.routing import dataset
-    from workers.routing.embedder import SentenceEmbedder
     from workers.stream.replay import seed_records
 
     settings = load_settings()
@@ -405,7 +434,7 @@ def seed_outcomes_command(
     if unknown:
         click.echo(f"skipped the rows of models not in ROUTER_MODELS: {named}")
     prompts = len({r.prompt_id for r in records})
-    count = seed_records(sa.create_engine(settings.database_url), records, SentenceEmbedder())
+    count = seed_records(sa.create_engine(settings.database_url), records, _embedder(settings))
     click.echo(f"stored {count} outcomes of {prompts} prompts")
 
 
@@ -457,6 +486,7 @@ def demo(state_dir: Path, warm_start: int) -> None:
     show_default=True,
     help="Embeddings cached by text hash.",
 )
+@embedder_option
 def evaluate(
     train_path: Path,
     test_path: Path | None,
@@ -465,11 +495,12 @@ def evaluate(
     solver: str,
     out_dir: Path,
     cache_dir: Path,
+    embedder_kind: str | None,
 ) -> None:
     """Route RouterBench-format outcomes offline; write report.json and cost_quality.png."""
     from workers.routing import evaluate as evaluation
     from workers.routing.dataset import DatasetError, load_routerbench
-    from workers.routing.embedder import CachedEmbedder, SentenceEmbedder
+    from workers.routing.embedder import CachedEmbedder
 
     try:
         train = load_routerbench(train_path)
@@ -481,7 +512,8 @@ def evaluate(
         modes=tuple(modes) or ("budget", "quality"),  # type: ignore[arg-type]
         solver=solver,  # type: ignore[arg-type]
     )
-    embedder = CachedEmbedder(SentenceEmbedder(), cache_dir)
+    embedder = CachedEmbedder(_embedder(load_settings(), embedder_kind), cache_dir)
+    click.echo(f"embedder: {embedder.name}")
     report = evaluation.evaluate(train, test, embedder, settings, progress=click.echo)
     click.echo(evaluation.summary_table(report))
     for path in evaluation.write_outputs(report, out_dir):
@@ -516,20 +548,35 @@ def bench_solver(sizes: str, repeats: int, with_capacities: bool) -> None:
 
 
 @bench.command("pipeline")
-@click.option("--queries", default=2000, show_default=True)
+@click.option("--queries", default=20_000, show_default=True)
 @click.option("--outcomes-in-store", default=100_000, show_default=True)
 @click.option("--window-seconds", default=1.0, show_default=True)
 @click.option("--routers", default=1, show_default=True, type=click.IntRange(1, 16))
+@embedder_option
 def bench_pipeline(
-    queries: int, outcomes_in_store: int, window_seconds: float, routers: int
+    queries: int,
+    outcomes_in_store: int,
+    window_seconds: float,
+    routers: int,
+    embedder_kind: str | None,
 ) -> None:
     """Throughput vs raw embedding, produce->assignment latency, router peak memory;
     with --routers N, of N router processes in one consumer group."""
     from workers.bench import pipeline
 
-    figures = pipeline.run(queries, outcomes_in_store, window_seconds, routers, progress=click.echo)
+    figures = pipeline.run(
+        queries,
+        outcomes_in_store,
+        window_seconds,
+        routers,
+        embedder_kind or load_settings().router_embedder,
+        progress=click.echo,
+    )
     share = figures.pipeline_qps / figures.raw_embedding_qps
     click.echo("")
+    click.echo(f"embedder                      {figures.embedder}")
+    for kind, rate in figures.raw_embedding_qps_by_embedder.items():
+        click.echo(f"raw embedding, {kind:<15}{rate:8.0f} short queries/s")
     click.echo(
         f"raw embedding throughput      {figures.raw_embedding_qps:8.0f} queries/s "
         f"(mean of {figures.raw_embedding_qps_before:.0f} before and "
@@ -550,6 +597,12 @@ def bench_pipeline(
         f"router peak RSS               {figures.router_peak_rss_mb:8.0f} MB "
         f"with {figures.outcomes_in_store} outcomes in the store "
         f"(the largest of {figures.routers} router(s))"
+    )
+    window = figures.window_seconds
+    click.echo(
+        f"targets: steady >= 2000/s {'met' if figures.pipeline_qps >= 2000 else 'MISSED'}; "
+        f"p99 < window + 1 s {'met' if figures.latency_p99_seconds < window + 1 else 'MISSED'}; "
+        f"RSS < 600 MB {'met' if figures.router_peak_rss_mb < 600 else 'MISSED'}"
     )
 
 

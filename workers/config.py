@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     router_solver: Literal["exact", "fast"] = "fast"
     router_solver_time_limit_seconds: float = Field(default=0.25, gt=0)
 
+    # Text -> vector. "static": distilled from the packaged MiniLM (model2vec), no
+    # torch in the router, ~100x faster; "minilm": all-MiniLM-L6-v2 itself. Stored
+    # vectors carry their embedder; a router of another re-embeds them from the texts.
+    router_embedder: Literal["static", "minilm"] = "static"
+    # Where the distilled static embedder is built (by `make`, else on first use).
+    embedder_cache_dir: str = ".omnirouter/embedders"
+
     # Input limits and the predictor.
     router_max_text_chars: PositiveInt = 100_000
     # A query id published longer ago than this is forgotten: a producer's

@@ -14,7 +14,7 @@ def row(query_id: str = "q", model: str = "m", **fields: Any) -> dict[str, Any]:
     """A row as upsert_outcomes builds it from an Outcome: every column, None if unsaid."""
     columns = (
         "quality_score", "score_source", "input_tokens", "output_tokens", "cost_usd",
-        "latency_ms", "error", "embedding", "judge_cost_usd",
+        "latency_ms", "error", "embedding", "embedder", "query_text", "judge_cost_usd",
     )  # fmt: skip
     return (
         {"query_id": query_id, "model": model, "pool": "default"} | dict.fromkeys(columns) | fields

@@ -1,9 +1,10 @@
 """`omnirouter bench pipeline`: throughput, latency and memory of a router worker on Kafka.
 
 One run, on this machine, against a local broker and PostgreSQL:
-1. raw embedding throughput of short queries (the ceiling the pipeline is held to),
-   measured before the pipeline runs and again after it, since a shared machine's
-   speed drifts within minutes; the mean of the two is the ceiling;
+1. raw embedding throughput of short queries of both embedders (the chosen one's is
+   the ceiling the pipeline is held to), measured before the pipeline runs and
+   again after it, since a shared machine's speed drifts within minutes; the mean
+   of the two is the ceiling;
 2. a router process whose retrieval store holds N outcomes (synthetic vectors);
 3. throughput: queries produced as fast as possible; the steady rate is the
    queries assigned after the first window over the time from the first window
@@ -42,7 +43,7 @@ from workers.config import ROUTER_APP_ID, Settings
 from workers.db import migrate
 from workers.db.repository import upsert_outcomes
 from workers.routing.dataset import load_routerbench, shipped_sample_path
-from workers.routing.embedder import SentenceEmbedder
+from workers.routing.embedder import EMBEDDER_KINDS, Embedder, make_embedder
 from workers.services import LocalBroker, throwaway_postgres
 from workers.stream.replay import produce_queries
 from workers.stream.topics import create_topics
@@ -52,9 +53,11 @@ SHORT_QUERY_CHARS = 160
 
 @dataclass(frozen=True)
 class PipelineFigures:
-    raw_embedding_qps: float  # mean of the measurements before and after
+    embedder: str  # the routers' (ROUTER_EMBEDDER)
+    raw_embedding_qps: float  # the routers' embedder: mean of before and after
     raw_embedding_qps_before: float
     raw_embedding_qps_after: float
+    raw_embedding_qps_by_embedder: dict[str, float]  # every embedder, mean of both
     pipeline_qps: float  # steady rate, compared with the raw embedding rate
     burst_qps: float  # first produce -> last assignment
     latency_p50_seconds: float
@@ -76,9 +79,11 @@ def short_queries(count: int, run: str) -> list[QueryEvent]:
 
 
 def seed_synthetic_outcomes(
-    engine: sa.Engine, count: int, models: list[str], dimension: int
+    engine: sa.Engine, count: int, models: list[str], embedder: Embedder
 ) -> None:
-    """`count` past queries, each answered by one model, with random unit vectors."""
+    """`count` past queries, each answered by one model, with random unit vectors
+    labelled as the embedder's (the routers then re-embed nothing)."""
+    dimension = embedder.dimension
     rng = np.random.default_rng(0)
     for start in range(0, count, 5000):
         size = min(5000, count - start)
@@ -95,7 +100,7 @@ def seed_synthetic_outcomes(
             for i in range(size)
         ]
         with Session(engine) as session, session.begin():
-            upsert_outcomes(session, outcomes, list(vectors))
+            upsert_outcomes(session, outcomes, list(vectors), embedder.name)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -244,35 +249,42 @@ async def measure(
     return pipeline_qps, burst_qps, latencies
 
 
+def raw_embedding_rates(
+    embedders: dict[str, Embedder], texts: list[str], when: str, progress: Callable[[str], None]
+) -> dict[str, float]:
+    """Short queries a second that each embedder embeds, one call for all texts."""
+    rates = {}
+    for kind, embedder in embedders.items():
+        embedder.embed(texts[:64])  # warm up
+        started = time.perf_counter()
+        embedder.embed(texts)
+        rates[kind] = len(texts) / (time.perf_counter() - started)
+        progress(f"raw embedding, {kind}, {when}: {rates[kind]:.0f} short queries/s")
+    return rates
+
+
 def run(
-    queries: int = 2000,
+    queries: int = 20_000,
     outcomes_in_store: int = 100_000,
     window_seconds: float = 1.0,
     routers: int = 1,
+    embedder_kind: str = "static",
     log_dir: Path = Path(".omnirouter/bench"),
     progress: Callable[[str], None] = print,
 ) -> PipelineFigures:
     log_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings()
-    embedder = SentenceEmbedder()
-    texts = [q.text for q in short_queries(queries, "raw")]
-    embedder.embed(texts[:64])  # warm up
-
-    def raw_embedding_qps(when: str) -> float:
-        started = time.perf_counter()
-        embedder.embed(texts)
-        qps = len(texts) / (time.perf_counter() - started)
-        progress(f"raw embedding, {when}: {qps:.0f} short queries/s")
-        return qps
-
-    raw_before = raw_embedding_qps("before the pipeline")
+    cache_dir = Path(settings.embedder_cache_dir)
+    embedders = {kind: make_embedder(kind, cache_dir) for kind in EMBEDDER_KINDS}
+    texts = [q.text for q in short_queries(2000, "raw")]
+    before = raw_embedding_rates(embedders, texts, "before the pipeline", progress)
 
     with LocalBroker() as broker, throwaway_postgres() as database_url:
         migrate.upgrade(database_url)
         asyncio.run(create_topics(settings, broker.bootstrap_servers))
         engine = sa.create_engine(database_url)
         seed_synthetic_outcomes(
-            engine, outcomes_in_store, settings.router_models, embedder.dimension
+            engine, outcomes_in_store, settings.router_models, embedders[embedder_kind]
         )
         progress(f"stored {outcomes_in_store} synthetic outcomes")
         env = {
@@ -281,6 +293,8 @@ def run(
             "DATABASE_URL": database_url,
             "ROUTER_WINDOW_SECONDS": str(window_seconds),
             "ROUTER_REFIT_SECONDS": "3600",
+            "ROUTER_EMBEDDER": embedder_kind,
+            "EMBEDDER_CACHE_DIR": str(cache_dir.resolve()),
         }
         with router_processes(env, log_dir, routers) as processes:
             pipeline_qps, burst_qps, latencies = asyncio.run(
@@ -293,11 +307,13 @@ def run(
                 )
             )
             rss = max(peak_rss_mb(process.pid) for process in processes)
-    raw_after = raw_embedding_qps("after the pipeline")
+    after = raw_embedding_rates(embedders, texts, "after the pipeline", progress)
     return PipelineFigures(
-        raw_embedding_qps=(raw_before + raw_after) / 2,
-        raw_embedding_qps_before=raw_before,
-        raw_embedding_qps_after=raw_after,
+        embedder=embedders[embedder_kind].name,
+        raw_embedding_qps=(before[embedder_kind] + after[embedder_kind]) / 2,
+        raw_embedding_qps_before=before[embedder_kind],
+        raw_embedding_qps_after=after[embedder_kind],
+        raw_embedding_qps_by_embedder={k: (before[k] + after[k]) / 2 for k in embedders},
         pipeline_qps=pipeline_qps,
         burst_qps=burst_qps,
         latency_p50_seconds=float(np.percentile(latencies, 50)),

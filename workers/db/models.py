@@ -41,8 +41,12 @@ class OutcomeRow(Base):
     cost_usd: Mapped[float | None] = mapped_column(sa.Float)
     latency_ms: Mapped[float | None] = mapped_column(sa.Float)
     error: Mapped[str | None] = mapped_column(sa.Text)
-    # float32 vector of the query text, as bytes: portable and compact.
+    # float32 vector of the query text, as bytes: portable and compact; `embedder`
+    # names its vector space (workers/routing/embedder.py), and the text lets a
+    # router of another embedder re-embed it.
     embedding: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
+    embedder: Mapped[str | None] = mapped_column(sa.String(200))
+    query_text: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[datetime] = mapped_column(
         sa.DateTime(timezone=True), server_default=sa.func.now()
     )

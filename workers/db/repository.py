@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import sqlalchemy as sa
@@ -28,11 +28,13 @@ _KEEP_IF_NONE = (
     "latency_ms",
     "error",
     "embedding",
+    "embedder",
+    "query_text",
     "judge_cost_usd",
 )
 
 
-def _row(outcome: Outcome, embedding: np.ndarray | None) -> dict[str, Any]:
+def _row(outcome: Outcome, embedding: np.ndarray | None, embedder: str | None) -> dict[str, Any]:
     return {
         "query_id": outcome.query_id,
         "model": outcome.model,
@@ -45,6 +47,8 @@ def _row(outcome: Outcome, embedding: np.ndarray | None) -> dict[str, Any]:
         "latency_ms": outcome.latency_ms,
         "error": outcome.error,
         "embedding": None if embedding is None else np.asarray(embedding, np.float32).tobytes(),
+        "embedder": None if embedding is None else embedder,
+        "query_text": outcome.text,
         "judge_cost_usd": outcome.judge_cost_usd,
     }
 
@@ -78,7 +82,10 @@ def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def upsert_outcomes(
-    session: Session, outcomes: Sequence[Outcome], embeddings: Sequence[np.ndarray | None]
+    session: Session,
+    outcomes: Sequence[Outcome],
+    embeddings: Sequence[np.ndarray | None],
+    embedder: str | None = None,
 ) -> None:
     """Insert outcomes, or merge them into the row of the same (query_id, model).
 
@@ -86,10 +93,13 @@ def upsert_outcomes(
     quality score does not erase the usage recorded earlier, and vice versa; a
     score replaces the stored one only if its source ranks at least as high
     (user > replay > judge), so a judge never overrides a user's feedback.
+    A vector is stored with the name of the `embedder` that made it (required).
     """
     if not outcomes:
         return
-    rows = merge_rows(_row(o, e) for o, e in zip(outcomes, embeddings, strict=True))
+    if embedder is None and any(e is not None for e in embeddings):
+        raise ValueError("vectors must be stored with the name of the embedder that made them")
+    rows = merge_rows(_row(o, e, embedder) for o, e in zip(outcomes, embeddings, strict=True))
     statement: postgresql.Insert | sqlite.Insert
     if session.get_bind().dialect.name == "postgresql":
         statement = postgresql.insert(OutcomeRow)
@@ -131,6 +141,8 @@ def iter_outcomes(
         OutcomeRow.cost_usd,
         OutcomeRow.output_tokens,
         OutcomeRow.embedding,
+        OutcomeRow.embedder,
+        OutcomeRow.query_text,
         OutcomeRow.updated_at,
     ).order_by(OutcomeRow.updated_at, OutcomeRow.id)
     if updated_since is not None:
@@ -143,6 +155,8 @@ def iter_outcomes(
             cost_usd=row.cost_usd,
             output_tokens=row.output_tokens,
             embedding=None if row.embedding is None else np.frombuffer(row.embedding, np.float32),
+            embedder=row.embedder,
+            text=row.query_text,
         )
         yield record, row.updated_at
 
@@ -161,3 +175,38 @@ def stored_query_ids(session: Session, query_ids: Iterable[str]) -> set[str]:
         return set()
     query = sa.select(OutcomeRow.query_id).where(OutcomeRow.query_id.in_(wanted)).distinct()
     return set(session.execute(query).scalars())
+
+
+def texts_of_other_embedders(session: Session, embedder: str, limit: int) -> list[tuple[str, str]]:
+    """Up to `limit` (query_id, text) of stored queries whose vector another embedder
+    made (or that have a text and no vector): what switching to `embedder` re-embeds."""
+    query = (
+        sa.select(OutcomeRow.query_id, sa.func.min(OutcomeRow.query_text))
+        .where(
+            OutcomeRow.query_text.is_not(None),
+            OutcomeRow.embedder.is_distinct_from(embedder),
+        )
+        .group_by(OutcomeRow.query_id)
+        .order_by(OutcomeRow.query_id)
+        .limit(limit)
+    )
+    return [(query_id, str(text)) for query_id, text in session.execute(query)]
+
+
+def replace_vectors(
+    session: Session, query_ids: Sequence[str], vectors: np.ndarray, embedder: str
+) -> None:
+    """Every stored row of each query gets its new vector and the embedder's name."""
+    if not query_ids:
+        return
+    table = cast(sa.Table, OutcomeRow.__table__)
+    statement = (
+        sa.update(table)
+        .where(table.c.query_id == sa.bindparam("qid"))
+        .values(embedding=sa.bindparam("vector"), embedder=embedder, updated_at=sa.func.now())
+    )
+    rows = [
+        {"qid": q, "vector": np.asarray(v, np.float32).tobytes()}
+        for q, v in zip(query_ids, vectors, strict=True)
+    ]
+    session.connection().execute(statement, rows)

@@ -1,4 +1,10 @@
-"""Text -> unit vectors, with all-MiniLM-L6-v2 loaded from its Python package (no hub)."""
+"""Text -> unit vectors: all-MiniLM-L6-v2 loaded from its Python package (no hub), or
+the static embedding distilled from it (workers/routing/static_embedder.py).
+
+`make_embedder` builds one by its ROUTER_EMBEDDER name. An embedder's `name` is
+its vector space's identity: stored vectors carry it, and vectors of two names
+are never compared (workers/routing/store.py).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 from numpy.typing import NDArray
@@ -109,3 +115,19 @@ class CachedEmbedder:
         if not keys:
             return np.zeros((0, self.dimension), dtype=np.float32)
         return np.stack([self._vectors[k] for k in keys]).astype(np.float32)
+
+
+EmbedderKind = Literal["static", "minilm"]
+EMBEDDER_KINDS: tuple[str, ...] = get_args(EmbedderKind)
+
+
+def make_embedder(kind: str, cache_dir: Path) -> Embedder:
+    """The embedder of a ROUTER_EMBEDDER name. "static" is distilled into `cache_dir`
+    on first use (the install does it ahead) and imports no torch; "minilm" does."""
+    if kind == "static":
+        from workers.routing.static_embedder import StaticEmbedder
+
+        return StaticEmbedder.from_cache(cache_dir)
+    if kind == "minilm":
+        return SentenceEmbedder()
+    raise ValueError(f"unknown embedder {kind!r}; known: {', '.join(EMBEDDER_KINDS)}")

@@ -11,6 +11,11 @@ trained on what is stored then: a query scans only the `IVF_PROBES` nearest of
 than embedding at 100,000 stored queries. Adding in the same order converts at
 the same point, so growing and rebuilding still give the same store.
 
+Every vector in a store is of one embedder's space (`embedder`, its name): a
+record whose vector another embedder made is refused by `add`, and read back
+by `add_stored` as if it had none; `reembedded` gives such records vectors of
+this store's embedder from their texts.
+
 Each stored query also belongs to a cluster (workers/routing/clusters.py), so
 what a model did on a kind of query can be read where its neighbours say
 nothing.
@@ -19,7 +24,7 @@ nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar, cast
 
 import faiss
@@ -27,6 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from workers.routing.clusters import QueryClusters
+from workers.routing.embedder import Embedder
 
 T = TypeVar("T")
 
@@ -45,14 +51,21 @@ class OutcomeRecord:
     cost_usd: float | None
     output_tokens: int | None
     embedding: NDArray[np.float32] | None
+    embedder: str | None = None  # whose vector space `embedding` is in
+    text: str | None = None  # the query's text, to embed it anew
 
 
 class RetrievalStore:
     def __init__(
-        self, models: Sequence[str], dimension: int, ivf_threshold: int = IVF_THRESHOLD
+        self,
+        models: Sequence[str],
+        dimension: int,
+        ivf_threshold: int = IVF_THRESHOLD,
+        embedder: str | None = None,
     ) -> None:
         self.models = list(models)
         self.dimension = dimension
+        self.embedder = embedder
         self.ivf_threshold = ivf_threshold
         self._column = {m: j for j, m in enumerate(self.models)}
         self._row_of: dict[str, int] = {}
@@ -164,6 +177,11 @@ class RetrievalStore:
     def add(self, record: OutcomeRecord) -> None:
         """Record one outcome; a field left None keeps what the store knew."""
         column = self.column(record.model)
+        if record.embedding is not None and record.embedder != self.embedder:
+            raise ValueError(
+                f"a vector of embedder {record.embedder!r} cannot join a store of "
+                f"{self.embedder!r}: re-embed its text (`reembedded`)"
+            )
         row = self._row_of.get(record.query_id)
         if row is None:
             if record.embedding is None:
@@ -182,9 +200,11 @@ class RetrievalStore:
     def add_stored(self, records: Iterable[OutcomeRecord]) -> int:
         """Add outcomes read back from the database; skip those of models no longer
         routed and of queries whose text was never seen (no vector to place them).
-        Returns how many were added."""
+        A vector of another embedder counts as none. Returns how many were added."""
         added = 0
         for record in records:
+            if record.embedding is not None and record.embedder != self.embedder:
+                record = replace(record, embedding=None)
             if record.model in self._column and (
                 record.embedding is not None or self.knows(record.query_id)
             ):
@@ -230,9 +250,36 @@ class RetrievalStore:
         dimension: int,
         records: Iterable[OutcomeRecord],
         ivf_threshold: int = IVF_THRESHOLD,
+        embedder: str | None = None,
     ) -> RetrievalStore:
         """A store from stored outcomes (oldest first). Skips models no longer routed
         and outcomes of queries whose text was never seen (no vector to place them)."""
-        store = cls(models, dimension, ivf_threshold)
+        store = cls(models, dimension, ivf_threshold, embedder)
         store.add_stored(records)
         return store
+
+
+def reembedded(
+    records: Sequence[OutcomeRecord], embedder: Embedder, known: Callable[[str], bool]
+) -> tuple[list[OutcomeRecord], int]:
+    """The records, where one's vector is of another embedder (or missing) and its
+    query is not `known` yet, with a vector of `embedder` made from its text, one
+    batch for all; and how many texts were embedded. A record without a text keeps
+    its foreign vector, which a store of `embedder` reads as none."""
+    stale: dict[str, str] = {}
+    for record in records:
+        if (
+            (record.embedder != embedder.name or record.embedding is None)
+            and record.text
+            and not known(record.query_id)
+        ):
+            stale.setdefault(record.query_id, record.text)
+    if not stale:
+        return list(records), 0
+    vectors = dict(zip(stale, embedder.embed(list(stale.values())), strict=True))
+    return [
+        replace(record, embedding=vectors[record.query_id], embedder=embedder.name)
+        if record.query_id in vectors
+        else record
+        for record in records
+    ], len(stale)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import faust
 import numpy as np
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session
 from schemas import Outcome
 from workers.config import Settings
 from workers.db.repository import stored_query_ids, upsert_outcomes
-from workers.routing.embedder import Embedder, SentenceEmbedder
+from workers.routing.embedder import Embedder, make_embedder
 from workers.stream import metrics
 from workers.stream.app import (
     Topics,
@@ -56,7 +57,9 @@ def build_outcome_app(
     app = make_app(OUTCOMES_APP_ID, settings, bootstrap_servers)
     topics = Topics.of(app, settings)
     engine = sa.create_engine(database_url, pool_pre_ping=True)
-    text_embedder = embedder or SentenceEmbedder()
+    text_embedder = embedder or make_embedder(
+        settings.router_embedder, Path(settings.embedder_cache_dir)
+    )
 
     def write(outcomes: Sequence[Outcome]) -> set[str]:
         """Store the outcomes; return the query ids refused as unknown (no text, no row).
@@ -70,7 +73,7 @@ def build_outcome_app(
         vectors = iter(text_embedder.embed(texts)) if texts else iter(())
         embeddings: list[np.ndarray | None] = [next(vectors) if o.text else None for o in kept]
         with Session(engine) as session, session.begin():
-            upsert_outcomes(session, kept, embeddings)
+            upsert_outcomes(session, kept, embeddings, text_embedder.name)
         return textless - known
 
     @app.agent(topics.outcomes)

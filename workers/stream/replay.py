@@ -102,7 +102,7 @@ def seed_records(
         for r in records
     ]
     with Session(engine) as session, session.begin():
-        upsert_outcomes(session, outcomes, [vectors[r.text] for r in records])
+        upsert_outcomes(session, outcomes, [vectors[r.text] for r in records], embedder.name)
     return len(outcomes)
 
 

@@ -5,6 +5,12 @@ heartbeating while it embeds, and store updates never race a search.
 Construction does no I/O; `warm` rebuilds the store before the worker starts
 (the `omnirouter router` command calls it), so no query is predicted from an
 empty store just because the database was slow to answer.
+
+The store holds vectors of the router's embedder only. `warm` first re-embeds,
+in the database, the stored texts whose vectors another embedder made (after
+ROUTER_EMBEDDER changed), and says so in the log; outcomes that arrive later
+with such a vector (an outcome writer not yet switched) are re-embedded in
+memory as they are copied.
 """
 
 from __future__ import annotations
@@ -22,10 +28,10 @@ from sqlalchemy.orm import Session
 
 from schemas import PredictedQuery, QueryEvent
 from workers.config import Settings
-from workers.db.repository import iter_outcomes
+from workers.db.repository import iter_outcomes, replace_vectors, texts_of_other_embedders
 from workers.routing.embedder import Embedder
 from workers.routing.predictor import HybridPredictor, KnnSettings, fit_hybrid
-from workers.routing.store import OutcomeRecord, RetrievalStore
+from workers.routing.store import OutcomeRecord, RetrievalStore, reembedded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,6 +40,8 @@ T = TypeVar("T")
 # that started later; each read goes back this far, and re-reading is harmless.
 REFRESH_OVERLAP = timedelta(seconds=5)
 REFRESH_CHUNK = 5000
+# Stored texts re-embedded per transaction when the embedder changed.
+REEMBED_CHUNK = 1000
 
 
 class RouterState:
@@ -44,7 +52,7 @@ class RouterState:
     def __init__(self, settings: Settings, embedder: Embedder, database_url: str) -> None:
         self.settings = settings
         self.engine = sa.create_engine(database_url, pool_pre_ping=True) if database_url else None
-        store = RetrievalStore(settings.router_models, embedder.dimension)
+        store = RetrievalStore(settings.router_models, embedder.dimension, embedder=embedder.name)
         self.predictor = HybridPredictor(
             embedder,
             store,
@@ -73,8 +81,15 @@ class RouterState:
         since = None if self.watermark is None else self.watermark - REFRESH_OVERLAP
         copied = 0
 
+        embedder = self.predictor.embedder
+
         def apply(chunk: list[tuple[OutcomeRecord, datetime]]) -> None:
-            store.add_stored(record for record, _ in chunk)
+            records, count = reembedded([record for record, _ in chunk], embedder, store.knows)
+            if count:
+                log.info(
+                    "re-embedded %d stored texts of another embedder with %s", count, embedder.name
+                )
+            store.add_stored(records)
 
         with Session(self.engine) as session:
             # The database's clock when this read's snapshot starts: the next read
@@ -118,8 +133,37 @@ class RouterState:
         await self.on_predictor_thread(swap)
         log.info("refit on %d outcomes, blend weight %.2f", report.outcomes_used, weight)
 
+    def _reembed_stored(self) -> int:
+        """Give every stored query whose vector another embedder made (ROUTER_EMBEDDER
+        changed) a vector of this router's embedder, made from its stored text."""
+        if self.engine is None:
+            return 0
+        embedder = self.predictor.embedder
+        total = 0
+        while True:
+            with Session(self.engine) as session, session.begin():
+                pending = texts_of_other_embedders(session, embedder.name, REEMBED_CHUNK)
+                if not pending:
+                    break
+                vectors = embedder.embed([text for _, text in pending])
+                replace_vectors(
+                    session, [query_id for query_id, _ in pending], vectors, embedder.name
+                )
+            total += len(pending)
+            log.warning(
+                "embedder is now %s: re-embedded %d stored queries from their texts so far "
+                "(their vectors were of another embedder)", embedder.name, total,
+            )  # fmt: skip
+        return total
+
     async def warm(self) -> int:
-        """Rebuild the store from the database and fit the heads, before serving."""
+        """Re-embed what another embedder stored, rebuild the store from the database
+        and fit the heads, before serving."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.background, self._reembed_stored)
+        except sa.exc.SQLAlchemyError as exc:  # refreshes re-embed in memory meanwhile
+            log.warning("re-embedding stored queries: database unavailable (%s)", exc)
         count = await self.refresh_store()
         await self.refit()
         log.info("retrieval store rebuilt from the database: %d outcomes", count)
