@@ -118,18 +118,19 @@ async def batches(
     Each event therefore carries one more reference while the body runs, which
     only a body that finished gives back."""
     async for events in cast(faust.Stream[bytes], stream).take_events(max_events, within_seconds):
-        leave_unacknowledged(events)
+        for event in events:
+            event.message.incref()
         yield events
         for event in events:
             event.ack()
 
 
-def leave_unacknowledged(events: Sequence[EventT]) -> None:
-    """Keep events from being acknowledged when the body that got them finishes: a
-    batch handed over unprocessed (a rebalance began) is re-read by the
-    partition's owner from the committed offset."""
+def hand_over(events: Sequence[EventT]) -> None:
+    """Let events go unprocessed because a rebalance began: this worker is done with
+    them (its revocation waits for no more of them), but their offsets are never
+    acknowledged, so the partition's owner re-reads them from the committed offset."""
     for event in events:
-        event.message.incref()
+        event.message.acked = True
 
 
 async def decode_or_dead_letter(

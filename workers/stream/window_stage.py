@@ -35,7 +35,7 @@ from workers.stream.app import (
     Topics,
     batches,
     decode_or_dead_letter,
-    leave_unacknowledged,
+    hand_over,
     send_dead_letter,
 )
 from workers.stream.codec import BadEvent, decode, encode
@@ -141,13 +141,13 @@ async def publish_pool_window(
     events = [event for event, _ in items]
     if not current(stage, events):
         log.warning("window %s: a rebalance began; its queries are left to the owner", window_id)
-        leave_unacknowledged(events)
+        hand_over(events)
         return
     if assignments:
         await stage.decisions.decide(assignments, partition_of)  # durable before any send
         if not current(stage, events):
             log.warning("window %s: a rebalance began; decided, left to the owner", window_id)
-            leave_unacknowledged(events)
+            hand_over(events)
             return
     outgoing = [*assignments, *split.resend]
     await asyncio.gather(
