@@ -148,13 +148,6 @@ def restartable_broker(request: pytest.FixtureRequest) -> tuple[str, Callable[[]
     return broker.bootstrap_servers, broker.restart
 
 
-@pytest.mark.xfail(
-    reason="issue 15, router: after the group rejoin a broker restart forces (the broker "
-    "forgot the member), the router stops reading part of omnirouter.queries or skips "
-    "recorded but unpublished decisions as duplicates: 25-157 of 300 lost in 6 runs. "
-    "Remove this mark with the router's fix",
-    strict=False,
-)
 def test_the_router_rides_out_a_broker_restart(
     restartable_broker: tuple[str, Callable[[], object]], postgres_url: str, tmp_path: Path
 ) -> None:
