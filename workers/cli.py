@@ -598,6 +598,10 @@ def bench_pipeline(
         f"with {figures.outcomes_in_store} outcomes in the store "
         f"(the largest of {figures.routers} router(s))"
     )
+    click.echo(
+        f"router CPU per query          {figures.router_cpu_ms_per_query:8.2f} ms "
+        f"(one core of routers: {1000 / figures.router_cpu_ms_per_query:.0f} queries/s)"
+    )
     window = figures.window_seconds
     click.echo(
         f"targets: steady >= 2000/s {'met' if figures.pipeline_qps >= 2000 else 'MISSED'}; "

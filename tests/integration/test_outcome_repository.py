@@ -28,7 +28,7 @@ def test_outcomes_are_written_and_read_back(postgres_engine: sa.Engine) -> None:
         latency_ms=80.0,
     )
     with Session(postgres_engine) as session, session.begin():
-        upsert_outcomes(session, [outcome], [embedding])
+        upsert_outcomes(session, [outcome], [embedding], "test-embedder")
 
     with Session(postgres_engine) as session:
         stored = [record for record, _ in iter_outcomes(session)]
@@ -96,7 +96,7 @@ def write(engine: sa.Engine, *batches: list[tuple[Outcome, np.ndarray | None]]) 
     """Each batch in a transaction of its own, as the outcome writer does."""
     for batch in batches:
         with Session(engine) as session, session.begin():
-            upsert_outcomes(session, [o for o, _ in batch], [e for _, e in batch])
+            upsert_outcomes(session, [o for o, _ in batch], [e for _, e in batch], "test-embedder")
 
 
 def test_usage_with_text_and_a_judge_score_in_one_batch_keep_both(

@@ -49,6 +49,8 @@ from workers.stream.replay import produce_queries
 from workers.stream.topics import create_topics
 
 SHORT_QUERY_CHARS = 160
+RAW_EMBEDDING_CALL = 256  # ROUTER_PREDICT_BATCH's default
+RAW_EMBEDDING_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class PipelineFigures:
     outcomes_in_store: int
     queries: int
     routers: int
+    # CPU time the routers spent per query of the burst (all their threads): what a
+    # core's worth of routers sustains, whatever else the machine is running.
+    router_cpu_ms_per_query: float
 
 
 def short_queries(count: int, run: str) -> list[QueryEvent]:
@@ -101,6 +106,16 @@ def seed_synthetic_outcomes(
         ]
         with Session(engine) as session, session.begin():
             upsert_outcomes(session, outcomes, list(vectors), embedder.name)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -213,8 +228,9 @@ async def measure(
     settings: Settings,
     queries: int,
     routers: int,
+    router_pids: list[int],
     progress: Callable[[str], None],
-) -> tuple[float, float, NDArray[np.float64]]:
+) -> tuple[float, float, float, NDArray[np.float64]]:
     """Throughput of a burst, then produce -> assignment latency at half that rate,
     both from the producers' record timestamps."""
     names = settings.topic_names()
@@ -230,15 +246,17 @@ async def measure(
         progress(f"{routers} router(s) ready")
 
         burst = short_queries(queries, f"tp{uuid.uuid4().hex[:6]}")
+        cpu_before = cpu_seconds(router_pids)
         await produce_queries(bootstrap, names["queries"], burst, 0)
         ids = [q.query_id for q in burst]
         done, started = await assigned.wait_for(ids, 900), await sent.wait_for(ids, 60)
+        cpu_ms_per_query = (cpu_seconds(router_pids) - cpu_before) * 1000 / queries
         elapsed = (max(done.values()) - min(started.values())) / 1000
         burst_qps = queries / elapsed
         pipeline_qps = steady_rate(list(done.values()), settings.router_window_seconds)
         progress(
             f"pipeline: {queries} queries in {elapsed:.1f}s = {burst_qps:.0f}/s; "
-            f"steady {pipeline_qps:.0f}/s"
+            f"steady {pipeline_qps:.0f}/s; router CPU {cpu_ms_per_query:.2f} ms per query"
         )
 
         steady = short_queries(max(200, queries // 4), f"lat{uuid.uuid4().hex[:6]}")
@@ -246,19 +264,23 @@ async def measure(
         ids = [q.query_id for q in steady]
         done, started = await assigned.wait_for(ids, 900), await sent.wait_for(ids, 60)
         latencies = np.array([(done[i] - started[i]) / 1000 for i in ids])
-    return pipeline_qps, burst_qps, latencies
+    return pipeline_qps, burst_qps, cpu_ms_per_query, latencies
 
 
 def raw_embedding_rates(
     embedders: dict[str, Embedder], texts: list[str], when: str, progress: Callable[[str], None]
 ) -> dict[str, float]:
-    """Short queries a second that each embedder embeds, one call for all texts."""
+    """Short queries a second that each embedder embeds, in calls of the router's
+    micro-batch size, for all texts or RAW_EMBEDDING_SECONDS (MiniLM is slow)."""
     rates = {}
     for kind, embedder in embedders.items():
         embedder.embed(texts[:64])  # warm up
-        started = time.perf_counter()
-        embedder.embed(texts)
-        rates[kind] = len(texts) / (time.perf_counter() - started)
+        embedded, started = 0, time.perf_counter()
+        for start in range(0, len(texts), RAW_EMBEDDING_CALL):
+            embedded += len(embedder.embed(texts[start : start + RAW_EMBEDDING_CALL]))
+            if time.perf_counter() - started > RAW_EMBEDDING_SECONDS:
+                break
+        rates[kind] = embedded / (time.perf_counter() - started)
         progress(f"raw embedding, {kind}, {when}: {rates[kind]:.0f} short queries/s")
     return rates
 
@@ -297,12 +319,13 @@ def run(
             "EMBEDDER_CACHE_DIR": str(cache_dir.resolve()),
         }
         with router_processes(env, log_dir, routers) as processes:
-            pipeline_qps, burst_qps, latencies = asyncio.run(
+            pipeline_qps, burst_qps, cpu_ms, latencies = asyncio.run(
                 measure(
                     broker.bootstrap_servers,
                     settings.model_copy(update={"router_window_seconds": window_seconds}),
                     queries,
                     routers,
+                    [process.pid for process in processes],
                     progress,
                 )
             )
@@ -323,4 +346,5 @@ def run(
         outcomes_in_store=outcomes_in_store,
         queries=queries,
         routers=routers,
+        router_cpu_ms_per_query=cpu_ms,
     )

@@ -45,6 +45,11 @@ class QueryClusters:
         return 1 if self._centroids is None else int(self._centroids.ntotal)
 
     @property
+    def next_fit_size(self) -> int:
+        """The store size at which `extend` fits the centroids anew."""
+        return max(MIN_ROWS_TO_FIT, 2 * self._fitted_at)
+
+    @property
     def labels(self) -> NDArray[np.int64]:
         return self._labels
 
@@ -60,7 +65,7 @@ class QueryClusters:
         """Label rows just added (`new`); refit on every stored vector (`stored()`, the
         new ones included) once the store has doubled since the last fit."""
         size = len(self._labels) + len(new)
-        if size >= max(MIN_ROWS_TO_FIT, 2 * self._fitted_at):
+        if size >= self.next_fit_size:
             self._fit(stored())
         else:
             self._labels = np.concatenate([self._labels, self.assign(new)])

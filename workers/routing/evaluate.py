@@ -239,8 +239,10 @@ def route_split(
     arrival (`arrival_order`); add to `points`."""
     scored = np.flatnonzero(~np.isnan(test.scores).any(axis=1))
     scored = scored[arrival_order(len(scored), settings.seed)]
-    truth, spent = test.scores[scored], test.costs[scored]
-    quality, cost = estimates.quality[scored], estimates.cost[scored]
+    truth: NDArray[np.float64] = test.scores[scored]
+    spent: NDArray[np.float64] = test.costs[scored]
+    quality: NDArray[np.float64] = estimates.quality[scored]
+    cost: NDArray[np.float64] = estimates.cost[scored]
     n, n_models = truth.shape
     rows = np.arange(n)
 
@@ -251,7 +253,7 @@ def route_split(
     for j, model in enumerate(test.models):
         record(f"model:{model}", 0.0, np.full(n, j))
     rng = np.random.default_rng(settings.seed)
-    record("random", 0.0, rng.integers(0, n_models, n))
+    record("random", 0.0, rng.integers(0, n_models, size=(n,)))
     record("cheapest", 0.0, cost.argmin(axis=1))
     record("oracle", 0.0, oracle_plan(truth, spent))
     for threshold in settings.thresholds:
@@ -267,7 +269,7 @@ def route_split(
             # Same solver: the fast path leaves more on the table with 0/1 qualities.
             plan = route_windows(truth, spent, size, "budget", per_query, settings.solver)
             record(ORACLE_BUDGET, float(per_query), plan)
-        tasks = np.array(test.eval_names)[scored]
+        tasks = [test.eval_names[i] for i in scored]
         if len(set(tasks)) > 1:
             # A bound for any predictor that only tells tasks apart: the same
             # windows solved with each task's true per-model accuracy and cost.

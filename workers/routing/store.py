@@ -144,7 +144,22 @@ class RetrievalStore:
         self._output_tokens = grown(self._output_tokens)
 
     def _new_rows(self, query_ids: Sequence[str], embeddings: NDArray[np.float32]) -> None:
+        """Add rows in runs that stop where the index converts or the clusters refit,
+        so a store grown in any batches equals one grown a row at a time."""
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1, self.dimension)
+        start = 0
+        while start < len(query_ids):
+            end = start + min(len(query_ids) - start, self._rows_to_next_change())
+            self._append_rows(query_ids[start:end], embeddings[start:end])
+            start = end
+
+    def _rows_to_next_change(self) -> int:
+        limits = [self.clusters.next_fit_size - self._size]
+        if isinstance(self._index, faiss.IndexFlat) and self._size < self.ivf_threshold:
+            limits.append(self.ivf_threshold - self._size)
+        return max(1, min(limits))
+
+    def _append_rows(self, query_ids: Sequence[str], embeddings: NDArray[np.float32]) -> None:
         self._grow_to(self._size + len(query_ids))
         for offset, query_id in enumerate(query_ids):
             self._row_of[query_id] = self._size + offset
@@ -188,6 +203,9 @@ class RetrievalStore:
                 raise ValueError(f"query {record.query_id!r} is new to the store: need its vector")
             self._new_rows([record.query_id], record.embedding[None, :])
             row = self._size - 1
+        self._set_outcome(row, column, record)
+
+    def _set_outcome(self, row: int, column: int, record: OutcomeRecord) -> None:
         for array, value in (
             (self._scores, record.quality_score),
             (self._costs, record.cost_usd),
@@ -200,15 +218,22 @@ class RetrievalStore:
     def add_stored(self, records: Iterable[OutcomeRecord]) -> int:
         """Add outcomes read back from the database; skip those of models no longer
         routed and of queries whose text was never seen (no vector to place them).
-        A vector of another embedder counts as none. Returns how many were added."""
+        A vector of another embedder counts as none. The new queries' vectors go into
+        the index together (one add per batch, not per record: a 100,000-outcome
+        rebuild took minutes one by one). Returns how many were added."""
+        kept = [r for r in records if r.model in self._column]
+        new: dict[str, NDArray[np.float32]] = {}
+        for record in kept:
+            own = record.embedding is not None and record.embedder == self.embedder
+            if own and not self.knows(record.query_id):
+                new.setdefault(record.query_id, record.embedding)  # type: ignore[arg-type]
+        if new:
+            self._new_rows(list(new), np.stack(list(new.values())))
         added = 0
-        for record in records:
-            if record.embedding is not None and record.embedder != self.embedder:
-                record = replace(record, embedding=None)
-            if record.model in self._column and (
-                record.embedding is not None or self.knows(record.query_id)
-            ):
-                self.add(record)
+        for record in kept:
+            row = self._row_of.get(record.query_id)
+            if row is not None:
+                self._set_outcome(row, self._column[record.model], record)
                 added += 1
         return added
 
