@@ -20,11 +20,11 @@ import sqlalchemy as sa
 
 from schemas import QueryEvent, WindowReport
 from tests.faults import decisions, start_worker, wait_until
-from workers.config import Settings
+from workers.config import ROUTER_APP_ID, Settings
 from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.routing.embedder import SentenceEmbedder
 from workers.services import LocalBroker
-from workers.stream.kafka_io import read_topic
+from workers.stream.kafka_io import group_state, read_topic
 from workers.stream.replay import produce_queries, seed_outcomes
 from workers.stream.topics import create_topics
 
@@ -93,6 +93,11 @@ def test_three_routers_killed_and_joined_mid_stream_route_each_query_once(
         return len(decisions(broker, routes))
 
     try:
+        wait_until(
+            lambda: asyncio.run(group_state(broker, ROUTER_APP_ID)) == ("Stable", 3),
+            180,
+            "three routers in a stable group",
+        )  # so the kills below come while windows are being routed, not before
         producer = produce_in_background(broker, names["queries"], queries)
         moments = []
         wait_until(lambda: routed() >= QUERIES // 5, 180, "a fifth routed by three routers")

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
@@ -45,6 +44,7 @@ from workers.db.repository import upsert_outcomes
 from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.routing.embedder import EMBEDDER_KINDS, Embedder, make_embedder
 from workers.services import LocalBroker, throwaway_postgres
+from workers.stream.kafka_io import group_state
 from workers.stream.replay import produce_queries
 from workers.stream.topics import create_topics
 
@@ -154,21 +154,12 @@ def router_processes(
 
 
 async def wait_for_group_members(bootstrap: str, group: str, count: int, timeout: float) -> None:
-    """Until the consumer group has `count` members (every router joined)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            described = await admin.describe_consumer_groups([group])
-            members = len(described[0].groups[0][5]) if described[0].groups else 0
-            if members >= count:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{members} of {count} routers joined group {group}")
-            await asyncio.sleep(0.5)
-    finally:
-        await admin.close()
+    """Until the consumer group is stable with `count` members (every router joined)."""
+    deadline = time.monotonic() + timeout
+    while (state := await group_state(bootstrap, group)) != ("Stable", count):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"group {group} is {state}, not stable with {count} members")
+        await asyncio.sleep(0.5)
 
 
 class Stamps:

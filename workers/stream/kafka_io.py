@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 
 async def produce_values(
@@ -115,3 +116,18 @@ async def read_topic(
     """Every value the topic holds now."""
     records = await read_records(bootstrap_servers, [topic], timeout_seconds, security)
     return [r.value for r in records if r.value is not None]
+
+
+async def group_state(
+    bootstrap_servers: str, group: str, security: Mapping[str, Any] | None = None
+) -> tuple[str, int]:
+    """A consumer group's state as the broker reports it ("Stable", "Empty", ...) and
+    its number of members."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **(security or {}))
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group])
+        _, _, state, _, _, members = response.groups[0]
+        return state, len(members)
+    finally:
+        await admin.close()
