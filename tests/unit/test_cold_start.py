@@ -70,6 +70,7 @@ def unit(*xs: float) -> np.ndarray:
 
 class FixedEmbedder:
     dimension = 3
+    name = "fixed"
 
     def embed(self, texts: object) -> np.ndarray:
         return np.stack([unit(1, 0, 0) for _ in texts])  # type: ignore[attr-defined]
@@ -224,3 +225,33 @@ def test_an_unused_allowance_carries_over_until_a_dear_query_can_be_explored() -
         budget += report.window_budget_usd or 0.0
     assert "frontier" in explored_models  # $0.012 a query, against $0.002 of share a window
     assert spent <= 0.05 * budget + 1e-12
+
+
+def test_explored_queries_are_a_fair_sample_not_the_hardest() -> None:
+    """Exploring where the planned model is predicted weakest (where an unknown
+    model's draw wins by most) judges the explored model on the hardest queries
+    only, and it ends believed worse than it is: the queries are drawn at random
+    among those where some draw beats the plan."""
+    n = 400
+    planned_quality = np.linspace(0.1, 0.95, n)  # easy and hard queries, well known
+    quality = np.column_stack([np.full(n, 0.5), np.full(n, 0.3), planned_quality])
+    support = np.tile([0.0, 500.0, 500.0], (n, 1))
+    problem = WindowProblem(quality, np.tile(COSTS, (n, 1)), "budget", window_budget_usd=10.0)
+    chosen = choose_explorations(problem, np.full(n, 2), support, 0.05, np.random.default_rng(0))
+    explored = chosen != NOT_EXPLORED
+    assert explored.sum() == 20
+    # Hardest-first picked queries with a planned quality of 0.15 on average.
+    assert planned_quality[explored].mean() > 0.3
+    assert planned_quality[explored].max() > 0.6
+
+
+def test_a_query_whose_best_candidate_does_not_fit_tries_the_next() -> None:
+    # frontier's draw wins by most but costs more than the allowance; mid fits.
+    n = 20
+    quality = np.tile([0.99, 0.7, 0.3], (n, 1))
+    support = np.tile([500.0, 500.0, 500.0], (n, 1))
+    problem = WindowProblem(quality, np.tile(COSTS, (n, 1)), "budget", window_budget_usd=1.0)
+    chosen = choose_explorations(
+        problem, np.full(n, 2), support, 0.1, np.random.default_rng(0), allowance_usd=0.005
+    )
+    assert chosen[chosen != NOT_EXPLORED].tolist() == [1, 1]
