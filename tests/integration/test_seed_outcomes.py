@@ -188,7 +188,9 @@ def test_the_seed_command_stores_a_generic_csv(postgres_url: str, tmp_path: Path
     assert (a4.quality_score, a4.score_source, a4.output_tokens) == (1.0, "replay", 9)
     assert a4.cost_usd == pytest.approx(0.004)
     assert rows[("seed-b", CLAUDE)].quality_score == pytest.approx(0.8)
-    assert vector(a4).shape == (384,)  # all-MiniLM-L6-v2
+    # ROUTER_EMBEDDER's default: the static embedder, 256 dimensions, named on the row.
+    assert vector(a4).shape == (256,)
+    assert (a4.embedder or "").startswith("static-all-MiniLM-L6-v2-pca256@")
     np.testing.assert_array_equal(vector(a4), vector(rows[("seed-a", MISTRAL)]))
     assert np.linalg.norm(vector(a4)) == pytest.approx(1.0, abs=1e-5)
 

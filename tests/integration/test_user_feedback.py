@@ -147,5 +147,5 @@ def test_a_users_score_outranks_a_judges_before_and_after_it(
         row = stored(engine, query_id)[MODEL]
         assert (row.quality_score, row.score_source) == (1.0, "user"), query_id
         assert row.cost_usd == pytest.approx(0.003)
-        assert row.embedding is not None and len(row.embedding) == 384 * 4
+        assert row.embedding is not None and len(row.embedding) == 256 * 4  # static embedder
     engine.dispose()

@@ -114,7 +114,10 @@ class StaticEmbedder:
     def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        vectors = self._model.encode(
-            [query_focus(t) for t in texts], use_multiprocessing=False, normalize=True
+        vectors = np.asarray(
+            self._model.encode([query_focus(t) for t in texts], use_multiprocessing=False),
+            dtype=np.float32,
         )
-        return np.asarray(vectors, dtype=np.float32)
+        # Normalised in float32: the model's float16 leaves norms 1e-4 off unit.
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, np.finfo(np.float32).tiny)

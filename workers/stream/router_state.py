@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-import faiss
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
@@ -41,7 +40,6 @@ T = TypeVar("T")
 # that started later; each read goes back this far, and re-reading is harmless.
 REFRESH_OVERLAP = timedelta(seconds=5)
 REFRESH_CHUNK = 5000
-FAISS_THREADS = 1
 # Stored texts re-embedded per transaction when the embedder changed.
 REEMBED_CHUNK = 1000
 
@@ -67,10 +65,6 @@ class RouterState:
         )
         self.watermark: datetime | None = None
         self.predictor_thread = ThreadPoolExecutor(1, thread_name_prefix="predictor")
-        # FAISS searches a micro-batch on every core with OpenMP threads that spin
-        # while they wait: on 2 cores shared with the event loop and the broker they
-        # took twice the CPU of one thread for 10% less wall time.
-        faiss.omp_set_num_threads(FAISS_THREADS)
         self.background = ThreadPoolExecutor(1, thread_name_prefix="router-io")
 
     async def on_predictor_thread(self, function: Callable[..., T], *args: Any) -> T:
