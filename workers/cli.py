@@ -665,10 +665,11 @@ def bench_cold_start(
     budget mode; per block of 250 queries beside a warm-started router."""
     from workers.bench import cold_start
     from workers.routing.dataset import load_routerbench, shipped_sample_path
-    from workers.routing.embedder import CachedEmbedder, SentenceEmbedder
+    from workers.routing.embedder import CachedEmbedder
 
     path = data_path or shipped_sample_path()
-    embedder = CachedEmbedder(SentenceEmbedder(), Path(".omnirouter/cache"))
+    # The warm-started reference predicts with the router's own embedder.
+    embedder = CachedEmbedder(_embedder(load_settings()), Path(".omnirouter/cache"))
     figures = cold_start.run(
         load_routerbench(path), path, embedder, queries, judge_share, judge_flip,
         rate_per_second=rate, progress=click.echo,

@@ -38,7 +38,7 @@ from workers.config import Settings
 from workers.db import migrate
 from workers.db.models import OutcomeRow
 from workers.routing.dataset import OutcomeTable, load_routerbench, shipped_sample_path
-from workers.routing.embedder import SentenceEmbedder
+from workers.routing.embedder import make_embedder
 from workers.routing.prices import fitted_prices
 from workers.services import demo_database_url, kafka_bootstrap
 from workers.stream.kafka_io import read_topic
@@ -214,7 +214,8 @@ def run_demo(settings: Settings, state_dir: Path, warm_start: int = 0) -> int:
 
         if len(warm):
             click.echo(f"[demo] warm start: storing the recorded outcomes of {len(warm)} prompts")
-            stored = seed_outcomes(engine, warm, SentenceEmbedder())
+            embedder = make_embedder(settings.router_embedder, Path(settings.embedder_cache_dir))
+            stored = seed_outcomes(engine, warm, embedder)
             click.echo(f"[demo] stored {stored} outcomes")
         else:
             click.echo("[demo] empty store: the router knows the models' list prices only")

@@ -25,7 +25,7 @@ from workers.config import Settings
 from workers.db import migrate
 from workers.demo import routed_outcomes, workers
 from workers.routing.dataset import OutcomeTable
-from workers.routing.embedder import SentenceEmbedder
+from workers.routing.embedder import make_embedder
 from workers.routing.evaluate import predict_split, route_windows
 from workers.routing.predictor import KnnSettings
 from workers.services import LocalBroker, throwaway_postgres
@@ -58,7 +58,7 @@ def run(
     live = table.take(list(range(warm_prompts, len(table))))
     budget = budget_share_of_dearest * float(np.nanmax(np.nanmean(warm.costs, axis=0)))
     settings = Settings()
-    embedder = SentenceEmbedder()
+    embedder = make_embedder(settings.router_embedder, Path(settings.embedder_cache_dir))
     run_id = f"acc-{uuid.uuid4().hex[:6]}"
     with LocalBroker() as broker, throwaway_postgres() as database_url:
         migrate.upgrade(database_url)
