@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from workers.routing.store import OutcomeRecord, RetrievalStore, ivf_lists
+from workers.routing.store import OutcomeRecord, RetrievalStore
 
 MODELS = ["a", "b"]
 
@@ -31,20 +31,3 @@ def test_batched_and_one_by_one_growth_give_the_same_store() -> None:
     queries = vectors[:20] + 0.1
     for got, want in zip(batched.search(queries, 5), one_by_one.search(queries, 5), strict=True):
         np.testing.assert_array_equal(got, want)
-
-
-def test_the_inverted_file_is_built_anew_with_more_lists_each_time_the_store_doubles() -> None:
-    """A fixed number of lists made each query scan a growing share of the store
-    (6% at 100,000 queries with 256 lists): the router's largest cost."""
-    rng = np.random.default_rng(2)
-    vectors = rng.normal(size=(3300, 16)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    store = RetrievalStore(MODELS, 16, ivf_threshold=400)
-    lists = []
-    for start in range(0, 3300, 100):
-        ids = [f"q{i}" for i in range(start, start + 100)]
-        nan = np.full((100, 2), np.nan)
-        store.add_table(ids, vectors[start : start + 100], nan, nan)
-        lists.append(getattr(store._index, "nlist", 0))
-    assert lists[2] == 0 and lists[3] == ivf_lists(400)  # flat, then built at 400
-    assert lists[-1] == ivf_lists(3200) > ivf_lists(1600) > ivf_lists(800) > ivf_lists(400)

@@ -6,12 +6,10 @@ be rebuilt from the outcomes table; both give the same rows.
 
 Search is exact (a flat index) while the store is small. Once it holds
 `ivf_threshold` queries, the flat index is replaced by an inverted-file index
-trained on what is stored then, and built anew each time the store doubles,
-with lists growing as the square root of its size (`ivf_lists`): a query scans
-the `IVF_PROBES` nearest lists, 6% of 20,000 stored queries and 2% of 160,000,
-so k-NN stays cheap as the store grows (with the static embedder it is the
-router's largest cost). Adding in the same order builds at the same points, so
-growing and rebuilding still give the same store.
+trained on what is stored then: a query scans only the `IVF_PROBES` nearest of
+`IVF_LISTS` clusters, about 6% of the vectors, which keeps k-NN far cheaper
+than embedding at 100,000 stored queries. Adding in the same order converts at
+the same point, so growing and rebuilding still give the same store.
 
 Every vector in a store is of one embedder's space (`embedder`, its name): a
 record whose vector another embedder made is refused by `add`, and read back
@@ -25,7 +23,6 @@ nothing.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar, cast
@@ -40,18 +37,8 @@ from workers.routing.embedder import Embedder
 T = TypeVar("T")
 
 IVF_THRESHOLD = 20_000
+IVF_LISTS = 256
 IVF_PROBES = 16
-MAX_IVF_LISTS = 4096
-# k-means of the lists on at most this many vectors per list, 10 rounds: the
-# build at 160,000 stored queries stays a few seconds on the predictor thread.
-IVF_TRAINING_POINTS_PER_LIST = 64
-IVF_TRAINING_ROUNDS = 10
-
-
-def ivf_lists(size: int) -> int:
-    """Lists of an inverted file over `size` vectors: 2 x sqrt(size), each list
-    trained on at least 39 vectors (faiss's minimum)."""
-    return max(1, min(MAX_IVF_LISTS, int(2 * math.sqrt(size)), size // 39))
 
 
 @dataclass(frozen=True)
@@ -84,7 +71,6 @@ class RetrievalStore:
         self._row_of: dict[str, int] = {}
         self._index: faiss.Index = faiss.IndexFlatIP(dimension)
         self._quantizer: faiss.Index | None = None  # kept alive for the inverted file
-        self._index_built_at = 0  # the size at the last inverted-file build (0: flat)
         self._scores = np.full((0, len(self.models)), np.nan)
         self._costs = np.full((0, len(self.models)), np.nan)
         self._output_tokens = np.full((0, len(self.models)), np.nan)
@@ -167,13 +153,10 @@ class RetrievalStore:
             self._append_rows(query_ids[start:end], embeddings[start:end])
             start = end
 
-    def _next_index_build(self) -> int:
-        return 2 * self._index_built_at if self._index_built_at else self.ivf_threshold
-
     def _rows_to_next_change(self) -> int:
         limits = [self.clusters.next_fit_size - self._size]
-        if self._size < self._next_index_build():
-            limits.append(self._next_index_build() - self._size)
+        if isinstance(self._index, faiss.IndexFlat) and self._size < self.ivf_threshold:
+            limits.append(self.ivf_threshold - self._size)
         return max(1, min(limits))
 
     def _append_rows(self, query_ids: Sequence[str], embeddings: NDArray[np.float32]) -> None:
@@ -181,23 +164,25 @@ class RetrievalStore:
         for offset, query_id in enumerate(query_ids):
             self._row_of[query_id] = self._size + offset
         self._index.add(embeddings)
-        if self._size + len(query_ids) >= self._next_index_build():
+        if self._size + len(query_ids) >= self.ivf_threshold and isinstance(
+            self._index, faiss.IndexFlat
+        ):
             self._index = self._inverted_file(self._index)
         self._size += len(query_ids)
         self.clusters.extend(embeddings, lambda: self._index.reconstruct_n(0, self._size))
         self._memo.clear()
 
-    def _inverted_file(self, current: faiss.Index) -> faiss.IndexIVFFlat:
-        vectors = current.reconstruct_n(0, current.ntotal)
+    def _inverted_file(self, flat: faiss.IndexFlat) -> faiss.IndexIVFFlat:
+        vectors = flat.reconstruct_n(0, flat.ntotal)
         quantizer = faiss.IndexFlatIP(self.dimension)
         index = faiss.IndexIVFFlat(
-            quantizer, self.dimension, ivf_lists(len(vectors)), faiss.METRIC_INNER_PRODUCT
+            quantizer,
+            self.dimension,
+            min(IVF_LISTS, len(vectors) // 40),
+            faiss.METRIC_INNER_PRODUCT,
         )
         index.cp.seed = 0  # k-means start: the same vectors give the same index
-        index.cp.niter = IVF_TRAINING_ROUNDS
-        index.cp.max_points_per_centroid = IVF_TRAINING_POINTS_PER_LIST
         index.train(vectors)
-        self._index_built_at = len(vectors)
         index.set_direct_map_type(faiss.DirectMap.Array)  # type: ignore[attr-defined]  # reconstruct_n
         index.add(vectors)
         index.nprobe = IVF_PROBES
