@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from workers.config import Settings
 from workers.db import migrate
+from workers.routing.embedder import Embedder, make_embedder
 from workers.services import PersistentLocalBroker, kafka_bootstrap, throwaway_postgres
 
 
@@ -50,3 +52,11 @@ def pytest_report_header() -> list[str]:
     database = os.environ.get("DATABASE_URL") or "PostgreSQL on 127.0.0.1:5432, a database per test"
     persistent = "local noida-db broker per test (restarts, transactions)"
     return [f"kafka: {kafka}", f"persistent kafka: {persistent}", f"postgres: {database}"]
+
+
+@pytest.fixture(scope="session")
+def router_embedder() -> Embedder:
+    """The embedder the routers under test use (ROUTER_EMBEDDER), for seeding their
+    store: seeded vectors of another embedder would be re-embedded at each start."""
+    settings = Settings()
+    return make_embedder(settings.router_embedder, Path(settings.embedder_cache_dir))

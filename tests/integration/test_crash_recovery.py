@@ -23,7 +23,7 @@ from schemas import QueryEvent
 from tests.faults import decisions, start_worker
 from workers.config import ROUTER_APP_ID, Settings
 from workers.routing.dataset import load_routerbench, shipped_sample_path
-from workers.routing.embedder import SentenceEmbedder
+from workers.routing.embedder import Embedder
 from workers.services import LocalBroker
 from workers.stream.replay import produce_queries, seed_outcomes
 from workers.stream.topics import create_topics
@@ -57,14 +57,18 @@ async def committed_offsets(bootstrap: str, topics: list[str]) -> dict[str, int 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_a_router_stopped_mid_window_loses_and_doubles_no_decision(
-    stop_signal: signal.Signals, broker: str, postgres_url: str, tmp_path: Path
+    stop_signal: signal.Signals,
+    broker: str,
+    postgres_url: str,
+    tmp_path: Path,
+    router_embedder: Embedder,
 ) -> None:
     settings = Settings(kafka_partitions=2)
     names = settings.topic_names()
     routes = [names[f"route:{m}"] for m in settings.router_models]
     asyncio.run(create_topics(settings, broker))
     sample = load_routerbench(shipped_sample_path())
-    seed_outcomes(sa.create_engine(postgres_url), sample.take(list(range(40))), SentenceEmbedder())
+    seed_outcomes(sa.create_engine(postgres_url), sample.take(list(range(40))), router_embedder)
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": broker,

@@ -33,7 +33,7 @@ from tests.faults import (
 )
 from workers.config import ROUTER_APP_ID, Settings
 from workers.routing.dataset import load_routerbench, shipped_sample_path
-from workers.routing.embedder import SentenceEmbedder
+from workers.routing.embedder import Embedder
 from workers.services import LocalBroker, PersistentLocalBroker
 from workers.stream.codec import encode
 from workers.stream.kafka_io import produce_values, read_topic
@@ -94,13 +94,16 @@ def proxied_broker() -> Iterator[tuple[LocalBroker, TcpProxy]]:
 
 
 def test_the_router_rides_out_a_broker_outage(
-    proxied_broker: tuple[LocalBroker, TcpProxy], postgres_url: str, tmp_path: Path
+    proxied_broker: tuple[LocalBroker, TcpProxy],
+    postgres_url: str,
+    tmp_path: Path,
+    router_embedder: Embedder,
 ) -> None:
     _, proxy = proxied_broker
     bootstrap = proxy.address
     asyncio.run(create_topics(SETTINGS, bootstrap))
     sample = load_routerbench(shipped_sample_path())
-    seed_outcomes(sa.create_engine(postgres_url), sample.take(list(range(40))), SentenceEmbedder())
+    seed_outcomes(sa.create_engine(postgres_url), sample.take(list(range(40))), router_embedder)
     before, after = queries("before", 150), queries("after", 150)
     log = tmp_path / "router.log"
     router = start_worker("router", worker_env(bootstrap, postgres_url), log)

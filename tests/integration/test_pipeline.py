@@ -25,7 +25,7 @@ from workers.config import Settings
 from workers.db.models import OutcomeRow
 from workers.demo import workers
 from workers.routing.dataset import load_routerbench, shipped_sample_path
-from workers.routing.embedder import SentenceEmbedder
+from workers.routing.embedder import Embedder
 from workers.services import LocalBroker
 from workers.stream.kafka_io import produce_values, read_topic
 from workers.stream.replay import seed_outcomes
@@ -96,7 +96,7 @@ def read_all(bootstrap: str, topic: str) -> list[bytes]:
 
 
 def test_queries_are_routed_answered_stored_and_learned_from(
-    broker: str, postgres_url: str, tmp_path: Path
+    broker: str, postgres_url: str, tmp_path: Path, router_embedder: Embedder
 ) -> None:
     env = environment(broker, postgres_url)
     settings = Settings(kafka_partitions=2, router_pools=POOLS)  # type: ignore[arg-type]
@@ -104,7 +104,7 @@ def test_queries_are_routed_answered_stored_and_learned_from(
     asyncio.run(create_topics(settings, broker))
     sample = load_routerbench(shipped_sample_path())
     engine = sa.create_engine(postgres_url)
-    seed_outcomes(engine, sample.take(list(range(60))), SentenceEmbedder())
+    seed_outcomes(engine, sample.take(list(range(60))), router_embedder)
 
     run = f"t{uuid.uuid4().hex[:6]}"
     pools = ["default", "gold", "bronze"]

@@ -22,7 +22,7 @@ from schemas import QueryEvent, WindowReport
 from tests.faults import decisions, start_worker, wait_until
 from workers.config import ROUTER_APP_ID, Settings
 from workers.routing.dataset import load_routerbench, shipped_sample_path
-from workers.routing.embedder import SentenceEmbedder
+from workers.routing.embedder import Embedder
 from workers.services import LocalBroker
 from workers.stream.kafka_io import group_state, read_topic
 from workers.stream.replay import produce_queries, seed_outcomes
@@ -68,14 +68,14 @@ def produce_in_background(
 
 
 def test_three_routers_killed_and_joined_mid_stream_route_each_query_once(
-    broker: str, postgres_url: str, tmp_path: Path
+    broker: str, postgres_url: str, tmp_path: Path, router_embedder: Embedder
 ) -> None:
     settings = Settings(kafka_partitions=4)
     names = settings.topic_names()
     routes = [names[f"route:{m}"] for m in settings.router_models]
     asyncio.run(create_topics(settings, broker))
     sample = load_routerbench(shipped_sample_path())
-    seed_outcomes(sa.create_engine(postgres_url), sample.take(list(range(40))), SentenceEmbedder())
+    seed_outcomes(sa.create_engine(postgres_url), sample.take(list(range(40))), router_embedder)
     queries = [
         QueryEvent(query_id=f"scale-{i}", text=sample.prompts[40 + i % 500][-300:])
         for i in range(QUERIES)
