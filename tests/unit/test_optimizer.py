@@ -135,6 +135,24 @@ def test_identical_queries_share_a_capped_cheap_model() -> None:
     assert plan.status == "near_optimal"
 
 
+def test_a_model_with_no_room_does_not_hide_the_real_choice() -> None:
+    # Found by the property test below: with the middle model closed (capacity 0)
+    # the price auction saw it as every query's runner-up, and the fast path put
+    # the dear query, not the cheap one, on the last free seat of the free model:
+    # a "cheapest plan" over a budget that a swap meets.
+    zero = [0.0, 0.0, 0.0]
+    problem = WindowProblem(
+        quality=np.zeros((4, 3)),
+        cost=np.array([zero, [0.001, 0.0, 0.0], [0.05, 0.0, 0.0], zero]),
+        mode="budget",
+        window_budget_usd=0.03125,
+        capacities=(None, 0, 1),
+    )
+    plan = solve_fast(problem)
+    assert problem.meets_limit(plan.assignment), plan.status
+    assert plan.assignment.tolist() == [0, 0, 2, 0]
+
+
 def test_same_input_gives_the_same_plan() -> None:
     quality, cost = synthetic_window(300, seed=5)
     problem = problem_for(quality, cost, "budget", capacities=(60,) * 11)

@@ -279,6 +279,15 @@ def _assign_within_capacity(
     """
     n, m = score.shape
     prices = np.zeros(m) if prices is None else prices.copy()
+    usable = np.flatnonzero(caps > 0)
+    if 0 < usable.size < m:
+        # A model with no room is no option: left in, it is every query's runner-up
+        # while no query may have it, and the prices see no real competition.
+        plan, usable_prices = _assign_within_capacity(
+            score[:, usable], caps[usable], prices[usable], rounds
+        )
+        prices[usable] = usable_prices
+        return usable[plan].astype(np.int64), prices
     if not np.isfinite(caps).any() or m == 1:
         return score.argmax(axis=1).astype(np.int64), prices
     rows = np.arange(n)
