@@ -14,7 +14,6 @@ import asyncio
 import base64
 import contextlib
 import os
-import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,11 +24,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.produce import ProduceRequest
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
-from aiokafka.record.util import calc_crc32c
 
 from schemas import DeadLetter, QueryEvent
 from tests.faults import decisions, start_worker
+from tests.record_batches import ZSTD, record_batch
 from workers.config import ROUTER_APP_ID, Settings
 from workers.services import LocalBroker
 from workers.stream.kafka_io import read_topic
@@ -173,30 +171,6 @@ def test_queries_from_a_librdkafka_producer_are_routed_with_every_codec(
 
 # The v2 record batch header (Kafka's protocol): the CRC-32C at byte 17 covers
 # everything from the attributes (byte 21, the low 3 bits name the codec) onward.
-CRC_AT = struct.calcsize(">qiib")
-ATTRIBUTES_AT = struct.calcsize(">qiibI")
-ZSTD = 4
-
-
-def record_batch(values: list[bytes], *, claimed_codec: int = 0, crc_flip: int = 0) -> bytes:
-    """An uncompressed v2 record batch of `values`, optionally claiming a codec its
-    payload is not in, or with a CRC that does not match (`crc_flip` != 0)."""
-    builder = DefaultRecordBatchBuilder(
-        magic=2,
-        compression_type=0,
-        is_transactional=0,
-        producer_id=-1,
-        producer_epoch=-1,
-        base_sequence=-1,
-        batch_size=1 << 20,
-    )
-    for offset, value in enumerate(values):
-        builder.append(offset, timestamp=None, key=None, value=value, headers=[])
-    batch = bytearray(builder.build())
-    (attributes,) = struct.unpack_from(">h", batch, ATTRIBUTES_AT)
-    struct.pack_into(">h", batch, ATTRIBUTES_AT, attributes | claimed_codec)
-    struct.pack_into(">I", batch, CRC_AT, calc_crc32c(bytes(batch[ATTRIBUTES_AT:])) ^ crc_flip)
-    return bytes(batch)
 
 
 async def produce_raw_batch(bootstrap: str, partition: int, batch: bytes) -> int:

@@ -3,42 +3,22 @@ aiokafka's own record parsing of real v2 record batches."""
 
 from __future__ import annotations
 
-import struct
-
 from aiokafka.consumer.fetcher import READ_UNCOMMITTED, PartitionRecords
-from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
-from aiokafka.record.util import calc_crc32c
 from faust.types import TP
 
+from tests.record_batches import ZSTD, record_batch
 from workers.stream.transport import SkippingUndecodable, UndecodableBatch
 
 PARTITION = TP("omnirouter.queries", 0)
-CRC_AT = struct.calcsize(">qiib")
-ATTRIBUTES_AT = struct.calcsize(">qiibI")
-ZSTD = 4
 
 
 def batch(base_offset: int, count: int, *, claimed_codec: int = 0, crc_flip: int = 0) -> bytes:
-    """A v2 record batch of `count` records from `base_offset`, possibly claiming a codec
-    its payload is not in, or with a CRC that does not match."""
-    builder = DefaultRecordBatchBuilder(
-        magic=2,
-        compression_type=0,
-        is_transactional=0,
-        producer_id=-1,
-        producer_epoch=-1,
-        base_sequence=-1,
-        batch_size=1 << 20,
+    """`count` records from `base_offset`, their values v0, v1, ..."""
+    values = [b"v%d" % delta for delta in range(count)]
+    return record_batch(
+        values, base_offset=base_offset, claimed_codec=claimed_codec, crc_flip=crc_flip
     )
-    for delta in range(count):
-        builder.append(delta, timestamp=None, key=None, value=b"v%d" % delta, headers=[])
-    data = bytearray(builder.build())
-    struct.pack_into(">q", data, 0, base_offset)  # as the broker sets it
-    (attributes,) = struct.unpack_from(">h", data, ATTRIBUTES_AT)
-    struct.pack_into(">h", data, ATTRIBUTES_AT, attributes | claimed_codec)
-    struct.pack_into(">I", data, CRC_AT, calc_crc32c(bytes(data[ATTRIBUTES_AT:])) ^ crc_flip)
-    return bytes(data)
 
 
 def read(fetched: bytes, fetch_offset: int) -> tuple[list[int], list[UndecodableBatch], int]:
