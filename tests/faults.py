@@ -22,9 +22,10 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from schemas import Assignment
+from schemas import Assignment, QueryEvent
 from workers.services import free_port
 from workers.stream.kafka_io import read_records
+from workers.stream.replay import produce_queries
 
 CHUNK = 65536
 
@@ -200,3 +201,15 @@ class DecisionCount:
             f"{messages}, identical re-sends {resent}, lost {len(self.lost)}, "
             f"decided twice {len(self.decided_twice)}"
         )
+
+
+def produce_in_background(
+    bootstrap: str, topic: str, queries: list[QueryEvent], rate_per_second: float
+) -> threading.Thread:
+    """Produce the queries at a steady rate from a thread, so a test can act mid-stream."""
+    thread = threading.Thread(
+        target=lambda: asyncio.run(produce_queries(bootstrap, topic, queries, rate_per_second)),
+        daemon=True,
+    )
+    thread.start()
+    return thread

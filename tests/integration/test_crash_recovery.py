@@ -20,17 +20,19 @@ import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import QueryEvent
-from tests.faults import decisions, start_worker
+from tests.faults import decisions, produce_in_background, start_worker, wait_until
 from workers.config import ROUTER_APP_ID, Settings
 from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.routing.embedder import Embedder
 from workers.services import LocalBroker
-from workers.stream.replay import produce_queries, seed_outcomes
+from workers.stream.kafka_io import group_state
+from workers.stream.replay import seed_outcomes
 from workers.stream.topics import create_topics
 
 pytestmark = pytest.mark.integration
 
 QUERIES = 300
+RATE = 50.0  # queries per second: a 6 s stream
 
 
 @pytest.fixture
@@ -86,7 +88,14 @@ def test_a_router_stopped_mid_window_loses_and_doubles_no_decision(
     log = tmp_path / "router.log"
     first = start_worker("router", env, log)
     try:
-        asyncio.run(produce_queries(broker, names["queries"], queries, 0))
+        # Once the router is in its group, at a rate: the stop comes mid-stream
+        # however fast the router is.
+        wait_until(
+            lambda: asyncio.run(group_state(broker, ROUTER_APP_ID)) == ("Stable", 1),
+            120,
+            "the router in its group",
+        )
+        producer = produce_in_background(broker, names["queries"], queries, RATE)
         deadline = time.monotonic() + 120
         while len(decisions(broker, routes)) < QUERIES // 5:
             assert time.monotonic() < deadline, "the first router routed nothing"
@@ -98,6 +107,7 @@ def test_a_router_stopped_mid_window_loses_and_doubles_no_decision(
             assert exit_code == 0, log.read_text(errors="replace")[-2000:]  # a clean stop
         routed_before_stop = len(decisions(broker, routes))
         assert routed_before_stop < QUERIES, "killed too late to test anything"
+        producer.join(timeout=120)
 
         second = start_worker("router", env, log)
         try:

@@ -11,7 +11,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,13 +18,13 @@ import pytest
 import sqlalchemy as sa
 
 from schemas import QueryEvent, WindowReport
-from tests.faults import decisions, start_worker, wait_until
+from tests.faults import decisions, produce_in_background, start_worker, wait_until
 from workers.config import ROUTER_APP_ID, Settings
 from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.routing.embedder import Embedder
 from workers.services import LocalBroker
 from workers.stream.kafka_io import group_state, read_topic
-from workers.stream.replay import produce_queries, seed_outcomes
+from workers.stream.replay import seed_outcomes
 from workers.stream.topics import create_topics
 
 pytestmark = pytest.mark.integration
@@ -55,16 +54,6 @@ def router_env(bootstrap: str, database_url: str) -> dict[str, str]:
         "ROUTER_REFIT_SECONDS": "3600",
         "METRICS_PORT": "0",
     }
-
-
-def produce_in_background(
-    bootstrap: str, topic: str, queries: list[QueryEvent]
-) -> threading.Thread:
-    thread = threading.Thread(
-        target=lambda: asyncio.run(produce_queries(bootstrap, topic, queries, RATE)), daemon=True
-    )
-    thread.start()
-    return thread
 
 
 def test_three_routers_killed_and_joined_mid_stream_route_each_query_once(
@@ -98,7 +87,7 @@ def test_three_routers_killed_and_joined_mid_stream_route_each_query_once(
             180,
             "three routers in a stable group",
         )  # so the kills below come while windows are being routed, not before
-        producer = produce_in_background(broker, names["queries"], queries)
+        producer = produce_in_background(broker, names["queries"], queries, RATE)
         moments = []
         wait_until(lambda: routed() >= QUERIES // 5, 180, "a fifth routed by three routers")
         routers[0].kill()  # SIGKILL mid-stream
