@@ -20,12 +20,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+import sqlalchemy as sa
+from aiokafka import AIOKafkaConsumer
 
 from schemas import Assignment, QueryEvent
+from workers.config import Settings
+from workers.routing.dataset import OutcomeTable, load_routerbench, shipped_sample_path
+from workers.routing.embedder import Embedder
 from workers.services import free_port
-from workers.stream.kafka_io import read_records
-from workers.stream.replay import produce_queries
+from workers.stream.kafka_io import read_records, topic_partitions
+from workers.stream.replay import produce_queries, seed_outcomes
+from workers.stream.topics import create_topics
 
 CHUNK = 65536
 
@@ -153,12 +158,7 @@ async def lag(bootstrap: str, group: str, topics: list[str]) -> dict[str, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
     await consumer.start()
     try:
-        await consumer.topics()  # fetches the cluster's metadata
-        partitions = [
-            TopicPartition(topic, partition)
-            for topic in topics
-            for partition in sorted(consumer.partitions_for_topic(topic) or [])
-        ]
+        partitions = await topic_partitions(consumer, topics)
         ends = await consumer.end_offsets(partitions)
         return {
             f"{tp.topic}[{tp.partition}]": max(0, ends[tp] - (await consumer.committed(tp) or 0))
@@ -213,3 +213,20 @@ def produce_in_background(
     )
     thread.start()
     return thread
+
+
+SEEDED_PROMPTS = 40
+
+
+def seeded_router_services(
+    bootstrap: str, database_url: str, settings: Settings, embedder: Embedder
+) -> OutcomeTable:
+    """The topics created and the routers' store seeded with the recorded outcomes of
+    the shipped sample's first SEEDED_PROMPTS prompts; returns the sample, whose
+    later prompts make the test's queries."""
+    asyncio.run(create_topics(settings, bootstrap))
+    sample = load_routerbench(shipped_sample_path())
+    seed_outcomes(
+        sa.create_engine(database_url), sample.take(list(range(SEEDED_PROMPTS))), embedder
+    )
+    return sample

@@ -16,18 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from schemas import QueryEvent
-from tests.faults import decisions, produce_in_background, start_worker, wait_until
+from tests.faults import (
+    decisions,
+    produce_in_background,
+    seeded_router_services,
+    start_worker,
+    wait_until,
+)
 from workers.config import ROUTER_APP_ID, Settings
-from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.routing.embedder import Embedder
 from workers.services import LocalBroker
-from workers.stream.kafka_io import group_state
-from workers.stream.replay import seed_outcomes
-from workers.stream.topics import create_topics
+from workers.stream.kafka_io import group_state, topic_partitions
 
 pytestmark = pytest.mark.integration
 
@@ -46,12 +48,7 @@ async def committed_offsets(bootstrap: str, topics: list[str]) -> dict[str, int 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=ROUTER_APP_ID)
     await consumer.start()
     try:
-        await consumer.topics()
-        partitions = [
-            TopicPartition(topic, partition)
-            for topic in topics
-            for partition in sorted(consumer.partitions_for_topic(topic) or [])
-        ]
+        partitions = await topic_partitions(consumer, topics)
         return {f"{tp.topic}[{tp.partition}]": await consumer.committed(tp) for tp in partitions}
     finally:
         await consumer.stop()
@@ -68,9 +65,7 @@ def test_a_router_stopped_mid_window_loses_and_doubles_no_decision(
     settings = Settings(kafka_partitions=2)
     names = settings.topic_names()
     routes = [names[f"route:{m}"] for m in settings.router_models]
-    asyncio.run(create_topics(settings, broker))
-    sample = load_routerbench(shipped_sample_path())
-    seed_outcomes(sa.create_engine(postgres_url), sample.take(list(range(40))), router_embedder)
+    sample = seeded_router_services(broker, postgres_url, settings, router_embedder)
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": broker,

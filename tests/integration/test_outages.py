@@ -28,6 +28,7 @@ from tests.faults import (
     decisions,
     lag,
     poll_until,
+    seeded_router_services,
     start_worker,
     wait_until,
 )
@@ -37,7 +38,7 @@ from workers.routing.embedder import Embedder
 from workers.services import LocalBroker, PersistentLocalBroker
 from workers.stream.codec import encode
 from workers.stream.kafka_io import produce_values, read_topic
-from workers.stream.replay import produce_queries, seed_outcomes
+from workers.stream.replay import produce_queries
 from workers.stream.topics import create_topics
 
 pytestmark = pytest.mark.integration
@@ -101,9 +102,7 @@ def test_the_router_rides_out_a_broker_outage(
 ) -> None:
     _, proxy = proxied_broker
     bootstrap = proxy.address
-    asyncio.run(create_topics(SETTINGS, bootstrap))
-    sample = load_routerbench(shipped_sample_path())
-    seed_outcomes(sa.create_engine(postgres_url), sample.take(list(range(40))), router_embedder)
+    seeded_router_services(bootstrap, postgres_url, SETTINGS, router_embedder)
     before, after = queries("before", 150), queries("after", 150)
     log = tmp_path / "router.log"
     router = start_worker("router", worker_env(bootstrap, postgres_url), log)

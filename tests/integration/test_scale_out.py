@@ -15,17 +15,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from schemas import QueryEvent, WindowReport
-from tests.faults import decisions, produce_in_background, start_worker, wait_until
+from tests.faults import (
+    decisions,
+    produce_in_background,
+    seeded_router_services,
+    start_worker,
+    wait_until,
+)
 from workers.config import ROUTER_APP_ID, Settings
-from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.routing.embedder import Embedder
 from workers.services import LocalBroker
 from workers.stream.kafka_io import group_state, read_topic
-from workers.stream.replay import seed_outcomes
-from workers.stream.topics import create_topics
 
 pytestmark = pytest.mark.integration
 
@@ -62,9 +64,7 @@ def test_three_routers_killed_and_joined_mid_stream_route_each_query_once(
     settings = Settings(kafka_partitions=4)
     names = settings.topic_names()
     routes = [names[f"route:{m}"] for m in settings.router_models]
-    asyncio.run(create_topics(settings, broker))
-    sample = load_routerbench(shipped_sample_path())
-    seed_outcomes(sa.create_engine(postgres_url), sample.take(list(range(40))), router_embedder)
+    sample = seeded_router_services(broker, postgres_url, settings, router_embedder)
     queries = [
         QueryEvent(query_id=f"scale-{i}", text=sample.prompts[40 + i % 500][-300:])
         for i in range(QUERIES)

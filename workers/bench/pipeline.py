@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
@@ -44,7 +44,7 @@ from workers.db.repository import upsert_outcomes
 from workers.routing.dataset import load_routerbench, shipped_sample_path
 from workers.routing.embedder import EMBEDDER_KINDS, Embedder, make_embedder
 from workers.services import LocalBroker, throwaway_postgres
-from workers.stream.kafka_io import group_state
+from workers.stream.kafka_io import group_state, topic_partitions
 from workers.stream.replay import produce_queries
 from workers.stream.topics import create_topics
 
@@ -176,12 +176,7 @@ class Stamps:
             bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None
         )
         await self.consumer.start()
-        await self.consumer.topics()
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in self.topics
-            for p in sorted(self.consumer.partitions_for_topic(topic) or [])
-        ]
+        partitions = await topic_partitions(self.consumer, self.topics)
         self.consumer.assign(partitions)
         await self.consumer.seek_to_beginning(*partitions)
         return self

@@ -66,6 +66,18 @@ async def consume_values(
     return values
 
 
+async def topic_partitions(
+    consumer: AIOKafkaConsumer, topics: Sequence[str]
+) -> list[TopicPartition]:
+    """Every partition of the topics, from the cluster's metadata."""
+    await consumer.topics()  # fetches the cluster's metadata
+    return [
+        TopicPartition(topic, p)
+        for topic in topics
+        for p in sorted(consumer.partitions_for_topic(topic) or [])
+    ]
+
+
 async def read_records(
     bootstrap_servers: str,
     topics: list[str],
@@ -82,12 +94,7 @@ async def read_records(
     await consumer.start()
     records: list[ConsumerRecord[bytes, bytes]] = []
     try:
-        await consumer.topics()  # fetches the cluster's metadata
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in topics
-            for p in sorted(consumer.partitions_for_topic(topic) or [])
-        ]
+        partitions = await topic_partitions(consumer, topics)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
