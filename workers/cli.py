@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -178,6 +179,28 @@ def _need_bootstrap(settings: Settings) -> str:
     return settings.kafka_bootstrap_servers
 
 
+def _use_transactions(settings: Settings, bootstrap: str) -> bool:
+    """KAFKA_TRANSACTIONS resolved against the broker (workers/stream/broker_features.py)."""
+    from aiokafka.errors import KafkaConnectionError
+
+    from workers.stream.broker_features import TransactionsUnavailable, use_transactions
+
+    try:
+        transactions = asyncio.run(use_transactions(settings, bootstrap))
+    except KafkaConnectionError as exc:
+        raise click.ClickException(
+            f"cannot reach the broker at {bootstrap} to ask whether it has transactions "
+            f"(KAFKA_TRANSACTIONS={settings.kafka_transactions}): {exc}"
+        ) from exc
+    except TransactionsUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    logging.getLogger(__name__).info(
+        "fencing: %s",
+        "Kafka transactions" if transactions else "generation-checked decisions, no transactions",
+    )
+    return transactions
+
+
 def _embedder(settings: Settings, kind: str | None = None) -> Embedder:
     """The embedder of `kind`, else of ROUTER_EMBEDDER (the static one distilled into
     EMBEDDER_CACHE_DIR on first use)."""
@@ -220,9 +243,11 @@ def router(loglevel: str) -> None:
     if not settings.database_url:
         click.echo("warning: DATABASE_URL is not set: the router will not learn from outcomes")
     _configure_logging(loglevel, settings.log_format)
+    bootstrap = _need_bootstrap(settings)
+    transactions = _use_transactions(settings, bootstrap)
     state = RouterState(settings, _embedder(settings), settings.database_url)
     asyncio.run(state.warm())  # the store is rebuilt before any query is predicted
-    app = build_router_app(settings, _need_bootstrap(settings), state)
+    app = build_router_app(settings, bootstrap, state, transactions)
     run_worker(app, settings, ROUTER_METRICS_PORT, loglevel)
 
 

@@ -193,6 +193,11 @@ class Settings(BaseSettings):
     kafka_session_timeout_seconds: float = Field(default=10.0, gt=0)
     # How long a consumer's fetch may wait for data (workers/stream/transport.py).
     kafka_fetch_max_wait_ms: PositiveInt = 100
+    # How the router fences a router that lost its partitions: "on", a Kafka
+    # transaction per window (refused at start if the broker has none); "off",
+    # generation-checked decisions; "auto", transactions if the broker answers
+    # InitProducerId. Each worker command resolves "auto" once, at its start.
+    kafka_transactions: Literal["auto", "on", "off"] = "auto"
     # Connection security, for every Kafka client of every worker and command
     # (workers/stream/security.py). Files are PEM.
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

@@ -19,8 +19,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import InvalidProducerEpoch, KafkaConnectionError, ProducerFenced
 
+from workers.config import Settings
 from workers.services import LocalBroker, PersistentLocalBroker, free_port
-from workers.stream.broker_features import supports_transactions
+from workers.stream.broker_features import (
+    TransactionsUnavailable,
+    supports_transactions,
+    use_transactions,
+)
 from workers.stream.kafka_io import produce_values
 
 pytestmark = pytest.mark.integration
@@ -176,3 +181,28 @@ def test_consumed_offsets_commit_with_the_produced_messages_or_not_at_all(
     assert asyncio.run(committed_offset(bootstrap, group, source)) == 20
     forwarded = asyncio.run(read_committed(bootstrap, sink))
     assert forwarded == [f"query {i}".encode() for i in range(20)]
+
+
+def test_kafka_transactions_on_is_refused_by_a_broker_without_them() -> None:
+    with LocalBroker() as broker:
+        with pytest.raises(TransactionsUnavailable, match="KAFKA_TRANSACTIONS=on"):
+            asyncio.run(
+                use_transactions(Settings(kafka_transactions="on"), broker.bootstrap_servers)
+            )
+        auto = asyncio.run(
+            use_transactions(Settings(kafka_transactions="auto"), broker.bootstrap_servers)
+        )
+    assert auto is False  # auto falls back to generation-checked decisions
+
+
+def test_kafka_transactions_auto_uses_them_where_the_broker_has_them(
+    persistent_broker: PersistentLocalBroker,
+) -> None:
+    bootstrap = persistent_broker.bootstrap_servers
+    assert asyncio.run(use_transactions(Settings(kafka_transactions="auto"), bootstrap))
+    assert not asyncio.run(use_transactions(Settings(kafka_transactions="off"), bootstrap))
+
+
+def test_kafka_transactions_off_never_asks_the_broker() -> None:
+    unreachable = f"127.0.0.1:{free_port()}"
+    assert not asyncio.run(use_transactions(Settings(kafka_transactions="off"), unreachable))

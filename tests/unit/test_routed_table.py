@@ -64,8 +64,8 @@ class FakeChangelog:
 def test_forgetting_deletes_only_entries_published_before_the_cutoff_oldest_first() -> None:
     table = FakeChangelog()
     log = DecisionLog(cast(TableT, table))
-    log.mark_published(["old"], {"old": 1}, at=100.0)
-    log.mark_published(["young"], {"young": 2}, at=200.0)
+    log.mark_published(["old"], 1, at=100.0)
+    log.mark_published(["young"], 2, at=200.0)
     table.data[b"undecided"] = decided("undecided")  # decided, never published: kept
     assert log.forget_before(150.0) == 1
     assert set(table.data) == {b"young", b"undecided"}
@@ -83,8 +83,8 @@ def test_recovered_entries_are_forgotten_too() -> None:
 def test_an_entry_published_again_after_its_first_marker_is_kept() -> None:
     table = FakeChangelog()
     log = DecisionLog(cast(TableT, table))
-    log.mark_published(["q"], {"q": 0}, at=100.0)
-    log.mark_published(["q"], {"q": 0}, at=300.0)  # a producer's duplicate routed again
+    log.mark_published(["q"], 0, at=100.0)
+    log.mark_published(["q"], 0, at=300.0)  # a producer's duplicate routed again
     assert log.forget_before(200.0) == 0
     assert b"q" in table.data
 
@@ -106,11 +106,11 @@ async def test_decisions_are_acknowledged_by_the_broker_before_decide_returns() 
     table = UnacknowledgedChangelog()
     log = DecisionLog(cast(TableT, table))
     assignments = [Assignment.model_validate_json(decided(q)[len(DECIDED) :]) for q in ["a", "b"]]
-    deciding = asyncio.ensure_future(log.decide(assignments, {"a": 0, "b": 1}))
+    deciding = asyncio.ensure_future(log.decide(assignments, 3))
     await asyncio.sleep(0)
     table.deliveries[0].set_result(None)
     await asyncio.sleep(0)
     assert not deciding.done()  # one decision is not acknowledged yet: nothing may be sent
     table.deliveries[1].set_result(None)
     await asyncio.wait_for(deciding, timeout=1)
-    assert [(p, k) for p, k, _ in table.sent] == [(0, b"a"), (1, b"b")]
+    assert [(p, k) for p, k, _ in table.sent] == [(3, b"a"), (3, b"b")]

@@ -18,6 +18,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
+from workers.config import Settings
+from workers.stream.security import aiokafka_options
+
 log = logging.getLogger(__name__)
 
 PROBE_TRANSACTIONAL_ID = "omnirouter-transactions-probe"
@@ -59,3 +62,22 @@ async def supports_transactions(
         return False
     finally:
         await producer.stop()
+
+
+class TransactionsUnavailable(RuntimeError):
+    """KAFKA_TRANSACTIONS=on, and the broker gives no transactional producer id."""
+
+
+async def use_transactions(settings: Settings, bootstrap_servers: str) -> bool:
+    """KAFKA_TRANSACTIONS resolved against the broker, once, at a router's start:
+    "off" never asks; "auto" uses transactions when the broker has them; "on"
+    insists, so a broker without them is an error instead of a silent downgrade."""
+    if settings.kafka_transactions == "off":
+        return False
+    supported = await supports_transactions(bootstrap_servers, security=aiokafka_options(settings))
+    if not supported and settings.kafka_transactions == "on":
+        raise TransactionsUnavailable(
+            f"KAFKA_TRANSACTIONS=on, but the broker at {bootstrap_servers} gives no "
+            "transactional producer id (InitProducerId): set it to auto or off"
+        )
+    return supported

@@ -84,26 +84,34 @@ class DecisionLog:
     def recorded(self, query_ids: Iterable[str]) -> dict[str, bytes | None]:
         return {query_id: self.table.data.get(query_id.encode()) for query_id in query_ids}
 
-    async def decide(
-        self, assignments: Sequence[Assignment], partition_of: Mapping[str, int]
-    ) -> None:
+    @property
+    def changelog(self) -> str:
+        return str(self.table.changelog_topic.get_topic_name())
+
+    def entries(self, assignments: Sequence[Assignment]) -> list[tuple[bytes, bytes]]:
+        """(key, value) of each decision, as written to the changelog."""
+        return [(a.query_id.encode(), DECIDED + encode(a)) for a in assignments]
+
+    def remember(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
+        """Take entries written to the changelog by someone else (a transaction)."""
+        for key, value in entries:
+            self.table.data[key] = value
+
+    async def decide(self, assignments: Sequence[Assignment], partition: int) -> None:
         """Record each decision and wait until the broker has acknowledged all of
         them: only then may an assignment be sent, so a crash after a send always
         finds its decision (and re-sends it unchanged instead of deciding again)."""
         deliveries = [
-            self._write(a.query_id, partition_of[a.query_id], DECIDED + encode(a))
-            for a in assignments
+            self._write(key, partition, value) for key, value in self.entries(assignments)
         ]
         await asyncio.gather(*deliveries)
 
-    def mark_published(
-        self, query_ids: Iterable[str], partition_of: Mapping[str, int], at: float
-    ) -> None:
+    def mark_published(self, query_ids: Iterable[str], partition: int, at: float) -> None:
         """Mark sent decisions; a marker lost in a crash only costs an identical re-send."""
         for query_id in query_ids:
-            partition = partition_of[query_id]
-            self._write(query_id, partition, published_marker(partition, at))
-            heapq.heappush(self._published, (at, query_id.encode()))
+            key = query_id.encode()
+            self._write(key, partition, published_marker(partition, at))
+            heapq.heappush(self._published, (at, key))
 
     def track_recovered(self) -> int:
         """After a rebalance, queue the recovered published entries for forgetting
@@ -131,9 +139,8 @@ class DecisionLog:
             forgotten += 1
         return forgotten
 
-    def _write(self, query_id: str, partition: int, value: bytes) -> asyncio.Future[object]:
+    def _write(self, key: bytes, partition: int, value: bytes) -> asyncio.Future[object]:
         """Set the entry in the changelog partition of the pool's predicted partition,
         so the router that owns that partition recovers it."""
-        key = query_id.encode()
         self.table.data[key] = value
         return self.table.send_changelog(partition, key, value)

@@ -84,11 +84,13 @@ async def read_records(
     timeout_seconds: float = 30.0,
     security: Mapping[str, Any] | None = None,
 ) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record the topics hold now, from the beginning of each partition to its end."""
+    """Every committed record the topics hold now (a fenced router's aborted window
+    is not there), from the beginning of each partition to its end."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers,
         enable_auto_commit=False,
         group_id=None,
+        isolation_level="read_committed",
         **(security or {}),
     )
     await consumer.start()
@@ -103,9 +105,12 @@ async def read_records(
             batches = await consumer.getmany(*partitions, timeout_ms=200)
             for batch in batches.values():
                 records.extend(batch)
-            # A fetch also reports each partition's end (its high watermark): the
-            # Tansu broker answers end_offsets with the start of the last batch + 1.
-            ends = {tp: max(end, consumer.highwater(tp) or 0) for tp, end in ends.items()}
+            # A fetch also reports each partition's end (its last stable offset: the
+            # start of a transaction still open, else the high watermark); the Tansu
+            # broker answers end_offsets with the start of the last batch + 1.
+            ends = {
+                tp: max(end, consumer.last_stable_offset(tp) or 0) for tp, end in ends.items()
+            }
             positions = {tp: await consumer.position(tp) for tp in partitions}
             if all(positions[tp] >= end for tp, end in ends.items()):
                 break

@@ -34,9 +34,21 @@ class PoolLedger:
         except ValueError:  # an entry of an incompatible version: start the pool afresh
             return PoolAccount()
 
+    @property
+    def changelog(self) -> str:
+        return str(self.table.changelog_topic.get_topic_name())
+
+    def entry(self, pool: str, account: PoolAccount) -> tuple[bytes, bytes]:
+        """(key, value) of the pool's account, as written to the changelog."""
+        return pool.encode(), account.model_dump_json().encode()
+
+    def remember(self, key: bytes, value: bytes) -> None:
+        """Take an entry written to the changelog by someone else (a transaction)."""
+        self.table.data[key] = value
+
     def record(self, pool: str, partition: int, account: PoolAccount) -> None:
         """Store the pool's account after a published window; losing the last one in
         a crash only re-bills that window's time once, when it is replayed."""
-        key, value = pool.encode(), account.model_dump_json().encode()
+        key, value = self.entry(pool, account)
         self.table.data[key] = value
         self.table.send_changelog(partition, key, value)

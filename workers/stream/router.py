@@ -32,11 +32,15 @@ from mode import CrashingSupervisor
 from mode.types.signals import BaseSignalT
 
 from workers.config import ROUTER_APP_ID, Settings
-from workers.stream.app import Topics, make_app
+from workers.stream.app import PRODUCER_MAX_REQUEST_BYTES, Topics, make_app
 from workers.stream.decision_log import DecisionLog
+from workers.stream.fencing import PartitionProducers
 from workers.stream.pool_ledger import PoolLedger
 from workers.stream.predict_stage import predict_stage
+from workers.stream.publishers import AcknowledgedPublisher, Publisher, TransactionalPublisher
 from workers.stream.router_state import RouterState
+from workers.stream.security import aiokafka_options
+from workers.stream.transport import BEFORE_ASSIGNMENT_ATTRIBUTE
 from workers.stream.window_stage import WindowStage, window_stage
 
 log = logging.getLogger(__name__)
@@ -53,15 +57,53 @@ def raw_table(app: faust.App, name: str, settings: Settings, help: str) -> Table
     )
 
 
-def build_router_app(settings: Settings, bootstrap_servers: str, state: RouterState) -> faust.App:
-    """The router's Faust app. No I/O here: the caller warms `state` first."""
+def fenced_publisher(
+    app: faust.App,
+    topics: Topics,
+    settings: Settings,
+    bootstrap_servers: str,
+    decisions: DecisionLog,
+    ledger: PoolLedger,
+) -> TransactionalPublisher:
+    """Windows published in transactions of one producer per owned partition of
+    omnirouter.predicted, started (fencing the previous owner) before the tables
+    recover on each assignment, stopped with the app."""
+    producers = PartitionProducers(
+        ROUTER_APP_ID,
+        topics.predicted.get_topic_name(),
+        {
+            "bootstrap_servers": bootstrap_servers,
+            "acks": "all",
+            "linger_ms": 5,
+            "max_request_size": PRODUCER_MAX_REQUEST_BYTES,
+            **aiokafka_options(settings),
+        },
+    )
+    setattr(app, BEFORE_ASSIGNMENT_ATTRIBUTE, [producers.on_assigned])
+
+    @app.on_before_shutdown.connect
+    async def stop_producers(sender: Any, /, *args: Any, **kwargs: Any) -> None:
+        await producers.stop()
+
+    return TransactionalPublisher(topics, decisions, ledger, producers)
+
+
+def build_router_app(
+    settings: Settings, bootstrap_servers: str, state: RouterState, transactions: bool
+) -> faust.App:
+    """The router's Faust app. No I/O here: the caller warms `state` first and says
+    whether the broker has transactions (broker_features.use_transactions)."""
     app = make_app(ROUTER_APP_ID, settings, bootstrap_servers)
     topics = Topics.of(app, settings)
     decisions = DecisionLog(raw_table(app, "routed", settings, "query_id -> decision"))
     ledger = PoolLedger(raw_table(app, "pool_ledger", settings, "pool -> time billed"))
-    stage = WindowStage(
-        app, topics, settings, decisions, ledger, ThreadPoolExecutor(1, thread_name_prefix="solver")
+    publisher: Publisher = (
+        fenced_publisher(app, topics, settings, bootstrap_servers, decisions, ledger)
+        if transactions
+        else AcknowledgedPublisher(topics, decisions, ledger)
     )
+    solver = ThreadPoolExecutor(1, thread_name_prefix="solver")
+    stage = WindowStage(app, topics, settings, decisions, ledger, solver, publisher)
     agent = partial(app.agent, supervisor_strategy=CrashingSupervisor)
     agent(topics.queries, name="predict")(partial(predict_stage, state, topics, settings))
     agent(topics.predicted, name="solve_windows")(partial(window_stage, stage))

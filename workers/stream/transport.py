@@ -37,14 +37,24 @@
    once its dead letter is stored. Records fetched for other partitions in the
    same call are kept (before, an error there lost them after their position had
    moved on).
-5. Changelog ends read from a fetch. Some Kafka-compatible brokers (the local
-   Tansu broker among them) answer a partition's end offset with the start of
-   its last record batch + 1, not its end. Faust recovers a table up to that
-   end, so a restarted router missed the last decisions of its changelog; and a
-   router that had already read further (an earlier assignment) crashed on
-   Faust's consistency check ("persisted offset ... is higher than the last
-   offset in that topic"). The end is therefore confirmed by fetching the last
-   batch: a fetch response carries the partition's true high watermark.
+5. Changelog ends are where the last readable record is. Some Kafka-compatible
+   brokers (the local Tansu broker among them) answer a partition's end offset
+   with the start of its last record batch + 1, not its end; and a partition
+   written in transactions ends with a commit or abort marker, which no
+   consumer is ever handed. Faust recovers a table until it has been handed
+   the record before the end it was given, so a restarted router missed the
+   last decisions of its changelog, crashed on Faust's consistency check
+   ("persisted offset ... is higher than the last offset in that topic"), or
+   would wait forever behind a marker. The end is therefore found by reading
+   the partition's tail (`_readable_ends`): one past the last record a
+   read-committed consumer is handed.
+6. Committed records only. Every worker reads with isolation level
+   read_committed: a router's window written in a transaction (fencing.py) is
+   seen whole or, if the transaction was aborted (a fenced router), not at all.
+   On a broker without transactions this reads exactly what it did before.
+7. A hook before an assignment is handled (`BEFORE_ASSIGNMENT_ATTRIBUTE`): the
+   router fences the previous owners of its new partitions there, before Faust
+   recovers its tables from their changelogs.
 
 The transport is registered for the URL scheme `omnikafka://` through Faust's
 `faust.transports` entry point; make_app uses it.
@@ -72,7 +82,10 @@ from workers.stream.codec import encode, undecodable_batch_letter
 log = logging.getLogger(__name__)
 
 FETCH_MAX_WAIT_ATTRIBUTE = "omnirouter_fetch_max_wait_ms"
+# On the app: async callables given the new assignment before Faust handles it.
+BEFORE_ASSIGNMENT_ATTRIBUTE = "omnirouter_before_assignment"
 END_PROBE_TIMEOUT_SECONDS = 10.0
+READ_COMMITTED = "read_committed"
 
 
 class UndecodableBatch(NamedTuple):
@@ -166,6 +179,39 @@ class _GuardedFetchResults(collections.OrderedDict[TP, Any]):
         super().__setitem__(tp, result)
 
 
+async def _last_readable(
+    probe: aiokafka.AIOKafkaConsumer, tp: TP, beginning: int, reported_end: int
+) -> int:
+    """The offset of the partition's last record the probe is handed (beginning - 1
+    when there is none): its tail read from `reported_end - 1`, then from four
+    times as far back while the tail holds only markers or aborted records."""
+    deadline = time.monotonic() + END_PROBE_TIMEOUT_SECONDS
+    span = 1
+    while True:
+        start = max(beginning, reported_end - span)
+        last = await _last_from(probe, tp, start, deadline)
+        if last is not None or start == beginning:
+            return beginning - 1 if last is None else last
+        span *= 4
+
+
+async def _last_from(
+    probe: aiokafka.AIOKafkaConsumer, tp: TP, start: int, deadline: float
+) -> int | None:
+    """The offset of the last record handed out from `start` to the partition's end."""
+    probe.seek(tp, start)
+    last: int | None = None
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the end of {tp.topic}[{tp.partition}] could not be read")
+        fetched = await probe.getmany(tp, timeout_ms=200)
+        for record in fetched.get(tp, []):
+            last = record.offset if last is None else max(last, record.offset)
+        end = probe.last_stable_offset(tp)
+        if end is not None and await probe.position(tp) >= end:
+            return last
+
+
 class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -182,36 +228,32 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
     def _create_worker_consumer(self, *args: Any, **kwargs: Any) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(*args, **kwargs)
-        # Read by the consumer when it starts its fetcher.
+        # Both are read by the consumer when it starts its fetcher.
         consumer._fetch_max_wait_ms = getattr(self.app, FETCH_MAX_WAIT_ATTRIBUTE, 1500)
+        consumer._isolation_level = READ_COMMITTED
         return consumer
 
     async def _highwaters(self, partitions: Iterable[TP]) -> Mapping[TP, int]:
         reported = await super()._highwaters(list(partitions))
-        if self.consumer.in_transaction:
-            return reported  # last stable offsets, not ends
-        return await self._confirmed_ends(reported)
+        return await self._readable_ends(reported)
 
-    async def _confirmed_ends(self, reported: Mapping[TP, int]) -> dict[TP, int]:
-        """Each partition's end as the high watermark of a fetch of its last batch,
-        on a consumer of no group (so nothing is committed or rebalanced)."""
+    async def _readable_ends(self, reported: Mapping[TP, int]) -> dict[TP, int]:
+        """Each partition's end as one past the last record a read-committed consumer
+        is handed, read from the partition's tail on a consumer of no group (so
+        nothing is committed or rebalanced); a partition with no such record ends
+        where it begins."""
         ends = dict(reported)
-        pending = {tp for tp, end in reported.items() if end}
+        pending = [tp for tp, end in reported.items() if end]
         if not pending:
             return ends
         probe = self._create_client_consumer(cast(faust_aiokafka.Transport, self.transport))
+        probe._isolation_level = READ_COMMITTED
         await probe.start()
         try:
-            probe.assign(list(pending))
+            probe.assign(pending)
+            beginnings = await probe.beginning_offsets(pending)
             for tp in pending:
-                probe.seek(tp, reported[tp] - 1)
-            deadline = time.monotonic() + END_PROBE_TIMEOUT_SECONDS
-            while pending and time.monotonic() < deadline:
-                await probe.getmany(*pending, timeout_ms=200)
-                for tp in list(pending):
-                    if (highwater := probe.highwater(tp)) is not None:
-                        ends[tp] = max(ends[tp], highwater)
-                        pending.discard(tp)
+                ends[tp] = await _last_readable(probe, tp, beginnings[tp], reported[tp]) + 1
         finally:
             await probe.stop()
         return ends
@@ -243,6 +285,11 @@ class Consumer(faust_aiokafka.Consumer):
 
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def on_partitions_assigned(self, assigned: set[TP], generation_id: int = 0) -> None:
+        for hook in getattr(self.app, BEFORE_ASSIGNMENT_ATTRIBUTE, ()):
+            await hook(assigned)
+        await super().on_partitions_assigned(assigned, generation_id)
 
     async def _getmany(self, active_partitions: set[TP] | None, timeout: float) -> Any:
         records = await super()._getmany(active_partitions, timeout)

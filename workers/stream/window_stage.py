@@ -5,8 +5,9 @@ a pool's whole window. For each pool of a window:
 1. split the queries by the decision log: fresh, decided but maybe unsent, published;
 2. solve the fresh ones (off the event loop) under what the pool's ledger says
    is left of its time and exploration allowance;
-3. record the decisions and wait until the broker has them, then send every
-   assignment, mark them published, send the window report, update the ledger.
+3. publish decisions, assignments, the window report and the ledger entry
+   (publishers.py: each decision acknowledged before its assignment is sent, or
+   all in one Kafka transaction), unless a rebalance began meanwhile.
 A failure of the solve in one pool dead-letters that pool's fresh queries with
 the reason; other pools go on. Anything else that fails stops the worker with
 the batch unacknowledged (`batches`), so its successor routes it.
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -38,9 +38,10 @@ from workers.stream.app import (
     hand_over,
     send_dead_letter,
 )
-from workers.stream.codec import BadEvent, decode, encode
+from workers.stream.codec import BadEvent, decode
 from workers.stream.decision_log import DecisionLog, classify
-from workers.stream.pool_ledger import PoolAccount, PoolLedger
+from workers.stream.pool_ledger import PoolLedger
+from workers.stream.publishers import PoolWindow, Publisher
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ Item = tuple[EventT, PredictedQuery]
 @dataclass(frozen=True)
 class WindowStage:
     """What the stage needs: the app (for its consumer generation), topics,
-    settings, the decision log, the pools' ledger and the solver's thread."""
+    settings, the decision log, the pools' ledger, the solver's thread and how a
+    window is published (publishers.py)."""
 
     app: faust.App
     topics: Topics
@@ -58,6 +60,7 @@ class WindowStage:
     decisions: DecisionLog
     ledger: PoolLedger
     solver: ThreadPoolExecutor
+    publisher: Publisher
 
 
 def aligned(predicted: PredictedQuery, models: Sequence[str]) -> PredictedQuery:
@@ -121,44 +124,40 @@ async def solve_batch(stage: WindowStage, events: Sequence[EventT]) -> None:
     items = await decode_or_dead_letter(
         events, lambda raw: read_prediction(raw, stage.settings), stage.topics.deadletter
     )
-    by_pool: dict[str, list[Item]] = defaultdict(list)
+    # A pool's queries share a partition; grouping by both keeps each published
+    # window within one partition (and one transaction) whatever a producer did.
+    groups: dict[tuple[int, str], list[Item]] = defaultdict(list)
     for event, predicted in items:
-        by_pool[predicted.query.pool].append((event, predicted))
-    for pool, pool_items in by_pool.items():
+        groups[event.message.partition, predicted.query.pool].append((event, predicted))
+    for (partition, pool), group in groups.items():
         window_id = f"{pool}:{closed.isoformat()}:{uuid.uuid4().hex[:8]}"
-        await publish_pool_window(stage, pool, pool_items, window_id)
+        await publish_pool_window(stage, pool, partition, group, window_id)
 
 
 async def publish_pool_window(
-    stage: WindowStage, pool: str, items: list[Item], window_id: str
+    stage: WindowStage, pool: str, partition: int, items: list[Item], window_id: str
 ) -> None:
-    partition_of = {p.query.query_id: e.message.partition for e, p in items}
-    split = classify([p for _, p in items], stage.decisions.recorded(partition_of))
+    query_ids = [p.query.query_id for _, p in items]
+    split = classify([p for _, p in items], stage.decisions.recorded(query_ids))
     for query_id in split.duplicates:
         log.info("duplicate query_id %s skipped", query_id)
     solved = await solve_fresh(stage, pool, items, split.fresh, window_id) if split.fresh else None
-    assignments = solved[0] if solved else []
     events = [event for event, _ in items]
-    if not current(stage, events):
+    window = PoolWindow(
+        pool=pool,
+        partition=partition,
+        decided=solved[0] if solved else [],
+        resend=split.resend,
+        report=solved[1] if solved else None,
+    )
+    published = current(stage, events) and await stage.publisher.publish(
+        window, lambda: current(stage, events)
+    )
+    if not published:
         log.warning("window %s: a rebalance began; its queries are left to the owner", window_id)
         hand_over(events)
-        return
-    if assignments:
-        await stage.decisions.decide(assignments, partition_of)  # durable before any send
-        if not current(stage, events):
-            log.warning("window %s: a rebalance began; decided, left to the owner", window_id)
-            hand_over(events)
-            return
-    outgoing = [*assignments, *split.resend]
-    await asyncio.gather(
-        *[
-            await stage.topics.routes[a.model].send(key=a.query_id.encode(), value=encode(a))
-            for a in outgoing
-        ]
-    )
-    stage.decisions.mark_published([a.query_id for a in outgoing], partition_of, time.time())
-    if solved:
-        await report_window(stage, solved[1], assignments, partition_of[assignments[0].query_id])
+    elif window.report is not None:
+        observe_window(window.report, window.decided)
 
 
 async def solve_fresh(
@@ -206,16 +205,7 @@ async def solve_fresh(
         return None
 
 
-async def report_window(
-    stage: WindowStage, report: WindowReport, assignments: list[Assignment], partition: int
-) -> None:
-    """Publish the window report and metrics, and move the pool's ledger on."""
-    pool = report.pool
-    await stage.topics.windows.send(key=pool.encode(), value=encode(report))
-    account = PoolAccount(
-        billed_until=report.window_end, exploration_carried_usd=report.exploration_carried_usd
-    )
-    stage.ledger.record(pool, partition, account)
+def observe_window(report: WindowReport, assignments: list[Assignment]) -> None:
     metrics.observe_window(report, assignments)
     log.info(
         "window %s: %d queries, status %s, predicted spend $%.6f of %s, solved in %.1f ms",
@@ -223,7 +213,7 @@ async def report_window(
         report.predicted_spend_usd, report.window_budget_usd, report.solve_seconds * 1000,
         extra={
             "window_id": report.window_id,
-            "pool": pool,
+            "pool": report.pool,
             "query_ids": [a.query_id for a in assignments],
             "models": [a.model for a in assignments],
         },

@@ -1,0 +1,117 @@
+"""The transactional publisher (workers/stream/publishers.py) with the broker
+replaced by a recording producer: what a committed window leaves in the router's
+memory, what a fenced one does not, and when being fenced stops the router."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from faust.types import TableT
+
+from schemas import Assignment
+from workers.stream.app import Topics
+from workers.stream.decision_log import DECIDED, PUBLISHED, DecisionLog
+from workers.stream.fencing import Fenced, PartitionProducers
+from workers.stream.pool_ledger import PoolLedger
+from workers.stream.publishers import PoolWindow, TransactionalPublisher
+
+
+@dataclass
+class Table:
+    """The part of a Faust table the log and the ledger use."""
+
+    name: str
+    data: dict[bytes, bytes] = field(default_factory=dict)
+    sent: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
+
+    @property
+    def changelog_topic(self) -> Any:
+        return SimpleNamespace(get_topic_name=lambda: f"{self.name}-changelog")
+
+    def send_changelog(self, partition: int, key: bytes, value: bytes | None) -> None:
+        self.sent.append((partition, key, value))
+
+
+@dataclass
+class RecordingProducer:
+    sent: list[tuple[str, bytes | None, int | None]] = field(default_factory=list)
+
+    async def send(
+        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+    ) -> None:
+        self.sent.append((topic, key, partition))
+
+
+@dataclass
+class Producers:
+    """PartitionProducers whose transactions record, or end fenced."""
+
+    fenced: bool
+    producer: RecordingProducer = field(default_factory=RecordingProducer)
+
+    @asynccontextmanager
+    async def transaction(self, partition: int) -> AsyncIterator[RecordingProducer]:
+        yield self.producer
+        if self.fenced:
+            raise Fenced(f"predicted[{partition}]: ProducerFenced")
+
+
+def topic(name: str) -> Any:
+    return SimpleNamespace(get_topic_name=lambda: name)
+
+
+def assignment(query_id: str) -> Assignment:
+    return Assignment(
+        query_id=query_id, text="t", model="m", pool="default", window_id="w",
+        window_start="2026-01-01T00:00:00Z", window_end="2026-01-01T00:00:01Z",
+        predicted_quality=0.5, predicted_cost_usd=0.1,
+    )  # fmt: skip
+
+
+def publisher(fenced: bool) -> tuple[TransactionalPublisher, Producers, Table]:
+    routed = Table("routed")
+    topics = cast(Topics, SimpleNamespace(routes={"m": topic("route.m")}, windows=topic("w")))
+    producers = Producers(fenced)
+    return (
+        TransactionalPublisher(
+            topics,
+            DecisionLog(cast(TableT, routed)),
+            PoolLedger(cast(TableT, Table("ledger"))),
+            cast(PartitionProducers, producers),
+        ),
+        producers,
+        routed,
+    )
+
+
+WINDOW = PoolWindow("default", 2, [assignment("new")], [assignment("old")], report=None)
+
+
+async def test_a_committed_window_is_remembered_and_marked_published() -> None:
+    published, producers, routed = publisher(fenced=False)
+    assert await published.publish(WINDOW, lambda: True)
+    assert producers.producer.sent == [
+        ("routed-changelog", b"new", 2),  # the decision, in the pool's partition
+        ("route.m", b"new", None),
+        ("route.m", b"old", None),  # a recorded decision re-sent unchanged
+    ]
+    assert set(routed.data) == {b"new", b"old"}
+    assert all(value.startswith(PUBLISHED) for value in routed.data.values())
+
+
+async def test_a_window_fenced_in_a_rebalance_leaves_nothing_behind() -> None:
+    published, _, routed = publisher(fenced=True)
+    assert not await published.publish(WINDOW, lambda: False)
+    assert routed.data == {} and routed.sent == []  # the new owner decides it
+
+
+async def test_fenced_outside_a_rebalance_stops_the_router() -> None:
+    published, _, routed = publisher(fenced=True)
+    with pytest.raises(RuntimeError, match="outside a rebalance"):
+        await published.publish(WINDOW, lambda: True)
+    assert not any(value.startswith(DECIDED) for value in routed.data.values())
