@@ -108,9 +108,7 @@ async def read_records(
             # A fetch also reports each partition's end (its last stable offset: the
             # start of a transaction still open, else the high watermark); the Tansu
             # broker answers end_offsets with the start of the last batch + 1.
-            ends = {
-                tp: max(end, consumer.last_stable_offset(tp) or 0) for tp, end in ends.items()
-            }
+            ends = {tp: max(end, consumer.last_stable_offset(tp) or 0) for tp, end in ends.items()}
             positions = {tp: await consumer.position(tp) for tp in partitions}
             if all(positions[tp] >= end for tp, end in ends.items()):
                 break
