@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer
 
 from schemas import QueryEvent
 from tests.faults import (
+    caught_up,
     decisions,
     produce_in_background,
     seeded_router_services,
@@ -146,7 +147,10 @@ def test_a_router_stopped_mid_window_loses_and_doubles_no_decision(
                     )
                 assert second.poll() is None, log.read_text(errors="replace")[-2000:]
                 time.sleep(0.5)
-            time.sleep(2)  # anything still to come would be a duplicate
+            read_by_router = [names["queries"], names["predicted"]]
+            wait_until(  # nothing the router reads is left: anything still to come is not
+                lambda: caught_up(bootstrap, ROUTER_APP_ID, read_by_router), 30, "caught up"
+            )
             final = decisions(bootstrap, routes)
         finally:
             second.terminate()

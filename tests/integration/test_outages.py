@@ -38,6 +38,7 @@ from workers.routing.embedder import Embedder
 from workers.services import LocalBroker, PersistentLocalBroker
 from workers.stream.codec import encode
 from workers.stream.kafka_io import produce_values, read_topic
+from workers.stream.outcomes import OUTCOMES_APP_ID
 from workers.stream.replay import produce_queries
 from workers.stream.topics import create_topics
 
@@ -120,7 +121,9 @@ def test_the_router_rides_out_a_broker_outage(
             180,
             f"every query routed after the outage (router log {log})",
         )
-        time.sleep(2)  # anything still to come would be a duplicate
+        wait_until(  # nothing the router reads is left: anything still to come is not
+            lambda: caught_up(bootstrap, ROUTER_APP_ID, READ_BY_ROUTER), 30, "router caught up"
+        )
         print(f"broker outage of {OUTAGE_SECONDS}s: {assert_each_routed_once(bootstrap, produced)}")
         reports = [
             WindowReport.model_validate_json(raw)
@@ -250,7 +253,11 @@ def test_outcomes_wait_out_a_database_outage_while_routing_goes_on(
             proxy.restore()
 
             wait_until(lambda: stored_outcomes(direct)[0] >= 200, 120, "outcomes written later")
-            time.sleep(2)
+            wait_until(  # every outcome event handled: a row still to come is not
+                lambda: caught_up(bootstrap, OUTCOMES_APP_ID, [NAMES["outcomes"]]),
+                30,
+                "outcome writer caught up",
+            )
             rows, pairs = stored_outcomes(direct)
             assert (rows, pairs) == (200, 200)
             print(
