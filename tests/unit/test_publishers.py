@@ -15,7 +15,7 @@ from faust.types import TableT
 
 from schemas import Assignment
 from workers.stream.app import Topics
-from workers.stream.decision_log import DECIDED, PUBLISHED, DecisionLog
+from workers.stream.decision_log import PUBLISHED, DecisionLog
 from workers.stream.fencing import Fenced, PartitionProducers
 from workers.stream.pool_ledger import PoolLedger
 from workers.stream.publishers import PoolWindow, TransactionalPublisher
@@ -96,12 +96,14 @@ async def test_a_committed_window_is_remembered_and_marked_published() -> None:
     published, producers, routed = publisher(fenced=False)
     assert await published.publish(WINDOW, lambda: True)
     assert producers.producer.sent == [
-        ("routed-changelog", b"new", 2),  # the decision, in the pool's partition
+        ("routed-changelog", b"new", 2),  # published markers, in the pool's partition,
+        ("routed-changelog", b"old", 2),  # committed with the assignments
         ("route.m", b"new", None),
         ("route.m", b"old", None),  # a recorded decision re-sent unchanged
     ]
     assert set(routed.data) == {b"new", b"old"}
     assert all(value.startswith(PUBLISHED) for value in routed.data.values())
+    assert routed.sent == []  # nothing written outside the transaction
 
 
 async def test_a_window_fenced_in_a_rebalance_leaves_nothing_behind() -> None:
@@ -114,4 +116,4 @@ async def test_fenced_outside_a_rebalance_stops_the_router() -> None:
     published, _, routed = publisher(fenced=True)
     with pytest.raises(RuntimeError, match="outside a rebalance"):
         await published.publish(WINDOW, lambda: True)
-    assert not any(value.startswith(DECIDED) for value in routed.data.values())
+    assert routed.data == {}

@@ -88,30 +88,35 @@ class DecisionLog:
     def changelog(self) -> str:
         return str(self.table.changelog_topic.get_topic_name())
 
-    def entries(self, assignments: Sequence[Assignment]) -> list[tuple[bytes, bytes]]:
+    def decided_entries(self, assignments: Sequence[Assignment]) -> list[tuple[bytes, bytes]]:
         """(key, value) of each decision, as written to the changelog."""
         return [(a.query_id.encode(), DECIDED + encode(a)) for a in assignments]
+
+    def published_entries(
+        self, query_ids: Iterable[str], partition: int, at: float
+    ) -> list[tuple[bytes, bytes]]:
+        """(key, value) of each published marker, as written to the changelog."""
+        marker = published_marker(partition, at)
+        return [(query_id.encode(), marker) for query_id in query_ids]
 
     def remember(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
         """Take entries written to the changelog by someone else (a transaction)."""
         for key, value in entries:
-            self.table.data[key] = value
+            self._set(key, value)
 
     async def decide(self, assignments: Sequence[Assignment], partition: int) -> None:
         """Record each decision and wait until the broker has acknowledged all of
         them: only then may an assignment be sent, so a crash after a send always
         finds its decision (and re-sends it unchanged instead of deciding again)."""
         deliveries = [
-            self._write(key, partition, value) for key, value in self.entries(assignments)
+            self._write(key, partition, value) for key, value in self.decided_entries(assignments)
         ]
         await asyncio.gather(*deliveries)
 
     def mark_published(self, query_ids: Iterable[str], partition: int, at: float) -> None:
         """Mark sent decisions; a marker lost in a crash only costs an identical re-send."""
-        for query_id in query_ids:
-            key = query_id.encode()
-            self._write(key, partition, published_marker(partition, at))
-            heapq.heappush(self._published, (at, key))
+        for key, value in self.published_entries(query_ids, partition, at):
+            self._write(key, partition, value)
 
     def track_recovered(self) -> int:
         """After a rebalance, queue the recovered published entries for forgetting
@@ -142,5 +147,11 @@ class DecisionLog:
     def _write(self, key: bytes, partition: int, value: bytes) -> asyncio.Future[object]:
         """Set the entry in the changelog partition of the pool's predicted partition,
         so the router that owns that partition recovers it."""
-        self.table.data[key] = value
+        self._set(key, value)
         return self.table.send_changelog(partition, key, value)
+
+    def _set(self, key: bytes, value: bytes) -> None:
+        self.table.data[key] = value
+        marker = parse_published(value)
+        if marker is not None:
+            heapq.heappush(self._published, (marker[1], key))

@@ -5,15 +5,16 @@ publishes nothing its successor does not know of.
 - `AcknowledgedPublisher` (brokers without transactions): each decision is
   acknowledged by the broker before any assignment is sent, and the window is
   published only while this router's consumer generation is current.
-- `TransactionalPublisher` (KAFKA_TRANSACTIONS): decisions, assignments, the
-  window report and the pool's ledger entry in one Kafka transaction of the
-  partition's producer (fencing.py); a fenced router's window is aborted whole.
+- `TransactionalPublisher` (KAFKA_TRANSACTIONS): the decision log's published
+  markers, the assignments, the window report and the pool's ledger entry in
+  one Kafka transaction of the partition's producer (fencing.py); a fenced
+  router's window is aborted whole.
   Fenced with no rebalance begun (the broker aborted the transaction itself,
   after its timeout, say), the router stops with the batch unacknowledged
   rather than go on without a producer for the partition.
 
-Both then mark the assignments published in the decision log, so a replayed
-window skips them.
+Either way the decision log ends with the assignments marked published, so a
+replayed window skips them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+from aiokafka import AIOKafkaProducer
 
 from schemas import Assignment, WindowReport
 from workers.stream.app import Topics
@@ -98,7 +101,12 @@ class TransactionalPublisher:
     producers: PartitionProducers
 
     async def publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
-        decided = self.decisions.entries(window.decided)
+        # Committed together, a decision and its assignment need no "decided" step:
+        # the entry is the published marker from the start (read_committed recovery
+        # never sees an aborted one).
+        published = self.decisions.published_entries(
+            [a.query_id for a in window.outgoing], window.partition, time.time()
+        )
         ledger_entry = (
             None
             if window.report is None
@@ -106,29 +114,33 @@ class TransactionalPublisher:
         )
         try:
             async with self.producers.transaction(window.partition) as producer:
-                for key, value in decided:
-                    await producer.send(
-                        self.decisions.changelog, value, key=key, partition=window.partition
-                    )
-                for a in window.outgoing:
-                    route = self.topics.routes[a.model].get_topic_name()
-                    await producer.send(route, encode(a), key=a.query_id.encode())
-                if window.report is not None and ledger_entry is not None:
-                    windows = self.topics.windows.get_topic_name()
-                    await producer.send(windows, encode(window.report), key=window.pool.encode())
-                    key, value = ledger_entry
-                    await producer.send(
-                        self.ledger.changelog, value, key=key, partition=window.partition
-                    )
+                await self._write(producer, window, published, ledger_entry)
         except Fenced as exc:
             if still_current():  # fenced by no rebalance this router knows of: stop
                 raise RuntimeError(f"pool {window.pool}: {exc} outside a rebalance") from exc
             log.warning("pool %s: %s; its window is left to the new owner", window.pool, exc)
             return False
-        self.decisions.remember(decided)
+        self.decisions.remember(published)
         if ledger_entry is not None:
             self.ledger.remember(*ledger_entry)
-        self.decisions.mark_published(
-            [a.query_id for a in window.outgoing], window.partition, time.time()
-        )
         return True
+
+    async def _write(
+        self,
+        producer: AIOKafkaProducer,
+        window: PoolWindow,
+        published: list[tuple[bytes, bytes]],
+        ledger_entry: tuple[bytes, bytes] | None,
+    ) -> None:
+        for key, value in published:
+            await producer.send(
+                self.decisions.changelog, value, key=key, partition=window.partition
+            )
+        for a in window.outgoing:
+            route = self.topics.routes[a.model].get_topic_name()
+            await producer.send(route, encode(a), key=a.query_id.encode())
+        if window.report is not None and ledger_entry is not None:
+            windows = self.topics.windows.get_topic_name()
+            await producer.send(windows, encode(window.report), key=window.pool.encode())
+            key, value = ledger_entry
+            await producer.send(self.ledger.changelog, value, key=key, partition=window.partition)
