@@ -136,10 +136,12 @@ class Outcome(Event):
     quality_score may be None at first and arrive later, from a judge or from
     the application's user (feedback). Version 2 added `source`, who gave the
     score (a score without one counts as the user's), and `judge_cost_usd`,
-    what the judge's call cost.
+    what the judge's call cost. Version 3 added `response`, an excerpt of the
+    model's answer (its beginning and its end, where final answers stand; at
+    most OUTCOME_RESPONSE_MAX_CHARS), stored for learning from answers.
     """
 
-    schema_version: Literal[1, 2] = 2
+    schema_version: Literal[1, 2, 3] = 3
     query_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     model: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     pool: str = "default"
@@ -153,6 +155,7 @@ class Outcome(Event):
     created_at: UtcDatetime = Field(default_factory=utc_now)
     source: ScoreSource | None = None
     judge_cost_usd: float | None = Field(default=None, ge=0)
+    response: str | None = None
 
     @property
     def score_source(self) -> ScoreSource | None:

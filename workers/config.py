@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     SecretStr,
@@ -38,6 +39,8 @@ ROUTERBENCH_MODELS: tuple[str, ...] = (
 
 TOPIC_PREFIX = "omnirouter"
 ROUTER_APP_ID = "omnirouter-router"
+# How much of an answer an outcome keeps by default (OUTCOME_RESPONSE_MAX_CHARS).
+OUTCOME_RESPONSE_CHARS = 2000
 _TOPIC_UNSAFE = re.compile(r"[^a-zA-Z0-9._-]")
 
 
@@ -152,6 +155,9 @@ class Settings(BaseSettings):
     # Whether the replay model worker reports the recorded quality score with its
     # answer (false: as a real model, no score; a judge or the user scores).
     replay_scores: bool = True
+    # How much of each answer its outcome carries into PostgreSQL (its beginning
+    # and its end), for learning from answers; 0: none.
+    outcome_response_max_chars: NonNegativeInt = OUTCOME_RESPONSE_CHARS
 
     # The judge (`omnirouter judge`): scores a sample of the answers on
     # omnirouter.responses and publishes them as outcomes (source "judge").

@@ -207,3 +207,15 @@ def test_migration_0003_marks_the_scores_already_stored_as_the_users() -> None:
             assert rows[("old", "n")].score_source == "judge"
         finally:
             engine.dispose()
+
+
+def test_an_answer_excerpt_is_kept_when_a_score_arrives_later(postgres_engine: sa.Engine) -> None:
+    usage = Outcome(query_id="q", model="m", cost_usd=0.01, response="The answer is (B).")
+    score = Outcome(query_id="q", model="m", quality_score=1.0, source="judge")
+    with Session(postgres_engine) as session, session.begin():
+        upsert_outcomes(session, [usage, score], [None, None])  # merged in one batch
+    with Session(postgres_engine) as session, session.begin():
+        upsert_outcomes(session, [score], [None])  # and again in a later one
+    with Session(postgres_engine) as session:
+        row = session.scalars(sa.select(OutcomeRow)).one()
+    assert (row.response_excerpt, row.quality_score) == ("The answer is (B).", 1.0)

@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
 from schemas import Outcome
+from workers.config import OUTCOME_RESPONSE_CHARS
 from workers.db.models import OutcomeRow
 from workers.db.repository import upsert_outcomes
 from workers.routing.dataset import (
@@ -26,6 +27,7 @@ from workers.routing.dataset import (
     shipped_sample_path,
     text_prompt_id,
 )
+from workers.stream.model_worker import response_excerpt
 from workers.stream.replay import seed_outcomes, seed_records
 
 pytestmark = pytest.mark.integration
@@ -145,6 +147,8 @@ def test_routerbench_seeding_takes_the_same_path(postgres_engine: sa.Engine) -> 
     assert first.cost_usd == pytest.approx(table.costs[0, column])
     assert {r.score_source for r in rows.values() if r.quality_score is not None} == {"replay"}
     assert len({vector(r).tobytes() for r in rows.values()}) == 3
+    recorded = table.responses[0][GPT4]
+    assert recorded and first.response_excerpt == response_excerpt(recorded, OUTCOME_RESPONSE_CHARS)
 
 
 def omnirouter(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

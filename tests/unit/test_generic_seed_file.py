@@ -233,3 +233,17 @@ def test_limits_count_prompts_and_unknown_models_are_counted() -> None:
     kept, unknown = split_known_models(rows, ["a", "b"])
     assert kept == rows[:2]
     assert unknown == {"x": 1, "y": 1}
+
+
+def test_a_response_column_is_read_and_must_be_text(tmp_path: Path) -> None:
+    good = write_jsonl(
+        tmp_path / "good.jsonl",
+        [
+            {"text": "2+2?", "model": "a", "score": 1, "response": "4"},
+            {"text": "2+2?", "model": "b", "score": 0},
+        ],
+    )
+    assert [r.response for r in load_outcome_rows(good)] == ["4", None]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "2+2?", "model": "a", "response": 4}])
+    with pytest.raises(DatasetError, match=at(bad, 1) + "response is not a string"):
+        load_outcome_rows(bad)

@@ -47,6 +47,9 @@ class OutcomeRow(Base):
     embedding: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
     embedder: Mapped[str | None] = mapped_column(sa.String(200))
     query_text: Mapped[str | None] = mapped_column(sa.Text)
+    # An excerpt of the model's answer (OUTCOME_RESPONSE_MAX_CHARS), for learning
+    # from answers.
+    response_excerpt: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[datetime] = mapped_column(
         sa.DateTime(timezone=True), server_default=sa.func.now()
     )

@@ -31,6 +31,7 @@ _KEEP_IF_NONE = (
     "embedder",
     "query_text",
     "judge_cost_usd",
+    "response_excerpt",
 )
 
 
@@ -50,6 +51,7 @@ def _row(outcome: Outcome, embedding: np.ndarray | None, embedder: str | None) -
         "embedder": None if embedding is None else embedder,
         "query_text": outcome.text,
         "judge_cost_usd": outcome.judge_cost_usd,
+        "response_excerpt": outcome.response,
     }
 
 

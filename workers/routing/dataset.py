@@ -110,7 +110,7 @@ def shipped_sample_path() -> Path:
 SeedFormat = Literal["auto", "routerbench", "generic"]
 GENERIC_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv"}
 ACCEPTED_FORMATS = "JSON lines (.jsonl, .json) or CSV with a header row (.csv)"
-GENERIC_FIELDS = ("prompt_id", "text", "model", "score", "cost", "tokens")
+GENERIC_FIELDS = ("prompt_id", "text", "model", "score", "cost", "tokens", "response")
 # Seeded query ids are "<run id>-<prompt_id>" and at most 200 characters.
 MAX_PROMPT_ID_CHARS = 180
 
@@ -125,6 +125,7 @@ class RecordedOutcome:
     score: float | None  # 0..1
     cost: float | None  # USD
     output_tokens: int | None
+    response: str | None = None  # what the model answered
 
 
 def text_prompt_id(text: str) -> str:
@@ -180,6 +181,9 @@ def _record(row: Mapping[str, object], where: str) -> RecordedOutcome:
         prompt_id = _required_text(raw_id, "prompt_id", where).strip()
         if len(prompt_id) > MAX_PROMPT_ID_CHARS:
             raise DatasetError(f"{where}: prompt_id is longer than {MAX_PROMPT_ID_CHARS} chars")
+    response = row.get("response")
+    if response is not None and not isinstance(response, str):
+        raise DatasetError(f"{where}: response is not a string: {response!r}")
     return RecordedOutcome(
         prompt_id=prompt_id,
         text=text,
@@ -187,6 +191,7 @@ def _record(row: Mapping[str, object], where: str) -> RecordedOutcome:
         score=score,
         cost=cost,
         output_tokens=None if tokens is None else int(tokens),
+        response=response or None,
     )
 
 
@@ -232,8 +237,9 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Mapping[str, object]]]:
 def load_outcome_rows(path: str | Path) -> list[RecordedOutcome]:
     """Read a generic warm-start file: one row per (prompt, model) with text, model,
     score (0..1), cost (USD), tokens (output) and optionally prompt_id (without it,
-    rows with the same text are one prompt). JSON lines (.jsonl, .json) or CSV with
-    a header row (.csv); null or an empty cell: not recorded."""
+    rows with the same text are one prompt) and response (the model's answer).
+    JSON lines (.jsonl, .json) or CSV with a header row (.csv); null or an empty
+    cell: not recorded."""
     path = Path(path)
     kind = GENERIC_SUFFIXES.get(path.suffix.lower())
     if kind is None:
@@ -293,6 +299,7 @@ def table_records(table: OutcomeTable) -> list[RecordedOutcome]:
             score=None if math.isnan(score := table.scores[row, column]) else float(score),
             cost=None if math.isnan(cost := table.costs[row, column]) else float(cost),
             output_tokens=None,
+            response=table.responses[row].get(model),
         )
         for row, prompt in enumerate(table.prompts)
         for column, model in enumerate(table.models)

@@ -38,7 +38,8 @@ class Answer:
     output_tokens: int | None = None
     latency_ms: float | None = None
 
-    def events(self, assignment: Assignment) -> tuple[Outcome, ModelResponse]:
+    def events(self, assignment: Assignment, response_chars: int) -> tuple[Outcome, ModelResponse]:
+        """The Outcome (with `response_chars` of the answer, at most) and the response."""
         outcome = Outcome(
             query_id=assignment.query_id,
             model=assignment.model,
@@ -51,6 +52,7 @@ class Answer:
             error=self.error,
             text=assignment.text,
             source=self.score_source,
+            response=response_excerpt(self.response, response_chars),
         )
         response = ModelResponse(
             query_id=assignment.query_id,
@@ -63,6 +65,18 @@ class Answer:
             exploration=assignment.exploration,
         )
         return outcome, response
+
+
+def response_excerpt(response: str | None, max_chars: int) -> str | None:
+    """At most `max_chars` of an answer: its beginning and, for most of it, its end,
+    where final answers usually stand, joined by an ellipsis; None for none."""
+    if not response or max_chars <= 0:
+        return None
+    if len(response) <= max_chars:
+        return response
+    head = max_chars // 4
+    tail = max_chars - head - 1
+    return response[:head] + "\u2026" + response[len(response) - tail :]
 
 
 class Answerer(Protocol):
@@ -103,7 +117,10 @@ def build_model_worker_app(
             if not assignments:
                 continue
             answers = await answerer.answer(assignments)
-            answered = [result.events(a) for a, result in zip(assignments, answers, strict=True)]
+            answered = [
+                result.events(a, settings.outcome_response_max_chars)
+                for a, result in zip(assignments, answers, strict=True)
+            ]
             for assignment, (outcome, _) in zip(assignments, answered, strict=True):
                 metrics.ANSWERS.labels(assignment.model, "error" if outcome.error else "ok").inc()
                 log.debug(

@@ -14,10 +14,12 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy.orm import Session
 
 from schemas import Outcome, QueryEvent, ScoreSource
+from workers.config import OUTCOME_RESPONSE_CHARS
 from workers.db.repository import upsert_outcomes
 from workers.routing.dataset import OutcomeTable, RecordedOutcome, table_records
 from workers.routing.embedder import Embedder
 from workers.stream.codec import encode
+from workers.stream.model_worker import response_excerpt
 
 
 def query_events(table: OutcomeTable, run_id: str, pool: str = "default") -> list[QueryEvent]:
@@ -77,6 +79,7 @@ def seed_records(
     records: Sequence[RecordedOutcome],
     embedder: Embedder,
     run_id: str = "seed",
+    response_chars: int = OUTCOME_RESPONSE_CHARS,
 ) -> int:
     """Store recorded outcomes (one per prompt and model) as a warm start for the
     router: each distinct text is embedded once, every row of a prompt gets its
@@ -98,6 +101,7 @@ def seed_records(
             output_tokens=r.output_tokens,
             text=r.text,
             source=SEED_SOURCE,
+            response=response_excerpt(r.response, response_chars),
         )
         for r in records
     ]

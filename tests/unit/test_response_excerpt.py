@@ -1,0 +1,37 @@
+"""What of a model's answer its outcome keeps (OUTCOME_RESPONSE_MAX_CHARS)."""
+
+from __future__ import annotations
+
+from schemas import Assignment
+from workers.stream.model_worker import Answer, response_excerpt
+
+
+def test_a_short_answer_is_kept_whole_and_none_stays_none() -> None:
+    assert response_excerpt("The answer is 42.", 2000) == "The answer is 42."
+    assert response_excerpt(None, 2000) is None
+    assert response_excerpt("", 2000) is None
+    assert response_excerpt("anything", 0) is None  # storing answers turned off
+
+
+def test_a_long_answer_keeps_its_beginning_and_most_of_its_end() -> None:
+    reasoning = "step. " * 1000
+    answer = "Question restated. " + reasoning + "Final answer: (C)"
+    excerpt = response_excerpt(answer, 400)
+    assert excerpt is not None and len(excerpt) == 400
+    assert excerpt.startswith("Question restated.")
+    assert excerpt.endswith("Final answer: (C)")  # where final answers stand
+    head, tail = excerpt.split("\u2026")
+    assert len(tail) > 2 * len(head)
+
+
+def test_the_outcome_carries_the_excerpt_and_the_response_the_whole_answer() -> None:
+    assignment = Assignment(
+        query_id="q", text="t", model="m", pool="default", window_id="w",
+        window_start="2026-01-01T00:00:00Z", window_end="2026-01-01T00:00:01Z",
+        predicted_quality=0.5, predicted_cost_usd=0.1,
+    )  # fmt: skip
+    answer = Answer(response="x" * 100 + "END")
+    outcome, response = answer.events(assignment, response_chars=20)
+    assert outcome.response is not None and len(outcome.response) == 20
+    assert outcome.response.endswith("END")
+    assert response.response == "x" * 100 + "END"
