@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from workers.routing.answer_scorer import ProbeAnswers
 from workers.routing.cascade import (
     NEVER,
     CascadePolicy,
@@ -15,6 +16,7 @@ from workers.routing.cascade import (
     fit_cascade,
     plan_escalations,
     plan_first_stage,
+    price_options,
     run_window,
 )
 
@@ -150,3 +152,23 @@ def test_probing_beats_direct_routing_at_a_middling_budget(policy: CascadePolicy
     direct = direct_share * truth[:, 2].mean() + (1 - direct_share) * truth[:, 0].mean()
     assert window.probed.any() and window.escalated.any()
     assert cascade > direct + 0.05
+
+
+def test_options_and_posteriors_computed_once_give_the_same_window(
+    policy: CascadePolicy,
+) -> None:
+    n = 90
+    responses, _, costs = recorded(n, seed=5)
+    quality = np.tile([0.7, 0.7, 0.95], (n, 1))
+    vectors = unit_vectors(n, 5)
+    args = (policy, quality, costs, vectors, responses, costs, "budget", 8.0 * n, "exact")
+    alone = run_window(*args)
+    answers = ProbeAnswers.of([[r[j] for j in policy.panel] for r in responses])
+    shared = run_window(
+        *args,
+        options=price_options(policy, vectors, quality, costs),
+        posterior=policy.scorer.posterior(answers, quality, policy.clusters(vectors)),
+    )
+    assert alone.probed.any() and alone.escalated.any()
+    assert shared.final_model.tolist() == alone.final_model.tolist()
+    assert shared.total_usd == alone.total_usd

@@ -38,7 +38,8 @@ SHORT_ANSWER_WORDS = 3
 MIN_OUTCOMES_PER_CLASS = 5
 # Predicted qualities are clipped away from 0 and 1 before their logit is taken.
 LOGIT_EPSILON = 0.01
-SCORER_FOLDS = 5
+# Folds of the out-of-fold logits each head is Platt-calibrated on.
+SCORER_FOLDS = 3
 
 _WORD = re.compile(r"\w+")
 _NOT_WORD = re.compile(r"[^\w\s]")

@@ -396,13 +396,18 @@ def run_window(
     limit: float,
     solver: Method = "fast",
     tie_tolerance: float = 0.0,
+    options: OptionMatrices | None = None,
+    posterior: NDArray[np.float64] | None = None,
 ) -> CascadeWindow:
     """Both stages on one window whose answers are known in advance (recorded
     outcomes, offline): `responses` and `realised_cost` are every model's. `limit`
-    is the window's budget or its quality target."""
+    is the window's budget or its quality target. `options` (`price_options`) and
+    `posterior` (the scorer's, of every query as if probed) may be given when
+    computed for many windows at once; they depend on the query alone."""
     n, n_models = quality.shape
     rows = np.arange(n)
-    options = price_options(policy, vectors, quality, cost)
+    if options is None:
+        options = price_options(policy, vectors, quality, cost)
     column = plan_first_stage(quality, cost, options, mode, limit, solver, tie_tolerance)
     probed = column >= n_models
     direct_usd = float(realised_cost[rows[~probed], column[~probed]].sum())
@@ -412,17 +417,20 @@ def run_window(
     escalation_usd = 0.0
     if probed.any():
         probe_rows = rows[probed]
-        answers = ProbeAnswers.of([[responses[i][j] for j in policy.panel] for i in probe_rows])
-        posterior = policy.scorer.posterior(
-            answers, quality[probe_rows], policy.clusters(vectors[probe_rows])
-        )
+        if posterior is None:
+            answers = ProbeAnswers.of([[responses[i][j] for j in policy.panel] for i in probe_rows])
+            probed_posterior = policy.scorer.posterior(
+                answers, quality[probe_rows], policy.clusters(vectors[probe_rows])
+            )
+        else:
+            probed_posterior = posterior[probe_rows]
         direct_quality = float(quality[rows[~probed], column[~probed]].sum())
         budget_left = escalation_limit(
             mode, limit, direct_usd + probe_usd, direct_quality, n, len(probe_rows)
         )
         choice = plan_escalations(
-            posterior,
-            policy.accept_quality(posterior),
+            probed_posterior,
+            policy.accept_quality(probed_posterior),
             cost[probe_rows],
             policy.panel,
             mode,
@@ -430,7 +438,7 @@ def run_window(
             solver,
             tie_tolerance,
         )
-        accepted = best_probe(posterior, policy.panel)
+        accepted = best_probe(probed_posterior, policy.panel)
         final[probe_rows] = np.where(choice == NEVER, accepted, choice)
         escalated[probe_rows] = choice != NEVER
         escalation_usd = float(

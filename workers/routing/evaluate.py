@@ -44,7 +44,13 @@ from numpy.typing import NDArray
 from sklearn.metrics import roc_auc_score
 
 from workers.routing.answer_scorer import ProbeAnswers
-from workers.routing.cascade import CascadePolicy, fit_cascade, run_window
+from workers.routing.cascade import (
+    CascadePolicy,
+    OptionMatrices,
+    fit_cascade,
+    price_options,
+    run_window,
+)
 from workers.routing.dataset import OutcomeTable
 from workers.routing.embedder import Embedder
 from workers.routing.optimizer import Method, Mode, WindowProblem, solve
@@ -373,6 +379,10 @@ def route_cascade_split(
     vectors = cascade.vectors[scored]
     responses = [[test.responses[i][m] for m in test.models] for i in scored]
     policy, n = cascade.policy, len(scored)
+    answers = ProbeAnswers.of([[r[j] for j in policy.panel] for r in responses])
+    # Options and posteriors depend on the query alone: computed once for every window.
+    options = price_options(policy, vectors, quality, cost)
+    posterior = policy.scorer.posterior(answers, quality, policy.clusters(vectors))
     for per_query in budgets:
         point = points.setdefault(CASCADE, {}).setdefault(float(per_query), Point(per_query))
         for window in windows_of(n, settings.window_size):
@@ -387,14 +397,16 @@ def route_cascade_split(
                 float(per_query) * len(window),
                 settings.solver,
                 settings.tie_tolerance,
+                options=OptionMatrices(
+                    options.quality[window], options.cost[window], options.probe_cost[window]
+                ),
+                posterior=posterior[window],
             )
             right = truth[window][np.arange(len(window)), outcome.final_model].sum()
             point.add(float(right), outcome.total_usd, len(window))
             point.probe_usd += outcome.probe_usd
             point.escalation_usd += outcome.escalation_usd
-    answers = ProbeAnswers.of([[r[j] for j in policy.panel] for r in responses])
     record_agreement_rule(answers, policy.panel, truth, spent, cost, points)
-    posterior = policy.scorer.posterior(answers, quality, policy.clusters(vectors))
     return posterior[:, policy.panel]
 
 
