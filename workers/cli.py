@@ -511,6 +511,13 @@ def demo(state_dir: Path, warm_start: int) -> None:
     show_default=True,
     help="Embeddings cached by text hash.",
 )
+@click.option(
+    "--cascade/--no-cascade",
+    default=True,
+    show_default=True,
+    help="Also route the answer-aware cascade and the agreement rule (budget mode), "
+    "from the recorded responses.",
+)
 @embedder_option
 def evaluate(
     train_path: Path,
@@ -520,6 +527,7 @@ def evaluate(
     solver: str,
     out_dir: Path,
     cache_dir: Path,
+    cascade: bool,
     embedder_kind: str | None,
 ) -> None:
     """Route RouterBench-format outcomes offline; write report.json and cost_quality.png."""
@@ -536,6 +544,7 @@ def evaluate(
         window_size=window_size,
         modes=tuple(modes) or ("budget", "quality"),  # type: ignore[arg-type]
         solver=solver,  # type: ignore[arg-type]
+        cascade=cascade,
     )
     embedder = CachedEmbedder(_embedder(load_settings(), embedder_kind), cache_dir)
     click.echo(f"embedder: {embedder.name}")

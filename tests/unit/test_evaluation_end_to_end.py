@@ -31,10 +31,12 @@ def test_evaluate_cross_validates_a_real_slice(tmp_path: Path) -> None:
             str(out),
             "--cache-dir",
             str(tmp_path / "cache"),
+            "--no-cascade",
         ],
     )
     assert result.exit_code == 0, result.output
     assert "at the cost of model" in result.output
+    assert "cascade_budget" not in json.loads((out / "report.json").read_text())["routers"]
     report = json.loads((out / "report.json").read_text())
     assert (out / "cost_quality.png").stat().st_size > 10_000
 
@@ -70,6 +72,41 @@ def test_evaluate_cross_validates_a_real_slice(tmp_path: Path) -> None:
     assert set(auc) == {*table.eval_names, "all"}
     assert all(0.0 <= value <= 1.0 for value in auc.values())
     assert "predictor within-task AUC" in result.output
+
+
+def test_evaluate_routes_the_cascade_from_the_recorded_responses(tmp_path: Path) -> None:
+    sample = shipped_sample_path().read_text().splitlines()[:150]
+    data = tmp_path / "slice.jsonl"
+    data.write_text("\n".join(sample) + "\n")
+    out = tmp_path / "out"
+    arguments = ["evaluate", "--train", str(data), "--window-size", "30", "--mode", "budget"]
+    arguments += ["--solver", "fast", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    table = load_routerbench(data)
+    scored = ~np.isnan(table.scores).any(axis=1)
+    cascade = report["routers"]["cascade_budget"]
+    assert len(cascade) == len(report["routers"]["omnirouter_budget"])
+    for point in cascade:
+        # Every probe and escalation is paid for, and a point never costs more than
+        # answering every query with the panel and then the dearest model.
+        assert 0 <= point["probe_usd"] + point["escalation_usd"] <= point["cost_usd"] + 1e-12
+    assert max(p["probe_usd"] for p in cascade) > 0
+    assert 0 <= report["aiq"]["cascade_budget"] <= report["routers"]["oracle"][0]["accuracy"]
+    (rule,) = report["routers"]["agreement_rule"]
+    panels = report["settings"]["cascade_panel_per_split"]
+    assert len(panels) == 5 and all(len(p) == 2 for p in panels)
+    # The rule pays both probes on every scored query, each at least the cheapest model.
+    assert rule["probe_usd"] >= 2 * table.costs[scored].min(axis=1).sum() - 1e-12
+    assert rule["cost_usd"] >= rule["probe_usd"]
+    targets = report["cascade_targets"]
+    assert {"accuracy_at_35pct_of_best_model_cost", "least_margin_over_one_shot"} <= set(targets)
+    auc = report["scorer_within_task_auc"]
+    assert set(auc) == {"scorer", "predictor"}
+    assert all(0.0 <= v <= 1.0 for v in auc["scorer"].values())
+    assert "scorer within-task AUC" in result.output
 
 
 def test_a_malformed_file_is_a_clear_error(tmp_path: Path) -> None:

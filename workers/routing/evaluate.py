@@ -17,6 +17,13 @@ Metrics:
   tasks apart is easy; routing beyond what a per-task table gives needs this
   to be well above 0.5.
 
+The answer-aware cascade (workers/routing/cascade.py) is routed from the recorded
+responses: a probed query's panel answers are the file's, its cost includes every
+probe and escalation. Beside it, the plain agreement rule: probe with the same
+two cheap models, accept when their final answers agree, else the dearest model
+(one point). The answer scorer's within-task AUC (its P(good) of the probe
+models' answers) is reported next to the predictor's on the same answers.
+
 Two bounds bracket OmniRouter, on the same windows and budgets:
 - task_oracle_budget: the ILP fed each task's true per-model accuracy and cost,
   what a predictor that only knows the task can reach;
@@ -36,6 +43,14 @@ import numpy as np
 from numpy.typing import NDArray
 from sklearn.metrics import roc_auc_score
 
+from workers.routing.answer_scorer import ProbeAnswers
+from workers.routing.cascade import (
+    CascadePolicy,
+    OptionMatrices,
+    fit_cascade,
+    price_options,
+    run_window,
+)
 from workers.routing.dataset import OutcomeTable
 from workers.routing.embedder import Embedder
 from workers.routing.optimizer import Method, Mode, WindowProblem, solve
@@ -47,7 +62,16 @@ OMNIROUTER_QUALITY = "omnirouter_quality"
 GREEDY = "greedy_threshold"
 TASK_ORACLE = "task_oracle_budget"
 ORACLE_BUDGET = "oracle_budget"
-CURVE_ROUTERS = (OMNIROUTER_BUDGET, OMNIROUTER_QUALITY, GREEDY, TASK_ORACLE, ORACLE_BUDGET)
+CASCADE = "cascade_budget"
+AGREEMENT_RULE = "agreement_rule"
+CURVE_ROUTERS = (
+    OMNIROUTER_BUDGET,
+    OMNIROUTER_QUALITY,
+    GREEDY,
+    TASK_ORACLE,
+    ORACLE_BUDGET,
+    CASCADE,
+)
 
 
 @dataclass
@@ -58,6 +82,9 @@ class Point:
     correct: float = 0.0
     cost_usd: float = 0.0
     queries: int = 0
+    # Of cost_usd, what probes and escalations cost (cascades only).
+    probe_usd: float = 0.0
+    escalation_usd: float = 0.0
 
     def add(self, correct: float, cost_usd: float, queries: int) -> None:
         self.correct += correct
@@ -81,6 +108,11 @@ class EvaluationSettings:
     # As the router's ROUTER_TIE_TOLERANCE: ties and near-ties to the cheaper model.
     tie_tolerance: float = 0.005
     seed: int = 0
+    # Fit and route the answer-aware cascade (budget mode) and the agreement rule.
+    cascade: bool = True
+    # Folds of the training part that give its queries out-of-fold predictions,
+    # which the cascade's scorer learns from (as a router's stored predictions).
+    cascade_inner_folds: int = 3
 
 
 # ------------------------------------------------------------------------ metrics
@@ -286,6 +318,120 @@ def route_split(
             record(OMNIROUTER_QUALITY, target, plan)
 
 
+@dataclass(frozen=True)
+class CascadeSplit:
+    """A split's fitted cascade and its test prompts' vectors."""
+
+    policy: CascadePolicy
+    vectors: NDArray[np.float32]
+
+
+def out_of_fold_quality(
+    part: OutcomeTable,
+    vectors: NDArray[np.float32],
+    embedder: Embedder,
+    knn: KnnSettings,
+    folds: int,
+    seed: int,
+) -> NDArray[np.float64]:
+    """The one-shot predictor's quality for each prompt of `part`, from a predictor
+    that did not see it: what a router has stored beside its past outcomes."""
+    fold_of = group_folds(part.sample_ids, folds, seed + 1)
+    quality = np.full(part.scores.shape, 0.5)
+    for f in range(folds):
+        fit, held = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
+        if len(fit) and len(held):
+            estimates, _ = predict_split(
+                part.take(fit), vectors[fit], part.take(held), vectors[held], embedder, knn
+            )
+            quality[held] = estimates.quality
+    return quality
+
+
+def fit_split_cascade(
+    part: OutcomeTable,
+    vectors: NDArray[np.float32],
+    embedder: Embedder,
+    settings: EvaluationSettings,
+) -> CascadePolicy:
+    predicted = out_of_fold_quality(
+        part, vectors, embedder, settings.knn, settings.cascade_inner_folds, settings.seed
+    )
+    responses = [[row[m] for m in part.models] for row in part.responses]
+    return fit_cascade(part.sample_ids, vectors, responses, predicted, part.scores, part.costs)
+
+
+def route_cascade_split(
+    test: OutcomeTable,
+    estimates: Estimates,
+    cascade: CascadeSplit,
+    budgets: NDArray[np.float64],
+    settings: EvaluationSettings,
+    points: dict[str, dict[float, Point]],
+) -> NDArray[np.float64]:
+    """Route the scored test prompts (in `route_split`'s order) with the cascade under
+    every budget and with the agreement rule; add to `points`. Returns the scorer's
+    posterior for the panel's answers of every scored prompt, to measure its AUC."""
+    scored = np.flatnonzero(~np.isnan(test.scores).any(axis=1))
+    scored = scored[arrival_order(len(scored), settings.seed)]
+    truth, spent = test.scores[scored], test.costs[scored]
+    quality, cost = estimates.quality[scored], estimates.cost[scored]
+    vectors = cascade.vectors[scored]
+    responses = [[test.responses[i][m] for m in test.models] for i in scored]
+    policy, n = cascade.policy, len(scored)
+    answers = ProbeAnswers.of([[r[j] for j in policy.panel] for r in responses])
+    # Options and posteriors depend on the query alone: computed once for every window.
+    options = price_options(policy, vectors, quality, cost)
+    posterior = policy.scorer.posterior(answers, quality, policy.clusters(vectors))
+    for per_query in budgets:
+        point = points.setdefault(CASCADE, {}).setdefault(float(per_query), Point(per_query))
+        for window in windows_of(n, settings.window_size):
+            outcome = run_window(
+                policy,
+                quality[window],
+                cost[window],
+                vectors[window],
+                [responses[i] for i in window],
+                spent[window],
+                "budget",
+                float(per_query) * len(window),
+                settings.solver,
+                settings.tie_tolerance,
+                options=OptionMatrices(
+                    options.quality[window], options.cost[window], options.probe_cost[window]
+                ),
+                posterior=posterior[window],
+            )
+            right = truth[window][np.arange(len(window)), outcome.final_model].sum()
+            point.add(float(right), outcome.total_usd, len(window))
+            point.probe_usd += outcome.probe_usd
+            point.escalation_usd += outcome.escalation_usd
+    record_agreement_rule(answers, policy.panel, truth, spent, cost, points)
+    return posterior[:, policy.panel]
+
+
+def record_agreement_rule(
+    answers: ProbeAnswers,
+    panel: Sequence[int],
+    truth: NDArray[np.float64],
+    spent: NDArray[np.float64],
+    cost: NDArray[np.float64],
+    points: dict[str, dict[float, Point]],
+) -> None:
+    """Probe with the panel; accept the first probe's answer when every final answer
+    is the same, else ask the model predicted dearest."""
+    dearest = int(cost.mean(axis=0).argmax())
+    agree = np.array([len(set(row)) == 1 and bool(row[0]) for row in answers.finals])
+    final = np.where(agree, panel[0], dearest)
+    rows = np.arange(len(truth))
+    escalation = float(spent[rows[~agree], dearest].sum())
+    probes = float(spent[:, list(panel)].sum())
+    point = points.setdefault(AGREEMENT_RULE, {}).setdefault(0.0, Point(0.0))
+    point.add(float(truth[rows, final].sum()), probes + escalation, len(truth))
+    point.probe_usd += probes
+    point.escalation_usd += escalation
+
+
 def arrival_order(n: int, seed: int) -> NDArray[np.int64]:
     """The order the test prompts arrive in: seeded and random, as real traffic mixes
     kinds of query. Files are often sorted by task; windows of one task each would
@@ -333,6 +479,10 @@ class Report:
     targets: dict[str, object]
     predictor_within_task_auc: dict[str, float]
     settings: dict[str, object]
+    # The cascade's targets, and the answer scorer's and the predictor's within-task
+    # AUC on the probe models' answers ("scorer", "predictor").
+    cascade_targets: dict[str, object] = field(default_factory=dict)
+    scorer_within_task_auc: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=float)
@@ -360,22 +510,47 @@ def per_query_budgets(costs: NDArray[np.float64], levels: int) -> NDArray[np.flo
     return np.unique(np.concatenate([spread, model_costs, [2 * model_costs.max()]]))
 
 
+Prediction = tuple[OutcomeTable, Estimates] | tuple[OutcomeTable, Estimates, CascadeSplit]
+
+
 def score_splits(
-    predictions: Iterable[tuple[OutcomeTable, Estimates]],
+    predictions: Iterable[Prediction],
     budgets: NDArray[np.float64],
     settings: EvaluationSettings,
+    scorer_auc: dict[str, dict[str, float]] | None = None,
 ) -> tuple[dict[str, dict[float, Point]], dict[str, float]]:
-    """Route each split's test prompts, given their estimates, with every router.
-    Returns every router's points and the estimates' within-task AUC."""
+    """Route each split's test prompts, given their estimates (and a fitted cascade),
+    with every router. Returns every router's points and the estimates' within-task
+    AUC; fills `scorer_auc` with the answer scorer's and the predictor's within-task
+    AUC on the probe models' answers when there are cascades."""
     points: dict[str, dict[float, Point]] = {}
     predicted, outcomes, tasks, split_numbers = [], [], [], []
-    for number, (test_part, estimates) in enumerate(predictions):
+    on_probes: list[tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]] = []
+    probe_tasks: list[str] = []
+    probe_splits: list[int] = []
+    for number, (test_part, estimates, *cascade) in enumerate(predictions):
         route_split(test_part, estimates, budgets, settings, points)
         predicted.append(estimates.quality)
         outcomes.append(test_part.scores)
         tasks.extend(test_part.eval_names)
         split_numbers.extend([number] * len(test_part))
+        if cascade:
+            posterior = route_cascade_split(
+                test_part, estimates, cascade[0], budgets, settings, points
+            )
+            scored = np.flatnonzero(~np.isnan(test_part.scores).any(axis=1))
+            scored = scored[arrival_order(len(scored), settings.seed)]
+            panel = cascade[0].policy.panel
+            on_probes.append(
+                (posterior, estimates.quality[scored][:, panel], test_part.scores[scored][:, panel])
+            )
+            probe_tasks.extend(test_part.eval_names[i] for i in scored)
+            probe_splits.extend([number] * len(scored))
     auc = within_task_auc(np.vstack(predicted), np.vstack(outcomes), tasks, split_numbers)
+    if on_probes and scorer_auc is not None:
+        stacked = [np.vstack(parts) for parts in zip(*on_probes, strict=True)]
+        for name, values in (("scorer", stacked[0]), ("predictor", stacked[1])):
+            scorer_auc[name] = within_task_auc(values, stacked[2], probe_tasks, probe_splits)
     return points, auc
 
 
@@ -405,21 +580,29 @@ def evaluate(
             for f in range(folds)
         ]
     blend_weights: list[float] = []
+    panels: list[list[str]] = []
+    with_cascade = settings.cascade and "budget" in settings.modes
 
-    def predictions() -> Iterator[tuple[OutcomeTable, Estimates]]:
+    def predictions() -> Iterator[Prediction]:
         for number, (fit_part, fit_vectors, test_part, test_vectors) in enumerate(splits, 1):
             estimates, weight = predict_split(
                 fit_part, fit_vectors, test_part, test_vectors, embedder, settings.knn
             )
             blend_weights.append(weight)
-            yield test_part, estimates
+            if with_cascade:
+                policy = fit_split_cascade(fit_part, fit_vectors, embedder, settings)
+                panels.append([train.models[j] for j in policy.panel])
+                yield test_part, estimates, CascadeSplit(policy, test_vectors)
+            else:
+                yield test_part, estimates
             progress(
                 f"split {number}/{len(splits)} routed ({len(test_part)} prompts, blend {weight})"
             )
 
     budgets = per_query_budgets(train.costs, settings.budget_levels)
-    points, auc = score_splits(predictions(), budgets, settings)
-    return build_report(
+    scorer_auc: dict[str, dict[str, float]] = {}
+    points, auc = score_splits(predictions(), budgets, settings, scorer_auc)
+    report = build_report(
         points,
         train.models,
         settings,
@@ -427,6 +610,9 @@ def evaluate(
         cross_validated=test is None,
         predictor_auc=auc,
     )
+    report.scorer_within_task_auc = scorer_auc
+    report.settings["cascade_panel_per_split"] = panels
+    return report
 
 
 def build_report(
@@ -441,6 +627,7 @@ def build_report(
         OMNIROUTER_BUDGET: "budget_per_query_usd",
         OMNIROUTER_QUALITY: "target",
         GREEDY: "threshold",
+        CASCADE: "budget_per_query_usd",
     }
     routers = {
         name: [
@@ -448,6 +635,11 @@ def build_report(
                 setting_name.get(name, "setting"): p.setting,
                 "accuracy": p.accuracy,
                 "cost_usd": p.cost_usd,
+                **(
+                    {"probe_usd": p.probe_usd, "escalation_usd": p.escalation_usd}
+                    if name in (CASCADE, AGREEMENT_RULE)
+                    else {}
+                ),
             }
             for p in sorted(by_setting.values(), key=lambda p: p.cost_usd)
         ]
@@ -503,6 +695,7 @@ def build_report(
         accuracy_at_cost_of=at_cost,
         single_models=single,
         targets=targets,
+        cascade_targets=cascade_targets(curves, aiqs, single, cost_low, cost_high),
         predictor_within_task_auc=predictor_auc,
         settings={
             "window_size": settings.window_size,
@@ -512,6 +705,37 @@ def build_report(
             "blend_weight_per_split": blend_weights,
         },
     )
+
+
+def cascade_targets(
+    curves: dict[str, list[tuple[float, float]]],
+    aiqs: dict[str, float],
+    single: dict[str, dict[str, float]],
+    cost_low: float,
+    cost_high: float,
+) -> dict[str, object]:
+    """The cascade against the best model and the one-shot router: its accuracy at
+    35% of the best model's cost, the share of that cost at which it reaches the
+    best model's accuracy, and its hull's least margin over the one-shot router's
+    (over the single models' cost range, where both have points)."""
+    if CASCADE not in curves or OMNIROUTER_BUDGET not in curves:
+        return {}
+    best = max(single, key=lambda m: single[m]["accuracy"])
+    best_cost, best_accuracy = single[best]["cost_usd"], single[best]["accuracy"]
+    reach = cost_to_reach(curves[CASCADE], best_accuracy)
+    cascade, omni = upper_hull(curves[CASCADE]), upper_hull(curves[OMNIROUTER_BUDGET])
+    start = max(cost_low, cascade[0][0], omni[0][0])
+    grid = np.linspace(start, cost_high, 500) if start < cost_high else np.array([cost_high])
+    margins = [hull_accuracy(cascade, c) - hull_accuracy(omni, c) for c in grid]
+    return {
+        "accuracy_at_35pct_of_best_model_cost": accuracy_at_cost(curves[CASCADE], 0.35 * best_cost),
+        "cost_share_to_reach_best_model_accuracy": None if reach is None else reach / best_cost,
+        "aiq": aiqs[CASCADE],
+        "aiq_one_shot": aiqs[OMNIROUTER_BUDGET],
+        "least_margin_over_one_shot": float(min(margins)),
+        "least_margin_at_cost_usd": float(grid[int(np.argmin(margins))]),
+        "agreement_rule": curves.get(AGREEMENT_RULE, [None])[0],
+    }
 
 
 def summary_table(report: Report) -> str:
@@ -527,6 +751,7 @@ def summary_table(report: Report) -> str:
             GREEDY: "greedy",
             TASK_ORACLE: "task orc",
             ORACLE_BUDGET: "oracle",
+            CASCADE: "cascade",
         }
         lines.append("")
         lines.append(
@@ -546,6 +771,15 @@ def summary_table(report: Report) -> str:
                 f"{task} {auc:.3f}" for task, auc in report.predictor_within_task_auc.items()
             )
         )
+    for name, aucs in report.scorer_within_task_auc.items():
+        lines.append(
+            f"{name} within-task AUC on the probes' answers: "
+            + ", ".join(f"{task} {auc:.3f}" for task, auc in aucs.items())
+        )
+    if report.cascade_targets:
+        lines.append("")
+        for key, value in report.cascade_targets.items():
+            lines.append(f"cascade {key}: {value}")
     if report.targets:
         lines.append("")
         for key, value in report.targets.items():
@@ -565,7 +799,7 @@ def plot(report: Report, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(9, 6))
-    for name in (*CURVE_ROUTERS, "random", "cheapest"):
+    for name in (*CURVE_ROUTERS, AGREEMENT_RULE, "random", "cheapest"):
         if name not in report.routers:
             continue
         pts = report.routers[name]

@@ -1,0 +1,174 @@
+"""The cascade: the panel from history, the probe option in the window optimiser, the
+escalation stage under what is left of the budget, and the spend across stages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workers.routing.answer_scorer import ProbeAnswers
+from workers.routing.cascade import (
+    NEVER,
+    CascadePolicy,
+    OptionMatrices,
+    escalation_gain,
+    escalation_limit,
+    fit_cascade,
+    plan_escalations,
+    plan_first_stage,
+    price_options,
+    run_window,
+)
+
+# Models: two cheap probes (0, 1) and a dear, accurate one (2); costs per query.
+COSTS = np.array([1.0, 1.2, 20.0])
+
+
+def recorded(n: int, seed: int) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
+    """Responses and outcomes of the three models: each cheap model answers right
+    ("x") 70% of the time, wrong ("y" or "z") otherwise; the dear model 95%."""
+    rng = np.random.default_rng(seed)
+    right = np.column_stack([rng.random(n) < 0.7, rng.random(n) < 0.7, rng.random(n) < 0.95])
+    wrong = rng.choice(["y", "z"], size=(n, 3))
+    responses = [[("x" if right[i, j] else wrong[i, j]) for j in range(3)] for i in range(n)]
+    return responses, right.astype(float), np.tile(COSTS, (n, 1))
+
+
+def unit_vectors(n: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def policy() -> CascadePolicy:
+    n = 400
+    responses, truth, costs = recorded(n, seed=1)
+    predicted = np.tile([0.7, 0.7, 0.95], (n, 1))
+    ids = [f"q{i}" for i in range(n)]
+    return fit_cascade(ids, unit_vectors(n, 1), responses, predicted, truth, costs)
+
+
+def test_the_panel_is_chosen_from_history_not_named(policy: CascadePolicy) -> None:
+    # The dear model is the escalation target, so the probes are the two cheap ones.
+    assert sorted(policy.panel) == [0, 1]
+
+
+def test_escalation_gain_rewards_a_scorer_that_ranks_wrong_answers_first() -> None:
+    truth = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    right_order = np.array([[0.9, 0.1, 0.5], [0.1, 0.1, 0.5]])
+    # Escalate nothing: 1/2; the wrong answer first: 2/2; both: 2/2.
+    assert escalation_gain(right_order, truth, [0, 1], 2) == pytest.approx((0.5 + 1 + 1) / 3)
+    wrong_order = np.array([[0.1, 0.1, 0.5], [0.9, 0.1, 0.5]])
+    assert escalation_gain(wrong_order, truth, [0, 1], 2) == pytest.approx((0.5 + 0.5 + 1) / 3)
+
+
+def test_the_probe_option_is_chosen_where_it_pays_and_keeps_the_budget() -> None:
+    quality = np.array([[0.6, 0.95]] * 4)
+    cost = np.array([[1.0, 10.0]] * 4)
+    # Probe for 2, escalate a fifth of the time to the dear model: 4 expected, 0.9.
+    options = OptionMatrices(np.full((4, 1), 0.9), np.full((4, 1), 4.0), np.full(4, 2.0))
+    column = plan_first_stage(quality, cost, options, "budget", 16.0, "exact")
+    assert (column == 2).all()
+    # With less, some queries go to the cheap model directly; the expected spend,
+    # escalations included, stays within the budget.
+    column = plan_first_stage(quality, cost, options, "budget", 10.0, "exact")
+    spend = np.hstack([cost, options.cost])[np.arange(4), column].sum()
+    assert spend <= 10.0 and (column == 2).sum() == 2
+    # Quality mode: the cheapest plan that reaches the target.
+    column = plan_first_stage(quality, cost, options, "quality", 0.9, "exact")
+    assert (column == 2).all()
+
+
+def test_escalations_spend_only_what_is_left() -> None:
+    posterior = np.array(
+        [
+            [0.95, 0.9, 0.9],  # probes likely right: accept
+            [0.3, 0.2, 0.8],  # doubtful: escalate if affordable
+            [0.45, 0.35, 0.9],
+        ]
+    )
+    accept = posterior[:, :2].max(axis=1)
+    cost = np.tile(COSTS, (3, 1))
+    plenty = plan_escalations(posterior, accept, cost, [0, 1], "budget", 100.0, "exact")
+    assert plenty.tolist() == [NEVER, 2, 2]
+    one = plan_escalations(posterior, accept, cost, [0, 1], "budget", 25.0, "exact")
+    assert one.tolist() == [NEVER, 2, NEVER]  # the larger gain (0.5 against 0.45)
+    none = plan_escalations(posterior, accept, cost, [0, 1], "budget", 0.0, "exact")
+    assert none.tolist() == [NEVER] * 3
+    # Quality mode: escalate just enough to reach the mean the window still needs
+    # (accepting all: 0.567; escalating the second: 0.733, the third: 0.717).
+    target = plan_escalations(posterior, accept, cost, [0, 1], "quality", 0.72, "exact")
+    assert target.tolist() == [NEVER, 2, NEVER]
+
+
+def test_escalation_limit_is_what_the_window_has_left() -> None:
+    assert escalation_limit("budget", 10.0, 7.5, 0.0, 5, 2) == 2.5
+    assert escalation_limit("budget", 10.0, 12.0, 0.0, 5, 2) == 0.0
+    # 5 queries at a target of 0.8 need 4.0; direct answers bring 2.7; 2 probed must
+    # bring 1.3, 0.65 each.
+    assert escalation_limit("quality", 0.8, 0.0, 2.7, 5, 2) == pytest.approx(0.65)
+
+
+@pytest.mark.parametrize("per_query", [0.5, 3.0, 6.0, 25.0])
+def test_a_window_s_spend_covers_every_stage_and_keeps_the_budget(
+    policy: CascadePolicy, per_query: float
+) -> None:
+    n = 120
+    responses, _, costs = recorded(n, seed=7)
+    quality = np.tile([0.7, 0.7, 0.95], (n, 1))
+    budget = per_query * n
+    window = run_window(
+        policy, quality, costs, unit_vectors(n, 7), responses, costs, "budget", budget, "exact"
+    )
+    rows = np.arange(n)
+    direct = ~window.probed
+    assert window.direct_usd == pytest.approx(costs[rows[direct], window.final_model[direct]].sum())
+    assert window.probe_usd == pytest.approx(costs[np.ix_(rows[window.probed], policy.panel)].sum())
+    escalated = window.escalated
+    assert escalated.sum() <= window.probed.sum()
+    assert window.escalation_usd == pytest.approx(costs[escalated, 2].sum())
+    assert (window.final_model[escalated] == 2).all()
+    assert window.total_usd == pytest.approx(
+        window.direct_usd + window.probe_usd + window.escalation_usd
+    )
+    cheapest_plan = costs.min(axis=1).sum()
+    assert window.total_usd <= max(budget, cheapest_plan) + 1e-9
+    # Accepted probe answers are the panel's.
+    accepted = window.probed & ~escalated
+    assert np.isin(window.final_model[accepted], policy.panel).all()
+
+
+def test_probing_beats_direct_routing_at_a_middling_budget(policy: CascadePolicy) -> None:
+    n = 200
+    responses, truth, costs = recorded(n, seed=11)
+    quality = np.tile([0.7, 0.7, 0.95], (n, 1))
+    budget = 10.0 * n
+    window = run_window(
+        policy, quality, costs, unit_vectors(n, 11), responses, costs, "budget", budget, "exact"
+    )
+    cascade = truth[np.arange(n), window.final_model].mean()
+    # Without probes the budget buys the dear model for (10 - 1) / 19 of the queries.
+    direct_share = (10.0 - 1.0) / 19.0
+    direct = direct_share * truth[:, 2].mean() + (1 - direct_share) * truth[:, 0].mean()
+    assert window.probed.any() and window.escalated.any()
+    assert cascade > direct + 0.05
+
+
+def test_options_and_posteriors_computed_once_give_the_same_window(
+    policy: CascadePolicy,
+) -> None:
+    n = 90
+    responses, _, costs = recorded(n, seed=5)
+    quality = np.tile([0.7, 0.7, 0.95], (n, 1))
+    vectors = unit_vectors(n, 5)
+    args = (policy, quality, costs, vectors, responses, costs, "budget", 8.0 * n, "exact")
+    alone = run_window(*args)
+    answers = ProbeAnswers.of([[r[j] for j in policy.panel] for r in responses])
+    shared = run_window(
+        *args,
+        options=price_options(policy, vectors, quality, costs),
+        posterior=policy.scorer.posterior(answers, quality, policy.clusters(vectors)),
+    )
+    assert alone.probed.any() and alone.escalated.any()
+    assert shared.final_model.tolist() == alone.final_model.tolist()
+    assert shared.total_usd == alone.total_usd
