@@ -118,6 +118,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / ticks
 
 
+def main_thread_cpu_seconds(pids: list[int]) -> float:
+    """CPU time of the processes' main threads (each router's event loop: Faust, the
+    stages, the producer), which one core bounds whatever the other threads do."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -216,6 +228,7 @@ async def measure(
     routers: int,
     router_pids: list[int],
     progress: Callable[[str], None],
+    broker_pid: int | None = None,
 ) -> tuple[float, float, float, NDArray[np.float64]]:
     """Throughput of a burst, then produce -> assignment latency at half that rate,
     both from the producers' record timestamps."""
@@ -232,17 +245,26 @@ async def measure(
         progress(f"{routers} router(s) ready")
 
         burst = short_queries(queries, f"tp{uuid.uuid4().hex[:6]}")
-        cpu_before = cpu_seconds(router_pids)
-        await produce_queries(bootstrap, names["queries"], burst, 0)
+        brokers = [broker_pid] if broker_pid else []
+        cpu_before, broker_cpu_before = cpu_seconds(router_pids), cpu_seconds(brokers)
+        loop_cpu_before = main_thread_cpu_seconds(router_pids)
+        produced_seconds = await produce_queries(bootstrap, names["queries"], burst, 0)
         ids = [q.query_id for q in burst]
         done, started = await assigned.wait_for(ids, 900), await sent.wait_for(ids, 60)
         cpu_ms_per_query = (cpu_seconds(router_pids) - cpu_before) * 1000 / queries
+        broker_ms = (cpu_seconds(brokers) - broker_cpu_before) * 1000 / queries
+        loop_ms = (main_thread_cpu_seconds(router_pids) - loop_cpu_before) * 1000 / queries
         elapsed = (max(done.values()) - min(started.values())) / 1000
         burst_qps = queries / elapsed
         pipeline_qps = steady_rate(list(done.values()), settings.router_window_seconds)
+        # The producer's rate says whether the burst was a backlog for the routers
+        # (it must be far above the steady rate); the broker's CPU is its share of
+        # the machine (it also carries the benchmark's own reads).
         progress(
             f"pipeline: {queries} queries in {elapsed:.1f}s = {burst_qps:.0f}/s; "
-            f"steady {pipeline_qps:.0f}/s; router CPU {cpu_ms_per_query:.2f} ms per query"
+            f"steady {pipeline_qps:.0f}/s; produced in {produced_seconds:.1f}s "
+            f"({queries / produced_seconds:.0f}/s); CPU per query: routers "
+            f"{cpu_ms_per_query:.2f} ms (event loops {loop_ms:.2f} ms), broker {broker_ms:.2f} ms"
         )
 
         steady = short_queries(max(200, queries // 4), f"lat{uuid.uuid4().hex[:6]}")
@@ -313,6 +335,7 @@ def run(
                     routers,
                     [process.pid for process in processes],
                     progress,
+                    broker._process.pid if broker._process else None,
                 )
             )
             rss = max(peak_rss_mb(process.pid) for process in processes)

@@ -5,11 +5,16 @@ observed is NaN: unknown, never 0. The store grows as outcomes arrive and can
 be rebuilt from the outcomes table; both give the same rows.
 
 Search is exact (a flat index) while the store is small. Once it holds
-`ivf_threshold` queries, the flat index is replaced by an inverted-file index
-trained on what is stored then: a query scans only the `IVF_PROBES` nearest of
-`IVF_LISTS` clusters, about 6% of the vectors, which keeps k-NN far cheaper
-than embedding at 100,000 stored queries. Adding in the same order converts at
-the same point, so growing and rebuilding still give the same store.
+`ivf_threshold` queries, the flat index is replaced by an inverted-file index:
+a query scans only the `IVF_PROBES` nearest of its lists. The index has a list
+per `IVF_ROWS_PER_LIST` stored queries (`ivf_lists`, a power of two up to
+`IVF_MAX_LISTS`) and is trained anew, on an even sample, each time that number
+doubles: a query then scans about 16 x 64 vectors whatever the store's size up
+to 65,536 queries, and 1.6% of a larger store (a fixed 256 lists scanned 6% of
+100,000). Each retraining copies the vectors into the new index a chunk at a
+time, so the store briefly holds them twice, never three times. Adding in the
+same order converts and retrains at the same points, so growing and rebuilding
+still give the same store.
 
 Every vector in a store is of one embedder's space (`embedder`, its name): a
 record whose vector another embedder made is refused by `add`, and read back
@@ -23,6 +28,8 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar, cast
@@ -37,8 +44,25 @@ from workers.routing.embedder import Embedder
 T = TypeVar("T")
 
 IVF_THRESHOLD = 20_000
-IVF_LISTS = 256
+IVF_ROWS_PER_LIST = 64
+# More lists make each query cheaper but each retraining dearer (k-means over
+# IVF_TRAINING_ROWS_PER_LIST x lists sample vectors, on the predictor thread):
+# 1,024 lists train in 1-4 s on 2 busy cores, 2,048 in 18.
+IVF_MAX_LISTS = 1024
 IVF_PROBES = 16
+IVF_TRAINING_ROWS_PER_LIST = 32
+IVF_TRAINING_ROUNDS = 10
+# Vectors copied from the old index into a retrained one per add.
+IVF_COPY_CHUNK = 8192
+
+
+def ivf_lists(size: int) -> int:
+    """Lists of the inverted file of a store of `size` queries: one per
+    IVF_ROWS_PER_LIST of them, rounded down to a power of two, at most IVF_MAX_LISTS."""
+    lists = 1
+    while lists * 2 * IVF_ROWS_PER_LIST <= size and lists * 2 <= IVF_MAX_LISTS:
+        lists *= 2
+    return lists
 
 
 @dataclass(frozen=True)
@@ -120,6 +144,12 @@ class RetrievalStore:
             self._memo[name] = compute()
         return cast(T, self._memo[name])
 
+    @property
+    def index_lists(self) -> int:
+        """Lists of the inverted-file index; 0 while the search is exact."""
+        index = self._index
+        return int(index.nlist) if isinstance(index, faiss.IndexIVF) else 0
+
     def knows(self, query_id: str) -> bool:
         return query_id in self._row_of
 
@@ -155,8 +185,11 @@ class RetrievalStore:
 
     def _rows_to_next_change(self) -> int:
         limits = [self.clusters.next_fit_size - self._size]
-        if isinstance(self._index, faiss.IndexFlat) and self._size < self.ivf_threshold:
-            limits.append(self.ivf_threshold - self._size)
+        if isinstance(self._index, faiss.IndexFlat):
+            if self._size < self.ivf_threshold:
+                limits.append(self.ivf_threshold - self._size)
+        elif self.index_lists < IVF_MAX_LISTS:
+            limits.append(2 * self.index_lists * IVF_ROWS_PER_LIST - self._size)
         return max(1, min(limits))
 
     def _append_rows(self, query_ids: Sequence[str], embeddings: NDArray[np.float32]) -> None:
@@ -164,27 +197,37 @@ class RetrievalStore:
         for offset, query_id in enumerate(query_ids):
             self._row_of[query_id] = self._size + offset
         self._index.add(embeddings)
-        if self._size + len(query_ids) >= self.ivf_threshold and isinstance(
-            self._index, faiss.IndexFlat
-        ):
-            self._index = self._inverted_file(self._index)
-        self._size += len(query_ids)
+        size = self._size + len(query_ids)
+        if isinstance(self._index, faiss.IndexFlat):
+            if size >= self.ivf_threshold:
+                self._replace_index()
+        elif ivf_lists(size) > self.index_lists:
+            self._replace_index()
+        self._size = size
         self.clusters.extend(embeddings, lambda: self._index.reconstruct_n(0, self._size))
         self._memo.clear()
 
-    def _inverted_file(self, flat: faiss.IndexFlat) -> faiss.IndexIVFFlat:
-        vectors = flat.reconstruct_n(0, flat.ntotal)
+    def _replace_index(self) -> None:
+        self._index = self._inverted_file(self._index)
+        return_freed_memory()  # the old index's
+
+    def _inverted_file(self, source: faiss.Index) -> faiss.IndexIVFFlat:
+        """An inverted file with `ivf_lists` lists for what `source` holds, trained on an
+        even sample of it (deterministic: the same vectors give the same index) and
+        filled from it a chunk at a time."""
+        size = source.ntotal
+        lists = ivf_lists(size)
         quantizer = faiss.IndexFlatIP(self.dimension)
-        index = faiss.IndexIVFFlat(
-            quantizer,
-            self.dimension,
-            min(IVF_LISTS, len(vectors) // 40),
-            faiss.METRIC_INNER_PRODUCT,
-        )
-        index.cp.seed = 0  # k-means start: the same vectors give the same index
-        index.train(vectors)
+        index = faiss.IndexIVFFlat(quantizer, self.dimension, lists, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 0
+        index.cp.niter = IVF_TRAINING_ROUNDS
+        index.cp.max_points_per_centroid = IVF_TRAINING_ROWS_PER_LIST  # faiss samples no more
+        index.cp.min_points_per_centroid = IVF_TRAINING_ROWS_PER_LIST  # nor warns of fewer
+        sample = np.unique(np.linspace(0, size - 1, lists * IVF_TRAINING_ROWS_PER_LIST).astype(int))
+        index.train(source.reconstruct_batch(sample))
         index.set_direct_map_type(faiss.DirectMap.Array)  # type: ignore[attr-defined]  # reconstruct_n
-        index.add(vectors)
+        for start in range(0, size, IVF_COPY_CHUNK):
+            index.add(source.reconstruct_n(start, min(IVF_COPY_CHUNK, size - start)))
         index.nprobe = IVF_PROBES
         self._quantizer = quantizer  # the index borrows it
         return index
@@ -282,6 +325,14 @@ class RetrievalStore:
         store = cls(models, dimension, ivf_threshold, embedder)
         store.add_stored(records)
         return store
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed on the heap back to the operating system. glibc keeps it for
+    reuse, so a replaced index's vectors (tens of MB in chunks below its mmap
+    threshold) would stay in the router's resident memory; elsewhere a no-op."""
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def reembedded(

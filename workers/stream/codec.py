@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -17,8 +18,36 @@ class BadEvent(ValueError):
     """Bytes that are not a valid event; the message is the dead letter's reason."""
 
 
+# Bytes pydantic's own JSON parser might read otherwise than json.loads below: the
+# non-finite constants json.loads refuses here, escapes (of lone surrogates among
+# them), and integers longer than Python converts (which need that many bytes).
+_READ_OTHERWISE = (b"NaN", b"Infinity", b"\\u")
+_LONGEST_INTEGER_DIGITS = 4300
+
+
 def decode(raw: bytes | None, event_type: type[EventT]) -> EventT:
-    """Parse and validate; raise BadEvent naming what is wrong (never the content)."""
+    """Parse and validate; raise BadEvent naming what is wrong (never the content).
+
+    Valid events take pydantic's JSON parser, a third of the time of json.loads and
+    validating the dict (the router decodes every query and every prediction); any
+    failure, and bytes it could read otherwise, take the path below, which names
+    the reason."""
+    if raw is not None and _same_either_way(raw):
+        try:
+            return event_type.model_validate_json(raw)
+        except ValidationError:
+            pass
+    return decode_via_json_module(raw, event_type)
+
+
+def _same_either_way(raw: bytes) -> bool:
+    return not any(token in raw for token in _READ_OTHERWISE) and (
+        len(raw) < _LONGEST_INTEGER_DIGITS or re.search(rb"\d{4300}", raw) is None
+    )
+
+
+def decode_via_json_module(raw: bytes | None, event_type: type[EventT]) -> EventT:
+    """json.loads, then validation of the dict: the reason for any bad event."""
     if raw is None:
         raise BadEvent("empty message (no value)")
     try:

@@ -10,7 +10,9 @@ predictions are acknowledged by the broker (`batches`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from faust.types import EventT, StreamT
@@ -34,51 +36,77 @@ def prediction_room_bytes(models: Sequence[str]) -> int:
     return len(models) * per_model + 4096
 
 
+@dataclass(frozen=True)
+class QueryRules:
+    """What a query must satisfy to be forwarded, read from the settings once per
+    stage rather than once per query (pool policies are models built on each call)."""
+
+    max_text_chars: int
+    pool_models: Mapping[str, frozenset[str]]  # known pool -> the models it may use
+    prediction_room: int  # bytes a prediction adds to its query
+
+    @classmethod
+    def of(cls, settings: Settings) -> QueryRules:
+        return cls(
+            max_text_chars=settings.router_max_text_chars,
+            pool_models={
+                pool: frozenset(settings.pool_policy(pool).models or settings.router_models)
+                for pool in settings.known_pools()
+            },
+            prediction_room=prediction_room_bytes(settings.router_models),
+        )
+
+    def validate(self, raw: bytes | None) -> QueryEvent:
+        """A valid QueryEvent the router can forward, or BadEvent with the reason."""
+        query = decode(raw, QueryEvent)
+        if len(query.text) > self.max_text_chars:
+            raise BadEvent(
+                f"text has {len(query.text)} characters, more than "
+                f"ROUTER_MAX_TEXT_CHARS={self.max_text_chars}"
+            )
+        pool_models = self.pool_models.get(query.pool)
+        if pool_models is None:
+            raise BadEvent(f"unknown pool {query.pool!r}; known: {sorted(self.pool_models)}")
+        allowed = query.hints.allowed_models if query.hints else None
+        if allowed is not None and not pool_models & set(allowed):
+            raise BadEvent(f"hints.allowed_models names none of pool {query.pool!r}'s models")
+        if len(raw or b"") + self.prediction_room > PRODUCER_MAX_REQUEST_BYTES:
+            raise BadEvent(
+                f"query of {len(raw or b'')} bytes: its prediction would exceed the router's "
+                f"producer request size ({PRODUCER_MAX_REQUEST_BYTES} bytes)"
+            )
+        return query
+
+
 def validate_query(raw: bytes | None, settings: Settings) -> QueryEvent:
     """A valid QueryEvent the router can forward, or BadEvent with the reason."""
-    query = decode(raw, QueryEvent)
-    if len(query.text) > settings.router_max_text_chars:
-        raise BadEvent(
-            f"text has {len(query.text)} characters, more than "
-            f"ROUTER_MAX_TEXT_CHARS={settings.router_max_text_chars}"
-        )
-    if query.pool not in settings.known_pools():
-        raise BadEvent(f"unknown pool {query.pool!r}; known: {sorted(settings.known_pools())}")
-    pool_models = set(settings.pool_policy(query.pool).models or settings.router_models)
-    allowed = query.hints.allowed_models if query.hints else None
-    if allowed is not None and not pool_models & set(allowed):
-        raise BadEvent(f"hints.allowed_models names none of pool {query.pool!r}'s models")
-    forwarded = len(raw or b"") + prediction_room_bytes(settings.router_models)
-    if forwarded > PRODUCER_MAX_REQUEST_BYTES:
-        raise BadEvent(
-            f"query of {len(raw or b'')} bytes: its prediction would exceed the router's "
-            f"producer request size ({PRODUCER_MAX_REQUEST_BYTES} bytes)"
-        )
-    return query
+    return QueryRules.of(settings).validate(raw)
 
 
-def with_bounded_time(event: EventT, query: QueryEvent, skew: timedelta) -> QueryEvent:
+def with_bounded_time(
+    event: EventT, query: QueryEvent, skew: timedelta, now: datetime | None = None
+) -> QueryEvent:
     """The query with its `created_at` held within `skew` of its record's broker
     timestamp (and of the router's clock): it decides the window's hourly budget."""
     broker_time = datetime.fromtimestamp(event.message.timestamp, UTC)
-    bounded = bounded_created_at(query.created_at, broker_time, datetime.now(UTC), skew)
+    bounded = bounded_created_at(query.created_at, broker_time, now or datetime.now(UTC), skew)
     return (
         query if bounded == query.created_at else query.model_copy(update={"created_at": bounded})
     )
 
 
 async def predict_batch(
-    events: Sequence[EventT], state: RouterState, topics: Topics, settings: Settings
+    events: Sequence[EventT], state: RouterState, topics: Topics, rules: QueryRules, skew: timedelta
 ) -> None:
-    decoded = await decode_or_dead_letter(
-        events, lambda raw: validate_query(raw, settings), topics.deadletter
-    )
-    skew = timedelta(seconds=settings.router_clock_skew_seconds)
-    valid = [with_bounded_time(event, query, skew) for event, query in decoded]
+    """Validate, predict in one call on the predictor thread, send every prediction,
+    then wait for the broker's acknowledgements together."""
+    decoded = await decode_or_dead_letter(events, rules.validate, topics.deadletter)
+    now = datetime.now(UTC)
+    valid = [with_bounded_time(event, query, skew, now) for event, query in decoded]
     if not valid:
         return
-    for query in valid:
-        metrics.QUERIES_IN.labels(query.pool).inc()
+    for pool, count in Counter(query.pool for query in valid).items():
+        metrics.QUERIES_IN.labels(pool).inc(count)
     sent = [
         await topics.predicted.send(key=p.query.pool.encode(), value=encode(p))
         for p in await state.predict(valid)
@@ -91,5 +119,7 @@ async def predict_stage(
 ) -> None:
     """One actor: two would interleave events, so windows would see queries out
     of production order and hourly budgets would go wrong."""
+    rules = QueryRules.of(settings)
+    skew = timedelta(seconds=settings.router_clock_skew_seconds)
     async for events in batches(stream, settings.router_predict_batch, PREDICT_BATCH_SECONDS):
-        await predict_batch(events, state, topics, settings)
+        await predict_batch(events, state, topics, rules, skew)

@@ -174,13 +174,16 @@ class RouterState:
             self.predictor.predict, [q.text for q in queries]
         )
         models = self.settings.router_models
+        # Each matrix to Python floats in one call, not three calls per query.
+        columns = zip(
+            estimates.quality.tolist(),
+            estimates.cost.tolist(),
+            estimates.support.tolist(),
+            strict=True,
+        )
         return [
             PredictedQuery(
-                query=query,
-                models=models,
-                quality=estimates.quality[row].tolist(),
-                cost_usd=estimates.cost[row].tolist(),
-                support=estimates.support[row].tolist(),
+                query=query, models=models, quality=quality, cost_usd=cost, support=support
             )
-            for row, query in enumerate(queries)
+            for query, (quality, cost, support) in zip(queries, columns, strict=True)
         ]
