@@ -1,13 +1,19 @@
 """Clusters of stored queries: what a model did on a kind of query fills in where a
 query's neighbours hold no outcome of that model (sparse outcomes, as on live
-traffic), and changes nothing where every stored query has one."""
+traffic) and in a small store, and changes little where a large store's every
+query has one."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from workers.routing.clusters import MIN_ROWS_TO_FIT, QueryClusters
-from workers.routing.predictor import KnnSettings, knn_estimates
+from workers.routing.predictor import (
+    SMALL_STORE_QUERIES,
+    KnnSettings,
+    cluster_weight,
+    knn_estimates,
+)
 from workers.routing.store import OutcomeRecord, RetrievalStore
 
 MODELS = ["a", "b"]
@@ -73,3 +79,27 @@ def test_a_model_s_answer_length_is_read_from_its_kind_of_query() -> None:
     tokens = knn_estimates(store, probes, KnnSettings(neighbours=5)).output_tokens[:, 1]
     assert tokens[probe_kind == 0].min() > 200
     assert tokens[probe_kind == 1].max() < 10
+
+
+def test_a_small_store_predicts_a_model_from_its_kind_of_query_even_with_full_tables() -> None:
+    """With few stored queries, every one holding every model's outcome, a query is
+    shrunk towards the model's mean on its kind of query, not over all kinds (a
+    model good at most tasks was predicted 0.74 on the one it fails, 0.37 real)."""
+    vectors, kind = two_kinds(100)
+    scores = np.column_stack([np.full(100, 0.5), (kind == 0).astype(float)])
+    store = RetrievalStore(MODELS, 8)
+    store.add_table([f"q{i}" for i in range(100)], vectors, scores, np.full((100, 2), 0.001))
+    probes, probe_kind = two_kinds(40, seed=1)
+    # A strong prior, as a neighbourhood of a few far neighbours weighs little beside it.
+    quality = knn_estimates(store, probes, KnnSettings(neighbours=5, prior_strength=50.0)).quality
+    assert quality[probe_kind == 1, 1].max() < 0.3
+    assert quality[probe_kind == 0, 1].min() > 0.7
+
+
+def test_the_cluster_weight_fades_as_a_full_store_grows_and_follows_sparsity() -> None:
+    full_small, full_large = np.zeros((100, 2)), np.zeros((4 * int(SMALL_STORE_QUERIES), 2))
+    np.testing.assert_allclose(cluster_weight(full_small), [1.0, 1.0])
+    np.testing.assert_allclose(cluster_weight(full_large), [0.25, 0.25])
+    sparse = np.full((4 * int(SMALL_STORE_QUERIES), 2), np.nan)
+    sparse[::2, 0] = 1.0  # model 0 known on half the queries, model 1 on none
+    np.testing.assert_allclose(cluster_weight(sparse), [0.5, 1.0])
