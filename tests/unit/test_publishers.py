@@ -1,9 +1,11 @@
-"""The transactional publisher (workers/stream/publishers.py) with the broker
-replaced by a recording producer: what a committed window leaves in the router's
-memory, what a fenced one does not, and when being fenced stops the router."""
+"""The publishers (workers/stream/publishers.py) with the broker replaced by a
+recording producer: what a committed window leaves in the router's memory, what
+a fenced one does not, when being fenced stops the router, and that without
+transactions no assignment leaves before its decision is acknowledged."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,10 +17,16 @@ from faust.types import TableT
 
 from schemas import Assignment
 from workers.stream.app import Topics
-from workers.stream.decision_log import PUBLISHED, DecisionLog
+from workers.stream.decision_log import DECIDED, PUBLISHED, DecisionLog
 from workers.stream.fencing import Fenced, PartitionProducers
 from workers.stream.pool_ledger import PoolLedger
-from workers.stream.publishers import PoolWindow, TransactionalPublisher
+from workers.stream.publishers import (
+    AcknowledgedPublisher,
+    PoolWindow,
+    StartedOnFirstUse,
+    TransactionalPublisher,
+    WindowRecords,
+)
 
 
 @dataclass
@@ -39,12 +47,21 @@ class Table:
 
 @dataclass
 class RecordingProducer:
+    """Sends recorded; each one's acknowledgement a future the test may hold back."""
+
     sent: list[tuple[str, bytes | None, int | None]] = field(default_factory=list)
+    acks: list[asyncio.Future[None]] = field(default_factory=list)
+    hold_acks: bool = False
 
     async def send(
         self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
-    ) -> None:
+    ) -> asyncio.Future[None]:
         self.sent.append((topic, key, partition))
+        ack = asyncio.get_running_loop().create_future()
+        if not self.hold_acks:
+            ack.set_result(None)
+        self.acks.append(ack)
+        return ack
 
 
 @dataclass
@@ -61,6 +78,16 @@ class Producers:
             raise Fenced(f"predicted[{partition}]: ProducerFenced")
 
 
+@dataclass
+class Plain:
+    """StartedOnFirstUse, already started."""
+
+    producer: RecordingProducer
+
+    async def get(self) -> RecordingProducer:
+        return self.producer
+
+
 def topic(name: str) -> Any:
     return SimpleNamespace(get_topic_name=lambda: name)
 
@@ -73,20 +100,17 @@ def assignment(query_id: str) -> Assignment:
     )  # fmt: skip
 
 
-def publisher(fenced: bool) -> tuple[TransactionalPublisher, Producers, Table]:
+def window_records() -> tuple[WindowRecords, Table]:
     routed = Table("routed")
     topics = cast(Topics, SimpleNamespace(routes={"m": topic("route.m")}, windows=topic("w")))
+    ledger = PoolLedger(cast(TableT, Table("ledger")))
+    return WindowRecords(topics, DecisionLog(cast(TableT, routed)), ledger), routed
+
+
+def publisher(fenced: bool) -> tuple[TransactionalPublisher, Producers, Table]:
+    records, routed = window_records()
     producers = Producers(fenced)
-    return (
-        TransactionalPublisher(
-            topics,
-            DecisionLog(cast(TableT, routed)),
-            PoolLedger(cast(TableT, Table("ledger"))),
-            cast(PartitionProducers, producers),
-        ),
-        producers,
-        routed,
-    )
+    return TransactionalPublisher(records, cast(PartitionProducers, producers)), producers, routed
 
 
 WINDOW = PoolWindow("default", 2, [assignment("new")], [assignment("old")], report=None)
@@ -117,3 +141,31 @@ async def test_fenced_outside_a_rebalance_stops_the_router() -> None:
     with pytest.raises(RuntimeError, match="outside a rebalance"):
         await published.publish(WINDOW, lambda: True)
     assert routed.data == {}
+
+
+async def test_without_transactions_no_assignment_leaves_before_its_decision_is_acked() -> None:
+    records, routed = window_records()
+    producer = RecordingProducer(hold_acks=True)
+    acknowledged = AcknowledgedPublisher(records, cast(StartedOnFirstUse, Plain(producer)))
+    publishing = asyncio.ensure_future(acknowledged.publish(WINDOW, lambda: True))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert producer.sent == [("routed-changelog", b"new", 2)]  # the decision, nothing else yet
+    producer.acks[0].set_result(None)  # the broker has it
+    for _ in range(5):
+        await asyncio.sleep(0)
+        for ack in producer.acks:
+            if not ack.done():
+                ack.set_result(None)
+    assert await asyncio.wait_for(publishing, timeout=1)
+    assert [t for t, _, _ in producer.sent[1:3]] == ["route.m", "route.m"]
+    assert routed.data[b"new"].startswith(PUBLISHED) and routed.data[b"old"].startswith(PUBLISHED)
+
+
+async def test_without_transactions_a_rebalance_after_the_decision_stops_the_sends() -> None:
+    records, routed = window_records()
+    producer = RecordingProducer()
+    acknowledged = AcknowledgedPublisher(records, cast(StartedOnFirstUse, Plain(producer)))
+    assert not await acknowledged.publish(WINDOW, lambda: False)
+    assert [t for t, _, _ in producer.sent] == ["routed-changelog"]  # decided, never sent
+    assert routed.data[b"new"].startswith(DECIDED)  # the new owner re-sends it unchanged

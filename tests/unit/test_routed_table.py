@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -64,8 +63,8 @@ class FakeChangelog:
 def test_forgetting_deletes_only_entries_published_before_the_cutoff_oldest_first() -> None:
     table = FakeChangelog()
     log = DecisionLog(cast(TableT, table))
-    log.mark_published(["old"], 1, at=100.0)
-    log.mark_published(["young"], 2, at=200.0)
+    log.remember(log.published_entries(["old"], 1, at=100.0))
+    log.remember(log.published_entries(["young"], 2, at=200.0))
     table.data[b"undecided"] = decided("undecided")  # decided, never published: kept
     assert log.forget_before(150.0) == 1
     assert set(table.data) == {b"young", b"undecided"}
@@ -83,34 +82,7 @@ def test_recovered_entries_are_forgotten_too() -> None:
 def test_an_entry_published_again_after_its_first_marker_is_kept() -> None:
     table = FakeChangelog()
     log = DecisionLog(cast(TableT, table))
-    log.mark_published(["q"], 0, at=100.0)
-    log.mark_published(["q"], 0, at=300.0)  # a producer's duplicate routed again
+    log.remember(log.published_entries(["q"], 0, at=100.0))
+    log.remember(log.published_entries(["q"], 0, at=300.0))  # a producer's duplicate routed again
     assert log.forget_before(200.0) == 0
     assert b"q" in table.data
-
-
-class UnacknowledgedChangelog(FakeChangelog):
-    """A changelog whose sends the test acknowledges by hand, as a broker would."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.deliveries: list[asyncio.Future[None]] = []
-
-    def send_changelog(self, partition: int, key: bytes, value: bytes | None) -> Any:
-        super().send_changelog(partition, key, value)
-        self.deliveries.append(asyncio.get_running_loop().create_future())
-        return self.deliveries[-1]
-
-
-async def test_decisions_are_acknowledged_by_the_broker_before_decide_returns() -> None:
-    table = UnacknowledgedChangelog()
-    log = DecisionLog(cast(TableT, table))
-    assignments = [Assignment.model_validate_json(decided(q)[len(DECIDED) :]) for q in ["a", "b"]]
-    deciding = asyncio.ensure_future(log.decide(assignments, 3))
-    await asyncio.sleep(0)
-    table.deliveries[0].set_result(None)
-    await asyncio.sleep(0)
-    assert not deciding.done()  # one decision is not acknowledged yet: nothing may be sent
-    table.deliveries[1].set_result(None)
-    await asyncio.wait_for(deciding, timeout=1)
-    assert [(p, k) for p, k, _ in table.sent] == [(3, b"a"), (3, b"b")]

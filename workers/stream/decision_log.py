@@ -2,7 +2,10 @@
 
 An entry is first the decided assignment (`DECIDED` + its JSON), written and
 acknowledged by the broker before the assignment is sent, then a published
-marker (`PUBLISHED` + "<partition>:<unix time>") once it was sent. The table's
+marker (`PUBLISHED` + "<partition>:<unix time>") once it was sent; in a Kafka
+transaction, the marker alone, committed with the assignment. The publishers
+(workers/stream/publishers.py) write the entries and hand them to `remember`;
+this module only shapes and reads them. The table's
 changelog is compacted and partitioned like omnirouter.predicted, so the router
 that owns a pool's partition recovers its decisions after a restart or a
 rebalance. Entries older than the de-duplication horizon are forgotten a few at
@@ -11,7 +14,6 @@ a time, oldest first, without scanning the table.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,23 +102,9 @@ class DecisionLog:
         return [(query_id.encode(), marker) for query_id in query_ids]
 
     def remember(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
-        """Take entries written to the changelog by someone else (a transaction)."""
+        """Take entries the publisher wrote to the changelog (workers/stream/publishers.py)."""
         for key, value in entries:
             self._set(key, value)
-
-    async def decide(self, assignments: Sequence[Assignment], partition: int) -> None:
-        """Record each decision and wait until the broker has acknowledged all of
-        them: only then may an assignment be sent, so a crash after a send always
-        finds its decision (and re-sends it unchanged instead of deciding again)."""
-        deliveries = [
-            self._write(key, partition, value) for key, value in self.decided_entries(assignments)
-        ]
-        await asyncio.gather(*deliveries)
-
-    def mark_published(self, query_ids: Iterable[str], partition: int, at: float) -> None:
-        """Mark sent decisions; a marker lost in a crash only costs an identical re-send."""
-        for key, value in self.published_entries(query_ids, partition, at):
-            self._write(key, partition, value)
 
     def track_recovered(self) -> int:
         """After a rebalance, queue the recovered published entries for forgetting
@@ -143,12 +131,6 @@ class DecisionLog:
             self.table.send_changelog(marker[0], key, None)
             forgotten += 1
         return forgotten
-
-    def _write(self, key: bytes, partition: int, value: bytes) -> asyncio.Future[object]:
-        """Set the entry in the changelog partition of the pool's predicted partition,
-        so the router that owns that partition recovers it."""
-        self._set(key, value)
-        return self.table.send_changelog(partition, key, value)
 
     def _set(self, key: bytes, value: bytes) -> None:
         self.table.data[key] = value

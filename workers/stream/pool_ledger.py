@@ -43,12 +43,7 @@ class PoolLedger:
         return pool.encode(), account.model_dump_json().encode()
 
     def remember(self, key: bytes, value: bytes) -> None:
-        """Take an entry written to the changelog by someone else (a transaction)."""
+        """Take an entry the publisher wrote to the changelog (workers/stream/publishers.py);
+        losing the last one in a crash only re-bills that window's time once, when it
+        is replayed."""
         self.table.data[key] = value
-
-    def record(self, pool: str, partition: int, account: PoolAccount) -> None:
-        """Store the pool's account after a published window; losing the last one in
-        a crash only re-bills that window's time once, when it is replayed."""
-        key, value = self.entry(pool, account)
-        self.table.data[key] = value
-        self.table.send_changelog(partition, key, value)

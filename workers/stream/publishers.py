@@ -4,7 +4,8 @@ publishes nothing its successor does not know of.
 
 - `AcknowledgedPublisher` (brokers without transactions): each decision is
   acknowledged by the broker before any assignment is sent, and the window is
-  published only while this router's consumer generation is current.
+  published only while this router's consumer generation is current; then the
+  assignments, the published markers, the report and the ledger entry.
 - `TransactionalPublisher` (KAFKA_TRANSACTIONS): the decision log's published
   markers, the assignments, the window report and the pool's ledger entry in
   one Kafka transaction of the partition's producer (fencing.py); a fenced
@@ -14,7 +15,8 @@ publishes nothing its successor does not know of.
   rather than go on without a producer for the partition.
 
 Either way the decision log ends with the assignments marked published, so a
-replayed window skips them.
+replayed window skips them. Both write the same records (`WindowRecords`) with a
+plain aiokafka producer and keep the tables' in-memory data in step.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 from aiokafka import AIOKafkaProducer
 
@@ -60,87 +62,143 @@ def account_after(report: WindowReport) -> PoolAccount:
     )
 
 
+class Record(NamedTuple):
+    topic: str
+    value: bytes
+    key: bytes
+    partition: int | None  # None: by the key
+
+
+@dataclass(frozen=True)
+class WindowRecords:
+    """The records a window writes, by kind; both publishers write them with a plain
+    aiokafka producer (no Faust buffer or future per message)."""
+
+    topics: Topics
+    decisions: DecisionLog
+    ledger: PoolLedger
+
+    def entries(
+        self, table: str, window: PoolWindow, pairs: list[tuple[bytes, bytes]]
+    ) -> list[Record]:
+        return [Record(table, value, key, window.partition) for key, value in pairs]
+
+    def assignments(self, window: PoolWindow) -> list[Record]:
+        return [
+            Record(
+                self.topics.routes[a.model].get_topic_name(), encode(a), a.query_id.encode(), None
+            )
+            for a in window.outgoing
+        ]
+
+    def report(self, window: PoolWindow) -> tuple[list[Record], tuple[bytes, bytes] | None]:
+        """The window report and the pool's ledger entry, with that entry."""
+        if window.report is None:
+            return [], None
+        entry = self.ledger.entry(window.pool, account_after(window.report))
+        windows = self.topics.windows.get_topic_name()
+        return [
+            Record(windows, encode(window.report), window.pool.encode(), None),
+            *self.entries(self.ledger.changelog, window, [entry]),
+        ], entry
+
+    def remember(
+        self, entries: list[tuple[bytes, bytes]], ledger: tuple[bytes, bytes] | None
+    ) -> None:
+        """Update the tables' in-memory data with what was written to their changelogs."""
+        self.decisions.remember(entries)
+        if ledger is not None:
+            self.ledger.remember(*ledger)
+
+
+async def send(producer: AIOKafkaProducer, records: list[Record]) -> list[asyncio.Future[Any]]:
+    """Queue the records (the producer batches them); each future is the broker's ack."""
+    return [
+        await producer.send(r.topic, r.value, key=r.key, partition=r.partition) for r in records
+    ]
+
+
+async def delivered(producer: AIOKafkaProducer, records: list[Record]) -> None:
+    await asyncio.gather(*await send(producer, records))
+
+
 class Publisher(Protocol):
     async def publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
         """Publish the window; False when it was left to the partition's new owner."""
         ...
 
 
+class StartedOnFirstUse:
+    """A plain producer, made and started when the first window is published (an
+    aiokafka client belongs to the event loop it is made on: the worker's)."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self._options = dict(options)
+        self._producer: AIOKafkaProducer | None = None
+
+    async def get(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            producer = AIOKafkaProducer(**self._options)
+            await producer.start()
+            self._producer = producer
+        return self._producer
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+
+
 @dataclass(frozen=True)
 class AcknowledgedPublisher:
-    topics: Topics
-    decisions: DecisionLog
-    ledger: PoolLedger
+    records: WindowRecords
+    producer: StartedOnFirstUse
 
     async def publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
-        if window.decided:
-            await self.decisions.decide(window.decided, window.partition)  # durable first
+        producer, decisions = await self.producer.get(), self.records.decisions
+        decided = decisions.decided_entries(window.decided)
+        if decided:
+            await delivered(producer, self.records.entries(decisions.changelog, window, decided))
+            decisions.remember(decided)  # durable: a crash from here on re-sends it unchanged
             if not still_current():
                 return False
-        routes = self.topics.routes
-        sends = [
-            await routes[a.model].send(key=a.query_id.encode(), value=encode(a))
-            for a in window.outgoing
-        ]
-        await asyncio.gather(*sends)
-        self.decisions.mark_published(
+        await delivered(producer, self.records.assignments(window))
+        published = decisions.published_entries(
             [a.query_id for a in window.outgoing], window.partition, time.time()
         )
-        if window.report is not None:
-            report = window.report
-            await self.topics.windows.send(key=report.pool.encode(), value=encode(report))
-            self.ledger.record(report.pool, window.partition, account_after(report))
+        report, ledger = self.records.report(window)
+        await delivered(
+            producer, [*self.records.entries(decisions.changelog, window, published), *report]
+        )
+        self.records.remember(published, ledger)
         return True
 
 
 @dataclass(frozen=True)
 class TransactionalPublisher:
-    topics: Topics
-    decisions: DecisionLog
-    ledger: PoolLedger
+    records: WindowRecords
     producers: PartitionProducers
 
     async def publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
         # Committed together, a decision and its assignment need no "decided" step:
         # the entry is the published marker from the start (read_committed recovery
         # never sees an aborted one).
-        published = self.decisions.published_entries(
+        decisions = self.records.decisions
+        published = decisions.published_entries(
             [a.query_id for a in window.outgoing], window.partition, time.time()
         )
-        ledger_entry = (
-            None
-            if window.report is None
-            else self.ledger.entry(window.pool, account_after(window.report))
-        )
+        report, ledger = self.records.report(window)
+        records = [
+            *self.records.entries(decisions.changelog, window, published),
+            *self.records.assignments(window),
+            *report,
+        ]
         try:
             async with self.producers.transaction(window.partition) as producer:
-                await self._write(producer, window, published, ledger_entry)
+                await send(producer, records)  # the commit waits for every ack
         except Fenced as exc:
             if still_current():  # fenced by no rebalance this router knows of: stop
                 raise RuntimeError(f"pool {window.pool}: {exc} outside a rebalance") from exc
             log.warning("pool %s: %s; its window is left to the new owner", window.pool, exc)
             return False
-        self.decisions.remember(published)
-        if ledger_entry is not None:
-            self.ledger.remember(*ledger_entry)
+        self.records.remember(published, ledger)
         return True
-
-    async def _write(
-        self,
-        producer: AIOKafkaProducer,
-        window: PoolWindow,
-        published: list[tuple[bytes, bytes]],
-        ledger_entry: tuple[bytes, bytes] | None,
-    ) -> None:
-        for key, value in published:
-            await producer.send(
-                self.decisions.changelog, value, key=key, partition=window.partition
-            )
-        for a in window.outgoing:
-            route = self.topics.routes[a.model].get_topic_name()
-            await producer.send(route, encode(a), key=a.query_id.encode())
-        if window.report is not None and ledger_entry is not None:
-            windows = self.topics.windows.get_topic_name()
-            await producer.send(windows, encode(window.report), key=window.pool.encode())
-            key, value = ledger_entry
-            await producer.send(self.ledger.changelog, value, key=key, partition=window.partition)

@@ -37,7 +37,13 @@ from workers.stream.decision_log import DecisionLog
 from workers.stream.fencing import PartitionProducers
 from workers.stream.pool_ledger import PoolLedger
 from workers.stream.predict_stage import predict_stage
-from workers.stream.publishers import AcknowledgedPublisher, Publisher, TransactionalPublisher
+from workers.stream.publishers import (
+    AcknowledgedPublisher,
+    Publisher,
+    StartedOnFirstUse,
+    TransactionalPublisher,
+    WindowRecords,
+)
 from workers.stream.router_state import RouterState
 from workers.stream.security import aiokafka_options
 from workers.stream.transport import BEFORE_ASSIGNMENT_ATTRIBUTE
@@ -57,35 +63,40 @@ def raw_table(app: faust.App, name: str, settings: Settings, help: str) -> Table
     )
 
 
-def fenced_publisher(
-    app: faust.App,
-    topics: Topics,
-    settings: Settings,
-    bootstrap_servers: str,
-    decisions: DecisionLog,
-    ledger: PoolLedger,
-) -> TransactionalPublisher:
-    """Windows published in transactions of one producer per owned partition of
+def producer_options(settings: Settings, bootstrap_servers: str) -> dict[str, Any]:
+    """The router's own producers (publishers.py, fencing.py), as Faust's: every
+    replica acknowledges, 5 ms of linger, the same request size."""
+    return {
+        "bootstrap_servers": bootstrap_servers,
+        "acks": "all",
+        "linger_ms": 5,
+        "max_request_size": PRODUCER_MAX_REQUEST_BYTES,
+        **aiokafka_options(settings),
+    }
+
+
+def publisher(
+    app: faust.App, records: WindowRecords, options: dict[str, Any], transactions: bool
+) -> Publisher:
+    """With transactions: one transactional producer per owned partition of
     omnirouter.predicted, started (fencing the previous owner) before the tables
-    recover on each assignment, stopped with the app."""
-    producers = PartitionProducers(
-        ROUTER_APP_ID,
-        topics.predicted.get_topic_name(),
-        {
-            "bootstrap_servers": bootstrap_servers,
-            "acks": "all",
-            "linger_ms": 5,
-            "max_request_size": PRODUCER_MAX_REQUEST_BYTES,
-            **aiokafka_options(settings),
-        },
-    )
-    setattr(app, BEFORE_ASSIGNMENT_ATTRIBUTE, [producers.on_assigned])
+    recover on each assignment. Without: one plain producer. Stopped with the app."""
+    producers: PartitionProducers | StartedOnFirstUse
+    if transactions:
+        producers = PartitionProducers(
+            ROUTER_APP_ID, records.topics.predicted.get_topic_name(), options
+        )
+        setattr(app, BEFORE_ASSIGNMENT_ATTRIBUTE, [producers.on_assigned])
+        chosen: Publisher = TransactionalPublisher(records, producers)
+    else:
+        producers = StartedOnFirstUse(options)
+        chosen = AcknowledgedPublisher(records, producers)
 
     @app.on_before_shutdown.connect
     async def stop_producers(sender: Any, /, *args: Any, **kwargs: Any) -> None:
         await producers.stop()
 
-    return TransactionalPublisher(topics, decisions, ledger, producers)
+    return chosen
 
 
 def build_router_app(
@@ -97,13 +108,13 @@ def build_router_app(
     topics = Topics.of(app, settings)
     decisions = DecisionLog(raw_table(app, "routed", settings, "query_id -> decision"))
     ledger = PoolLedger(raw_table(app, "pool_ledger", settings, "pool -> time billed"))
-    publisher: Publisher = (
-        fenced_publisher(app, topics, settings, bootstrap_servers, decisions, ledger)
-        if transactions
-        else AcknowledgedPublisher(topics, decisions, ledger)
-    )
+    records = WindowRecords(topics, decisions, ledger)
+    options = producer_options(settings, bootstrap_servers)
     solver = ThreadPoolExecutor(1, thread_name_prefix="solver")
-    stage = WindowStage(app, topics, settings, decisions, ledger, solver, publisher)
+    stage = WindowStage(
+        app, topics, settings, decisions, ledger, solver,
+        publisher(app, records, options, transactions),
+    )  # fmt: skip
     agent = partial(app.agent, supervisor_strategy=CrashingSupervisor)
     agent(topics.queries, name="predict")(partial(predict_stage, state, topics, settings))
     agent(topics.predicted, name="solve_windows")(partial(window_stage, stage))
