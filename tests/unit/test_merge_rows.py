@@ -15,6 +15,7 @@ def row(query_id: str = "q", model: str = "m", **fields: Any) -> dict[str, Any]:
     columns = (
         "quality_score", "score_source", "input_tokens", "output_tokens", "cost_usd",
         "latency_ms", "error", "embedding", "embedder", "query_text", "judge_cost_usd",
+        "response_excerpt",
     )  # fmt: skip
     return (
         {"query_id": query_id, "model": model, "pool": "default"} | dict.fromkeys(columns) | fields
