@@ -34,6 +34,10 @@ T = TypeVar("T")
 # The most one produce request of a worker may carry (Faust's default, stated so
 # the router can refuse a query it could not forward; README "Record sizes").
 PRODUCER_MAX_REQUEST_BYTES = 1_000_000
+# A router sends a few messages per query to a dozen topics; waiting 5 ms
+# gathers them into a few produce requests instead of one per message
+# (socket writes were 40% of a busy router's event loop without it).
+PRODUCER_LINGER_MS = 5
 
 
 def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.App:
@@ -54,10 +58,7 @@ def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.A
         topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
-        # A router sends a few messages per query to a dozen topics; waiting 5 ms
-        # gathers them into a few produce requests instead of one per message
-        # (socket writes were 40% of a busy router's event loop without it).
-        producer_linger_ms=5,
+        producer_linger_ms=PRODUCER_LINGER_MS,
         producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,
         broker_rebalance_timeout=settings.rebalance_timeout_seconds(),
         broker_session_timeout=settings.kafka_session_timeout_seconds,

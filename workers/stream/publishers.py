@@ -79,9 +79,10 @@ class WindowRecords:
     ledger: PoolLedger
 
     def entries(
-        self, table: str, window: PoolWindow, pairs: list[tuple[bytes, bytes]]
+        self, changelog: str, window: PoolWindow, pairs: list[tuple[bytes, bytes]]
     ) -> list[Record]:
-        return [Record(table, value, key, window.partition) for key, value in pairs]
+        """A table's (key, value) entries, in the window's partition of its changelog."""
+        return [Record(changelog, value, key, window.partition) for key, value in pairs]
 
     def assignments(self, window: PoolWindow) -> list[Record]:
         return [

@@ -32,7 +32,12 @@ from mode import CrashingSupervisor
 from mode.types.signals import BaseSignalT
 
 from workers.config import ROUTER_APP_ID, Settings
-from workers.stream.app import PRODUCER_MAX_REQUEST_BYTES, Topics, make_app
+from workers.stream.app import (
+    PRODUCER_LINGER_MS,
+    PRODUCER_MAX_REQUEST_BYTES,
+    Topics,
+    make_app,
+)
 from workers.stream.decision_log import DecisionLog
 from workers.stream.fencing import PartitionProducers
 from workers.stream.pool_ledger import PoolLedger
@@ -65,11 +70,11 @@ def raw_table(app: faust.App, name: str, settings: Settings, help: str) -> Table
 
 def producer_options(settings: Settings, bootstrap_servers: str) -> dict[str, Any]:
     """The router's own producers (publishers.py, fencing.py), as Faust's: every
-    replica acknowledges, 5 ms of linger, the same request size."""
+    replica acknowledges, the same linger and request size."""
     return {
         "bootstrap_servers": bootstrap_servers,
         "acks": "all",
-        "linger_ms": 5,
+        "linger_ms": PRODUCER_LINGER_MS,
         "max_request_size": PRODUCER_MAX_REQUEST_BYTES,
         **aiokafka_options(settings),
     }
