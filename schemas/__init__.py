@@ -2,9 +2,11 @@
 
 from schemas.events import (
     ALL_EVENTS,
+    FINAL_ROLES,
     SCHEMA_VERSION,
     SCORE_SOURCE_RANK,
     Assignment,
+    AssignmentRole,
     DeadLetter,
     ModelResponse,
     Outcome,
@@ -17,9 +19,11 @@ from schemas.events import (
 
 __all__ = [
     "ALL_EVENTS",
+    "FINAL_ROLES",
     "SCHEMA_VERSION",
     "SCORE_SOURCE_RANK",
     "Assignment",
+    "AssignmentRole",
     "DeadLetter",
     "ModelResponse",
     "Outcome",

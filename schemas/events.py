@@ -65,13 +65,23 @@ class QueryEvent(Event):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+# Why a model is asked. answer: its answer is the query's answer. probe: a cheap
+# model asked first; the router reads the probes' answers and then accepts one or
+# escalates (a cascade pool). escalation: asked after the probes were doubted; its
+# answer is the query's answer. shadow: a second answer only to learn from (judged,
+# never the query's answer).
+AssignmentRole = Literal["answer", "probe", "escalation", "shadow"]
+FINAL_ROLES: frozenset[str] = frozenset({"answer", "escalation"})
+
+
 class Assignment(Event):
     """A routed query. Topic `omnirouter.route.<model>`, keyed by query_id.
 
     Version 2 added `exploration`: the router sent the query to this model to
-    learn about it (ROUTER_EXPLORATION_SHARE), not because it predicted it best."""
+    learn about it (ROUTER_EXPLORATION_SHARE), not because it predicted it best.
+    Version 3 added `role` (see AssignmentRole); without it, "answer"."""
 
-    schema_version: Literal[1, 2] = 2
+    schema_version: Literal[1, 2, 3] = 3
     query_id: str
     text: str
     model: str
@@ -83,6 +93,7 @@ class Assignment(Event):
     predicted_cost_usd: float
     metadata: dict[str, Any] = Field(default_factory=dict)
     exploration: bool = False
+    role: AssignmentRole = "answer"
 
 
 # optimal: proven by the exact solver; near_optimal: the fast path's feasible plan;
@@ -105,9 +116,15 @@ class WindowReport(Event):
 
     Version 2 added the exploration figures (included in the query count and
     the predicted spend) and `mean_support`: stored outcomes' worth behind the
-    chosen predictions, on average (0: priors alone)."""
+    chosen predictions, on average (0: priors alone).
 
-    schema_version: Literal[1, 2] = 2
+    Version 3 added what went to each kind of assignment besides answers, all
+    included in the predicted spend: a cascade pool's probes and its escalations
+    (an escalation window reports only those), the escalation spend the first
+    stage expects and keeps back for the escalation windows, and shadow answers
+    (a second answer only to learn from, paid from the exploration allowance)."""
+
+    schema_version: Literal[1, 2, 3] = 3
     window_id: str
     pool: str
     window_start: datetime
@@ -128,6 +145,13 @@ class WindowReport(Event):
     # Budget mode: exploration allowance this window left to the pool's next one.
     exploration_carried_usd: float = 0.0
     mean_support: float | None = None
+    probe_queries: int = 0
+    probe_spend_usd: float = 0.0
+    escalation_queries: int = 0
+    escalation_spend_usd: float = 0.0
+    escalation_reserve_usd: float = 0.0
+    shadow_queries: int = 0
+    shadow_spend_usd: float = 0.0
 
 
 class Outcome(Event):
@@ -169,9 +193,14 @@ class ModelResponse(Event):
     """A model's answer to a routed query. Topic `omnirouter.responses`, keyed by query_id.
 
     Version 2 added `text`, the query's text, so a judge can read the question, and
-    `exploration`, copied from the Assignment (a judge scores every such answer)."""
+    `exploration`, copied from the Assignment (a judge scores every such answer).
+    Version 3 added `role`, copied from the Assignment, and `final`: this response
+    is the query's answer. Exactly one response per valid query has final=true;
+    applications that want the answer read those only and need not know about
+    probes, escalations or shadow answers. (A probe's answer the router accepts is
+    published again, by the router, with final=true.) Without them: "answer", true."""
 
-    schema_version: Literal[1, 2] = 2
+    schema_version: Literal[1, 2, 3] = 3
     query_id: str
     model: str
     pool: str
@@ -180,6 +209,8 @@ class ModelResponse(Event):
     metadata: dict[str, Any] = Field(default_factory=dict)
     text: str | None = None
     exploration: bool = False
+    role: AssignmentRole = "answer"
+    final: bool = True
 
 
 class PredictedQuery(Event):

@@ -143,6 +143,14 @@ def test_every_exploratory_answer_is_judged() -> None:
     assert all(is_sampled(r, 0.2) for r in explored)
 
 
+def test_every_shadow_answer_is_judged() -> None:
+    """A shadow answer is asked only to be judged: a share of them would waste the rest."""
+    shadows = [r.model_copy(update={"role": "shadow", "final": False}) for r in responses(500)]
+    assert all(is_sampled(r, 0.0) for r in shadows)
+    probes = [r.model_copy(update={"role": "probe", "final": False}) for r in responses(500)]
+    assert not any(is_sampled(r, 0.0) for r in probes)
+
+
 def test_the_sample_does_not_depend_on_the_process() -> None:
     """hashlib, not hash(): another interpreter with another hash seed agrees."""
     code = (

@@ -14,6 +14,7 @@ from workers.stream.decision_log import (
     PUBLISHED,
     DecisionLog,
     classify,
+    decided_value,
     parse_published,
     published_marker,
 )
@@ -40,6 +41,32 @@ def test_a_window_splits_into_fresh_resent_and_duplicate_queries() -> None:
     assert [p.query.query_id for p in split.fresh] == ["new"]  # once, though it came twice
     assert [(a.query_id, a.model) for a in split.resend] == [("decided", "dear")]  # unchanged
     assert split.duplicates == ["published", "new"]
+
+
+def assignment_of(query_id: str, model: str) -> Assignment:
+    return Assignment.model_validate_json(decided(query_id, model)[len(DECIDED) :])
+
+
+def test_every_assignment_of_a_query_is_one_decision_and_resent_together() -> None:
+    """A cascade's two probes (or an answer and its shadow) are one decision: a
+    restart re-sends both, not the last one written."""
+    probes = [assignment_of("q", "cheap"), assignment_of("q", "cheaper")]
+    log = DecisionLog(cast(TableT, FakeChangelog()))
+    entries = log.decided_entries([*probes, assignment_of("r", "dear")])
+    assert [key for key, _ in entries] == [b"q", b"r"]
+    split = classify([predicted("q")], dict(entries_as_recorded(entries)))
+    assert [(a.query_id, a.model) for a in split.resend] == [("q", "cheap"), ("q", "cheaper")]
+
+
+def entries_as_recorded(entries: list[tuple[bytes, bytes]]) -> dict[str, bytes]:
+    return {key.decode(): value for key, value in entries}
+
+
+def test_a_decision_written_before_lists_is_still_read() -> None:
+    """Changelogs written before a decision held several assignments hold one object."""
+    split = classify([predicted("old")], {"old": decided("old", "dear")})
+    assert [(a.query_id, a.model) for a in split.resend] == [("old", "dear")]
+    assert decided_value([assignment_of("old", "dear")]).startswith(DECIDED + b"[")
 
 
 def test_published_markers_read_back() -> None:

@@ -1,7 +1,9 @@
 """The router's memory of what it decided: one entry per query id in a Faust table.
 
-An entry is first the decided assignment (`DECIDED` + its JSON), written and
-acknowledged by the broker before the assignment is sent, then a published
+An entry is first the decided assignments (`DECIDED` + a JSON array: one per
+model asked, several for a cascade's probes or a shadow answer; a single JSON
+object in entries written before), written and
+acknowledged by the broker before the assignments are sent, then a published
 marker (`PUBLISHED` + "<partition>:<unix time>") once it was sent; in a Kafka
 transaction, the marker alone, committed with the assignment. The publishers
 (workers/stream/publishers.py) write the entries and hand them to `remember`;
@@ -19,12 +21,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from faust.types import TableT
+from pydantic import TypeAdapter
 
 from schemas import Assignment, PredictedQuery
-from workers.stream.codec import encode
 
 PUBLISHED = b"P"  # followed by "<changelog partition>:<unix time>"
-DECIDED = b"D"  # followed by the assignment's JSON
+DECIDED = b"D"  # followed by the assignments' JSON array
 
 
 def published_marker(partition: int, at: float) -> bytes:
@@ -40,6 +42,22 @@ def parse_published(value: bytes) -> tuple[int, float] | None:
         return int(partition), float(at)
     except ValueError:
         return None
+
+
+_ASSIGNMENTS = TypeAdapter(list[Assignment])
+
+
+def decided_value(assignments: Sequence[Assignment]) -> bytes:
+    """A decision entry's value: every assignment of one query."""
+    return DECIDED + _ASSIGNMENTS.dump_json(list(assignments))
+
+
+def decided_assignments(value: bytes) -> list[Assignment]:
+    """The assignments of a decision entry (a list, or one assignment before lists)."""
+    body = value[len(DECIDED) :]
+    if body.lstrip().startswith(b"["):
+        return _ASSIGNMENTS.validate_json(body)
+    return [Assignment.model_validate_json(body)]
 
 
 @dataclass(frozen=True)
@@ -67,7 +85,7 @@ def classify(
         if query_id in seen or (entry is not None and entry.startswith(PUBLISHED)):
             duplicates.append(query_id)
         elif entry is not None and entry.startswith(DECIDED):
-            resend.append(Assignment.model_validate_json(entry[len(DECIDED) :]))
+            resend.extend(decided_assignments(entry))
         else:
             fresh.append(item)
         seen.add(query_id)
@@ -91,8 +109,12 @@ class DecisionLog:
         return str(self.table.changelog_topic.get_topic_name())
 
     def decided_entries(self, assignments: Sequence[Assignment]) -> list[tuple[bytes, bytes]]:
-        """(key, value) of each decision, as written to the changelog."""
-        return [(a.query_id.encode(), DECIDED + encode(a)) for a in assignments]
+        """(key, value) of each query's decision (all its assignments), as written to
+        the changelog."""
+        by_query: dict[str, list[Assignment]] = {}
+        for assignment in assignments:
+            by_query.setdefault(assignment.query_id, []).append(assignment)
+        return [(query_id.encode(), decided_value(group)) for query_id, group in by_query.items()]
 
     def published_entries(
         self, query_ids: Iterable[str], partition: int, at: float

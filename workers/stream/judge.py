@@ -60,9 +60,11 @@ def hashed_share(query_id: str, model: str, salt: str) -> float:
 
 
 def is_sampled(response: ModelResponse, share: float) -> bool:
-    """Every exploratory answer (the router paid for it to learn: unjudged it
-    teaches nothing), and a share of the others chosen by hash."""
-    return response.exploration or hashed_share(response.query_id, response.model, "sample") < share
+    """Every exploratory or shadow answer (the router paid for it to learn:
+    unjudged it teaches nothing), and a share of the others chosen by hash."""
+    if response.exploration or response.role == "shadow":
+        return True
+    return hashed_share(response.query_id, response.model, "sample") < share
 
 
 def events_per_batch(concurrency: int, share: float) -> int:

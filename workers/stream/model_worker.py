@@ -16,7 +16,7 @@ from typing import Protocol
 import faust
 from faust.types import StreamT, TopicT
 
-from schemas import Assignment, ModelResponse, Outcome, ScoreSource
+from schemas import FINAL_ROLES, Assignment, ModelResponse, Outcome, ScoreSource
 from workers.config import Settings
 from workers.stream import metrics
 from workers.stream.app import Topics, batches, decode_or_dead_letter, make_app
@@ -63,6 +63,8 @@ class Answer:
             metadata=assignment.metadata,
             text=assignment.text,
             exploration=assignment.exploration,
+            role=assignment.role,
+            final=assignment.role in FINAL_ROLES,
         )
         return outcome, response
 
