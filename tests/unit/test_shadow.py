@@ -1,5 +1,6 @@
 """Shadow answers: a second model's answer to learn from, within the window's budget,
-where a label teaches most per dollar, none when the share is 0."""
+where a label teaches most per dollar, only of models that might be better than
+the answer, none when the share is 0."""
 
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ def window(n: int, quality: list[float], support: list[float]) -> WindowProblem:
 
 @pytest.mark.parametrize("method", ["exact", "fast"])
 def test_shadows_are_extra_assignments_within_the_budget_and_their_share(method: str) -> None:
-    budget = 0.05
+    budget = 0.05  # the plan spends most of it (frontier is predicted best)
     policy = PoolPolicy(mode="budget", window_budget_usd=budget)
-    cold = [predicted(i, [0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]) for i in range(100)]
+    cold = [predicted(i, [0.9, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]) for i in range(100)]
     assignments, report = route_window(
         "default", policy, cold, MODELS, BOUNDS, solver=method,  # type: ignore[arg-type]
         tie_tolerance=0.005, exploration_share=0.05, shadow_share=0.1,
@@ -53,7 +54,8 @@ def test_shadows_are_extra_assignments_within_the_budget_and_their_share(method:
     assert shadows and report.shadow_queries == len(shadows)
     spend = sum(a.predicted_cost_usd for a in shadows)
     assert report.shadow_spend_usd == pytest.approx(spend)
-    assert spend <= 0.1 * budget + 1e-12
+    answers_spend = sum(a.predicted_cost_usd for a in answers)
+    assert spend <= max(0.1 * budget, budget - answers_spend) + 1e-12
     assert report.predicted_spend_usd == pytest.approx(
         sum(a.predicted_cost_usd for a in assignments)
     )
@@ -121,3 +123,36 @@ def test_a_shadow_is_never_the_answers_model_nor_beyond_a_capacity() -> None:
     total = planned.plan.total_cost_usd + planned.shadow_spend_usd
     assert total <= 0.05 + 1e-12
     assert planned.shadow_spend_usd <= 0.5 * 0.05 + 1e-12
+
+
+def test_what_the_plan_leaves_unspent_buys_labels_of_models_that_might_be_better() -> None:
+    """With few outcomes the plan keeps to a cheap model and leaves most of the budget
+    unspent: that money buys shadow answers of the unknown models, not of a model
+    known to be worse, and never more than the budget."""
+    n = 40
+    quality = np.tile([0.5, 0.2, 0.7, 0.5], (n, 1))
+    support = np.tile([0.0, 500.0, 500.0, 0.0], (n, 1))  # mid known to be worse
+    problem = WindowProblem(quality, np.tile(COSTS, (n, 1)), "budget", window_budget_usd=0.2)
+    planned = explore_and_solve(
+        problem, support, 0.0, np.random.default_rng(0), "fast", shadow_share=0.01
+    )
+    assert planned.shadows is not None
+    picked = planned.shadows[planned.shadows != NOT_SHADOWED]
+    assert (planned.plan.assignment == 2).all()  # small answers every query
+    assert 0.01 * 0.2 < planned.shadow_spend_usd  # more than the share: the unspent budget
+    assert planned.plan.total_cost_usd + planned.shadow_spend_usd <= 0.2 + 1e-12
+    assert 1 not in picked  # mid: known worse, a label cannot change the routing
+    assert 0 in picked  # frontier: unknown, dear, might be better
+
+
+def test_a_confident_router_spends_no_more_than_its_share() -> None:
+    """Every other model known to be worse: no draw beats the answer, nothing is
+    shadowed however much of the budget is left."""
+    n = 40
+    quality = np.tile([0.3, 0.2, 0.8, 0.1], (n, 1))
+    support = np.full((n, 4), 1000.0)
+    problem = WindowProblem(quality, np.tile(COSTS, (n, 1)), "budget", window_budget_usd=1.0)
+    planned = explore_and_solve(
+        problem, support, 0.0, np.random.default_rng(0), "fast", shadow_share=0.05
+    )
+    assert planned.shadow_spend_usd == 0.0

@@ -26,8 +26,9 @@ window is then solved again by the same optimiser with what is left, so the
 window as a whole keeps its budget (or reaches its target).
 
 Shadow answers (workers/routing/shadow.py) have their own share of the
-window's budget, within the room exploration left; their cost is reserved
-before the rest is planned again, so they too are within the window's budget.
+window's budget (or what the plan leaves unspent), within the room exploration
+left; their cost is reserved before the rest is planned again, so they too are
+within the window's budget.
 """
 
 from __future__ import annotations
@@ -148,17 +149,19 @@ def explore_and_solve(
     shadow_share: float = 0.0,
 ) -> ExploredPlan:
     """Plan the window, explore a share of it, spend a `shadow_share` of its budget
-    on shadow answers, and plan the rest again with what is left of the budget
-    (or of the target). `carried_usd`: the allowance earlier windows
-    of the pool left (the previous ExploredPlan's next_allowance_usd)."""
+    (or what the plan leaves unspent) on shadow answers, and plan the rest again
+    with what is left of the budget (or of the target). `carried_usd`: the
+    allowance earlier windows of the pool left (the previous ExploredPlan's
+    next_allowance_usd)."""
     plan = solve(problem, method, time_limit_seconds)
     allowance = window_allowance(problem, share, carried_usd)
     explore = choose_explorations(problem, plan.assignment, support, share, rng, allowed, allowance)
     explored = explore != NOT_EXPLORED
     spend = float(problem.cost[explored, explore[explored]].sum())
     answered = np.where(explored, explore, plan.assignment)
-    shadow_allowance = _shadow_allowance(problem, plan, explore, shadow_share)
-    shadows = choose_shadows(problem, answered, support, shadow_allowance, allowed)
+    shadow_allowance = _shadow_allowance(problem, plan, answered, explore, shadow_share)
+    draws = belief_samples(problem.quality, support, rng) if shadow_allowance > 0 else None
+    shadows = choose_shadows(problem, answered, support, shadow_allowance, allowed, draws)
     if not explored.any() and (shadows == NOT_SHADOWED).all():
         left = allowance if math.isfinite(allowance) else 0.0
         return ExploredPlan(plan, explored, 0.0, left, shadows)
@@ -185,20 +188,27 @@ def explore_and_solve(
 
 
 def _shadow_allowance(
-    problem: WindowProblem, plan: WindowPlan, explore: NDArray[np.int64], share: float
+    problem: WindowProblem,
+    plan: WindowPlan,
+    answered: NDArray[np.int64],
+    explore: NDArray[np.int64],
+    share: float,
 ) -> float:
-    """What shadows may spend: `share` of the window's budget (quality mode: of its
-    planned spend), within the room exploration left (a shadow's whole cost comes
-    on top of the query's answer)."""
+    """What shadows may spend (module doc of shadow.py): in budget mode `share` of
+    the window's budget, or what the plan leaves unspent if that is more, within
+    the room exploration left (a shadow's whole cost comes on top of the query's
+    answer); in quality mode `share` of the planned spend."""
     if share <= 0:
         return 0.0
     if problem.mode != "budget":
         return share * plan.total_cost_usd
     assert problem.window_budget_usd is not None
+    budget = problem.window_budget_usd
+    unspent = budget - float(problem.cost[np.arange(problem.n_queries), answered].sum())
     explored = np.flatnonzero(explore != NOT_EXPLORED)
     room, uses = _room(problem)
     left = room - float(uses[explored, explore[explored]].sum())
-    return max(min(share * problem.window_budget_usd, left), 0.0)
+    return max(min(max(share * budget, unspent), left), 0.0)
 
 
 def _rest_of(
