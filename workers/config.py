@@ -151,7 +151,7 @@ class Settings(BaseSettings):
     # Share of each window's budget (quality mode: of its planned spend) paid for
     # shadow answers: a second model's answer, judged and never delivered, where
     # a label teaches most per dollar (workers/routing/shadow.py).
-    router_shadow_share: float = Field(default=0.0, ge=0.0, le=0.5)
+    router_shadow_share: float = Field(default=0.05, ge=0.0, le=0.5)
 
     # Model workers.
     replay_data_path: str = ""  # empty: the RouterBench sample shipped in workers/data

@@ -58,6 +58,7 @@ def chat_server() -> Iterator[ChatServer]:
 def environment(bootstrap: str, database_url: str, api: str) -> dict[str, str]:
     return {
         **os.environ,
+        "ROUTER_SHADOW_SHARE": "0",  # one answer a query (shadows: test_learning_loop)
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "DATABASE_URL": database_url,
         "ROUTER_MODELS": json.dumps(MODELS),
