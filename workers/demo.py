@@ -132,6 +132,20 @@ def shadow_pairs(bootstrap: str, settings: Settings) -> set[tuple[str, str]]:
     return pairs
 
 
+def settled(
+    engine: sa.Engine, run_id: str, bootstrap: str, settings: Settings, expected: int
+) -> tuple[list[OutcomeRow], set[tuple[str, str]]]:
+    """The run's outcomes and shadow pairs once every query's answer is stored (a
+    query's shadow answer may be stored before its answer), or at TIMEOUT_SECONDS."""
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    while True:
+        rows, shadows = routed_outcomes(engine, run_id), shadow_pairs(bootstrap, settings)
+        answered = {r.query_id for r in answers_only(rows, shadows)}
+        if len(answered) >= expected or time.monotonic() > deadline:
+            return rows, shadows
+        time.sleep(1)
+
+
 def answers_only(rows: list[OutcomeRow], shadows: set[tuple[str, str]]) -> list[OutcomeRow]:
     """The outcomes of the queries' answers: a shadow answer is judged, never delivered."""
     return [r for r in rows if (r.query_id, r.model) not in shadows]
@@ -290,8 +304,7 @@ def run_demo(settings: Settings, state_dir: Path, warm_start: int = 0) -> int:
             asyncio.run(produce(queries[1:], REPLAY_RATE_QPS))
             if not wait_for_answers(engine, run_id, len(queries), processes, state_dir):
                 return 1
-        every_row = routed_outcomes(engine, run_id)
-        shadows = shadow_pairs(bootstrap, settings)
+            every_row, shadows = settled(engine, run_id, bootstrap, settings, len(queries))
         rows = answers_only(every_row, shadows)
         raw_reports = asyncio.run(
             read_topic(
