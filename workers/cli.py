@@ -709,11 +709,15 @@ def bench_cold_start(
         rate_per_second=rate, progress=click.echo,
     )  # fmt: skip
     budget = figures.budget_per_query_usd
-    click.echo(f"budget per query ${budget:.6f}; exploration share {figures.exploration_share}")
+    click.echo(
+        f"budget per query ${budget:.6f}; exploration share {figures.exploration_share}; "
+        f"shadow share {figures.shadow_share}"
+    )
     click.echo(f"windows {figures.windows}; judge spend ${figures.judge_spend_usd:.4f}")
     click.echo(
         f"{'queries':>11} {'accuracy':>8} {'warm':>6} {'single':>6} {'cost $':>8} "
-        f"{'warm $':>8} {'budget $':>8} {'explore $':>9} {'scored':>6}  top model share"
+        f"{'warm $':>8} {'budget $':>8} {'explore $':>9} {'shadow $':>8} {'scored':>6}  "
+        "top model share"
     )
     for block, block_budget in zip(figures.blocks, figures.budget_per_block, strict=True):
         top = max(block.share_per_model, key=lambda m: block.share_per_model[m])
@@ -721,7 +725,8 @@ def bench_cold_start(
             f"{block.first + 1:>5}-{block.first + block.queries:<5} {block.accuracy:8.4f} "
             f"{block.warm_accuracy:6.4f} {block.best_single_accuracy:6.4f} "
             f"{block.cost_usd:8.4f} {block.warm_cost_usd:8.4f} {block_budget:8.4f} "
-            f"{block.exploration_spend_usd:9.4f} {block.scored_so_far:6d}  "
+            f"{block.exploration_spend_usd:9.4f} {block.shadow_spend_usd:8.4f} "
+            f"{block.scored_so_far:6d}  "
             f"{top} {block.share_per_model[top]:.0%}"
         )
     first, last = figures.blocks[0], figures.blocks[-1]
@@ -735,6 +740,7 @@ def bench_cold_start(
     click.echo(f"priors alone, block 1: {figures.priors_alone_share}")
     click.echo(f"block 1 shares:        {first.share_per_model}")
     explored = sum(b.exploration_spend_usd for b in figures.blocks)
+    shadowed = sum(b.shadow_spend_usd for b in figures.blocks)
     total_budget = sum(figures.budget_per_block)
     click.echo(
         f"targets: block 1 spend {first.cost_usd:.4f} <= budget {figures.budget_per_block[0]:.4f}: "
@@ -742,7 +748,10 @@ def bench_cold_start(
         f"{last.warm_accuracy:.4f} ({100 * (last.accuracy - last.warm_accuracy):+.1f} points) "
         f"at ${last.cost_usd:.4f} vs ${last.warm_cost_usd:.4f}; exploration "
         f"{explored / max(total_budget, 1e-12):.1%} of the budget "
-        f"(share {figures.exploration_share:.0%})"
+        f"(share {figures.exploration_share:.0%}); shadow answers "
+        f"{sum(b.shadow_queries for b in figures.blocks)}, "
+        f"{shadowed / max(total_budget, 1e-12):.1%} "
+        f"of the budget (share {figures.shadow_share:.0%}); spend includes shadows"
     )
     click.echo(f"learning curve: {cold_start.plot(figures, png_path)}")
 

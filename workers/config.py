@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     # Share of each window's queries (and, in budget mode, of its budget) that
     # goes to the models the router knows least about where that is worth most.
     router_exploration_share: float = Field(default=0.05, ge=0.0, le=0.5)
+    # Share of each window's budget (or what its plan leaves unspent, if more;
+    # quality mode: of its planned spend) paid for shadow answers: a second
+    # model's answer, judged and never delivered, of a model that might beat the
+    # answer, where a label teaches most per dollar (workers/routing/shadow.py).
+    router_shadow_share: float = Field(default=0.05, ge=0.0, le=0.5)
 
     # Model workers.
     replay_data_path: str = ""  # empty: the RouterBench sample shipped in workers/data

@@ -33,8 +33,8 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from schemas import WindowReport
-from workers.config import Settings
+from schemas import Assignment, WindowReport
+from workers.config import Settings, model_topic
 from workers.db import migrate
 from workers.db.models import OutcomeRow
 from workers.routing.dataset import OutcomeTable, load_routerbench, shipped_sample_path
@@ -101,7 +101,7 @@ def wait_for_answers(
     """Poll until `expected` queries of the run are answered and stored; False when a
     worker exited or TIMEOUT_SECONDS passed."""
     deadline = time.monotonic() + TIMEOUT_SECONDS
-    while (done := len(routed_outcomes(engine, run_id))) < expected:
+    while (done := len({r.query_id for r in routed_outcomes(engine, run_id)})) < expected:
         if any(p.poll() is not None for p in processes):
             click.echo(f"[demo] a worker exited; see {state_dir / 'logs'}")
             return False
@@ -117,6 +117,38 @@ def routed_outcomes(engine: sa.Engine, run_id: str) -> list[OutcomeRow]:
     with Session(engine) as session:
         query = sa.select(OutcomeRow).where(OutcomeRow.query_id.like(f"{run_id}-%"))
         return list(session.scalars(query))
+
+
+def shadow_pairs(bootstrap: str, settings: Settings) -> set[tuple[str, str]]:
+    """(query id, model) of every shadow answer asked (ROUTER_SHADOW_SHARE)."""
+    pairs = set()
+    for model in settings.router_models:
+        for raw in asyncio.run(
+            read_topic(bootstrap, model_topic(model), security=aiokafka_options(settings))
+        ):
+            assignment = Assignment.model_validate_json(raw)
+            if assignment.role == "shadow":
+                pairs.add((assignment.query_id, assignment.model))
+    return pairs
+
+
+def settled(
+    engine: sa.Engine, run_id: str, bootstrap: str, settings: Settings, expected: int
+) -> tuple[list[OutcomeRow], set[tuple[str, str]]]:
+    """The run's outcomes and shadow pairs once every query's answer is stored (a
+    query's shadow answer may be stored before its answer), or at TIMEOUT_SECONDS."""
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    while True:
+        rows, shadows = routed_outcomes(engine, run_id), shadow_pairs(bootstrap, settings)
+        answered = {r.query_id for r in answers_only(rows, shadows)}
+        if len(answered) >= expected or time.monotonic() > deadline:
+            return rows, shadows
+        time.sleep(1)
+
+
+def answers_only(rows: list[OutcomeRow], shadows: set[tuple[str, str]]) -> list[OutcomeRow]:
+    """The outcomes of the queries' answers: a shadow answer is judged, never delivered."""
+    return [r for r in rows if (r.query_id, r.model) not in shadows]
 
 
 @dataclass(frozen=True)
@@ -136,6 +168,8 @@ class DemoSummary:
     windows: list[dict[str, object]]
     queries_explored: int
     learning_curve: list[dict[str, float]]
+    queries_shadowed: int = 0
+    shadow_spend_usd: float = 0.0  # included in the routed cost
 
 
 def learning_curve(
@@ -161,10 +195,15 @@ def learning_curve(
 
 
 def summarise(
-    live: OutcomeTable, rows: list[OutcomeRow], reports: list[WindowReport], run_id: str
+    live: OutcomeTable,
+    rows: list[OutcomeRow],
+    reports: list[WindowReport],
+    run_id: str,
+    shadow_spend_usd: float = 0.0,
 ) -> DemoSummary:
     """The routed traffic next to sending the same queries to one model; accuracy
-    from the recorded scores (the judge's, which taught the router, cover a share)."""
+    from the recorded scores (the judge's, which taught the router, cover a share).
+    `rows`: the answers' outcomes; the routed cost includes the shadow answers'."""
     index = [int(r.query_id.removeprefix(f"{run_id}-")) for r in rows]
     subset = live.take(index)
     accuracy = np.nanmean(subset.scores, axis=0)
@@ -177,7 +216,7 @@ def summarise(
         routed=Spend(
             "OmniRouter (routed traffic)",
             float(np.nanmean(scores)) if scores else float("nan"),
-            float(sum(r.cost_usd or 0.0 for r in rows)),
+            float(sum(r.cost_usd or 0.0 for r in rows)) + shadow_spend_usd,
         ),
         best_single_model=Spend(live.models[best], float(accuracy[best]), float(totals[best])),
         dearest_model=Spend(live.models[dearest], float(accuracy[dearest]), float(totals[dearest])),
@@ -193,6 +232,8 @@ def summarise(
             for w in reports
         ],
         queries_explored=sum(w.exploration_queries for w in reports),
+        queries_shadowed=sum(w.shadow_queries for w in reports),
+        shadow_spend_usd=shadow_spend_usd,
         learning_curve=learning_curve(live, rows, run_id),
     )
 
@@ -263,14 +304,16 @@ def run_demo(settings: Settings, state_dir: Path, warm_start: int = 0) -> int:
             asyncio.run(produce(queries[1:], REPLAY_RATE_QPS))
             if not wait_for_answers(engine, run_id, len(queries), processes, state_dir):
                 return 1
-        rows = routed_outcomes(engine, run_id)
+            every_row, shadows = settled(engine, run_id, bootstrap, settings, len(queries))
+        rows = answers_only(every_row, shadows)
         raw_reports = asyncio.run(
             read_topic(
                 bootstrap, settings.topic_names()["windows"], security=aiokafka_options(settings)
             )
         )
     reports = [WindowReport.model_validate_json(r) for r in raw_reports]
-    summary = summarise(live, rows, reports, run_id)
+    shadow_spend = sum(r.cost_usd or 0.0 for r in every_row if (r.query_id, r.model) in shadows)
+    summary = summarise(live, rows, reports, run_id, shadow_spend)
     print_summary(summary)
     report_path = state_dir / "demo_report.json"
     report_path.write_text(json.dumps(asdict(summary), indent=2))
@@ -290,7 +333,11 @@ def print_summary(summary: DemoSummary) -> None:
         (f"dearest model: {summary.dearest_model.label}", summary.dearest_model),
     ):
         click.echo(f"{label:42s} {spend.accuracy:9.3f} {spend.cost_usd:10.4f}")
-    click.echo(f"\nwindows: {len(summary.windows)}; queries explored: {summary.queries_explored}")
+    click.echo(
+        f"\nwindows: {len(summary.windows)}; queries explored: {summary.queries_explored}; "
+        f"shadow answers: {summary.queries_shadowed} (${summary.shadow_spend_usd:.4f}, in the "
+        "routed cost)"
+    )
     click.echo(f"\nlearning curve (blocks of {LEARNING_BLOCK}, in production order)")
     click.echo(f"{'queries':>9} {'accuracy':>9} {'cost USD':>10}")
     for point in summary.learning_curve:

@@ -93,6 +93,7 @@ def test_a_router_stopped_mid_window_loses_and_doubles_no_decision(
     sample = seeded_router_services(bootstrap, postgres_url, settings, router_embedder)
     env = {
         **os.environ,
+        "ROUTER_SHADOW_SHARE": "0",  # one answer a query (shadows: test_learning_loop)
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "DATABASE_URL": postgres_url,
         "KAFKA_PARTITIONS": "2",

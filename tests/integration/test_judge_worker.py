@@ -138,6 +138,7 @@ def test_the_judge_publishes_exactly_the_scores_it_can_read(
         asyncio.run(create_topics(settings, bootstrap))
         env = {
             **os.environ,
+            "ROUTER_SHADOW_SHARE": "0",  # one answer a query (shadows: test_learning_loop)
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "ROUTER_MODELS": json.dumps(MODELS),
             "KAFKA_PARTITIONS": "2",
@@ -268,6 +269,7 @@ def test_the_replay_judge_scores_its_sample_with_the_recorded_scores(tmp_path: P
         asyncio.run(create_topics(settings, bootstrap))
         env = {
             **os.environ,
+            "ROUTER_SHADOW_SHARE": "0",  # one answer a query (shadows: test_learning_loop)
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "KAFKA_PARTITIONS": "2",
             "METRICS_PORT": str(metrics_port),

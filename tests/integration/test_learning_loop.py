@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.orm import Session
 
-from schemas import Assignment, PredictedQuery, QueryEvent, WindowReport
+from schemas import Assignment, ModelResponse, PredictedQuery, QueryEvent, WindowReport
 from tests.chat_server import ChatServer, completion
 from tests.faults import start_worker, wait_until
 from workers.config import Settings
@@ -58,6 +58,7 @@ def chat_server() -> Iterator[ChatServer]:
 def environment(bootstrap: str, database_url: str, api: str) -> dict[str, str]:
     return {
         **os.environ,
+        "ROUTER_SHADOW_SHARE": "0",  # one answer a query (shadows: test_learning_loop)
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "DATABASE_URL": database_url,
         "ROUTER_MODELS": json.dumps(MODELS),
@@ -201,3 +202,98 @@ def test_an_empty_store_learns_from_the_judge_and_routing_follows(
     assert sum(r.exploration_queries for r in reports) == sum(a.exploration for a in assignments)
     judge_log = log.read_text()
     assert re.search(r"Traceback", judge_log) is None, judge_log[-3000:]
+
+
+def test_shadow_answers_are_judged_into_outcomes_never_final_and_reported(
+    chat_server: ChatServer, postgres_url: str, tmp_path: Path
+) -> None:
+    """A second model answers a share of the queries only to be learnt from: the
+    judge scores every shadow answer (and nothing else here: JUDGE_SAMPLE_SHARE=0),
+    the scores are stored, no shadow answer is final, each query has exactly one
+    final answer, and the window reports count the shadows within the budget."""
+    settings = Settings(router_models=MODELS, kafka_partitions=2)
+    names = settings.topic_names()
+    engine = sa.create_engine(postgres_url)
+    run = f"shadow-{uuid.uuid4().hex[:6]}"
+    with LocalBroker() as broker:
+        bootstrap = broker.bootstrap_servers
+        asyncio.run(create_topics(settings, bootstrap))
+        env = {
+            **environment(bootstrap, postgres_url, chat_server.base_url),
+            "ROUTER_EXPLORATION_SHARE": "0",
+            "ROUTER_SHADOW_SHARE": "0.2",
+            "JUDGE_SAMPLE_SHARE": "0",
+        }
+        log = tmp_path / "workers.log"
+        commands = ["router", "outcomes", "model-worker openai", "judge openai"]
+        processes = [start_worker(command, env, log) for command in commands]
+        ids = {f"{run}-{i}" for i in range(30)}
+        try:
+            asyncio.run(produce_values(bootstrap, names["queries"], queries(run, 0, 30)))
+
+            def responses() -> list[ModelResponse]:
+                return [
+                    ModelResponse.model_validate_json(raw)
+                    for raw in asyncio.run(read_topic(bootstrap, names["responses"]))
+                    if json.loads(raw)["query_id"] in ids
+                ]
+
+            def finals() -> set[str]:
+                return {r.query_id for r in responses() if r.final}
+
+            wait_until(lambda: finals() == ids, 120, "a final answer to every query")
+            shadow_answers = [r for r in responses() if r.role == "shadow"]
+            assert shadow_answers, "no shadow answer was asked"
+            shadow_pairs = {(r.query_id, r.model) for r in shadow_answers}
+            wait_until(
+                lambda: shadow_pairs <= judged_pairs(engine, run), 120, "judged shadow answers"
+            )
+            assert all(p.poll() is None for p in processes), log.read_text()[-3000:]
+            all_responses = responses()
+            assignments = [
+                Assignment.model_validate_json(raw)
+                for model in MODELS
+                for raw in asyncio.run(read_topic(bootstrap, names[f"route:{model}"]))
+            ]
+            reports = [
+                WindowReport.model_validate_json(raw)
+                for raw in asyncio.run(read_topic(bootstrap, names["windows"]))
+            ]
+            stored = judged_pairs(engine, run)
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(timeout=30)
+
+    # Never final; exactly one final answer per query, from another model than its shadow.
+    assert not any(r.final for r in all_responses if r.role == "shadow")
+    final_of = [r for r in all_responses if r.final]
+    assert sorted(r.query_id for r in final_of) == sorted(ids)
+    answered = {r.query_id: r.model for r in final_of}
+    assert all(answered[q] != m for q, m in shadow_pairs)
+    # Judged into outcomes: every shadow answer, and (sample share 0) nothing else.
+    assert stored == shadow_pairs
+    # Counted in the window reports, within each window's budget.
+    shadows = [a for a in assignments if a.role == "shadow"]
+    assert {(a.query_id, a.model) for a in shadows} == shadow_pairs
+    assert sum(r.shadow_queries for r in reports) == len(shadows)
+    assert sum(r.shadow_spend_usd for r in reports) == pytest.approx(
+        sum(a.predicted_cost_usd for a in shadows)
+    )
+    for report in reports:
+        assert report.shadow_spend_usd <= 0.2 * (report.window_budget_usd or 0.0) + 1e-12
+        assert report.predicted_spend_usd <= (report.window_budget_usd or 0.0) + 1e-9
+
+
+def judged_pairs(engine: sa.Engine, run: str) -> set[tuple[str, str]]:
+    """(query id, model) of this run's outcomes the judge scored."""
+    with Session(engine) as session:
+        rows = session.execute(
+            sa.select(OutcomeRow.query_id, OutcomeRow.model).where(
+                OutcomeRow.query_id.like(f"{run}-%"),
+                OutcomeRow.score_source == "judge",
+                OutcomeRow.quality_score.is_not(None),
+            )
+        ).all()
+    return {(q, m) for q, m in rows}

@@ -59,6 +59,7 @@ def test_answers_usage_and_errors_are_published(chat_server: ChatServer, tmp_pat
         asyncio.run(create_topics(settings, broker.bootstrap_servers))
         env = {
             **os.environ,
+            "ROUTER_SHADOW_SHARE": "0",  # one answer a query (shadows: test_learning_loop)
             "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
             "ROUTER_MODELS": json.dumps(MODELS),
             "ROUTER_MODEL_PRICES": json.dumps(prices),

@@ -55,6 +55,7 @@ READ_BY_ROUTER = [NAMES["queries"], NAMES["predicted"]]
 def worker_env(bootstrap: str, database_url: str) -> dict[str, str]:
     return {
         **os.environ,
+        "ROUTER_SHADOW_SHARE": "0",  # one answer a query (shadows: test_learning_loop)
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "DATABASE_URL": database_url,
         "KAFKA_PARTITIONS": "2",

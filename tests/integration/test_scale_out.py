@@ -45,6 +45,7 @@ def broker() -> Iterator[str]:
 def router_env(bootstrap: str, database_url: str) -> dict[str, str]:
     return {
         **os.environ,
+        "ROUTER_SHADOW_SHARE": "0",  # one answer a query (shadows: test_learning_loop)
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "DATABASE_URL": database_url,
         "KAFKA_PARTITIONS": "4",

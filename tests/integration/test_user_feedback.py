@@ -42,6 +42,7 @@ def outcome_writer(broker: str, postgres_url: str, tmp_path: Path) -> Iterator[s
     asyncio.run(create_topics(settings, broker))
     env = {
         **os.environ,
+        "ROUTER_SHADOW_SHARE": "0",  # one answer a query (shadows: test_learning_loop)
         "KAFKA_BOOTSTRAP_SERVERS": broker,
         "DATABASE_URL": postgres_url,
         "KAFKA_PARTITIONS": "2",

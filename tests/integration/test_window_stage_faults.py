@@ -56,6 +56,7 @@ def test_bad_and_outdated_predictions_never_cost_a_valid_query(tmp_path: Path) -
         asyncio.run(produce_values(bootstrap, names["predicted"], messages))
         env = {
             **os.environ,
+            "ROUTER_SHADOW_SHARE": "0",  # one answer a query (shadows: test_learning_loop)
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "DATABASE_URL": "",
             "KAFKA_PARTITIONS": "1",

@@ -63,6 +63,8 @@ class Block:
     accuracy: float
     cost_usd: float
     exploration_spend_usd: float
+    shadow_spend_usd: float  # included in cost_usd: shadow answers are paid for
+    shadow_queries: int
     scored_so_far: int
     warm_accuracy: float
     warm_cost_usd: float
@@ -79,6 +81,7 @@ class Block:
 class ColdStartFigures:
     budget_per_query_usd: float
     exploration_share: float
+    shadow_share: float
     priors_alone_share: dict[str, float]  # each model's share of block 1 on the priors alone
     blocks: list[Block]
     windows: int
@@ -144,7 +147,7 @@ def run(
                 )
             )
             _wait_for_answers(engine, run_id, len(events), timeout_seconds=600)
-        assignments = _read_assignments(broker.bootstrap_servers, settings)
+        assignments, shadow_list = _read_assignments(broker.bootstrap_servers, settings)
         predicted = [
             PredictedQuery.model_validate_json(raw)
             for raw in asyncio.run(
@@ -160,15 +163,17 @@ def run(
         scored_at = _scored_query_rows(engine, run_id)
         judge_spend = _judge_spend(engine, run_id)
     chosen = {int(a.query_id.removeprefix(f"{run_id}-")): a for a in assignments}
+    shadows = {int(a.query_id.removeprefix(f"{run_id}-")): a for a in shadow_list}
     beliefs = {int(p.query.query_id.removeprefix(f"{run_id}-")): p.quality for p in predicted}
     window_size = max(1, round(float(np.mean([w.query_count for w in reports]))))
     progress("routing the warm-started reference offline ...")
     warm_plan = _warm_reference(table, live, embedder, budget, window_size)
-    blocks = _blocks(live, chosen, beliefs, warm_plan, scored_at, block_size)
-    _write_decisions(log_dir / "decisions.jsonl", live, chosen)
+    blocks = _blocks(live, chosen, shadows, beliefs, warm_plan, scored_at, block_size)
+    _write_decisions(log_dir / "decisions.jsonl", live, chosen, shadows)
     return ColdStartFigures(
         budget_per_query_usd=budget,
         exploration_share=settings.router_exploration_share,
+        shadow_share=settings.router_shadow_share,
         priors_alone_share=_priors_alone_share(
             live, embedder, prices, budget, block_size, window_size
         ),
@@ -178,7 +183,9 @@ def run(
     )
 
 
-def _write_decisions(path: Path, live: OutcomeTable, chosen: dict[int, Assignment]) -> None:
+def _write_decisions(
+    path: Path, live: OutcomeTable, chosen: dict[int, Assignment], shadows: dict[int, Assignment]
+) -> None:
     """Each query's decision beside what it really cost and scored, for a closer look."""
     with path.open("w") as out:
         for i, assignment in sorted(chosen.items()):
@@ -192,6 +199,7 @@ def _write_decisions(path: Path, live: OutcomeTable, chosen: dict[int, Assignmen
                 "predicted_cost_usd": assignment.predicted_cost_usd,
                 "cost_usd": float(np.nan_to_num(live.costs[i, j])),
                 "score": None if np.isnan(live.scores[i, j]) else float(live.scores[i, j]),
+                "shadow": shadows[i].model if i in shadows else None,
             }
             out.write(json.dumps(row) + "\n")
 
@@ -210,14 +218,19 @@ def _wait_for_answers(
         time.sleep(1)
 
 
-def _read_assignments(bootstrap: str, settings: Settings) -> list[Assignment]:
+def _read_assignments(
+    bootstrap: str, settings: Settings
+) -> tuple[list[Assignment], list[Assignment]]:
+    """The queries' answers and their shadow answers."""
     names = settings.topic_names()
     found: dict[str, Assignment] = {}
+    shadows: dict[str, Assignment] = {}
     for model in settings.router_models:
         for raw in asyncio.run(read_topic(bootstrap, names[f"route:{model}"])):
             assignment = Assignment.model_validate_json(raw)
-            found[assignment.query_id] = assignment
-    return list(found.values())
+            kept = shadows if assignment.role == "shadow" else found
+            kept[assignment.query_id] = assignment
+    return list(found.values()), list(shadows.values())
 
 
 def _scored_query_rows(engine: sa.Engine, run_id: str) -> NDArray[np.int64]:
@@ -285,13 +298,22 @@ def _priors_alone_share(
 def _blocks(
     live: OutcomeTable,
     chosen: dict[int, Assignment],
+    shadows: dict[int, Assignment],
     beliefs: dict[int, list[float]],
     warm_plan: NDArray[np.int64],
     scored_at: NDArray[np.int64],
     block_size: int,
 ) -> list[Block]:
     return [
-        _block(live, rows, chosen, beliefs, warm_plan[rows], int((scored_at <= rows[-1]).sum()))
+        _block(
+            live,
+            rows,
+            chosen,
+            shadows,
+            beliefs,
+            warm_plan[rows],
+            int((scored_at <= rows[-1]).sum()),
+        )
         for first in range(0, len(live), block_size)
         if (rows := np.arange(first, min(first + block_size, len(live)))).size
     ]
@@ -301,11 +323,13 @@ def _block(
     live: OutcomeTable,
     rows: NDArray[np.int64],
     chosen: dict[int, Assignment],
+    shadows: dict[int, Assignment],
     beliefs: dict[int, list[float]],
     warm: NDArray[np.int64],
     scored_so_far: int,
 ) -> Block:
-    """One block's figures from the recorded outcomes of the models chosen."""
+    """One block's figures from the recorded outcomes of the models chosen; the cost
+    includes the block's shadow answers."""
     models = live.models
     assignments = [chosen[int(i)] for i in rows]
     picked = np.array([models.index(a.model) for a in assignments])
@@ -313,7 +337,10 @@ def _block(
     scores, costs = live.scores[rows], np.nan_to_num(live.costs[rows])
     index = np.arange(len(rows))
     scored = ~np.isnan(scores).any(axis=1)
-    cost = float(costs[index, picked].sum())
+    shadowed = [(k, live.models.index(shadows[int(i)].model)) for k, i in enumerate(rows)
+                if int(i) in shadows]  # fmt: skip
+    shadow_spend = float(sum(costs[k, j] for k, j in shadowed))
+    cost = float(costs[index, picked].sum()) + shadow_spend
     singles = [
         (float(costs[:, j].sum()), float(np.nanmean(scores[scored, j]))) for j in range(len(models))
     ]
@@ -324,6 +351,8 @@ def _block(
         accuracy=float(np.nanmean(scores[index, picked])),
         cost_usd=cost,
         exploration_spend_usd=float(costs[index, picked][explored].sum()),
+        shadow_spend_usd=shadow_spend,
+        shadow_queries=len(shadowed),
         scored_so_far=scored_so_far,
         warm_accuracy=float(np.nanmean(scores[index, warm])),
         warm_cost_usd=float(costs[index, warm].sum()),
@@ -356,6 +385,8 @@ def plot(figures: ColdStartFigures, path: Path) -> Path:
     bottom.plot(ends, figures.budget_per_block, "k--", label="budget")
     exploration = [b.exploration_spend_usd for b in figures.blocks]
     bottom.plot(ends, exploration, "^-", label="exploration spend")
+    shadow = [b.shadow_spend_usd for b in figures.blocks]
+    bottom.plot(ends, shadow, "v-", label="shadow answers' spend")
     bottom.set_ylabel("USD per block")
     bottom.set_xlabel("queries routed")
     bottom.legend()

@@ -24,6 +24,11 @@ more, and the dearest model can be tried too. In quality mode it gives up at
 most the quality the window can spare above its target. The rest of the
 window is then solved again by the same optimiser with what is left, so the
 window as a whole keeps its budget (or reaches its target).
+
+Shadow answers (workers/routing/shadow.py) have their own share of the
+window's budget (or what the plan leaves unspent), within the room exploration
+left; their cost is reserved before the rest is planned again, so they too are
+within the window's budget.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from workers.routing.optimizer import Method, WindowPlan, WindowProblem, solve
+from workers.routing.shadow import NOT_SHADOWED, choose_shadows, shadow_spend
 
 NOT_EXPLORED = -1
 
@@ -48,6 +54,10 @@ class ExploredPlan:
     exploration_spend_usd: float
     # Budget mode: what exploration may spend in the next window of the pool.
     next_allowance_usd: float = 0.0
+    # (n_queries,), the model giving each query a shadow answer or NOT_SHADOWED;
+    # None: no shadows.
+    shadows: NDArray[np.int64] | None = None
+    shadow_spend_usd: float = 0.0
 
 
 def window_allowance(problem: WindowProblem, share: float, carried_usd: float) -> float:
@@ -136,49 +146,94 @@ def explore_and_solve(
     time_limit_seconds: float = 0.25,
     allowed: NDArray[np.bool_] | None = None,
     carried_usd: float = 0.0,
+    shadow_share: float = 0.0,
 ) -> ExploredPlan:
-    """Plan the window, explore a share of it, and plan the rest again with what is
-    left of the budget (or of the target). `carried_usd`: the allowance earlier
-    windows of the pool left (the previous ExploredPlan's next_allowance_usd)."""
+    """Plan the window, explore a share of it, spend a `shadow_share` of its budget
+    (or what the plan leaves unspent) on shadow answers, and plan the rest again
+    with what is left of the budget (or of the target). `carried_usd`: the
+    allowance earlier windows of the pool left (the previous ExploredPlan's
+    next_allowance_usd)."""
     plan = solve(problem, method, time_limit_seconds)
     allowance = window_allowance(problem, share, carried_usd)
     explore = choose_explorations(problem, plan.assignment, support, share, rng, allowed, allowance)
     explored = explore != NOT_EXPLORED
     spend = float(problem.cost[explored, explore[explored]].sum())
-    left = allowance - spend if math.isfinite(allowance) else 0.0
-    if not explored.any():
-        return ExploredPlan(plan, explored, 0.0, left)
+    answered = np.where(explored, explore, plan.assignment)
+    shadow_allowance = _shadow_allowance(problem, plan, answered, explore, shadow_share)
+    draws = belief_samples(problem.quality, support, rng) if shadow_allowance > 0 else None
+    shadows = choose_shadows(problem, answered, support, shadow_allowance, allowed, draws)
+    if not explored.any() and (shadows == NOT_SHADOWED).all():
+        left = allowance if math.isfinite(allowance) else 0.0
+        return ExploredPlan(plan, explored, 0.0, left, shadows)
     rest = np.flatnonzero(~explored)
-    assignment = np.where(explored, explore, plan.assignment)
+    assignment = answered.copy()
     status, solver, seconds = plan.status, plan.solver, plan.solve_seconds
     if rest.size:
-        rest_plan = solve(_rest_of(problem, explore, rest), method, time_limit_seconds)
+        rest_plan = solve(_rest_of(problem, explore, rest, shadows), method, time_limit_seconds)
         assignment[rest] = rest_plan.assignment
         status, solver = rest_plan.status, rest_plan.solver
         seconds += rest_plan.solve_seconds
+    # The rest planned again may answer a query with its shadow's model: one answer is enough.
+    shadows[shadows == assignment] = NOT_SHADOWED
+    shadowed = shadow_spend(problem, shadows)
+    left = allowance - spend if math.isfinite(allowance) else 0.0
     return ExploredPlan(
-        WindowPlan(problem, assignment, status, solver, seconds), explored, spend, left
+        WindowPlan(problem, assignment, status, solver, seconds),
+        explored,
+        spend,
+        left,
+        shadows,
+        shadowed,
     )
 
 
+def _shadow_allowance(
+    problem: WindowProblem,
+    plan: WindowPlan,
+    answered: NDArray[np.int64],
+    explore: NDArray[np.int64],
+    share: float,
+) -> float:
+    """What shadows may spend (module doc of shadow.py): in budget mode `share` of
+    the window's budget, or what the plan leaves unspent if that is more, within
+    the room exploration left (a shadow's whole cost comes on top of the query's
+    answer); in quality mode `share` of the planned spend."""
+    if share <= 0:
+        return 0.0
+    if problem.mode != "budget":
+        return share * plan.total_cost_usd
+    assert problem.window_budget_usd is not None
+    budget = problem.window_budget_usd
+    unspent = budget - float(problem.cost[np.arange(problem.n_queries), answered].sum())
+    explored = np.flatnonzero(explore != NOT_EXPLORED)
+    room, uses = _room(problem)
+    left = room - float(uses[explored, explore[explored]].sum())
+    return max(min(max(share * budget, unspent), left), 0.0)
+
+
 def _rest_of(
-    problem: WindowProblem, explore: NDArray[np.int64], rest: NDArray[np.int64]
+    problem: WindowProblem,
+    explore: NDArray[np.int64],
+    rest: NDArray[np.int64],
+    shadows: NDArray[np.int64],
 ) -> WindowProblem:
-    """The window's unexplored queries, with what exploration left of the budget,
-    the target and the capacities."""
+    """The window's unexplored queries, with what exploration and the shadows left
+    of the budget, the target and the capacities."""
     explored = np.flatnonzero(explore != NOT_EXPLORED)
     picks = explore[explored]
+    shadowed = shadows[shadows != NOT_SHADOWED]
     budget = target = None
     if problem.mode == "budget":
         assert problem.window_budget_usd is not None
-        budget = problem.window_budget_usd - float(problem.cost[explored, picks].sum())
+        spent = float(problem.cost[explored, picks].sum()) + shadow_spend(problem, shadows)
+        budget = max(problem.window_budget_usd - spent, 0.0)
     else:
         assert problem.quality_target is not None
         needed = problem.quality_target * problem.n_queries
         target = (needed - float(problem.quality[explored, picks].sum())) / rest.size
     capacities = None
     if problem.capacities is not None:
-        taken = np.bincount(picks, minlength=problem.n_models)
+        taken = np.bincount(np.concatenate([picks, shadowed]), minlength=problem.n_models)
         capacities = tuple(
             None if cap is None else max(int(cap - taken[j]), 0)
             for j, cap in enumerate(problem.capacities)

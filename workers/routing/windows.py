@@ -19,6 +19,7 @@ from schemas.events import SolverStatus
 from workers.config import PoolPolicy
 from workers.routing.exploration import explore_and_solve
 from workers.routing.optimizer import Method, WindowProblem
+from workers.routing.shadow import NOT_SHADOWED
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,14 @@ def route_window(
     tie_tolerance: float = 0.0,
     exploration_share: float = 0.0,
     exploration_carried_usd: float = 0.0,
+    shadow_share: float = 0.0,
 ) -> tuple[list[Assignment], WindowReport]:
     """Solve the window over the pool's models; every query gets exactly one, among
     the models its hints allow (capacities permitting); an `exploration_share` of
     it goes where the router knows least (workers/routing/exploration.py), with
     what the pool's previous window left of its allowance (its report's
-    `exploration_carried_usd`)."""
+    `exploration_carried_usd`); a `shadow_share` of its budget pays for shadow
+    answers (workers/routing/shadow.py), each one more assignment of its query."""
     pool_models = list(policy.models or models)
     columns = [list(models).index(m) for m in pool_models]
     quality = np.array([q.quality for q in queries], dtype=float)[:, columns]
@@ -186,6 +189,7 @@ def route_window(
         time_limit_seconds,
         allowed,
         exploration_carried_usd,
+        shadow_share,
     )
     plan = explored.plan
     rows = np.arange(len(queries))
@@ -206,6 +210,7 @@ def route_window(
         )
         for row, (query, choice) in enumerate(zip(queries, plan.assignment, strict=True))
     ]
+    shadows = shadow_assignments(assignments, explored.shadows, pool_models, quality, cost)
     report = WindowReport(
         window_id=bounds.window_id,
         pool=pool,
@@ -215,7 +220,7 @@ def route_window(
         mode=policy.mode,
         window_budget_usd=budget,
         quality_target=problem.quality_target,
-        predicted_spend_usd=plan.total_cost_usd,
+        predicted_spend_usd=plan.total_cost_usd + explored.shadow_spend_usd,
         predicted_mean_quality=plan.mean_quality,
         solver=plan.solver,
         solver_status=honest_status(plan.status, mean_support),
@@ -226,8 +231,36 @@ def route_window(
         exploration_per_model=_counts(pool_models, plan.assignment[explored.explored]),
         exploration_carried_usd=explored.next_allowance_usd,
         mean_support=mean_support,
+        shadow_queries=len(shadows),
+        shadow_spend_usd=explored.shadow_spend_usd,
     )
-    return assignments, report
+    return assignments + shadows, report
+
+
+def shadow_assignments(
+    answers: Sequence[Assignment],
+    shadows: NDArray[np.int64] | None,
+    models: Sequence[str],
+    quality: NDArray[np.float64],
+    cost: NDArray[np.float64],
+) -> list[Assignment]:
+    """One role="shadow" assignment per shadowed query: its answer's copy sent to
+    the shadow's model (never delivered: the model worker publishes it final=false)."""
+    if shadows is None:
+        return []
+    return [
+        answers[row].model_copy(
+            update={
+                "model": models[choice],
+                "predicted_quality": float(quality[row, choice]),
+                "predicted_cost_usd": float(cost[row, choice]),
+                "exploration": False,
+                "role": "shadow",
+            }
+        )
+        for row, choice in enumerate(shadows)
+        if choice != NOT_SHADOWED
+    ]
 
 
 def _counts(models: Sequence[str], assignment: NDArray[np.int64]) -> dict[str, int]:

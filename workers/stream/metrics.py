@@ -54,6 +54,16 @@ EXPLORATION_SPEND_USD = Counter(
     "Predicted spend of exploratory assignments (included in the predicted spend)",
     ["pool"],
 )
+SHADOWS = Counter(
+    "omnirouter_shadow_assignments_total",
+    "Shadow answers asked: a second model's answer, judged and never delivered",
+    ["model", "pool"],
+)
+SHADOW_SPEND_USD = Counter(
+    "omnirouter_shadow_spend_usd_total",
+    "Predicted spend of shadow answers (included in the predicted spend)",
+    ["pool"],
+)
 WINDOW_BUDGET_USD = Counter(
     "omnirouter_window_budget_usd_total", "Budget of the windows solved (budget mode)", ["pool"]
 )
@@ -144,7 +154,11 @@ def observe_window(report: WindowReport, assignments: Sequence[Assignment]) -> N
     if report.window_budget_usd is not None:
         WINDOW_BUDGET_USD.labels(pool).inc(report.window_budget_usd)
     EXPLORATION_SPEND_USD.labels(pool).inc(report.exploration_spend_usd)
+    SHADOW_SPEND_USD.labels(pool).inc(report.shadow_spend_usd)
     for assignment in assignments:
+        if assignment.role == "shadow":
+            SHADOWS.labels(assignment.model, pool).inc()
+            continue
         ASSIGNMENTS.labels(assignment.model, pool).inc()
         PREDICTED_QUALITY.labels(assignment.model, pool).inc(assignment.predicted_quality)
         if assignment.exploration:

@@ -193,6 +193,7 @@ async def solve_fresh(
                 tie_tolerance=settings.router_tie_tolerance,
                 exploration_share=settings.router_exploration_share,
                 exploration_carried_usd=account.exploration_carried_usd,
+                shadow_share=settings.router_shadow_share,
             ),
         )
     except Exception as exc:  # the pure core could not plan this pool's window

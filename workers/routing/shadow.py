@@ -1,0 +1,95 @@
+"""Shadow answers: a second model answers some queries, only to learn from.
+
+With an empty store the router learns only from judged answers, and a judge
+scoring a fifth of them gives too few labels to tell the models apart on each
+kind of query. A shadow answer is a second model's answer to a query that is
+answered by another: it is always judged, never delivered, and its cost comes
+out of the window's budget, reserved before the window's answers are planned
+again, so the window still keeps its budget.
+
+What it may spend (budget mode): ROUTER_SHADOW_SHARE of the window's budget,
+or what the window's plan leaves unspent if that is more. With few outcomes
+the plan rarely finds a dear model worth its price (its prediction rests on
+the priors and the few cheap models judged so far) and leaves most of the
+budget unspent, so the dear model is never tried and never learnt: the money
+left over buys the labels that could change that. In quality mode: the share
+of the plan's spend.
+
+Which pairs: only models that might be better than the query's answer (a
+draw from the router's Beta belief about the pair, the one exploration.py
+draws from, beats the answer's prediction: a label that cannot change the
+routing is not worth buying, so a model known to be worse is never shadowed
+and a confident router spends nothing beyond its share); among them the labels
+that teach most per dollar: a pair's label is worth the spread of that belief
+(wide where the support is thin) and costs the model's predicted cost there.
+One shadow per query at most, never the model answering it, never a model the
+query's hints do not allow, and never beyond a model's capacity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from workers.routing.optimizer import WindowProblem
+
+NOT_SHADOWED = -1
+# A free pair's cost, for the worth-per-dollar ratio (a price of 0 is not infinitely good).
+MIN_COST_USD = 1e-9
+
+
+def belief_spread(
+    quality: NDArray[np.float64], support: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """Standard deviation of each pair's Beta belief, Beta(q (n + 2), (1 - q)(n + 2))."""
+    q = np.clip(quality, 0.0, 1.0)
+    strength = np.maximum(support, 0.0) + 2.0
+    return np.sqrt(q * (1 - q) / (strength + 1.0))
+
+
+def label_worth(
+    quality: NDArray[np.float64], support: NDArray[np.float64], cost: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """What one more label of each pair teaches per dollar."""
+    return belief_spread(quality, support) / np.maximum(cost, MIN_COST_USD)
+
+
+def choose_shadows(
+    problem: WindowProblem,
+    answered: NDArray[np.int64],
+    support: NDArray[np.float64],
+    allowance_usd: float,
+    allowed: NDArray[np.bool_] | None = None,
+    draws: NDArray[np.float64] | None = None,
+) -> NDArray[np.int64]:
+    """For each query the model to shadow it, or NOT_SHADOWED: the pairs whose label
+    is worth most per dollar first, as long as the allowance lasts; with `draws`
+    (one belief draw per pair), only pairs whose draw beats the answer's prediction."""
+    n, m = problem.quality.shape
+    chosen = np.full(n, NOT_SHADOWED, dtype=np.int64)
+    if m == 1 or allowance_usd <= 0:
+        return chosen
+    rows = np.arange(n)
+    candidates = np.ones((n, m), dtype=bool) if allowed is None else allowed.copy()
+    candidates[rows, answered] = False
+    if draws is not None:  # only models that might be better than the answer's
+        candidates &= draws > problem.quality[rows, answered][:, None]
+    cost = problem.cost
+    worth = np.where(candidates, label_worth(problem.quality, support, cost), -np.inf)
+    caps = problem.capacity_array() - np.bincount(answered, minlength=m)
+    spent = 0.0
+    for flat in np.argsort(-worth, axis=None, kind="stable"):
+        i, j = divmod(int(flat), m)
+        if not np.isfinite(worth[i, j]):
+            break
+        if chosen[i] != NOT_SHADOWED or spent + cost[i, j] > allowance_usd or caps[j] < 1:
+            continue
+        chosen[i] = j
+        caps[j] -= 1
+        spent += float(cost[i, j])
+    return chosen
+
+
+def shadow_spend(problem: WindowProblem, shadows: NDArray[np.int64]) -> float:
+    rows = np.flatnonzero(shadows != NOT_SHADOWED)
+    return float(problem.cost[rows, shadows[rows]].sum())
