@@ -37,6 +37,7 @@ from schemas import Assignment, WindowReport
 from workers.config import Settings, model_topic
 from workers.db import migrate
 from workers.db.models import OutcomeRow
+from workers.db.repository import count_outcomes
 from workers.routing.dataset import OutcomeTable, load_routerbench, shipped_sample_path
 from workers.routing.embedder import make_embedder
 from workers.routing.prices import fitted_prices
@@ -238,6 +239,19 @@ def summarise(
     )
 
 
+def store_at_start(engine: sa.Engine) -> str:
+    """Say what the router starts from: the demo's own database is emptied at start,
+    a configured DATABASE_URL is used as it is."""
+    with Session(engine) as session:
+        stored = count_outcomes(session)
+    if not stored:
+        return "[demo] empty store: the router knows the models' list prices only"
+    return (
+        f"[demo] the configured database already holds {stored} outcomes: the router starts "
+        "from them, not from an empty store (unset DATABASE_URL for a database of the demo's own)"
+    )
+
+
 def run_demo(settings: Settings, state_dir: Path, warm_start: int = 0) -> int:
     started = time.monotonic()
     sample = load_routerbench(shipped_sample_path())
@@ -259,7 +273,7 @@ def run_demo(settings: Settings, state_dir: Path, warm_start: int = 0) -> int:
             stored = seed_outcomes(engine, warm, embedder)
             click.echo(f"[demo] stored {stored} outcomes")
         else:
-            click.echo("[demo] empty store: the router knows the models' list prices only")
+            click.echo(store_at_start(engine))
 
         dearest_per_query = float(np.nanmax(np.nanmean(sample.costs, axis=0)))
         budget_per_hour = BUDGET_SHARE_OF_DEAREST * dearest_per_query * REPLAY_RATE_QPS * 3600

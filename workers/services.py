@@ -280,11 +280,16 @@ def throwaway_postgres(configured: str = "") -> Iterator[str]:
         drop_database(admin_url, name)
 
 
-def demo_database_url(configured: str, state_dir: Path) -> str:
-    """The demo's database: the configured one, local Postgres, else a SQLite file."""
+def demo_database_url(configured: str, state_dir: Path, name: str = "omnirouter_demo") -> str:
+    """The demo's database: the configured one as it is, else one of its own, emptied
+    first (local Postgres database `name`, else a SQLite file), so that every demo
+    starts from an empty store, not from the outcomes of the previous run."""
     if configured:
         return configured
     if local_postgres_answers():
-        return create_database(LOCAL_POSTGRES_ADMIN_URL, "omnirouter_demo")
+        drop_database(LOCAL_POSTGRES_ADMIN_URL, name)
+        return create_database(LOCAL_POSTGRES_ADMIN_URL, name)
     state_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{state_dir / 'demo.db'}"
+    database = state_dir / "demo.db"
+    database.unlink(missing_ok=True)
+    return f"sqlite:///{database}"
