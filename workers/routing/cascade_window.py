@@ -37,7 +37,7 @@ from workers.routing.cascade import (
     solve_first_stage,
 )
 from workers.routing.optimizer import Method
-from workers.routing.probes import probe_metadata
+from workers.routing.probes import accepted_metadata, probe_metadata
 from workers.routing.windows import (
     WindowBounds,
     _counts,
@@ -234,8 +234,11 @@ def plan_escalation_window(
     for row, query in enumerate(predicted):
         j = int(choice[row])
         if j == NEVER:
-            model = pool_models[int(accepted[row])]
-            decisions.append(_assignment(query, bounds, model, float(accept[row]), 0.0, "probe"))
+            k = int(accepted[row])
+            decision = _assignment(query, bounds, pool_models[k], float(accept[row]), 0.0, "probe")
+            answer = responses[row][cascade.policy.panel.index(k)]
+            metadata = accepted_metadata(query.query.metadata, answer)
+            decisions.append(decision.model_copy(update={"metadata": metadata}))
             chosen_quality.append(float(accept[row]))
             continue
         decisions.append(
@@ -260,6 +263,56 @@ def plan_escalation_window(
         solver_status=_status(spend, reserve_usd, solver),
         solve_seconds=0.0,
         assignments_per_model=_counts(pool_models, escalated.astype(np.int64)),
+        escalation_queries=len(escalated),
+        escalation_spend_usd=spend,
+    )
+    return decisions, report
+
+
+def accept_without_scorer(
+    pool: str,
+    probed: Sequence[ProbedQuery],
+    models: Sequence[str],
+    pool_models: Sequence[str],
+    bounds: WindowBounds,
+) -> tuple[list[Assignment], WindowReport]:
+    """Decisions when the pool has no fitted cascade any more (its probes were sent
+    by an earlier fit, or another router): accept the first probe answer; a query
+    with none is escalated to its cheapest model outside the probes."""
+    predicted = [p.predicted for p in probed]
+    quality, cost, _ = matrices(predicted, models, pool_models)
+    decisions: list[Assignment] = []
+    escalated: list[int] = []
+    for row, (query, item) in enumerate(zip(predicted, probed, strict=True)):
+        answer = next((a for a in item.answers if a.response and not a.error), None)
+        if answer is not None and answer.model in pool_models:
+            metadata = accepted_metadata(query.query.metadata, answer.response)
+            decision = _assignment(query, bounds, answer.model, 0.0, 0.0, "probe")
+            decisions.append(decision.model_copy(update={"metadata": metadata}))
+            continue
+        asked = {a.model for a in item.answers}
+        others = [j for j, m in enumerate(pool_models) if m not in asked] or list(
+            range(len(pool_models))
+        )
+        j = min(others, key=lambda k: cost[row, k])
+        decisions.append(
+            _assignment(query, bounds, pool_models[j], quality[row, j], cost[row, j], "escalation")
+        )
+        escalated.append(j)
+    spend = float(sum(d.predicted_cost_usd for d in decisions if d.role == "escalation"))
+    report = WindowReport(
+        window_id=bounds.window_id,
+        pool=pool,
+        window_start=bounds.start,
+        window_end=bounds.end,
+        query_count=len(probed),
+        mode="budget",
+        predicted_spend_usd=spend,
+        predicted_mean_quality=0.0,
+        solver="none",
+        solver_status="near_optimal",
+        solve_seconds=0.0,
+        assignments_per_model=_counts(list(pool_models), np.asarray(escalated, dtype=np.int64)),
         escalation_queries=len(escalated),
         escalation_spend_usd=spend,
     )

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from schemas import ModelResponse, PredictedQuery, ProbeAnswer, ProbedQuery
+from schemas import Assignment, ModelResponse, PredictedQuery, ProbeAnswer, ProbedQuery
 
 # Reserved metadata key of a probe assignment (stripped from the final answer).
 CASCADE_METADATA_KEY = "omnirouter_cascade"
@@ -33,6 +33,7 @@ class PendingProbes(BaseModel):
     panel: list[str]
     answers: dict[str, ProbeAnswer]
     first_answer_at: float  # unix time of its first answer
+    partition: int = 0  # of omnirouter.responses, and of the gatherer table's changelog
 
 
 def probe_metadata(
@@ -49,7 +50,7 @@ def user_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def add_answer(
-    pending: PendingProbes | None, response: ModelResponse, now: float
+    pending: PendingProbes | None, response: ModelResponse, now: float, partition: int = 0
 ) -> PendingProbes | None:
     """`pending` with the probe's answer added (the first answer starts it); None
     when the response carries no cascade context (not a probe of this router)."""
@@ -62,7 +63,9 @@ def add_answer(
             panel = [str(m) for m in context["panel"]]
         except (KeyError, TypeError, ValueError):
             return None
-        pending = PendingProbes(predicted=predicted, panel=panel, answers={}, first_answer_at=now)
+        pending = PendingProbes(
+            predicted=predicted, panel=panel, answers={}, first_answer_at=now, partition=partition
+        )
     if response.model not in pending.panel:
         return pending
     answer = ProbeAnswer(
@@ -79,6 +82,27 @@ def is_complete(pending: PendingProbes) -> bool:
 
 def is_overdue(pending: PendingProbes, now: float, deadline_seconds: float) -> bool:
     return now - pending.first_answer_at >= deadline_seconds
+
+
+def accepted_metadata(metadata: Mapping[str, Any], response: str | None) -> dict[str, Any]:
+    """An accepted probe decision's metadata: the query's own, plus the accepted
+    answer, so a decision re-sent after a restart needs nothing else."""
+    return {**user_metadata(metadata), CASCADE_METADATA_KEY: {"response": response}}
+
+
+def final_response(decision: Assignment) -> ModelResponse:
+    """The accepted probe answer as the query's final answer (`accepted_metadata`)."""
+    context = decision.metadata.get(CASCADE_METADATA_KEY) or {}
+    return ModelResponse(
+        query_id=decision.query_id,
+        model=decision.model,
+        pool=decision.pool,
+        response=context.get("response"),
+        metadata=user_metadata(decision.metadata),
+        text=decision.text,
+        role="probe",
+        final=True,
+    )
 
 
 def probed_query(pending: PendingProbes) -> ProbedQuery:

@@ -38,6 +38,12 @@ from workers.stream.app import (
     Topics,
     make_app,
 )
+from workers.stream.cascade_stage import (
+    CascadeRouting,
+    ProbeGatherer,
+    escalation_stage,
+    gather_probes,
+)
 from workers.stream.decision_log import DecisionLog
 from workers.stream.fencing import PartitionProducers
 from workers.stream.pool_ledger import PoolLedger
@@ -104,6 +110,23 @@ def publisher(
     return chosen
 
 
+def add_cascade_stages(app: faust.App, stage: WindowStage, state: RouterState) -> None:
+    """Cascade pools' probe gatherer, escalation stage and probe deadline
+    (workers/stream/cascade_stage.py); a router without cascade pools has none."""
+    settings, topics = stage.settings, stage.topics
+    table = raw_table(app, "probes", settings, "query_id -> probe answers so far")
+    gatherer = ProbeGatherer(table, stage)
+    agent = partial(app.agent, supervisor_strategy=CrashingSupervisor)
+    agent(topics.responses, name="gather_probes")(partial(gather_probes, gatherer))
+    assert topics.probed is not None
+    agent(topics.probed, name="escalate")(partial(escalation_stage, stage, state))
+    deadline = settings.cascade_probe_deadline_seconds
+
+    @app.timer(min(deadline / 4, 5.0))
+    async def probe_deadline() -> None:
+        await gatherer.forward_overdue(deadline)
+
+
 def build_router_app(
     settings: Settings, bootstrap_servers: str, state: RouterState, transactions: bool
 ) -> faust.App:
@@ -116,13 +139,17 @@ def build_router_app(
     records = WindowRecords(topics, decisions, ledger)
     options = producer_options(settings, bootstrap_servers)
     solver = ThreadPoolExecutor(1, thread_name_prefix="solver")
+    cascading = any(policy.cascade for policy in settings.router_pools.values())
     stage = WindowStage(
         app, topics, settings, decisions, ledger, solver,
         publisher(app, records, options, transactions),
+        CascadeRouting(state).solve_first_stage if cascading else None,
     )  # fmt: skip
     agent = partial(app.agent, supervisor_strategy=CrashingSupervisor)
     agent(topics.queries, name="predict")(partial(predict_stage, state, topics, settings))
     agent(topics.predicted, name="solve_windows")(partial(window_stage, stage))
+    if cascading:
+        add_cascade_stages(app, stage, state)
 
     @app.timer(settings.router_store_refresh_seconds)
     async def refresh() -> None:
