@@ -38,7 +38,7 @@ POOLS = {
         "cascade_panel": PANEL,
     }
 }
-SEEDED = 300  # the sample's first prompts: the scorer learns from their answers
+SEEDED = 200  # the sample's first prompts: the scorer learns from their answers
 QUERIES = 60
 
 
@@ -143,11 +143,96 @@ def test_every_query_of_a_cascade_pool_has_exactly_one_final_answer(
             process.wait(timeout=30)
 
 
-def assignments(bootstrap: str, topics: list[str], prefix: str) -> Counter[tuple[str, str]]:
-    """(query id, role) -> assignments published, over the route topics."""
-    seen: Counter[tuple[str, str]] = Counter()
+def decided(bootstrap: str, topics: list[str], prefix: str) -> dict[str, list[tuple[str, ...]]]:
+    """Query id -> every (role, model, window id) assignment published for it."""
+    seen: dict[str, list[tuple[str, ...]]] = {}
     for record in asyncio.run(read_records(bootstrap, topics)):
-        assignment = Assignment.model_validate_json(record.value or b"")
-        if assignment.query_id.startswith(prefix):
-            seen[assignment.query_id, assignment.role] += 1
+        a = Assignment.model_validate_json(record.value or b"")
+        if a.query_id.startswith(prefix):
+            seen.setdefault(a.query_id, []).append((a.role, a.model, a.window_id))
     return seen
+
+
+def final_answers(bootstrap: str, topic: str, prefix: str) -> dict[str, list[tuple[str, ...]]]:
+    """Query id -> every final answer published for it, (model, role, response)."""
+    seen: dict[str, list[tuple[str, ...]]] = {}
+    for record in asyncio.run(read_records(bootstrap, [topic])):
+        r = ModelResponse.model_validate_json(record.value or b"")
+        if r.query_id.startswith(prefix) and r.final:
+            seen.setdefault(r.query_id, []).append((r.model, r.role, r.response or ""))
+    return seen
+
+
+def test_a_router_killed_between_probe_and_escalation_loses_and_doubles_nothing(
+    broker: str, postgres_url: str, tmp_path: Path, router_embedder: Embedder
+) -> None:
+    """kill -9 once probes are out and their answers not back (slow models): the new
+    router gathers the rest, escalates or accepts each probed query once."""
+    prompts = seeded(broker, postgres_url, router_embedder)
+    settings = Settings(kafka_partitions=2)
+    names = settings.topic_names()
+    routes = [names[f"route:{m}"] for m in settings.router_models]
+    env = {**environment(broker, postgres_url), "REPLAY_LATENCY_MS": "2000"}
+    run = f"k{time.monotonic_ns() % 10**8}"
+    queries = [
+        QueryEvent(query_id=f"{run}-{i}", text=text, pool="cascade")
+        for i, text in enumerate(prompts)
+    ]
+    log = tmp_path / "router.log"
+    router = start_worker("router", env, log)
+    others = [
+        start_worker(command, env, tmp_path / f"{command.split()[0]}.log")
+        for command in ("outcomes", "model-worker replay")
+    ]
+    try:
+        produce_in_background(broker, names["queries"], queries, 30.0)
+
+        def probes_out() -> bool:
+            roles = [r for sent in decided(broker, routes, run).values() for r, *_ in sent]
+            return roles.count("probe") >= 10
+
+        wait_until(probes_out, 90, "probes published")
+        before = final_answers(broker, names["responses"], run)
+        router.send_signal(signal.SIGKILL)
+        router.wait(timeout=10)
+        probed_before = sum(1 for sent in decided(broker, routes, run).values()
+                            if any(r == "probe" for r, *_ in sent))  # fmt: skip
+        router = start_worker("router", env, log)
+        wait_until(
+            lambda: len(final_answers(broker, names["responses"], run)) == QUERIES,
+            120,
+            "a final answer for every query after the restart",
+        )
+        wait_until(
+            lambda: caught_up(broker, ROUTER_APP_ID, [names["probed"], names["responses"]]),
+            60,
+            "the router to read every probe answer and probed query",
+        )
+        answers = final_answers(broker, names["responses"], run)
+        sent = decided(broker, routes, run)
+        lost = {q.query_id for q in queries} - set(answers)
+        doubled = {q: a for q, a in answers.items() if len(set(a)) > 1}
+        resent = sum(len(a) - len(set(a)) for a in answers.values())
+        # A query's first decision (answer, or its probes) is made once: one window.
+        first_twice = {
+            q: s for q, s in sent.items()
+            if len({w for r, _, w in s if r in ("answer", "probe")}) > 1
+        }  # fmt: skip
+        escalated_twice = {
+            q: s for q, s in sent.items() if len({(m, w) for r, m, w in s if r == "escalation"}) > 1
+        }  # fmt: skip
+        print(
+            f"produced {QUERIES}, finals before the kill {len(before)}, probed before the kill "
+            f"{probed_before}, finals {len(answers)}, lost {len(lost)}, doubled {len(doubled)}, "
+            f"identical re-sends {resent}, first decision twice {len(first_twice)}, "
+            f"escalated twice {len(escalated_twice)}"
+        )
+        assert len(before) < QUERIES, "the kill came after every query was final"
+        assert not lost and not doubled and not first_twice and not escalated_twice
+        assert router.poll() is None and all(p.poll() is None for p in others)
+    finally:
+        for process in [router, *others]:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in [router, *others]:
+            process.wait(timeout=30)

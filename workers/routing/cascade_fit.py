@@ -26,6 +26,9 @@ from workers.routing.predictor import KnnSettings
 PREDICTION_FOLDS = 3
 # A chosen panel needs queries where this many models have answered.
 MIN_ANSWERS_PER_QUERY = 2
+# The newest stored queries' outcomes a fit reads at most (of every pool model):
+# it bounds the time of a fit (which chooses the panel and fits every model's head).
+MAX_FIT_QUERIES = 5000
 
 
 @dataclass(frozen=True)

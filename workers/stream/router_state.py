@@ -34,7 +34,7 @@ from workers.db.repository import (
     scored_answers,
     texts_of_other_embedders,
 )
-from workers.routing.cascade_fit import fit_pool_cascade
+from workers.routing.cascade_fit import MAX_FIT_QUERIES, fit_pool_cascade
 from workers.routing.cascade_window import FittedCascade
 from workers.routing.embedder import Embedder
 from workers.routing.predictor import HybridPredictor, KnnSettings, fit_hybrid
@@ -77,6 +77,8 @@ class RouterState:
         )
         self.predictor_thread = ThreadPoolExecutor(1, thread_name_prefix="predictor")
         self.background = ThreadPoolExecutor(1, thread_name_prefix="router-io")
+        # Cascade fits take seconds to minutes: never in the way of store refreshes.
+        self.cascade_thread = ThreadPoolExecutor(1, thread_name_prefix="cascade-fit")
 
     async def on_predictor_thread(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(
@@ -153,7 +155,7 @@ class RouterState:
         settings, policy = self.settings, self.settings.pool_policy(pool)
         models = policy.models or settings.router_models
         with Session(self.engine) as session:
-            rows = scored_answers(session, models, settings.router_refit_max_outcomes * len(models))
+            rows = scored_answers(session, models, MAX_FIT_QUERIES * len(models))
         fitted, usable = fit_pool_cascade(
             rows, models, policy.cascade_panel, self.predictor.embedder,
             self.predictor.knn, settings.cascade_min_outcomes,
@@ -175,7 +177,7 @@ class RouterState:
         loop = asyncio.get_running_loop()
         for pool in list(self.cascades):
             try:
-                fitted = await loop.run_in_executor(self.background, self._fit_cascade, pool)
+                fitted = await loop.run_in_executor(self.cascade_thread, self._fit_cascade, pool)
             except sa.exc.SQLAlchemyError as exc:
                 log.warning("pool %s: cascade refit: database unavailable (%s)", pool, exc)
                 continue
