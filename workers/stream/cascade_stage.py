@@ -242,18 +242,22 @@ async def decide(
     if fitted is None:
         return accept_without_scorer(pool, fresh, settings.router_models, pool_models, bounds)
     reserve = stage.ledger.account(pool).escalation_reserve_usd
-    vectors = await state.embed([p.predicted.query.text for p in fresh])
-    return await asyncio.get_running_loop().run_in_executor(
-        stage.solver,
-        lambda: plan_escalation_window(
-            pool,
-            fitted,
-            fresh,
-            settings.router_models,
-            vectors,
-            reserve,
-            bounds,
-            solver=settings.router_solver,
-            tie_tolerance=settings.router_tie_tolerance,
-        ),
-    )
+    try:
+        vectors = await state.embed([p.predicted.query.text for p in fresh])
+        return await asyncio.get_running_loop().run_in_executor(
+            stage.solver,
+            lambda: plan_escalation_window(
+                pool,
+                fitted,
+                fresh,
+                settings.router_models,
+                vectors,
+                reserve,
+                bounds,
+                solver=settings.router_solver,
+                tie_tolerance=settings.router_tie_tolerance,
+            ),
+        )
+    except Exception:  # the pure core could not plan it: the queries still get an answer
+        log.exception("window %s: the escalation plan failed; first answers accepted", window_id)
+        return accept_without_scorer(pool, fresh, settings.router_models, pool_models, bounds)
