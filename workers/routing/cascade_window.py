@@ -40,8 +40,8 @@ from workers.routing.optimizer import Method
 from workers.routing.probes import accepted_metadata, probe_metadata
 from workers.routing.windows import (
     WindowBounds,
-    _counts,
     allowed_pairs,
+    counts_per_model,
     exclude,
     window_budget_usd,
 )
@@ -155,7 +155,7 @@ def route_cascade_window(
         solver=plan.solver,
         solver_status=plan.status,
         solve_seconds=plan.solve_seconds,
-        assignments_per_model=_counts(pool_models, np.asarray(chosen, dtype=np.int64)),
+        assignments_per_model=counts_per_model(pool_models, np.asarray(chosen, dtype=np.int64)),
         probe_queries=len(probe_rows),
         probe_spend_usd=probe_usd,
         escalation_reserve_usd=reserve,
@@ -262,7 +262,7 @@ def plan_escalation_window(
         solver=solver,
         solver_status=_status(spend, reserve_usd, solver),
         solve_seconds=0.0,
-        assignments_per_model=_counts(pool_models, escalated.astype(np.int64)),
+        assignments_per_model=counts_per_model(pool_models, escalated.astype(np.int64)),
         escalation_queries=len(escalated),
         escalation_spend_usd=spend,
     )
@@ -312,7 +312,9 @@ def accept_without_scorer(
         solver="none",
         solver_status="near_optimal",
         solve_seconds=0.0,
-        assignments_per_model=_counts(list(pool_models), np.asarray(escalated, dtype=np.int64)),
+        assignments_per_model=counts_per_model(
+            list(pool_models), np.asarray(escalated, dtype=np.int64)
+        ),
         escalation_queries=len(escalated),
         escalation_spend_usd=spend,
     )
