@@ -43,7 +43,12 @@ QUERIES = 60
 
 
 @pytest.fixture
-def broker() -> Iterator[str]:
+def broker(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The memory-only broker (generation-checked decisions), or with
+    `transactions` the persistent one (the router publishes in transactions)."""
+    if getattr(request, "param", None) == "transactions":
+        yield request.getfixturevalue("persistent_broker").bootstrap_servers
+        return
     with LocalBroker() as local:
         yield local.bootstrap_servers
 
@@ -88,12 +93,22 @@ def seeded(bootstrap: str, database_url: str, embedder: Embedder) -> list[str]:
     return sample.prompts[SEEDED : SEEDED + QUERIES]
 
 
+@pytest.mark.parametrize("broker", ["no-transactions", "transactions"], indirect=True)
 def test_every_query_of_a_cascade_pool_has_exactly_one_final_answer(
-    broker: str, postgres_url: str, tmp_path: Path, router_embedder: Embedder
+    broker: str,
+    postgres_url: str,
+    tmp_path: Path,
+    router_embedder: Embedder,
+    request: pytest.FixtureRequest,
 ) -> None:
     prompts = seeded(broker, postgres_url, router_embedder)
     names = Settings(kafka_partitions=2).topic_names()
-    env = environment(broker, postgres_url)
+    transactions = request.node.callspec.params["broker"] == "transactions"
+    # With transactions required, a router on a broker without them would not start.
+    env = {
+        **environment(broker, postgres_url),
+        "KAFKA_TRANSACTIONS": "on" if transactions else "off",
+    }
     run = f"c{time.monotonic_ns() % 10**8}"
     queries = [
         QueryEvent(query_id=f"{run}-{i}", text=text, pool="cascade")
