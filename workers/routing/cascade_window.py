@@ -139,9 +139,8 @@ def route_cascade_window(
             )
             assignments.append(probe.model_copy(update={"metadata": metadata}))
             chosen.append(j)
-    expected = np.where(
-        probed, options.quality[rows, np.maximum(plan.assignment - n_models, 0)], 0.0
-    ) + np.where(probed, 0.0, quality[rows, np.minimum(plan.assignment, n_models - 1)])
+    # Each query's expected quality: its model's, or its probe option's.
+    expected = np.hstack([quality, options.quality])[rows, plan.assignment]
     report = WindowReport(
         window_id=bounds.window_id,
         pool=pool,

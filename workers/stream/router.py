@@ -6,7 +6,11 @@
 - `solve_windows` (workers/stream/window_stage.py) reads omnirouter.predicted,
   where a pool's queries share a partition, gathers a tumbling window
   (ROUTER_WINDOW_SECONDS, closing early at ROUTER_MAX_WINDOW_QUERIES), solves
-  each pool's part and publishes assignments and the window report.
+  each pool's part and publishes assignments and the window report;
+- with cascade pools (ROUTER_POOLS[...].cascade), `gather_probes` and
+  `escalate` (workers/stream/cascade_stage.py): probe answers gathered from
+  omnirouter.responses, then accepted or escalated in windows of
+  omnirouter.probed.
 
 Exactly one decision per query, across restarts and rebalances: a batch is
 acknowledged only after its body finished (workers/stream/app.py `batches`);
