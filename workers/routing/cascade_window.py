@@ -247,25 +247,45 @@ def plan_escalation_window(
         )
         spend += float(cost[row, j])
         chosen_quality.append(float(posterior[row, j]))
-    escalated = choice[choice != NEVER]
-    report = WindowReport(
+    report = escalation_report(
+        pool, bounds, decisions, pool_models, reserve_usd, chosen_quality, solver,
+        _status(spend, reserve_usd, solver),
+    )  # fmt: skip
+    return decisions, report
+
+
+def escalation_report(
+    pool: str,
+    bounds: WindowBounds,
+    decisions: Sequence[Assignment],
+    pool_models: Sequence[str],
+    reserve_usd: float | None,
+    chosen_quality: Sequence[float],
+    solver: str,
+    status: SolverStatus,
+) -> WindowReport:
+    """An escalation window's report: its spend is the escalations'."""
+    escalations = [d for d in decisions if d.role == "escalation"]
+    spend = float(sum(d.predicted_cost_usd for d in escalations))
+    models = list(pool_models)
+    chosen = np.asarray([models.index(d.model) for d in escalations], dtype=np.int64)
+    return WindowReport(
         window_id=bounds.window_id,
         pool=pool,
         window_start=bounds.start,
         window_end=bounds.end,
-        query_count=len(probed),
+        query_count=len(decisions),
         mode="budget",
         window_budget_usd=reserve_usd,
         predicted_spend_usd=spend,
-        predicted_mean_quality=float(np.mean(chosen_quality)) if chosen_quality else 0.0,
+        predicted_mean_quality=float(np.mean(chosen_quality)) if len(chosen_quality) else 0.0,
         solver=solver,
-        solver_status=_status(spend, reserve_usd, solver),
+        solver_status=status,
         solve_seconds=0.0,
-        assignments_per_model=counts_per_model(pool_models, escalated.astype(np.int64)),
-        escalation_queries=len(escalated),
+        assignments_per_model=counts_per_model(models, chosen),
+        escalation_queries=len(escalations),
         escalation_spend_usd=spend,
     )
-    return decisions, report
 
 
 def accept_without_scorer(
@@ -281,7 +301,6 @@ def accept_without_scorer(
     predicted = [p.predicted for p in probed]
     quality, cost, _ = matrices(predicted, models, pool_models)
     decisions: list[Assignment] = []
-    escalated: list[int] = []
     for row, (query, item) in enumerate(zip(predicted, probed, strict=True)):
         answer = next((a for a in item.answers if a.response and not a.error), None)
         if answer is not None and answer.model in pool_models:
@@ -297,24 +316,7 @@ def accept_without_scorer(
         decisions.append(
             _assignment(query, bounds, pool_models[j], quality[row, j], cost[row, j], "escalation")
         )
-        escalated.append(j)
-    spend = float(sum(d.predicted_cost_usd for d in decisions if d.role == "escalation"))
-    report = WindowReport(
-        window_id=bounds.window_id,
-        pool=pool,
-        window_start=bounds.start,
-        window_end=bounds.end,
-        query_count=len(probed),
-        mode="budget",
-        predicted_spend_usd=spend,
-        predicted_mean_quality=0.0,
-        solver="none",
-        solver_status="near_optimal",
-        solve_seconds=0.0,
-        assignments_per_model=counts_per_model(
-            list(pool_models), np.asarray(escalated, dtype=np.int64)
-        ),
-        escalation_queries=len(escalated),
-        escalation_spend_usd=spend,
+    report = escalation_report(
+        pool, bounds, decisions, pool_models, None, [], "none", "near_optimal"
     )
     return decisions, report
