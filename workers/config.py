@@ -202,6 +202,9 @@ class Settings(BaseSettings):
     # Fewer stored queries with every panel model's answer and score than this: a
     # cascade pool routes one-shot (too little to learn when to trust a probe).
     cascade_min_outcomes: PositiveInt = 200
+    # How often cascade pools' policies are refitted (a fit of 2,000 stored queries
+    # takes about a minute of one core).
+    cascade_refit_seconds: float = Field(default=3600.0, gt=0)
 
     # Operations: each worker's Prometheus port (0: none; unset: 9101 router,
     # 9102 outcome writer, 9103 model worker) and the log format.

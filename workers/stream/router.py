@@ -130,6 +130,10 @@ def add_cascade_stages(app: faust.App, stage: WindowStage, state: RouterState) -
     async def probe_deadline() -> None:
         await gatherer.forward_overdue(deadline)
 
+    @app.timer(settings.cascade_refit_seconds)
+    async def refit_cascades() -> None:
+        await state.refit_cascades()
+
 
 def build_router_app(
     settings: Settings, bootstrap_servers: str, state: RouterState, transactions: bool

@@ -134,7 +134,6 @@ class RouterState:
             predictor.store.snapshot, self.settings.router_refit_max_outcomes
         )
         if len(vectors) < 50:
-            await self.refit_cascades()
             return
         loop = asyncio.get_running_loop()
         heads, weight, report = await loop.run_in_executor(
@@ -146,7 +145,6 @@ class RouterState:
 
         await self.on_predictor_thread(swap)
         log.info("refit on %d outcomes, blend weight %.2f", report.outcomes_used, weight)
-        await self.refit_cascades()
 
     def _fit_cascade(self, pool: str) -> FittedCascade | None:
         """Fit the pool's cascade from the stored answers (None: too few yet)."""
@@ -221,6 +219,7 @@ class RouterState:
             log.warning("re-embedding stored queries: database unavailable (%s)", exc)
         count = await self.refresh_store()
         await self.refit()
+        await self.refit_cascades()
         log.info("retrieval store rebuilt from the database: %d outcomes", count)
         return count
 
