@@ -229,6 +229,29 @@ class PredictedQuery(Event):
     predicted_at: datetime = Field(default_factory=utc_now)
 
 
+class ProbeAnswer(BaseModel):
+    """One panel model's answer to a probed query (None: an error, or no answer
+    before the deadline)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    response: str | None = None
+    error: str | None = None
+
+
+class ProbedQuery(Event):
+    """Internal, between a cascade pool's probes and its escalation stage (topic
+    `omnirouter.probed`, keyed by pool like `omnirouter.predicted`): the query's
+    prediction and every panel model's answer, in the panel's order."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+    predicted: PredictedQuery
+    answers: list[ProbeAnswer]
+    probed_at: datetime = Field(default_factory=utc_now)
+
+
 class DeadLetter(Event):
     """An event that could not be processed, kept with the reason. Topic `omnirouter.deadletter`.
 
@@ -259,4 +282,5 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     ModelResponse,
     DeadLetter,
     PredictedQuery,
+    ProbedQuery,
 )

@@ -644,6 +644,39 @@ def bench_pipeline(
     )
 
 
+@bench.command("cascade")
+@click.option("--queries", default=300, show_default=True)
+@click.option("--rate", default=20.0, show_default=True, help="Queries produced per second.")
+@click.option("--window-seconds", default=1.0, show_default=True)
+@click.option("--model-latency-ms", default=200.0, show_default=True)
+@click.option("--budget-per-query", default=0.0018, show_default=True, help="USD.")
+def bench_cascade(
+    queries: int,
+    rate: float,
+    window_seconds: float,
+    model_latency_ms: float,
+    budget_per_query: float,
+) -> None:
+    """Produce -> final answer latency of a cascade pool's direct, accepted-probe and
+    escalated queries (replay models on the shipped sample)."""
+    from workers.bench import cascade
+
+    figures = cascade.run(
+        queries, rate, window_seconds, model_latency_ms, budget_per_query, progress=click.echo
+    )
+    click.echo("")
+    for kind, latency in figures.latency.items():
+        click.echo(
+            f"{kind:<16}{latency.count:5d} queries  latency p50 / p99 "
+            f"{latency.p50_seconds:6.2f} / {latency.p99_seconds:.2f} s"
+        )
+    click.echo(
+        f"probed {figures.probed}, escalated {figures.escalated}; predicted spend "
+        f"${figures.spend_usd:.4f} of ${figures.budget_usd:.4f} "
+        f"(window {window_seconds:.1f} s, models answer in {model_latency_ms:.0f} ms)"
+    )
+
+
 @bench.command("accuracy")
 @data_option
 @click.option(

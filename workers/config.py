@@ -68,6 +68,19 @@ class PoolPolicy(BaseModel):
     budget_per_query_usd: NonNegativeFloat | None = None
     quality_target: float | None = Field(default=None, ge=0.0, le=1.0)
     models: list[str] | None = None  # None: every configured model
+    # An answer-aware cascade (README "Cascade pools"): probe with a cheap panel,
+    # escalate only the doubtful answers. Budget mode only.
+    cascade: bool = False
+    # The panel's models; None: chosen from stored outcomes (cascade.choose_panel).
+    cascade_panel: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _cascade_is_complete(self) -> PoolPolicy:
+        if self.cascade_panel is not None and not self.cascade:
+            raise ValueError("cascade_panel needs cascade: true")
+        if self.cascade and self.mode != "budget":
+            raise ValueError("a cascade pool must be in budget mode")
+        return self
 
     @model_validator(mode="after")
     def _mode_has_its_limit(self) -> PoolPolicy:
@@ -188,6 +201,16 @@ class Settings(BaseSettings):
     openai_max_concurrency: PositiveInt = 16
     openai_log_prompts: bool = False
 
+    # Cascade pools: how long the router waits for a probe's answer before it
+    # decides without it (a missing answer counts as none, like a model's error).
+    cascade_probe_deadline_seconds: float = Field(default=120.0, gt=0)
+    # Fewer stored queries with every panel model's answer and score than this: a
+    # cascade pool routes one-shot (too little to learn when to trust a probe).
+    cascade_min_outcomes: PositiveInt = 200
+    # How often cascade pools' policies are refitted (a fit of 2,000 stored queries
+    # takes about a minute of one core).
+    cascade_refit_seconds: float = Field(default=3600.0, gt=0)
+
     # Operations: each worker's Prometheus port (0: none; unset: 9101 router,
     # 9102 outcome writer, 9103 model worker) and the log format.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
@@ -260,11 +283,41 @@ class Settings(BaseSettings):
         }
         for pool, policy in self.router_pools.items():
             named[f"ROUTER_POOLS[{pool}].models"] = set(policy.models or [])
+        for pool, policy in self.router_pools.items():
+            named[f"ROUTER_POOLS[{pool}].cascade_panel"] = set(policy.cascade_panel or [])
         for variable, models in named.items():
             unknown = models - known
             if unknown:
                 raise ValueError(f"{variable} names models not in ROUTER_MODELS: {sorted(unknown)}")
+        for pool, policy in self.router_pools.items():
+            self._check_panel(pool, policy)
         return self
+
+    def _check_panel(self, pool: str, policy: PoolPolicy) -> None:
+        """A configured panel must be of the pool's models, leave one to escalate to,
+        and (where prices are configured) not hold the pool's dearest model."""
+        if not policy.cascade_panel:
+            return
+        models = policy.models or self.router_models
+        variable = f"ROUTER_POOLS[{pool}].cascade_panel"
+        outside = set(policy.cascade_panel) - set(models)
+        if outside:
+            raise ValueError(f"{variable} names models not in the pool: {sorted(outside)}")
+        if set(models) <= set(policy.cascade_panel):
+            raise ValueError(f"{variable} holds every model of the pool: none left to escalate to")
+        prices = self.router_model_prices
+        if all(m in prices for m in models):
+
+            def price(model: str) -> float:
+                return prices[model].input_per_mtok_usd + prices[model].output_per_mtok_usd
+
+            dearest = max(price(m) for m in models)
+            dear = [m for m in policy.cascade_panel if price(m) >= dearest]
+            if dear:
+                raise ValueError(
+                    f"{variable} holds the pool's dearest model(s) {dear}: a panel probes "
+                    "with cheap models"
+                )
 
     @model_validator(mode="after")
     def _a_window_fits_in_a_rebalance(self) -> Settings:
@@ -316,6 +369,10 @@ class Settings(BaseSettings):
         names = {
             "queries": f"{TOPIC_PREFIX}.queries",
             "predicted": f"{TOPIC_PREFIX}.predicted",
+            # Cascade pools' probed queries with their probes' answers, keyed by pool.
+            "probed": f"{TOPIC_PREFIX}.probed",
+            # Faust changelog of the router's table of probe answers gathered so far.
+            "probes_changelog": f"{ROUTER_APP_ID}-probes-changelog",
             # Faust changelog of the router's table of routed query ids.
             "routed_changelog": f"{ROUTER_APP_ID}-routed-changelog",
             # ... and of its table of what each pool's windows used up (time billed).

@@ -71,3 +71,55 @@ def test_the_rebalance_timeout_outlasts_a_window_and_its_solve() -> None:
     settings = Settings(router_window_seconds=5.0, router_solver_time_limit_seconds=0.25)
     assert settings.rebalance_timeout_seconds() == pytest.approx(7.25)
     assert Settings(kafka_rebalance_timeout_seconds=30.0).rebalance_timeout_seconds() == 30.0
+
+
+def cascade_pool(**fields: object) -> dict[str, object]:
+    return {"c": {"mode": "budget", "budget_per_query_usd": 0.01, "cascade": True, **fields}}
+
+
+PRICES = {
+    m: {"input_per_mtok_usd": p, "output_per_mtok_usd": p}
+    for m, p in (("a", 0.1), ("b", 0.2), ("c", 10.0))
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"router_pools": cascade_pool(cascade_panel=["a", "x"])}, r"cascade_panel names models"),
+        (
+            {"router_pools": cascade_pool(cascade_panel=["a", "c"], models=["a", "b"])},
+            "not in the pool",
+        ),
+        ({"router_pools": cascade_pool(cascade_panel=["a", "b", "c"])}, "none left to escalate"),
+        (
+            {"router_pools": cascade_pool(cascade_panel=["a", "c"]), "router_model_prices": PRICES},
+            r"dearest model\(s\) \['c'\]",
+        ),
+        (
+            {"router_pools": {"c": {"mode": "quality", "quality_target": 0.8, "cascade": True}}},
+            "budget mode",
+        ),
+        (
+            {
+                "router_pools": {
+                    "c": {"mode": "budget", "window_budget_usd": 1, "cascade_panel": ["a"]}
+                }
+            },
+            "cascade_panel needs cascade",
+        ),
+    ],
+)
+def test_a_cascade_pool_s_panel_is_checked(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(router_models=["a", "b", "c"], **overrides)  # type: ignore[arg-type]
+
+
+def test_a_cheap_panel_is_accepted_and_cascades_are_off_by_default() -> None:
+    settings = Settings(
+        router_models=["a", "b", "c"],
+        router_pools=cascade_pool(cascade_panel=["a", "b"]),  # type: ignore[arg-type]
+        router_model_prices=PRICES,  # type: ignore[arg-type]
+    )
+    assert settings.pool_policy("c").cascade_panel == ["a", "b"]
+    assert not settings.pool_policy("default").cascade

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from schemas import SCORE_SOURCE_RANK, Outcome
 from workers.db.models import OutcomeRow
+from workers.routing.cascade_fit import AnsweredOutcome
 from workers.routing.store import OutcomeRecord
 
 
@@ -212,3 +213,37 @@ def replace_vectors(
         for q, v in zip(query_ids, vectors, strict=True)
     ]
     session.connection().execute(statement, rows)
+
+
+def scored_answers(session: Session, models: Sequence[str], limit: int) -> list[AnsweredOutcome]:
+    """The newest `limit` scored outcomes of `models`, with their answers' excerpts
+    (None where none was stored) and their queries' vectors: what a cascade pool's
+    answer scorer learns from (workers/routing/cascade_fit.py)."""
+    query = (
+        sa.select(
+            OutcomeRow.query_id,
+            OutcomeRow.model,
+            OutcomeRow.quality_score,
+            OutcomeRow.cost_usd,
+            OutcomeRow.response_excerpt,
+            OutcomeRow.embedding,
+            OutcomeRow.embedder,
+            OutcomeRow.query_text,
+        )
+        .where(OutcomeRow.model.in_(list(models)), OutcomeRow.quality_score.is_not(None))
+        .order_by(OutcomeRow.updated_at.desc(), OutcomeRow.id.desc())
+        .limit(limit)
+    )
+    return [
+        AnsweredOutcome(
+            query_id=row.query_id,
+            model=row.model,
+            quality_score=row.quality_score,
+            cost_usd=row.cost_usd,
+            response=row.response_excerpt,
+            embedding=None if row.embedding is None else np.frombuffer(row.embedding, np.float32),
+            embedder=row.embedder,
+            text=row.query_text,
+        )
+        for row in session.execute(query)
+    ]

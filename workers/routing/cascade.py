@@ -33,7 +33,9 @@ from sklearn.linear_model import LogisticRegression
 
 from workers.routing.answer_scorer import AnswerScorer, ProbeAnswers, best_probe, logit
 from workers.routing.clusters import QueryClusters
-from workers.routing.optimizer import Method, Mode, WindowProblem, solve
+from workers.routing.embedder import Embedder
+from workers.routing.optimizer import Method, Mode, WindowPlan, WindowProblem, solve
+from workers.routing.predictor import HybridPredictor, KnnSettings
 from workers.routing.store import RetrievalStore
 
 # Pairs among this many of the cheapest models are candidate panels.
@@ -183,16 +185,19 @@ def fit_cascade(
     predicted: NDArray[np.float64],
     truth: NDArray[np.float64],
     costs: NDArray[np.float64],
+    panel: Sequence[int] | None = None,
 ) -> CascadePolicy:
     """Learn the cascade from stored queries with every model's outcome and response
     (`predicted`: the one-shot predictor's quality for them, from a predictor that
-    did not see them)."""
+    did not see them). `panel`: the probe models, else chosen (`choose_panel`)."""
     n_models = truth.shape[1]
     clustering = RetrievalStore([str(j) for j in range(n_models)], vectors.shape[1])
     clustering.add_table(list(query_ids), vectors, truth, costs)
     clusters = clustering.clusters.assign(vectors)
     n_clusters = clustering.clusters.n_clusters
-    panel = choose_panel(responses, predicted, clusters, n_clusters, truth, costs)
+    if panel is None:
+        panel = choose_panel(responses, predicted, clusters, n_clusters, truth, costs)
+    panel = list(panel)
     answers = ProbeAnswers.of([[row[j] for j in panel] for row in responses])
     scorer = AnswerScorer(panel, n_models, n_clusters).fit(answers, predicted, clusters, truth)
     score, correct = accepted_correct(scorer.held_out, truth, panel)
@@ -262,6 +267,47 @@ def platt(score: NDArray[np.float64], correct: NDArray[np.float64]) -> tuple[flo
     return float(fitted.coef_[0, 0]), float(fitted.intercept_[0])
 
 
+def group_folds(sample_ids: Sequence[str], folds: int, seed: int) -> NDArray[np.int64]:
+    """Fold of each row; rows of the same sample id share a fold (no leakage)."""
+    distinct = sorted(set(sample_ids))
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    fold_of = {distinct[i]: rank % folds for rank, i in enumerate(order)}
+    return np.array([fold_of[s] for s in sample_ids], dtype=np.int64)
+
+
+def out_of_fold_quality(
+    models: Sequence[str],
+    sample_ids: Sequence[str],
+    vectors: NDArray[np.float32],
+    scores: NDArray[np.float64],
+    costs: NDArray[np.float64],
+    prompt_chars: Sequence[int],
+    embedder: Embedder,
+    knn: KnnSettings,
+    folds: int,
+    seed: int,
+) -> NDArray[np.float64]:
+    """The one-shot predictor's quality for each stored query from a predictor that
+    did not see it (`folds` groups): what the scorer learns beside the answers,
+    as a router has its prediction beside a new query's probes."""
+    fold_of = group_folds(sample_ids, folds, seed)
+    quality = np.full(scores.shape, 0.5)
+    for f in range(folds):
+        fit, held = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
+        if not len(fit) or not len(held):
+            continue
+        store = RetrievalStore(models, vectors.shape[1])
+        store.add_table(
+            [sample_ids[i] for i in fit.tolist()], vectors[fit], scores[fit], costs[fit]
+        )
+        predictor = HybridPredictor(embedder, store, knn=knn)
+        predictor.fit()
+        chars = [prompt_chars[i] for i in held.tolist()]
+        estimates = predictor.predict_embedded(vectors[held], chars)
+        quality[held] = estimates.quality
+    return quality
+
+
 # ---------------------------------------------------------------------- stage one
 
 
@@ -307,6 +353,20 @@ def plan_first_stage(
     """Per query a column: below n_models a model answers directly, from n_models on
     the probe option `column - n_models`. `limit`: the window's budget (USD) or the
     quality target."""
+    return solve_first_stage(quality, cost, options, mode, limit, solver, tie_tolerance).assignment
+
+
+def solve_first_stage(
+    quality: NDArray[np.float64],
+    cost: NDArray[np.float64],
+    options: OptionMatrices,
+    mode: Mode,
+    limit: float,
+    solver: Method,
+    tie_tolerance: float = 0.0,
+    time_limit_seconds: float = 2.0,
+) -> WindowPlan:
+    """`plan_first_stage`'s whole plan, with its status (the router reports it)."""
     problem = WindowProblem(
         np.hstack([quality, options.quality]),
         np.hstack([cost, options.cost]),
@@ -315,7 +375,7 @@ def plan_first_stage(
         quality_target=limit if mode == "quality" else None,
         tie_tolerance=tie_tolerance,
     )
-    return solve(problem, solver).assignment
+    return solve(problem, solver, time_limit_seconds)
 
 
 # ---------------------------------------------------------------------- stage two

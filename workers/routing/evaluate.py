@@ -48,6 +48,8 @@ from workers.routing.cascade import (
     CascadePolicy,
     OptionMatrices,
     fit_cascade,
+    group_folds,
+    out_of_fold_quality,
     price_options,
     run_window,
 )
@@ -326,37 +328,18 @@ class CascadeSplit:
     vectors: NDArray[np.float32]
 
 
-def out_of_fold_quality(
-    part: OutcomeTable,
-    vectors: NDArray[np.float32],
-    embedder: Embedder,
-    knn: KnnSettings,
-    folds: int,
-    seed: int,
-) -> NDArray[np.float64]:
-    """The one-shot predictor's quality for each prompt of `part`, from a predictor
-    that did not see it: what a router has stored beside its past outcomes."""
-    fold_of = group_folds(part.sample_ids, folds, seed + 1)
-    quality = np.full(part.scores.shape, 0.5)
-    for f in range(folds):
-        fit, held = np.flatnonzero(fold_of != f), np.flatnonzero(fold_of == f)
-        if len(fit) and len(held):
-            estimates, _ = predict_split(
-                part.take(fit), vectors[fit], part.take(held), vectors[held], embedder, knn
-            )
-            quality[held] = estimates.quality
-    return quality
-
-
 def fit_split_cascade(
     part: OutcomeTable,
     vectors: NDArray[np.float32],
     embedder: Embedder,
     settings: EvaluationSettings,
 ) -> CascadePolicy:
+    # Folds by sample id, seeded apart from the outer split's.
     predicted = out_of_fold_quality(
-        part, vectors, embedder, settings.knn, settings.cascade_inner_folds, settings.seed
-    )
+        part.models, part.sample_ids, vectors, part.scores, part.costs,
+        [len(p) for p in part.prompts], embedder, settings.knn,
+        settings.cascade_inner_folds, settings.seed + 1,
+    )  # fmt: skip
     responses = [[row[m] for m in part.models] for row in part.responses]
     return fit_cascade(part.sample_ids, vectors, responses, predicted, part.scores, part.costs)
 
@@ -486,14 +469,6 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=float)
-
-
-def group_folds(sample_ids: Sequence[str], folds: int, seed: int) -> NDArray[np.int64]:
-    """Fold of each row; rows of the same sample id share a fold (no leakage)."""
-    distinct = sorted(set(sample_ids))
-    order = np.random.default_rng(seed).permutation(len(distinct))
-    fold_of = {distinct[i]: rank % folds for rank, i in enumerate(order)}
-    return np.array([fold_of[s] for s in sample_ids], dtype=np.int64)
 
 
 def per_query_budgets(costs: NDArray[np.float64], levels: int) -> NDArray[np.float64]:

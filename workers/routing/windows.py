@@ -225,10 +225,10 @@ def route_window(
         solver=plan.solver,
         solver_status=honest_status(plan.status, mean_support),
         solve_seconds=plan.solve_seconds,
-        assignments_per_model=_counts(pool_models, plan.assignment),
+        assignments_per_model=counts_per_model(pool_models, plan.assignment),
         exploration_queries=int(explored.explored.sum()),
         exploration_spend_usd=explored.exploration_spend_usd,
-        exploration_per_model=_counts(pool_models, plan.assignment[explored.explored]),
+        exploration_per_model=counts_per_model(pool_models, plan.assignment[explored.explored]),
         exploration_carried_usd=explored.next_allowance_usd,
         mean_support=mean_support,
         shadow_queries=len(shadows),
@@ -263,6 +263,6 @@ def shadow_assignments(
     ]
 
 
-def _counts(models: Sequence[str], assignment: NDArray[np.int64]) -> dict[str, int]:
+def counts_per_model(models: Sequence[str], assignment: NDArray[np.int64]) -> dict[str, int]:
     counts = np.bincount(assignment, minlength=len(models))
     return {m: int(c) for m, c in zip(models, counts, strict=True) if c}

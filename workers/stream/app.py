@@ -83,6 +83,7 @@ class Topics:
     responses: TopicT
     deadletter: TopicT
     routes: dict[str, TopicT]  # model -> omnirouter.route.<model>
+    probed: TopicT | None = None  # cascade pools' probed queries (the router's)
 
     @classmethod
     def of(cls, app: faust.App, settings: Settings) -> Topics:
@@ -104,6 +105,7 @@ class Topics:
             responses=raw(names["responses"]),
             deadletter=raw(names["deadletter"]),
             routes={m: raw(names[f"route:{m}"]) for m in settings.router_models},
+            probed=raw(names["probed"]),
         )
 
 

@@ -108,12 +108,15 @@ class DecisionLog:
     def changelog(self) -> str:
         return str(self.table.changelog_topic.get_topic_name())
 
-    def decided_entries(self, assignments: Sequence[Assignment]) -> list[tuple[bytes, bytes]]:
+    def decided_entries(
+        self, assignments: Sequence[Assignment], key_prefix: str = ""
+    ) -> list[tuple[bytes, bytes]]:
         """(key, value) of each query's decision (all its assignments), as written to
-        the changelog."""
+        the changelog; keyed `key_prefix` + query id (a cascade's escalation decision
+        is kept apart from the query's first one)."""
         by_query: dict[str, list[Assignment]] = {}
         for assignment in assignments:
-            by_query.setdefault(assignment.query_id, []).append(assignment)
+            by_query.setdefault(key_prefix + assignment.query_id, []).append(assignment)
         return [(query_id.encode(), decided_value(group)) for query_id, group in by_query.items()]
 
     def published_entries(

@@ -1,5 +1,7 @@
 """Per pool, what its windows have used up: production time billed so far (an
-hourly budget pays each second once) and the exploration allowance carried.
+hourly budget pays each second once), the exploration allowance carried, and
+(cascade pools) the escalation reserve: what first-stage windows kept back of
+their budgets for the escalation windows, less what those spent.
 
 Kept in a Faust table whose compacted changelog is partitioned like the pool's
 omnirouter.predicted partition, so the router that takes the pool over after a
@@ -9,21 +11,48 @@ the same time again or exploring from nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from faust.types import TableT
 from pydantic import BaseModel
 
+from schemas import WindowReport
+
 
 class PoolAccount(BaseModel):
     billed_until: datetime | None = None
     exploration_carried_usd: float = 0.0
+    escalation_reserve_usd: float = 0.0
+
+
+def after_window(account: PoolAccount, report: WindowReport) -> PoolAccount:
+    """The account after a (first-stage) window: its time billed, its exploration
+    allowance carried, and its escalation reserve added to what is kept back."""
+    return PoolAccount(
+        billed_until=report.window_end,
+        exploration_carried_usd=report.exploration_carried_usd,
+        escalation_reserve_usd=account.escalation_reserve_usd + report.escalation_reserve_usd,
+    )
+
+
+def after_escalations(account: PoolAccount, report: WindowReport) -> PoolAccount:
+    """The account after an escalation window: its spend taken from the reserve (a
+    query none of whose probes answered is escalated even beyond it: never below 0)."""
+    left = max(account.escalation_reserve_usd - report.escalation_spend_usd, 0.0)
+    return account.model_copy(update={"escalation_reserve_usd": left})
 
 
 @dataclass
 class PoolLedger:
     table: TableT
+    # One publisher at a time per pool: a first-stage and an escalation window of
+    # the same pool each update its account from the one the other wrote.
+    _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def lock(self, pool: str) -> asyncio.Lock:
+        return self._locks.setdefault(pool, asyncio.Lock())
 
     def account(self, pool: str) -> PoolAccount:
         raw = self.table.data.get(pool.encode())

@@ -25,17 +25,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, Protocol
 
 from aiokafka import AIOKafkaProducer
 
-from schemas import Assignment, WindowReport
+from schemas import Assignment, ModelResponse, WindowReport
 from workers.stream.app import Topics
 from workers.stream.codec import encode
 from workers.stream.decision_log import DecisionLog
 from workers.stream.fencing import Fenced, PartitionProducers
-from workers.stream.pool_ledger import PoolAccount, PoolLedger
+from workers.stream.pool_ledger import PoolAccount, PoolLedger, after_escalations, after_window
+
+# A cascade's escalation decisions are keyed apart from the query's first decision.
+ESCALATION_KEY_PREFIX = "escalation:"
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +53,39 @@ class PoolWindow:
     decided: list[Assignment]  # decided now
     resend: list[Assignment]  # decided before, maybe never sent: sent unchanged
     report: WindowReport | None  # None when nothing was solved
+    # An escalation window (cascade_stage.py): its decisions are keyed
+    # "escalation:<query_id>", a decision of role "probe" accepts that probe's
+    # answer (sent as one of `finals`, not as an assignment), and its report's
+    # spend comes out of the pool's escalation reserve.
+    stage: Literal["first", "escalation"] = "first"
+    finals: list[ModelResponse] = field(default_factory=list)  # accepted probe answers
 
     @property
     def outgoing(self) -> list[Assignment]:
         return [*self.decided, *self.resend]
 
+    @property
+    def key_prefix(self) -> str:
+        return ESCALATION_KEY_PREFIX if self.stage == "escalation" else ""
 
-def account_after(report: WindowReport) -> PoolAccount:
-    return PoolAccount(
-        billed_until=report.window_end, exploration_carried_usd=report.exploration_carried_usd
-    )
+    @property
+    def keys(self) -> list[str]:
+        """The decision log's keys of the window's queries."""
+        return list(dict.fromkeys(self.key_prefix + a.query_id for a in self.outgoing))
+
+    @property
+    def sent(self) -> list[Assignment]:
+        """The assignments to send to the models (an accepted probe's is not one)."""
+        if self.stage == "escalation":
+            return [a for a in self.outgoing if a.role == "escalation"]
+        return self.outgoing
+
+
+def account_after(account: PoolAccount, window: PoolWindow) -> PoolAccount:
+    assert window.report is not None
+    if window.stage == "escalation":
+        return after_escalations(account, window.report)
+    return after_window(account, window.report)
 
 
 class Record(NamedTuple):
@@ -85,18 +111,27 @@ class WindowRecords:
         return [Record(changelog, value, key, window.partition) for key, value in pairs]
 
     def assignments(self, window: PoolWindow) -> list[Record]:
+        """The assignments, and the accepted probe answers (final) of an escalation window."""
+        responses = self.topics.responses.get_topic_name() if window.finals else ""
         return [
-            Record(
-                self.topics.routes[a.model].get_topic_name(), encode(a), a.query_id.encode(), None
-            )
-            for a in window.outgoing
+            *(
+                Record(
+                    self.topics.routes[a.model].get_topic_name(),
+                    encode(a),
+                    a.query_id.encode(),
+                    None,
+                )
+                for a in window.sent
+            ),
+            *(Record(responses, encode(r), r.query_id.encode(), None) for r in window.finals),
         ]
 
     def report(self, window: PoolWindow) -> tuple[list[Record], tuple[bytes, bytes] | None]:
         """The window report and the pool's ledger entry, with that entry."""
         if window.report is None:
             return [], None
-        entry = self.ledger.entry(window.pool, account_after(window.report))
+        account = account_after(self.ledger.account(window.pool), window)
+        entry = self.ledger.entry(window.pool, account)
         windows = self.topics.windows.get_topic_name()
         return [
             Record(windows, encode(window.report), window.pool.encode(), None),
@@ -155,17 +190,19 @@ class AcknowledgedPublisher:
     producer: StartedOnFirstUse
 
     async def publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
+        async with self.records.ledger.lock(window.pool):
+            return await self._publish(window, still_current)
+
+    async def _publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
         producer, decisions = await self.producer.get(), self.records.decisions
-        decided = decisions.decided_entries(window.decided)
+        decided = decisions.decided_entries(window.decided, window.key_prefix)
         if decided:
             await delivered(producer, self.records.entries(decisions.changelog, window, decided))
             decisions.remember(decided)  # durable: a crash from here on re-sends it unchanged
             if not still_current():
                 return False
         await delivered(producer, self.records.assignments(window))
-        published = decisions.published_entries(
-            [a.query_id for a in window.outgoing], window.partition, time.time()
-        )
+        published = decisions.published_entries(window.keys, window.partition, time.time())
         report, ledger = self.records.report(window)
         await delivered(
             producer, [*self.records.entries(decisions.changelog, window, published), *report]
@@ -180,13 +217,15 @@ class TransactionalPublisher:
     producers: PartitionProducers
 
     async def publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
+        async with self.records.ledger.lock(window.pool):
+            return await self._publish(window, still_current)
+
+    async def _publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
         # Committed together, a decision and its assignment need no "decided" step:
         # the entry is the published marker from the start (read_committed recovery
         # never sees an aborted one).
         decisions = self.records.decisions
-        published = decisions.published_entries(
-            [a.query_id for a in window.outgoing], window.partition, time.time()
-        )
+        published = decisions.published_entries(window.keys, window.partition, time.time())
         report, ledger = self.records.report(window)
         records = [
             *self.records.entries(decisions.changelog, window, published),

@@ -6,7 +6,11 @@
 - `solve_windows` (workers/stream/window_stage.py) reads omnirouter.predicted,
   where a pool's queries share a partition, gathers a tumbling window
   (ROUTER_WINDOW_SECONDS, closing early at ROUTER_MAX_WINDOW_QUERIES), solves
-  each pool's part and publishes assignments and the window report.
+  each pool's part and publishes assignments and the window report;
+- with cascade pools (ROUTER_POOLS[...].cascade), `gather_probes` and
+  `escalate` (workers/stream/cascade_stage.py): probe answers gathered from
+  omnirouter.responses, then accepted or escalated in windows of
+  omnirouter.probed.
 
 Exactly one decision per query, across restarts and rebalances: a batch is
 acknowledged only after its body finished (workers/stream/app.py `batches`);
@@ -37,6 +41,12 @@ from workers.stream.app import (
     PRODUCER_MAX_REQUEST_BYTES,
     Topics,
     make_app,
+)
+from workers.stream.cascade_stage import (
+    CascadeRouting,
+    ProbeGatherer,
+    escalation_stage,
+    gather_probes,
 )
 from workers.stream.decision_log import DecisionLog
 from workers.stream.fencing import PartitionProducers
@@ -104,6 +114,27 @@ def publisher(
     return chosen
 
 
+def add_cascade_stages(app: faust.App, stage: WindowStage, state: RouterState) -> None:
+    """Cascade pools' probe gatherer, escalation stage and probe deadline
+    (workers/stream/cascade_stage.py); a router without cascade pools has none."""
+    settings, topics = stage.settings, stage.topics
+    table = raw_table(app, "probes", settings, "query_id -> probe answers so far")
+    gatherer = ProbeGatherer(table, stage)
+    agent = partial(app.agent, supervisor_strategy=CrashingSupervisor)
+    agent(topics.responses, name="gather_probes")(partial(gather_probes, gatherer))
+    assert topics.probed is not None
+    agent(topics.probed, name="escalate")(partial(escalation_stage, stage, state))
+    deadline = settings.cascade_probe_deadline_seconds
+
+    @app.timer(min(deadline / 4, 5.0))
+    async def probe_deadline() -> None:
+        await gatherer.forward_overdue(deadline)
+
+    @app.timer(settings.cascade_refit_seconds)
+    async def refit_cascades() -> None:
+        await state.refit_cascades()
+
+
 def build_router_app(
     settings: Settings, bootstrap_servers: str, state: RouterState, transactions: bool
 ) -> faust.App:
@@ -116,13 +147,17 @@ def build_router_app(
     records = WindowRecords(topics, decisions, ledger)
     options = producer_options(settings, bootstrap_servers)
     solver = ThreadPoolExecutor(1, thread_name_prefix="solver")
+    cascading = any(policy.cascade for policy in settings.router_pools.values())
     stage = WindowStage(
         app, topics, settings, decisions, ledger, solver,
         publisher(app, records, options, transactions),
+        CascadeRouting(state).solve_first_stage if cascading else None,
     )  # fmt: skip
     agent = partial(app.agent, supervisor_strategy=CrashingSupervisor)
     agent(topics.queries, name="predict")(partial(predict_stage, state, topics, settings))
     agent(topics.predicted, name="solve_windows")(partial(window_stage, stage))
+    if cascading:
+        add_cascade_stages(app, stage, state)
 
     @app.timer(settings.router_store_refresh_seconds)
     async def refresh() -> None:

@@ -28,7 +28,14 @@ from sqlalchemy.orm import Session
 
 from schemas import PredictedQuery, QueryEvent
 from workers.config import Settings
-from workers.db.repository import iter_outcomes, replace_vectors, texts_of_other_embedders
+from workers.db.repository import (
+    iter_outcomes,
+    replace_vectors,
+    scored_answers,
+    texts_of_other_embedders,
+)
+from workers.routing.cascade_fit import MAX_FIT_QUERIES, fit_pool_cascade
+from workers.routing.cascade_window import FittedCascade
 from workers.routing.embedder import Embedder
 from workers.routing.predictor import HybridPredictor, KnnSettings, fit_hybrid
 from workers.routing.store import OutcomeRecord, RetrievalStore, reembedded
@@ -64,8 +71,14 @@ class RouterState:
             model_priors=settings.router_model_priors,
         )
         self.watermark: datetime | None = None
+        # Cascade pools' fitted policies; None: too few stored answers yet (one-shot).
+        self.cascades: dict[str, FittedCascade | None] = dict.fromkeys(
+            [p for p, policy in settings.router_pools.items() if policy.cascade]
+        )
         self.predictor_thread = ThreadPoolExecutor(1, thread_name_prefix="predictor")
         self.background = ThreadPoolExecutor(1, thread_name_prefix="router-io")
+        # Cascade fits take seconds to minutes: never in the way of store refreshes.
+        self.cascade_thread = ThreadPoolExecutor(1, thread_name_prefix="cascade-fit")
 
     async def on_predictor_thread(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(
@@ -133,6 +146,46 @@ class RouterState:
         await self.on_predictor_thread(swap)
         log.info("refit on %d outcomes, blend weight %.2f", report.outcomes_used, weight)
 
+    def _fit_cascade(self, pool: str) -> FittedCascade | None:
+        """Fit the pool's cascade from the stored answers (None: too few yet)."""
+        if self.engine is None:
+            return None
+        settings, policy = self.settings, self.settings.pool_policy(pool)
+        models = policy.models or settings.router_models
+        with Session(self.engine) as session:
+            rows = scored_answers(session, models, MAX_FIT_QUERIES * len(models))
+        fitted, usable = fit_pool_cascade(
+            rows, models, policy.cascade_panel, self.predictor.embedder,
+            self.predictor.knn, settings.cascade_min_outcomes,
+        )  # fmt: skip
+        if fitted is None:
+            log.warning(
+                "pool %s routes one-shot: %d stored queries with the panel's answers and scores, "
+                "its cascade needs %d (CASCADE_MIN_OUTCOMES)",
+                pool, usable, settings.cascade_min_outcomes,
+            )  # fmt: skip
+        else:
+            log.info("pool %s: cascade fitted on %d stored queries, panel %s",
+                     pool, usable, fitted.panel)  # fmt: skip
+        return fitted
+
+    async def refit_cascades(self) -> None:
+        """Refit every cascade pool's policy off the serving thread; a database outage
+        keeps the current one."""
+        loop = asyncio.get_running_loop()
+        for pool in list(self.cascades):
+            try:
+                fitted = await loop.run_in_executor(self.cascade_thread, self._fit_cascade, pool)
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("pool %s: cascade refit: database unavailable (%s)", pool, exc)
+                continue
+            if fitted is not None or self.cascades[pool] is None:
+                self.cascades[pool] = fitted
+
+    async def embed(self, texts: Sequence[str]) -> Any:
+        """Query vectors (a cascade's clusters), on the predictor thread."""
+        return await self.on_predictor_thread(self.predictor.embedder.embed, list(texts))
+
     def _reembed_stored(self) -> int:
         """Give every stored query whose vector another embedder made (ROUTER_EMBEDDER
         changed) a vector of this router's embedder, made from its stored text."""
@@ -166,6 +219,7 @@ class RouterState:
             log.warning("re-embedding stored queries: database unavailable (%s)", exc)
         count = await self.refresh_store()
         await self.refit()
+        await self.refit_cascades()
         log.info("retrieval store rebuilt from the database: %d outcomes", count)
         return count
 

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -46,13 +46,18 @@ from workers.stream.publishers import PoolWindow, Publisher
 log = logging.getLogger(__name__)
 
 Item = tuple[EventT, PredictedQuery]
+Solved = tuple[list[Assignment], WindowReport]
+# A cascade pool's first stage (cascade_stage.py): None routes the window one-shot.
+CascadeHook = Callable[
+    ["WindowStage", str, list[PredictedQuery], WindowBounds], Awaitable[Solved | None]
+]
 
 
 @dataclass(frozen=True)
 class WindowStage:
     """What the stage needs: the app (for its consumer generation), topics,
-    settings, the decision log, the pools' ledger, the solver's thread and how a
-    window is published (publishers.py)."""
+    settings, the decision log, the pools' ledger, the solver's thread, how a
+    window is published (publishers.py) and cascade pools' first stage."""
 
     app: faust.App
     topics: Topics
@@ -61,6 +66,7 @@ class WindowStage:
     ledger: PoolLedger
     solver: ThreadPoolExecutor
     publisher: Publisher
+    cascade: CascadeHook | None = None
 
 
 def aligned(predicted: PredictedQuery, models: Sequence[str]) -> PredictedQuery:
@@ -178,6 +184,10 @@ async def solve_fresh(
     )
     bounds = WindowBounds(window_id, start, end)
     try:
+        if stage.cascade is not None:
+            cascaded = await stage.cascade(stage, pool, fresh, bounds)
+            if cascaded is not None:
+                return cascaded
         return await asyncio.get_running_loop().run_in_executor(
             stage.solver,
             lambda: route_window(

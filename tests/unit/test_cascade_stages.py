@@ -1,0 +1,163 @@
+"""A cascade pool's two stream windows (workers/routing/cascade_window.py) and the
+pool ledger between them (workers/stream/pool_ledger.py): the first stage keeps
+what its budget leaves as the escalation reserve, escalations spend within the
+reserve, and the spend across both stages stays within the window's budget."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from schemas import PredictedQuery, ProbeAnswer, ProbedQuery, QueryEvent, QueryHints
+from tests.unit.test_cascade import COSTS, recorded, unit_vectors
+from workers.config import PoolPolicy
+from workers.routing.cascade import fit_cascade
+from workers.routing.cascade_window import (
+    FittedCascade,
+    accept_without_scorer,
+    plan_escalation_window,
+    route_cascade_window,
+)
+from workers.routing.probes import CASCADE_METADATA_KEY
+from workers.routing.windows import WindowBounds
+from workers.stream.pool_ledger import PoolAccount, after_escalations, after_window
+
+MODELS = ["cheap-a", "cheap-b", "dear"]
+PANEL = ["cheap-a", "cheap-b"]
+NOW = datetime(2026, 11, 30, tzinfo=UTC)
+BOUNDS = WindowBounds("w", NOW, NOW + timedelta(seconds=1))
+
+
+@pytest.fixture(scope="module")
+def cascade() -> FittedCascade:
+    n = 400
+    responses, truth, costs = recorded(n, seed=1)
+    predicted = np.tile([0.7, 0.7, 0.95], (n, 1))
+    ids = [f"q{i}" for i in range(n)]
+    policy = fit_cascade(ids, unit_vectors(n, 1), responses, predicted, truth, costs)
+    return FittedCascade(policy, MODELS)
+
+
+def predicted(n: int, hints: QueryHints | None = None) -> list[PredictedQuery]:
+    return [
+        PredictedQuery(
+            query=QueryEvent(query_id=f"q{i}", text=f"question {i}", pool="c", hints=hints),
+            models=MODELS,
+            quality=[0.7, 0.7, 0.95],
+            cost_usd=COSTS.tolist(),
+        )
+        for i in range(n)
+    ]
+
+
+def policy(per_query: float) -> PoolPolicy:
+    return PoolPolicy(mode="budget", budget_per_query_usd=per_query, cascade=True)
+
+
+def probed(queries: list[PredictedQuery], answers: list[list[str | None]]) -> list[ProbedQuery]:
+    return [
+        ProbedQuery(
+            predicted=q,
+            answers=[ProbeAnswer(model=m, response=r) for m, r in zip(PANEL, a, strict=True)],
+        )
+        for q, a in zip(queries, answers, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("per_query", [3.0, 6.0, 12.0])
+def test_spend_across_both_stages_keeps_the_window_budget(
+    cascade: FittedCascade, per_query: float
+) -> None:
+    n = 60
+    queries = predicted(n)
+    vectors = unit_vectors(n, 2)
+    assignments, first = route_cascade_window(
+        "c", policy(per_query), cascade, queries, MODELS, vectors, BOUNDS
+    )
+    budget = per_query * n
+    assert first.window_budget_usd == budget
+    probes = [a for a in assignments if a.role == "probe"]
+    assert len(probes) == 2 * first.probe_queries
+    assert first.probe_spend_usd == pytest.approx(first.probe_queries * (COSTS[0] + COSTS[1]))
+    assert first.predicted_spend_usd <= budget + 1e-9
+    if first.probe_queries:
+        # What the budget leaves once direct answers and probes are paid is kept back.
+        assert first.predicted_spend_usd + first.escalation_reserve_usd == pytest.approx(budget)
+        assert all(CASCADE_METADATA_KEY in p.metadata for p in probes)
+    account = after_window(PoolAccount(escalation_reserve_usd=0.5), first)
+    assert account.escalation_reserve_usd == pytest.approx(0.5 + first.escalation_reserve_usd)
+    assert account.billed_until == BOUNDS.end
+
+    probed_ids = {p.query_id for p in probes}
+    asked = [q for q in queries if q.query.query_id in probed_ids]
+    rng = np.random.default_rng(3)
+    answers = [[str(rng.choice(["x", "y"])), str(rng.choice(["x", "y"]))] for _ in asked]
+    decisions, second = plan_escalation_window(
+        "c", cascade, probed(asked, answers), MODELS, unit_vectors(len(asked), 4),
+        account.escalation_reserve_usd, BOUNDS,
+    )  # fmt: skip
+    assert len(decisions) == len(asked)
+    assert second.escalation_spend_usd <= account.escalation_reserve_usd + 1e-9
+    assert second.escalation_queries == sum(d.role == "escalation" for d in decisions)
+    after = after_escalations(account, second)
+    assert after.billed_until == account.billed_until
+    assert after.escalation_reserve_usd == pytest.approx(
+        account.escalation_reserve_usd - second.escalation_spend_usd
+    )
+    spent = first.predicted_spend_usd + second.escalation_spend_usd
+    assert spent <= budget + 0.5 + 1e-9
+
+
+def test_agreeing_probes_are_accepted_and_disagreeing_ones_escalated(
+    cascade: FittedCascade,
+) -> None:
+    queries = predicted(20)
+    answers = [["x", "x"] if i < 10 else ["x", "y"] for i in range(20)]
+    decisions, report = plan_escalation_window(
+        "c", cascade, probed(queries, answers), MODELS, unit_vectors(20, 5), 10 * COSTS[2], BOUNDS
+    )
+    roles = [d.role for d in decisions]
+    assert roles[:10] == ["probe"] * 10  # accepted: their answer is final
+    assert roles[10:] == ["escalation"] * 10
+    assert {d.model for d in decisions[10:]} == {"dear"}
+    assert report.escalation_spend_usd == pytest.approx(10 * COSTS[2])
+    accepted = decisions[0].metadata[CASCADE_METADATA_KEY]
+    assert accepted == {"response": "x"}
+
+
+def test_a_query_without_any_probe_answer_is_escalated_even_beyond_the_reserve(
+    cascade: FittedCascade,
+) -> None:
+    queries = predicted(3)
+    decisions, report = plan_escalation_window(
+        "c", cascade, probed(queries, [[None, None], ["x", "x"], [None, "x"]]), MODELS,
+        unit_vectors(3, 6), 0.0, BOUNDS,
+    )  # fmt: skip
+    assert [d.role for d in decisions] == ["escalation", "probe", "probe"]
+    assert decisions[2].model == "cheap-b"  # the only probe that answered
+    assert report.solver_status == "infeasible_budget_cheapest_plan"
+    after = after_escalations(PoolAccount(escalation_reserve_usd=0.0), report)
+    assert after.escalation_reserve_usd == 0.0
+
+
+def test_a_query_whose_hints_forbid_a_probe_model_is_answered_directly(
+    cascade: FittedCascade,
+) -> None:
+    queries = predicted(20, QueryHints(allowed_models=["cheap-a", "dear"]))
+    assignments, report = route_cascade_window(
+        "c", policy(6.0), cascade, queries, MODELS, unit_vectors(20, 7), BOUNDS
+    )
+    assert report.probe_queries == 0 and report.escalation_reserve_usd == 0.0
+    assert {a.role for a in assignments} == {"answer"}
+    assert {a.model for a in assignments} <= {"cheap-a", "dear"}
+
+
+def test_without_a_fitted_cascade_the_first_answer_is_accepted() -> None:
+    queries = predicted(2)
+    decisions, report = accept_without_scorer(
+        "c", probed(queries, [[None, "b"], [None, None]]), MODELS, MODELS, BOUNDS
+    )
+    assert [(d.role, d.model) for d in decisions] == [("probe", "cheap-b"), ("escalation", "dear")]
+    assert report.escalation_queries == 1

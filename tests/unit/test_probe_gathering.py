@@ -1,0 +1,105 @@
+"""Gathering a cascade query's probe answers (workers/routing/probes.py): ready when
+every panel model answered or the deadline passed, errors and missing answers
+count as none, and the accepted answer becomes the query's final answer."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from schemas import Assignment, ModelResponse, PredictedQuery, QueryEvent
+from workers.routing.probes import (
+    CASCADE_METADATA_KEY,
+    NO_ANSWER_BEFORE_DEADLINE,
+    accepted_metadata,
+    add_answer,
+    final_response,
+    is_complete,
+    is_overdue,
+    probe_metadata,
+    probed_query,
+)
+
+PANEL = ["cheap-a", "cheap-b"]
+PREDICTED = PredictedQuery(
+    query=QueryEvent(query_id="q1", text="2+2?", pool="p", metadata={"user": 7}),
+    models=["cheap-a", "cheap-b", "dear"],
+    quality=[0.6, 0.6, 0.9],
+    cost_usd=[0.001, 0.001, 0.01],
+)
+
+
+def probe_answer(model: str, response: str | None, error: str | None = None) -> ModelResponse:
+    return ModelResponse(
+        query_id="q1",
+        model=model,
+        pool="p",
+        response=response,
+        error=error,
+        metadata=probe_metadata({"user": 7}, PREDICTED, PANEL),
+        text="2+2?",
+        role="probe",
+        final=False,
+    )
+
+
+def test_the_query_is_ready_once_every_panel_model_answered() -> None:
+    pending = add_answer(None, probe_answer("cheap-a", "4"), now=100.0, partition=1)
+    assert pending is not None and not is_complete(pending)
+    assert pending.partition == 1 and pending.predicted == PREDICTED
+    pending = add_answer(pending, probe_answer("cheap-b", "four"), now=101.0)
+    assert pending is not None and is_complete(pending)
+    probed = probed_query(pending)
+    assert [(a.model, a.response) for a in probed.answers] == [
+        ("cheap-a", "4"),
+        ("cheap-b", "four"),
+    ]
+    assert probed.predicted == PREDICTED
+
+
+def test_an_error_is_an_answer_of_none_and_completes_the_panel() -> None:
+    pending = add_answer(None, probe_answer("cheap-a", None, error="timeout"), now=0.0)
+    pending = add_answer(pending, probe_answer("cheap-b", "4"), now=0.0)
+    assert pending is not None and is_complete(pending)
+    first = probed_query(pending).answers[0]
+    assert (first.response, first.error) == (None, "timeout")
+
+
+def test_a_missing_answer_counts_as_none_once_the_deadline_passed() -> None:
+    pending = add_answer(None, probe_answer("cheap-b", "4"), now=100.0)
+    assert pending is not None
+    assert not is_overdue(pending, now=129.0, deadline_seconds=30.0)
+    assert is_overdue(pending, now=130.0, deadline_seconds=30.0)
+    missing = probed_query(pending).answers[0]
+    assert (missing.model, missing.response, missing.error) == (
+        "cheap-a", None, NO_ANSWER_BEFORE_DEADLINE,
+    )  # fmt: skip
+
+
+def test_an_answer_twice_or_from_outside_the_panel_changes_nothing() -> None:
+    pending = add_answer(None, probe_answer("cheap-a", "4"), now=0.0)
+    again = add_answer(pending, probe_answer("cheap-a", "4"), now=5.0)
+    stranger = add_answer(again, probe_answer("dear", "4"), now=5.0)
+    assert stranger is not None and stranger.answers.keys() == {"cheap-a"}
+    assert stranger.first_answer_at == 0.0 and not is_complete(stranger)
+
+
+def test_a_response_without_the_cascade_context_is_not_gathered() -> None:
+    plain = probe_answer("cheap-a", "4").model_copy(update={"metadata": {"user": 7}})
+    assert add_answer(None, plain, now=0.0) is None
+    broken = plain.model_copy(update={"metadata": {CASCADE_METADATA_KEY: {"panel": PANEL}}})
+    assert add_answer(None, broken, now=0.0) is None
+
+
+def test_the_accepted_answer_is_final_with_the_query_s_own_metadata() -> None:
+    now = datetime.now(UTC)
+    decision = Assignment(
+        query_id="q1", text="2+2?", model="cheap-b", pool="p", window_id="w",
+        window_start=now, window_end=now, predicted_quality=0.9, predicted_cost_usd=0.0,
+        metadata=accepted_metadata(probe_metadata({"user": 7}, PREDICTED, PANEL), "four"),
+        role="probe",
+    )  # fmt: skip
+    final = final_response(decision)
+    assert (final.model, final.response, final.role, final.final) == (
+        "cheap-b", "four", "probe", True,
+    )  # fmt: skip
+    assert final.metadata == {"user": 7}

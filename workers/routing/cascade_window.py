@@ -1,0 +1,322 @@
+"""A cascade pool's two windows on the stream (pure; workers/stream/cascade_stage.py
+gathers them from Kafka and publishes what these return).
+
+First stage (`route_cascade_window`): the window optimiser chooses, per query,
+between answering directly with a model (role "answer") and probing with the
+panel (one role "probe" assignment per panel model), pricing the probe options
+as cascade.price_options does. What the window's budget leaves once direct
+answers and probes are paid (cascade.escalation_limit) is kept back in the
+pool's ledger for the escalation windows: the report's escalation_reserve_usd.
+
+Escalation stage (`plan_escalation_window`): once a probed query's answers are
+in, the answer scorer's posterior says how likely the best probe answer is
+good; the same optimiser accepts it (no further cost) or escalates to another
+model (role "escalation") under what is left of the pool's reserve. A query
+none of whose probes answered is always escalated (to its cheapest allowed
+model when the reserve cannot pay for a better one): every query gets an answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from schemas import Assignment, AssignmentRole, PredictedQuery, ProbedQuery, WindowReport
+from schemas.events import SolverStatus
+from workers.config import PoolPolicy
+from workers.routing.answer_scorer import ProbeAnswers
+from workers.routing.cascade import (
+    NEVER,
+    CascadePolicy,
+    escalation_limit,
+    plan_escalations,
+    price_options,
+    solve_first_stage,
+)
+from workers.routing.optimizer import Method
+from workers.routing.probes import accepted_metadata, probe_metadata
+from workers.routing.windows import (
+    WindowBounds,
+    allowed_pairs,
+    counts_per_model,
+    exclude,
+    window_budget_usd,
+)
+
+# Quality and cost of an option a query may not take (its hints forbid a panel model).
+FORBIDDEN_QUALITY = -1.0
+
+
+@dataclass(frozen=True)
+class FittedCascade:
+    """A pool's fitted cascade, with its models in the order its indices use."""
+
+    policy: CascadePolicy
+    models: list[str]  # the pool's models
+
+    @property
+    def panel(self) -> list[str]:
+        return [self.models[j] for j in self.policy.panel]
+
+
+def matrices(
+    queries: Sequence[PredictedQuery], models: Sequence[str], pool_models: Sequence[str]
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
+    """Predicted quality and cost over the pool's models, with what hints allow
+    (forbidden pairs made worse than any allowed one, as route_window does)."""
+    columns = [list(models).index(m) for m in pool_models]
+    quality = np.array([q.quality for q in queries], dtype=float)[:, columns]
+    cost = np.array([q.cost_usd for q in queries], dtype=float)[:, columns]
+    allowed = allowed_pairs(queries, list(pool_models), quality, cost)
+    quality, cost = exclude(quality, cost, allowed)
+    return quality, cost, allowed
+
+
+def _status(spent: float, limit: float, solver: Method) -> SolverStatus:
+    if spent > limit + 1e-9:
+        return "infeasible_budget_cheapest_plan"
+    return "optimal" if solver == "exact" else "near_optimal"
+
+
+def route_cascade_window(
+    pool: str,
+    policy: PoolPolicy,
+    cascade: FittedCascade,
+    queries: Sequence[PredictedQuery],
+    models: Sequence[str],
+    vectors: NDArray[np.float32],
+    bounds: WindowBounds,
+    solver: Method = "fast",
+    time_limit_seconds: float = 0.25,
+    tie_tolerance: float = 0.0,
+) -> tuple[list[Assignment], WindowReport]:
+    """The first stage of a cascade pool's window: answer and probe assignments, and
+    the report with its probe spend and the reserve kept for escalations."""
+    pool_models = cascade.models
+    panel = cascade.policy.panel
+    quality, cost, allowed = matrices(queries, models, pool_models)
+    options = price_options(cascade.policy, vectors, quality, cost)
+    may_probe: NDArray[np.bool_] = np.asarray(allowed[:, panel].all(axis=1), dtype=bool)
+    options = type(options)(
+        np.where(may_probe[:, None], options.quality, FORBIDDEN_QUALITY),
+        np.where(may_probe[:, None], options.cost, options.cost.max(initial=0.0) + cost.max() + 1),
+        options.probe_cost,
+    )
+    budget = window_budget_usd(policy, bounds, len(queries)) or 0.0
+    plan = solve_first_stage(
+        quality, cost, options, "budget", budget, solver, tie_tolerance, time_limit_seconds
+    )
+    n_models = len(pool_models)
+    probed = plan.assignment >= n_models
+    rows = np.arange(len(queries))
+    direct_rows, probe_rows = rows[~probed], rows[probed]
+    direct_usd = float(cost[direct_rows, plan.assignment[direct_rows]].sum())
+    probe_usd = float(cost[np.ix_(probe_rows, np.asarray(panel, dtype=np.int64))].sum())
+    reserve = (
+        escalation_limit("budget", budget, direct_usd + probe_usd, 0.0, len(queries), 0)
+        if len(probe_rows)
+        else 0.0
+    )
+    assignments: list[Assignment] = []
+    chosen: list[int] = []
+    for row, query in enumerate(queries):
+        column = int(plan.assignment[row])
+        if column < n_models:
+            assignments.append(
+                _assignment(
+                    query, bounds, pool_models[column], quality[row, column], cost[row, column]
+                )
+            )
+            chosen.append(column)
+            continue
+        metadata = probe_metadata(query.query.metadata, query, cascade.panel)
+        for j in panel:
+            probe = _assignment(
+                query, bounds, pool_models[j], quality[row, j], cost[row, j], "probe"
+            )
+            assignments.append(probe.model_copy(update={"metadata": metadata}))
+            chosen.append(j)
+    # Each query's expected quality: its model's, or its probe option's.
+    expected = np.hstack([quality, options.quality])[rows, plan.assignment]
+    report = WindowReport(
+        window_id=bounds.window_id,
+        pool=pool,
+        window_start=bounds.start,
+        window_end=bounds.end,
+        query_count=len(queries),
+        mode="budget",
+        window_budget_usd=budget,
+        predicted_spend_usd=direct_usd + probe_usd,
+        predicted_mean_quality=float(expected.mean()) if len(queries) else 0.0,
+        solver=plan.solver,
+        solver_status=plan.status,
+        solve_seconds=plan.solve_seconds,
+        assignments_per_model=counts_per_model(pool_models, np.asarray(chosen, dtype=np.int64)),
+        probe_queries=len(probe_rows),
+        probe_spend_usd=probe_usd,
+        escalation_reserve_usd=reserve,
+    )
+    return assignments, report
+
+
+def _assignment(
+    query: PredictedQuery,
+    bounds: WindowBounds,
+    model: str,
+    quality: float,
+    cost: float,
+    role: AssignmentRole = "answer",
+) -> Assignment:
+    return Assignment(
+        query_id=query.query.query_id,
+        text=query.query.text,
+        model=model,
+        pool=query.query.pool,
+        window_id=bounds.window_id,
+        window_start=bounds.start,
+        window_end=bounds.end,
+        predicted_quality=quality,
+        predicted_cost_usd=cost,
+        metadata=query.query.metadata,
+        role=role,
+    )
+
+
+def probe_responses(probed: ProbedQuery, panel: Sequence[str]) -> list[str | None]:
+    """The panel's answers by name (an error, or a model the query was not probed
+    with after the panel changed: None)."""
+    by_model = {a.model: a.response for a in probed.answers if not a.error}
+    return [by_model.get(m) or None for m in panel]
+
+
+def plan_escalation_window(
+    pool: str,
+    cascade: FittedCascade,
+    probed: Sequence[ProbedQuery],
+    models: Sequence[str],
+    vectors: NDArray[np.float32],
+    reserve_usd: float,
+    bounds: WindowBounds,
+    solver: Method = "fast",
+    tie_tolerance: float = 0.0,
+) -> tuple[list[Assignment], WindowReport]:
+    """Per probed query one decision: role "probe" (its answer is accepted as the
+    final one; `model` says whose) or role "escalation" (a new assignment), under
+    `reserve_usd`, what the pool's first stages kept back and escalations have not
+    spent yet; and the escalation window's report."""
+    pool_models, panel = cascade.models, cascade.policy.panel
+    predicted = [p.predicted for p in probed]
+    quality, cost, allowed = matrices(predicted, models, pool_models)
+    responses = [probe_responses(p, cascade.panel) for p in probed]
+    answered = np.array([[r is not None for r in row] for row in responses], dtype=bool)
+    posterior = cascade.policy.scorer.posterior(
+        ProbeAnswers.of(responses), quality, cascade.policy.clusters(vectors)
+    )
+    # A probe without an answer can never be accepted; a forbidden model never chosen.
+    posterior[:, panel] = np.where(answered, posterior[:, panel], 0.0)
+    posterior = np.where(allowed, posterior, FORBIDDEN_QUALITY)
+    accept = np.where(
+        answered.any(axis=1), cascade.policy.accept_quality(posterior), FORBIDDEN_QUALITY
+    )
+    choice = plan_escalations(
+        posterior, accept, cost, panel, "budget", reserve_usd, solver, tie_tolerance
+    )
+    others = [j for j in range(len(pool_models)) if j not in panel]
+    cheapest = np.asarray(others)[cost[:, others].argmin(axis=1)]
+    choice = np.where((choice == NEVER) & ~answered.any(axis=1), cheapest, choice)
+    accepted = np.asarray(panel)[posterior[:, panel].argmax(axis=1)]
+    decisions: list[Assignment] = []
+    spend, chosen_quality = 0.0, []
+    for row, query in enumerate(predicted):
+        j = int(choice[row])
+        if j == NEVER:
+            k = int(accepted[row])
+            decision = _assignment(query, bounds, pool_models[k], float(accept[row]), 0.0, "probe")
+            answer = responses[row][cascade.policy.panel.index(k)]
+            metadata = accepted_metadata(query.query.metadata, answer)
+            decisions.append(decision.model_copy(update={"metadata": metadata}))
+            chosen_quality.append(float(accept[row]))
+            continue
+        decisions.append(
+            _assignment(
+                query, bounds, pool_models[j], float(posterior[row, j]), cost[row, j], "escalation"
+            )
+        )
+        spend += float(cost[row, j])
+        chosen_quality.append(float(posterior[row, j]))
+    report = escalation_report(
+        pool, bounds, decisions, pool_models, reserve_usd, chosen_quality, solver,
+        _status(spend, reserve_usd, solver),
+    )  # fmt: skip
+    return decisions, report
+
+
+def escalation_report(
+    pool: str,
+    bounds: WindowBounds,
+    decisions: Sequence[Assignment],
+    pool_models: Sequence[str],
+    reserve_usd: float | None,
+    chosen_quality: Sequence[float],
+    solver: str,
+    status: SolverStatus,
+) -> WindowReport:
+    """An escalation window's report: its spend is the escalations'."""
+    escalations = [d for d in decisions if d.role == "escalation"]
+    spend = float(sum(d.predicted_cost_usd for d in escalations))
+    models = list(pool_models)
+    chosen = np.asarray([models.index(d.model) for d in escalations], dtype=np.int64)
+    return WindowReport(
+        window_id=bounds.window_id,
+        pool=pool,
+        window_start=bounds.start,
+        window_end=bounds.end,
+        query_count=len(decisions),
+        mode="budget",
+        window_budget_usd=reserve_usd,
+        predicted_spend_usd=spend,
+        predicted_mean_quality=float(np.mean(chosen_quality)) if len(chosen_quality) else 0.0,
+        solver=solver,
+        solver_status=status,
+        solve_seconds=0.0,
+        assignments_per_model=counts_per_model(models, chosen),
+        escalation_queries=len(escalations),
+        escalation_spend_usd=spend,
+    )
+
+
+def accept_without_scorer(
+    pool: str,
+    probed: Sequence[ProbedQuery],
+    models: Sequence[str],
+    pool_models: Sequence[str],
+    bounds: WindowBounds,
+) -> tuple[list[Assignment], WindowReport]:
+    """Decisions when the pool has no fitted cascade any more (its probes were sent
+    by an earlier fit, or another router): accept the first probe answer; a query
+    with none is escalated to its cheapest model outside the probes."""
+    predicted = [p.predicted for p in probed]
+    quality, cost, _ = matrices(predicted, models, pool_models)
+    decisions: list[Assignment] = []
+    for row, (query, item) in enumerate(zip(predicted, probed, strict=True)):
+        answer = next((a for a in item.answers if a.response and not a.error), None)
+        if answer is not None and answer.model in pool_models:
+            metadata = accepted_metadata(query.query.metadata, answer.response)
+            decision = _assignment(query, bounds, answer.model, 0.0, 0.0, "probe")
+            decisions.append(decision.model_copy(update={"metadata": metadata}))
+            continue
+        asked = {a.model for a in item.answers}
+        others = [j for j, m in enumerate(pool_models) if m not in asked] or list(
+            range(len(pool_models))
+        )
+        j = min(others, key=lambda k: cost[row, k])
+        decisions.append(
+            _assignment(query, bounds, pool_models[j], quality[row, j], cost[row, j], "escalation")
+        )
+    report = escalation_report(
+        pool, bounds, decisions, pool_models, None, [], "none", "near_optimal"
+    )
+    return decisions, report

@@ -1,0 +1,115 @@
+"""Gathering a cascade query's probe answers (pure: the router's probe gatherer
+keeps the pending state in a table and forwards what this says is ready).
+
+A probe assignment carries, in its metadata under `CASCADE_METADATA_KEY`, the
+query's prediction and the panel's models; the model worker copies metadata
+into its response, so each probe answer brings what the escalation stage needs.
+A query is ready when every panel model answered (an error counts as no
+answer), or when `deadline_seconds` passed since its first answer: a missing
+answer then counts as none too, so a lost or stalled model never holds a query
+back for ever.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from schemas import Assignment, ModelResponse, PredictedQuery, ProbeAnswer, ProbedQuery
+
+# Reserved metadata key of a probe assignment (stripped from the final answer).
+CASCADE_METADATA_KEY = "omnirouter_cascade"
+NO_ANSWER_BEFORE_DEADLINE = "no answer before the probe deadline"
+
+
+class PendingProbes(BaseModel):
+    """One probed query's answers so far (the gatherer table's value)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    predicted: PredictedQuery
+    panel: list[str]
+    answers: dict[str, ProbeAnswer]
+    first_answer_at: float  # unix time of its first answer
+    partition: int = 0  # of omnirouter.responses, and of the gatherer table's changelog
+
+
+def probe_metadata(
+    metadata: Mapping[str, Any], predicted: PredictedQuery, panel: list[str]
+) -> dict[str, Any]:
+    """A probe assignment's metadata: the query's own, plus what the gatherer needs."""
+    context = {"panel": panel, "predicted": predicted.model_dump(mode="json")}
+    return {**metadata, CASCADE_METADATA_KEY: context}
+
+
+def user_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The query's own metadata, without the router's cascade context."""
+    return {k: v for k, v in metadata.items() if k != CASCADE_METADATA_KEY}
+
+
+def add_answer(
+    pending: PendingProbes | None, response: ModelResponse, now: float, partition: int = 0
+) -> PendingProbes | None:
+    """`pending` with the probe's answer added (the first answer starts it); None
+    when the response carries no cascade context (not a probe of this router)."""
+    if pending is None:
+        context = response.metadata.get(CASCADE_METADATA_KEY)
+        if not isinstance(context, dict):
+            return None
+        try:
+            predicted = PredictedQuery.model_validate(context["predicted"])
+            panel = [str(m) for m in context["panel"]]
+        except (KeyError, TypeError, ValueError):
+            return None
+        pending = PendingProbes(
+            predicted=predicted, panel=panel, answers={}, first_answer_at=now, partition=partition
+        )
+    if response.model not in pending.panel:
+        return pending
+    answer = ProbeAnswer(
+        model=response.model,
+        response=None if response.error else response.response,
+        error=response.error,
+    )
+    return pending.model_copy(update={"answers": {**pending.answers, response.model: answer}})
+
+
+def is_complete(pending: PendingProbes) -> bool:
+    return all(model in pending.answers for model in pending.panel)
+
+
+def is_overdue(pending: PendingProbes, now: float, deadline_seconds: float) -> bool:
+    return now - pending.first_answer_at >= deadline_seconds
+
+
+def accepted_metadata(metadata: Mapping[str, Any], response: str | None) -> dict[str, Any]:
+    """An accepted probe decision's metadata: the query's own, plus the accepted
+    answer, so a decision re-sent after a restart needs nothing else."""
+    return {**user_metadata(metadata), CASCADE_METADATA_KEY: {"response": response}}
+
+
+def final_response(decision: Assignment) -> ModelResponse:
+    """The accepted probe answer as the query's final answer (`accepted_metadata`)."""
+    context = decision.metadata.get(CASCADE_METADATA_KEY) or {}
+    return ModelResponse(
+        query_id=decision.query_id,
+        model=decision.model,
+        pool=decision.pool,
+        response=context.get("response"),
+        metadata=user_metadata(decision.metadata),
+        text=decision.text,
+        role="probe",
+        final=True,
+    )
+
+
+def probed_query(pending: PendingProbes) -> ProbedQuery:
+    """The event forwarded to the escalation stage: every panel model's answer, in
+    the panel's order; a model that has not answered counts as no answer."""
+    answers = [
+        pending.answers.get(m, ProbeAnswer(model=m, error=NO_ANSWER_BEFORE_DEADLINE))
+        for m in pending.panel
+    ]
+    return ProbedQuery(predicted=pending.predicted, answers=answers)

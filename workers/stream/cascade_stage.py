@@ -1,0 +1,263 @@
+"""Cascade pools on the stream (README "Cascade pools"): the first stage's hook into
+the window stage, the probe gatherer and the escalation stage.
+
+- `CascadeRouting.solve_first_stage`: the window stage calls it for a pool's
+  fresh queries; for a cascade pool whose policy is fitted it plans direct
+  answers and probes (workers/routing/cascade_window.py), else returns None and
+  the pool's window is routed one-shot as any other.
+- `gather_probes` (agent on omnirouter.responses, probes only): a table keyed by
+  query id holds the answers so far; when every panel model answered (or
+  CASCADE_PROBE_DEADLINE_SECONDS passed since the first answer, `forward_overdue`)
+  a ProbedQuery goes to omnirouter.probed, keyed by pool: co-partitioned with
+  omnirouter.predicted and the decision log.
+- `escalation_stage` (agent on omnirouter.probed): windows per pool as the
+  window stage gathers them; accept the best probe answer or escalate, under
+  the pool's escalation reserve; published through the same publisher, keyed
+  "escalation:<query_id>" in the decision log, so a query is finalised or
+  escalated once across restarts (a forwarded ProbedQuery read twice is a
+  duplicate there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from faust.types import EventT, StreamT, TableT
+
+from schemas import Assignment, ModelResponse, PredictedQuery, ProbedQuery, WindowReport
+from workers.routing.cascade_window import (
+    accept_without_scorer,
+    plan_escalation_window,
+    route_cascade_window,
+)
+from workers.routing.probes import (
+    PendingProbes,
+    add_answer,
+    final_response,
+    is_complete,
+    is_overdue,
+    probed_query,
+)
+from workers.routing.windows import WindowBounds
+from workers.stream.app import batches, decode_or_dead_letter, hand_over
+from workers.stream.codec import BadEvent, decode, encode
+from workers.stream.decision_log import classify
+from workers.stream.publishers import ESCALATION_KEY_PREFIX, PoolWindow
+from workers.stream.router_state import RouterState
+from workers.stream.window_stage import WindowStage, current, observe_window
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CascadeRouting:
+    """The first stage's hook: cascade pools' fitted policies live in RouterState."""
+
+    state: RouterState
+
+    async def solve_first_stage(
+        self, stage: WindowStage, pool: str, fresh: list[PredictedQuery], bounds: WindowBounds
+    ) -> tuple[list[Assignment], WindowReport] | None:
+        """A cascade pool's window planned with probes; None: route it one-shot (not a
+        cascade pool, or its cascade is not fitted yet: RouterState logs why)."""
+        fitted = self.state.cascades.get(pool)
+        if fitted is None:
+            if pool in self.state.cascades:
+                log.info("window %s: pool %s routed one-shot (cascade not fitted yet)",
+                         bounds.window_id, pool)  # fmt: skip
+            return None
+        settings = stage.settings
+        vectors = await self.state.embed([p.query.text for p in fresh])
+        return await asyncio.get_running_loop().run_in_executor(
+            stage.solver,
+            lambda: route_cascade_window(
+                pool,
+                settings.pool_policy(pool),
+                fitted,
+                fresh,
+                settings.router_models,
+                vectors,
+                bounds,
+                solver=settings.router_solver,
+                time_limit_seconds=settings.router_solver_time_limit_seconds,
+                tie_tolerance=settings.router_tie_tolerance,
+            ),
+        )
+
+
+# ------------------------------------------------------------------ probe gatherer
+
+
+@dataclass(frozen=True)
+class ProbeGatherer:
+    """The probes table (query id -> PendingProbes JSON) and where ready queries go."""
+
+    table: TableT
+    stage: WindowStage
+
+    def pending(self, key: bytes) -> PendingProbes | None:
+        raw = self.table.data.get(key)
+        return None if raw is None else PendingProbes.model_validate_json(raw)
+
+    def _write(self, partition: int, key: bytes, value: bytes | None) -> None:
+        if value is None:
+            self.table.data.pop(key, None)
+        else:
+            self.table.data[key] = value
+        self.table.send_changelog(partition, key, value)
+
+    async def forward(self, key: bytes, pending: PendingProbes) -> None:
+        """Send the probed query (acknowledged), then drop it from the table; a crash
+        between the two forwards it again: a duplicate for the escalation stage."""
+        topic = self.stage.topics.probed
+        assert topic is not None
+        probed = probed_query(pending)
+        sent = await topic.send(key=probed.predicted.query.pool.encode(), value=encode(probed))
+        await sent
+        self._write(pending.partition, key, None)
+
+    async def take(self, response: ModelResponse, partition: int) -> None:
+        key = response.query_id.encode()
+        pending = add_answer(self.pending(key), response, time.time(), partition)
+        if pending is None:
+            return
+        if is_complete(pending):
+            await self.forward(key, pending)
+        else:
+            self._write(partition, key, pending.model_dump_json().encode())
+
+    async def forward_overdue(self, deadline_seconds: float) -> int:
+        """Forward every query whose probes have waited too long, missing answers as none."""
+        now, forwarded = time.time(), 0
+        for key in list(self.table.data):
+            pending = self.pending(key)
+            if pending is not None and is_overdue(pending, now, deadline_seconds):
+                log.warning(
+                    "query %s: probe answers missing after %.0f s (%s); deciding without them",
+                    pending.predicted.query.query_id, deadline_seconds,
+                    sorted(set(pending.panel) - set(pending.answers)),
+                )  # fmt: skip
+                await self.forward(key, pending)
+                forwarded += 1
+        return forwarded
+
+
+async def gather_probes(gatherer: ProbeGatherer, stream: StreamT[bytes]) -> None:
+    """Agent on omnirouter.responses: the probes' answers only (others are not ours)."""
+    async for events in batches(stream, 500, 0.05):
+        for event in events:
+            try:
+                response = decode(event.message.value, ModelResponse)
+            except BadEvent:
+                continue  # the responses' own consumers see it; nothing to gather
+            if response.role == "probe" and not response.final:
+                await gatherer.take(response, event.message.partition)
+
+
+# ---------------------------------------------------------------- escalation stage
+
+Item = tuple[EventT, ProbedQuery]
+
+
+async def escalation_stage(stage: WindowStage, state: RouterState, stream: StreamT[bytes]) -> None:
+    settings = stage.settings
+    async for events in batches(
+        stream, settings.router_max_window_queries, settings.router_window_seconds
+    ):
+        await escalate_batch(stage, state, events)
+
+
+async def escalate_batch(stage: WindowStage, state: RouterState, events: Sequence[EventT]) -> None:
+    items = await decode_or_dead_letter(
+        events, lambda raw: decode(raw, ProbedQuery), stage.topics.deadletter
+    )
+    groups: dict[tuple[int, str], list[Item]] = defaultdict(list)
+    for event, probed in items:
+        groups[event.message.partition, probed.predicted.query.pool].append((event, probed))
+    closed = datetime.now(UTC)
+    for (partition, pool), group in groups.items():
+        window_id = f"{pool}:escalation:{closed.isoformat()}:{uuid.uuid4().hex[:8]}"
+        await publish_escalations(stage, state, pool, partition, group, window_id)
+
+
+async def publish_escalations(
+    stage: WindowStage,
+    state: RouterState,
+    pool: str,
+    partition: int,
+    items: list[Item],
+    window_id: str,
+) -> None:
+    probed = [p for _, p in items]
+    ids = [p.predicted.query.query_id for p in probed]
+    recorded = stage.decisions.recorded(ESCALATION_KEY_PREFIX + i for i in ids)
+    split = classify(
+        [p.predicted for p in probed],
+        {i: recorded[ESCALATION_KEY_PREFIX + i] for i in ids},
+    )
+    fresh_ids = {p.query.query_id for p in split.fresh}
+    first: dict[str, ProbedQuery] = {}
+    for item in probed:
+        if item.predicted.query.query_id in fresh_ids:
+            first.setdefault(item.predicted.query.query_id, item)
+    fresh = list(first.values())
+    decided, report = await decide(stage, state, pool, fresh, window_id) if fresh else ([], None)
+    window = PoolWindow(
+        pool=pool,
+        partition=partition,
+        decided=decided,
+        resend=split.resend,
+        report=report,
+        stage="escalation",
+        finals=[final_response(a) for a in [*decided, *split.resend] if a.role == "probe"],
+    )
+    events = [event for event, _ in items]
+    published = current(stage, events) and await stage.publisher.publish(
+        window, lambda: current(stage, events)
+    )
+    if not published:
+        log.warning("window %s: a rebalance began; its queries are left to the owner", window_id)
+        hand_over(events)
+    elif report is not None:
+        observe_window(report, [a for a in decided if a.role == "escalation"])
+
+
+async def decide(
+    stage: WindowStage, state: RouterState, pool: str, fresh: list[ProbedQuery], window_id: str
+) -> tuple[list[Assignment], WindowReport]:
+    """Accept or escalate each fresh probed query, under the pool's reserve."""
+    settings = stage.settings
+    created = [p.predicted.query.created_at for p in fresh]
+    bounds = WindowBounds(window_id, min(created), max(created))
+    policy = settings.pool_policy(pool)
+    pool_models = list(policy.models or settings.router_models)
+    fitted = state.cascades.get(pool)
+    if fitted is None:
+        return accept_without_scorer(pool, fresh, settings.router_models, pool_models, bounds)
+    reserve = stage.ledger.account(pool).escalation_reserve_usd
+    try:
+        vectors = await state.embed([p.predicted.query.text for p in fresh])
+        return await asyncio.get_running_loop().run_in_executor(
+            stage.solver,
+            lambda: plan_escalation_window(
+                pool,
+                fitted,
+                fresh,
+                settings.router_models,
+                vectors,
+                reserve,
+                bounds,
+                solver=settings.router_solver,
+                tie_tolerance=settings.router_tie_tolerance,
+            ),
+        )
+    except Exception:  # the pure core could not plan it: the queries still get an answer
+        log.exception("window %s: the escalation plan failed; first answers accepted", window_id)
+        return accept_without_scorer(pool, fresh, settings.router_models, pool_models, bounds)
