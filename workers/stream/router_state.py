@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from schemas import PredictedQuery, QueryEvent
+from schemas import PredictedBatch, QueryEvent
 from workers.config import Settings
 from workers.db.repository import iter_outcomes, replace_vectors, texts_of_other_embedders
 from workers.routing.embedder import Embedder
@@ -169,21 +169,16 @@ class RouterState:
         log.info("retrieval store rebuilt from the database: %d outcomes", count)
         return count
 
-    async def predict(self, queries: Sequence[QueryEvent]) -> list[PredictedQuery]:
+    async def predict(self, queries: Sequence[QueryEvent]) -> PredictedBatch:
+        """Every query's predictions, one row each, in the order of ROUTER_MODELS."""
         estimates = await self.on_predictor_thread(
             self.predictor.predict, [q.text for q in queries]
         )
-        models = self.settings.router_models
         # Each matrix to Python floats in one call, not three calls per query.
-        columns = zip(
-            estimates.quality.tolist(),
-            estimates.cost.tolist(),
-            estimates.support.tolist(),
-            strict=True,
+        return PredictedBatch(
+            models=self.settings.router_models,
+            queries=list(queries),
+            quality=estimates.quality.tolist(),
+            cost_usd=estimates.cost.tolist(),
+            support=estimates.support.tolist(),
         )
-        return [
-            PredictedQuery(
-                query=query, models=models, quality=quality, cost_usd=cost, support=support
-            )
-            for query, (quality, cost, support) in zip(queries, columns, strict=True)
-        ]
