@@ -10,6 +10,7 @@ crash.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import tempfile
@@ -182,4 +183,9 @@ def run_worker(
     # the root logger to DEBUG for it, so every debug line of aiokafka and Faust
     # was formatted and thrown away (about 3% of a busy router's time).
     worker.spinner = None
+    # What start-up built (imports, a router's retrieval store) lives as long as the
+    # process: frozen, the collector's full passes no longer walk it (a busy router
+    # spent ~0.14 s of its event loop on each of them).
+    gc.collect()
+    gc.freeze()
     worker.execute_from_commandline()
