@@ -20,9 +20,7 @@ MODELS = ["small", "large"]
 
 def batch(queries: list[QueryEvent]) -> PredictedBatch:
     rows = [[0.1 * i, 0.2 * i] for i in range(len(queries))]
-    return PredictedBatch(
-        models=MODELS, queries=queries, quality=rows, cost_usd=rows, support=rows
-    )
+    return PredictedBatch(models=MODELS, queries=queries, quality=rows, cost_usd=rows, support=rows)
 
 
 def read_back(records: list[tuple[bytes, bytes]]) -> list[tuple[bytes, str, list[float]]]:
