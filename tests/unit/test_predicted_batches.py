@@ -13,7 +13,7 @@ from workers.config import Settings
 from workers.stream.app import PRODUCER_MAX_REQUEST_BYTES
 from workers.stream.codec import BadEvent, encode
 from workers.stream.predict_stage import QueryRules, pool_records
-from workers.stream.window_stage import read_predictions, windows_of
+from workers.stream.window_stage import read_predictions, records_per_take, windows_of
 
 MODELS = ["small", "large"]
 
@@ -116,3 +116,18 @@ def test_windows_hold_at_most_the_maximum_in_even_parts(
     windows = windows_of(items, most)  # type: ignore[arg-type]
     assert [len(w) for w in windows] == sizes
     assert [i for w in windows for i in w] == items
+
+
+@pytest.mark.parametrize(
+    ("window_seconds", "max_queries", "predict_batch", "records"),
+    [(1.0, 2000, 256, 40), (5.0, 2000, 256, 200), (0.1, 2000, 256, 8), (1.0, 50_000, 100, 500)],
+)
+def test_a_take_holds_a_window_s_time_of_batches_and_a_full_window(
+    window_seconds: float, max_queries: int, predict_batch: int, records: int
+) -> None:
+    settings = Settings(
+        router_window_seconds=window_seconds,
+        router_max_window_queries=max_queries,
+        router_predict_batch=predict_batch,
+    )
+    assert records_per_take(settings) == records

@@ -3,7 +3,7 @@
 A pool's queries share a partition of omnirouter.predicted, so one router holds
 a pool's whole window. A record holds one micro-batch's predictions of a pool
 (PredictedBatch), read at once; the queries of the records gathered within
-ROUTER_WINDOW_SECONDS (at most ROUTER_MAX_WINDOW_QUERIES records) form windows
+ROUTER_WINDOW_SECONDS (at most `records_per_take` records) form windows
 of at most ROUTER_MAX_WINDOW_QUERIES queries, so one record's queries may fall
 into two windows; a record is acknowledged once every window of the batch is
 published (`batches`). For each pool of a window:
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from workers.stream.app import (
 from workers.stream.codec import BadEvent, decode, encode
 from workers.stream.decision_log import DecisionLog, classify
 from workers.stream.pool_ledger import PoolLedger
+from workers.stream.predict_stage import PREDICT_BATCH_SECONDS
 from workers.stream.publishers import PoolWindow, Publisher
 
 log = logging.getLogger(__name__)
@@ -148,11 +150,20 @@ def current(stage: WindowStage, events: Sequence[EventT]) -> bool:
     )
 
 
+def records_per_take(settings: Settings) -> int:
+    """The most records of omnirouter.predicted gathered at once: what a window's time
+    brings at one record per pool and predict batch (twice over: a second router's
+    batches, jitter), and at least ROUTER_MAX_WINDOW_QUERIES in full batches. No
+    more, so a backlog is read a bounded number of queries at a time (2,000 records
+    of 256 queries each had held a 20,000-query burst in memory at once)."""
+    in_time = math.ceil(2 * settings.router_window_seconds / PREDICT_BATCH_SECONDS)
+    full = math.ceil(settings.router_max_window_queries / settings.router_predict_batch)
+    return max(in_time, full)
+
+
 async def window_stage(stage: WindowStage, stream: StreamT[bytes]) -> None:
     settings = stage.settings
-    async for events in batches(
-        stream, settings.router_max_window_queries, settings.router_window_seconds
-    ):
+    async for events in batches(stream, records_per_take(settings), settings.router_window_seconds):
         await solve_batch(stage, events)
 
 
