@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION: Literal[1] = 1
 MAX_ID_LENGTH = 200
@@ -229,6 +229,52 @@ class PredictedQuery(Event):
     predicted_at: datetime = Field(default_factory=utc_now)
 
 
+class PredictedBatch(Event):
+    """Internal, between the router's two stages (topic `omnirouter.predicted`, keyed
+    by pool): the predictions of one pool's queries of one micro-batch, as one
+    record, so the stages pass one message per batch, not one per query. The
+    models are named once; row i of `quality`, `cost_usd` and `support` belongs to
+    `queries[i]`, in the order of `models`. The window stage reads each row as a
+    PredictedQuery (`predictions`) and still decides query by query; it also reads
+    single PredictedQuery records (of routers before batches)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+    models: list[str]
+    queries: list[QueryEvent] = Field(min_length=1)
+    quality: list[list[float]]
+    cost_usd: list[list[float]]
+    # Stored outcomes' worth behind each quality prediction (0: the prior alone).
+    support: list[list[float]]
+    predicted_at: datetime = Field(default_factory=utc_now)
+
+    @model_validator(mode="after")
+    def _one_row_per_query(self) -> PredictedBatch:
+        rows = len(self.queries)
+        for name in ("quality", "cost_usd", "support"):
+            matrix = getattr(self, name)
+            if len(matrix) != rows or any(len(row) != len(self.models) for row in matrix):
+                raise ValueError(f"{name} must hold one row per query, one value per model")
+        return self
+
+    def predictions(self) -> list[PredictedQuery]:
+        """One PredictedQuery per query (already validated here, so not again)."""
+        return [
+            PredictedQuery.model_construct(
+                schema_version=self.schema_version,
+                query=query,
+                models=self.models,
+                quality=quality,
+                cost_usd=cost,
+                support=support,
+                predicted_at=self.predicted_at,
+            )
+            for query, quality, cost, support in zip(
+                self.queries, self.quality, self.cost_usd, self.support, strict=True
+            )
+        ]
+
+
 class ProbeAnswer(BaseModel):
     """One panel model's answer to a probed query (None: an error, or no answer
     before the deadline)."""
@@ -283,4 +329,5 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     DeadLetter,
     PredictedQuery,
     ProbedQuery,
+    PredictedBatch,
 )

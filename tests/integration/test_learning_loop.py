@@ -20,7 +20,13 @@ import sqlalchemy as sa
 from aiohttp import web
 from sqlalchemy.orm import Session
 
-from schemas import Assignment, ModelResponse, PredictedQuery, QueryEvent, WindowReport
+from schemas import (
+    Assignment,
+    ModelResponse,
+    PredictedBatch,
+    QueryEvent,
+    WindowReport,
+)
 from tests.chat_server import ChatServer, completion
 from tests.faults import start_worker, wait_until
 from workers.config import Settings
@@ -131,7 +137,8 @@ def test_an_empty_store_learns_from_the_judge_and_routing_follows(
                 predicted = asyncio.run(read_topic(bootstrap, names["predicted"]))
                 return any(
                     p.quality[0] - p.quality[1] > 0.3
-                    for p in map(PredictedQuery.model_validate_json, predicted)
+                    for raw in predicted
+                    for p in PredictedBatch.model_validate_json(raw).predictions()
                     if int(p.query.query_id.rsplit("-", 1)[1]) >= 1000  # a probe
                     and len(p.query.query_id) > len(run) + 4
                 )
@@ -151,8 +158,9 @@ def test_an_empty_store_learns_from_the_judge_and_routing_follows(
             wait_until(lambda: later_ids <= assigned(), 120, "assignments of the later queries")
             assert all(p.poll() is None for p in processes), log.read_text()[-3000:]
             predicted = [
-                PredictedQuery.model_validate_json(raw)
+                p
                 for raw in asyncio.run(read_topic(bootstrap, names["predicted"]))
+                for p in PredictedBatch.model_validate_json(raw).predictions()
             ]
             assignments = [
                 Assignment.model_validate_json(raw)

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
-from schemas import Assignment, DeadLetter, Outcome, PredictedQuery, QueryEvent, WindowReport
+from schemas import Assignment, DeadLetter, Outcome, PredictedBatch, QueryEvent, WindowReport
 from workers.cli import MODEL_WORKER_METRICS_PORT, OUTCOMES_METRICS_PORT, ROUTER_METRICS_PORT
 from workers.config import Settings
 from workers.db.models import OutcomeRow
@@ -244,7 +244,8 @@ def test_queries_are_routed_answered_stored_and_learned_from(
         assert answered == len(queries) + 1
     predictions = {
         p.query.query_id: p
-        for p in map(PredictedQuery.model_validate_json, read_all(broker, names["predicted"]))
+        for raw in read_all(broker, names["predicted"])
+        for p in PredictedBatch.model_validate_json(raw).predictions()
     }
     column = settings.router_models.index(row.model)
     before = predictions[first.query_id].quality[column]

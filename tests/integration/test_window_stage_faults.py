@@ -3,18 +3,22 @@ omnirouter.predicted that are no prediction, and predictions made for an older
 model list (the README's "adding a model": a router restarted with one more
 model reads what its predecessor predicted). Before, either raised inside the
 agent, Faust's `take_events` acknowledged the batch anyway, and every valid
-query read with it was never routed.
+query read with it was never routed. Records of single predictions (routers
+before batches) and of batches (PredictedBatch) are read alike; one query of a
+batch the router cannot route is its own dead letter, and a batch larger than
+ROUTER_MAX_WINDOW_QUERIES falls into several windows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 from pathlib import Path
 
 import pytest
 
-from schemas import DeadLetter, PredictedQuery, QueryEvent
+from schemas import DeadLetter, PredictedBatch, PredictedQuery, QueryEvent, QueryHints
 from tests.faults import decisions, start_worker, wait_until
 from workers.config import Settings
 from workers.services import LocalBroker
@@ -37,6 +41,15 @@ def prediction(query_id: str, models: list[str]) -> PredictedQuery:
     )
 
 
+def batch_of(queries: list[QueryEvent], models: list[str]) -> PredictedBatch:
+    rows = [[0.6, 0.9, 0.95][: len(models)]] * len(queries)
+    costs = [[0.001, 0.01, 0.02][: len(models)]] * len(queries)
+    support = [[5.0] * len(models)] * len(queries)
+    return PredictedBatch(
+        models=models, queries=queries, quality=rows, cost_usd=costs, support=support
+    )
+
+
 def test_bad_and_outdated_predictions_never_cost_a_valid_query(tmp_path: Path) -> None:
     settings = Settings(kafka_partitions=1, router_models=NEW_MODELS)
     names = settings.topic_names()
@@ -49,6 +62,12 @@ def test_bad_and_outdated_predictions_never_cost_a_valid_query(tmp_path: Path) -
     ]
     messages += [("default", b"\x00not a prediction"), ("default", no_model_left.model_dump_json())]
     messages += [("default", p.model_dump_json()) for p in [*old[5:], *new[5:]]]
+    # A batch of 10 routable queries and one that allows only a model no longer routed.
+    batched = [QueryEvent(query_id=f"batch-{i}", text=f"question {i}") for i in range(10)]
+    retired = QueryEvent(query_id="batch-gone", text="q", hints=QueryHints(allowed_models=["x"]))
+    messages.append(
+        ("default", batch_of([*batched[:5], retired, *batched[5:]], MODELS).model_dump_json())
+    )
 
     with LocalBroker() as broker:
         bootstrap = broker.bootstrap_servers
@@ -64,12 +83,13 @@ def test_bad_and_outdated_predictions_never_cost_a_valid_query(tmp_path: Path) -
             "ROUTER_MODE": "quality",
             "ROUTER_QUALITY_TARGET": "0.7",
             "ROUTER_WINDOW_SECONDS": "0.5",
+            "ROUTER_MAX_WINDOW_QUERIES": "4",
             "METRICS_PORT": "0",
         }
         log = tmp_path / "router.log"
         router = start_worker("router", env, log)
         try:
-            wanted = {p.query.query_id for p in [*old, *new]}
+            wanted = {p.query.query_id for p in [*old, *new]} | {q.query_id for q in batched}
 
             def routed() -> set[str]:
                 assert router.poll() is None, log.read_text(errors="replace")[-3000:]
@@ -87,7 +107,16 @@ def test_bad_and_outdated_predictions_never_cost_a_valid_query(tmp_path: Path) -
 
     assert set(final) == wanted  # "gone" is not routed: no model of its prediction is left
     assert all(model != "newcomer" for q in old for model, _ in final[q.query.query_id])
+    assert all(model != "newcomer" for q in batched for model, _ in final[q.query_id])
+    # At most 4 queries a window: the batch's 10 routable queries in 3 or more windows.
+    windows = [window for decided in final.values() for _, window in decided]
+    assert max(windows.count(w) for w in windows) <= 4
+    assert len({window for q in batched for _, window in final[q.query_id]}) >= 3
     reasons = sorted(letter.reason for letter in letters)
-    assert len(reasons) == 2, reasons
-    assert "none of which this router routes to" in reasons[0] + reasons[1]
+    assert len(reasons) == 3, reasons
+    assert sum("none of which this router routes to" in r for r in reasons) == 2, reasons
     assert any(r.startswith(("not JSON", "invalid UTF-8")) for r in reasons), reasons
+    # The batch's unroutable query is a letter of its own prediction, at the batch's offset.
+    (gone,) = [letter for letter in letters if letter.source_offset == len(messages) - 1]
+    letter_body = PredictedQuery.model_validate_json(base64.b64decode(gone.raw_base64))
+    assert letter_body.query.query_id == "batch-gone"

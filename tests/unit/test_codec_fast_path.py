@@ -81,6 +81,8 @@ def same_either_way(raw: bytes, event_type: type[Any]) -> None:
 @example(b'{"query_id": "a", "text": "t", "metadata": {"n": -Infinity}}')
 @example(b'{"query_id": "a", "text": "\\ud83d\\ude00 \\udc00"}')
 @example(b'{"query_id": "a", "text": "t", "metadata": {"n": ' + b"9" * 5000 + b"}}")
+@example(b'{"query_id": "a", "text": "1", "metadata": {"m": 12.5, "n": ' + b"9" * 4301 + b"}}")
+@example(b'{"query_id": "a", "text": "' + b"1" * 4299 + b' 2", "metadata": {"n": 12.5}}')
 @example(b'{"query_id": "a", "text": "t", "schema_version": true}')
 def test_a_query_decodes_the_same_either_way(raw: bytes) -> None:
     same_either_way(raw, QueryEvent)

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
-from schemas import Assignment, PredictedQuery, WindowReport
+from schemas import Assignment, PredictedBatch, WindowReport
 from workers.config import ModelPrice, Settings
 from workers.db import migrate
 from workers.db.models import OutcomeRow
@@ -149,10 +149,11 @@ def run(
             _wait_for_answers(engine, run_id, len(events), timeout_seconds=600)
         assignments, shadow_list = _read_assignments(broker.bootstrap_servers, settings)
         predicted = [
-            PredictedQuery.model_validate_json(raw)
+            prediction
             for raw in asyncio.run(
                 read_topic(broker.bootstrap_servers, settings.topic_names()["predicted"])
             )
+            for prediction in PredictedBatch.model_validate_json(raw).predictions()
         ]
         reports = [
             WindowReport.model_validate_json(raw)

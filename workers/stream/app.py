@@ -10,6 +10,7 @@ crash.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import tempfile
@@ -150,19 +151,21 @@ async def decode_or_dead_letter(
     return valid
 
 
-async def send_dead_letter(event: EventT, reason: str, deadletter: TopicT) -> None:
+async def send_dead_letter(
+    event: EventT, reason: str, deadletter: TopicT, value: bytes | None = None
+) -> None:
     """Send the event's dead letter, sized to fit the app's producer request: a larger
     event is kept as an excerpt (the producer would refuse the whole, and the
-    agent's batch would fail with it)."""
+    agent's batch would fail with it). `value`: the part of the event's value the
+    letter is about (one query of a batch record), instead of all of it."""
     message = event.message
     log.warning(
         "dead letter from %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
     )
     metrics.DEAD_LETTERS.labels(message.topic, metrics.reason_kind(reason)).inc()
     limit = deadletter.app.conf.producer_max_request_size
-    letter = dead_letter(
-        message.value, message.topic, message.partition, message.offset, reason, limit
-    )
+    raw = message.value if value is None else value
+    letter = dead_letter(raw, message.topic, message.partition, message.offset, reason, limit)
     await deadletter.send(key=dead_letter_key(message.key, limit), value=encode(letter))
 
 
@@ -182,4 +185,9 @@ def run_worker(
     # the root logger to DEBUG for it, so every debug line of aiokafka and Faust
     # was formatted and thrown away (about 3% of a busy router's time).
     worker.spinner = None
+    # What start-up built (imports, a router's retrieval store) lives as long as the
+    # process: frozen, the collector's full passes no longer walk it (a busy router
+    # spent ~0.14 s of its event loop on each of them).
+    gc.collect()
+    gc.freeze()
     worker.execute_from_commandline()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -23,6 +22,11 @@ class BadEvent(ValueError):
 # them), and integers longer than Python converts (which need that many bytes).
 _READ_OTHERWISE = (b"NaN", b"Infinity", b"\\u")
 _LONGEST_INTEGER_DIGITS = 4300
+# Every digit as "0", every other byte as ".": a run of digits is then a substring
+# search, linear in the bytes (a regex for the run retried at every digit of every
+# number: 40 us per query of a batch of predictions).
+_DIGITS_AS_ZEROS = bytes(ord("0") if ord("0") <= i <= ord("9") else ord(".") for i in range(256))
+_LONGEST_RUN = b"0" * _LONGEST_INTEGER_DIGITS
 
 
 def decode(raw: bytes | None, event_type: type[EventT]) -> EventT:
@@ -42,7 +46,7 @@ def decode(raw: bytes | None, event_type: type[EventT]) -> EventT:
 
 def _same_either_way(raw: bytes) -> bool:
     return not any(token in raw for token in _READ_OTHERWISE) and (
-        len(raw) < _LONGEST_INTEGER_DIGITS or re.search(rb"\d{4300}", raw) is None
+        len(raw) < _LONGEST_INTEGER_DIGITS or _LONGEST_RUN not in raw.translate(_DIGITS_AS_ZEROS)
     )
 
 

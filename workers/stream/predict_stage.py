@@ -3,21 +3,23 @@
 Per-query work that scales out over partitions and router processes. Invalid
 queries become dead letters with their reason; valid ones are predicted in
 micro-batches and forwarded keyed by pool, so a pool's window gathers on one
-partition of omnirouter.predicted. A batch is acknowledged only once all its
-predictions are acknowledged by the broker (`batches`).
+partition of omnirouter.predicted: one record (PredictedBatch) per pool of a
+micro-batch, split in halves while it would not fit a produce request. A batch
+is acknowledged only once all its records are acknowledged by the broker
+(`batches`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from faust.types import EventT, StreamT
 
-from schemas import QueryEvent
+from schemas import PredictedBatch, QueryEvent
 from workers.config import Settings
 from workers.routing.windows import bounded_created_at
 from workers.stream import metrics
@@ -27,6 +29,9 @@ from workers.stream.router_state import RouterState
 
 # Whatever arrived within this long is predicted together (up to ROUTER_PREDICT_BATCH).
 PREDICT_BATCH_SECONDS = 0.05
+# What a produce request adds to a record's key and value: the record batch's
+# header (61 bytes) and the record's own framing (aiokafka's estimate), and more.
+RECORD_FRAMING_BYTES = 256
 
 
 def prediction_room_bytes(models: Sequence[str]) -> int:
@@ -107,11 +112,46 @@ async def predict_batch(
         return
     for pool, count in Counter(query.pool for query in valid).items():
         metrics.QUERIES_IN.labels(pool).inc(count)
-    sent = [
-        await topics.predicted.send(key=p.query.pool.encode(), value=encode(p))
-        for p in await state.predict(valid)
-    ]
+    records = pool_records(await state.predict(valid), PRODUCER_MAX_REQUEST_BYTES)
+    sent = [await topics.predicted.send(key=key, value=value) for key, value in records]
     await asyncio.gather(*sent)
+
+
+def pool_records(batch: PredictedBatch, max_request_bytes: int) -> list[tuple[bytes, bytes]]:
+    """(key, value) records: each pool's predictions of the batch, keyed by the pool,
+    in as few records as fit a produce request, in the batch's order."""
+    rows: dict[str, list[int]] = defaultdict(list)
+    for row, query in enumerate(batch.queries):
+        rows[query.pool].append(row)
+    records: list[tuple[bytes, bytes]] = []
+    for pool, pool_rows in rows.items():
+        key = pool.encode()
+        room = max_request_bytes - len(key) - RECORD_FRAMING_BYTES
+        records += [(key, value) for value in fitting(batch, pool_rows, room)]
+    return records
+
+
+def fitting(batch: PredictedBatch, rows: list[int], room: int) -> list[bytes]:
+    """The rows encoded as one record, or halved until each part fits `room` bytes
+    (a lone query fits: validation refused those that would not)."""
+    value = encode(batch if len(rows) == len(batch.queries) else rows_of(batch, rows))
+    if len(value) <= room or len(rows) == 1:
+        return [value]
+    half = len(rows) // 2
+    return [*fitting(batch, rows[:half], room), *fitting(batch, rows[half:], room)]
+
+
+def rows_of(batch: PredictedBatch, rows: list[int]) -> PredictedBatch:
+    """The batch's rows `rows` (validated with the batch, so not again)."""
+    return PredictedBatch.model_construct(
+        schema_version=batch.schema_version,
+        models=batch.models,
+        queries=[batch.queries[r] for r in rows],
+        quality=[batch.quality[r] for r in rows],
+        cost_usd=[batch.cost_usd[r] for r in rows],
+        support=[batch.support[r] for r in rows],
+        predicted_at=batch.predicted_at,
+    )
 
 
 async def predict_stage(

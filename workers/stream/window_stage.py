@@ -1,7 +1,12 @@
 """The router's second stage: omnirouter.predicted -> one window per pool -> solve -> publish.
 
 A pool's queries share a partition of omnirouter.predicted, so one router holds
-a pool's whole window. For each pool of a window:
+a pool's whole window. A record holds one micro-batch's predictions of a pool
+(PredictedBatch), read at once; the queries of the records gathered within
+ROUTER_WINDOW_SECONDS (at most `records_per_take` records) form windows
+of at most ROUTER_MAX_WINDOW_QUERIES queries, so one record's queries may fall
+into two windows; a record is acknowledged once every window of the batch is
+published (`batches`). For each pool of a window:
 1. split the queries by the decision log: fresh, decided but maybe unsent, published;
 2. solve the fresh ones (off the event loop) under what the pool's ledger says
    is left of its time and exploration allowance;
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,7 +33,7 @@ from datetime import UTC, datetime, timedelta
 import faust
 from faust.types import EventT, StreamT
 
-from schemas import Assignment, PredictedQuery, QueryHints, WindowReport
+from schemas import Assignment, PredictedBatch, PredictedQuery, QueryHints, WindowReport
 from workers.config import Settings
 from workers.routing.windows import WindowBounds, route_window, traffic_span
 from workers.stream import metrics
@@ -38,9 +44,10 @@ from workers.stream.app import (
     hand_over,
     send_dead_letter,
 )
-from workers.stream.codec import BadEvent, decode
+from workers.stream.codec import BadEvent, decode, encode
 from workers.stream.decision_log import DecisionLog, classify
 from workers.stream.pool_ledger import PoolLedger
+from workers.stream.predict_stage import PREDICT_BATCH_SECONDS
 from workers.stream.publishers import PoolWindow, Publisher
 
 log = logging.getLogger(__name__)
@@ -102,8 +109,40 @@ def aligned(predicted: PredictedQuery, models: Sequence[str]) -> PredictedQuery:
     )
 
 
-def read_prediction(raw: bytes | None, settings: Settings) -> PredictedQuery:
-    return aligned(decode(raw, PredictedQuery), settings.router_models)
+def read_predictions(raw: bytes | None) -> list[PredictedQuery]:
+    """A record's predictions: a batch's rows, or the one prediction of a record of
+    a router before batches. BadEvent (the batch's reason) when it is neither."""
+    try:
+        return decode(raw, PredictedBatch).predictions()
+    except BadEvent as not_a_batch:
+        try:
+            return [decode(raw, PredictedQuery)]
+        except BadEvent:
+            raise not_a_batch from None
+
+
+async def read_items(stage: WindowStage, events: Sequence[EventT]) -> list[Item]:
+    """Each query of the events' records, aligned to this router's models. A record
+    that is no prediction is a dead letter; so is a query this router cannot
+    route (its letter holds that query's prediction alone, at its record's position)."""
+    records = await decode_or_dead_letter(events, read_predictions, stage.topics.deadletter)
+    items: list[Item] = []
+    for event, predictions in records:
+        for predicted in predictions:
+            try:
+                items.append((event, aligned(predicted, stage.settings.router_models)))
+            except BadEvent as exc:
+                letter = encode(predicted)
+                await send_dead_letter(event, str(exc), stage.topics.deadletter, letter)
+    return items
+
+
+def windows_of(items: list[Item], max_queries: int) -> list[list[Item]]:
+    """The items, in order, in as few windows of at most `max_queries` as hold them,
+    of even sizes (one record's queries may fall into two windows)."""
+    count = -(-len(items) // max_queries)
+    size = -(-len(items) // count) if items else 0
+    return [items[start : start + size] for start in range(0, len(items), size or 1)]
 
 
 def current(stage: WindowStage, events: Sequence[EventT]) -> bool:
@@ -117,27 +156,34 @@ def current(stage: WindowStage, events: Sequence[EventT]) -> bool:
     )
 
 
+def records_per_take(settings: Settings) -> int:
+    """The most records of omnirouter.predicted gathered at once: what a window's time
+    brings at one record per pool and predict batch (twice over: a second router's
+    batches, jitter), and at least ROUTER_MAX_WINDOW_QUERIES in full batches. No
+    more, so a backlog is read a bounded number of queries at a time (2,000 records
+    of 256 queries each had held a 20,000-query burst in memory at once)."""
+    in_time = math.ceil(2 * settings.router_window_seconds / PREDICT_BATCH_SECONDS)
+    full = math.ceil(settings.router_max_window_queries / settings.router_predict_batch)
+    return max(in_time, full)
+
+
 async def window_stage(stage: WindowStage, stream: StreamT[bytes]) -> None:
     settings = stage.settings
-    async for events in batches(
-        stream, settings.router_max_window_queries, settings.router_window_seconds
-    ):
+    async for events in batches(stream, records_per_take(settings), settings.router_window_seconds):
         await solve_batch(stage, events)
 
 
 async def solve_batch(stage: WindowStage, events: Sequence[EventT]) -> None:
     closed = datetime.now(UTC)
-    items = await decode_or_dead_letter(
-        events, lambda raw: read_prediction(raw, stage.settings), stage.topics.deadletter
-    )
     # A pool's queries share a partition; grouping by both keeps each published
     # window within one partition (and one transaction) whatever a producer did.
     groups: dict[tuple[int, str], list[Item]] = defaultdict(list)
-    for event, predicted in items:
+    for event, predicted in await read_items(stage, events):
         groups[event.message.partition, predicted.query.pool].append((event, predicted))
     for (partition, pool), group in groups.items():
-        window_id = f"{pool}:{closed.isoformat()}:{uuid.uuid4().hex[:8]}"
-        await publish_pool_window(stage, pool, partition, group, window_id)
+        for window in windows_of(group, stage.settings.router_max_window_queries):
+            window_id = f"{pool}:{closed.isoformat()}:{uuid.uuid4().hex[:8]}"
+            await publish_pool_window(stage, pool, partition, window, window_id)
 
 
 async def publish_pool_window(
@@ -148,7 +194,8 @@ async def publish_pool_window(
     for query_id in split.duplicates:
         log.info("duplicate query_id %s skipped", query_id)
     solved = await solve_fresh(stage, pool, items, split.fresh, window_id) if split.fresh else None
-    events = [event for event, _ in items]
+    # The window's records, once each (a record holds several queries).
+    events = list({id(event): event for event, _ in items}.values())
     window = PoolWindow(
         pool=pool,
         partition=partition,
@@ -212,7 +259,7 @@ async def solve_fresh(
         reason = f"routing failed in pool {pool!r}: {type(exc).__name__}: {exc}"
         for event, predicted in items:
             if predicted.query.query_id in fresh_ids:
-                await send_dead_letter(event, reason, stage.topics.deadletter)
+                await send_dead_letter(event, reason, stage.topics.deadletter, encode(predicted))
         return None
 
 
