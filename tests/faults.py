@@ -23,7 +23,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from aiokafka import AIOKafkaConsumer
 
-from schemas import Assignment, QueryEvent
+from schemas import Assignment, AssignmentRole, QueryEvent
 from workers.config import Settings
 from workers.routing.dataset import OutcomeTable, load_routerbench, shipped_sample_path
 from workers.routing.embedder import Embedder
@@ -123,12 +123,16 @@ def start_worker(command: str, env: dict[str, str], log: Path) -> subprocess.Pop
     )
 
 
-def decisions(bootstrap: str, topics: list[str]) -> dict[str, list[tuple[str, str]]]:
-    """query_id -> every (model, window_id) published for it on the route topics."""
+def decisions(
+    bootstrap: str, topics: list[str], role: AssignmentRole = "answer"
+) -> dict[str, list[tuple[str, str]]]:
+    """query_id -> every (model, window_id) published for it on the route topics, of
+    assignments of `role` (the query's answer by default; "shadow": its shadow answers)."""
     seen: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for record in asyncio.run(read_records(bootstrap, topics)):
         assignment = Assignment.model_validate_json(record.value or b"")
-        seen[assignment.query_id].append((assignment.model, assignment.window_id))
+        if assignment.role == role:
+            seen[assignment.query_id].append((assignment.model, assignment.window_id))
     return seen
 
 

@@ -2,7 +2,8 @@
 one finishes the job. After SIGTERM the router must also exit 0.
 
 Every query produced must end with exactly one routing decision (one model,
-one window); a decision may reach its topic twice, unchanged, and consumers
+one window, and at most one shadow answer in that window); a decision may reach
+its topic twice, unchanged, and consumers
 de-duplicate by query id. Counted over every message, not sampled.
 """
 
@@ -93,7 +94,7 @@ def test_a_router_stopped_mid_window_loses_and_doubles_no_decision(
     sample = seeded_router_services(bootstrap, postgres_url, settings, router_embedder)
     env = {
         **os.environ,
-        "ROUTER_SHADOW_SHARE": "0",  # one answer a query (shadows: test_learning_loop)
+        "ROUTER_SHADOW_SHARE": "0.2",  # shadow answers too: one decision holds both
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "DATABASE_URL": postgres_url,
         "KAFKA_PARTITIONS": "2",
@@ -153,6 +154,7 @@ def test_a_router_stopped_mid_window_loses_and_doubles_no_decision(
                 lambda: caught_up(bootstrap, ROUTER_APP_ID, read_by_router), 30, "caught up"
             )
             final = decisions(bootstrap, routes)
+            shadows = decisions(bootstrap, routes, role="shadow")
         finally:
             second.terminate()
             second.wait(timeout=30)
@@ -166,9 +168,14 @@ def test_a_router_stopped_mid_window_loses_and_doubles_no_decision(
         f"{stop_signal.name}: produced {len(produced)}, "
         f"routed before the stop {routed_before_stop}, "
         f"assigned {len(final)}, assignment messages {messages}, "
-        f"identical re-sends {messages - len(final)}, lost {len(produced - set(final))}"
+        f"identical re-sends {messages - len(final)}, lost {len(produced - set(final))}, "
+        f"shadow answers {len(shadows)}"
     )
     assert set(final) == produced  # nothing lost, nothing invented
     assert all(len(d) == 1 for d in distinct.values()), {
         q: d for q, d in distinct.items() if len(d) > 1
     }  # one decision per query: a re-send repeats it unchanged
+    assert shadows, "no shadow answer was asked: the test would not cover them"
+    for query_id, shadowed in shadows.items():  # part of the same decision, never another
+        assert len(set(shadowed)) == 1, (query_id, shadowed)
+        assert shadowed[0][1] == final[query_id][0][1], (query_id, shadowed, final[query_id])
