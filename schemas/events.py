@@ -226,6 +226,11 @@ class PredictedQuery(Event):
     cost_usd: list[float]
     # Stored outcomes' worth behind each quality prediction (0: the prior alone).
     support: list[float] = Field(default_factory=list)
+    # The query's cluster of stored queries and the variance of each model's mean
+    # there (none: nothing stored yet, or an older router's event); budget windows
+    # keep the best single model unless a plan beats it by more than that allows.
+    cluster: int | None = None
+    mean_variance: list[float] = Field(default_factory=list)
     predicted_at: datetime = Field(default_factory=utc_now)
 
 

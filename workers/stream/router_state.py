@@ -175,15 +175,32 @@ class RouterState:
         )
         models = self.settings.router_models
         # Each matrix to Python floats in one call, not three calls per query.
+        uncertainty = estimates.uncertainty
+        clusters: list[int | None] = (
+            [None] * len(queries) if uncertainty is None else uncertainty.cluster.tolist()
+        )
+        variances: list[list[float]] = (
+            [[] for _ in queries] if uncertainty is None else uncertainty.variance.tolist()
+        )
         columns = zip(
             estimates.quality.tolist(),
             estimates.cost.tolist(),
             estimates.support.tolist(),
+            clusters,
+            variances,
             strict=True,
         )
         return [
             PredictedQuery(
-                query=query, models=models, quality=quality, cost_usd=cost, support=support
+                query=query,
+                models=models,
+                quality=quality,
+                cost_usd=cost,
+                support=support,
+                cluster=cluster,
+                mean_variance=variance,
             )
-            for query, (quality, cost, support) in zip(queries, columns, strict=True)
+            for query, (quality, cost, support, cluster, variance) in zip(
+                queries, columns, strict=True
+            )
         ]
