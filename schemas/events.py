@@ -226,6 +226,11 @@ class PredictedQuery(Event):
     cost_usd: list[float]
     # Stored outcomes' worth behind each quality prediction (0: the prior alone).
     support: list[float] = Field(default_factory=list)
+    # The query's cluster of stored queries and the variance of each model's mean
+    # there (none: nothing stored yet, or an older router's event); budget windows
+    # keep the best single model unless a plan beats it by more than that allows.
+    cluster: int | None = None
+    mean_variance: list[float] = Field(default_factory=list)
     predicted_at: datetime = Field(default_factory=utc_now)
 
 
@@ -246,6 +251,10 @@ class PredictedBatch(Event):
     cost_usd: list[list[float]]
     # Stored outcomes' worth behind each quality prediction (0: the prior alone).
     support: list[list[float]]
+    # Small stores (PredictedQuery.cluster, .mean_variance): each query's cluster and
+    # the variance of each model's mean there; empty when not known.
+    cluster: list[int | None] = Field(default_factory=list)
+    mean_variance: list[list[float]] = Field(default_factory=list)
     predicted_at: datetime = Field(default_factory=utc_now)
 
     @model_validator(mode="after")
@@ -255,10 +264,20 @@ class PredictedBatch(Event):
             matrix = getattr(self, name)
             if len(matrix) != rows or any(len(row) != len(self.models) for row in matrix):
                 raise ValueError(f"{name} must hold one row per query, one value per model")
+        if self.cluster and len(self.cluster) != rows:
+            raise ValueError("cluster must hold one value per query, or none")
+        if self.mean_variance and (
+            len(self.mean_variance) != rows
+            or any(len(row) != len(self.models) for row in self.mean_variance)
+        ):
+            raise ValueError("mean_variance must hold one row per query, one value per model")
         return self
 
     def predictions(self) -> list[PredictedQuery]:
         """One PredictedQuery per query (already validated here, so not again)."""
+        rows = len(self.queries)
+        clusters = self.cluster or [None] * rows
+        variances = self.mean_variance or [[] for _ in range(rows)]
         return [
             PredictedQuery.model_construct(
                 schema_version=self.schema_version,
@@ -267,10 +286,18 @@ class PredictedBatch(Event):
                 quality=quality,
                 cost_usd=cost,
                 support=support,
+                cluster=cluster,
+                mean_variance=variance,
                 predicted_at=self.predicted_at,
             )
-            for query, quality, cost, support in zip(
-                self.queries, self.quality, self.cost_usd, self.support, strict=True
+            for query, quality, cost, support, cluster, variance in zip(
+                self.queries,
+                self.quality,
+                self.cost_usd,
+                self.support,
+                clusters,
+                variances,
+                strict=True,
             )
         ]
 

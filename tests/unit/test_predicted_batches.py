@@ -47,6 +47,19 @@ def test_each_pool_gets_one_record_of_its_queries_in_order() -> None:
     ]  # fmt: skip
 
 
+def test_each_pool_s_record_keeps_its_queries_uncertainty() -> None:
+    """A small store's cluster and mean variances travel with each query's row."""
+    queries = [QueryEvent(query_id=f"q{i}", text="t", pool=f"p{i % 2}") for i in range(4)]
+    whole = batch(queries).model_copy(
+        update={"cluster": [0, 1, 2, 3], "mean_variance": [[i, 10 * i] for i in range(4)]}
+    )
+    read = [p for _, value in pool_records(whole, PRODUCER_MAX_REQUEST_BYTES)
+            for p in read_predictions(value)]  # fmt: skip
+    assert [(p.query.query_id, p.cluster, p.mean_variance) for p in read] == [
+        ("q0", 0, [0, 0]), ("q2", 2, [2, 20]), ("q1", 1, [1, 10]), ("q3", 3, [3, 30]),
+    ]  # fmt: skip
+
+
 def test_a_batch_too_large_for_one_request_is_split_and_each_part_fits() -> None:
     settings = Settings(router_models=MODELS, router_max_text_chars=PRODUCER_MAX_REQUEST_BYTES)
     rules = QueryRules.of(settings)

@@ -55,7 +55,7 @@ from workers.routing.cascade import (
 )
 from workers.routing.dataset import OutcomeTable
 from workers.routing.embedder import Embedder
-from workers.routing.optimizer import Method, Mode, WindowProblem, solve
+from workers.routing.optimizer import Method, Mode, Uncertainty, WindowProblem, solve
 from workers.routing.predictor import Estimates, HybridPredictor, KnnSettings
 from workers.routing.store import RetrievalStore
 
@@ -277,6 +277,7 @@ def route_split(
     spent: NDArray[np.float64] = test.costs[scored]
     quality: NDArray[np.float64] = estimates.quality[scored]
     cost: NDArray[np.float64] = estimates.cost[scored]
+    uncertainty = None if estimates.uncertainty is None else estimates.uncertainty.take(scored)
     n, n_models = truth.shape
     rows = np.arange(n)
 
@@ -297,7 +298,14 @@ def route_split(
     if "budget" in settings.modes:
         for per_query in budgets:
             plan = route_windows(
-                quality, cost, size, "budget", per_query, settings.solver, settings.tie_tolerance
+                quality,
+                cost,
+                size,
+                "budget",
+                per_query,
+                settings.solver,
+                settings.tie_tolerance,
+                uncertainty,
             )
             record(OMNIROUTER_BUDGET, float(per_query), plan)
             # Same solver: the fast path leaves more on the table with 0/1 qualities.
@@ -432,10 +440,12 @@ def route_windows(
     limit: float,
     solver: Method,
     tie_tolerance: float = 0.0,
+    uncertainty: Uncertainty | None = None,
 ) -> NDArray[np.int64]:
     """Route queries in consecutive windows of `window_size`; `limit` is the budget
     per query (budget mode: the window's budget is it times the window's queries)
-    or the quality target (quality mode)."""
+    or the quality target (quality mode); `uncertainty`: the predictor's, for the
+    single-model check of budget mode (`optimizer.keep_single_model`)."""
     plan = np.zeros(len(quality), dtype=np.int64)
     for window in windows_of(len(quality), window_size):
         problem = WindowProblem(
@@ -445,6 +455,7 @@ def route_windows(
             window_budget_usd=limit * len(window) if mode == "budget" else None,
             quality_target=limit if mode == "quality" else None,
             tie_tolerance=tie_tolerance,
+            uncertainty=None if uncertainty is None else uncertainty.take(window),
         )
         plan[window] = solve(problem, solver).assignment
     return plan

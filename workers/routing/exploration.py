@@ -247,4 +247,5 @@ def _rest_of(
         capacities=capacities,
         fallback_model=problem.fallback_model,
         tie_tolerance=problem.tie_tolerance,
+        uncertainty=None if problem.uncertainty is None else problem.uncertainty.take(rest),
     )

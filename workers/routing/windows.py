@@ -18,7 +18,7 @@ from schemas import Assignment, PredictedQuery, WindowReport
 from schemas.events import SolverStatus
 from workers.config import PoolPolicy
 from workers.routing.exploration import explore_and_solve
-from workers.routing.optimizer import Method, WindowProblem
+from workers.routing.optimizer import Method, Uncertainty, WindowProblem
 from workers.routing.shadow import NOT_SHADOWED
 
 
@@ -139,6 +139,15 @@ def support_matrix(
     ).reshape(len(queries), -1)[:, columns]
 
 
+def uncertainty_of(queries: Sequence[PredictedQuery], columns: Sequence[int]) -> Uncertainty | None:
+    """The predictor's uncertainty of the window's predictions; None unless every
+    query carries it (an empty store, an older router's event)."""
+    if not queries or any(q.cluster is None or not q.mean_variance for q in queries):
+        return None
+    variance = np.array([q.mean_variance for q in queries], dtype=float)[:, columns]
+    return Uncertainty(np.array([q.cluster for q in queries], dtype=np.int64), variance)
+
+
 def route_window(
     pool: str,
     policy: PoolPolicy,
@@ -177,6 +186,7 @@ def route_window(
         capacities=tuple((capacities or {}).get(m) for m in pool_models),
         fallback_model=pool_models.index(fallback_model) if fallback_model in pool_models else None,
         tie_tolerance=tie_tolerance,
+        uncertainty=uncertainty_of(queries, columns),
     )
     # The window's id seeds the exploration draws: a replayed window draws the same.
     rng = np.random.default_rng(list(hashlib.sha256(bounds.window_id.encode()).digest()[:8]))

@@ -150,6 +150,8 @@ def rows_of(batch: PredictedBatch, rows: list[int]) -> PredictedBatch:
         quality=[batch.quality[r] for r in rows],
         cost_usd=[batch.cost_usd[r] for r in rows],
         support=[batch.support[r] for r in rows],
+        cluster=[batch.cluster[r] for r in rows] if batch.cluster else [],
+        mean_variance=[batch.mean_variance[r] for r in rows] if batch.mean_variance else [],
         predicted_at=batch.predicted_at,
     )
 

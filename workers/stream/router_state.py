@@ -236,10 +236,13 @@ class RouterState:
             self.predictor.predict, [q.text for q in queries]
         )
         # Each matrix to Python floats in one call, not three calls per query.
+        uncertainty = estimates.uncertainty
         return PredictedBatch(
             models=self.settings.router_models,
             queries=list(queries),
             quality=estimates.quality.tolist(),
             cost_usd=estimates.cost.tolist(),
             support=estimates.support.tolist(),
+            cluster=[] if uncertainty is None else uncertainty.cluster.tolist(),
+            mean_variance=[] if uncertainty is None else uncertainty.variance.tolist(),
         )

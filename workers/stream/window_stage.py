@@ -105,6 +105,9 @@ def aligned(predicted: PredictedQuery, models: Sequence[str]) -> PredictedQuery:
             "quality": column(predicted.quality, 0.0),
             "cost_usd": column(predicted.cost_usd, 0.0),
             "support": column(predicted.support, 0.0),
+            "mean_variance": column(predicted.mean_variance, 0.0)
+            if predicted.mean_variance
+            else [],
         }
     )
 
