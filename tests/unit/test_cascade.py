@@ -19,6 +19,7 @@ from workers.routing.cascade import (
     price_options,
     run_window,
 )
+from workers.routing.optimizer import WindowProblem, solve
 
 # Models: two cheap probes (0, 1) and a dear, accurate one (2); costs per query.
 COSTS = np.array([1.0, 1.2, 20.0])
@@ -60,6 +61,36 @@ def test_escalation_gain_rewards_a_scorer_that_ranks_wrong_answers_first() -> No
     assert escalation_gain(right_order, truth, [0, 1], 2) == pytest.approx((0.5 + 1 + 1) / 3)
     wrong_order = np.array([[0.1, 0.1, 0.5], [0.9, 0.1, 0.5]])
     assert escalation_gain(wrong_order, truth, [0, 1], 2) == pytest.approx((0.5 + 0.5 + 1) / 3)
+
+
+def test_probe_options_that_do_not_pay_leave_the_one_shot_plan_unchanged() -> None:
+    """Dearer and worse than every model: no query should probe, and the plan must be
+    the direct-only window's (unchosen columns used to move the tie penalty, relative
+    to a query's dearest option, and the fast solver's steps)."""
+    quality = np.array(
+        [[0.31, 0.31, 0.84], [0.3, 0.5, 0.59], [0.57, 0.78, 0.87], [0.38, 0.49, 0.85],
+         [0.41, 0.68, 0.78], [0.43, 0.61, 0.79], [0.35, 0.47, 0.63], [0.62, 0.83, 0.85]]
+    )  # fmt: skip
+    cost = np.array(
+        [[0.6, 2.3, 2.9], [0.8, 2.0, 2.9], [0.7, 1.3, 1.5], [1.0, 2.5, 2.7],
+         [0.4, 0.8, 1.4], [0.1, 0.2, 0.9], [0.8, 2.6, 2.8], [1.5, 2.6, 2.8]]
+    )  # fmt: skip
+    option_quality = np.array(
+        [[0.17, 0.1], [0.18, 0.15], [0.14, 0.11], [0.09, 0.02],
+         [0.08, 0.17], [0.0, 0.09], [0.04, 0.07], [0.15, 0.01]]
+    )  # fmt: skip
+    option_cost = np.array(
+        [[3.6, 3.6], [3.4, 3.9], [1.9, 3.3], [3.2, 4.7],
+         [1.5, 2.2], [1.3, 2.3], [2.8, 3.8], [4.5, 4.3]]
+    )  # fmt: skip
+    options = OptionMatrices(option_quality, option_cost, option_cost[:, 0])
+    direct = solve(
+        WindowProblem(quality, cost, "budget", window_budget_usd=17.8, tie_tolerance=0.005),
+        "fast",
+    ).assignment
+    column = plan_first_stage(quality, cost, options, "budget", 17.8, "fast", 0.005)
+    assert (column < 3).all()
+    assert column.tolist() == direct.tolist()
 
 
 def test_the_probe_option_is_chosen_where_it_pays_and_keeps_the_budget() -> None:

@@ -366,16 +366,51 @@ def solve_first_stage(
     tie_tolerance: float = 0.0,
     time_limit_seconds: float = 2.0,
 ) -> WindowPlan:
-    """`plan_first_stage`'s whole plan, with its status (the router reports it)."""
-    problem = WindowProblem(
+    """`plan_first_stage`'s whole plan, with its status (the router reports it).
+
+    The direct-only window is solved too, and kept unless the plan with probe
+    options uses some and is better by its own estimates (more expected quality in
+    budget mode, less cost at the target in quality mode). Probe columns left
+    unchosen still change the solve (the tie penalty is relative to a query's
+    dearest option, the fast solver's steps to the mean cost): a cascade that
+    probes nothing must route exactly as the one-shot router does."""
+    direct = solve(_window(quality, cost, mode, limit, tie_tolerance), solver, time_limit_seconds)
+    problem = _window(
         np.hstack([quality, options.quality]),
         np.hstack([cost, options.cost]),
+        mode,
+        limit,
+        tie_tolerance,
+    )
+    with_probes = solve(problem, solver, time_limit_seconds)
+    return with_probes if probes_pay(with_probes, direct, quality.shape[1], mode) else direct
+
+
+def _window(
+    quality: NDArray[np.float64],
+    cost: NDArray[np.float64],
+    mode: Mode,
+    limit: float,
+    tie_tolerance: float,
+) -> WindowProblem:
+    return WindowProblem(
+        quality,
+        cost,
         mode,
         window_budget_usd=limit if mode == "budget" else None,
         quality_target=limit if mode == "quality" else None,
         tie_tolerance=tie_tolerance,
     )
-    return solve(problem, solver, time_limit_seconds)
+
+
+def probes_pay(with_probes: WindowPlan, direct: WindowPlan, n_models: int, mode: Mode) -> bool:
+    """Does the plan with probe options probe at all, and beat the direct-only plan?"""
+    if not (with_probes.assignment >= n_models).any():
+        return False
+    if mode == "budget":
+        return with_probes.total_quality > direct.total_quality
+    reached = with_probes.status in ("optimal", "near_optimal", "time_limited")
+    return reached and with_probes.total_cost_usd < direct.total_cost_usd
 
 
 # ---------------------------------------------------------------------- stage two
