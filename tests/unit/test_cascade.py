@@ -54,6 +54,22 @@ def test_the_panel_is_chosen_from_history_not_named(policy: CascadePolicy) -> No
     assert sorted(policy.panel) == [0, 1]
 
 
+def test_no_option_escalates_to_a_model_another_beats_for_less() -> None:
+    """A fourth model, dearer than the accurate one and worse: no probe option should
+    escalate to it (a column that can never be right, only overrated)."""
+    n = 300
+    responses, truth, costs = recorded(n, seed=2)
+    rng = np.random.default_rng(3)
+    truth = np.column_stack([truth, rng.random(n) < 0.8])
+    costs = np.column_stack([costs, np.full(n, 30.0)])
+    responses = [[*row, "x"] for row in responses]
+    predicted = np.tile([0.7, 0.7, 0.95, 0.8], (n, 1))
+    ids = [f"q{i}" for i in range(n)]
+    fitted = fit_cascade(ids, unit_vectors(n, 2), responses, predicted, truth, costs, panel=[0, 1])
+    targets = {o.escalate_to for o in fitted.options}
+    assert targets == {NEVER, 2}
+
+
 def test_escalation_gain_rewards_a_scorer_that_ranks_wrong_answers_first() -> None:
     truth = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
     right_order = np.array([[0.9, 0.1, 0.5], [0.1, 0.1, 0.5]])

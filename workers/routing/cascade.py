@@ -165,16 +165,36 @@ def option_outcomes(
     return np.column_stack([*escalated, *final])
 
 
-def make_options(
-    held_out_score: NDArray[np.float64], panel: Sequence[int], n_models: int
-) -> list[ProbeOption]:
+def escalation_targets(
+    truth: NDArray[np.float64], costs: NDArray[np.float64], panel: Sequence[int]
+) -> list[int]:
+    """The models worth escalating to: outside the panel, and not dominated by another
+    such model that was, on stored queries, at least as accurate for at most the
+    price (and better in one). Each target adds a column per threshold to every
+    window, and the solver picks whichever column reads highest for the price:
+    columns that could never be right only add estimates to be overrated."""
+    accuracy, price = np.nanmean(truth, axis=0), np.nanmean(costs, axis=0)
+    others = [j for j in range(truth.shape[1]) if j not in panel]
+    return [
+        j
+        for j in others
+        if not any(
+            accuracy[k] >= accuracy[j]
+            and price[k] <= price[j]
+            and (accuracy[k] > accuracy[j] or price[k] < price[j])
+            for k in others
+        )
+    ]
+
+
+def make_options(held_out_score: NDArray[np.float64], targets: Sequence[int]) -> list[ProbeOption]:
     known = held_out_score[~np.isnan(held_out_score)]
     options = [ProbeOption(-np.inf, NEVER)]
     for share in ESCALATION_SHARES:
         if share <= 0 or not len(known):
             continue
         threshold = float(np.quantile(known, share))
-        options += [ProbeOption(threshold, j) for j in range(n_models) if j not in panel]
+        options += [ProbeOption(threshold, j) for j in targets]
     return options
 
 
@@ -201,7 +221,7 @@ def fit_cascade(
     answers = ProbeAnswers.of([[row[j] for j in panel] for row in responses])
     scorer = AnswerScorer(panel, n_models, n_clusters).fit(answers, predicted, clusters, truth)
     score, correct = accepted_correct(scorer.held_out, truth, panel)
-    options = make_options(score, panel, n_models)
+    options = make_options(score, escalation_targets(truth, costs, panel))
     outcomes = option_outcomes(scorer.held_out, truth, panel, options)
     pricer = OptionPricer(n_clusters).fit(predicted, clusters, outcomes)
     return CascadePolicy(panel, scorer, options, pricer, clustering.clusters, platt(score, correct))
