@@ -11,6 +11,7 @@ from workers.routing.cascade import (
     NEVER,
     CascadePolicy,
     OptionMatrices,
+    OptionPricer,
     escalation_gain,
     escalation_limit,
     fit_cascade,
@@ -68,6 +69,31 @@ def test_no_option_escalates_to_a_model_another_beats_for_less() -> None:
     fitted = fit_cascade(ids, unit_vectors(n, 2), responses, predicted, truth, costs, panel=[0, 1])
     targets = {o.escalate_to for o in fitted.options}
     assert targets == {NEVER, 2}
+
+
+def test_option_prices_learn_no_spread_from_noise() -> None:
+    """Outcomes unrelated to the features: every query's price should be about the
+    option's mean. The solver takes, per query, the option that reads highest, so
+    spread learned from noise becomes overrated picks."""
+    rng = np.random.default_rng(0)
+    n = 600
+    predicted = rng.uniform(0.2, 0.9, size=(n, 4))
+    outcomes = (rng.random((n, 2)) < 0.7).astype(float)
+    pricer = OptionPricer(3).fit(predicted, rng.integers(0, 3, size=n), outcomes)
+    prices = pricer.predict(rng.uniform(0.2, 0.9, size=(200, 4)), rng.integers(0, 3, size=200))
+    # A fixed C=1 spread them by 0.04 on average here.
+    assert prices.std(axis=0).mean() < 0.03
+    assert np.allclose(prices.mean(axis=0), outcomes.mean(axis=0), atol=0.05)
+
+
+def test_option_prices_keep_a_real_signal() -> None:
+    rng = np.random.default_rng(1)
+    n = 300
+    predicted = rng.uniform(0.1, 0.9, size=(n, 2))
+    outcomes = (rng.random((n, 1)) < predicted[:, :1]).astype(float)
+    pricer = OptionPricer(1).fit(predicted, np.zeros(n, dtype=np.int64), outcomes)
+    low, high = pricer.predict(np.array([[0.15, 0.5], [0.85, 0.5]]), np.zeros(2, dtype=np.int64))
+    assert high[0] - low[0] > 0.4
 
 
 def test_escalation_gain_rewards_a_scorer_that_ranks_wrong_answers_first() -> None:
