@@ -11,6 +11,7 @@ from workers.routing.cascade import (
     NEVER,
     CascadePolicy,
     OptionMatrices,
+    OptionPricer,
     escalation_gain,
     escalation_limit,
     fit_cascade,
@@ -19,6 +20,7 @@ from workers.routing.cascade import (
     price_options,
     run_window,
 )
+from workers.routing.optimizer import WindowProblem, solve
 
 # Models: two cheap probes (0, 1) and a dear, accurate one (2); costs per query.
 COSTS = np.array([1.0, 1.2, 20.0])
@@ -53,6 +55,47 @@ def test_the_panel_is_chosen_from_history_not_named(policy: CascadePolicy) -> No
     assert sorted(policy.panel) == [0, 1]
 
 
+def test_no_option_escalates_to_a_model_another_beats_for_less() -> None:
+    """A fourth model, dearer than the accurate one and worse: no probe option should
+    escalate to it (a column that can never be right, only overrated)."""
+    n = 300
+    responses, truth, costs = recorded(n, seed=2)
+    rng = np.random.default_rng(3)
+    truth = np.column_stack([truth, rng.random(n) < 0.8])
+    costs = np.column_stack([costs, np.full(n, 30.0)])
+    responses = [[*row, "x"] for row in responses]
+    predicted = np.tile([0.7, 0.7, 0.95, 0.8], (n, 1))
+    ids = [f"q{i}" for i in range(n)]
+    fitted = fit_cascade(ids, unit_vectors(n, 2), responses, predicted, truth, costs, panel=[0, 1])
+    targets = {o.escalate_to for o in fitted.options}
+    assert targets == {NEVER, 2}
+
+
+def test_option_prices_learn_no_spread_from_noise() -> None:
+    """Outcomes unrelated to the features: every query's price should be about the
+    option's mean. The solver takes, per query, the option that reads highest, so
+    spread learned from noise becomes overrated picks."""
+    rng = np.random.default_rng(0)
+    n = 600
+    predicted = rng.uniform(0.2, 0.9, size=(n, 4))
+    outcomes = (rng.random((n, 2)) < 0.7).astype(float)
+    pricer = OptionPricer(3).fit(predicted, rng.integers(0, 3, size=n), outcomes)
+    prices = pricer.predict(rng.uniform(0.2, 0.9, size=(200, 4)), rng.integers(0, 3, size=200))
+    # A fixed C=1 spread them by 0.04 on average here.
+    assert prices.std(axis=0).mean() < 0.03
+    assert np.allclose(prices.mean(axis=0), outcomes.mean(axis=0), atol=0.05)
+
+
+def test_option_prices_keep_a_real_signal() -> None:
+    rng = np.random.default_rng(1)
+    n = 300
+    predicted = rng.uniform(0.1, 0.9, size=(n, 2))
+    outcomes = (rng.random((n, 1)) < predicted[:, :1]).astype(float)
+    pricer = OptionPricer(1).fit(predicted, np.zeros(n, dtype=np.int64), outcomes)
+    low, high = pricer.predict(np.array([[0.15, 0.5], [0.85, 0.5]]), np.zeros(2, dtype=np.int64))
+    assert high[0] - low[0] > 0.4
+
+
 def test_escalation_gain_rewards_a_scorer_that_ranks_wrong_answers_first() -> None:
     truth = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
     right_order = np.array([[0.9, 0.1, 0.5], [0.1, 0.1, 0.5]])
@@ -60,6 +103,36 @@ def test_escalation_gain_rewards_a_scorer_that_ranks_wrong_answers_first() -> No
     assert escalation_gain(right_order, truth, [0, 1], 2) == pytest.approx((0.5 + 1 + 1) / 3)
     wrong_order = np.array([[0.1, 0.1, 0.5], [0.9, 0.1, 0.5]])
     assert escalation_gain(wrong_order, truth, [0, 1], 2) == pytest.approx((0.5 + 0.5 + 1) / 3)
+
+
+def test_probe_options_that_do_not_pay_leave_the_one_shot_plan_unchanged() -> None:
+    """Dearer and worse than every model: no query should probe, and the plan must be
+    the direct-only window's (unchosen columns used to move the tie penalty, relative
+    to a query's dearest option, and the fast solver's steps)."""
+    quality = np.array(
+        [[0.31, 0.31, 0.84], [0.3, 0.5, 0.59], [0.57, 0.78, 0.87], [0.38, 0.49, 0.85],
+         [0.41, 0.68, 0.78], [0.43, 0.61, 0.79], [0.35, 0.47, 0.63], [0.62, 0.83, 0.85]]
+    )  # fmt: skip
+    cost = np.array(
+        [[0.6, 2.3, 2.9], [0.8, 2.0, 2.9], [0.7, 1.3, 1.5], [1.0, 2.5, 2.7],
+         [0.4, 0.8, 1.4], [0.1, 0.2, 0.9], [0.8, 2.6, 2.8], [1.5, 2.6, 2.8]]
+    )  # fmt: skip
+    option_quality = np.array(
+        [[0.17, 0.1], [0.18, 0.15], [0.14, 0.11], [0.09, 0.02],
+         [0.08, 0.17], [0.0, 0.09], [0.04, 0.07], [0.15, 0.01]]
+    )  # fmt: skip
+    option_cost = np.array(
+        [[3.6, 3.6], [3.4, 3.9], [1.9, 3.3], [3.2, 4.7],
+         [1.5, 2.2], [1.3, 2.3], [2.8, 3.8], [4.5, 4.3]]
+    )  # fmt: skip
+    options = OptionMatrices(option_quality, option_cost, option_cost[:, 0])
+    direct = solve(
+        WindowProblem(quality, cost, "budget", window_budget_usd=17.8, tie_tolerance=0.005),
+        "fast",
+    ).assignment
+    column = plan_first_stage(quality, cost, options, "budget", 17.8, "fast", 0.005)
+    assert (column < 3).all()
+    assert column.tolist() == direct.tolist()
 
 
 def test_the_probe_option_is_chosen_where_it_pays_and_keeps_the_budget() -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 
 from workers.routing.answer_scorer import AnswerScorer, ProbeAnswers, best_probe, logit
 from workers.routing.clusters import QueryClusters
@@ -44,9 +44,13 @@ PANEL_CANDIDATES = 5
 # thresholds of the probe options (0: never escalate).
 ESCALATION_SHARES = (0.0, 0.15, 0.3, 0.5, 0.7)
 NEVER = -1  # an escalation "model" meaning: accept the best probe answer
-# Inverse regularisation of the option pricer's regressions (10 changed nothing
-# beyond noise in cross-validation on RouterBench).
-PRICER_C = 1.0
+# Inverse regularisations the option pricer chooses from, per option, by the log
+# loss on held-out folds of its stored queries (PRICER_FOLDS). The solver picks, per
+# query, the option that reads highest for its price, so every option's noise is
+# someone's overrated pick: 1.0 for all of them trailed the one-shot router by up
+# to 0.34 points on RouterBench, 0.03 for all by 0.22 (README "Answer-aware cascade").
+PRICER_CS = (0.01, 0.03, 0.1, 0.3, 1.0)
+PRICER_FOLDS = 3
 
 
 @dataclass(frozen=True)
@@ -165,16 +169,36 @@ def option_outcomes(
     return np.column_stack([*escalated, *final])
 
 
-def make_options(
-    held_out_score: NDArray[np.float64], panel: Sequence[int], n_models: int
-) -> list[ProbeOption]:
+def escalation_targets(
+    truth: NDArray[np.float64], costs: NDArray[np.float64], panel: Sequence[int]
+) -> list[int]:
+    """The models worth escalating to: outside the panel, and not dominated by another
+    such model that was, on stored queries, at least as accurate for at most the
+    price (and better in one). Each target adds a column per threshold to every
+    window, and the solver picks whichever column reads highest for the price:
+    columns that could never be right only add estimates to be overrated."""
+    accuracy, price = np.nanmean(truth, axis=0), np.nanmean(costs, axis=0)
+    others = [j for j in range(truth.shape[1]) if j not in panel]
+    return [
+        j
+        for j in others
+        if not any(
+            accuracy[k] >= accuracy[j]
+            and price[k] <= price[j]
+            and (accuracy[k] > accuracy[j] or price[k] < price[j])
+            for k in others
+        )
+    ]
+
+
+def make_options(held_out_score: NDArray[np.float64], targets: Sequence[int]) -> list[ProbeOption]:
     known = held_out_score[~np.isnan(held_out_score)]
     options = [ProbeOption(-np.inf, NEVER)]
     for share in ESCALATION_SHARES:
         if share <= 0 or not len(known):
             continue
         threshold = float(np.quantile(known, share))
-        options += [ProbeOption(threshold, j) for j in range(n_models) if j not in panel]
+        options += [ProbeOption(threshold, j) for j in targets]
     return options
 
 
@@ -201,7 +225,7 @@ def fit_cascade(
     answers = ProbeAnswers.of([[row[j] for j in panel] for row in responses])
     scorer = AnswerScorer(panel, n_models, n_clusters).fit(answers, predicted, clusters, truth)
     score, correct = accepted_correct(scorer.held_out, truth, panel)
-    options = make_options(score, panel, n_models)
+    options = make_options(score, escalation_targets(truth, costs, panel))
     outcomes = option_outcomes(scorer.held_out, truth, panel, options)
     pricer = OptionPricer(n_clusters).fit(predicted, clusters, outcomes)
     return CascadePolicy(panel, scorer, options, pricer, clustering.clusters, platt(score, correct))
@@ -217,7 +241,7 @@ class OptionPricer:
 
     def __init__(self, n_clusters: int) -> None:
         self.n_clusters = max(1, n_clusters)
-        self.columns: list[LogisticRegression | float] = []
+        self.columns: list[LogisticRegressionCV | float] = []
 
     def _features(
         self, predicted: NDArray[np.float64], clusters: NDArray[np.int64]
@@ -239,7 +263,15 @@ class OptionPricer:
             if y.all() or not y.any():
                 self.columns.append(float(y.mean()) if y.size else 0.5)
                 continue
-            self.columns.append(LogisticRegression(C=PRICER_C, max_iter=2000).fit(x[known], y))
+            regression = LogisticRegressionCV(
+                Cs=list(PRICER_CS),
+                l1_ratios=(0.0,),  # plain L2, as before
+                cv=PRICER_FOLDS,
+                scoring="neg_log_loss",
+                max_iter=2000,
+                use_legacy_attributes=False,
+            )
+            self.columns.append(regression.fit(x[known], y))
         return self
 
     def predict(
@@ -249,7 +281,7 @@ class OptionPricer:
         return np.column_stack(
             [
                 c.predict_proba(x)[:, 1]
-                if isinstance(c, LogisticRegression)
+                if isinstance(c, LogisticRegressionCV)
                 else np.full(len(x), c)
                 for c in self.columns
             ]
@@ -366,16 +398,51 @@ def solve_first_stage(
     tie_tolerance: float = 0.0,
     time_limit_seconds: float = 2.0,
 ) -> WindowPlan:
-    """`plan_first_stage`'s whole plan, with its status (the router reports it)."""
-    problem = WindowProblem(
+    """`plan_first_stage`'s whole plan, with its status (the router reports it).
+
+    The direct-only window is solved too, and kept unless the plan with probe
+    options uses some and is better by its own estimates (more expected quality in
+    budget mode, less cost at the target in quality mode). Probe columns left
+    unchosen still change the solve (the tie penalty is relative to a query's
+    dearest option, the fast solver's steps to the mean cost): a cascade that
+    probes nothing must route exactly as the one-shot router does."""
+    direct = solve(_window(quality, cost, mode, limit, tie_tolerance), solver, time_limit_seconds)
+    problem = _window(
         np.hstack([quality, options.quality]),
         np.hstack([cost, options.cost]),
+        mode,
+        limit,
+        tie_tolerance,
+    )
+    with_probes = solve(problem, solver, time_limit_seconds)
+    return with_probes if probes_pay(with_probes, direct, quality.shape[1], mode) else direct
+
+
+def _window(
+    quality: NDArray[np.float64],
+    cost: NDArray[np.float64],
+    mode: Mode,
+    limit: float,
+    tie_tolerance: float,
+) -> WindowProblem:
+    return WindowProblem(
+        quality,
+        cost,
         mode,
         window_budget_usd=limit if mode == "budget" else None,
         quality_target=limit if mode == "quality" else None,
         tie_tolerance=tie_tolerance,
     )
-    return solve(problem, solver, time_limit_seconds)
+
+
+def probes_pay(with_probes: WindowPlan, direct: WindowPlan, n_models: int, mode: Mode) -> bool:
+    """Does the plan with probe options probe at all, and beat the direct-only plan?"""
+    if not (with_probes.assignment >= n_models).any():
+        return False
+    if mode == "budget":
+        return with_probes.total_quality > direct.total_quality
+    reached = with_probes.status in ("optimal", "near_optimal", "time_limited")
+    return reached and with_probes.total_cost_usd < direct.total_cost_usd
 
 
 # ---------------------------------------------------------------------- stage two
