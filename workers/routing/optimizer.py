@@ -203,11 +203,18 @@ def solve(
 GAIN_STANDARD_ERRORS = 2.5
 
 
+# The quality windows.exclude gives a pair a query's hints forbid: below any real one.
+EXCLUDED_QUALITY = -1.0
+
+
 def best_single_model(problem: WindowProblem) -> int | None:
     """The model predicted best on the whole window among those that can take all of
-    it within the budget and its capacity (ties: the one the tie penalty prefers)."""
-    affordable = (problem.cost.sum(axis=0) <= _budget(problem)) & (
-        problem.capacity_array() >= problem.n_queries
+    it: within the budget and its capacity, and allowed for every query (ties: the
+    one the tie penalty prefers)."""
+    affordable = (
+        (problem.cost.sum(axis=0) <= _budget(problem))
+        & (problem.capacity_array() >= problem.n_queries)
+        & (problem.quality > EXCLUDED_QUALITY).all(axis=0)
     )
     if not affordable.any():
         return None

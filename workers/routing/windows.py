@@ -18,7 +18,7 @@ from schemas import Assignment, PredictedQuery, WindowReport
 from schemas.events import SolverStatus
 from workers.config import PoolPolicy
 from workers.routing.exploration import explore_and_solve
-from workers.routing.optimizer import Method, Uncertainty, WindowProblem
+from workers.routing.optimizer import EXCLUDED_QUALITY, Method, Uncertainty, WindowProblem
 from workers.routing.shadow import NOT_SHADOWED
 
 
@@ -114,7 +114,8 @@ def exclude(
         return quality, cost
     dearest = np.max(np.where(allowed, cost, 0.0), axis=1, keepdims=True)
     margin = float(cost.mean()) or 1.0
-    return np.where(allowed, quality, -1.0), np.where(allowed, cost, dearest + margin)
+    excluded = np.where(allowed, quality, EXCLUDED_QUALITY)
+    return excluded, np.where(allowed, cost, dearest + margin)
 
 
 # Below this many stored outcomes' worth behind the chosen predictions, on average,
