@@ -98,6 +98,20 @@ def queries(run: str, first: int, count: int) -> list[tuple[str, str]]:
     ]
 
 
+def routed(bootstrap: str, names: dict[str, str]) -> tuple[list[Assignment], list[WindowReport]]:
+    """Every assignment on the models' route topics, and every window report."""
+    assignments = [
+        Assignment.model_validate_json(raw)
+        for model in MODELS
+        for raw in asyncio.run(read_topic(bootstrap, names[f"route:{model}"]))
+    ]
+    reports = [
+        WindowReport.model_validate_json(raw)
+        for raw in asyncio.run(read_topic(bootstrap, names["windows"]))
+    ]
+    return assignments, reports
+
+
 def judged(engine: sa.Engine, run: str) -> dict[str, list[float]]:
     """The judge's stored scores of this run, by model."""
     with Session(engine) as session:
@@ -149,11 +163,7 @@ def test_an_empty_store_learns_from_the_judge_and_routing_follows(
             later_ids = {f"{run}-{i}" for i in range(100, 140)}
 
             def assigned() -> set[str]:
-                return {
-                    Assignment.model_validate_json(raw).query_id
-                    for model in MODELS
-                    for raw in asyncio.run(read_topic(bootstrap, names[f"route:{model}"]))
-                }
+                return {a.query_id for a in routed(bootstrap, names)[0]}
 
             wait_until(lambda: later_ids <= assigned(), 120, "assignments of the later queries")
             assert all(p.poll() is None for p in processes), log.read_text()[-3000:]
@@ -162,15 +172,7 @@ def test_an_empty_store_learns_from_the_judge_and_routing_follows(
                 for raw in asyncio.run(read_topic(bootstrap, names["predicted"]))
                 for p in PredictedBatch.model_validate_json(raw).predictions()
             ]
-            assignments = [
-                Assignment.model_validate_json(raw)
-                for model in MODELS
-                for raw in asyncio.run(read_topic(bootstrap, names[f"route:{model}"]))
-            ]
-            reports = [
-                WindowReport.model_validate_json(raw)
-                for raw in asyncio.run(read_topic(bootstrap, names["windows"]))
-            ]
+            assignments, reports = routed(bootstrap, names)
             scores = judged(engine, run)
         finally:
             for process in processes:
@@ -258,15 +260,7 @@ def test_shadow_answers_are_judged_into_outcomes_never_final_and_reported(
             )
             assert all(p.poll() is None for p in processes), log.read_text()[-3000:]
             all_responses = responses()
-            assignments = [
-                Assignment.model_validate_json(raw)
-                for model in MODELS
-                for raw in asyncio.run(read_topic(bootstrap, names[f"route:{model}"]))
-            ]
-            reports = [
-                WindowReport.model_validate_json(raw)
-                for raw in asyncio.run(read_topic(bootstrap, names["windows"]))
-            ]
+            assignments, reports = routed(bootstrap, names)
             stored = judged_pairs(engine, run)
         finally:
             for process in processes:
