@@ -16,9 +16,9 @@ from workers.routing.cascade import (
     escalation_limit,
     fit_cascade,
     plan_escalations,
-    plan_first_stage,
     price_options,
     run_window,
+    solve_first_stage,
 )
 from workers.routing.optimizer import WindowProblem, solve
 
@@ -130,7 +130,7 @@ def test_probe_options_that_do_not_pay_leave_the_one_shot_plan_unchanged() -> No
         WindowProblem(quality, cost, "budget", window_budget_usd=17.8, tie_tolerance=0.005),
         "fast",
     ).assignment
-    column = plan_first_stage(quality, cost, options, "budget", 17.8, "fast", 0.005)
+    column = solve_first_stage(quality, cost, options, "budget", 17.8, "fast", 0.005).assignment
     assert (column < 3).all()
     assert column.tolist() == direct.tolist()
 
@@ -140,15 +140,15 @@ def test_the_probe_option_is_chosen_where_it_pays_and_keeps_the_budget() -> None
     cost = np.array([[1.0, 10.0]] * 4)
     # Probe for 2, escalate a fifth of the time to the dear model: 4 expected, 0.9.
     options = OptionMatrices(np.full((4, 1), 0.9), np.full((4, 1), 4.0), np.full(4, 2.0))
-    column = plan_first_stage(quality, cost, options, "budget", 16.0, "exact")
+    column = solve_first_stage(quality, cost, options, "budget", 16.0, "exact").assignment
     assert (column == 2).all()
     # With less, some queries go to the cheap model directly; the expected spend,
     # escalations included, stays within the budget.
-    column = plan_first_stage(quality, cost, options, "budget", 10.0, "exact")
+    column = solve_first_stage(quality, cost, options, "budget", 10.0, "exact").assignment
     spend = np.hstack([cost, options.cost])[np.arange(4), column].sum()
     assert spend <= 10.0 and (column == 2).sum() == 2
     # Quality mode: the cheapest plan that reaches the target.
-    column = plan_first_stage(quality, cost, options, "quality", 0.9, "exact")
+    column = solve_first_stage(quality, cost, options, "quality", 0.9, "exact").assignment
     assert (column == 2).all()
 
 

@@ -373,21 +373,6 @@ def price_options(
     return OptionMatrices(realised, option_cost, probe_cost)
 
 
-def plan_first_stage(
-    quality: NDArray[np.float64],
-    cost: NDArray[np.float64],
-    options: OptionMatrices,
-    mode: Mode,
-    limit: float,
-    solver: Method,
-    tie_tolerance: float = 0.0,
-) -> NDArray[np.int64]:
-    """Per query a column: below n_models a model answers directly, from n_models on
-    the probe option `column - n_models`. `limit`: the window's budget (USD) or the
-    quality target."""
-    return solve_first_stage(quality, cost, options, mode, limit, solver, tie_tolerance).assignment
-
-
 def solve_first_stage(
     quality: NDArray[np.float64],
     cost: NDArray[np.float64],
@@ -398,7 +383,9 @@ def solve_first_stage(
     tie_tolerance: float = 0.0,
     time_limit_seconds: float = 2.0,
 ) -> WindowPlan:
-    """`plan_first_stage`'s whole plan, with its status (the router reports it).
+    """The first stage's plan: per query a column, below n_models a model answering
+    directly, from n_models on the probe option `column - n_models`; `limit` is the
+    window's budget (USD) or the quality target.
 
     The direct-only window is solved too, and kept unless the plan with probe
     options uses some and is better by its own estimates (more expected quality in
@@ -535,7 +522,9 @@ def run_window(
     rows = np.arange(n)
     if options is None:
         options = price_options(policy, vectors, quality, cost)
-    column = plan_first_stage(quality, cost, options, mode, limit, solver, tie_tolerance)
+    column = solve_first_stage(
+        quality, cost, options, mode, limit, solver, tie_tolerance
+    ).assignment
     probed = column >= n_models
     direct_usd = float(realised_cost[rows[~probed], column[~probed]].sum())
     probe_usd = float(realised_cost[np.ix_(rows[probed], policy.panel)].sum())
