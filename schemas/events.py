@@ -316,13 +316,21 @@ class ProbeAnswer(BaseModel):
 class ProbedQuery(Event):
     """Internal, between a cascade pool's probes and its escalation stage (topic
     `omnirouter.probed`, keyed by pool like `omnirouter.predicted`): the query's
-    prediction and every panel model's answer, in the panel's order."""
+    prediction and every panel model's answer, in the panel's order.
+
+    `cascade_cluster` is the query's cluster under the pool's fitted cascade that
+    probed it (`cascade_fit`, that fit's id), carried from the first stage so the
+    escalation stage need not embed the query again; when the pool's cascade was
+    refitted since, or the record has none (an older router's), the escalation
+    stage embeds the query."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
 
     predicted: PredictedQuery
     answers: list[ProbeAnswer]
     probed_at: datetime = Field(default_factory=utc_now)
+    cascade_cluster: int | None = Field(default=None, ge=0)
+    cascade_fit: str | None = None
 
 
 class DeadLetter(Event):

@@ -239,7 +239,7 @@ def test_options_and_posteriors_computed_once_give_the_same_window(
     answers = ProbeAnswers.of([[r[j] for j in policy.panel] for r in responses])
     shared = run_window(
         *args,
-        options=price_options(policy, vectors, quality, costs),
+        options=price_options(policy, policy.clusters(vectors), quality, costs),
         posterior=policy.scorer.posterior(answers, quality, policy.clusters(vectors)),
     )
     assert alone.probed.any() and alone.escalated.any()

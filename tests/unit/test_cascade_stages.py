@@ -1,18 +1,33 @@
 """A cascade pool's two stream windows (workers/routing/cascade_window.py) and the
 pool ledger between them (workers/stream/pool_ledger.py): the first stage keeps
 what its budget leaves as the escalation reserve, escalations spend within the
-reserve, and the spend across both stages stays within the window's budget."""
+reserve, and the spend across both stages stays within the window's budget; on
+the stream (workers/stream/cascade_stage.py), a probed query's cluster travels
+with it from the first stage, so the escalation stage does not embed it again."""
 
 from __future__ import annotations
 
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
-from schemas import PredictedQuery, ProbeAnswer, ProbedQuery, QueryEvent, QueryHints
+from schemas import (
+    Assignment,
+    ModelResponse,
+    PredictedQuery,
+    ProbeAnswer,
+    ProbedQuery,
+    QueryEvent,
+    QueryHints,
+)
 from tests.unit.test_cascade import COSTS, recorded, unit_vectors
-from workers.config import PoolPolicy
+from workers.config import PoolPolicy, Settings
 from workers.routing.cascade import fit_cascade
 from workers.routing.cascade_window import (
     FittedCascade,
@@ -20,9 +35,18 @@ from workers.routing.cascade_window import (
     plan_escalation_window,
     route_cascade_window,
 )
-from workers.routing.probes import CASCADE_METADATA_KEY
+from workers.routing.probes import (
+    CASCADE_METADATA_KEY,
+    PendingProbes,
+    add_answer,
+    is_complete,
+    probed_query,
+)
 from workers.routing.windows import WindowBounds
+from workers.stream.cascade_stage import CascadeRouting, decide, escalation_clusters
 from workers.stream.pool_ledger import PoolAccount, after_escalations, after_window
+from workers.stream.router_state import RouterState
+from workers.stream.window_stage import WindowStage
 
 MODELS = ["cheap-a", "cheap-b", "dear"]
 PANEL = ["cheap-a", "cheap-b"]
@@ -38,6 +62,11 @@ def cascade() -> FittedCascade:
     ids = [f"q{i}" for i in range(n)]
     policy = fit_cascade(ids, unit_vectors(n, 1), responses, predicted, truth, costs)
     return FittedCascade(policy, MODELS)
+
+
+def clusters_of(cascade: FittedCascade, n: int, seed: int) -> NDArray[np.int64]:
+    """Clusters of `n` random queries under the fitted cascade."""
+    return cascade.policy.clusters(unit_vectors(n, seed))
 
 
 def predicted(n: int, hints: QueryHints | None = None) -> list[PredictedQuery]:
@@ -72,9 +101,9 @@ def test_spend_across_both_stages_keeps_the_window_budget(
 ) -> None:
     n = 60
     queries = predicted(n)
-    vectors = unit_vectors(n, 2)
+    clusters = clusters_of(cascade, n, 2)
     assignments, first = route_cascade_window(
-        "c", policy(per_query), cascade, queries, MODELS, vectors, BOUNDS
+        "c", policy(per_query), cascade, queries, MODELS, clusters, BOUNDS
     )
     budget = per_query * n
     assert first.window_budget_usd == budget
@@ -95,7 +124,7 @@ def test_spend_across_both_stages_keeps_the_window_budget(
     rng = np.random.default_rng(3)
     answers = [[str(rng.choice(["x", "y"])), str(rng.choice(["x", "y"]))] for _ in asked]
     decisions, second = plan_escalation_window(
-        "c", cascade, probed(asked, answers), MODELS, unit_vectors(len(asked), 4),
+        "c", cascade, probed(asked, answers), MODELS, clusters_of(cascade, len(asked), 4),
         account.escalation_reserve_usd, BOUNDS,
     )  # fmt: skip
     assert len(decisions) == len(asked)
@@ -116,7 +145,13 @@ def test_agreeing_probes_are_accepted_and_disagreeing_ones_escalated(
     queries = predicted(20)
     answers = [["x", "x"] if i < 10 else ["x", "y"] for i in range(20)]
     decisions, report = plan_escalation_window(
-        "c", cascade, probed(queries, answers), MODELS, unit_vectors(20, 5), 10 * COSTS[2], BOUNDS
+        "c",
+        cascade,
+        probed(queries, answers),
+        MODELS,
+        clusters_of(cascade, 20, 5),
+        10 * COSTS[2],
+        BOUNDS,
     )
     roles = [d.role for d in decisions]
     assert roles[:10] == ["probe"] * 10  # accepted: their answer is final
@@ -133,7 +168,7 @@ def test_a_query_without_any_probe_answer_is_escalated_even_beyond_the_reserve(
     queries = predicted(3)
     decisions, report = plan_escalation_window(
         "c", cascade, probed(queries, [[None, None], ["x", "x"], [None, "x"]]), MODELS,
-        unit_vectors(3, 6), 0.0, BOUNDS,
+        clusters_of(cascade, 3, 6), 0.0, BOUNDS,
     )  # fmt: skip
     assert [d.role for d in decisions] == ["escalation", "probe", "probe"]
     assert decisions[2].model == "cheap-b"  # the only probe that answered
@@ -147,7 +182,7 @@ def test_a_query_whose_hints_forbid_a_probe_model_is_answered_directly(
 ) -> None:
     queries = predicted(20, QueryHints(allowed_models=["cheap-a", "dear"]))
     assignments, report = route_cascade_window(
-        "c", policy(6.0), cascade, queries, MODELS, unit_vectors(20, 7), BOUNDS
+        "c", policy(6.0), cascade, queries, MODELS, clusters_of(cascade, 20, 7), BOUNDS
     )
     assert report.probe_queries == 0 and report.escalation_reserve_usd == 0.0
     assert {a.role for a in assignments} == {"answer"}
@@ -161,3 +196,90 @@ def test_without_a_fitted_cascade_the_first_answer_is_accepted() -> None:
     )
     assert [(d.role, d.model) for d in decisions] == [("probe", "cheap-b"), ("escalation", "dear")]
     assert report.escalation_queries == 1
+
+
+# ------------------------------------------- the query's cluster, from stage to stage
+
+
+class CountingState:
+    """RouterState's part the cascade stages use: the pools' fitted cascades, and an
+    embedder that records what it embedded (one fixed vector per text)."""
+
+    def __init__(self, cascade: FittedCascade) -> None:
+        self.cascades: dict[str, FittedCascade | None] = {"c": cascade}
+        self.embedded: list[str] = []
+
+    def vectors(self, texts: list[str]) -> NDArray[np.float32]:
+        return np.vstack([unit_vectors(1, zlib.crc32(t.encode())) for t in texts])
+
+    async def embed(self, texts: list[str]) -> NDArray[np.float32]:
+        self.embedded += texts
+        return self.vectors(texts)
+
+
+def stream_stage(solver: ThreadPoolExecutor) -> WindowStage:
+    settings = Settings(router_models=MODELS, router_pools={"c": policy(6.0)})
+    ledger = SimpleNamespace(account=lambda pool: PoolAccount(escalation_reserve_usd=50.0))
+    return cast(WindowStage, SimpleNamespace(settings=settings, ledger=ledger, solver=solver))
+
+
+def answered_probes(assignments: list[Assignment]) -> list[ProbedQuery]:
+    """What the probe gatherer forwards once each probe's model worker answered
+    (the worker copies the assignment's metadata into its response)."""
+    pending: dict[str, PendingProbes | None] = {}
+    for probe in (a for a in assignments if a.role == "probe"):
+        response = ModelResponse(
+            query_id=probe.query_id, model=probe.model, pool=probe.pool, response="x",
+            metadata=probe.metadata, role="probe", final=False,
+        )  # fmt: skip
+        pending[probe.query_id] = add_answer(pending.get(probe.query_id), response, 0.0)
+    return [probed_query(p) for p in pending.values() if p is not None and is_complete(p)]
+
+
+async def test_the_escalation_stage_reads_the_cluster_the_first_stage_carried(
+    cascade: FittedCascade,
+) -> None:
+    state = CountingState(cascade)
+    with ThreadPoolExecutor(1) as solver:
+        stage = stream_stage(solver)
+        routing = CascadeRouting(cast(RouterState, state))
+        routed = await routing.solve_first_stage(stage, "c", predicted(40), BOUNDS)
+        assert routed is not None and routed[1].probe_queries > 0
+        probed_queries = answered_probes(routed[0])
+        assert len(probed_queries) == routed[1].probe_queries
+        texts = [p.predicted.query.text for p in probed_queries]
+        assert [p.cascade_cluster for p in probed_queries] == (
+            cascade.policy.clusters(state.vectors(texts)).tolist()
+        )
+        state.embedded.clear()
+        decisions, _ = await decide(stage, cast(RouterState, state), "c", probed_queries, "w2")
+    assert state.embedded == []  # before: every probed query's text embedded again
+    assert [d.query_id for d in decisions] == [p.predicted.query.query_id for p in probed_queries]
+
+
+async def test_a_query_without_a_cluster_of_the_current_fit_is_embedded_again(
+    cascade: FittedCascade,
+) -> None:
+    """An older router's record carries no cluster; after a refit the carried one is
+    another fit's. Either way the escalation stage embeds that query, and only it."""
+    state = CountingState(cascade)
+    queries = predicted(3)
+    old, refitted, carried = probed(queries, [["x", "x"]] * 3)
+    refitted = refitted.model_copy(update={"cascade_cluster": 0, "cascade_fit": "earlier"})
+    carried = carried.model_copy(update={"cascade_cluster": 1, "cascade_fit": cascade.fit_id})
+    clusters = await escalation_clusters(
+        cast(RouterState, state), cascade, [old, refitted, carried]
+    )
+    assert state.embedded == ["question 0", "question 1"]
+    expected = cascade.policy.clusters(state.vectors(["question 0", "question 1"])).tolist()
+    assert clusters.tolist() == [*expected, 1]
+
+
+def test_an_older_probed_record_without_a_cluster_is_still_read(
+    cascade: FittedCascade,
+) -> None:
+    (record,) = probed(predicted(1), [["x", "y"]])
+    raw = record.model_dump_json(exclude={"cascade_cluster", "cascade_fit"})
+    assert "cascade_cluster" not in raw
+    read = ProbedQuery.model_validate_json(raw)
+    assert read.cascade_cluster is None and read.cascade_fit is None

@@ -352,13 +352,14 @@ class OptionMatrices:
 
 def price_options(
     policy: CascadePolicy,
-    vectors: NDArray[np.float32],
+    clusters: NDArray[np.int64],
     quality: NDArray[np.float64],
     cost: NDArray[np.float64],
 ) -> OptionMatrices:
-    """Expected quality and cost of every probe option for each query; `quality` and
-    `cost` are the one-shot predictions of each model (n_queries, n_models)."""
-    expected = policy.pricer.predict(quality, policy.clusters(vectors))
+    """Expected quality and cost of every probe option for each query; `clusters` are
+    the queries' (`policy.clusters`), `quality` and `cost` the one-shot predictions
+    of each model (n_queries, n_models)."""
+    expected = policy.pricer.predict(quality, clusters)
     thresholds = policy.thresholds
     escalated, realised = expected[:, : len(thresholds)], expected[:, len(thresholds) :]
     probe_cost = cost[:, policy.panel].sum(axis=1)
@@ -521,7 +522,7 @@ def run_window(
     n, n_models = quality.shape
     rows = np.arange(n)
     if options is None:
-        options = price_options(policy, vectors, quality, cost)
+        options = price_options(policy, policy.clusters(vectors), quality, cost)
     column = solve_first_stage(
         quality, cost, options, mode, limit, solver, tie_tolerance
     ).assignment

@@ -4,7 +4,9 @@ gathers them from Kafka and publishes what these return).
 First stage (`route_cascade_window`): the window optimiser chooses, per query,
 between answering directly with a model (role "answer") and probing with the
 panel (one role "probe" assignment per panel model), pricing the probe options
-as cascade.price_options does. What the window's budget leaves once direct
+as cascade.price_options does. A probe carries the query's cluster under the
+fitted cascade (and the fit's id) to the escalation stage, so the query is
+embedded once for both stages. What the window's budget leaves once direct
 answers and probes are paid (cascade.escalation_limit) is kept back in the
 pool's ledger for the escalation windows: the report's escalation_reserve_usd.
 
@@ -18,8 +20,9 @@ model when the reserve cannot pay for a better one): every query gets an answer.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -56,6 +59,9 @@ class FittedCascade:
 
     policy: CascadePolicy
     models: list[str]  # the pool's models
+    # Names this fit: a cluster carried on a ProbedQuery is this policy's only when
+    # it names the same fit (clusters change with every refit).
+    fit_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def panel(self) -> list[str]:
@@ -87,18 +93,19 @@ def route_cascade_window(
     cascade: FittedCascade,
     queries: Sequence[PredictedQuery],
     models: Sequence[str],
-    vectors: NDArray[np.float32],
+    clusters: NDArray[np.int64],
     bounds: WindowBounds,
     solver: Method = "fast",
     time_limit_seconds: float = 0.25,
     tie_tolerance: float = 0.0,
 ) -> tuple[list[Assignment], WindowReport]:
     """The first stage of a cascade pool's window: answer and probe assignments, and
-    the report with its probe spend and the reserve kept for escalations."""
+    the report with its probe spend and the reserve kept for escalations. `clusters`:
+    the queries' under the fitted cascade (`cascade.policy.clusters`)."""
     pool_models = cascade.models
     panel = cascade.policy.panel
     quality, cost, allowed = matrices(queries, models, pool_models)
-    options = price_options(cascade.policy, vectors, quality, cost)
+    options = price_options(cascade.policy, clusters, quality, cost)
     may_probe: NDArray[np.bool_] = np.asarray(allowed[:, panel].all(axis=1), dtype=bool)
     options = type(options)(
         np.where(may_probe[:, None], options.quality, FORBIDDEN_QUALITY),
@@ -132,7 +139,9 @@ def route_cascade_window(
             )
             chosen.append(column)
             continue
-        metadata = probe_metadata(query.query.metadata, query, cascade.panel)
+        metadata = probe_metadata(
+            query.query.metadata, query, cascade.panel, int(clusters[row]), cascade.fit_id
+        )
         for j in panel:
             probe = _assignment(
                 query, bounds, pool_models[j], quality[row, j], cost[row, j], "probe"
@@ -192,12 +201,18 @@ def probe_responses(probed: ProbedQuery, panel: Sequence[str]) -> list[str | Non
     return [by_model.get(m) or None for m in panel]
 
 
+def carried_clusters(cascade: FittedCascade, probed: Sequence[ProbedQuery]) -> list[int | None]:
+    """Each probed query's cluster under `cascade` as its first stage carried it; None
+    where it carries none, or one of another fit (the pool was refitted since)."""
+    return [p.cascade_cluster if p.cascade_fit == cascade.fit_id else None for p in probed]
+
+
 def plan_escalation_window(
     pool: str,
     cascade: FittedCascade,
     probed: Sequence[ProbedQuery],
     models: Sequence[str],
-    vectors: NDArray[np.float32],
+    clusters: NDArray[np.int64],
     reserve_usd: float,
     bounds: WindowBounds,
     solver: Method = "fast",
@@ -206,15 +221,14 @@ def plan_escalation_window(
     """Per probed query one decision: role "probe" (its answer is accepted as the
     final one; `model` says whose) or role "escalation" (a new assignment), under
     `reserve_usd`, what the pool's first stages kept back and escalations have not
-    spent yet; and the escalation window's report."""
+    spent yet; and the escalation window's report. `clusters`: the queries' under
+    the fitted cascade (`carried_clusters`, else `cascade.policy.clusters`)."""
     pool_models, panel = cascade.models, cascade.policy.panel
     predicted = [p.predicted for p in probed]
     quality, cost, allowed = matrices(predicted, models, pool_models)
     responses = [probe_responses(p, cascade.panel) for p in probed]
     answered = np.array([[r is not None for r in row] for row in responses], dtype=bool)
-    posterior = cascade.policy.scorer.posterior(
-        ProbeAnswers.of(responses), quality, cascade.policy.clusters(vectors)
-    )
+    posterior = cascade.policy.scorer.posterior(ProbeAnswers.of(responses), quality, clusters)
     # A probe without an answer can never be accepted; a forbidden model never chosen.
     posterior[:, panel] = np.where(answered, posterior[:, panel], 0.0)
     posterior = np.where(allowed, posterior, FORBIDDEN_QUALITY)

@@ -372,8 +372,9 @@ def route_cascade_split(
     policy, n = cascade.policy, len(scored)
     answers = ProbeAnswers.of([[r[j] for j in policy.panel] for r in responses])
     # Options and posteriors depend on the query alone: computed once for every window.
-    options = price_options(policy, vectors, quality, cost)
-    posterior = policy.scorer.posterior(answers, quality, policy.clusters(vectors))
+    clusters = policy.clusters(vectors)
+    options = price_options(policy, clusters, quality, cost)
+    posterior = policy.scorer.posterior(answers, quality, clusters)
     for per_query in budgets:
         point = points.setdefault(CASCADE, {}).setdefault(float(per_query), Point(per_query))
         for window in windows_of(n, settings.window_size):

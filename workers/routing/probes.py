@@ -2,8 +2,10 @@
 keeps the pending state in a table and forwards what this says is ready).
 
 A probe assignment carries, in its metadata under `CASCADE_METADATA_KEY`, the
-query's prediction and the panel's models; the model worker copies metadata
-into its response, so each probe answer brings what the escalation stage needs.
+query's prediction, the panel's models and the query's cluster under the cascade
+fit that probed it; the model worker copies metadata into its response, so each
+probe answer brings what the escalation stage needs (it need not embed the query
+again).
 A query is ready when every panel model answered (an error counts as no
 answer), or when `deadline_seconds` passed since its first answer: a missing
 answer then counts as none too, so a lost or stalled model never holds a query
@@ -34,14 +36,36 @@ class PendingProbes(BaseModel):
     answers: dict[str, ProbeAnswer]
     first_answer_at: float  # unix time of its first answer
     partition: int = 0  # of omnirouter.responses, and of the gatherer table's changelog
+    # The query's cluster under the cascade fit that probed it (ProbedQuery); None:
+    # not known (a probe of an older router).
+    cascade_cluster: int | None = None
+    cascade_fit: str | None = None
 
 
 def probe_metadata(
-    metadata: Mapping[str, Any], predicted: PredictedQuery, panel: list[str]
+    metadata: Mapping[str, Any],
+    predicted: PredictedQuery,
+    panel: list[str],
+    cluster: int | None = None,
+    fit: str | None = None,
 ) -> dict[str, Any]:
-    """A probe assignment's metadata: the query's own, plus what the gatherer needs."""
-    context = {"panel": panel, "predicted": predicted.model_dump(mode="json")}
+    """A probe assignment's metadata: the query's own, plus what the gatherer and the
+    escalation stage need (`cluster`: the query's under the cascade fit `fit`)."""
+    context = {
+        "panel": panel,
+        "predicted": predicted.model_dump(mode="json"),
+        "cluster": cluster,
+        "fit": fit,
+    }
     return {**metadata, CASCADE_METADATA_KEY: context}
+
+
+def carried_cluster(context: Mapping[str, Any]) -> tuple[int | None, str | None]:
+    """The cluster and cascade fit a probe's context carries ((None, None): none, or
+    not readable, as in a probe of an older router; the escalation stage embeds)."""
+    cluster, fit = context.get("cluster"), context.get("fit")
+    known = isinstance(cluster, int) and not isinstance(cluster, bool) and cluster >= 0
+    return (cluster, fit) if known and isinstance(fit, str) else (None, None)
 
 
 def user_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -63,8 +87,15 @@ def add_answer(
             panel = [str(m) for m in context["panel"]]
         except (KeyError, TypeError, ValueError):
             return None
+        cluster, fit = carried_cluster(context)
         pending = PendingProbes(
-            predicted=predicted, panel=panel, answers={}, first_answer_at=now, partition=partition
+            predicted=predicted,
+            panel=panel,
+            answers={},
+            first_answer_at=now,
+            partition=partition,
+            cascade_cluster=cluster,
+            cascade_fit=fit,
         )
     if response.model not in pending.panel:
         return pending
@@ -112,4 +143,9 @@ def probed_query(pending: PendingProbes) -> ProbedQuery:
         pending.answers.get(m, ProbeAnswer(model=m, error=NO_ANSWER_BEFORE_DEADLINE))
         for m in pending.panel
     ]
-    return ProbedQuery(predicted=pending.predicted, answers=answers)
+    return ProbedQuery(
+        predicted=pending.predicted,
+        answers=answers,
+        cascade_cluster=pending.cascade_cluster,
+        cascade_fit=pending.cascade_fit,
+    )

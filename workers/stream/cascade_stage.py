@@ -15,7 +15,9 @@ the window stage, the probe gatherer and the escalation stage.
   the pool's escalation reserve; published through the same publisher, keyed
   "escalation:<query_id>" in the decision log, so a query is finalised or
   escalated once across restarts (a forwarded ProbedQuery read twice is a
-  duplicate there).
+  duplicate there). It reads each query's cluster off its ProbedQuery, as the
+  first stage assigned it; only a query without one of the current fit (an
+  older record, or the pool refitted since) is embedded again.
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import numpy as np
 from faust.types import EventT, StreamT, TableT
+from numpy.typing import NDArray
 
 from schemas import Assignment, ModelResponse, PredictedQuery, ProbedQuery, WindowReport
 from workers.routing.cascade_window import (
+    FittedCascade,
     accept_without_scorer,
+    carried_clusters,
     plan_escalation_window,
     route_cascade_window,
 )
@@ -83,7 +89,7 @@ class CascadeRouting:
                 fitted,
                 fresh,
                 settings.router_models,
-                vectors,
+                fitted.policy.clusters(vectors),
                 bounds,
                 solver=settings.router_solver,
                 time_limit_seconds=settings.router_solver_time_limit_seconds,
@@ -243,7 +249,7 @@ async def decide(
         return accept_without_scorer(pool, fresh, settings.router_models, pool_models, bounds)
     reserve = stage.ledger.account(pool).escalation_reserve_usd
     try:
-        vectors = await state.embed([p.predicted.query.text for p in fresh])
+        clusters = await escalation_clusters(state, fitted, fresh)
         return await asyncio.get_running_loop().run_in_executor(
             stage.solver,
             lambda: plan_escalation_window(
@@ -251,7 +257,7 @@ async def decide(
                 fitted,
                 fresh,
                 settings.router_models,
-                vectors,
+                clusters,
                 reserve,
                 bounds,
                 solver=settings.router_solver,
@@ -261,3 +267,18 @@ async def decide(
     except Exception:  # the pure core could not plan it: the queries still get an answer
         log.exception("window %s: the escalation plan failed; first answers accepted", window_id)
         return accept_without_scorer(pool, fresh, settings.router_models, pool_models, bounds)
+
+
+async def escalation_clusters(
+    state: RouterState, fitted: FittedCascade, probed: Sequence[ProbedQuery]
+) -> NDArray[np.int64]:
+    """The probed queries' clusters under the pool's cascade: as their first stage
+    carried them; the query of an older record, or of a fit since replaced, is
+    embedded again (its text's vector is not on the event)."""
+    clusters = carried_clusters(fitted, probed)
+    missing = [row for row, cluster in enumerate(clusters) if cluster is None]
+    if missing:
+        vectors = await state.embed([probed[row].predicted.query.text for row in missing])
+        for row, cluster in zip(missing, fitted.policy.clusters(vectors).tolist(), strict=True):
+            clusters[row] = int(cluster)
+    return np.asarray(clusters, dtype=np.int64)
