@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from faust.types import TableT
 
 from schemas import Assignment
@@ -23,9 +24,11 @@ from workers.stream.pool_ledger import PoolLedger
 from workers.stream.publishers import (
     AcknowledgedPublisher,
     PoolWindow,
+    Record,
     StartedOnFirstUse,
     TransactionalPublisher,
     WindowRecords,
+    send,
 )
 
 
@@ -46,17 +49,46 @@ class Table:
 
 
 @dataclass
+class RecordedBatch:
+    """aiokafka's BatchBuilder as far as the publishers use it: `capacity` records."""
+
+    capacity: int
+    keys: list[bytes] = field(default_factory=list)
+    closed: bool = False
+
+    def append(self, *, key: bytes, value: bytes, timestamp: None) -> object | None:
+        if self.closed or len(self.keys) == self.capacity:
+            self.closed = True
+            return None
+        self.keys.append(key)
+        return object()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
 class RecordingProducer:
-    """Sends recorded; each one's acknowledgement a future the test may hold back."""
+    """Records sent (topic, key, partition), in record batches of up to
+    `batch_capacity` records, over topics of one partition; each batch's
+    acknowledgement a future the test may hold back."""
 
     sent: list[tuple[str, bytes | None, int | None]] = field(default_factory=list)
     acks: list[asyncio.Future[None]] = field(default_factory=list)
     hold_acks: bool = False
+    batch_capacity: int = 1000
 
-    async def send(
-        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0}
+
+    def create_batch(self) -> RecordedBatch:
+        return RecordedBatch(self.batch_capacity)
+
+    async def send_batch(
+        self, batch: RecordedBatch, topic: str, *, partition: int
     ) -> asyncio.Future[None]:
-        self.sent.append((topic, key, partition))
+        assert batch.closed  # nothing is added to a batch once it is submitted
+        self.sent += [(topic, key, partition) for key in batch.keys]
         ack = asyncio.get_running_loop().create_future()
         if not self.hold_acks:
             ack.set_result(None)
@@ -122,8 +154,8 @@ async def test_a_committed_window_is_remembered_and_marked_published() -> None:
     assert producers.producer.sent == [
         ("routed-changelog", b"new", 2),  # published markers, in the pool's partition,
         ("routed-changelog", b"old", 2),  # committed with the assignments
-        ("route.m", b"new", None),
-        ("route.m", b"old", None),  # a recorded decision re-sent unchanged
+        ("route.m", b"new", 0),  # by the key: the topic's one partition
+        ("route.m", b"old", 0),  # a recorded decision re-sent unchanged
     ]
     assert set(routed.data) == {b"new", b"old"}
     assert all(value.startswith(PUBLISHED) for value in routed.data.values())
@@ -169,3 +201,18 @@ async def test_without_transactions_a_rebalance_after_the_decision_stops_the_sen
     assert not await acknowledged.publish(WINDOW, lambda: False)
     assert [t for t, _, _ in producer.sent] == ["routed-changelog"]  # decided, never sent
     assert routed.data[b"new"].startswith(DECIDED)  # the new owner re-sends it unchanged
+
+
+async def test_records_go_in_batches_per_partition_in_their_order() -> None:
+    producer = RecordingProducer(batch_capacity=2)
+    given = [Record("a", b"v", f"a{i}".encode(), None if i % 2 else 3) for i in range(5)]
+    keyed = [Record("b", b"v", f"b{i}".encode(), None) for i in range(3)]
+    acks = await send(cast(AIOKafkaProducer, producer), given + keyed)
+    assert producer.sent == [
+        ("a", b"a0", 3), ("a", b"a2", 3),  # given partitions
+        ("a", b"a4", 3),  # the batch before it was full
+        ("a", b"a1", 0), ("a", b"a3", 0),  # by the key (topics of one partition here)
+        ("b", b"b0", 0), ("b", b"b1", 0),
+        ("b", b"b2", 0),
+    ]  # fmt: skip
+    assert len(acks) == 5  # one acknowledgement per batch

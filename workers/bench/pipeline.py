@@ -27,8 +27,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +132,64 @@ def main_thread_cpu_seconds(pids: list[int]) -> float:
     return total / ticks
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU time (user + system) of each live thread of the process, by thread id."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    times = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            times[int(task.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return times
+
+
+@dataclass(frozen=True)
+class CpuShares:
+    """Where the machine's CPU goes while the benchmark runs: every process of it
+    (each router's event loop apart from its other threads), each one's CPU time
+    over a span divided by the queries of that span. On a 2-core machine their sum
+    bounds the rate: 2,000 queries/s leaves 1 ms of CPU per query in all."""
+
+    processes: dict[str, list[int]]  # name -> pids
+    split: frozenset[str] = frozenset({"router"})  # names whose main thread is apart
+
+    def sample(self) -> dict[str, float]:
+        seconds: dict[str, float] = defaultdict(float)
+        for name, pids in self.processes.items():
+            for pid in pids:
+                try:
+                    threads = thread_cpu_seconds(pid)
+                except OSError:  # a process that ended meanwhile
+                    continue
+                rest = name
+                if name in self.split:
+                    seconds[f"{name}, event loop"] += threads.pop(pid, 0.0)
+                    rest = f"{name}, other threads"
+                seconds[rest] += sum(threads.values())
+        return dict(seconds)
+
+    @staticmethod
+    def per_query_ms(
+        before: dict[str, float], after: dict[str, float], queries: int
+    ) -> dict[str, float]:
+        return {k: (after[k] - before.get(k, 0.0)) * 1000 / queries for k in after}
+
+
+def cpu_table(per_query_ms: dict[str, float]) -> list[str]:
+    """The per-process CPU figures as lines of one table, with their sum."""
+    lines = [f"  {name:<32}{ms:6.3f} ms" for name, ms in per_query_ms.items()]
+    total = sum(per_query_ms.values())
+    lines.append(f"  {'all of the above':<32}{total:6.3f} ms (2 cores: {2000 / total:.0f}/s)")
+    return lines
+
+
+def database_backends(engine: sa.Engine) -> list[int]:
+    """The PostgreSQL server processes serving the benchmark's database."""
+    query = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+    with engine.connect() as connection:
+        return [int(pid) for pid in connection.execute(sa.text(query)).scalars()]
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -229,6 +289,7 @@ async def measure(
     router_pids: list[int],
     progress: Callable[[str], None],
     broker_pid: int | None = None,
+    database_pids: Callable[[], list[int]] = list,
 ) -> tuple[float, float, float, NDArray[np.float64]]:
     """Throughput of a burst, then produce -> assignment latency at half that rate,
     both from the producers' record timestamps."""
@@ -248,12 +309,22 @@ async def measure(
         brokers = [broker_pid] if broker_pid else []
         cpu_before, broker_cpu_before = cpu_seconds(router_pids), cpu_seconds(brokers)
         loop_cpu_before = main_thread_cpu_seconds(router_pids)
+        shares = CpuShares(
+            {
+                "router": router_pids,
+                "broker": brokers,
+                "benchmark (producer, readers)": [os.getpid()],
+                "PostgreSQL (its backends)": database_pids(),
+            }
+        )
+        shares_before = shares.sample()
         produced_seconds = await produce_queries(bootstrap, names["queries"], burst, 0)
         ids = [q.query_id for q in burst]
         done, started = await assigned.wait_for(ids, 900), await sent.wait_for(ids, 60)
         cpu_ms_per_query = (cpu_seconds(router_pids) - cpu_before) * 1000 / queries
         broker_ms = (cpu_seconds(brokers) - broker_cpu_before) * 1000 / queries
         loop_ms = (main_thread_cpu_seconds(router_pids) - loop_cpu_before) * 1000 / queries
+        shares_ms = CpuShares.per_query_ms(shares_before, shares.sample(), queries)
         elapsed = (max(done.values()) - min(started.values())) / 1000
         burst_qps = queries / elapsed
         pipeline_qps = steady_rate(list(done.values()), settings.router_window_seconds)
@@ -266,6 +337,9 @@ async def measure(
             f"({queries / produced_seconds:.0f}/s); CPU per query: routers "
             f"{cpu_ms_per_query:.2f} ms (event loops {loop_ms:.2f} ms), broker {broker_ms:.2f} ms"
         )
+        progress("CPU per query of the burst, by process:")
+        for line in cpu_table(shares_ms):
+            progress(line)
 
         steady = short_queries(max(200, queries // 4), f"lat{uuid.uuid4().hex[:6]}")
         await produce_queries(bootstrap, names["queries"], steady, pipeline_qps / 2)
@@ -336,6 +410,7 @@ def run(
                     [process.pid for process in processes],
                     progress,
                     broker._process.pid if broker._process else None,
+                    partial(database_backends, engine),
                 )
             )
             rss = max(peak_rss_mb(process.pid) for process in processes)

@@ -10,6 +10,7 @@ is a plain counter, histogram or gauge. What each one means: README, Operations.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
 
 import faust
@@ -155,14 +156,26 @@ def observe_window(report: WindowReport, assignments: Sequence[Assignment]) -> N
         WINDOW_BUDGET_USD.labels(pool).inc(report.window_budget_usd)
     EXPLORATION_SPEND_USD.labels(pool).inc(report.exploration_spend_usd)
     SHADOW_SPEND_USD.labels(pool).inc(report.shadow_spend_usd)
+    # Summed per model first: a label lookup per assignment was 2-3% of a busy
+    # router's event loop.
+    shadows: defaultdict[str, int] = defaultdict(int)
+    routed: defaultdict[str, int] = defaultdict(int)
+    explored: defaultdict[str, int] = defaultdict(int)
+    quality: defaultdict[str, float] = defaultdict(float)
     for assignment in assignments:
         if assignment.role == "shadow":
-            SHADOWS.labels(assignment.model, pool).inc()
+            shadows[assignment.model] += 1
             continue
-        ASSIGNMENTS.labels(assignment.model, pool).inc()
-        PREDICTED_QUALITY.labels(assignment.model, pool).inc(assignment.predicted_quality)
-        if assignment.exploration:
-            EXPLORATIONS.labels(assignment.model, pool).inc()
+        routed[assignment.model] += 1
+        quality[assignment.model] += assignment.predicted_quality
+        explored[assignment.model] += assignment.exploration
+    for model, count in shadows.items():
+        SHADOWS.labels(model, pool).inc(count)
+    for model, count in routed.items():
+        ASSIGNMENTS.labels(model, pool).inc(count)
+        PREDICTED_QUALITY.labels(model, pool).inc(quality[model])
+        if explored[model]:
+            EXPLORATIONS.labels(model, pool).inc(explored[model])
 
 
 def observe_outcomes(outcomes: Sequence[Outcome]) -> None:

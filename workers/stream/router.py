@@ -53,6 +53,7 @@ from workers.stream.fencing import PartitionProducers
 from workers.stream.pool_ledger import PoolLedger
 from workers.stream.predict_stage import predict_stage
 from workers.stream.publishers import (
+    KEY_PARTITIONER,
     AcknowledgedPublisher,
     Publisher,
     StartedOnFirstUse,
@@ -78,14 +79,24 @@ def raw_table(app: faust.App, name: str, settings: Settings, help: str) -> Table
     )
 
 
+# The router's own producers write a window's records as record batches of up to this
+# size (publishers.send): a window's decisions all go to one changelog partition,
+# and aiokafka's default 16 KB made that dozens of batches, each one waiting for
+# the broker's answer to the request before it (one request in flight per broker).
+PUBLISHER_BATCH_BYTES = PRODUCER_MAX_REQUEST_BYTES // 4
+
+
 def producer_options(settings: Settings, bootstrap_servers: str) -> dict[str, Any]:
     """The router's own producers (publishers.py, fencing.py), as Faust's: every
-    replica acknowledges, the same linger and request size."""
+    replica acknowledges, the same linger and request size; larger batches, and
+    the partitioner the publishers place keyed records with."""
     return {
         "bootstrap_servers": bootstrap_servers,
         "acks": "all",
         "linger_ms": PRODUCER_LINGER_MS,
         "max_request_size": PRODUCER_MAX_REQUEST_BYTES,
+        "max_batch_size": PUBLISHER_BATCH_BYTES,
+        "partitioner": KEY_PARTITIONER,
         **aiokafka_options(settings),
     }
 
