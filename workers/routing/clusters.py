@@ -82,6 +82,18 @@ class QueryClusters:
         self._labels = self.assign(vectors)
 
 
+def cluster_totals(
+    labels: NDArray[np.int64], scores: NDArray[np.float64], n_clusters: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Per cluster and model, the sum of the known scores and how many are known."""
+    known = ~np.isnan(scores)
+    sums = np.zeros((n_clusters, scores.shape[1]))
+    counts = np.zeros((n_clusters, scores.shape[1]))
+    np.add.at(sums, labels, np.where(known, scores, 0.0))
+    np.add.at(counts, labels, known)
+    return sums, counts
+
+
 def cluster_means(
     labels: NDArray[np.int64],
     scores: NDArray[np.float64],
@@ -91,9 +103,5 @@ def cluster_means(
 ) -> NDArray[np.float64]:
     """Each cluster's mean score per model, shrunk towards `prior` (per model, or per
     cluster and model) by `strength` outcomes."""
-    known = ~np.isnan(scores)
-    sums = np.zeros((n_clusters, scores.shape[1]))
-    counts = np.zeros((n_clusters, scores.shape[1]))
-    np.add.at(sums, labels, np.where(known, scores, 0.0))
-    np.add.at(counts, labels, known)
+    sums, counts = cluster_totals(labels, scores, n_clusters)
     return (sums + strength * prior) / (counts + strength)

@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 from sklearn.linear_model import LogisticRegression
 
 from workers.config import ModelPrice
-from workers.routing.clusters import cluster_means
+from workers.routing.clusters import cluster_means, cluster_totals
 from workers.routing.embedder import Embedder
 from workers.routing.optimizer import Uncertainty
 from workers.routing.store import RetrievalStore
@@ -296,11 +296,7 @@ def cluster_uncertainty(store: RetrievalStore, vectors: NDArray[np.float32]) -> 
     clusters = store.clusters
 
     def compute() -> NDArray[np.float64]:
-        known = ~np.isnan(store.scores)
-        good = np.zeros((clusters.n_clusters, store.scores.shape[1]))
-        counts = np.zeros_like(good)
-        np.add.at(good, clusters.labels, np.where(known, store.scores, 0.0))
-        np.add.at(counts, clusters.labels, known)
+        good, counts = cluster_totals(clusters.labels, store.scores, clusters.n_clusters)
         mean = (good + 1.0) / (counts + 2.0)
         return mean * (1.0 - mean) / (counts + 3.0)
 
