@@ -31,6 +31,7 @@ from workers.services import free_port
 from workers.stream.kafka_io import read_records, topic_partitions
 from workers.stream.replay import produce_queries, seed_outcomes
 from workers.stream.topics import create_topics
+from workers.stream.transport import last_readable
 
 CHUNK = 65536
 
@@ -155,20 +156,32 @@ def poll_until(condition: Callable[[], bool], timeout_seconds: float) -> bool:
 
 
 async def lag(bootstrap: str, group: str, topics: list[str]) -> dict[str, int]:
-    """'topic[partition]' -> records the group has not committed yet (its end offset minus
-    its committed offset, everything when it has committed nothing). The Tansu broker
-    answers end offsets short of the end (the start of the last batch + 1): there a
-    committed offset past that counts as nothing left."""
+    """'topic[partition]' -> records the group has not committed yet (its end minus its
+    committed offset, everything when it has committed nothing). A partition's end is
+    one past the last record a read-committed consumer is handed (transport.py
+    `last_readable`): one written in transactions ends with a commit marker, which no
+    consumer is handed nor commits past. The Tansu broker answers end offsets short of
+    the end (the start of the last batch + 1): there a committed offset past that
+    counts as nothing left."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
     await consumer.start()
+    await probe.start()
     try:
         partitions = await topic_partitions(consumer, topics)
         ends = await consumer.end_offsets(partitions)
+        committed = {tp: await consumer.committed(tp) or 0 for tp in partitions}
+        behind = [tp for tp in partitions if ends[tp] > committed[tp]]
+        if behind:
+            probe.assign(behind)
+            beginnings = await probe.beginning_offsets(behind)
+            for tp in behind:
+                ends[tp] = await last_readable(probe, tp, beginnings[tp], ends[tp]) + 1
         return {
-            f"{tp.topic}[{tp.partition}]": max(0, ends[tp] - (await consumer.committed(tp) or 0))
-            for tp in partitions
+            f"{tp.topic}[{tp.partition}]": max(0, ends[tp] - committed[tp]) for tp in partitions
         }
     finally:
+        await probe.stop()
         await consumer.stop()
 
 

@@ -190,7 +190,7 @@ class _GuardedFetchResults(collections.OrderedDict[TP, Any]):
         super().__setitem__(tp, result)
 
 
-async def _last_readable(
+async def last_readable(
     probe: aiokafka.AIOKafkaConsumer, tp: TP, beginning: int, reported_end: int
 ) -> int:
     """The offset of the partition's last record the probe is handed (beginning - 1
@@ -264,7 +264,7 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
             probe.assign(pending)
             beginnings = await probe.beginning_offsets(pending)
             for tp in pending:
-                ends[tp] = await _last_readable(probe, tp, beginnings[tp], reported[tp]) + 1
+                ends[tp] = await last_readable(probe, tp, beginnings[tp], reported[tp]) + 1
         finally:
             await probe.stop()
         return ends
