@@ -232,6 +232,11 @@ class PredictedQuery(Event):
     cluster: int | None = None
     mean_variance: list[float] = Field(default_factory=list)
     predicted_at: datetime = Field(default_factory=utc_now)
+    # A cascade pool's query: its cluster under the pool's fitted cascade and that
+    # fit's id (FittedCascade.fit_id), so the first stage need not embed it again
+    # (none: not a cascade pool, its cascade not fitted yet, or an older record).
+    cascade_cluster: int | None = Field(default=None, ge=0)
+    cascade_fit: str | None = None
 
 
 class PredictedBatch(Event):
@@ -256,6 +261,10 @@ class PredictedBatch(Event):
     cluster: list[int | None] = Field(default_factory=list)
     mean_variance: list[list[float]] = Field(default_factory=list)
     predicted_at: datetime = Field(default_factory=utc_now)
+    # PredictedQuery.cascade_cluster and .cascade_fit of each query; empty when no
+    # query of the batch is of a cascade pool whose cascade is fitted.
+    cascade_cluster: list[Annotated[int, Field(ge=0)] | None] = Field(default_factory=list)
+    cascade_fit: list[str | None] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_row_per_query(self) -> PredictedBatch:
@@ -271,13 +280,28 @@ class PredictedBatch(Event):
             or any(len(row) != len(self.models) for row in self.mean_variance)
         ):
             raise ValueError("mean_variance must hold one row per query, one value per model")
+        if len(self.cascade_cluster) != len(self.cascade_fit) or (
+            self.cascade_cluster and len(self.cascade_cluster) != rows
+        ):
+            raise ValueError(
+                "cascade_cluster and cascade_fit must hold one value per query, or none"
+            )
         return self
 
     def predictions(self) -> list[PredictedQuery]:
         """One PredictedQuery per query (already validated here, so not again)."""
         rows = len(self.queries)
-        clusters = self.cluster or [None] * rows
-        variances = self.mean_variance or [[] for _ in range(rows)]
+        columns = zip(
+            self.queries,
+            self.quality,
+            self.cost_usd,
+            self.support,
+            self.cluster or [None] * rows,
+            self.mean_variance or [[] for _ in range(rows)],
+            self.cascade_cluster or [None] * rows,
+            self.cascade_fit or [None] * rows,
+            strict=True,
+        )
         return [
             PredictedQuery.model_construct(
                 schema_version=self.schema_version,
@@ -289,16 +313,10 @@ class PredictedBatch(Event):
                 cluster=cluster,
                 mean_variance=variance,
                 predicted_at=self.predicted_at,
+                cascade_cluster=carried,
+                cascade_fit=fit,
             )
-            for query, quality, cost, support, cluster, variance in zip(
-                self.queries,
-                self.quality,
-                self.cost_usd,
-                self.support,
-                clusters,
-                variances,
-                strict=True,
-            )
+            for query, quality, cost, support, cluster, variance, carried, fit in columns
         ]
 
 

@@ -2,8 +2,9 @@
 pool ledger between them (workers/stream/pool_ledger.py): the first stage keeps
 what its budget leaves as the escalation reserve, escalations spend within the
 reserve, and the spend across both stages stays within the window's budget; on
-the stream (workers/stream/cascade_stage.py), a probed query's cluster travels
-with it from the first stage, so the escalation stage does not embed it again."""
+the stream (workers/stream/cascade_stage.py), a query's cluster travels with it
+from the predict stage to the first stage and on to the escalation stage, so
+neither stage embeds it again."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from numpy.typing import NDArray
 from schemas import (
     Assignment,
     ModelResponse,
+    PredictedBatch,
     PredictedQuery,
     ProbeAnswer,
     ProbedQuery,
@@ -33,6 +35,7 @@ from workers.routing.cascade_window import (
     FittedCascade,
     accept_without_scorer,
     plan_escalation_window,
+    pool_clusters,
     route_cascade_window,
 )
 from workers.routing.probes import (
@@ -43,7 +46,7 @@ from workers.routing.probes import (
     probed_query,
 )
 from workers.routing.windows import WindowBounds
-from workers.stream.cascade_stage import CascadeRouting, decide, escalation_clusters
+from workers.stream.cascade_stage import CascadeRouting, cascade_clusters, decide
 from workers.stream.pool_ledger import PoolAccount, after_escalations, after_window
 from workers.stream.router_state import RouterState
 from workers.stream.window_stage import WindowStage
@@ -267,9 +270,9 @@ async def test_a_query_without_a_cluster_of_the_current_fit_is_embedded_again(
     old, refitted, carried = probed(queries, [["x", "x"]] * 3)
     refitted = refitted.model_copy(update={"cascade_cluster": 0, "cascade_fit": "earlier"})
     carried = carried.model_copy(update={"cascade_cluster": 1, "cascade_fit": cascade.fit_id})
-    clusters = await escalation_clusters(
-        cast(RouterState, state), cascade, [old, refitted, carried]
-    )
+    records = [old, refitted, carried]
+    texts = [p.predicted.query.text for p in records]
+    clusters = await cascade_clusters(cast(RouterState, state), cascade, records, texts)
     assert state.embedded == ["question 0", "question 1"]
     expected = cascade.policy.clusters(state.vectors(["question 0", "question 1"])).tolist()
     assert clusters.tolist() == [*expected, 1]
@@ -279,7 +282,110 @@ def test_an_older_probed_record_without_a_cluster_is_still_read(
     cascade: FittedCascade,
 ) -> None:
     (record,) = probed(predicted(1), [["x", "y"]])
-    raw = record.model_dump_json(exclude={"cascade_cluster", "cascade_fit"})
+    carried = {"cascade_cluster": True, "cascade_fit": True}
+    raw = record.model_dump_json(exclude={**carried, "predicted": carried})
     assert "cascade_cluster" not in raw
     read = ProbedQuery.model_validate_json(raw)
     assert read.cascade_cluster is None and read.cascade_fit is None
+
+
+# ------------------------------------ the query's cluster, from prediction to first stage
+
+
+def predicted_with_clusters(
+    state: CountingState, queries: list[PredictedQuery]
+) -> list[PredictedQuery]:
+    """The queries as the predict stage forwards them: each with its cluster under its
+    pool's fitted cascade, from the vector it was predicted with (RouterState.predict)."""
+    vectors = state.vectors([q.query.text for q in queries])
+    clusters, fits = pool_clusters(state.cascades, [q.query.pool for q in queries], vectors)
+    batch = PredictedBatch(
+        models=MODELS,
+        queries=[q.query for q in queries],
+        quality=[q.quality for q in queries],
+        cost_usd=[q.cost_usd for q in queries],
+        support=[[0.0] * len(MODELS) for _ in queries],
+        cascade_cluster=clusters,
+        cascade_fit=fits,
+    )
+    return PredictedBatch.model_validate_json(batch.model_dump_json()).predictions()
+
+
+async def test_the_first_stage_reads_the_cluster_the_predict_stage_carried(
+    cascade: FittedCascade,
+) -> None:
+    """The first stage embeds none of its window's queries and plans exactly what it
+    planned when it embedded them (before: one call embedding all 40 texts)."""
+    state = CountingState(cascade)
+    queries = predicted_with_clusters(state, predicted(40))
+    assert all(q.cascade_fit == cascade.fit_id for q in queries)
+    with ThreadPoolExecutor(1) as solver:
+        routed = await CascadeRouting(cast(RouterState, state)).solve_first_stage(
+            stream_stage(solver), "c", queries, BOUNDS
+        )
+    assert state.embedded == []
+    assert routed is not None and routed[1].probe_queries > 0
+    embedded = cascade.policy.clusters(state.vectors([q.query.text for q in queries]))
+    expected = route_cascade_window(
+        "c", policy(6.0), cascade, queries, MODELS, embedded, BOUNDS
+    )  # the old path: the window's texts embedded again
+    assert routed[0] == expected[0]
+    assert routed[1].model_dump(exclude={"solve_seconds"}) == expected[1].model_dump(
+        exclude={"solve_seconds"}
+    )
+    # The probes carry the cluster on to the escalation stage, as before.
+    probed_queries = answered_probes(routed[0])
+    assert {p.cascade_fit for p in probed_queries} == {cascade.fit_id}
+
+
+async def test_a_prediction_without_a_cluster_of_the_current_fit_is_embedded_again(
+    cascade: FittedCascade,
+) -> None:
+    """A prediction made before the pool's cascade was fitted (or by an older router)
+    carries no cluster; one made before a refit carries another fit's: the first
+    stage embeds those queries, and only them."""
+    state = CountingState(cascade)
+    queries = predicted_with_clusters(state, predicted(3))
+    old = queries[0].model_copy(update={"cascade_cluster": None, "cascade_fit": None})
+    refitted = queries[1].model_copy(update={"cascade_fit": "earlier"})
+    with ThreadPoolExecutor(1) as solver:
+        routed = await CascadeRouting(cast(RouterState, state)).solve_first_stage(
+            stream_stage(solver), "c", [old, refitted, queries[2]], BOUNDS
+        )
+    assert routed is not None
+    assert state.embedded == ["question 0", "question 1"]
+
+
+def test_only_queries_of_a_fitted_cascade_pool_carry_a_cluster(cascade: FittedCascade) -> None:
+    vectors = unit_vectors(4, 8)
+    cascades: dict[str, FittedCascade | None] = {"c": cascade, "unfitted": None}
+    clusters, fits = pool_clusters(cascades, ["c", "default", "unfitted", "c"], vectors)
+    expected = cascade.policy.clusters(vectors[[0, 3]]).tolist()
+    assert clusters == [expected[0], None, None, expected[1]]
+    assert fits == [cascade.fit_id, None, None, cascade.fit_id]
+    assert pool_clusters(cascades, ["default", "unfitted"], vectors[:2]) == ([], [])
+
+
+def test_an_older_prediction_without_a_cascade_cluster_is_still_read() -> None:
+    (query,) = predicted(1)
+    raw = query.model_dump_json(exclude={"cascade_cluster", "cascade_fit"})
+    assert "cascade_cluster" not in raw
+    read = PredictedQuery.model_validate_json(raw)
+    assert read.cascade_cluster is None and read.cascade_fit is None
+    batch = PredictedBatch(
+        models=MODELS, queries=[query.query], quality=[query.quality],
+        cost_usd=[query.cost_usd], support=[[0.0] * len(MODELS)],
+    )  # fmt: skip
+    raw = batch.model_dump_json(exclude={"cascade_cluster", "cascade_fit"})
+    (row,) = PredictedBatch.model_validate_json(raw).predictions()
+    assert row.cascade_cluster is None and row.cascade_fit is None
+
+
+def test_a_batch_with_cascade_clusters_for_some_queries_only_is_refused() -> None:
+    (query,) = predicted(1)
+    with pytest.raises(ValueError, match="one value per query"):
+        PredictedBatch(
+            models=MODELS, queries=[query.query, query.query], quality=[query.quality] * 2,
+            cost_usd=[query.cost_usd] * 2, support=[[0.0] * len(MODELS)] * 2,
+            cascade_cluster=[1], cascade_fit=["f"],
+        )  # fmt: skip

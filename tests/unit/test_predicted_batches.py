@@ -60,6 +60,19 @@ def test_each_pool_s_record_keeps_its_queries_uncertainty() -> None:
     ]  # fmt: skip
 
 
+def test_each_pool_s_record_keeps_its_queries_cascade_clusters() -> None:
+    """A cascade pool's clusters (and their fit) travel with each query's row."""
+    queries = [QueryEvent(query_id=f"q{i}", text="t", pool=f"p{i % 2}") for i in range(4)]
+    whole = batch(queries).model_copy(
+        update={"cascade_cluster": [5, None, 7, None], "cascade_fit": ["f", None, "f", None]}
+    )
+    read = [p for _, value in pool_records(whole, PRODUCER_MAX_REQUEST_BYTES)
+            for p in read_predictions(value)]  # fmt: skip
+    assert [(p.query.query_id, p.cascade_cluster, p.cascade_fit) for p in read] == [
+        ("q0", 5, "f"), ("q2", 7, "f"), ("q1", None, None), ("q3", None, None),
+    ]  # fmt: skip
+
+
 def test_a_batch_too_large_for_one_request_is_split_and_each_part_fits() -> None:
     settings = Settings(router_models=MODELS, router_max_text_chars=PRODUCER_MAX_REQUEST_BYTES)
     rules = QueryRules.of(settings)

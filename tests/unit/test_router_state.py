@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import cast
+
 import faiss
 import numpy as np
 from numpy.typing import NDArray
 
-from workers.config import Settings
+from schemas import QueryEvent
+from workers.config import PoolPolicy, Settings
+from workers.routing.cascade import CascadePolicy
+from workers.routing.cascade_window import FittedCascade
 from workers.stream.router_state import RouterState
 
 
@@ -27,3 +33,30 @@ def test_faiss_searches_on_the_predictor_thread_alone() -> None:
         assert faiss.omp_get_max_threads() == 1
     finally:
         faiss.omp_set_num_threads(before)
+
+
+async def test_predictions_carry_each_cascade_query_s_cluster_of_the_current_fit() -> None:
+    """The predict stage's vectors give each query of a fitted cascade pool its cluster,
+    named by the fit, so the first stage need not embed the query again."""
+    budget = PoolPolicy(mode="budget", budget_per_query_usd=1.0)
+    settings = Settings(
+        router_models=["a"],
+        router_pools={"default": budget, "c": budget.model_copy(update={"cascade": True})},
+    )
+    state = RouterState(settings, OneAxis(), "")
+    queries = [QueryEvent(query_id=f"q{i}", text="t", pool=p) for i, p in enumerate("cdc")]
+    unfitted = await state.predict(queries)
+    assert unfitted.cascade_cluster == [] and unfitted.cascade_fit == []
+
+    seen: list[NDArray[np.float32]] = []
+
+    def clusters(vectors: NDArray[np.float32]) -> NDArray[np.int64]:
+        seen.append(vectors)
+        return np.arange(len(vectors), dtype=np.int64) + 3
+
+    fitted = FittedCascade(cast(CascadePolicy, SimpleNamespace(clusters=clusters)), ["a"])
+    state.cascades["c"] = fitted
+    batch = await state.predict(queries)
+    assert batch.cascade_cluster == [3, None, 4]
+    assert batch.cascade_fit == [fitted.fit_id, None, fitted.fit_id]
+    assert [v.tolist() for v in seen] == [OneAxis().embed(["t", "t"]).tolist()]

@@ -4,11 +4,14 @@ gathers them from Kafka and publishes what these return).
 First stage (`route_cascade_window`): the window optimiser chooses, per query,
 between answering directly with a model (role "answer") and probing with the
 panel (one role "probe" assignment per panel model), pricing the probe options
-as cascade.price_options does. A probe carries the query's cluster under the
-fitted cascade (and the fit's id) to the escalation stage, so the query is
-embedded once for both stages. What the window's budget leaves once direct
-answers and probes are paid (cascade.escalation_limit) is kept back in the
-pool's ledger for the escalation windows: the report's escalation_reserve_usd.
+as cascade.price_options does. Each query's cluster under the fitted cascade
+comes from the predict stage, which had its vector (`pool_clusters`, carried
+with the fit's id on its PredictedQuery); a probe carries it on (and the fit's
+id) to the escalation stage, so the query is embedded once, for prediction, and
+not again by either stage while the fit stands (`carried_clusters`). What the
+window's budget leaves once direct answers and probes are paid
+(cascade.escalation_limit) is kept back in the pool's ledger for the escalation
+windows: the report's escalation_reserve_usd.
 
 Escalation stage (`plan_escalation_window`): once a probed query's answers are
 in, the answer scorer's posterior says how likely the best probe answer is
@@ -21,8 +24,9 @@ model when the reserve cannot pay for a better one): every query gets an answer.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -201,10 +205,43 @@ def probe_responses(probed: ProbedQuery, panel: Sequence[str]) -> list[str | Non
     return [by_model.get(m) or None for m in panel]
 
 
-def carried_clusters(cascade: FittedCascade, probed: Sequence[ProbedQuery]) -> list[int | None]:
-    """Each probed query's cluster under `cascade` as its first stage carried it; None
-    where it carries none, or one of another fit (the pool was refitted since)."""
-    return [p.cascade_cluster if p.cascade_fit == cascade.fit_id else None for p in probed]
+class CarriesCluster(Protocol):
+    """A record that may carry its query's cluster under a fitted cascade: a
+    PredictedQuery (from the predict stage) or a ProbedQuery (from the first stage)."""
+
+    @property
+    def cascade_cluster(self) -> int | None: ...
+
+    @property
+    def cascade_fit(self) -> str | None: ...
+
+
+def carried_clusters(cascade: FittedCascade, records: Sequence[CarriesCluster]) -> list[int | None]:
+    """Each record's cluster under `cascade` as an earlier stage carried it; None where
+    it carries none, or one of another fit (the pool was refitted since)."""
+    return [r.cascade_cluster if r.cascade_fit == cascade.fit_id else None for r in records]
+
+
+def pool_clusters(
+    cascades: Mapping[str, FittedCascade | None],
+    pools: Sequence[str],
+    vectors: NDArray[np.float32],
+) -> tuple[list[int | None], list[str | None]]:
+    """What the predict stage carries for the first stage: each query's cluster under
+    its pool's fitted cascade and that fit's id (None for a query of another pool, or
+    of a cascade pool not fitted yet); two empty lists when no query has one."""
+    clusters: list[int | None] = [None] * len(pools)
+    fits: list[str | None] = [None] * len(pools)
+    for pool in set(pools):
+        fitted = cascades.get(pool)
+        if fitted is None:
+            continue
+        rows = [row for row, p in enumerate(pools) if p == pool]
+        for row, cluster in zip(rows, fitted.policy.clusters(vectors[rows]).tolist(), strict=True):
+            clusters[row], fits[row] = int(cluster), fitted.fit_id
+    if all(fit is None for fit in fits):
+        return [], []
+    return clusters, fits
 
 
 def plan_escalation_window(

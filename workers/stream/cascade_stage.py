@@ -4,7 +4,11 @@ the window stage, the probe gatherer and the escalation stage.
 - `CascadeRouting.solve_first_stage`: the window stage calls it for a pool's
   fresh queries; for a cascade pool whose policy is fitted it plans direct
   answers and probes (workers/routing/cascade_window.py), else returns None and
-  the pool's window is routed one-shot as any other.
+  the pool's window is routed one-shot as any other. Each query's cluster under
+  the fitted cascade comes with its prediction (the predict stage computed it
+  from the vector it predicted with); only a query without one of the current
+  fit (the pool fitted or refitted since it was predicted, an older record) is
+  embedded again.
 - `gather_probes` (agent on omnirouter.responses, probes only): a table keyed by
   query id holds the answers so far; when every panel model answered (or
   CASCADE_PROBE_DEADLINE_SECONDS passed since the first answer, `forward_overdue`)
@@ -17,7 +21,8 @@ the window stage, the probe gatherer and the escalation stage.
   escalated once across restarts (a forwarded ProbedQuery read twice is a
   duplicate there). It reads each query's cluster off its ProbedQuery, as the
   first stage assigned it; only a query without one of the current fit (an
-  older record, or the pool refitted since) is embedded again.
+  older record, or the pool refitted since) is embedded again
+  (`cascade_clusters`, for both stages).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from numpy.typing import NDArray
 
 from schemas import Assignment, ModelResponse, PredictedQuery, ProbedQuery, WindowReport
 from workers.routing.cascade_window import (
+    CarriesCluster,
     FittedCascade,
     accept_without_scorer,
     carried_clusters,
@@ -80,7 +86,7 @@ class CascadeRouting:
                          bounds.window_id, pool)  # fmt: skip
             return None
         settings = stage.settings
-        vectors = await self.state.embed([p.query.text for p in fresh])
+        clusters = await cascade_clusters(self.state, fitted, fresh, [p.query.text for p in fresh])
         return await asyncio.get_running_loop().run_in_executor(
             stage.solver,
             lambda: route_cascade_window(
@@ -89,7 +95,7 @@ class CascadeRouting:
                 fitted,
                 fresh,
                 settings.router_models,
-                fitted.policy.clusters(vectors),
+                clusters,
                 bounds,
                 solver=settings.router_solver,
                 time_limit_seconds=settings.router_solver_time_limit_seconds,
@@ -249,7 +255,8 @@ async def decide(
         return accept_without_scorer(pool, fresh, settings.router_models, pool_models, bounds)
     reserve = stage.ledger.account(pool).escalation_reserve_usd
     try:
-        clusters = await escalation_clusters(state, fitted, fresh)
+        texts = [p.predicted.query.text for p in fresh]
+        clusters = await cascade_clusters(state, fitted, fresh, texts)
         return await asyncio.get_running_loop().run_in_executor(
             stage.solver,
             lambda: plan_escalation_window(
@@ -269,16 +276,25 @@ async def decide(
         return accept_without_scorer(pool, fresh, settings.router_models, pool_models, bounds)
 
 
-async def escalation_clusters(
-    state: RouterState, fitted: FittedCascade, probed: Sequence[ProbedQuery]
+async def cascade_clusters(
+    state: RouterState,
+    fitted: FittedCascade,
+    records: Sequence[CarriesCluster],
+    texts: Sequence[str],
 ) -> NDArray[np.int64]:
-    """The probed queries' clusters under the pool's cascade: as their first stage
-    carried them; the query of an older record, or of a fit since replaced, is
-    embedded again (its text's vector is not on the event)."""
-    clusters = carried_clusters(fitted, probed)
+    """The records' clusters under the pool's cascade (both stages): as an earlier
+    stage carried them (the predict stage for the first, the first for the
+    escalation stage); the query (`texts`, in the records' order) of an older
+    record, or of a fit since replaced, is embedded again (its vector is not on
+    the event)."""
+    clusters = carried_clusters(fitted, records)
     missing = [row for row, cluster in enumerate(clusters) if cluster is None]
     if missing:
-        vectors = await state.embed([probed[row].predicted.query.text for row in missing])
+        log.info(
+            "cascade fit %s: %d of %d queries embedded again (no cluster of this fit carried)",
+            fitted.fit_id, len(missing), len(records),
+        )  # fmt: skip
+        vectors = await state.embed([texts[row] for row in missing])
         for row, cluster in zip(missing, fitted.policy.clusters(vectors).tolist(), strict=True):
             clusters[row] = int(cluster)
     return np.asarray(clusters, dtype=np.int64)

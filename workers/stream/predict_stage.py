@@ -153,6 +153,8 @@ def rows_of(batch: PredictedBatch, rows: list[int]) -> PredictedBatch:
         cluster=[batch.cluster[r] for r in rows] if batch.cluster else [],
         mean_variance=[batch.mean_variance[r] for r in rows] if batch.mean_variance else [],
         predicted_at=batch.predicted_at,
+        cascade_cluster=[batch.cascade_cluster[r] for r in rows] if batch.cascade_cluster else [],
+        cascade_fit=[batch.cascade_fit[r] for r in rows] if batch.cascade_fit else [],
     )
 
 

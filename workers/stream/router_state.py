@@ -36,9 +36,9 @@ from workers.db.repository import (
     texts_of_other_embedders,
 )
 from workers.routing.cascade_fit import MAX_FIT_QUERIES, fit_pool_cascade
-from workers.routing.cascade_window import FittedCascade
+from workers.routing.cascade_window import FittedCascade, pool_clusters
 from workers.routing.embedder import Embedder
-from workers.routing.predictor import HybridPredictor, KnnSettings, fit_hybrid
+from workers.routing.predictor import Estimates, HybridPredictor, KnnSettings, fit_hybrid
 from workers.routing.store import OutcomeRecord, RetrievalStore, reembedded
 
 log = logging.getLogger(__name__)
@@ -230,10 +230,20 @@ class RouterState:
         log.info("retrieval store rebuilt from the database: %d outcomes", count)
         return count
 
+    def _predict_and_cluster(
+        self, queries: Sequence[QueryEvent]
+    ) -> tuple[Estimates, list[int | None], list[str | None]]:
+        """Predictions, and each cascade pool query's cluster under the pool's fitted
+        cascade from the same vectors (the first stage need not embed it again)."""
+        estimates = self.predictor.predict([q.text for q in queries])
+        pools = [q.pool for q in queries]
+        clusters, fits = pool_clusters(self.cascades, pools, estimates.vectors)
+        return estimates, clusters, fits
+
     async def predict(self, queries: Sequence[QueryEvent]) -> PredictedBatch:
         """Every query's predictions, one row each, in the order of ROUTER_MODELS."""
-        estimates = await self.on_predictor_thread(
-            self.predictor.predict, [q.text for q in queries]
+        estimates, clusters, fits = await self.on_predictor_thread(
+            self._predict_and_cluster, queries
         )
         # Each matrix to Python floats in one call, not three calls per query.
         uncertainty = estimates.uncertainty
@@ -245,4 +255,6 @@ class RouterState:
             support=estimates.support.tolist(),
             cluster=[] if uncertainty is None else uncertainty.cluster.tolist(),
             mean_variance=[] if uncertainty is None else uncertainty.variance.tolist(),
+            cascade_cluster=clusters,
+            cascade_fit=fits,
         )
