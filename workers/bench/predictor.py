@@ -29,6 +29,7 @@ import numpy as np
 from workers.config import Settings
 from workers.routing.embedder import Embedder
 from workers.routing.predictor import HybridPredictor, KnnSettings, cluster_uncertainty, fit_hybrid
+from workers.routing.static_embedder import StaticEmbedder
 from workers.routing.store import OutcomeRecord, RetrievalStore
 from workers.stream.router_state import FAISS_THREADS
 
@@ -100,6 +101,10 @@ def stages(bench: PredictorBench) -> dict[str, Callable[[list[str]], object]]:
     vectors = {id(b): embedder.embed(b) for b in bench.batches}
     chars = {id(b): [len(t) for t in b] for b in bench.batches}
     named: dict[str, Callable[[list[str]], object]] = {"embed": embedder.embed}
+    if isinstance(embedder, StaticEmbedder):
+        tokens = {id(b): embedder.tokenize(b) for b in bench.batches}
+        named["embed: tokenize"] = embedder.tokenize
+        named["embed: pool"] = lambda b: embedder.pool(tokens[id(b)])
     k = predictor.knn.neighbours
     named |= {
         "faiss search": lambda b: store.search(vectors[id(b)], k),
