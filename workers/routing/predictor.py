@@ -406,7 +406,7 @@ class StackedLogistic:
     or the constant of a head that is a number. Each column is one matrix-vector
     product in the heads' own dtype, as scikit-learn's `predict_proba` computes it,
     so the probabilities are the same to the bit (one matrix product for all
-    heads rounds differently, by up to 4e-7, and costs as little)."""
+    heads rounds differently, by up to 4e-7, and saves under a microsecond a query)."""
 
     coef: NDArray[np.floating]  # (heads, dimension); 0 in a constant's row
     intercept: NDArray[np.floating]  # (heads,)
