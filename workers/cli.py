@@ -707,6 +707,35 @@ def bench_accuracy(data_path: Path | None, warm_prompts: int, rate: float) -> No
     click.echo(f"difference                    {gap:+.2f} points")
 
 
+@bench.command("predictor")
+@click.option("--outcomes-in-store", default=100_000, show_default=True)
+@click.option(
+    "--batches", default=40, show_default=True, help="Micro-batches of ROUTER_PREDICT_BATCH."
+)
+@click.option("--profile/--no-profile", default=False, help="Add cProfile's top functions.")
+@embedder_option
+def bench_predictor(
+    outcomes_in_store: int, batches: int, profile: bool, embedder_kind: str | None
+) -> None:
+    """CPU time per query of the router's predictor thread, by stage (short queries)."""
+    from workers.bench import predictor
+    from workers.bench.pipeline import short_queries
+
+    settings = load_settings()
+    texts = [q.text for q in short_queries(1000, "bench")]
+    bench = predictor.prepare(
+        settings, _embedder(settings, embedder_kind), texts, outcomes_in_store, batches
+    )
+    click.echo(
+        f"{bench.queries} queries in batches of {settings.router_predict_batch}, "
+        f"{outcomes_in_store} outcomes in the store"
+    )
+    for stage, ms in predictor.cpu_ms_per_query(bench).items():
+        click.echo(f"{stage:<36}{ms:8.4f} ms CPU per query")
+    if profile:
+        click.echo(predictor.profile(bench))
+
+
 @bench.command("cold-start")
 @data_option
 @click.option("--queries", default=2000, show_default=True, help="Queries streamed.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from workers.config import ModelPrice
 from workers.routing.predictor import (
@@ -175,6 +176,29 @@ def test_heads_learn_a_linear_rule() -> None:
     heads = TrainedHeads(2).fit(vectors[:300], scores[:300])
     predicted = heads.predict(vectors[300:])[:, 0] > 0.5
     assert (predicted == scores[300:, 0].astype(bool)).mean() > 0.8
+
+
+def test_stacked_heads_predict_what_each_head_s_predict_proba_does() -> None:
+    """One logistic over the stacked coefficients replaces a predict_proba per model:
+    same probabilities, and a head with too few outcomes keeps its constant."""
+    vectors, scores = clustered_data(400, seed=3, linear=True)
+    soft = np.clip(scores[:, :1] * 0.8 + 0.1, 0, 1)  # fractional scores: sample weights
+    sparse = np.full((400, 1), np.nan)
+    sparse[:3] = 0.0  # three outcomes: a constant head
+    table = np.column_stack([scores, soft, sparse])
+    heads = TrainedHeads(4).fit(vectors[:300], table[:300])
+    regressions = [h for h in heads.per_model if isinstance(h, LogisticRegression)]
+    assert len(regressions) == 3 and heads.per_model[3] == pytest.approx(2.5 / 8)
+    held_out = vectors[300:]
+    expected = np.column_stack(
+        [h.predict_proba(held_out)[:, 1] for h in regressions] + [np.full(100, 2.5 / 8)]
+    )
+    np.testing.assert_allclose(heads.predict(held_out), expected, rtol=0, atol=0)  # to the bit
+
+
+def test_unfitted_heads_predict_the_shared_prior() -> None:
+    assert TrainedHeads(2).predict(np.zeros((3, 16), np.float32)).tolist() == [[0.5, 0.5]] * 3
+    assert TrainedHeads(0).predict(np.zeros((3, 16), np.float32)).shape == (3, 0)
 
 
 def test_the_blend_weight_follows_the_data() -> None:

@@ -29,6 +29,7 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 
 from workers.config import ModelPrice
@@ -352,16 +353,21 @@ def knn_estimates(
 
 
 class TrainedHeads:
-    """One logistic regression per model: P(good answer | query vector)."""
+    """One logistic regression per model: P(good answer | query vector).
+
+    Fitted head by head with scikit-learn; predicted from their coefficients
+    stacked at fit time (eleven `predict_proba` calls spent three quarters of
+    their time validating the same input)."""
 
     def __init__(self, n_models: int, regularisation: float = 1.0) -> None:
         self.n_models = n_models
         self.regularisation = regularisation
-        self._heads: list[LogisticRegression | float] = [SHARED_PRIOR_QUALITY] * n_models
+        self.per_model: list[LogisticRegression | float] = [SHARED_PRIOR_QUALITY] * n_models
+        self._stacked: StackedLogistic | None = None
 
     @property
     def fitted(self) -> bool:
-        return any(isinstance(h, LogisticRegression) for h in self._heads)
+        return self._stacked is not None
 
     def fit(self, vectors: NDArray[np.float32], scores: NDArray[np.float64]) -> TrainedHeads:
         """Fit on known outcomes only; a model with too few of either class gets its
@@ -375,7 +381,7 @@ class TrainedHeads:
                 shrunk = (good + STATED_PRIOR_OUTCOMES * SHARED_PRIOR_QUALITY) / (
                     len(y) + STATED_PRIOR_OUTCOMES
                 )
-                self._heads[j] = shrunk
+                self.per_model[j] = shrunk
                 continue
             x = vectors[known]
             features = np.vstack([x, x])
@@ -384,17 +390,47 @@ class TrainedHeads:
             keep = weights > 0
             head = LogisticRegression(C=self.regularisation, max_iter=2000)
             head.fit(features[keep], labels[keep], sample_weight=weights[keep])
-            self._heads[j] = head
+            self.per_model[j] = head
+        self._stacked = StackedLogistic.of(self.per_model, vectors.shape[1])
         return self
 
     def predict(self, vectors: NDArray[np.float32]) -> NDArray[np.float64]:
-        columns = [
-            head.predict_proba(vectors)[:, 1]
-            if isinstance(head, LogisticRegression)
-            else np.full(len(vectors), head)
-            for head in self._heads
-        ]
-        return np.column_stack(columns) if columns else np.zeros((len(vectors), 0))
+        if self._stacked is None:
+            return np.array([self.per_model], dtype=float).repeat(len(vectors), axis=0)
+        return self._stacked.predict(vectors)
+
+
+@dataclass(frozen=True)
+class StackedLogistic:
+    """Binary logistic regressions side by side: column j is P(class 1) of head j,
+    or the constant of a head that is a number. Each column is one matrix-vector
+    product in the heads' own dtype, as scikit-learn's `predict_proba` computes it,
+    so the probabilities are the same to the bit (one matrix product for all
+    heads rounds differently, by up to 4e-7, and saves under a microsecond a query)."""
+
+    coef: NDArray[np.floating]  # (heads, dimension); 0 in a constant's row
+    intercept: NDArray[np.floating]  # (heads,)
+    constant: NDArray[np.float64]  # (heads,); NaN where the head is a regression
+
+    @classmethod
+    def of(
+        cls, heads: Sequence[LogisticRegression | float], dimension: int
+    ) -> StackedLogistic | None:
+        """None if no head is a regression."""
+        fitted = {j: h for j, h in enumerate(heads) if isinstance(h, LogisticRegression)}
+        if not fitted:
+            return None
+        dtype = np.result_type(*(h.coef_ for h in fitted.values()))
+        coef = np.zeros((len(heads), dimension), dtype=dtype)
+        intercept = np.zeros(len(heads), dtype=dtype)
+        for j, head in fitted.items():
+            coef[j], intercept[j] = head.coef_[0], head.intercept_[0]
+        constant = np.array([math.nan if j in fitted else h for j, h in enumerate(heads)])
+        return cls(coef, intercept, constant)
+
+    def predict(self, vectors: NDArray[np.float32]) -> NDArray[np.float64]:
+        logits = np.column_stack([vectors @ row for row in self.coef]) + self.intercept
+        return np.where(np.isnan(self.constant), expit(logits), self.constant)
 
 
 @dataclass(frozen=True)
