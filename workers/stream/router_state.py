@@ -53,8 +53,16 @@ REEMBED_CHUNK = 1000
 # FAISS searches on the predictor thread alone. Its OpenMP team (a thread per core)
 # spun while it waited, which on a busy 2-core machine tripled the CPU a prediction
 # took (786 -> 246 us per query, batches of 50, 100,000 stored) and its wall time
-# too; a router's parallelism is its partitions and processes.
+# too; a router's parallelism is its partitions and processes. OpenMP's thread count
+# is each thread's own setting: every worker thread sets it as it starts.
 FAISS_THREADS = 1
+
+
+def worker_thread(name: str) -> ThreadPoolExecutor:
+    """One thread for the router's background work, FAISS on FAISS_THREADS in it."""
+    return ThreadPoolExecutor(
+        1, thread_name_prefix=name, initializer=faiss.omp_set_num_threads, initargs=(FAISS_THREADS,)
+    )
 
 
 class RouterState:
@@ -64,7 +72,6 @@ class RouterState:
 
     def __init__(self, settings: Settings, embedder: Embedder, database_url: str) -> None:
         self.settings = settings
-        faiss.omp_set_num_threads(FAISS_THREADS)
         self.engine = sa.create_engine(database_url, pool_pre_ping=True) if database_url else None
         store = RetrievalStore(settings.router_models, embedder.dimension, embedder=embedder.name)
         self.predictor = HybridPredictor(
@@ -82,10 +89,10 @@ class RouterState:
         self.cascades: dict[str, FittedCascade | None] = dict.fromkeys(
             [p for p, policy in settings.router_pools.items() if policy.cascade]
         )
-        self.predictor_thread = ThreadPoolExecutor(1, thread_name_prefix="predictor")
-        self.background = ThreadPoolExecutor(1, thread_name_prefix="router-io")
+        self.predictor_thread = worker_thread("predictor")
+        self.background = worker_thread("router-io")
         # Cascade fits take seconds to minutes: never in the way of store refreshes.
-        self.cascade_thread = ThreadPoolExecutor(1, thread_name_prefix="cascade-fit")
+        self.cascade_thread = worker_thread("cascade-fit")
 
     async def on_predictor_thread(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(
