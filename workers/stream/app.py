@@ -41,6 +41,12 @@ PRODUCER_MAX_REQUEST_BYTES = 1_000_000
 # gathers them into a few produce requests instead of one per message
 # (socket writes were 40% of a busy router's event loop without it).
 PRODUCER_LINGER_MS = 5
+# What a worker holds ahead of its agents. Faust's defaults (4,096 events per
+# stream buffered, every fetched record handed over at once) held a 20,000-query
+# burst's backlog as thousands of messages in a router's memory; its agents take
+# at most a few hundred events at a time, so a few batches ahead keep them busy.
+STREAM_BUFFER_EVENTS = 1024
+RECORDS_PER_POLL = 1024
 
 
 def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.App:
@@ -63,6 +69,8 @@ def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.A
         producer_acks=-1,
         producer_linger_ms=PRODUCER_LINGER_MS,
         producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,
+        stream_buffer_maxsize=STREAM_BUFFER_EVENTS,
+        broker_max_poll_records=RECORDS_PER_POLL,
         broker_rebalance_timeout=settings.rebalance_timeout_seconds(),
         broker_session_timeout=settings.kafka_session_timeout_seconds,
         broker_heartbeat_interval=min(1.0, settings.kafka_session_timeout_seconds / 4),
