@@ -235,10 +235,11 @@ def embedder_build() -> None:
 @click.option("--loglevel", default="info", show_default=True)
 def router(loglevel: str) -> None:
     """Run a router worker: validate, predict, solve windows, publish assignments."""
-    from workers.stream.app import run_worker
+    from workers.stream.app import bound_heap, run_worker
     from workers.stream.router import build_router_app
     from workers.stream.router_state import RouterState
 
+    bound_heap()
     settings = load_settings()
     if not settings.database_url:
         click.echo("warning: DATABASE_URL is not set: the router will not learn from outcomes")

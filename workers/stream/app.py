@@ -10,6 +10,8 @@ crash.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import logging
 import os
@@ -39,6 +41,12 @@ PRODUCER_MAX_REQUEST_BYTES = 1_000_000
 # gathers them into a few produce requests instead of one per message
 # (socket writes were 40% of a busy router's event loop without it).
 PRODUCER_LINGER_MS = 5
+# What a worker holds ahead of its agents. Faust's defaults (4,096 events per
+# stream buffered, every fetched record handed over at once) held a 20,000-query
+# burst's backlog as thousands of messages in a router's memory; its agents take
+# at most a few hundred events at a time, so a few batches ahead keep them busy.
+STREAM_BUFFER_EVENTS = 1024
+RECORDS_PER_POLL = 1024
 
 
 def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.App:
@@ -61,6 +69,8 @@ def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.A
         producer_acks=-1,
         producer_linger_ms=PRODUCER_LINGER_MS,
         producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,
+        stream_buffer_maxsize=STREAM_BUFFER_EVENTS,
+        broker_max_poll_records=RECORDS_PER_POLL,
         broker_rebalance_timeout=settings.rebalance_timeout_seconds(),
         broker_session_timeout=settings.kafka_session_timeout_seconds,
         broker_heartbeat_interval=min(1.0, settings.kafka_session_timeout_seconds / 4),
@@ -167,6 +177,30 @@ async def send_dead_letter(
     raw = message.value if value is None else value
     letter = dead_letter(raw, message.topic, message.partition, message.offset, reason, limit)
     await deadletter.send(key=dead_letter_key(message.key, limit), value=encode(letter))
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+# Every allocation of this size or more is its own mapping, returned to the system
+# when freed. glibc's default starts at 128 KB and rises to the largest block freed
+# (up to 32 MB), after which numpy's and FAISS's temporary arrays were carved from
+# the heap and left it fragmented.
+MMAP_THRESHOLD_BYTES = 256 * 1024
+# Heaps shared by the process's threads. glibc gives each thread that allocates its
+# own (up to 8 per core): memory one thread freed (the predictor's, the consumer
+# thread's) stayed resident in its heap, unused by the others.
+HEAP_ARENAS = 2
+
+
+def bound_heap() -> None:
+    """Keep freed memory from staying resident in glibc's heaps (a router's peak RSS
+    came from them, not from live objects); called before the process builds
+    anything large or starts threads. Elsewhere than glibc a no-op."""
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(_M_ARENA_MAX, HEAP_ARENAS)
 
 
 def run_worker(
