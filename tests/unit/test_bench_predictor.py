@@ -35,4 +35,3 @@ def test_it_times_each_stage_of_predictions_against_a_seeded_store() -> None:
     assert [len(b) for b in bench.batches] == [8, 8, 8]
     figures = cpu_ms_per_query(bench)
     assert {"embed", "faiss search", "trained heads", "predict (all)"} <= set(figures)
-    assert all(ms >= 0 for ms in figures.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 import sys
 import textwrap
@@ -60,8 +61,10 @@ PROBE = textwrap.dedent(
 
 
 def probe(mode: str) -> tuple[int, int]:
+    """The probe in a fresh interpreter, without the caller's own malloc tuning."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     out = subprocess.run(
-        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True
+        [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, env=env
     ).stdout.split()
     return int(out[0]), int(out[1])
 

@@ -26,11 +26,13 @@ class OneAxis:
 
 def test_faiss_searches_on_the_predictor_thread_alone() -> None:
     """FAISS's OpenMP team spun on a busy machine: three times the CPU per query. The
-    count is per thread: it must hold on the threads that search, not the caller's."""
+    count is per thread: it must hold on every thread that searches (the caller's
+    assigns cascade clusters)."""
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(2)
     try:
         state = RouterState(Settings(router_models=["a"]), OneAxis(), "")
+        assert faiss.omp_get_max_threads() == 1
         for thread in (state.predictor_thread, state.background, state.cascade_thread):
             assert thread.submit(faiss.omp_get_max_threads).result() == 1
     finally:

@@ -197,7 +197,8 @@ def bound_heap() -> None:
     """Keep freed memory from staying resident in glibc's heaps (a router's peak RSS
     came from them, not from live objects); called before the process builds
     anything large or starts threads. Elsewhere than glibc a no-op."""
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+    # OSError / TypeError: no C library to open by name; AttributeError: not glibc.
+    with contextlib.suppress(OSError, TypeError, AttributeError):
         libc = ctypes.CDLL(None)
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
         libc.mallopt(_M_ARENA_MAX, HEAP_ARENAS)

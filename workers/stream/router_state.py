@@ -54,7 +54,8 @@ REEMBED_CHUNK = 1000
 # spun while it waited, which on a busy 2-core machine tripled the CPU a prediction
 # took (786 -> 246 us per query, batches of 50, 100,000 stored) and its wall time
 # too; a router's parallelism is its partitions and processes. OpenMP's thread count
-# is each thread's own setting: every worker thread sets it as it starts.
+# is each thread's own setting: the event loop's thread (which assigns cascade
+# clusters) sets it when it builds RouterState, every worker thread as it starts.
 FAISS_THREADS = 1
 
 
@@ -72,6 +73,7 @@ class RouterState:
 
     def __init__(self, settings: Settings, embedder: Embedder, database_url: str) -> None:
         self.settings = settings
+        faiss.omp_set_num_threads(FAISS_THREADS)
         self.engine = sa.create_engine(database_url, pool_pre_ping=True) if database_url else None
         store = RetrievalStore(settings.router_models, embedder.dimension, embedder=embedder.name)
         self.predictor = HybridPredictor(
