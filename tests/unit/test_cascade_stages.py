@@ -278,6 +278,22 @@ async def test_a_query_without_a_cluster_of_the_current_fit_is_embedded_again(
     assert clusters.tolist() == [*expected, 1]
 
 
+def test_a_fit_of_the_same_outcomes_names_the_same_clusters(cascade: FittedCascade) -> None:
+    """A router restarted on the same outcomes, or another router that fitted them,
+    reads the clusters the first fit carried (they are the same); a fit on other
+    outcomes names other clusters."""
+    n = 400
+    responses, truth, costs = recorded(n, seed=1)
+    predicted = np.tile([0.7, 0.7, 0.95], (n, 1))
+    ids = [f"q{i}" for i in range(n)]
+
+    def fitted(vectors: NDArray[np.float32]) -> FittedCascade:
+        return FittedCascade(fit_cascade(ids, vectors, responses, predicted, truth, costs), MODELS)
+
+    assert fitted(unit_vectors(n, 1)).fit_id == cascade.fit_id
+    assert fitted(unit_vectors(n, 2)).fit_id != cascade.fit_id
+
+
 def test_an_older_probed_record_without_a_cluster_is_still_read(
     cascade: FittedCascade,
 ) -> None:

@@ -58,7 +58,8 @@ async def test_predictions_carry_each_cascade_query_s_cluster_of_the_current_fit
         seen.append(vectors)
         return np.arange(len(vectors), dtype=np.int64) + 3
 
-    fitted = FittedCascade(cast(CascadePolicy, SimpleNamespace(clusters=clusters)), ["a"])
+    policy = SimpleNamespace(clusters=clusters, clustering=SimpleNamespace(digest=lambda: "fit-1"))
+    fitted = FittedCascade(cast(CascadePolicy, policy), ["a"])
     state.cascades["c"] = fitted
     batch = await state.predict(queries)
     assert batch.cascade_cluster == [3, None, 4]

@@ -23,9 +23,9 @@ model when the reserve cannot pay for a better one): every query gets an answer.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -63,9 +63,14 @@ class FittedCascade:
 
     policy: CascadePolicy
     models: list[str]  # the pool's models
-    # Names this fit: a cluster carried on a ProbedQuery is this policy's only when
-    # it names the same fit (clusters change with every refit).
-    fit_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @cached_property
+    def fit_id(self) -> str:
+        """Names this fit's clusters: a cluster carried on an event is this policy's
+        only when it names the same clusters. Derived from the centroids, so a
+        router restarted on the same outcomes, or another router that fitted the
+        same ones, reads the clusters it carries (a refit on more outcomes moves them)."""
+        return self.policy.clustering.digest()
 
     @property
     def panel(self) -> list[str]:

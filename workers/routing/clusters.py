@@ -16,6 +16,7 @@ nearest centroid.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import faiss
@@ -52,6 +53,14 @@ class QueryClusters:
     @property
     def labels(self) -> NDArray[np.int64]:
         return self._labels
+
+    def digest(self) -> str:
+        """Names the assignment `assign` makes: two clusterings of equal digest put
+        every vector in the same cluster (their centroids are the same)."""
+        if self._centroids is None:
+            return "one-cluster"
+        centroids = self._centroids.reconstruct_n(0, self._centroids.ntotal)
+        return hashlib.sha256(centroids.tobytes()).hexdigest()[:16]
 
     def assign(self, vectors: NDArray[np.float32]) -> NDArray[np.int64]:
         """The nearest centroid of each vector."""
