@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from faust.types import EventT, StreamT
 
@@ -26,6 +27,8 @@ from workers.stream import metrics
 from workers.stream.app import PRODUCER_MAX_REQUEST_BYTES, Topics, batches, decode_or_dead_letter
 from workers.stream.codec import BadEvent, decode, encode
 from workers.stream.router_state import RouterState
+
+T = TypeVar("T")
 
 # Whatever arrived within this long is predicted together (up to ROUTER_PREDICT_BATCH).
 PREDICT_BATCH_SECONDS = 0.05
@@ -142,19 +145,24 @@ def fitting(batch: PredictedBatch, rows: list[int], room: int) -> list[bytes]:
 
 
 def rows_of(batch: PredictedBatch, rows: list[int]) -> PredictedBatch:
-    """The batch's rows `rows` (validated with the batch, so not again)."""
+    """The batch's rows `rows` (validated with the batch, so not again). A per-row
+    column the batch left empty (no clusters, no cascade pool) stays empty."""
+
+    def pick(column: Sequence[T]) -> list[T]:
+        return [column[r] for r in rows] if column else []
+
     return PredictedBatch.model_construct(
         schema_version=batch.schema_version,
         models=batch.models,
-        queries=[batch.queries[r] for r in rows],
-        quality=[batch.quality[r] for r in rows],
-        cost_usd=[batch.cost_usd[r] for r in rows],
-        support=[batch.support[r] for r in rows],
-        cluster=[batch.cluster[r] for r in rows] if batch.cluster else [],
-        mean_variance=[batch.mean_variance[r] for r in rows] if batch.mean_variance else [],
+        queries=pick(batch.queries),
+        quality=pick(batch.quality),
+        cost_usd=pick(batch.cost_usd),
+        support=pick(batch.support),
+        cluster=pick(batch.cluster),
+        mean_variance=pick(batch.mean_variance),
         predicted_at=batch.predicted_at,
-        cascade_cluster=[batch.cascade_cluster[r] for r in rows] if batch.cascade_cluster else [],
-        cascade_fit=[batch.cascade_fit[r] for r in rows] if batch.cascade_fit else [],
+        cascade_cluster=pick(batch.cascade_cluster),
+        cascade_fit=pick(batch.cascade_fit),
     )
 
 
