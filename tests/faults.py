@@ -31,7 +31,7 @@ from workers.services import free_port
 from workers.stream.kafka_io import read_records, topic_partitions
 from workers.stream.replay import produce_queries, seed_outcomes
 from workers.stream.topics import create_topics
-from workers.stream.transport import last_readable
+from workers.stream.transport import readable_ends
 
 CHUNK = 65536
 
@@ -159,7 +159,7 @@ async def lag(bootstrap: str, group: str, topics: list[str]) -> dict[str, int]:
     """'topic[partition]' -> records the group has not committed yet (its end minus its
     committed offset, everything when it has committed nothing). A partition's end is
     one past the last record a read-committed consumer is handed (transport.py
-    `last_readable`): one written in transactions ends with a commit marker, which no
+    `readable_ends`): one written in transactions ends with a commit marker, which no
     consumer is handed nor commits past. The Tansu broker answers end offsets short of
     the end (the start of the last batch + 1): there a committed offset past that
     counts as nothing left."""
@@ -171,12 +171,8 @@ async def lag(bootstrap: str, group: str, topics: list[str]) -> dict[str, int]:
         partitions = await topic_partitions(consumer, topics)
         ends = await consumer.end_offsets(partitions)
         committed = {tp: await consumer.committed(tp) or 0 for tp in partitions}
-        behind = [tp for tp in partitions if ends[tp] > committed[tp]]
-        if behind:
-            probe.assign(behind)
-            beginnings = await probe.beginning_offsets(behind)
-            for tp in behind:
-                ends[tp] = await last_readable(probe, tp, beginnings[tp], ends[tp]) + 1
+        behind = {tp: ends[tp] for tp in partitions if ends[tp] > committed[tp]}
+        ends.update(await readable_ends(probe, behind))
         return {
             f"{tp.topic}[{tp.partition}]": max(0, ends[tp] - committed[tp]) for tp in partitions
         }

@@ -190,7 +190,24 @@ class _GuardedFetchResults(collections.OrderedDict[TP, Any]):
         super().__setitem__(tp, result)
 
 
-async def last_readable(
+async def readable_ends(
+    probe: aiokafka.AIOKafkaConsumer, reported: Mapping[TP, int]
+) -> dict[TP, int]:
+    """Each partition's end as one past the last record `probe` (a started
+    read-committed consumer) is handed: a partition written in transactions ends
+    with a commit marker, which no consumer is handed. A partition with no such
+    record ends where it begins; one reported empty stays so."""
+    ends = dict(reported)
+    pending = [tp for tp, end in reported.items() if end]
+    if pending:
+        probe.assign(pending)
+        beginnings = await probe.beginning_offsets(pending)
+        for tp in pending:
+            ends[tp] = await _last_readable(probe, tp, beginnings[tp], reported[tp]) + 1
+    return ends
+
+
+async def _last_readable(
     probe: aiokafka.AIOKafkaConsumer, tp: TP, beginning: int, reported_end: int
 ) -> int:
     """The offset of the partition's last record the probe is handed (beginning - 1
@@ -253,21 +270,15 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         is handed, read from the partition's tail on a consumer of no group (so
         nothing is committed or rebalanced); a partition with no such record ends
         where it begins."""
-        ends = dict(reported)
-        pending = [tp for tp, end in reported.items() if end]
-        if not pending:
-            return ends
+        if not any(reported.values()):
+            return dict(reported)
         probe = self._create_client_consumer(cast(faust_aiokafka.Transport, self.transport))
         probe._isolation_level = READ_COMMITTED
         await probe.start()
         try:
-            probe.assign(pending)
-            beginnings = await probe.beginning_offsets(pending)
-            for tp in pending:
-                ends[tp] = await last_readable(probe, tp, beginnings[tp], reported[tp]) + 1
+            return await readable_ends(probe, reported)
         finally:
             await probe.stop()
-        return ends
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
         committed = await super().seek_to_committed()
