@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -85,15 +85,14 @@ def short_queries(count: int, run: str) -> list[QueryEvent]:
     ]
 
 
-def seed_synthetic_outcomes(
-    engine: sa.Engine, count: int, models: list[str], embedder: Embedder
-) -> None:
-    """`count` past queries, each answered by one model, with random unit vectors
-    labelled as the embedder's (the routers then re-embed nothing)."""
-    dimension = embedder.dimension
-    rng = np.random.default_rng(0)
-    for start in range(0, count, 5000):
-        size = min(5000, count - start)
+def synthetic_outcomes(
+    count: int, models: Sequence[str], dimension: int, chunk: int = 5000, seed: int = 0
+) -> Iterator[tuple[list[Outcome], NDArray[np.float32]]]:
+    """`count` past queries in chunks, each answered by one model (in turn), with
+    random unit vectors."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, count, chunk):
+        size = min(chunk, count - start)
         vectors = rng.normal(size=(size, dimension)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         outcomes = [
@@ -106,6 +105,15 @@ def seed_synthetic_outcomes(
             )
             for i in range(size)
         ]
+        yield outcomes, vectors
+
+
+def seed_synthetic_outcomes(
+    engine: sa.Engine, count: int, models: list[str], embedder: Embedder
+) -> None:
+    """`count` synthetic past outcomes in the database, their vectors labelled as the
+    embedder's (the routers then re-embed nothing)."""
+    for outcomes, vectors in synthetic_outcomes(count, models, embedder.dimension):
         with Session(engine) as session, session.begin():
             upsert_outcomes(session, outcomes, list(vectors), embedder.name)
 

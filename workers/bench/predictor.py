@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import faiss
-import numpy as np
 
+from workers.bench.pipeline import synthetic_outcomes
 from workers.config import Settings
 from workers.routing.embedder import Embedder
 from workers.routing.predictor import HybridPredictor, KnnSettings, cluster_uncertainty, fit_hybrid
@@ -46,28 +46,23 @@ class PredictorBench:
         return sum(len(b) for b in self.batches)
 
 
-def synthetic_store(
-    models: Sequence[str], embedder: Embedder, outcomes: int, seed: int = 0
-) -> RetrievalStore:
-    """`outcomes` past queries, each answered by one model (in turn), random unit
-    vectors labelled as the embedder's."""
-    rng = np.random.default_rng(seed)
-    vectors = rng.normal(size=(outcomes, embedder.dimension)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    records = (
-        OutcomeRecord(
-            query_id=f"past-{i}",
-            model=models[i % len(models)],
-            quality_score=float(rng.integers(0, 2)),
-            cost_usd=float(rng.uniform(1e-5, 5e-3)),
-            output_tokens=int(rng.integers(1, 400)),
-            embedding=vectors[i],
-            embedder=embedder.name,
-        )
-        for i in range(outcomes)
-    )
+def synthetic_store(models: Sequence[str], embedder: Embedder, outcomes: int) -> RetrievalStore:
+    """The store of `outcomes` synthetic past outcomes, as `bench pipeline` seeds the
+    database, vectors labelled as the embedder's."""
     store = RetrievalStore(models, embedder.dimension, embedder=embedder.name)
-    store.add_stored(records)
+    for chunk, vectors in synthetic_outcomes(outcomes, models, embedder.dimension):
+        store.add_stored(
+            OutcomeRecord(
+                query_id=o.query_id,
+                model=o.model,
+                quality_score=o.quality_score,
+                cost_usd=o.cost_usd,
+                output_tokens=o.output_tokens,
+                embedding=vector,
+                embedder=embedder.name,
+            )
+            for o, vector in zip(chunk, vectors, strict=True)
+        )
     return store
 
 
