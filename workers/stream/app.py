@@ -120,23 +120,36 @@ class Topics:
         )
 
 
-async def batches(
+async def held_batches(
     stream: StreamT[bytes], max_events: int, within_seconds: float
 ) -> AsyncIterator[Sequence[EventT]]:
     """Faust's `take_events`: lists of up to `max_events` events, or whatever arrived
-    within `within_seconds`, each acknowledged only once the loop body that got it
-    has finished with it.
+    within `within_seconds`, each event holding one reference more, which only
+    `release` gives back: an event is acknowledged once its holder is done with it.
 
-    `take_events` acknowledges a list in a `finally`, so also when the body
-    raised: its offsets would be committed although nothing was done with them.
-    Each event therefore carries one more reference while the body runs, which
-    only a body that finished gives back."""
+    `take_events` acknowledges a list in a `finally`, so also when the body that
+    got it raised: its offsets would be committed although nothing was done with
+    them. The reference of our own keeps them unacknowledged until released."""
     async for events in cast(faust.Stream[bytes], stream).take_events(max_events, within_seconds):
         for event in events:
             event.message.incref()
         yield events
-        for event in events:
-            event.ack()
+
+
+def release(events: Sequence[EventT]) -> None:
+    """Give back the reference `held_batches` took: the events are done with."""
+    for event in events:
+        event.ack()
+
+
+async def batches(
+    stream: StreamT[bytes], max_events: int, within_seconds: float
+) -> AsyncIterator[Sequence[EventT]]:
+    """`held_batches` whose events are released when the loop body that got them has
+    finished (not when it raised)."""
+    async for events in held_batches(stream, max_events, within_seconds):
+        yield events
+        release(events)
 
 
 def hand_over(events: Sequence[EventT]) -> None:

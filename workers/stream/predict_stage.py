@@ -6,17 +6,20 @@ micro-batches and forwarded keyed by pool, so a pool's window gathers on one
 partition of omnirouter.predicted: one record (PredictedBatch) per pool of a
 micro-batch, split in halves while it would not fit a produce request. A batch
 is acknowledged only once all its records are acknowledged by the broker
-(`batches`).
+(`held_batches`, `release`). Two batches are in flight at once: one predicted on
+the predictor thread while the event loop decodes the next and sends the one
+before, records sent in the order the batches were read.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from functools import partial
+from typing import Any, TypeVar
 
 from faust.types import EventT, StreamT
 
@@ -24,7 +27,13 @@ from schemas import PredictedBatch, QueryEvent
 from workers.config import Settings
 from workers.routing.windows import bounded_created_at
 from workers.stream import metrics
-from workers.stream.app import PRODUCER_MAX_REQUEST_BYTES, Topics, batches, decode_or_dead_letter
+from workers.stream.app import (
+    PRODUCER_MAX_REQUEST_BYTES,
+    Topics,
+    decode_or_dead_letter,
+    held_batches,
+    release,
+)
 from workers.stream.codec import BadEvent, decode, encode
 from workers.stream.router_state import RouterState
 
@@ -103,21 +112,63 @@ def with_bounded_time(
     )
 
 
-async def predict_batch(
-    events: Sequence[EventT], state: RouterState, topics: Topics, rules: QueryRules, skew: timedelta
-) -> None:
-    """Validate, predict in one call on the predictor thread, send every prediction,
-    then wait for the broker's acknowledgements together."""
+async def valid_queries(
+    events: Sequence[EventT], topics: Topics, rules: QueryRules, skew: timedelta
+) -> list[QueryEvent]:
+    """The events' valid queries, their times bounded; the others are dead letters."""
     decoded = await decode_or_dead_letter(events, rules.validate, topics.deadletter)
     now = datetime.now(UTC)
     valid = [with_bounded_time(event, query, skew, now) for event, query in decoded]
-    if not valid:
-        return
     for pool, count in Counter(query.pool for query in valid).items():
         metrics.QUERIES_IN.labels(pool).inc(count)
-    records = pool_records(await state.predict(valid), PRODUCER_MAX_REQUEST_BYTES)
+    return valid
+
+
+async def send_predictions(topics: Topics, batch: PredictedBatch) -> None:
+    """Send a micro-batch's records, then wait for the broker's acknowledgements together."""
+    records = pool_records(batch, PRODUCER_MAX_REQUEST_BYTES)
     sent = [await topics.predicted.send(key=key, value=value) for key, value in records]
     await asyncio.gather(*sent)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A micro-batch between the steps of `pipelined`: its events, held until its
+    predictions are sent, and its prediction under way (None: nothing valid in it)."""
+
+    events: Sequence[EventT]
+    prediction: asyncio.Task[PredictedBatch] | None
+
+
+async def pipelined(
+    held: AsyncIterable[Sequence[EventT]],
+    decode: Callable[[Sequence[EventT]], Awaitable[list[QueryEvent]]],
+    predict: Callable[[list[QueryEvent]], Coroutine[Any, Any, PredictedBatch]],
+    send: Callable[[PredictedBatch], Awaitable[None]],
+) -> None:
+    """Decode, predict and send each micro-batch of `held` (`held_batches`), two
+    batches in flight: while one is predicted (on the predictor thread), the next
+    is decoded and the one before sent. One after another, each step left the
+    others idle. Batches are sent in the order they were read, each released
+    once sent; a failure in any step fails the whole, its batches unreleased."""
+    in_flight: asyncio.Queue[InFlight | None] = asyncio.Queue(maxsize=1)
+    async with asyncio.TaskGroup() as group:
+        group.create_task(send_in_order(in_flight, send))
+        async for events in held:
+            valid = await decode(events)
+            prediction = group.create_task(predict(valid)) if valid else None
+            await in_flight.put(InFlight(events, prediction))
+        await in_flight.put(None)
+
+
+async def send_in_order(
+    in_flight: asyncio.Queue[InFlight | None], send: Callable[[PredictedBatch], Awaitable[None]]
+) -> None:
+    """Send each batch's predictions as they come, in turn, then release its events."""
+    while (batch := await in_flight.get()) is not None:
+        if batch.prediction is not None:
+            await send(await batch.prediction)
+        release(batch.events)
 
 
 def pool_records(batch: PredictedBatch, max_request_bytes: int) -> list[tuple[bytes, bytes]]:
@@ -173,5 +224,9 @@ async def predict_stage(
     of production order and hourly budgets would go wrong."""
     rules = QueryRules.of(settings)
     skew = timedelta(seconds=settings.router_clock_skew_seconds)
-    async for events in batches(stream, settings.router_predict_batch, PREDICT_BATCH_SECONDS):
-        await predict_batch(events, state, topics, rules, skew)
+    await pipelined(
+        held_batches(stream, settings.router_predict_batch, PREDICT_BATCH_SECONDS),
+        partial(valid_queries, topics=topics, rules=rules, skew=skew),
+        state.predict,
+        partial(send_predictions, topics),
+    )
