@@ -864,5 +864,65 @@ def bench_signal(data_path: Path | None, aucs: str, window_size: int) -> None:
         )
 
 
+@bench.command("agreement")
+@data_option
+@click.option(
+    "--cost-shares",
+    "shares",
+    default="0.2,0.35,0.5,0.75,1.0",
+    show_default=True,
+    help="Budgets as shares of the dearest model's total cost, comma-separated.",
+)
+@click.option(
+    "--probes",
+    default=6,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Probe pairs are drawn from this many of the cheapest models.",
+)
+def bench_agreement(data_path: Path | None, shares: str, probes: int) -> None:
+    """The most accuracy answer agreement can buy: an in-sample upper bound over
+    single models, agreeing probe pairs and sequential majorities, mixed per task
+    (see workers/bench/agreement.py)."""
+    from workers.bench import agreement
+    from workers.routing.dataset import DatasetError, load_routerbench, shipped_sample_path
+
+    try:
+        levels = [float(s) for s in shares.split(",")]
+        bound = agreement.run(load_routerbench(data_path or shipped_sample_path()), levels, probes)
+    except (DatasetError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    names = agreement.short_names(bound.models)
+    click.echo(
+        "IN-SAMPLE UPPER BOUND: rules and per-task mixes chosen knowing every outcome; "
+        "a real cascade should not exceed it"
+    )
+    click.echo(
+        f"rows: {bound.rows_used} used, {bound.rows_dropped} dropped (a model's score or cost "
+        f"missing); {bound.responses_missing} missing responses count as empty answers"
+    )
+    click.echo(
+        f"dearest model (highest mean cost): {names[bound.dearest]}, "
+        f"accuracy {bound.dearest_accuracy:.4f}"
+    )
+    click.echo(
+        f"probes from the {len(bound.probes)} cheapest: {', '.join(names[j] for j in bound.probes)}"
+    )
+    click.echo(f"rules per task: {bound.rules}")
+    click.echo(f"{'share':>5} {'bound':>7} {'spent':>6}  mix per task (share of its queries)")
+    for level in bound.levels:
+        accuracy = "-" if level.accuracy is None else f"{level.accuracy:.4f}"
+        click.echo(f"{level.share:5.2f} {accuracy:>7} {level.spent_share:6.1%}")
+        for task, mix in level.mixes.items():
+            parts = " | ".join(f"{part:.2f} {rule.describe(names)}" for part, rule in mix)
+            click.echo(f"      {task}: {parts}")
+    click.echo("hull per task: cost as a share of the dearest model's on the task, accuracy, rule")
+    for hull in bound.hulls:
+        click.echo(f"  {hull.task} ({hull.rows} rows)")
+        for (cost, correct), rule in zip(hull.points, hull.rules, strict=True):
+            share = cost / hull.dearest_cost
+            click.echo(f"    {share:6.3f} {correct / hull.rows:.4f}  {rule.describe(names)}")
+
+
 if __name__ == "__main__":
     main()
