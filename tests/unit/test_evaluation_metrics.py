@@ -24,6 +24,13 @@ def test_hull_drops_dominated_points_and_points_under_a_chord() -> None:
     assert upper_hull(points) == [(1.0, 0.5), (3.0, 0.9)]
 
 
+def test_hull_keeps_one_point_per_cost_also_at_its_start() -> None:
+    """Two points of the cheapest cost: only the better one is on the hull (it used to
+    keep both, a vertical first segment that no later point could remove)."""
+    points = [(1.0, 0.5), (1.0, 0.6), (2.0, 0.8), (3.0, 0.85)]
+    assert upper_hull(points) == [(1.0, 0.6), (2.0, 0.8), (3.0, 0.85)]
+
+
 def test_aiq_of_a_flat_router_is_its_accuracy() -> None:
     assert aiq([(1.0, 0.7)], 0.0, 10.0) == pytest.approx(0.7)
 

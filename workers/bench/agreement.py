@@ -179,7 +179,7 @@ def candidate_rules(n_models: int, probes: Sequence[int]) -> list[Rule]:
 def rules_hull(results: Sequence[tuple[Point, Rule]]) -> tuple[list[Point], list[Rule]]:
     """The upper concave hull of the rules' (cost, correct) points and the rule at
     each vertex (the first given, among rules with the same figures)."""
-    # One point per cost: upper_hull keeps two of the same cost at its start.
+    # The best rule of each cost, to name the hull's vertices.
     best: dict[float, tuple[float, Rule]] = {}
     for (cost, correct), rule in results:
         if cost not in best or correct > best[cost][0]:

@@ -130,6 +130,8 @@ def upper_hull(points: Sequence[tuple[float, float]]) -> list[tuple[float, float
     for cost, accuracy in sorted(set(points)):
         if hull and accuracy <= hull[-1][1]:
             continue  # dearer and no better
+        if hull and cost == hull[-1][0]:
+            hull.pop()  # as dear and better (points of one cost come by accuracy)
         while len(hull) >= 2:
             (c1, a1), (c2, a2) = hull[-2], hull[-1]
             # Drop the middle point when it lies on or below the chord.
