@@ -1,4 +1,5 @@
-"""What a worker's Faust app holds ahead of its agents (README "The pipeline's speed")."""
+"""What a worker's Faust app holds ahead of its agents
+(docs/history-pipeline-speed.md, sixth pass)."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ NEVER = -1  # an escalation "model" meaning: accept the best probe answer
 # loss on held-out folds of its stored queries (PRICER_FOLDS). The solver picks, per
 # query, the option that reads highest for its price, so every option's noise is
 # someone's overrated pick: 1.0 for all of them trailed the one-shot router by up
-# to 0.34 points on RouterBench, 0.03 for all by 0.22 (README "Answer-aware cascade").
+# to 0.34 points on RouterBench, 0.03 for all by 0.22 (docs/history-cascade.md, second round).
 PRICER_CS = (0.01, 0.03, 0.1, 0.3, 1.0)
 PRICER_FOLDS = 3
 

