@@ -7,7 +7,7 @@ partition of omnirouter.predicted: one record (PredictedBatch) per pool of a
 micro-batch, split in halves while it would not fit a produce request. A batch
 is acknowledged only once all its records are acknowledged by the broker
 (`held_batches`, `release`). Two batches are in flight at once: one predicted on
-the predictor thread while the event loop decodes the next and sends the one
+the predictor thread while the event loop reads the next and sends the one
 before, records sent in the order the batches were read.
 """
 
@@ -115,7 +115,8 @@ def with_bounded_time(
 async def valid_queries(
     events: Sequence[EventT], topics: Topics, rules: QueryRules, skew: timedelta
 ) -> list[QueryEvent]:
-    """The events' valid queries, their times bounded; the others are dead letters."""
+    """The events' valid queries, their times bounded and counted per pool; the
+    others are dead letters."""
     decoded = await decode_or_dead_letter(events, rules.validate, topics.deadletter)
     now = datetime.now(UTC)
     valid = [with_bounded_time(event, query, skew, now) for event, query in decoded]
@@ -131,6 +132,11 @@ async def send_predictions(topics: Topics, batch: PredictedBatch) -> None:
     await asyncio.gather(*sent)
 
 
+# Micro-batches read but not yet sent: one predicted while the next is read, and
+# the one before sent. The predictor is one thread, so a third would only wait.
+BATCHES_IN_FLIGHT = 2
+
+
 @dataclass(frozen=True)
 class InFlight:
     """A micro-batch between the steps of `pipelined`: its events, held until its
@@ -142,33 +148,49 @@ class InFlight:
 
 async def pipelined(
     held: AsyncIterable[Sequence[EventT]],
-    decode: Callable[[Sequence[EventT]], Awaitable[list[QueryEvent]]],
+    read_valid: Callable[[Sequence[EventT]], Awaitable[list[QueryEvent]]],
     predict: Callable[[list[QueryEvent]], Coroutine[Any, Any, PredictedBatch]],
     send: Callable[[PredictedBatch], Awaitable[None]],
 ) -> None:
-    """Decode, predict and send each micro-batch of `held` (`held_batches`), two
-    batches in flight: while one is predicted (on the predictor thread), the next
-    is decoded and the one before sent. One after another, each step left the
-    others idle. Batches are sent in the order they were read, each released
-    once sent; a failure in any step fails the whole, its batches unreleased."""
-    in_flight: asyncio.Queue[InFlight | None] = asyncio.Queue(maxsize=1)
+    """Read the valid queries of each micro-batch of `held` (`held_batches`), predict
+    and send them, BATCHES_IN_FLIGHT at a time: while the predictor thread predicts
+    one, the event loop reads the next and sends the one before (one after another,
+    each step left the others idle). Batches are sent in the order read, each
+    released once sent; a failure in any step fails the whole, its batches
+    unreleased."""
+    in_flight: asyncio.Queue[InFlight | None] = asyncio.Queue()
+    slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
     async with asyncio.TaskGroup() as group:
-        group.create_task(send_in_order(in_flight, send))
+        group.create_task(send_in_order(in_flight, send, slots))
         async for events in held:
-            valid = await decode(events)
+            await slots.acquire()
+            valid = await read_valid(events)
             prediction = group.create_task(predict(valid)) if valid else None
-            await in_flight.put(InFlight(events, prediction))
-        await in_flight.put(None)
+            in_flight.put_nowait(InFlight(events, prediction))
+        in_flight.put_nowait(None)
 
 
 async def send_in_order(
-    in_flight: asyncio.Queue[InFlight | None], send: Callable[[PredictedBatch], Awaitable[None]]
+    in_flight: asyncio.Queue[InFlight | None],
+    send: Callable[[PredictedBatch], Awaitable[None]],
+    slots: asyncio.Semaphore,
 ) -> None:
-    """Send each batch's predictions as they come, in turn, then release its events."""
+    """Send each batch's predictions in turn, release its events, free its slot."""
     while (batch := await in_flight.get()) is not None:
         if batch.prediction is not None:
-            await send(await batch.prediction)
+            await send(await finished(batch.prediction))
         release(batch.events)
+        slots.release()
+
+
+async def finished(prediction: asyncio.Task[PredictedBatch]) -> PredictedBatch:
+    """The prediction's result. One cancelled on its own (its executor shut down)
+    is a failure: awaited bare, its CancelledError would end the sender quietly,
+    which a TaskGroup does not count as one, and the stage would wait forever."""
+    await asyncio.wait({prediction})
+    if prediction.cancelled():
+        raise RuntimeError("a prediction was cancelled before it finished")
+    return prediction.result()
 
 
 def pool_records(batch: PredictedBatch, max_request_bytes: int) -> list[tuple[bytes, bytes]]:
