@@ -15,7 +15,6 @@ from workers.bench.agreement import (
     allocate,
     bound_at,
     candidate_rules,
-    cheapest_models,
     complete_rows,
     mix_at,
     rule_result,
@@ -24,6 +23,7 @@ from workers.bench.agreement import (
     task_rows,
 )
 from workers.cli import main
+from workers.routing.cascade import cheapest_models
 from workers.routing.dataset import OutcomeTable, load_routerbench, shipped_sample_path
 from workers.routing.evaluate import hull_accuracy
 

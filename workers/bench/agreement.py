@@ -34,6 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from workers.routing.answer_scorer import final_answer
+from workers.routing.cascade import cheapest_models
 from workers.routing.dataset import OutcomeTable
 from workers.routing.evaluate import hull_accuracy, upper_hull
 
@@ -153,10 +154,6 @@ def rule_result(rule: Rule, rows: TaskRows) -> Point:
     final, asked = play(rule, rows.agree)
     correct = rows.scores[np.arange(len(final)), final].sum()
     return float((rows.costs * asked).sum()), float(correct)
-
-
-def cheapest_models(costs: NDArray[np.float64], k: int) -> list[int]:
-    return [int(j) for j in np.argsort(costs.mean(axis=0), kind="stable")[:k]]
 
 
 def candidate_rules(n_models: int, probes: Sequence[int]) -> list[Rule]:
