@@ -227,3 +227,4 @@ def test_the_command_prints_the_bound_per_share_and_refuses_a_bad_share() -> Non
     assert all(0.0 < float(row[1]) <= 1.0 for row in rows)
     bad = CliRunner().invoke(main, ["bench", "agreement", "--cost-shares", "half"])
     assert bad.exit_code != 0
+    assert "'half' is not a comma-separated list of floats" in bad.output
