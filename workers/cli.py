@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from pydantic import ValidationError
@@ -22,6 +22,26 @@ if TYPE_CHECKING:
 # Each role's default Prometheus port (METRICS_PORT overrides it).
 ROUTER_METRICS_PORT, OUTCOMES_METRICS_PORT, MODEL_WORKER_METRICS_PORT = 9101, 9102, 9103
 JUDGE_METRICS_PORT = 9104
+
+
+class CommaSeparated(click.ParamType):
+    """A comma-separated list of numbers of one kind, refused with a clear message."""
+
+    name = "list"
+
+    def __init__(self, kind: type[int] | type[float]) -> None:
+        self.kind = kind
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, list):
+            return value
+        try:
+            return [self.kind(part) for part in str(value).split(",")]
+        except ValueError:
+            self.fail(
+                f"{value!r} is not a comma-separated list of {self.kind.__name__}s", param, ctx
+            )
+
 
 data_option = click.option(
     "--data",
@@ -561,14 +581,16 @@ def bench() -> None:
 
 
 @bench.command("solver")
-@click.option("--sizes", default="100,500,1000,2000,5000", show_default=True)
+@click.option(
+    "--sizes", default="100,500,1000,2000,5000", show_default=True, type=CommaSeparated(int)
+)
 @click.option("--repeats", default=3, show_default=True, help="Instances per size; median time.")
 @click.option("--with-capacities/--no-capacities", default=False, show_default=True)
-def bench_solver(sizes: str, repeats: int, with_capacities: bool) -> None:
+def bench_solver(sizes: list[int], repeats: int, with_capacities: bool) -> None:
     """Exact ILP vs fast path: median solve time and the fast path's objective gap."""
     from workers.bench import solver
 
-    window_sizes = tuple(int(s) for s in sizes.split(","))
+    window_sizes = tuple(sizes)
     header = (
         f"{'queries':>7} {'models':>6} {'mode':>7} {'exact s':>9} {'fast ms':>9} "
         f"{'gap % (worst)':>13} {'exact status':>14} {'fast feasible':>13}"
@@ -826,19 +848,19 @@ def bench_cold_start(
     "aucs",
     default="0.5,0.55,0.6,0.65,0.7,0.75,0.8",
     show_default=True,
+    type=CommaSeparated(float),
     help="Within-task AUCs of the synthetic predictor, comma-separated.",
 )
 @click.option("--window-size", default=200, show_default=True, type=click.IntRange(min=1))
-def bench_signal(data_path: Path | None, aucs: str, window_size: int) -> None:
+def bench_signal(data_path: Path | None, aucs: list[float], window_size: int) -> None:
     """Routing targets vs predictor strength: cross-validated routing with synthetic
     quality estimates of a chosen within-task AUC (see workers/bench/signal.py)."""
     from workers.bench import signal
     from workers.routing.dataset import DatasetError, load_routerbench, shipped_sample_path
 
     try:
-        levels = [float(a) for a in aucs.split(",")]
         figures = signal.run(
-            load_routerbench(data_path or shipped_sample_path()), levels, window_size
+            load_routerbench(data_path or shipped_sample_path()), aucs, window_size
         )
     except (DatasetError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -871,6 +893,7 @@ def bench_signal(data_path: Path | None, aucs: str, window_size: int) -> None:
     "shares",
     default="0.2,0.35,0.5,0.75,1.0",
     show_default=True,
+    type=CommaSeparated(float),
     help="Budgets as shares of the dearest model's total cost, comma-separated.",
 )
 @click.option(
@@ -880,7 +903,7 @@ def bench_signal(data_path: Path | None, aucs: str, window_size: int) -> None:
     type=click.IntRange(min=2),
     help="Probe pairs are drawn from this many of the cheapest models.",
 )
-def bench_agreement(data_path: Path | None, shares: str, probes: int) -> None:
+def bench_agreement(data_path: Path | None, shares: list[float], probes: int) -> None:
     """The most accuracy answer agreement can buy: an in-sample upper bound over
     single models, agreeing probe pairs and sequential majorities, mixed per task
     (see workers/bench/agreement.py)."""
@@ -888,40 +911,11 @@ def bench_agreement(data_path: Path | None, shares: str, probes: int) -> None:
     from workers.routing.dataset import DatasetError, load_routerbench, shipped_sample_path
 
     try:
-        levels = [float(s) for s in shares.split(",")]
-        bound = agreement.run(load_routerbench(data_path or shipped_sample_path()), levels, probes)
+        bound = agreement.run(load_routerbench(data_path or shipped_sample_path()), shares, probes)
     except (DatasetError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    names = agreement.short_names(bound.models)
-    click.echo(
-        "IN-SAMPLE UPPER BOUND: rules and per-task mixes chosen knowing every outcome; "
-        "a real cascade should not exceed it"
-    )
-    click.echo(
-        f"rows: {bound.rows_used} used, {bound.rows_dropped} dropped (a model's score or cost "
-        f"missing); {bound.responses_missing} missing responses count as empty answers"
-    )
-    click.echo(
-        f"dearest model (highest mean cost): {names[bound.dearest]}, "
-        f"accuracy {bound.dearest_accuracy:.4f}"
-    )
-    click.echo(
-        f"probes from the {len(bound.probes)} cheapest: {', '.join(names[j] for j in bound.probes)}"
-    )
-    click.echo(f"rules per task: {bound.rules}")
-    click.echo(f"{'share':>5} {'bound':>7} {'spent':>6}  mix per task (share of its queries)")
-    for level in bound.levels:
-        accuracy = "-" if level.accuracy is None else f"{level.accuracy:.4f}"
-        click.echo(f"{level.share:5.2f} {accuracy:>7} {level.spent_share:6.1%}")
-        for task, mix in level.mixes.items():
-            parts = " | ".join(f"{part:.2f} {rule.describe(names)}" for part, rule in mix)
-            click.echo(f"      {task}: {parts}")
-    click.echo("hull per task: cost as a share of the dearest model's on the task, accuracy, rule")
-    for hull in bound.hulls:
-        click.echo(f"  {hull.task} ({hull.rows} rows)")
-        for (cost, correct), rule in zip(hull.points, hull.rules, strict=True):
-            share = cost / hull.dearest_cost
-            click.echo(f"    {share:6.3f} {correct / hull.rows:.4f}  {rule.describe(names)}")
+    for line in agreement.report_lines(bound):
+        click.echo(line)
 
 
 if __name__ == "__main__":

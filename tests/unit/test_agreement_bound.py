@@ -15,7 +15,6 @@ from workers.bench.agreement import (
     allocate,
     bound_at,
     candidate_rules,
-    cheapest_models,
     complete_rows,
     mix_at,
     rule_result,
@@ -24,6 +23,7 @@ from workers.bench.agreement import (
     task_rows,
 )
 from workers.cli import main
+from workers.routing.cascade import cheapest_models
 from workers.routing.dataset import OutcomeTable, load_routerbench, shipped_sample_path
 from workers.routing.evaluate import hull_accuracy
 
@@ -227,3 +227,4 @@ def test_the_command_prints_the_bound_per_share_and_refuses_a_bad_share() -> Non
     assert all(0.0 < float(row[1]) <= 1.0 for row in rows)
     bad = CliRunner().invoke(main, ["bench", "agreement", "--cost-shares", "half"])
     assert bad.exit_code != 0
+    assert "'half' is not a comma-separated list of floats" in bad.output

@@ -34,6 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from workers.routing.answer_scorer import final_answer
+from workers.routing.cascade import cheapest_models
 from workers.routing.dataset import OutcomeTable
 from workers.routing.evaluate import hull_accuracy, upper_hull
 
@@ -153,10 +154,6 @@ def rule_result(rule: Rule, rows: TaskRows) -> Point:
     final, asked = play(rule, rows.agree)
     correct = rows.scores[np.arange(len(final)), final].sum()
     return float((rows.costs * asked).sum()), float(correct)
-
-
-def cheapest_models(costs: NDArray[np.float64], k: int) -> list[int]:
-    return [int(j) for j in np.argsort(costs.mean(axis=0), kind="stable")[:k]]
 
 
 def candidate_rules(n_models: int, probes: Sequence[int]) -> list[Rule]:
@@ -289,3 +286,36 @@ def short_names(models: Sequence[str]) -> list[str]:
     """Model names without their organisation prefix where that stays unambiguous."""
     short = [m.rsplit("/", 1)[-1] for m in models]
     return [s if short.count(s) == 1 else m for s, m in zip(short, models, strict=True)]
+
+
+def report_lines(bound: AgreementBound) -> list[str]:
+    """What `omnirouter bench agreement` prints: the bound at each share with each
+    task's mix, then each task's hull."""
+    names = short_names(bound.models)
+    lines = [
+        "IN-SAMPLE UPPER BOUND: rules and per-task mixes chosen knowing every outcome; "
+        "a real cascade should not exceed it",
+        f"rows: {bound.rows_used} used, {bound.rows_dropped} dropped (a model's score or cost "
+        f"missing); {bound.responses_missing} missing responses count as empty answers",
+        f"dearest model (highest mean cost): {names[bound.dearest]}, "
+        f"accuracy {bound.dearest_accuracy:.4f}",
+        f"probes from the {len(bound.probes)} cheapest: "
+        + ", ".join(names[j] for j in bound.probes),
+        f"rules per task: {bound.rules}",
+        f"{'share':>5} {'bound':>7} {'spent':>6}  mix per task (share of its queries)",
+    ]
+    for level in bound.levels:
+        accuracy = "-" if level.accuracy is None else f"{level.accuracy:.4f}"
+        lines.append(f"{level.share:5.2f} {accuracy:>7} {level.spent_share:6.1%}")
+        for task, mix in level.mixes.items():
+            parts = " | ".join(f"{part:.2f} {rule.describe(names)}" for part, rule in mix)
+            lines.append(f"      {task}: {parts}")
+    lines.append(
+        "hull per task: cost as a share of the dearest model's on the task, accuracy, rule"
+    )
+    for hull in bound.hulls:
+        lines.append(f"  {hull.task} ({hull.rows} rows)")
+        for (cost, correct), rule in zip(hull.points, hull.rules, strict=True):
+            share = cost / hull.dearest_cost
+            lines.append(f"    {share:6.3f} {correct / hull.rows:.4f}  {rule.describe(names)}")
+    return lines

@@ -118,9 +118,14 @@ def escalation_gain(
     return float(np.mean((escalated + accepted) / n))
 
 
+def cheapest_models(costs: NDArray[np.float64], k: int) -> list[int]:
+    """The k models of least mean recorded cost (columns of `costs`), cheapest first."""
+    return [int(j) for j in np.argsort(np.nanmean(costs, axis=0), kind="stable")[:k]]
+
+
 def candidate_panels(costs: NDArray[np.float64]) -> list[tuple[int, int]]:
-    cheapest = np.argsort(np.nanmean(costs, axis=0), kind="stable")[:PANEL_CANDIDATES]
-    return [tuple(sorted(p)) for p in itertools.combinations(cheapest.tolist(), 2)]
+    cheapest = cheapest_models(costs, PANEL_CANDIDATES)
+    return [(min(a, b), max(a, b)) for a, b in itertools.combinations(cheapest, 2)]
 
 
 def choose_panel(

@@ -10,6 +10,7 @@ crash.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import gc
@@ -164,23 +165,30 @@ async def decode_or_dead_letter(
     events: Sequence[EventT], validate: Callable[[bytes | None], T], deadletter: TopicT
 ) -> list[tuple[EventT, T]]:
     """The events that validate, each with its value; each other one goes to the
-    dead-letter topic with its reason and source position, and the batch goes on."""
+    dead-letter topic with its reason and source position, and the batch goes on.
+    The letters are acknowledged by the broker, together, when this returns."""
     valid: list[tuple[EventT, T]] = []
+    rejected: list[tuple[EventT, str]] = []
     for event in events:
         try:
             valid.append((event, validate(event.message.value)))
         except BadEvent as exc:
-            await send_dead_letter(event, str(exc), deadletter)
+            rejected.append((event, str(exc)))
+    await asyncio.gather(*(send_dead_letter(e, reason, deadletter) for e, reason in rejected))
     return valid
 
 
 async def send_dead_letter(
     event: EventT, reason: str, deadletter: TopicT, value: bytes | None = None
 ) -> None:
-    """Send the event's dead letter, sized to fit the app's producer request: a larger
-    event is kept as an excerpt (the producer would refuse the whole, and the
-    agent's batch would fail with it). `value`: the part of the event's value the
-    letter is about (one query of a batch record), instead of all of it."""
+    """Send the event's dead letter and wait for the broker's acknowledgement: the
+    caller acknowledges the event after this, and a letter still in the producer's
+    buffer when the event's offset is committed would be lost with a crash.
+
+    The letter is sized to fit the app's producer request: a larger event is kept
+    as an excerpt (the producer would refuse the whole, and the agent's batch would
+    fail with it). `value`: the part of the event's value the letter is about (one
+    query of a batch record), instead of all of it."""
     message = event.message
     log.warning(
         "dead letter from %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
@@ -189,7 +197,8 @@ async def send_dead_letter(
     limit = deadletter.app.conf.producer_max_request_size
     raw = message.value if value is None else value
     letter = dead_letter(raw, message.topic, message.partition, message.offset, reason, limit)
-    await deadletter.send(key=dead_letter_key(message.key, limit), value=encode(letter))
+    sent = await deadletter.send(key=dead_letter_key(message.key, limit), value=encode(letter))
+    await sent
 
 
 # glibc's mallopt parameters (malloc.h).
