@@ -132,15 +132,16 @@ async def send_predictions(topics: Topics, batch: PredictedBatch) -> None:
     await asyncio.gather(*sent)
 
 
-# Micro-batches read but not yet sent: one predicted while the next is read, and
-# the one before sent. The predictor is one thread, so a third would only wait.
+# Micro-batches read and not yet acknowledged by the broker: one predicted while
+# the next is read and the one before sent. The predictor is one thread, so a
+# third would only wait behind the second (measured: no faster).
 BATCHES_IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
 class InFlight:
-    """A micro-batch between the steps of `pipelined`: its events, held until its
-    predictions are sent, and its prediction under way (None: nothing valid in it)."""
+    """A micro-batch between the steps of `pipelined`: its events, held until the
+    broker has its predictions, and its prediction under way (None: nothing valid)."""
 
     events: Sequence[EventT]
     prediction: asyncio.Task[PredictedBatch] | None
@@ -156,8 +157,8 @@ async def pipelined(
     and send them, BATCHES_IN_FLIGHT at a time: while the predictor thread predicts
     one, the event loop reads the next and sends the one before (one after another,
     each step left the others idle). Batches are sent in the order read, each
-    released once sent; a failure in any step fails the whole, its batches
-    unreleased."""
+    released once the broker acknowledged its records; a failure in any step
+    fails the whole, its batches unreleased."""
     in_flight: asyncio.Queue[InFlight | None] = asyncio.Queue()
     slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
     async with asyncio.TaskGroup() as group:
