@@ -70,3 +70,41 @@ async def revoked_partition_is_released(bootstrap: str) -> None:
 
 def test_a_revoked_partition_has_no_producer(persistent_broker: PersistentLocalBroker) -> None:
     asyncio.run(revoked_partition_is_released(persistent_broker.bootstrap_servers))
+
+
+async def two_windows_at_once_on_one_partition(bootstrap: str) -> None:
+    """Two windows of pools sharing a partition (a cascade pool's escalations and
+    another pool's window, published by two agents) each get the partition's
+    producer in turn: aiokafka allows one open transaction per producer, and a
+    second begun beside the first failed, stopping the worker."""
+    owner = producers(bootstrap)
+    await owner.on_assigned({TP(INPUT, 0)})
+    first_open = asyncio.Event()
+
+    async def window(value: bytes, hold: bool) -> None:
+        async with owner.transaction(0) as producer:
+            first_open.set()
+            await producer.send_and_wait(OUTPUT, value)
+            if hold:  # the other window asks for the producer while this one is open
+                await asyncio.sleep(0.2)
+
+    async def second() -> None:
+        await first_open.wait()
+        await window(b"second window", hold=False)
+
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(window(b"first window", hold=True), second()), timeout=30
+        )
+    finally:
+        await owner.stop()
+
+
+def test_two_windows_on_one_partition_are_published_one_transaction_after_the_other(
+    persistent_broker: PersistentLocalBroker,
+) -> None:
+    bootstrap = persistent_broker.bootstrap_servers
+    asyncio.run(create_topic(bootstrap, OUTPUT))
+    asyncio.run(two_windows_at_once_on_one_partition(bootstrap))
+    committed = asyncio.run(read_committed(bootstrap, OUTPUT))
+    assert b"first window" in committed and b"second window" in committed

@@ -16,7 +16,9 @@ committed, and nothing it commits afterwards can exist.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -48,6 +50,9 @@ class PartitionProducers:
         self.topic = topic
         self._options = dict(producer_options)
         self._producers: dict[int, AIOKafkaProducer] = {}
+        # A producer has one transaction open at a time; a partition's windows of
+        # different pools (published by different agents) take turns.
+        self._turns: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     @property
     def owned(self) -> set[int]:
@@ -72,17 +77,19 @@ class PartitionProducers:
     @asynccontextmanager
     async def transaction(self, partition: int) -> AsyncIterator[AIOKafkaProducer]:
         """A transaction on the partition's producer, committed when the block ends
-        and aborted if it raises. Fenced when this router does not own the partition
-        or another router took it over meanwhile (the producer is then dropped)."""
-        producer = self._producers.get(partition)
-        if producer is None:
-            raise Fenced(f"{self.topic}[{partition}] is not assigned to this router")
-        try:
-            async with producer.transaction():
-                yield producer
-        except FENCED_ERRORS as exc:
-            await self._drop(partition)
-            raise Fenced(f"{self.topic}[{partition}]: {type(exc).__name__}") from exc
+        and aborted if it raises; one at a time per partition. Fenced when this
+        router does not own the partition or another router took it over meanwhile
+        (the producer is then dropped)."""
+        async with self._turns[partition]:
+            producer = self._producers.get(partition)
+            if producer is None:
+                raise Fenced(f"{self.topic}[{partition}] is not assigned to this router")
+            try:
+                async with producer.transaction():
+                    yield producer
+            except FENCED_ERRORS as exc:
+                await self._drop(partition)
+                raise Fenced(f"{self.topic}[{partition}]: {type(exc).__name__}") from exc
 
     async def stop(self) -> None:
         for partition in list(self._producers):
