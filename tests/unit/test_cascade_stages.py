@@ -46,7 +46,8 @@ from workers.routing.probes import (
     probed_query,
 )
 from workers.routing.windows import WindowBounds
-from workers.stream.cascade_stage import CascadeRouting, cascade_clusters, decide
+from workers.stream.cascade_stage import CascadeRouting, cascade_clusters, decide, read_probed
+from workers.stream.codec import BadEvent, encode
 from workers.stream.pool_ledger import PoolAccount, after_escalations, after_window
 from workers.stream.router_state import RouterState
 from workers.stream.window_stage import WindowStage
@@ -405,3 +406,24 @@ def test_a_batch_with_cascade_clusters_for_some_queries_only_is_refused() -> Non
             cost_usd=[query.cost_usd] * 2, support=[[0.0] * len(MODELS)] * 2,
             cascade_cluster=[1], cascade_fit=["f"],
         )  # fmt: skip
+
+
+def test_a_probed_query_is_read_in_this_router_s_model_order() -> None:
+    """Probed by a router whose ROUTER_MODELS were in another order, a query's
+    predictions are read by model name, not position: read by position, the dear
+    model's quality and cost were the cheap one's."""
+    first = predicted(1)[0]
+    reordered = first.model_copy(
+        update={
+            "models": list(reversed(MODELS)),
+            "quality": list(reversed(first.quality)),
+            "cost_usd": list(reversed(first.cost_usd)),
+        }
+    )
+    raw = encode(probed([reordered], [["A", "A"]])[0])
+    read = read_probed(raw, MODELS)
+    assert read.predicted.models == MODELS
+    assert read.predicted.quality == first.quality
+    assert read.predicted.cost_usd == first.cost_usd
+    with pytest.raises(BadEvent, match="none of which this router routes to"):
+        read_probed(raw, ["another-model"])

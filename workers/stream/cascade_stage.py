@@ -63,7 +63,7 @@ from workers.stream.codec import BadEvent, decode, encode
 from workers.stream.decision_log import classify
 from workers.stream.publishers import ESCALATION_KEY_PREFIX, PoolWindow
 from workers.stream.router_state import RouterState
-from workers.stream.window_stage import WindowStage, current, observe_window
+from workers.stream.window_stage import WindowStage, aligned, current, observe_window
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,18 @@ async def escalation_stage(stage: WindowStage, state: RouterState, stream: Strea
         await escalate_batch(stage, state, events)
 
 
+def read_probed(raw: bytes | None, models: Sequence[str]) -> ProbedQuery:
+    """A probed query with its prediction in this router's model order, as the
+    window stage reads predictions (another router may have probed it with the
+    models in another order, or fewer); BadEvent when it names none of ours."""
+    probed = decode(raw, ProbedQuery)
+    return probed.model_copy(update={"predicted": aligned(probed.predicted, models)})
+
+
 async def escalate_batch(stage: WindowStage, state: RouterState, events: Sequence[EventT]) -> None:
+    models = stage.settings.router_models
     items = await decode_or_dead_letter(
-        events, lambda raw: decode(raw, ProbedQuery), stage.topics.deadletter
+        events, lambda raw: read_probed(raw, models), stage.topics.deadletter
     )
     groups: dict[tuple[int, str], list[Item]] = defaultdict(list)
     for event, probed in items:
