@@ -238,6 +238,17 @@ class PredictedQuery(Event):
     cascade_cluster: int | None = Field(default=None, ge=0)
     cascade_fit: str | None = None
 
+    @model_validator(mode="after")
+    def _one_value_per_model(self) -> PredictedQuery:
+        for name in ("quality", "cost_usd"):
+            if len(getattr(self, name)) != len(self.models):
+                raise ValueError(f"{name} must hold one value per model")
+        for name in ("support", "mean_variance"):
+            values = getattr(self, name)
+            if values and len(values) != len(self.models):
+                raise ValueError(f"{name} must hold one value per model, or none")
+        return self
+
 
 class PredictedBatch(Event):
     """Internal, between the router's two stages (topic `omnirouter.predicted`, keyed

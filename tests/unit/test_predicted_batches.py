@@ -117,6 +117,22 @@ def test_what_is_no_prediction_is_refused_with_the_batch_reason(raw: bytes, reas
         read_predictions(raw)
 
 
+def test_a_single_prediction_with_a_value_missing_is_refused() -> None:
+    """A router before batches sent one PredictedQuery per record: one whose quality
+    lacks a model's value is a dead letter, not an IndexError that stops the
+    window stage (read in another model order) or fails its pool's window."""
+    short = json.dumps(
+        {
+            "query": {"query_id": "old", "text": "t"},
+            "models": list(reversed(MODELS)),
+            "quality": [0.5],
+            "cost_usd": [0.1, 0.2],
+        }
+    ).encode()
+    with pytest.raises(BadEvent, match="invalid PredictedBatch"):  # the batch reason
+        read_predictions(short)
+
+
 def test_predictions_are_the_rows_of_the_batch() -> None:
     queries = [QueryEvent(query_id=f"q{i}", text="t") for i in range(3)]
     predicted = batch(queries)
