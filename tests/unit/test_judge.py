@@ -66,6 +66,13 @@ from workers.stream.judge_replay import ReplayJudge
         ("8", 0.8),
         ("  7.5  ", 0.75),
         ("9/10", 0.9),
+        ("### Final Score: 7", 0.7),
+        # The Score line counts; a prose mention after it does not.
+        ("Score: 6\n\n(A score of 10 would require the units.)", 0.6),
+        ("Score: 7\nNote: a perfect score is 10.", 0.7),
+        ("Score: 4\nThe scale is one where a score of 0 means wrong.", 0.4),
+        ("A score of 10 needs the units; these lack them.\nScore: 5", 0.5),
+        ("The final score is 6, I think; its score is 6.", 0.6),  # prose that agrees
     ],
 )
 def test_readable_replies_give_their_score(reply: str, score: float) -> None:
@@ -95,6 +102,13 @@ def test_readable_replies_give_their_score(reply: str, score: float) -> None:
         "The answer mentions 1945 correctly.",
         "It has 3 errors.",
         "Score: 1" + "0" * 400,
+        "Score: 7-8",  # a range: no single score, no guess
+        "Score: 7 - 8/10",
+        "Score: 7 to 8",
+        "Score: 7 or 8",
+        "Score: 8\nScore: N",  # the last Score line has no number
+        "The score is 7-8.",
+        "The score is 6, though a score of 10 is arguable.",  # prose that disagrees
     ],
 )
 def test_unreadable_replies_give_no_score(reply: str | None) -> None:

@@ -68,11 +68,21 @@ def fill(rubric: str, question: str, answer: str) -> str:
 # A number not glued to more digits, letters or a percent sign ("8e3", "80%", "8,5").
 _NUMBER = r"(?<![\w.])([-+]?\d+(?:\.\d+)?)(?![.,]?\d|[^\W\d]|%)"
 _OVER = r"(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?)(?![.,/]?\d|[^\W\d]|%))?"
+# A second number after the first ("7-8", "7 to 8", "7 or 8"): a range, not a score.
+_RANGE = r"(\s*(?:[-\u2013\u2014]|\bto\b|\bor\b)\s*[-+]?\d)?"
 _DECOR = r"[\s*_\"'`]*"
+_PAREN = rf"(?:\([^)\n]*\){_DECOR})?"  # "Score (0-10): 3"
+# The rubric's own form: a line that starts with "Score:" or "Score =" (markdown
+# around it allowed); group 1 is the rest of the line.
+_SCORE_LINE = re.compile(
+    rf"^[ \t*_\"'`#>-]*(?:(?:final|overall)[ \t]+)?score\b{_DECOR}{_PAREN}[:=]([^\n]*)",
+    re.IGNORECASE | re.MULTILINE,
+)
+_LINE_VALUE = re.compile(rf"{_DECOR}{_NUMBER}{_OVER}{_RANGE}")
 _LABELLED = re.compile(
     # One run of decoration between required tokens: no ambiguous backtracking.
-    rf"\b(score|rating|grade)\b{_DECOR}(?:\([^)\n]*\){_DECOR})?"
-    rf"(?:(?:[:=]|\bis\b|\bof\b){_DECOR})?{_NUMBER}{_OVER}",
+    rf"\b(score|rating|grade)\b{_DECOR}{_PAREN}"
+    rf"(?:(?:[:=]|\bis\b|\bof\b){_DECOR})?{_NUMBER}{_OVER}{_RANGE}",
     re.IGNORECASE,
 )
 _SCORE_COLON = re.compile(rf"\bscore\b{_DECOR}[:=]", re.IGNORECASE)
@@ -88,28 +98,48 @@ def _on_scale(value: float, over: float | None = None) -> float | None:
     return value / SCALE_MAX
 
 
-def parse_score(reply: str | None) -> float | None:
-    """The judge's score mapped to [0, 1], or None when the reply does not give one
-    clearly. In order: the last "Score: N" (or "score is N", "Score: N/10"); else
-    the last "rating N" / "grade N"; else "N/10" if every such fraction agrees;
-    else a reply that is just a number. A score off the 0-10 scale is none."""
-    if not reply or not reply.strip():
+def _value(number: str, over: str | None, range_: str | None) -> float | None:
+    """One matched number on the scale; a range ("7-8") is no score, not a guess."""
+    if range_:
         return None
-    labelled = [
-        (m[1].lower(), float(m[2]), float(m[3]) if m[3] else None)
-        for m in _LABELLED.finditer(reply)
-    ]
+    return _on_scale(float(number), float(over) if over else None)
+
+
+def _line_score(rest: str) -> float | None:
+    """The score on a "Score:" line; None when the line holds no single number."""
+    found = _LINE_VALUE.match(rest)
+    return _value(*found.groups()) if found else None
+
+
+def _prose_score(reply: str) -> float | None:
+    """For a reply with no "Score:" line: the "score is N" mentions if they all
+    agree, else the "rating N" ones, else the "grade N" ones, else "N/10" if every
+    such fraction agrees, else a reply that is just a number."""
+    labelled = [(m[1].lower(), _value(m[2], m[3], m[4])) for m in _LABELLED.finditer(reply)]
     for wanted in ("score", "rating", "grade"):
-        found = [(number, over) for label, number, over in labelled if label == wanted]
+        found = {value for label, value in labelled if label == wanted}
         if found:
-            return _on_scale(*found[-1])
+            return found.pop() if len(found) == 1 else None
         if wanted == "score" and _SCORE_COLON.search(reply):
-            return None  # "Score:" with no number after it: the judge did not say
+            return None  # "score:" with no number after it: the judge did not say
     fractions = {float(m[1]) for m in _FRACTION.finditer(reply)}
     if fractions:
         return _on_scale(fractions.pop()) if len(fractions) == 1 else None
     bare = _BARE.match(reply.strip())
     return _on_scale(float(bare[1])) if bare else None
+
+
+def parse_score(reply: str | None) -> float | None:
+    """The judge's score mapped to [0, 1], or None when the reply does not give one
+    clearly. A line starting "Score: N" (or "Score = N", "Score: N/10") is what the
+    rubric asks for, so the last such line decides alone: prose after it ("a score
+    of 10 would need...") is reasoning about the scale, not the verdict, and a judge
+    that writes a second Score line has revised itself. Only without such a line is
+    prose read (`_prose_score`). A range, or a score off the 0-10 scale, is none."""
+    if not reply or not reply.strip():
+        return None
+    lines = _SCORE_LINE.findall(reply)
+    return _line_score(lines[-1]) if lines else _prose_score(reply)
 
 
 def reply_text(completion: ChatCompletion) -> str | None:
