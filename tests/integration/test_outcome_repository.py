@@ -10,7 +10,12 @@ from sqlalchemy.orm import Session
 from schemas import Outcome
 from workers.db import migrate
 from workers.db.models import OutcomeRow
-from workers.db.repository import count_outcomes, iter_outcomes, upsert_outcomes
+from workers.db.repository import (
+    count_outcomes,
+    iter_outcomes,
+    unstorable_reason,
+    upsert_outcomes,
+)
 from workers.services import throwaway_postgres
 
 pytestmark = pytest.mark.integration
@@ -219,3 +224,30 @@ def test_an_answer_excerpt_is_kept_when_a_score_arrives_later(postgres_engine: s
     with Session(postgres_engine) as session:
         row = session.scalars(sa.select(OutcomeRow)).one()
     assert (row.response_excerpt, row.quality_score) == ("The answer is (B).", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "refusal"),
+    [
+        ({"text": "a\u0000b"}, sa.exc.DataError),
+        ({"response": "\u0000"}, sa.exc.DataError),
+        ({"input_tokens": 2**31}, sa.exc.DataError),
+        ({"pool": "p" * 201}, sa.exc.DataError),
+        ({"text": "a\ud800b"}, UnicodeEncodeError),  # psycopg's, not even wrapped
+    ],
+)
+def test_what_unstorable_reason_refuses_postgres_refuses(
+    postgres_engine: sa.Engine, fields: dict[str, object], refusal: type[Exception]
+) -> None:
+    """The writer's check states the database's real limits: each value it refuses
+    fails the write (so the whole batch would), and values at the limits are stored."""
+    outcome = Outcome(query_id="q", model="m", **fields)  # type: ignore[arg-type]
+    assert unstorable_reason(outcome) is not None
+    with pytest.raises(refusal), Session(postgres_engine) as session, session.begin():
+        upsert_outcomes(session, [outcome], [None])
+    at_limits = Outcome(query_id="q", model="m", input_tokens=2**31 - 1, pool="p" * 200, text="ok")
+    assert unstorable_reason(at_limits) is None
+    with Session(postgres_engine) as session, session.begin():
+        upsert_outcomes(session, [at_limits], [None])
+    with Session(postgres_engine) as session:
+        assert count_outcomes(session) == 1

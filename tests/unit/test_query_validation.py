@@ -67,3 +67,8 @@ def test_a_query_too_large_to_forward_is_refused_though_its_text_is_short() -> N
     with pytest.raises(BadEvent, match="exceed the router's producer request size"):
         validate_query(payload, SETTINGS)
     assert validate_query(raw(metadata={"blob": "x" * 100_000}), SETTINGS).metadata
+
+
+def test_a_nul_character_in_the_text_is_refused() -> None:
+    with pytest.raises(BadEvent, match="text holds a NUL character"):
+        validate_query(raw(text="a\u0000b"), SETTINGS)

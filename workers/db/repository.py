@@ -36,24 +36,73 @@ _KEEP_IF_NONE = (
 )
 
 
+# Event field -> the outcomes column that stores it as it is.
+_COLUMN_OF_FIELD = {
+    "query_id": "query_id",
+    "model": "model",
+    "pool": "pool",
+    "quality_score": "quality_score",
+    "score_source": "score_source",
+    "input_tokens": "input_tokens",
+    "output_tokens": "output_tokens",
+    "cost_usd": "cost_usd",
+    "latency_ms": "latency_ms",
+    "error": "error",
+    "text": "query_text",
+    "judge_cost_usd": "judge_cost_usd",
+    "response": "response_excerpt",
+}
+# Bits of PostgreSQL's signed integer types; the most specific SQLAlchemy type first.
+_INTEGER_BITS: tuple[tuple[type[sa.Integer], int], ...] = (
+    (sa.SmallInteger, 16),
+    (sa.BigInteger, 64),
+    (sa.Integer, 32),
+)
+
+
 def _row(outcome: Outcome, embedding: np.ndarray | None, embedder: str | None) -> dict[str, Any]:
     return {
-        "query_id": outcome.query_id,
-        "model": outcome.model,
-        "pool": outcome.pool,
-        "quality_score": outcome.quality_score,
-        "score_source": outcome.score_source,
-        "input_tokens": outcome.input_tokens,
-        "output_tokens": outcome.output_tokens,
-        "cost_usd": outcome.cost_usd,
-        "latency_ms": outcome.latency_ms,
-        "error": outcome.error,
+        **{column: getattr(outcome, field) for field, column in _COLUMN_OF_FIELD.items()},
         "embedding": None if embedding is None else np.asarray(embedding, np.float32).tobytes(),
         "embedder": None if embedding is None else embedder,
-        "query_text": outcome.text,
-        "judge_cost_usd": outcome.judge_cost_usd,
-        "response_excerpt": outcome.response,
     }
+
+
+def unstorable_reason(outcome: Outcome) -> str | None:
+    """Why the outcomes table cannot hold this outcome, naming the field, or None.
+
+    PostgreSQL refuses such a value (DataError) and with it the whole batch's
+    statement, so the writer dead-letters the outcome before writing; the limits
+    are read from the columns' types."""
+    columns = OutcomeRow.__table__.c
+    for field, column in _COLUMN_OF_FIELD.items():
+        refusal = _column_refusal(columns[column].type, getattr(outcome, field))
+        if refusal is not None:
+            return f"{field} ({column} column): {refusal}"
+    return None
+
+
+def _column_refusal(column_type: sa.types.TypeEngine[Any], value: object) -> str | None:
+    if isinstance(value, str):
+        return _text_refusal(value, getattr(column_type, "length", None))
+    if isinstance(value, int) and isinstance(column_type, sa.Integer):
+        bits = next(b for kind, b in _INTEGER_BITS if isinstance(column_type, kind))
+        low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        if not low <= value <= high:
+            return f"outside the {bits}-bit integer range [{low}, {high}]"
+    return None
+
+
+def _text_refusal(value: str, max_length: int | None) -> str | None:
+    if "\x00" in value:
+        return "holds a NUL character, which PostgreSQL text cannot store"
+    if max_length is not None and len(value) > max_length:
+        return f"{len(value)} characters, more than the column's {max_length}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"character {exc.start} cannot be encoded as UTF-8 (a lone surrogate)"
+    return None
 
 
 def _outranks(new_source: str | None, old_source: str | None) -> bool:

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import faust
 from faust.types import EventT, StreamT
+from mode import CrashingSupervisor
 
 from schemas import ModelResponse, Outcome
 from workers.config import Settings
@@ -173,7 +174,7 @@ def build_judge_app(
     topics = Topics.of(app, settings)
     share = settings.judge_sample_share
 
-    @app.agent(topics.responses)
+    @app.agent(topics.responses, supervisor_strategy=CrashingSupervisor)
     async def judge_responses(stream: StreamT[bytes]) -> None:
         async for events in batches(stream, batch_size, 0.05):
             await judge_or_log(events, judge, share, topics)

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import faust
 from faust.types import StreamT, TopicT
+from mode import CrashingSupervisor
 
 from schemas import FINAL_ROLES, Assignment, ModelResponse, Outcome, ScoreSource
 from workers.config import Settings
@@ -109,7 +110,7 @@ def build_model_worker_app(
         value_serializer="raw",
     )
 
-    @app.agent(routes)
+    @app.agent(routes, supervisor_strategy=CrashingSupervisor)
     async def answer(stream: StreamT[bytes]) -> None:
         async for events in batches(stream, batch_size, 0.05):
             decoded = await decode_or_dead_letter(

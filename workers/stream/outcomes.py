@@ -20,11 +20,12 @@ import faust
 import numpy as np
 import sqlalchemy as sa
 from faust.types import StreamT
+from mode import CrashingSupervisor
 from sqlalchemy.orm import Session
 
 from schemas import Outcome
 from workers.config import Settings
-from workers.db.repository import stored_query_ids, upsert_outcomes
+from workers.db.repository import stored_query_ids, unstorable_reason, upsert_outcomes
 from workers.routing.embedder import Embedder, make_embedder
 from workers.stream import metrics
 from workers.stream.app import (
@@ -43,9 +44,14 @@ MAX_RETRY_SECONDS = 30.0
 
 
 def validate_outcome(raw: bytes | None, settings: Settings) -> Outcome:
+    """An outcome the writer can store, or BadEvent with the reason: one the database
+    would refuse goes to the dead-letter topic rather than jam its batch."""
     outcome = decode(raw, Outcome)
     if outcome.model not in settings.router_models:
         raise BadEvent(f"outcome for unknown model {outcome.model!r}")
+    unstorable = unstorable_reason(outcome)
+    if unstorable is not None:
+        raise BadEvent(f"outcome the database cannot store: {unstorable}")
     return outcome
 
 
@@ -76,7 +82,7 @@ def build_outcome_app(
             upsert_outcomes(session, kept, embeddings, text_embedder.name)
         return textless - known
 
-    @app.agent(topics.outcomes)
+    @app.agent(topics.outcomes, supervisor_strategy=CrashingSupervisor)
     async def store_outcomes(stream: StreamT[bytes]) -> None:
         async for events in batches(stream, 500, 0.5):
             valid = await decode_or_dead_letter(

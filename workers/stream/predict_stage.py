@@ -76,6 +76,8 @@ class QueryRules:
     def validate(self, raw: bytes | None) -> QueryEvent:
         """A valid QueryEvent the router can forward, or BadEvent with the reason."""
         query = decode(raw, QueryEvent)
+        if "\x00" in query.text:
+            raise BadEvent("text holds a NUL character, which the outcome store cannot keep")
         if len(query.text) > self.max_text_chars:
             raise BadEvent(
                 f"text has {len(query.text)} characters, more than "

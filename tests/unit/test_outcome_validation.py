@@ -1,0 +1,43 @@
+"""What the outcome writer accepts: an outcome PostgreSQL would refuse (and with it
+the whole batch) is a dead letter with a reason naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workers.config import Settings
+from workers.stream.codec import BadEvent
+from workers.stream.outcomes import validate_outcome
+
+SETTINGS = Settings(router_models=["a", "b"])
+
+
+def raw(**fields: object) -> bytes:
+    return json.dumps({"query_id": "q1", "model": "a", **fields}).encode()
+
+
+def test_a_storable_outcome_passes() -> None:
+    outcome = validate_outcome(
+        raw(text="hello", response="hi", input_tokens=2**31 - 1, pool="p" * 200), SETTINGS
+    )
+    assert (outcome.input_tokens, len(outcome.pool)) == (2**31 - 1, 200)
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"text": "a\u0000b"}, r"text \(query_text column\): holds a NUL character"),
+        ({"response": "\u0000"}, r"response \(response_excerpt column\): holds a NUL"),
+        ({"error": "x\u0000"}, r"error \(error column\): holds a NUL"),
+        ({"pool": "p\u0000"}, r"pool \(pool column\): holds a NUL"),
+        ({"input_tokens": 2**31}, r"input_tokens \(input_tokens column\): outside the 32-bit"),
+        ({"output_tokens": 2**40}, r"output_tokens \(output_tokens column\): outside the 32-bit"),
+        ({"pool": "p" * 201}, r"pool \(pool column\): 201 characters, more than the column's 200"),
+        ({"text": "a\ud800b"}, r"text \(query_text column\): character 1 cannot be encoded"),
+    ],
+)
+def test_what_the_database_refuses_is_a_bad_event(fields: dict[str, object], reason: str) -> None:
+    with pytest.raises(BadEvent, match=f"outcome the database cannot store: {reason}"):
+        validate_outcome(raw(**fields), SETTINGS)
