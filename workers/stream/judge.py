@@ -157,9 +157,10 @@ async def judge_events(
 async def judge_or_log(
     events: Sequence[EventT], judge: Judge, share: float, topics: Topics
 ) -> None:
-    """judge_events, and an unexpected error logged and counted, never raised: Faust
-    acknowledges a batch's offsets when the loop body is done with it, even when
-    it raised (and the agent would then stop), so the judge goes on with the next."""
+    """judge_events, and an unexpected error logged and counted, never raised: the
+    judge scores a sample, so a batch it could not judge is skipped (acknowledged,
+    its verdicts lost; JUDGE_FAILED_BATCHES counts it) and it goes on with the
+    next, where raising would stop the worker on one odd reply."""
     try:
         await judge_events(events, judge, share, topics)
     except Exception:
