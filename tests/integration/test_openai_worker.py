@@ -116,3 +116,47 @@ def test_answers_usage_and_errors_are_published(chat_server: ChatServer, tmp_pat
     assert SECRET not in log_text
     assert "private prompt" not in log_text
     assert worker.returncode == 0  # SIGTERM: a clean stop
+
+
+ODD_REPLIES: dict[str, Any] = {
+    "null-choices": {"choices": None},
+    "a-list": [{"message": {"content": "hi"}}],
+    "content-parts": {
+        "choices": [{"message": {"content": [{"type": "text", "text": "ab"}, {"text": "c"}]}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+    },
+    "negative-usage": {
+        "choices": [{"message": {"content": "ok"}}],
+        "usage": {"prompt_tokens": -1, "completion_tokens": 2},
+    },
+}
+
+
+async def odd(body: dict[str, Any]) -> web.StreamResponse:
+    """Replies shaped as some servers (or a broken proxy) send them."""
+    return web.json_response(ODD_REPLIES[body["messages"][-1]["content"]])
+
+
+def test_odd_replies_are_answers_or_errors_never_a_crash() -> None:
+    """Each odd reply is an answer or an error: before, a null `choices` or a JSON
+    list raised TypeError and a list of content parts or a negative token count
+    failed the Outcome, each stopping the worker with its batch."""
+    from workers.stream.openai_worker import ChatAnswerer
+
+    async def answers(base_url: str) -> dict[str, Any]:
+        answerer = ChatAnswerer(Settings(router_models=MODELS, openai_base_url=base_url))
+        try:
+            return {
+                kind: await answerer.answer_one(assignment(kind, "large", kind))
+                for kind in ODD_REPLIES
+            }
+        finally:
+            await answerer.close()
+
+    with ChatServer(odd) as server:
+        got = asyncio.run(answers(server.base_url))
+    assert got["null-choices"].response is None and got["null-choices"].error
+    assert got["a-list"].response is None and got["a-list"].error
+    assert got["content-parts"].response == "abc" and got["content-parts"].input_tokens == 3
+    assert got["negative-usage"].response == "ok"
+    assert got["negative-usage"].input_tokens is None and got["negative-usage"].output_tokens == 2

@@ -13,6 +13,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -21,6 +23,37 @@ from workers.config import Settings
 from workers.stream.model_worker import Answer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a chat completion reply gives the worker: the answer and its usage."""
+
+    text: str
+    input_tokens: int | None
+    output_tokens: int | None
+
+
+def read_completion(payload: Any) -> Completion:
+    """The first choice's answer and the token counts, from a reply's JSON; ValueError
+    when it holds no answer text (servers differ: content may be a list of text
+    parts). A token count that is not a non-negative integer is unknown."""
+    try:
+        content = payload["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise ValueError("no choices[0].message.content in the reply") from exc
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not isinstance(content, str):
+        raise ValueError(f"the reply's content is a {type(content).__name__}, not text")
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    usage = usage if isinstance(usage, dict) else {}
+
+    def count(name: str) -> int | None:
+        value = usage.get(name)
+        return value if type(value) is int and value >= 0 else None
+
+    return Completion(content, count("prompt_tokens"), count("completion_tokens"))
 
 
 class ChatAnswerer:
@@ -48,9 +81,8 @@ class ChatAnswerer:
         if self.settings.openai_log_prompts:
             log.info("query %s -> %s: %s", assignment.query_id, upstream, assignment.text)
         started = time.perf_counter()
-        text: str | None = None
+        completion: Completion | None = None
         error: str | None = None
-        usage: dict[str, int] = {}
         async with self.limit:
             try:
                 async with self.session().post(
@@ -59,17 +91,15 @@ class ChatAnswerer:
                     if reply.status != 200:
                         error = f"HTTP {reply.status} from the model API"
                     else:
-                        payload = await reply.json()
-                        text = payload["choices"][0]["message"]["content"]
-                        usage = payload.get("usage") or {}
-            except (aiohttp.ClientError, TimeoutError, KeyError, IndexError, ValueError) as exc:
+                        completion = read_completion(await reply.json())
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 error = f"{type(exc).__name__} calling the model API"
         if error:
             log.warning("query %s on %s: %s", assignment.query_id, assignment.model, error)
-        prompt_tokens = usage.get("prompt_tokens")
-        completion_tokens = usage.get("completion_tokens")
+        prompt_tokens = completion.input_tokens if completion else None
+        completion_tokens = completion.output_tokens if completion else None
         return Answer(
-            response=text,
+            response=completion.text if completion else None,
             error=error,
             input_tokens=prompt_tokens,
             output_tokens=completion_tokens,
