@@ -30,6 +30,7 @@ from workers.stream.judge import (
     is_sampled,
     judge_events,
     judge_or_log,
+    select,
     verdict_outcome,
 )
 from workers.stream.judge_openai import (
@@ -129,6 +130,17 @@ def responses(count: int, model: str = "m") -> list[ModelResponse]:
         ModelResponse(query_id=f"q{i}", model=model, pool="default", response="a", text="t")
         for i in range(count)
     ]
+
+
+def test_an_accepted_probe_answer_published_again_is_not_judged_twice() -> None:
+    """The router publishes an accepted probe answer again as the query's final
+    answer (same query, model and text): the probe response was the one sampled."""
+    probe, answer = (
+        ModelResponse(query_id="q", model="m", pool="p", response="a", role=role, final=final)
+        for role, final in (("probe", False), ("answer", True))
+    )
+    republished = probe.model_copy(update={"final": True})
+    assert select([probe, republished, answer], share=1.0) == [probe, answer]
 
 
 @pytest.mark.parametrize("share", [0.05, 0.2, 0.5])

@@ -76,11 +76,15 @@ def events_per_batch(concurrency: int, share: float) -> int:
 
 def select(responses: Sequence[ModelResponse], share: float) -> list[ModelResponse]:
     """The responses to judge: answered, without an error, in the sample. The rest
-    are counted as skipped."""
+    are counted as skipped. An accepted probe answer, which the router publishes
+    again as the query's final answer, was sampled as a probe already: judging it
+    again would pay twice for one score."""
     chosen = []
     for response in responses:
         if response.error is not None or not (response.response or "").strip():
             metrics.JUDGE_VERDICTS.labels(response.model, "skipped_error").inc()
+        elif response.role == "probe" and response.final:
+            metrics.JUDGE_VERDICTS.labels(response.model, "skipped_republished").inc()
         elif not is_sampled(response, share):
             metrics.JUDGE_VERDICTS.labels(response.model, "skipped_unsampled").inc()
         else:

@@ -87,7 +87,8 @@ ANSWERS = Counter(
 )
 JUDGE_VERDICTS = Counter(
     "omnirouter_judge_verdicts_total",
-    "Responses the judge read, by result (scored, no_score, skipped_unsampled, skipped_error)",
+    "Responses the judge read, by result "
+    "(scored, no_score, skipped_unsampled, skipped_error, skipped_republished)",
     ["model", "result"],
 )
 JUDGE_SCORE = Counter(
