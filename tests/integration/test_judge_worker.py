@@ -311,3 +311,23 @@ def test_the_replay_judge_scores_its_sample_with_the_recorded_scores(tmp_path: P
     assert len(outcomes) == len(recorded)
     assert {(o.source, o.judge_cost_usd) for o in outcomes} == {("judge", 0.0)}
     assert worker.returncode == 0
+
+
+async def test_a_reply_that_is_no_completion_costs_its_verdict_not_the_batch() -> None:
+    """A proxy's HTML page with status 200 reaches the openai client as a str: its
+    usage was read from it, the AttributeError failed the whole gather, and the
+    batch's other verdicts were lost."""
+
+    async def html_for_one(body: dict[str, Any]) -> web.StreamResponse:
+        if "private question nonsense" in body["messages"][-1]["content"]:
+            return web.Response(text="<html>gateway</html>", content_type="text/html")
+        return completion(CASES["good"])
+
+    with ChatServer(html_for_one) as server:
+        judge = ChatJudge(Settings(judge_base_url=server.base_url, judge_max_retries=0))
+        try:
+            verdicts = await judge.score([response("nonsense", "small"), response("good", "small")])
+        finally:
+            await judge.close()
+    assert verdicts[0].score is None and verdicts[0].error
+    assert verdicts[1].score == pytest.approx(0.8)

@@ -170,6 +170,13 @@ def describe(exc: openai.OpenAIError) -> str:
     return f"{type(exc).__name__} calling the judge API"
 
 
+def failed_verdict(exc: BaseException) -> Verdict:
+    """An unforeseen failure as the response's verdict, named by its type alone (its
+    message or traceback may hold the question and answer)."""
+    log.warning("judging failed: %s", type(exc).__name__)
+    return Verdict(error=f"{type(exc).__name__} while judging")
+
+
 class ChatJudge:
     """Grades answers through an OpenAI-compatible chat API, JUDGE_MAX_CONCURRENCY
     calls at a time."""
@@ -189,7 +196,12 @@ class ChatJudge:
         )
 
     async def score(self, responses: Sequence[ModelResponse]) -> list[Verdict]:
-        return list(await asyncio.gather(*(self.score_one(r) for r in responses)))
+        """One verdict per response; one that failed in an unforeseen way is that
+        response's error, not the loss of its batch's other verdicts."""
+        results = await asyncio.gather(
+            *(self.score_one(r) for r in responses), return_exceptions=True
+        )
+        return [r if isinstance(r, Verdict) else failed_verdict(r) for r in results]
 
     async def score_one(self, response: ModelResponse) -> Verdict:
         if not response.text or not response.response:
@@ -213,7 +225,8 @@ class ChatJudge:
                     extra={"query_id": response.query_id},
                 )
                 return Verdict(error=error)
-        cost = judging_cost(completion.usage, self.price)
+        # A reply that is no completion (an HTML page from a proxy, as a str) has no usage.
+        cost = judging_cost(getattr(completion, "usage", None), self.price)
         score = parse_score(reply_text(completion))
         if score is None:
             log.info(
