@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -16,7 +17,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from faust.types import TableT
 
-from schemas import Assignment
+from schemas import Assignment, WindowReport
 from workers.stream.app import Topics
 from workers.stream.decision_log import DECIDED, PUBLISHED, DecisionLog
 from workers.stream.fencing import Fenced, PartitionProducers
@@ -216,3 +217,27 @@ async def test_records_go_in_batches_per_partition_in_their_order() -> None:
         ("b", b"b2", 0),
     ]  # fmt: skip
     assert len(acks) == 5  # one acknowledgement per batch
+
+
+async def test_without_transactions_a_window_handed_over_after_its_decisions_is_billed_once() -> (
+    None
+):
+    """A rebalance right after the decisions: the window's report and ledger entry
+    are written with them. The owner that re-reads the window finds every decision
+    made and nothing new to report; before, no one ever billed the window's time,
+    and the pool's next window billed it again."""
+    records, _ = window_records()
+    producer = RecordingProducer()
+    acknowledged = AcknowledgedPublisher(records, cast(StartedOnFirstUse, Plain(producer)))
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    report = WindowReport(
+        window_id="w", pool="default", window_start=start,
+        window_end=start + timedelta(seconds=5), query_count=1, mode="budget",
+        window_budget_usd=1.0, predicted_spend_usd=0.1, predicted_mean_quality=0.5,
+        solver="fast", solver_status="near_optimal", solve_seconds=0.0,
+        assignments_per_model={"m": 1},
+    )  # fmt: skip
+    window = PoolWindow("default", 2, [assignment("new")], [], report=report)
+    assert not await acknowledged.publish(window, lambda: False)
+    assert [t for t, _, _ in producer.sent] == ["routed-changelog", "w", "ledger-changelog"]
+    assert records.ledger.account("default").billed_until == start + timedelta(seconds=5)

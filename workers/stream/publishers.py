@@ -239,14 +239,19 @@ class AcknowledgedPublisher:
     async def _publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
         producer, decisions = await self.producer.get(), self.records.decisions
         decided = decisions.decided_entries(window.decided, window.key_prefix)
+        report, ledger = self.records.report(window)
         if decided:
-            await delivered(producer, self.records.entries(decisions.changelog, window, decided))
-            decisions.remember(decided)  # durable: a crash from here on re-sends it unchanged
+            # The report and the ledger entry go with the decisions: a window re-read
+            # after a crash or a hand-over finds every decision made, has nothing new
+            # to report, and would otherwise never bill its time.
+            entries = self.records.entries(decisions.changelog, window, decided)
+            await delivered(producer, [*entries, *report])
+            self.records.remember(decided, ledger)  # a crash from here re-sends it unchanged
+            report, ledger = [], None
             if not still_current():
                 return False
         await delivered(producer, self.records.assignments(window))
         published = decisions.published_entries(window.keys, window.partition, time.time())
-        report, ledger = self.records.report(window)
         await delivered(
             producer, [*self.records.entries(decisions.changelog, window, published), *report]
         )
