@@ -13,9 +13,9 @@ from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faust.types import EventT
 
+from tests.integration.test_broker_features import create_topic
 from workers.config import Settings
 from workers.services import LocalBroker
 from workers.stream.app import decode_or_dead_letter, make_app, send_dead_letter
@@ -42,12 +42,7 @@ def refuse(raw: bytes | None) -> Any:
 async def ends_after_each_call(bootstrap: str) -> tuple[int, int]:
     """The dead-letter partition's end offset as the broker reports it right after
     each call returns (one letter, then a batch of three)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(DEADLETTER, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+    await create_topic(bootstrap, DEADLETTER)
     app = make_app("test-dead-letter-acks", Settings(metrics_port=0), bootstrap)
     topic = app.topic(DEADLETTER, key_serializer="raw", value_serializer="raw")
     producer = await app.maybe_start_producer()
