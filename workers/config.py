@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -21,6 +21,10 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 # The 11 models of the RouterBench sample shipped in workers/data.
 ROUTERBENCH_MODELS: tuple[str, ...] = (
@@ -50,6 +54,7 @@ def model_topic(model: str) -> str:
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Tokens = TypeVar("Tokens", float, "NDArray[np.float64]")
 
 
 class ModelPrice(BaseModel):
@@ -57,6 +62,12 @@ class ModelPrice(BaseModel):
 
     input_per_mtok_usd: NonNegativeFloat
     output_per_mtok_usd: NonNegativeFloat
+
+    def cost(self, input_tokens: Tokens, output_tokens: Tokens) -> Tokens:
+        """USD of that many tokens in and out (counts, or arrays of them)."""
+        return (
+            input_tokens * self.input_per_mtok_usd + output_tokens * self.output_per_mtok_usd
+        ) / 1e6
 
 
 class PoolPolicy(BaseModel):
@@ -197,7 +208,10 @@ class Settings(BaseSettings):
     openai_base_url: str = "http://127.0.0.1:8000/v1"
     openai_api_key: SecretStr = SecretStr("")
     openai_model_map: dict[str, str] = Field(default_factory=dict)  # our name -> upstream name
-    openai_timeout_seconds: float = Field(default=60.0, gt=0)
+    openai_timeout_seconds: float = Field(default=60.0, gt=0)  # of one attempt
+    # Retries of a call that got HTTP 429 or 5xx, a timeout or a connection error
+    # (the openai client's own, as the judge's JUDGE_MAX_RETRIES).
+    openai_max_retries: int = Field(default=2, ge=0)
     openai_max_concurrency: PositiveInt = 16
     openai_log_prompts: bool = False
 

@@ -331,3 +331,31 @@ async def test_a_reply_that_is_no_completion_costs_its_verdict_not_the_batch() -
             await judge.close()
     assert verdicts[0].score is None and verdicts[0].error
     assert verdicts[1].score == pytest.approx(0.8)
+
+
+async def test_odd_replies_to_the_judge_are_read_as_the_model_worker_reads_them() -> None:
+    """The judge reads replies as the model worker does (workers/stream/chat_api.py):
+    before, content sent as a list of text parts failed the verdict (AttributeError)
+    and a negative token count was priced as a negative spend."""
+
+    async def odd(body: dict[str, Any]) -> web.StreamResponse:
+        prompt = body["messages"][-1]["content"]
+        if "private question good" in prompt:
+            content: Any = [{"type": "text", "text": "Right.\n"}, {"text": "Score: 8"}]
+            usage = {"prompt_tokens": 40, "completion_tokens": 10}
+        else:
+            content, usage = "Score: 3", {"prompt_tokens": -40, "completion_tokens": 10}
+        return web.json_response({"choices": [{"message": {"content": content}}], "usage": usage})
+
+    with ChatServer(odd) as server:
+        settings = Settings(judge_base_url=server.base_url, judge_price=ModelPrice(**PRICE))
+        judge = ChatJudge(settings)
+        try:
+            parts, negative = await judge.score(
+                [response("good", "small"), response("decimal", "small")]
+            )
+        finally:
+            await judge.close()
+    assert (parts.score, parts.error) == (pytest.approx(0.8), None)
+    assert parts.cost_usd == pytest.approx(CALL_COST)
+    assert (negative.score, negative.cost_usd) == (pytest.approx(0.3), None)  # unknown, not < 0

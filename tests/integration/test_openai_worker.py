@@ -67,6 +67,7 @@ def test_answers_usage_and_errors_are_published(chat_server: ChatServer, tmp_pat
             "OPENAI_BASE_URL": f"http://127.0.0.1:{chat_server.port}/v1",
             "OPENAI_API_KEY": SECRET,
             "OPENAI_MODEL_MAP": json.dumps({"vendor/small": "small-upstream"}),
+            "OPENAI_MAX_RETRIES": "1",
         }
         log_path = tmp_path / "openai.log"
         with open(log_path, "wb") as log:
@@ -110,7 +111,7 @@ def test_answers_usage_and_errors_are_published(chat_server: ChatServer, tmp_pat
     assert answers["q1"] == "private prompt one"[::-1]
     assert answers["q3"] is None
     upstream_models = sorted(str(r["model"]) for r in chat_server.requests)
-    assert upstream_models == ["large", "large", "small-upstream"]
+    assert upstream_models == ["large", "large", "large", "small-upstream"]  # q3 retried once
     assert chat_server.authorizations == {f"Bearer {SECRET}"}
     log_text = log_path.read_text(errors="replace")
     assert SECRET not in log_text
@@ -129,12 +130,26 @@ ODD_REPLIES: dict[str, Any] = {
         "choices": [{"message": {"content": "ok"}}],
         "usage": {"prompt_tokens": -1, "completion_tokens": 2},
     },
+    "no-usage": {"choices": [{"message": {"content": "ok"}}]},
+    "no-choices": {"usage": {"prompt_tokens": 5, "completion_tokens": 0}},
+    # Paid for, but no text (a refusal or a tool call): its usage still counts.
+    "null-content": {
+        "choices": [{"message": {"content": None}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 3},
+    },
+    "html": "<html>bad gateway</html>",  # a proxy's page, with status 200
+    "broken-json": '{"choices": [',  # announced as JSON, cut short
 }
 
 
 async def odd(body: dict[str, Any]) -> web.StreamResponse:
     """Replies shaped as some servers (or a broken proxy) send them."""
-    return web.json_response(ODD_REPLIES[body["messages"][-1]["content"]])
+    kind = body["messages"][-1]["content"]
+    if kind == "html":
+        return web.Response(text=ODD_REPLIES[kind], content_type="text/html")
+    if kind == "broken-json":
+        return web.Response(text=ODD_REPLIES[kind], content_type="application/json")
+    return web.json_response(ODD_REPLIES[kind])
 
 
 def test_odd_replies_are_answers_or_errors_never_a_crash() -> None:
@@ -144,7 +159,13 @@ def test_odd_replies_are_answers_or_errors_never_a_crash() -> None:
     from workers.stream.openai_worker import ChatAnswerer
 
     async def answers(base_url: str) -> dict[str, Any]:
-        answerer = ChatAnswerer(Settings(router_models=MODELS, openai_base_url=base_url))
+        dollar_a_token = {"input_per_mtok_usd": 1e6, "output_per_mtok_usd": 1e6}
+        settings = Settings(
+            router_models=MODELS,
+            openai_base_url=base_url,
+            router_model_prices={"large": dollar_a_token},
+        )
+        answerer = ChatAnswerer(settings)
         try:
             return {
                 kind: await answerer.answer_one(assignment(kind, "large", kind))
@@ -160,3 +181,99 @@ def test_odd_replies_are_answers_or_errors_never_a_crash() -> None:
     assert got["content-parts"].response == "abc" and got["content-parts"].input_tokens == 3
     assert got["negative-usage"].response == "ok"
     assert got["negative-usage"].input_tokens is None and got["negative-usage"].output_tokens == 2
+    assert (got["no-usage"].response, got["no-usage"].error) == ("ok", None)
+    assert got["no-usage"].input_tokens is None and got["no-usage"].cost_usd is None
+    for kind in ("no-choices", "null-content", "html", "broken-json"):
+        assert got[kind].response is None and got[kind].error, kind
+    assert (got["no-choices"].input_tokens, got["no-choices"].output_tokens) == (5, 0)
+    assert (got["null-content"].input_tokens, got["null-content"].output_tokens) == (7, 3)
+    assert got["null-content"].cost_usd == pytest.approx(10.0)
+
+
+def answer_all(settings: Settings, prompts: list[str]) -> list[Any]:
+    """The answers of one ChatAnswerer to `prompts` (on model "large"), all at once."""
+    from workers.stream.openai_worker import ChatAnswerer
+
+    async def run() -> list[Any]:
+        answerer = ChatAnswerer(settings)
+        try:
+            return await answerer.answer([assignment(p, "large", p) for p in prompts])
+        finally:
+            await answerer.close()
+
+    return asyncio.run(run())
+
+
+def test_rate_limits_and_server_errors_are_retried_by_the_client() -> None:
+    """HTTP 429 and 503 once, then an answer: the answer, after one retry each
+    (before: the first 429 or 503 was the assignment's error)."""
+    calls: dict[str, int] = {}
+
+    async def flaky(body: dict[str, Any]) -> web.StreamResponse:
+        prompt = body["messages"][-1]["content"]
+        calls[prompt] = calls.get(prompt, 0) + 1
+        if calls[prompt] == 1 and prompt != "fine":
+            status = 429 if prompt == "rate-limited" else 503
+            return web.json_response({"error": {"message": "later"}}, status=status)
+        return completion(prompt[::-1])
+
+    prompts = ["rate-limited", "unavailable", "fine"]
+    with ChatServer(flaky) as server:
+        retried = answer_all(
+            Settings(router_models=MODELS, openai_base_url=server.base_url, openai_max_retries=1),
+            prompts,
+        )
+        assert calls == {"rate-limited": 2, "unavailable": 2, "fine": 1}
+        calls.clear()
+        unretried = answer_all(
+            Settings(router_models=MODELS, openai_base_url=server.base_url, openai_max_retries=0),
+            prompts,
+        )
+    assert [(a.response, a.error) for a in retried] == [(p[::-1], None) for p in prompts]
+    assert [a.error for a in unretried] == [
+        "HTTP 429 from the model API",
+        "HTTP 503 from the model API",
+        None,
+    ]
+
+
+def test_a_reply_slower_than_the_timeout_is_an_error() -> None:
+    async def slow(body: dict[str, Any]) -> web.StreamResponse:
+        await asyncio.sleep(3)
+        return completion("late")
+
+    with ChatServer(slow) as server:
+        settings = Settings(
+            router_models=MODELS,
+            openai_base_url=server.base_url,
+            openai_timeout_seconds=0.5,
+            openai_max_retries=0,
+        )
+        started = time.monotonic()
+        (answer,) = answer_all(settings, ["slow"])
+        elapsed = time.monotonic() - started
+    assert (answer.response, answer.error) == (None, "timed out calling the model API")
+    assert elapsed < 2.5
+
+
+def test_calls_in_flight_stay_within_the_limit_and_prompts_are_logged_only_when_asked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    in_flight = {"now": 0, "most": 0}
+
+    async def busy(body: dict[str, Any]) -> web.StreamResponse:
+        in_flight["now"] += 1
+        in_flight["most"] = max(in_flight["most"], in_flight["now"])
+        await asyncio.sleep(0.2)
+        in_flight["now"] -= 1
+        return completion("ok")
+
+    prompts = [f"private prompt {i}" for i in range(6)]
+    with ChatServer(busy) as server, caplog.at_level("INFO"):
+        base = Settings(router_models=MODELS, openai_base_url=server.base_url)
+        quiet = answer_all(base.model_copy(update={"openai_max_concurrency": 2}), prompts)
+        assert in_flight["most"] == 2
+        assert "private prompt" not in caplog.text
+        answer_all(base.model_copy(update={"openai_log_prompts": True}), prompts[:1])
+    assert [a.response for a in quiet] == ["ok"] * len(prompts)
+    assert "private prompt 0" in caplog.text

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -37,8 +37,6 @@ from workers.routing.clusters import cluster_means, cluster_totals
 from workers.routing.embedder import Embedder
 from workers.routing.optimizer import Uncertainty
 from workers.routing.store import RetrievalStore
-
-T = TypeVar("T", float, NDArray[np.float64])
 
 # A common rule of thumb for English text and GPT-style tokenisers.
 CHARS_PER_TOKEN = 4.0
@@ -118,13 +116,6 @@ def column_means(values: NDArray[np.float64], default: float) -> NDArray[np.floa
     return np.where(counts > 0, sums / np.maximum(counts, 1), default)
 
 
-def list_price_cost(price: ModelPrice, prompt_tokens: T, output_tokens: T) -> T:
-    """USD of a query at a model's list price."""
-    return (
-        prompt_tokens * price.input_per_mtok_usd + output_tokens * price.output_per_mtok_usd
-    ) / 1e6
-
-
 @dataclass(frozen=True)
 class Beliefs:
     """What the user told the router before any outcome: each model's quality
@@ -144,7 +135,7 @@ class Beliefs:
         stated, prices = stated or {}, prices or {}
         quality = [stated.get(m, math.nan) for m in models]
         typical = [
-            list_price_cost(p, TYPICAL_PROMPT_TOKENS, DEFAULT_OUTPUT_TOKENS)
+            p.cost(TYPICAL_PROMPT_TOKENS, DEFAULT_OUTPUT_TOKENS)
             if (p := prices.get(m)) is not None
             else math.nan
             for m in models
@@ -532,7 +523,7 @@ class HybridPredictor:
         for j, model in enumerate(self.models):
             price = self.prices.get(model)
             if price is not None:
-                cost[:, j] = list_price_cost(price, prompt_tokens, knn.output_tokens[:, j])
+                cost[:, j] = price.cost(prompt_tokens, knn.output_tokens[:, j])
         return Estimates(
             np.clip(quality, 0.0, 1.0),
             np.maximum(cost, 0.0),

@@ -18,15 +18,15 @@ import re
 from collections.abc import Sequence
 
 import openai
-from openai.types import CompletionUsage
-from openai.types.chat import ChatCompletion
 
 from schemas import ModelResponse
-from workers.config import ModelPrice, Settings
+from workers.config import Settings
+from workers.stream.chat_api import ask, chat_client
 from workers.stream.judge import Verdict
 
 log = logging.getLogger(__name__)
 
+API = "judge API"
 SCALE_MAX = 10.0  # the rubric's scale: 0 to 10
 PLACEHOLDERS = ("{question}", "{answer}")
 
@@ -142,34 +142,6 @@ def parse_score(reply: str | None) -> float | None:
     return _line_score(lines[-1]) if lines else _prose_score(reply)
 
 
-def reply_text(completion: ChatCompletion) -> str | None:
-    """The first choice's content; None for a reply without one."""
-    try:
-        return completion.choices[0].message.content
-    except (AttributeError, IndexError, TypeError):
-        return None
-
-
-def judging_cost(usage: CompletionUsage | None, price: ModelPrice | None) -> float | None:
-    if usage is None or price is None:
-        return None
-    if usage.prompt_tokens is None or usage.completion_tokens is None:
-        return None  # a server that reports no usage: unknown, not free
-    return (
-        usage.prompt_tokens * price.input_per_mtok_usd
-        + usage.completion_tokens * price.output_per_mtok_usd
-    ) / 1e6
-
-
-def describe(exc: openai.OpenAIError) -> str:
-    """What went wrong, without the request (it holds the question and answer)."""
-    if isinstance(exc, openai.APIStatusError):
-        return f"HTTP {exc.status_code} from the judge API"
-    if isinstance(exc, openai.APITimeoutError):
-        return "timed out calling the judge API"
-    return f"{type(exc).__name__} calling the judge API"
-
-
 def failed_verdict(exc: BaseException) -> Verdict:
     """An unforeseen failure as the response's verdict, named by its type alone (its
     message or traceback may hold the question and answer)."""
@@ -187,12 +159,11 @@ class ChatJudge:
         self.price = settings.judge_price
         self.retries = settings.judge_max_retries
         self.limit = asyncio.Semaphore(settings.judge_max_concurrency)
-        self.client = client or openai.AsyncOpenAI(
-            base_url=settings.judge_base_url,
-            # Servers without authentication still get a Bearer token (the client needs one).
-            api_key=settings.judge_api_key.get_secret_value() or "unused",
-            timeout=settings.judge_timeout_seconds,
-            max_retries=settings.judge_max_retries,
+        self.client = client or chat_client(
+            settings.judge_base_url,
+            settings.judge_api_key,
+            settings.judge_timeout_seconds,
+            settings.judge_max_retries,
         )
 
     async def score(self, responses: Sequence[ModelResponse]) -> list[Verdict]:
@@ -208,26 +179,19 @@ class ChatJudge:
             return Verdict(error="no question or no answer to judge")
         prompt = fill(self.rubric, response.text, response.response)
         async with self.limit:
-            try:
-                completion = await self.client.chat.completions.create(
-                    model=self.model,
-                    messages=[{"role": "user", "content": prompt}],
-                    temperature=0,
-                )
-            except openai.OpenAIError as exc:
-                error = describe(exc)
-                log.warning(
-                    "judging %s on %s: %s (after up to %d retries)",
-                    response.query_id,
-                    response.model,
-                    error,
-                    self.retries,
-                    extra={"query_id": response.query_id},
-                )
-                return Verdict(error=error)
-        # A reply that is no completion (an HTML page from a proxy, as a str) has no usage.
-        cost = judging_cost(getattr(completion, "usage", None), self.price)
-        score = parse_score(reply_text(completion))
+            reply = await ask(self.client, API, self.model, prompt, temperature=0)
+        if reply.error:
+            log.warning(
+                "judging %s on %s: %s (after up to %d retries)",
+                response.query_id,
+                response.model,
+                reply.error,
+                self.retries,
+                extra={"query_id": response.query_id},
+            )
+            return Verdict(error=reply.error)
+        cost = reply.cost(self.price)
+        score = parse_score(reply.text)
         if score is None:
             log.info(
                 "the judge's reply on %s with %s held no score it could read",
