@@ -334,6 +334,26 @@ class Settings(BaseSettings):
                 )
 
     @model_validator(mode="after")
+    def _cascade_pools_have_no_capacities(self) -> Settings:
+        """Cascade windows are solved without capacities (a probe would take a slot of
+        every panel model at once, which the window optimiser cannot express): a cap
+        on a cascade pool's model would be ignored, so it is refused instead."""
+        for pool, policy in self.router_pools.items():
+            if not policy.cascade:
+                continue
+            capped = sorted(
+                set(policy.models or self.router_models) & set(self.router_model_capacities)
+            )
+            if capped:
+                raise ValueError(
+                    f"ROUTER_MODEL_CAPACITIES caps {capped}, models of ROUTER_POOLS[{pool}], a "
+                    "cascade pool: cascade windows do not honour capacities (nor "
+                    "ROUTER_FALLBACK_MODEL); drop those caps, leave those models out of the "
+                    "pool's models, or make the pool one-shot"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _a_window_fits_in_a_rebalance(self) -> Settings:
         needed = self.router_window_seconds + self.router_solver_time_limit_seconds
         if self.rebalance_timeout_seconds() <= needed:

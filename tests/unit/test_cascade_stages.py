@@ -181,6 +181,41 @@ def test_a_query_without_any_probe_answer_is_escalated_even_beyond_the_reserve(
     assert after.escalation_reserve_usd == 0.0
 
 
+@pytest.mark.parametrize("reserve", [0.0, 1000.0])
+def test_a_query_without_probe_answers_is_escalated_only_to_a_model_its_hints_allow(
+    cascade: FittedCascade, reserve: float
+) -> None:
+    # The hints allow the panel only: the query is asked again of its cheapest
+    # panel model (an escalation), never sent to "dear", whatever the reserve.
+    queries = predicted(2, QueryHints(allowed_models=PANEL))
+    queries += predicted(1, QueryHints(allowed_models=["cheap-b", "cheap-a", "dear"]))
+    decisions, report = plan_escalation_window(
+        "c", cascade, probed(queries, [[None, None]] * 3), MODELS,
+        clusters_of(cascade, 3, 5), reserve, BOUNDS,
+    )  # fmt: skip
+    assert [(d.role, d.model) for d in decisions] == [
+        ("escalation", "cheap-a"),
+        ("escalation", "cheap-a"),
+        ("escalation", "dear"),  # a model outside the panel, when one is allowed
+    ]
+    assert report.escalation_spend_usd == pytest.approx(2 * COSTS[0] + COSTS[2])
+
+
+def test_a_forced_escalation_does_not_ask_again_a_model_that_failed_already(
+    cascade: FittedCascade,
+) -> None:
+    # Probed by another fit's panel, whose "dear" failed; every model outside the
+    # current panel has been asked: the cheapest allowed model is, not "dear" again.
+    item = ProbedQuery(
+        predicted=predicted(1)[0],
+        answers=[ProbeAnswer(model="dear", response=None, error="timeout")],
+    )
+    decisions, _ = plan_escalation_window(
+        "c", cascade, [item], MODELS, clusters_of(cascade, 1, 5), 0.0, BOUNDS
+    )
+    assert [(d.role, d.model) for d in decisions] == [("escalation", "cheap-a")]
+
+
 def test_a_query_whose_hints_forbid_a_probe_model_is_answered_directly(
     cascade: FittedCascade,
 ) -> None:
@@ -200,6 +235,19 @@ def test_without_a_fitted_cascade_the_first_answer_is_accepted() -> None:
     )
     assert [(d.role, d.model) for d in decisions] == [("probe", "cheap-b"), ("escalation", "dear")]
     assert report.escalation_queries == 1
+
+
+def test_without_a_fitted_cascade_only_models_the_hints_allow_answer() -> None:
+    # q0 allows the panel only: asked again of its cheapest panel model. q1 forbids
+    # cheap-a: cheap-b's answer is accepted, not cheap-a's, which came first.
+    queries = predicted(1, QueryHints(allowed_models=PANEL))
+    queries += predicted(1, QueryHints(allowed_models=["cheap-b", "dear"]))
+    decisions, _ = accept_without_scorer(
+        "c", probed(queries, [[None, None], ["a", "b"]]), MODELS, MODELS, BOUNDS
+    )
+    roles = [(d.role, d.model) for d in decisions]
+    assert roles == [("escalation", "cheap-a"), ("probe", "cheap-b")]
+    assert decisions[1].metadata[CASCADE_METADATA_KEY] == {"response": "b"}
 
 
 # ------------------------------------------- the query's cluster, from stage to stage

@@ -123,3 +123,27 @@ def test_a_cheap_panel_is_accepted_and_cascades_are_off_by_default() -> None:
     )
     assert settings.pool_policy("c").cascade_panel == ["a", "b"]
     assert not settings.pool_policy("default").cascade
+
+
+def test_a_cascade_pool_with_a_capped_model_is_refused() -> None:
+    # Cascade windows (first stage and escalations) are solved without capacities:
+    # a cap on one of a cascade pool's models would be silently ignored.
+    with pytest.raises(
+        ValidationError, match=r"ROUTER_MODEL_CAPACITIES.*\['b'\].*ROUTER_POOLS\[c\]"
+    ):
+        Settings(
+            router_models=["a", "b", "c"],
+            router_model_capacities={"b": 5},
+            router_fallback_model="a",
+            router_pools=cascade_pool(),  # type: ignore[arg-type]
+        )
+
+
+def test_a_cap_on_a_model_outside_every_cascade_pool_is_accepted() -> None:
+    settings = Settings(
+        router_models=["a", "b", "c"],
+        router_model_capacities={"c": 5},
+        router_fallback_model="a",
+        router_pools=cascade_pool(models=["a", "b"]),  # type: ignore[arg-type]
+    )
+    assert settings.router_model_capacities == {"c": 5}

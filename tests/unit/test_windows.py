@@ -134,9 +134,30 @@ def test_after_an_idle_spell_a_window_earns_one_window_length() -> None:
     assert (end - start) == FIVE_SECONDS
 
 
-def test_the_first_window_begins_one_mean_gap_before_its_first_query() -> None:
-    start, end = traffic_span(at(1.0, 2.0, 3.0), None, FIVE_SECONDS)
-    assert (start, end) == (T0, T0 + timedelta(seconds=3))
+@pytest.mark.parametrize("billed_until", [None, T0 - timedelta(minutes=10)])
+@pytest.mark.parametrize(
+    "times",
+    [
+        (100.0, 100.0),  # made at the same instant
+        tuple(100.0 - i * 1e-5 for i in range(100)),  # a burst within 1 ms
+        (97.0, 98.0, 100.0),  # spread over less than a window
+    ],
+)
+def test_after_an_idle_spell_a_burst_earns_as_much_as_a_lone_query(
+    billed_until: datetime | None, times: tuple[float, ...]
+) -> None:
+    # A periodic batch job after idle minutes (or the pool's first window): its
+    # queries stand for at least one window length, as one query alone does; a
+    # window spanning ~0 s would get no share of an hourly budget at all.
+    start, end = traffic_span(at(*times), billed_until, FIVE_SECONDS)
+    assert end == T0 + timedelta(seconds=100)
+    assert end - start == FIVE_SECONDS
+
+
+def test_a_first_window_longer_than_a_window_begins_one_mean_gap_before_its_first() -> None:
+    # A backlog found at the start: 12 s of traffic, one 6 s gap (at most a window) before.
+    start, end = traffic_span(at(1.0, 7.0, 13.0), None, FIVE_SECONDS)
+    assert (start, end) == (T0 - timedelta(seconds=4), T0 + timedelta(seconds=13))
 
 
 def test_a_backlog_read_late_brings_the_budget_of_the_time_it_was_produced_in() -> None:
@@ -158,12 +179,15 @@ def test_no_second_is_billed_twice() -> None:
 def test_consecutive_windows_never_overlap() -> None:
     billed: datetime | None = None
     spans = []
-    for times in [(0.5, 4.0), (3.0, 7.0), (6.5,), (12.0, 13.0)]:  # out-of-order stamps
+    windows = [(0.5, 4.0), (3.0, 7.0), (6.5,), (12.0, 13.0), (13.5, 13.5), (60.0, 60.0)]
+    for times in windows:  # out-of-order stamps, bursts, an idle spell
         span = traffic_span(at(*times), billed, FIVE_SECONDS)
         billed = span[1]
         spans.append(span)
     for (_, end), (start, _) in itertools.pairwise(spans):
-        assert start >= end
+        assert start >= end  # so the pool's billed_until (each window's end) never goes back
+    assert all(start <= end for start, end in spans)
+    assert spans[-1] == (T0 + timedelta(seconds=55), T0 + timedelta(seconds=60))
 
 
 def test_a_time_without_a_zone_is_taken_as_utc() -> None:

@@ -280,9 +280,10 @@ def plan_escalation_window(
     choice = plan_escalations(
         posterior, accept, cost, panel, "budget", reserve_usd, solver, tie_tolerance
     )
-    others = [j for j in range(len(pool_models)) if j not in panel]
-    cheapest = np.asarray(others)[cost[:, others].argmin(axis=1)]
-    choice = np.where((choice == NEVER) & ~answered.any(axis=1), cheapest, choice)
+    asked = asked_models(probed, pool_models)
+    asked[:, panel] = True
+    forced = forced_escalation(cost, allowed, asked)
+    choice = np.where((choice == NEVER) & ~answered.any(axis=1), forced, choice)
     accepted = np.asarray(panel)[posterior[:, panel].argmax(axis=1)]
     decisions: list[Assignment] = []
     spend, chosen_quality = 0.0, []
@@ -308,6 +309,28 @@ def plan_escalation_window(
         _status(spend, reserve_usd, solver),
     )  # fmt: skip
     return decisions, report
+
+
+def asked_models(probed: Sequence[ProbedQuery], pool_models: Sequence[str]) -> NDArray[np.bool_]:
+    """Which of the pool's models each query was probed with (answered or not)."""
+    names = [{a.model for a in item.answers} for item in probed]
+    asked = np.array([[m in n for m in pool_models] for n in names], dtype=bool)
+    return asked.reshape(len(probed), len(pool_models))
+
+
+def forced_escalation(
+    cost: NDArray[np.float64], allowed: NDArray[np.bool_], asked: NDArray[np.bool_]
+) -> NDArray[np.int64]:
+    """Per query, where it goes when it must be escalated (none of its probes
+    answered): its cheapest allowed model not `asked` yet; when its hints allow
+    only models asked already, the cheapest of those, asked again. Every query
+    gets an answer, and never from a model its hints forbid (a query allowing no
+    pool model at all is dead-lettered before it gets here; such a row would get
+    its cheapest model)."""
+    fresh = allowed & ~asked
+    candidates = np.where(fresh.any(axis=1, keepdims=True), fresh, allowed)
+    candidates |= ~candidates.any(axis=1, keepdims=True)
+    return np.asarray(np.where(candidates, cost, np.inf).argmin(axis=1), dtype=np.int64)
 
 
 def escalation_report(
@@ -352,23 +375,24 @@ def accept_without_scorer(
     bounds: WindowBounds,
 ) -> tuple[list[Assignment], WindowReport]:
     """Decisions when the pool has no fitted cascade any more (its probes were sent
-    by an earlier fit, or another router): accept the first probe answer; a query
-    with none is escalated to its cheapest model outside the probes."""
+    by an earlier fit, or another router): accept the first probe answer of a model
+    the query's hints allow; a query with none is escalated (`forced_escalation`)."""
     predicted = [p.predicted for p in probed]
-    quality, cost, _ = matrices(predicted, models, pool_models)
+    quality, cost, allowed = matrices(predicted, models, pool_models)
+    forced = forced_escalation(cost, allowed, asked_models(probed, pool_models))
     decisions: list[Assignment] = []
     for row, (query, item) in enumerate(zip(predicted, probed, strict=True)):
-        answer = next((a for a in item.answers if a.response and not a.error), None)
-        if answer is not None and answer.model in pool_models:
+        may_answer = {m for m, ok in zip(pool_models, allowed[row], strict=True) if ok}
+        answer = next(
+            (a for a in item.answers if a.response and not a.error and a.model in may_answer),
+            None,
+        )
+        if answer is not None:
             metadata = accepted_metadata(query.query.metadata, answer.response)
             decision = _assignment(query, bounds, answer.model, 0.0, 0.0, "probe")
             decisions.append(decision.model_copy(update={"metadata": metadata}))
             continue
-        asked = {a.model for a in item.answers}
-        others = [j for j, m in enumerate(pool_models) if m not in asked] or list(
-            range(len(pool_models))
-        )
-        j = min(others, key=lambda k: cost[row, k])
+        j = int(forced[row])
         decisions.append(
             _assignment(query, bounds, pool_models[j], quality[row, j], cost[row, j], "escalation")
         )

@@ -44,10 +44,12 @@ def traffic_span(
     twice: a window whose queries were all made before `billed_until` (a late
     producer, a replay) gets no new time. With nothing billed close by (the
     start, an idle spell), the window begins one mean gap between its queries
-    before its first (one window length for a lone query)."""
+    before its first (at most one window length), and no later than one window
+    length before its last: queries made together (a batch job's burst) stand
+    for a window's time as a lone query does, not for the ~0 s between them."""
     first, last = min(created), max(created)
     gap = (last - first) / (len(created) - 1) if len(created) > 1 else window_length
-    start = first - min(gap, window_length)
+    start = min(first - min(gap, window_length), last - window_length)
     if billed_until is not None:
         start = max(start, billed_until)
     return start, max(start, last)
