@@ -220,13 +220,17 @@ def count_outcomes(session: Session, models: Iterable[str] | None = None) -> int
     return int(session.execute(query).scalar_one())
 
 
-def stored_query_ids(session: Session, query_ids: Iterable[str]) -> set[str]:
-    """Which of these query ids have at least one stored outcome."""
+def stored_models(session: Session, query_ids: Iterable[str]) -> dict[str, set[str]]:
+    """The models with a stored outcome of each of these queries (a query with
+    none is left out)."""
     wanted = list(query_ids)
     if not wanted:
-        return set()
-    query = sa.select(OutcomeRow.query_id).where(OutcomeRow.query_id.in_(wanted)).distinct()
-    return set(session.execute(query).scalars())
+        return {}
+    query = sa.select(OutcomeRow.query_id, OutcomeRow.model).where(OutcomeRow.query_id.in_(wanted))
+    models: dict[str, set[str]] = {}
+    for query_id, model in session.execute(query):
+        models.setdefault(query_id, set()).add(model)
+    return models
 
 
 def texts_of_other_embedders(session: Session, embedder: str, limit: int) -> list[tuple[str, str]]:
