@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast
 
@@ -72,11 +72,19 @@ def unstorable_reason(outcome: Outcome) -> str | None:
     """Why the outcomes table cannot hold this outcome, naming the field, or None.
 
     PostgreSQL refuses such a value (DataError) and with it the whole batch's
-    statement, so the writer dead-letters the outcome before writing; the limits
-    are read from the columns' types."""
+    statement, so the writer dead-letters the outcome before writing."""
+    return unstorable_fields({field: getattr(outcome, field) for field in _COLUMN_OF_FIELD})
+
+
+def unstorable_fields(values: Mapping[str, object]) -> str | None:
+    """Why the outcomes table cannot hold these values of Outcome's fields (field ->
+    value), naming the first such field, or None; the limits are read from the
+    columns' types. The one check of both the outcome writer and the router, which
+    refuses a query whose outcome could never be stored (its query_id, text, pool)."""
     columns = OutcomeRow.__table__.c
-    for field, column in _COLUMN_OF_FIELD.items():
-        refusal = _column_refusal(columns[column].type, getattr(outcome, field))
+    for field, value in values.items():
+        column = _COLUMN_OF_FIELD[field]
+        refusal = _column_refusal(columns[column].type, value)
         if refusal is not None:
             return f"{field} ({column} column): {refusal}"
     return None

@@ -127,6 +127,7 @@ _REASON_KINDS = (
     ("unknown model", "unknown_model"),
     ("unknown query", "unknown_query"),
     ("which never answered it", "unanswered_model"),
+    ("the database cannot store", "unstorable"),
     ("invalid ", "schema"),
 )
 
