@@ -4,6 +4,7 @@ the whole batch) is a dead letter with a reason naming the field."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -11,7 +12,7 @@ from schemas import Outcome
 from workers.config import Settings
 from workers.stream.codec import BadEvent
 from workers.stream.metrics import reason_kind
-from workers.stream.outcomes import textless_refusals, validate_outcome
+from workers.stream.outcomes import textless_refusals, validate_outcome, with_score_time
 
 SETTINGS = Settings(router_models=["a", "b"])
 
@@ -63,3 +64,17 @@ def test_a_textless_outcome_must_name_a_stored_or_batched_query_model_pair() -> 
     }
     kinds = {reason_kind(reason) for reason in refused.values()}
     assert kinds == {"unanswered_model", "unknown_query"}
+
+
+def test_a_scores_time_is_its_producers_held_near_its_record_or_the_records() -> None:
+    """The time that orders two scores of one source is the same whichever writer
+    reads the record (not the time of decoding), and a wild clock cannot pin a score."""
+    skew = timedelta(seconds=60)
+    broker = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
+    left_out = validate_outcome(raw(quality_score=1.0), SETTINGS)
+    assert with_score_time(left_out, broker.timestamp(), skew).created_at == broker
+    given = broker - timedelta(seconds=30)
+    stamped = validate_outcome(raw(quality_score=1.0, created_at=given.isoformat()), SETTINGS)
+    assert with_score_time(stamped, broker.timestamp(), skew) == stamped
+    a_year_ahead = stamped.model_copy(update={"created_at": broker + timedelta(days=365)})
+    assert with_score_time(a_year_ahead, broker.timestamp(), skew).created_at == broker + skew

@@ -9,6 +9,16 @@ database has never seen would teach nothing, and one naming a model that never
 answered the query would store a phantom outcome (a score with no answer, cost
 or tokens, which the router would read as that model's result), so both go to
 the dead-letter topic.
+
+Two scores for one (query_id, model) from the same source are ordered by their
+own time (`with_score_time`), not by the order they are written: after a
+rebalance during a database outage, the partition's old owner keeps retrying its
+batch while the new owner writes that batch and later events (a user's second
+score); when the database returns, the old owner's retry must not put the first
+score back. The upsert keeps the later score (repository._takes_score), which is
+right whichever writes land last. Stopping the retry once the consumer's
+generation is no longer current would not be: the generation can change while
+an attempt is under way, and that attempt still lands after the new owner's.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import faust
@@ -30,6 +41,7 @@ from schemas import Outcome
 from workers.config import Settings
 from workers.db.repository import stored_models, unstorable_reason, upsert_outcomes
 from workers.routing.embedder import Embedder, make_embedder
+from workers.routing.windows import bounded_created_at
 from workers.stream import metrics
 from workers.stream.app import (
     Topics,
@@ -56,6 +68,22 @@ def validate_outcome(raw: bytes | None, settings: Settings) -> Outcome:
     if unstorable is not None:
         raise BadEvent(f"outcome the database cannot store: {unstorable}")
     return outcome
+
+
+def with_score_time(outcome: Outcome, broker_timestamp: float, skew: timedelta) -> Outcome:
+    """The outcome with the time that orders its score against another of its source:
+    its producer's `created_at`, held within `skew` of its record's broker timestamp
+    (a clock a year ahead would pin its score against later ones), or that timestamp
+    when the producer left it out. Not the time this writer decoded it (the default):
+    each writer that reads the record again would give it another time."""
+    broker_time = datetime.fromtimestamp(broker_timestamp, UTC)
+    if "created_at" in outcome.model_fields_set:
+        moment = bounded_created_at(outcome.created_at, broker_time, broker_time, skew)
+    else:
+        moment = broker_time
+    if moment == outcome.created_at:
+        return outcome
+    return outcome.model_copy(update={"created_at": moment})
 
 
 def textless_refusals(
@@ -92,6 +120,7 @@ def build_outcome_app(
         raise ValueError("DATABASE_URL is not set")
     app = make_app(OUTCOMES_APP_ID, settings, bootstrap_servers)
     topics = Topics.of(app, settings)
+    skew = timedelta(seconds=settings.router_clock_skew_seconds)
     engine = sa.create_engine(database_url, pool_pre_ping=True)
     text_embedder = embedder or make_embedder(
         settings.router_embedder, Path(settings.embedder_cache_dir)
@@ -121,7 +150,9 @@ def build_outcome_app(
             )
             if not valid:
                 continue
-            outcomes = [outcome for _, outcome in valid]
+            outcomes = [
+                with_score_time(outcome, event.message.timestamp, skew) for event, outcome in valid
+            ]
             refused = await write_with_retry(outcomes)
             written = [o for o in outcomes if (o.query_id, o.model) not in refused]
             metrics.observe_outcomes(written)
