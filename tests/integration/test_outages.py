@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -279,3 +280,66 @@ def test_postgres_tls_settings_in_the_url_reach_the_driver(postgres_url: str) ->
         assert connection.execute(sa.text("SELECT 1")).scalar() == 1
     with pytest.raises(sa.exc.OperationalError, match="SSL"):
         sa.create_engine(url.update_query_dict({"sslmode": "require"})).connect()
+
+
+def test_a_retried_batch_written_after_a_rebalance_does_not_put_an_older_score_back(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Writer A holds a user's first score while its database is down, and stalls (a
+    pause, SIGSTOP here) long enough to leave the group; writer B takes the partition,
+    re-reads and stores the first score, then the user's second. When A goes on with
+    its database back, its retry lands last: the second score must still stand."""
+    direct = sa.create_engine(postgres_url)
+    settings = Settings(kafka_partitions=1)  # type: ignore[call-arg]  # one owner at a time
+    with LocalBroker() as broker, TcpProxy(make_url(postgres_url).port or 5432).running() as proxy:
+        bootstrap = broker.bootstrap_servers
+        asyncio.run(create_topics(settings, bootstrap))
+        env = worker_env(bootstrap, postgres_url) | {"KAFKA_PARTITIONS": "1", "METRICS_PORT": "0"}
+        proxied_url = make_url(postgres_url).set(port=proxy.port).render_as_string(False)
+        log_a, log_b = tmp_path / "writer-a.log", tmp_path / "writer-b.log"
+        writer_a = start_worker("outcomes", env | {"DATABASE_URL": proxied_url}, log_a)
+        writers = [writer_a]
+        model = SETTINGS.router_models[0]
+
+        def send(outcome: Outcome) -> None:
+            asyncio.run(produce_values(bootstrap, NAMES["outcomes"], [("q", encode(outcome))]))
+
+        def score() -> float | None:
+            with direct.connect() as connection:
+                return connection.execute(
+                    sa.text("SELECT quality_score FROM outcomes WHERE query_id = 'q'")
+                ).scalar_one_or_none()
+
+        def score_is(value: float) -> Callable[[], bool]:
+            return lambda: score() == value
+
+        try:
+            send(Outcome(query_id="q", model=model, text="Is 7 prime?", cost_usd=0.001))
+            wait_until(lambda: stored_outcomes(direct)[0] == 1, 120, "the usage stored by A")
+            proxy.cut()
+            send(Outcome(query_id="q", model=model, quality_score=0.2, source="user"))
+            wait_until(
+                lambda: "database unavailable" in log_a.read_text(), 30, "A retrying the score"
+            )
+            writer_a.send_signal(signal.SIGSTOP)  # no heartbeats: A leaves the group
+            writers.append(start_worker("outcomes", env, log_b))  # B: its database is up
+            wait_until(score_is(0.2), 120, "B, the partition's new owner, storing the score")
+            send(Outcome(query_id="q", model=model, quality_score=0.9, source="user"))
+            wait_until(score_is(0.9), 30, "B storing the user's second score")
+            proxy.restore()
+            writer_a.send_signal(signal.SIGCONT)
+            wait_until(
+                lambda: "outcomes after" in log_a.read_text(), 90, "A's retry written at last"
+            )
+            assert score() == 0.9
+        finally:
+            writer_a.send_signal(signal.SIGCONT)
+            for process in writers:
+                process.terminate()
+            for process in writers:
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # stuck: never left running
+                    process.kill()
+                    process.wait()
+            direct.dispose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -251,3 +253,30 @@ def test_what_unstorable_reason_refuses_postgres_refuses(
         upsert_outcomes(session, [at_limits], [None])
     with Session(postgres_engine) as session:
         assert count_outcomes(session) == 1
+
+
+@pytest.mark.parametrize("one_batch", [False, True], ids=["two batches", "one batch"])
+def test_an_older_score_written_late_does_not_replace_a_newer_one_from_its_source(
+    postgres_engine: sa.Engine, one_batch: bool
+) -> None:
+    """The user scores twice; an outcome writer retrying the first score through a
+    database outage writes it after the partition's new owner stored both (it took
+    the partition in a rebalance meanwhile). The second score stands."""
+    usage = Outcome(query_id="q", model="m", text="hi", cost_usd=0.02)
+    first_at = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
+    first = Outcome(query_id="q", model="m", quality_score=0.2, source="user", created_at=first_at)
+    second = first.model_copy(
+        update={"quality_score": 0.9, "created_at": first_at + timedelta(seconds=5)}
+    )
+    scores = [(first, None), (second, None)]
+    write(postgres_engine, [(usage, np.ones(384, np.float32))])
+    write(postgres_engine, *([scores] if one_batch else ([s] for s in scores)))  # the new owner
+    write(postgres_engine, [(first, None)])  # the old owner's retry
+
+    row = stored_rows(postgres_engine)[("q", "m")]
+    assert (row.quality_score, row.score_source) == (0.9, "user")
+    assert row.cost_usd == pytest.approx(0.02)
+    # A judge's score, however late, still does not replace the user's.
+    judge = Outcome(query_id="q", model="m", quality_score=0.0, source="judge")
+    write(postgres_engine, [(judge, None)])
+    assert stored_rows(postgres_engine)[("q", "m")].quality_score == 0.9

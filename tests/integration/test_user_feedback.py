@@ -17,11 +17,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from schemas import Outcome
+from schemas import DeadLetter, Outcome
 from workers.config import Settings
 from workers.db.models import OutcomeRow
 from workers.services import LocalBroker
-from workers.stream.kafka_io import produce_values
+from workers.stream.kafka_io import produce_values, read_topic
 from workers.stream.topics import create_topics
 
 pytestmark = pytest.mark.integration
@@ -149,4 +149,36 @@ def test_a_users_score_outranks_a_judges_before_and_after_it(
         assert (row.quality_score, row.score_source) == (1.0, "user"), query_id
         assert row.cost_usd == pytest.approx(0.003)
         assert row.embedding is not None and len(row.embedding) == 256 * 4  # static embedder
+    engine.dispose()
+
+
+def test_feedback_naming_a_model_that_never_answered_is_a_dead_letter(
+    broker: str, postgres_url: str, outcome_writer: str
+) -> None:
+    """The query is stored (MODEL answered it), but the feedback names OTHER_MODEL: no
+    phantom (query_id, OTHER_MODEL) row with a score and no answer, cost or tokens."""
+    engine = sa.create_engine(postgres_url)
+    deadletter = Settings().topic_names()["deadletter"]  # type: ignore[call-arg]
+
+    def send(*values: str) -> None:
+        asyncio.run(produce_values(broker, outcome_writer, [("fb-3", v) for v in values]))
+
+    usage, *_ = events("fb-3")
+    send(usage)
+    wait_for(lambda: MODEL in stored(engine, "fb-3"), 120, "the usage")  # model load
+    phantom = json.loads(user_feedback("fb-3", 0.0)) | {"model": OTHER_MODEL}
+    # Behind the phantom on its partition: once this score is stored, the phantom was read.
+    send(json.dumps(phantom), user_feedback("fb-3", 0.5))
+    wait_for(lambda: stored(engine, "fb-3")[MODEL].quality_score == 0.5, 30, "the later score")
+    assert set(stored(engine, "fb-3")) == {MODEL}
+
+    def reasons() -> list[str]:
+        raws = asyncio.run(read_topic(broker, deadletter))
+        return [DeadLetter.model_validate_json(raw).reason for raw in raws]
+
+    wait_for(lambda: bool(reasons()), 30, "the phantom's dead letter")
+    assert reasons() == [
+        f"outcome for query 'fb-3' without its text names model {OTHER_MODEL!r}, "
+        f"which never answered it (answered: [{MODEL!r}])"
+    ]
     engine.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ def row(query_id: str = "q", model: str = "m", **fields: Any) -> dict[str, Any]:
     columns = (
         "quality_score", "score_source", "input_tokens", "output_tokens", "cost_usd",
         "latency_ms", "error", "embedding", "embedder", "query_text", "judge_cost_usd",
-        "response_excerpt",
+        "response_excerpt", "scored_at",
     )  # fmt: skip
     return (
         {"query_id": query_id, "model": model, "pool": "default"} | dict.fromkeys(columns) | fields
@@ -88,3 +89,19 @@ def test_the_events_themselves_are_not_changed() -> None:
     before = copy.deepcopy(events)
     merge_rows(events)
     assert events == before
+
+
+def test_of_two_scores_from_one_source_the_later_by_its_time_stands() -> None:
+    """A retried batch read again behind later events (a rebalance during a database
+    outage) must not put the older score back: time decides, not the order."""
+    first = row(quality_score=0.2, score_source="user", scored_at=datetime(2026, 1, 1, tzinfo=UTC))
+    second = row(quality_score=0.9, score_source="user", scored_at=datetime(2026, 1, 2, tzinfo=UTC))
+    for order in ([first, second], [second, first]):
+        (merged,) = merge_rows(order)
+        assert (merged["quality_score"], merged["scored_at"]) == (0.9, second["scored_at"])
+    # A stronger source's score stands whatever its time; a score without one is the oldest.
+    judge = row(quality_score=0.5, score_source="judge", scored_at=datetime(2027, 1, 1, tzinfo=UTC))
+    assert merge_rows([first, judge])[0]["quality_score"] == 0.2
+    untimed = row(quality_score=0.4, score_source="user")
+    assert merge_rows([untimed, first])[0]["quality_score"] == 0.2
+    assert merge_rows([first, untimed])[0]["quality_score"] == 0.2

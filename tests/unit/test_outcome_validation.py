@@ -4,12 +4,15 @@ the whole batch) is a dead letter with a reason naming the field."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from schemas import Outcome
 from workers.config import Settings
 from workers.stream.codec import BadEvent
-from workers.stream.outcomes import validate_outcome
+from workers.stream.metrics import reason_kind
+from workers.stream.outcomes import textless_refusals, validate_outcome, with_score_time
 
 SETTINGS = Settings(router_models=["a", "b"])
 
@@ -41,3 +44,37 @@ def test_a_storable_outcome_passes() -> None:
 def test_what_the_database_refuses_is_a_bad_event(fields: dict[str, object], reason: str) -> None:
     with pytest.raises(BadEvent, match=f"outcome the database cannot store: {reason}"):
         validate_outcome(raw(**fields), SETTINGS)
+
+
+def test_a_textless_outcome_must_name_a_stored_or_batched_query_model_pair() -> None:
+    """Feedback is checked by (query_id, model): the query being stored for another
+    model is not enough (it would insert a phantom row with a score and no answer)."""
+    usage_b = Outcome(query_id="q2", model="b", text="hi")
+    score = {
+        pair: Outcome(query_id=pair[0], model=pair[1], quality_score=1.0)
+        for pair in [("q1", "a"), ("q1", "b"), ("q2", "b"), ("q2", "a"), ("q3", "a")]
+    }
+    refused = textless_refusals([usage_b, *score.values()], stored={"q1": {"a"}})
+    assert refused == {
+        ("q1", "b"): "outcome for query 'q1' without its text names model 'b', "
+        "which never answered it (answered: ['a'])",
+        ("q2", "a"): "outcome for query 'q2' without its text names model 'a', "
+        "which never answered it (answered: ['b'])",
+        ("q3", "a"): "outcome for unknown query 'q3' without its text",
+    }
+    kinds = {reason_kind(reason) for reason in refused.values()}
+    assert kinds == {"unanswered_model", "unknown_query"}
+
+
+def test_a_scores_time_is_its_producers_held_near_its_record_or_the_records() -> None:
+    """The time that orders two scores of one source is the same whichever writer
+    reads the record (not the time of decoding), and a wild clock cannot pin a score."""
+    skew = timedelta(seconds=60)
+    broker = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
+    left_out = validate_outcome(raw(quality_score=1.0), SETTINGS)
+    assert with_score_time(left_out, broker.timestamp(), skew).created_at == broker
+    given = broker - timedelta(seconds=30)
+    stamped = validate_outcome(raw(quality_score=1.0, created_at=given.isoformat()), SETTINGS)
+    assert with_score_time(stamped, broker.timestamp(), skew) == stamped
+    a_year_ahead = stamped.model_copy(update={"created_at": broker + timedelta(days=365)})
+    assert with_score_time(a_year_ahead, broker.timestamp(), skew).created_at == broker + skew

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
+from schemas import Outcome
 from workers.config import Settings
+from workers.db.repository import unstorable_fields, unstorable_reason
 from workers.stream.codec import BadEvent
 from workers.stream.predict_stage import validate_query
 
@@ -69,6 +72,28 @@ def test_a_query_too_large_to_forward_is_refused_though_its_text_is_short() -> N
     assert validate_query(raw(metadata={"blob": "x" * 100_000}), SETTINGS).metadata
 
 
-def test_a_nul_character_in_the_text_is_refused() -> None:
-    with pytest.raises(BadEvent, match="text holds a NUL character"):
-        validate_query(raw(text="a\u0000b"), SETTINGS)
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"text": "a\u0000b"}, r"text \(query_text column\): holds a NUL character"),
+        ({"query_id": "q\u0000"}, r"query_id \(query_id column\): holds a NUL character"),
+        ({"pool": "gold\u0000"}, r"pool \(pool column\): holds a NUL character"),
+    ],
+)
+def test_a_query_whose_outcome_the_database_cannot_store_is_refused(
+    fields: dict[str, object], reason: str
+) -> None:
+    """Refused by the router, not routed and answered with an outcome refused later;
+    the reason is the outcome writer's (one check: repository.unstorable_fields)."""
+    with pytest.raises(BadEvent, match=f"query whose outcome the database cannot store: {reason}"):
+        validate_query(raw(**fields), SETTINGS)
+    outcome = Outcome(**{"query_id": "q1", "model": "a", "text": "hello", **fields})  # type: ignore[arg-type]
+    assert re.match(reason, unstorable_reason(outcome) or "")
+
+
+@pytest.mark.parametrize("field", ["query_id", "text", "pool"])
+def test_a_lone_surrogate_is_refused(field: str) -> None:
+    """No UTF-8 for it: its outcome could not be stored either."""
+    with pytest.raises(BadEvent, match=field):
+        validate_query(raw(**{field: "a\ud800b"}), SETTINGS)
+    assert unstorable_fields({field: "a\ud800b"}) is not None

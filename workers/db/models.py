@@ -16,9 +16,10 @@ class OutcomeRow(Base):
     """What one model did with one query: the router's ground truth to learn from.
 
     A quality score may arrive after the usage (from a judge, or the user's
-    feedback), so the row is upserted on (query_id, model); a later score
-    replaces the stored one unless a stronger source gave that (a user's score
-    outranks a judge's; schemas.SCORE_SOURCE_RANK).
+    feedback), so the row is upserted on (query_id, model); a score replaces the
+    stored one if a stronger source gave it, or the same source later (by
+    `scored_at`), never a weaker one (a user's score outranks a judge's;
+    schemas.SCORE_SOURCE_RANK).
     """
 
     __tablename__ = "outcomes"
@@ -35,6 +36,10 @@ class OutcomeRow(Base):
     pool: Mapped[str] = mapped_column(sa.String(200), default="default")
     quality_score: Mapped[float | None] = mapped_column(sa.Float)
     score_source: Mapped[str | None] = mapped_column(sa.String(16))  # user, judge, replay
+    # When the score was given (its outcome's created_at, held near its record's
+    # broker timestamp): of two scores from one source the later stands, whatever
+    # order they are written in. None: stored before migration 0006 (the oldest).
+    scored_at: Mapped[datetime | None] = mapped_column(sa.DateTime(timezone=True))
     judge_cost_usd: Mapped[float | None] = mapped_column(sa.Float)
     input_tokens: Mapped[int | None] = mapped_column(sa.Integer)
     output_tokens: Mapped[int | None] = mapped_column(sa.Integer)

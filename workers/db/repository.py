@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import numpy as np
@@ -36,6 +36,10 @@ _KEEP_IF_NONE = (
 )
 
 
+# What a score replaces together (`_takes_score`).
+_SCORE_COLUMNS = ("quality_score", "score_source", "scored_at")
+
+
 # Event field -> the outcomes column that stores it as it is.
 _COLUMN_OF_FIELD = {
     "query_id": "query_id",
@@ -65,6 +69,8 @@ def _row(outcome: Outcome, embedding: np.ndarray | None, embedder: str | None) -
         **{column: getattr(outcome, field) for field, column in _COLUMN_OF_FIELD.items()},
         "embedding": None if embedding is None else np.asarray(embedding, np.float32).tobytes(),
         "embedder": None if embedding is None else embedder,
+        # In UTC: SQLite (the demo's fallback) keeps no zone, so times compare as written.
+        "scored_at": None if outcome.quality_score is None else outcome.created_at.astimezone(UTC),
     }
 
 
@@ -72,11 +78,19 @@ def unstorable_reason(outcome: Outcome) -> str | None:
     """Why the outcomes table cannot hold this outcome, naming the field, or None.
 
     PostgreSQL refuses such a value (DataError) and with it the whole batch's
-    statement, so the writer dead-letters the outcome before writing; the limits
-    are read from the columns' types."""
+    statement, so the writer dead-letters the outcome before writing."""
+    return unstorable_fields({field: getattr(outcome, field) for field in _COLUMN_OF_FIELD})
+
+
+def unstorable_fields(values: Mapping[str, object]) -> str | None:
+    """Why the outcomes table cannot hold these values of Outcome's fields (field ->
+    value), naming the first such field, or None; the limits are read from the
+    columns' types. The one check of both the outcome writer and the router, which
+    refuses a query whose outcome could never be stored (its query_id, text, pool)."""
     columns = OutcomeRow.__table__.c
-    for field, column in _COLUMN_OF_FIELD.items():
-        refusal = _column_refusal(columns[column].type, getattr(outcome, field))
+    for field, value in values.items():
+        column = _COLUMN_OF_FIELD[field]
+        refusal = _column_refusal(columns[column].type, value)
         if refusal is not None:
             return f"{field} ({column} column): {refusal}"
     return None
@@ -105,15 +119,26 @@ def _text_refusal(value: str, max_length: int | None) -> str | None:
     return None
 
 
-def _outranks(new_source: str | None, old_source: str | None) -> bool:
-    return SCORE_SOURCE_RANK.get(new_source or "", 0) >= SCORE_SOURCE_RANK.get(old_source or "", 0)
+def _takes_score(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
+    """Whether the new row's score replaces the old one's: it comes from a stronger
+    source, or from the same one and is not older (a score without a time counts as
+    the oldest). The upsert's `takes_score` is the same rule in SQL."""
+    if new["quality_score"] is None:
+        return False
+    new_rank = SCORE_SOURCE_RANK.get(new["score_source"] or "", 0)
+    old_rank = SCORE_SOURCE_RANK.get(old["score_source"] or "", 0)
+    if new_rank != old_rank:
+        return new_rank > old_rank
+    return old["scored_at"] is None or (
+        new["scored_at"] is not None and new["scored_at"] >= old["scored_at"]
+    )
 
 
 def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (query_id, model), merged in order as the upsert merges into a
     stored row: a field an event leaves None keeps the earlier value, a score
-    replaces an earlier one unless a stronger source gave that, and the pool is
-    the first event's. (ON CONFLICT may not touch a row twice in one statement,
+    replaces an earlier one as `_takes_score` says, and the pool is the first
+    event's. (ON CONFLICT may not touch a row twice in one statement,
     so a batch is merged here first; usage with the text followed by a judge's
     score in the same batch keeps both.)"""
     merged: dict[tuple[str, str], dict[str, Any]] = {}
@@ -126,10 +151,9 @@ def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         for column in _KEEP_IF_NONE:
             if row[column] is not None:
                 kept[column] = row[column]
-        if row["quality_score"] is not None and _outranks(
-            row["score_source"], kept["score_source"]
-        ):
-            kept["quality_score"], kept["score_source"] = row["quality_score"], row["score_source"]
+        if _takes_score(row, kept):
+            for column in _SCORE_COLUMNS:
+                kept[column] = row[column]
     return list(merged.values())
 
 
@@ -143,8 +167,11 @@ def upsert_outcomes(
 
     A field that the newer event leaves None keeps its stored value, so a late
     quality score does not erase the usage recorded earlier, and vice versa; a
-    score replaces the stored one only if its source ranks at least as high
-    (user > replay > judge), so a judge never overrides a user's feedback.
+    score replaces the stored one if its source ranks higher (user > replay >
+    judge), so a judge never overrides a user's feedback, or if its source is the
+    same and it is not older (by the outcome's `created_at`, stored as
+    `scored_at`), so a retried batch written late never puts a user's first score
+    back over their second.
     A vector is stored with the name of the `embedder` that made it (required).
     """
     if not outcomes:
@@ -159,16 +186,22 @@ def upsert_outcomes(
         statement = sqlite.insert(OutcomeRow)
     table = OutcomeRow.__table__
     new, old = statement.excluded, table.c
-    takes_score = sa.and_(
+    new_rank, old_rank = _source_rank(new.score_source), _source_rank(old.score_source)
+    takes_score = sa.and_(  # _takes_score
         new.quality_score.is_not(None),
-        _source_rank(new.score_source) >= _source_rank(old.score_source),
+        sa.or_(
+            new_rank > old_rank,
+            sa.and_(
+                new_rank == old_rank,
+                sa.or_(old.scored_at.is_(None), new.scored_at >= old.scored_at),
+            ),
+        ),
     )
     statement = statement.on_conflict_do_update(
         index_elements=["query_id", "model"],
         set_={
             **{c: sa.func.coalesce(new[c], old[c]) for c in _KEEP_IF_NONE},
-            "quality_score": sa.case((takes_score, new.quality_score), else_=old.quality_score),
-            "score_source": sa.case((takes_score, new.score_source), else_=old.score_source),
+            **{c: sa.case((takes_score, new[c]), else_=old[c]) for c in _SCORE_COLUMNS},
             "updated_at": sa.func.now(),
         },
     )
@@ -220,13 +253,17 @@ def count_outcomes(session: Session, models: Iterable[str] | None = None) -> int
     return int(session.execute(query).scalar_one())
 
 
-def stored_query_ids(session: Session, query_ids: Iterable[str]) -> set[str]:
-    """Which of these query ids have at least one stored outcome."""
+def stored_models(session: Session, query_ids: Iterable[str]) -> dict[str, set[str]]:
+    """The models with a stored outcome of each of these queries (a query with
+    none is left out)."""
     wanted = list(query_ids)
     if not wanted:
-        return set()
-    query = sa.select(OutcomeRow.query_id).where(OutcomeRow.query_id.in_(wanted)).distinct()
-    return set(session.execute(query).scalars())
+        return {}
+    query = sa.select(OutcomeRow.query_id, OutcomeRow.model).where(OutcomeRow.query_id.in_(wanted))
+    models: dict[str, set[str]] = {}
+    for query_id, model in session.execute(query):
+        models.setdefault(query_id, set()).add(model)
+    return models
 
 
 def texts_of_other_embedders(session: Session, embedder: str, limit: int) -> list[tuple[str, str]]:

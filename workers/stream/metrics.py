@@ -126,6 +126,8 @@ _REASON_KINDS = (
     ("hints.allowed_models", "hints"),
     ("unknown model", "unknown_model"),
     ("unknown query", "unknown_query"),
+    ("which never answered it", "unanswered_model"),
+    ("the database cannot store", "unstorable"),
     ("invalid ", "schema"),
 )
 

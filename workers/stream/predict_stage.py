@@ -25,6 +25,7 @@ from faust.types import EventT, StreamT
 
 from schemas import PredictedBatch, QueryEvent
 from workers.config import Settings
+from workers.db.repository import unstorable_fields
 from workers.routing.windows import bounded_created_at
 from workers.stream import metrics
 from workers.stream.app import (
@@ -76,8 +77,12 @@ class QueryRules:
     def validate(self, raw: bytes | None) -> QueryEvent:
         """A valid QueryEvent the router can forward, or BadEvent with the reason."""
         query = decode(raw, QueryEvent)
-        if "\x00" in query.text:
-            raise BadEvent("text holds a NUL character, which the outcome store cannot keep")
+        unstorable = unstorable_fields(
+            {"query_id": query.query_id, "text": query.text, "pool": query.pool}
+        )
+        if unstorable is not None:
+            # Routed and answered, its outcome would be refused: no learning from it.
+            raise BadEvent(f"query whose outcome the database cannot store: {unstorable}")
         if len(query.text) > self.max_text_chars:
             raise BadEvent(
                 f"text has {len(query.text)} characters, more than "
