@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from schemas import Assignment
+from schemas import Assignment, ModelResponse, Outcome
+from workers.db.repository import unstorable_reason
+from workers.stream.codec import decode, encode
 from workers.stream.model_worker import Answer, response_excerpt
 
 
@@ -35,3 +37,23 @@ def test_the_outcome_carries_the_excerpt_and_the_response_the_whole_answer() -> 
     assert outcome.response is not None and len(outcome.response) == 20
     assert outcome.response.endswith("END")
     assert response.response == "x" * 100 + "END"
+
+
+def test_an_answer_with_characters_the_database_refuses_still_gets_its_outcome_stored() -> None:
+    """A NUL or a lone surrogate in a model's answer used to make its outcome, usage
+    and all, a dead letter (the writer refuses what PostgreSQL would refuse), and a
+    lone surrogate stopped the worker: its events could not be encoded."""
+    assignment = Assignment(
+        query_id="q", text="t", model="m", pool="default", window_id="w",
+        window_start="2026-01-01T00:00:00Z", window_end="2026-01-01T00:00:01Z",
+        predicted_quality=0.5, predicted_cost_usd=0.1,
+    )  # fmt: skip
+    answer = Answer(response="A\x00B \ud800 final: (C)", cost_usd=0.01)
+    outcome, response = answer.events(assignment, response_chars=2000)
+    assert outcome.response == "A\ufffdB \ufffd final: (C)"
+    assert unstorable_reason(outcome) is None
+    # The response keeps the NUL (JSON carries it); a lone surrogate, which UTF-8
+    # cannot encode, would have made the response unpublishable.
+    assert response.response == "A\x00B \ufffd final: (C)"
+    assert decode(encode(response), ModelResponse).response == response.response
+    assert decode(encode(outcome), Outcome).response == outcome.response

@@ -59,7 +59,7 @@ class Answer:
             query_id=assignment.query_id,
             model=assignment.model,
             pool=assignment.pool,
-            response=self.response,
+            response=None if self.response is None else encodable(self.response),
             error=self.error,
             metadata=assignment.metadata,
             text=assignment.text,
@@ -71,15 +71,34 @@ class Answer:
 
 
 def response_excerpt(response: str | None, max_chars: int) -> str | None:
-    """At most `max_chars` of an answer: its beginning and, for most of it, its end,
-    where final answers usually stand, joined by an ellipsis; None for none."""
+    """At most `max_chars` of an answer, as the outcomes table can store it: its
+    beginning and, for most of it, its end, where final answers usually stand,
+    joined by an ellipsis; None for none."""
     if not response or max_chars <= 0:
         return None
-    if len(response) <= max_chars:
-        return response
-    head = max_chars // 4
-    tail = max_chars - head - 1
-    return response[:head] + "\u2026" + response[len(response) - tail :]
+    if len(response) > max_chars:
+        head = max_chars // 4
+        tail = max_chars - head - 1
+        response = response[:head] + "\u2026" + response[len(response) - tail :]
+    return storable(response)
+
+
+def storable(text: str) -> str:
+    """The text with what PostgreSQL text cannot hold (NUL, a lone surrogate)
+    replaced by U+FFFD: a model's odd character must not cost its outcome (the
+    writer refuses an outcome the database would refuse, usage and all)."""
+    return encodable(text.replace("\x00", "\ufffd"))
+
+
+def encodable(text: str) -> str:
+    """The text with lone surrogates (which a server's JSON may hold as escapes)
+    replaced by U+FFFD: UTF-8 cannot encode them, so the event holding them could
+    not be published, and the worker would stop on the same answer at every start."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
 
 
 class Answerer(Protocol):
