@@ -238,6 +238,7 @@ async def publish_escalations(
         report=report,
         stage="escalation",
         finals=[final_response(a) for a in [*decided, *split.resend] if a.role == "probe"],
+        resend_refused=split.refused,  # none today: a failed plan accepts the first answers
     )
     events = [event for event, _ in items]
     published = current(stage, events) and await stage.publisher.publish(

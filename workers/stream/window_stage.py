@@ -7,15 +7,19 @@ ROUTER_WINDOW_SECONDS (at most `records_per_take` records) form windows
 of at most ROUTER_MAX_WINDOW_QUERIES queries, so one record's queries may fall
 into two windows; a record is acknowledged once every window of the batch is
 published (`batches`). For each pool of a window:
-1. split the queries by the decision log: fresh, decided but maybe unsent, published;
+1. split the queries by the decision log: fresh, decided (or refused) but maybe
+   unsent, published;
 2. solve the fresh ones (off the event loop) under what the pool's ledger says
    is left of its time and exploration allowance;
 3. publish decisions, assignments, the window report and the ledger entry
    (publishers.py: each decision acknowledged before its assignment is sent, or
    all in one Kafka transaction), unless a rebalance began meanwhile.
-A failure of the solve in one pool dead-letters that pool's fresh queries with
-the reason; other pools go on. Anything else that fails stops the worker with
-the batch unacknowledged (`batches`), so its successor routes it.
+A failure of the solve in one pool refuses that pool's fresh queries: each one's
+outcome is a dead letter with the reason, recorded in the decision log and
+published as a decision is (`refusals`), so a window read again never routes a
+query it refused, nor dead-letters it twice; other pools go on. Anything else
+that fails stops the worker with the batch unacknowledged (`batches`), so its
+successor routes it.
 """
 
 from __future__ import annotations
@@ -42,10 +46,11 @@ from workers.stream.app import (
     batches,
     decode_or_dead_letter,
     hand_over,
+    letter_for,
     send_dead_letter,
 )
 from workers.stream.codec import BadEvent, decode, encode
-from workers.stream.decision_log import DecisionLog, classify
+from workers.stream.decision_log import DecisionLog, Refusal, classify
 from workers.stream.pool_ledger import PoolLedger
 from workers.stream.predict_stage import PREDICT_BATCH_SECONDS
 from workers.stream.publishers import PoolWindow, Publisher
@@ -196,7 +201,15 @@ async def publish_pool_window(
     split = classify([p for _, p in items], stage.decisions.recorded(query_ids))
     for query_id in split.duplicates:
         log.info("duplicate query_id %s skipped", query_id)
-    solved = await solve_fresh(stage, pool, items, split.fresh, window_id) if split.fresh else None
+    solved: Solved | None = None
+    refused: list[Refusal] = []
+    if split.fresh:
+        try:
+            solved = await solve_fresh(stage, pool, split.fresh, window_id)
+        except Exception as exc:  # the pure core could not plan this pool's window
+            log.exception("window %s: the solve failed; its queries are refused", window_id)
+            reason = f"routing failed in pool {pool!r}: {type(exc).__name__}: {exc}"
+            refused = refusals(stage, items, split.fresh, reason)
     # The window's records, once each (a record holds several queries).
     events = list({id(event): event for event, _ in items}.values())
     window = PoolWindow(
@@ -205,6 +218,8 @@ async def publish_pool_window(
         decided=solved[0] if solved else [],
         resend=split.resend,
         report=solved[1] if solved else None,
+        refused=refused,
+        resend_refused=split.refused,
     )
     published = current(stage, events) and await stage.publisher.publish(
         window, lambda: current(stage, events)
@@ -217,14 +232,10 @@ async def publish_pool_window(
 
 
 async def solve_fresh(
-    stage: WindowStage,
-    pool: str,
-    items: list[Item],
-    fresh: list[PredictedQuery],
-    window_id: str,
-) -> tuple[list[Assignment], WindowReport] | None:
-    """The pool's fresh queries solved on the solver thread, or None when the solve
-    failed: then each of them is a dead letter with the reason."""
+    stage: WindowStage, pool: str, fresh: list[PredictedQuery], window_id: str
+) -> Solved:
+    """The pool's fresh queries solved on the solver thread (a cascade pool's by
+    its first stage); raises what made the solve fail."""
     settings = stage.settings
     account = stage.ledger.account(pool)
     start, end = traffic_span(
@@ -233,37 +244,43 @@ async def solve_fresh(
         timedelta(seconds=settings.router_window_seconds),
     )
     bounds = WindowBounds(window_id, start, end)
-    try:
-        if stage.cascade is not None:
-            cascaded = await stage.cascade(stage, pool, fresh, bounds)
-            if cascaded is not None:
-                return cascaded
-        return await asyncio.get_running_loop().run_in_executor(
-            stage.solver,
-            lambda: route_window(
-                pool,
-                settings.pool_policy(pool),
-                fresh,
-                settings.router_models,
-                bounds,
-                capacities=settings.router_model_capacities,
-                fallback_model=settings.router_fallback_model,
-                solver=settings.router_solver,
-                time_limit_seconds=settings.router_solver_time_limit_seconds,
-                tie_tolerance=settings.router_tie_tolerance,
-                exploration_share=settings.router_exploration_share,
-                exploration_carried_usd=account.exploration_carried_usd,
-                shadow_share=settings.router_shadow_share,
-            ),
-        )
-    except Exception as exc:  # the pure core could not plan this pool's window
-        log.exception("window %s: the solve failed; its queries go to the dead letters", window_id)
-        fresh_ids = {p.query.query_id for p in fresh}
-        reason = f"routing failed in pool {pool!r}: {type(exc).__name__}: {exc}"
-        for event, predicted in items:
-            if predicted.query.query_id in fresh_ids:
-                await send_dead_letter(event, reason, stage.topics.deadletter, encode(predicted))
-        return None
+    if stage.cascade is not None:
+        cascaded = await stage.cascade(stage, pool, fresh, bounds)
+        if cascaded is not None:
+            return cascaded
+    return await asyncio.get_running_loop().run_in_executor(
+        stage.solver,
+        lambda: route_window(
+            pool,
+            settings.pool_policy(pool),
+            fresh,
+            settings.router_models,
+            bounds,
+            capacities=settings.router_model_capacities,
+            fallback_model=settings.router_fallback_model,
+            solver=settings.router_solver,
+            time_limit_seconds=settings.router_solver_time_limit_seconds,
+            tie_tolerance=settings.router_tie_tolerance,
+            exploration_share=settings.router_exploration_share,
+            exploration_carried_usd=account.exploration_carried_usd,
+            shadow_share=settings.router_shadow_share,
+        ),
+    )
+
+
+def refusals(
+    stage: WindowStage, items: list[Item], fresh: list[PredictedQuery], reason: str
+) -> list[Refusal]:
+    """Each fresh query refused with `reason`: its dead letter holds its own prediction
+    at its record's position (once, though the window read it twice)."""
+    fresh_ids = {p.query.query_id for p in fresh}
+    refused: dict[str, Refusal] = {}
+    for event, predicted in items:
+        query_id = predicted.query.query_id
+        if query_id in fresh_ids and query_id not in refused:
+            key, letter = letter_for(event, reason, stage.topics.deadletter, encode(predicted))
+            refused[query_id] = Refusal(query_id=query_id, key=key, letter=letter)
+    return list(refused.values())
 
 
 def observe_window(report: WindowReport, assignments: list[Assignment]) -> None:
