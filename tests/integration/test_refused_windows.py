@@ -5,9 +5,12 @@ recorded: a router that crashed before acknowledging the window's records left
 them to be read again, and if that solve succeeded (the failure was transient,
 or the next owner had other settings) the query was dead-lettered AND routed.
 
-The window stage is driven in-process (as `solve_windows` would for one record),
-its solve made to fail by a cascade hook that raises once; the "crash" is a new
-owner whose decision log is recovered from the changelog on the broker.
+The same held for a query the router could not route at all (predicted for
+models it does not route to): its next owner, routing them, routed it.
+
+The window stage is driven in-process (as `solve_windows` would for a batch of
+records), its solve made to fail by a cascade hook that raises once; the "crash"
+is a new owner whose decision log is recovered from the changelog on the broker.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from workers.stream.pool_ledger import PoolLedger
 from workers.stream.publishers import AcknowledgedPublisher, StartedOnFirstUse, WindowRecords
 from workers.stream.router import producer_options
 from workers.stream.topics import create_topics
-from workers.stream.window_stage import Solved, WindowStage, publish_pool_window
+from workers.stream.window_stage import Solved, WindowStage, solve_batch
+
+Outcomes = tuple[list[str], list[tuple[DeadLetter, bytes | None]]]
 
 pytestmark = pytest.mark.integration
 
@@ -80,14 +85,17 @@ def prediction(query_id: str) -> PredictedQuery:
     )
 
 
-def items_of(predicted: Sequence[PredictedQuery]) -> list[tuple[EventT, PredictedQuery]]:
-    """One record (offset 7 of partition 0) holding the predictions, as read in generation 1."""
-    message = SimpleNamespace(
-        topic="omnirouter.predicted", partition=0, offset=7, key=b"default",
-        value=b"(the batch)", generation_id=1, acked=False,
-    )  # fmt: skip
-    event = cast(EventT, SimpleNamespace(message=message))
-    return [(event, p) for p in predicted]
+def records_of(predicted: Sequence[PredictedQuery]) -> list[EventT]:
+    """One record of omnirouter.predicted per prediction (offsets 7, 8, ...), as read in
+    generation 1 of partition 0."""
+    events = []
+    for offset, p in enumerate(predicted, start=7):
+        message = SimpleNamespace(
+            topic="omnirouter.predicted", partition=0, offset=offset, key=b"default",
+            value=p.model_dump_json().encode(), generation_id=1, acked=False,
+        )  # fmt: skip
+        events.append(cast(EventT, SimpleNamespace(message=message)))
+    return events
 
 
 async def recovered(bootstrap: str, topic: str) -> dict[bytes, bytes]:
@@ -99,17 +107,23 @@ async def recovered(bootstrap: str, topic: str) -> dict[bytes, bytes]:
     }
 
 
-async def fail_crash_and_replay(settings: Settings, bootstrap: str) -> None:
-    app = make_app("test-refused-windows", settings, bootstrap)
-    topics = Topics.of(app, settings)
+async def refuse_crash_and_replay(
+    bootstrap: str, first: Settings, then: Settings, hook: FailingOnce | None = None
+) -> None:
+    """A router with settings `first` reads two records and crashes before it
+    acknowledges them; the next owner, with settings `then`, recovers the tables
+    from their changelogs and reads the records again."""
+    app = make_app("test-refused-windows", then, bootstrap)
+    topics = Topics.of(app, then)
     # The app's own producer: the window stage sent dead letters with it before.
     faust_producer = await app.maybe_start_producer()
-    producer = StartedOnFirstUse(producer_options(settings, bootstrap))
+    producer = StartedOnFirstUse(producer_options(then, bootstrap))
     solver = ThreadPoolExecutor(1)
-    hook = FailingOnce()
-    items = items_of([prediction("q1"), prediction("q2")])
+    events = records_of([prediction("q1"), prediction("q2")])
 
-    def owner(decisions: dict[bytes, bytes], ledger: dict[bytes, bytes]) -> WindowStage:
+    def owner(
+        settings: Settings, decisions: dict[bytes, bytes], ledger: dict[bytes, bytes]
+    ) -> WindowStage:
         log = DecisionLog(cast(TableT, Table(DECISIONS, decisions)))
         pools = PoolLedger(cast(TableT, Table(LEDGER, ledger)))
         publisher = AcknowledgedPublisher(WindowRecords(topics, log, pools), producer)
@@ -119,43 +133,62 @@ async def fail_crash_and_replay(settings: Settings, bootstrap: str) -> None:
         )
 
     try:
-        await publish_pool_window(owner({}, {}), "default", 0, items, "default:first")
-        # The router crashes before the record is acknowledged; the next owner
-        # recovers the tables from their changelogs and reads the record again.
+        await solve_batch(owner(first, {}, {}), events)
         decisions = await recovered(bootstrap, DECISIONS)
         ledger = await recovered(bootstrap, LEDGER)
-        await publish_pool_window(owner(decisions, ledger), "default", 0, items, "default:again")
+        await solve_batch(owner(then, decisions, ledger), events)
     finally:
         solver.shutdown()
         await producer.stop()
         await faust_producer.stop()
 
 
-def test_a_query_refused_by_a_failed_solve_is_not_routed_when_its_window_is_read_again() -> None:
-    settings = Settings(
-        kafka_partitions=1, router_models=MODELS, router_shadow_share=0.0,
+def router_settings(models: list[str]) -> Settings:
+    return Settings(
+        kafka_partitions=1, router_models=models, router_shadow_share=0.0,
         router_mode="quality", router_quality_target=0.7, metrics_port=0,
     )  # fmt: skip
-    names = settings.topic_names()
-    routes = [names[f"route:{m}"] for m in MODELS]
+
+
+def outcomes(first: Settings, then: Settings, hook: FailingOnce | None = None) -> Outcomes:
+    """The queries assigned, and the dead letters with their records, after the replay."""
+    names = then.topic_names()
     with LocalBroker() as broker:
         bootstrap = broker.bootstrap_servers
-        asyncio.run(create_topics(settings, bootstrap))
+        asyncio.run(create_topics(then, bootstrap))
         for changelog in (DECISIONS, LEDGER):
             asyncio.run(create_topic(bootstrap, changelog))
-        asyncio.run(fail_crash_and_replay(settings, bootstrap))
-        routed = asyncio.run(read_records(bootstrap, routes))
+        asyncio.run(refuse_crash_and_replay(bootstrap, first, then, hook))
+        routed = asyncio.run(read_records(bootstrap, [names[f"route:{m}"] for m in MODELS]))
         letters = asyncio.run(read_records(bootstrap, [names["deadletter"]]))
-
     assigned = [Assignment.model_validate_json(r.value or b"").query_id for r in routed]
-    refused = [DeadLetter.model_validate_json(r.value or b"") for r in letters]
+    return assigned, [(DeadLetter.model_validate_json(r.value or b""), r.key) for r in letters]
+
+
+def assert_refused_once(letters: list[tuple[DeadLetter, bytes | None]], reason: str) -> None:
+    """One letter a query, not a second one from the replay, as letters were before:
+    at its record's position, its source key, its prediction."""
+    assert len(letters) == 2
+    for letter, key in letters:
+        assert letter.reason.startswith(reason), letter.reason
+        assert (letter.source_topic, letter.source_partition) == ("omnirouter.predicted", 0)
+        assert key == b"default"
+        body = PredictedQuery.model_validate_json(base64.b64decode(letter.raw_base64))
+        assert letter.source_offset == {"q1": 7, "q2": 8}[body.query.query_id]
+    assert sorted(letter.source_offset for letter, _ in letters) == [7, 8]
+
+
+def test_a_query_refused_by_a_failed_solve_is_not_routed_when_its_window_is_read_again() -> None:
+    """The solve fails once (a transient failure), then succeeds on the replay."""
+    settings = router_settings(MODELS)
+    assigned, letters = outcomes(settings, settings, FailingOnce())
     assert assigned == []  # before: ["q1", "q2"], each dead-lettered as well
-    assert len(refused) == 2  # one letter each, not a second one from the replay
-    for letter, record in zip(refused, letters, strict=True):
-        assert letter.reason.startswith("routing failed in pool 'default': RuntimeError")
-        assert (letter.source_topic, letter.source_partition, letter.source_offset) == (
-            "omnirouter.predicted", 0, 7,
-        )  # fmt: skip
-        assert record.key == b"default"  # the source record's key, as before
-    bodies = [PredictedQuery.model_validate_json(base64.b64decode(r.raw_base64)) for r in refused]
-    assert sorted(b.query.query_id for b in bodies) == ["q1", "q2"]
+    assert_refused_once(letters, "routing failed in pool 'default': RuntimeError")
+
+
+def test_a_query_a_router_cannot_route_is_not_routed_by_its_next_owner() -> None:
+    """The first router routes none of the prediction's models (it was predicted for
+    models added since); the next owner, which routes them, reads it again."""
+    assigned, letters = outcomes(router_settings(["other"]), router_settings(MODELS))
+    assert assigned == []  # before: ["q1", "q2"], each dead-lettered as well
+    assert_refused_once(letters, "predicted for models ['small', 'large'], none of which")

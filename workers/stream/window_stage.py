@@ -14,10 +14,12 @@ published (`batches`). For each pool of a window:
 3. publish decisions, assignments, the window report and the ledger entry
    (publishers.py: each decision acknowledged before its assignment is sent, or
    all in one Kafka transaction), unless a rebalance began meanwhile.
-A failure of the solve in one pool refuses that pool's fresh queries: each one's
-outcome is a dead letter with the reason, recorded in the decision log and
-published as a decision is (`refusals`), so a window read again never routes a
-query it refused, nor dead-letters it twice; other pools go on. Anything else
+A fresh query this router cannot route (predicted for models it does not route
+to) is refused, and so are a pool's fresh queries when its solve fails: each
+one's outcome is a dead letter with the reason, recorded in the decision log and
+published as a decision is (`refusals`), so a window read again (by this router
+or one with other settings) never routes a query it refused, nor dead-letters it
+twice; other pools go on. Anything else
 that fails stops the worker with the batch unacknowledged (`batches`), so its
 successor routes it.
 """
@@ -47,7 +49,6 @@ from workers.stream.app import (
     decode_or_dead_letter,
     hand_over,
     letter_for,
-    send_dead_letter,
 )
 from workers.stream.codec import BadEvent, decode, encode
 from workers.stream.decision_log import DecisionLog, Refusal, classify
@@ -130,19 +131,26 @@ def read_predictions(raw: bytes | None) -> list[PredictedQuery]:
 
 
 async def read_items(stage: WindowStage, events: Sequence[EventT]) -> list[Item]:
-    """Each query of the events' records, aligned to this router's models. A record
-    that is no prediction is a dead letter; so is a query this router cannot
-    route (its letter holds that query's prediction alone, at its record's position)."""
+    """Each query of the events' records, as predicted (aligned to this router's
+    models once the decision log says it is fresh: `routable`). A record that is
+    no prediction is a dead letter."""
     records = await decode_or_dead_letter(events, read_predictions, stage.topics.deadletter)
-    items: list[Item] = []
-    for event, predictions in records:
-        for predicted in predictions:
-            try:
-                items.append((event, aligned(predicted, stage.settings.router_models)))
-            except BadEvent as exc:
-                letter = encode(predicted)
-                await send_dead_letter(event, str(exc), stage.topics.deadletter, letter)
-    return items
+    return [(event, predicted) for event, predictions in records for predicted in predictions]
+
+
+def routable(
+    stage: WindowStage, fresh: list[PredictedQuery]
+) -> tuple[list[PredictedQuery], dict[str, str]]:
+    """The fresh queries aligned to this router's models, and the reason (query id ->
+    reason) of each one it cannot route, to be refused."""
+    aligned_queries: list[PredictedQuery] = []
+    unroutable: dict[str, str] = {}
+    for predicted in fresh:
+        try:
+            aligned_queries.append(aligned(predicted, stage.settings.router_models))
+        except BadEvent as exc:
+            unroutable[predicted.query.query_id] = str(exc)
+    return aligned_queries, unroutable
 
 
 def windows_of(items: list[Item], max_queries: int) -> list[list[Item]]:
@@ -201,15 +209,15 @@ async def publish_pool_window(
     split = classify([p for _, p in items], stage.decisions.recorded(query_ids))
     for query_id in split.duplicates:
         log.info("duplicate query_id %s skipped", query_id)
+    fresh, reasons = routable(stage, split.fresh)
     solved: Solved | None = None
-    refused: list[Refusal] = []
-    if split.fresh:
+    if fresh:
         try:
-            solved = await solve_fresh(stage, pool, split.fresh, window_id)
+            solved = await solve_fresh(stage, pool, fresh, window_id)
         except Exception as exc:  # the pure core could not plan this pool's window
             log.exception("window %s: the solve failed; its queries are refused", window_id)
             reason = f"routing failed in pool {pool!r}: {type(exc).__name__}: {exc}"
-            refused = refusals(stage, items, split.fresh, reason)
+            reasons.update(dict.fromkeys((p.query.query_id for p in fresh), reason))
     # The window's records, once each (a record holds several queries).
     events = list({id(event): event for event, _ in items}.values())
     window = PoolWindow(
@@ -218,7 +226,7 @@ async def publish_pool_window(
         decided=solved[0] if solved else [],
         resend=split.resend,
         report=solved[1] if solved else None,
-        refused=refused,
+        refused=refusals(stage, items, reasons),
         resend_refused=split.refused,
     )
     published = current(stage, events) and await stage.publisher.publish(
@@ -268,17 +276,15 @@ async def solve_fresh(
     )
 
 
-def refusals(
-    stage: WindowStage, items: list[Item], fresh: list[PredictedQuery], reason: str
-) -> list[Refusal]:
-    """Each fresh query refused with `reason`: its dead letter holds its own prediction
-    at its record's position (once, though the window read it twice)."""
-    fresh_ids = {p.query.query_id for p in fresh}
+def refusals(stage: WindowStage, items: list[Item], reasons: dict[str, str]) -> list[Refusal]:
+    """Each query of `reasons` (query id -> reason) refused: its dead letter holds its
+    prediction as read, at its record's position (once, though read twice)."""
     refused: dict[str, Refusal] = {}
     for event, predicted in items:
         query_id = predicted.query.query_id
-        if query_id in fresh_ids and query_id not in refused:
-            key, letter = letter_for(event, reason, stage.topics.deadletter, encode(predicted))
+        if query_id in reasons and query_id not in refused:
+            value = encode(predicted)
+            key, letter = letter_for(event, reasons[query_id], stage.topics.deadletter, value)
             refused[query_id] = Refusal(query_id=query_id, key=key, letter=letter)
     return list(refused.values())
 
