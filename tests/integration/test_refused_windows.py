@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -25,18 +25,21 @@ from typing import Any, cast
 
 import pytest
 from faust.types import EventT, TableT
+from pydantic import BaseModel
 
-from schemas import Assignment, DeadLetter, PredictedQuery, QueryEvent
+from schemas import Assignment, DeadLetter, PredictedQuery, ProbeAnswer, ProbedQuery, QueryEvent
 from tests.integration.test_broker_features import create_topic
 from workers.config import Settings
 from workers.routing.windows import WindowBounds
 from workers.services import LocalBroker
 from workers.stream.app import Topics, make_app
+from workers.stream.cascade_stage import escalate_batch
 from workers.stream.decision_log import DecisionLog
 from workers.stream.kafka_io import read_records
 from workers.stream.pool_ledger import PoolLedger
 from workers.stream.publishers import AcknowledgedPublisher, StartedOnFirstUse, WindowRecords
 from workers.stream.router import producer_options
+from workers.stream.router_state import RouterState
 from workers.stream.topics import create_topics
 from workers.stream.window_stage import Solved, WindowStage, solve_batch
 
@@ -85,17 +88,30 @@ def prediction(query_id: str) -> PredictedQuery:
     )
 
 
-def records_of(predicted: Sequence[PredictedQuery]) -> list[EventT]:
-    """One record of omnirouter.predicted per prediction (offsets 7, 8, ...), as read in
-    generation 1 of partition 0."""
+def records_of(topic: str, values: Sequence[BaseModel]) -> list[EventT]:
+    """One record of `topic` per value (offsets 7, 8, ...), as read in generation 1
+    of partition 0."""
     events = []
-    for offset, p in enumerate(predicted, start=7):
+    for offset, value in enumerate(values, start=7):
         message = SimpleNamespace(
-            topic="omnirouter.predicted", partition=0, offset=offset, key=b"default",
-            value=p.model_dump_json().encode(), generation_id=1, acked=False,
+            topic=topic, partition=0, offset=offset, key=b"default",
+            value=value.model_dump_json().encode(), generation_id=1, acked=False,
         )  # fmt: skip
         events.append(cast(EventT, SimpleNamespace(message=message)))
     return events
+
+
+def probed(query_id: str) -> ProbedQuery:
+    """A cascade pool's probed query, its one probe unanswered (to escalate)."""
+    return ProbedQuery(predicted=prediction(query_id), answers=[ProbeAnswer(model="small")])
+
+
+Stage = Callable[[WindowStage, list[EventT]], Awaitable[None]]
+
+
+async def escalate(stage: WindowStage, events: list[EventT]) -> None:
+    """The escalation stage, for a pool whose cascade is not fitted (on this router)."""
+    await escalate_batch(stage, cast(RouterState, SimpleNamespace(cascades={})), events)
 
 
 async def recovered(bootstrap: str, topic: str) -> dict[bytes, bytes]:
@@ -108,9 +124,14 @@ async def recovered(bootstrap: str, topic: str) -> dict[bytes, bytes]:
 
 
 async def refuse_crash_and_replay(
-    bootstrap: str, first: Settings, then: Settings, hook: FailingOnce | None = None
+    bootstrap: str,
+    first: Settings,
+    then: Settings,
+    hook: FailingOnce | None,
+    stage: Stage,
+    events: list[EventT],
 ) -> None:
-    """A router with settings `first` reads two records and crashes before it
+    """A router with settings `first` reads the records and crashes before it
     acknowledges them; the next owner, with settings `then`, recovers the tables
     from their changelogs and reads the records again."""
     app = make_app("test-refused-windows", then, bootstrap)
@@ -119,7 +140,6 @@ async def refuse_crash_and_replay(
     faust_producer = await app.maybe_start_producer()
     producer = StartedOnFirstUse(producer_options(then, bootstrap))
     solver = ThreadPoolExecutor(1)
-    events = records_of([prediction("q1"), prediction("q2")])
 
     def owner(
         settings: Settings, decisions: dict[bytes, bytes], ledger: dict[bytes, bytes]
@@ -133,10 +153,10 @@ async def refuse_crash_and_replay(
         )
 
     try:
-        await solve_batch(owner(first, {}, {}), events)
+        await stage(owner(first, {}, {}), events)
         decisions = await recovered(bootstrap, DECISIONS)
         ledger = await recovered(bootstrap, LEDGER)
-        await solve_batch(owner(then, decisions, ledger), events)
+        await stage(owner(then, decisions, ledger), events)
     finally:
         solver.shutdown()
         await producer.stop()
@@ -150,31 +170,45 @@ def router_settings(models: list[str]) -> Settings:
     )  # fmt: skip
 
 
-def outcomes(first: Settings, then: Settings, hook: FailingOnce | None = None) -> Outcomes:
-    """The queries assigned, and the dead letters with their records, after the replay."""
+def outcomes(
+    first: Settings,
+    then: Settings,
+    hook: FailingOnce | None = None,
+    stage: Stage = solve_batch,
+    values: Sequence[BaseModel] = (prediction("q1"), prediction("q2")),
+) -> Outcomes:
+    """The queries assigned, and the dead letters with their keys, after the replay."""
     names = then.topic_names()
     with LocalBroker() as broker:
         bootstrap = broker.bootstrap_servers
         asyncio.run(create_topics(then, bootstrap))
         for changelog in (DECISIONS, LEDGER):
             asyncio.run(create_topic(bootstrap, changelog))
-        asyncio.run(refuse_crash_and_replay(bootstrap, first, then, hook))
+        events = records_of(names["probed" if stage is escalate else "predicted"], values)
+        asyncio.run(refuse_crash_and_replay(bootstrap, first, then, hook, stage, events))
         routed = asyncio.run(read_records(bootstrap, [names[f"route:{m}"] for m in MODELS]))
         letters = asyncio.run(read_records(bootstrap, [names["deadletter"]]))
     assigned = [Assignment.model_validate_json(r.value or b"").query_id for r in routed]
     return assigned, [(DeadLetter.model_validate_json(r.value or b""), r.key) for r in letters]
 
 
-def assert_refused_once(letters: list[tuple[DeadLetter, bytes | None]], reason: str) -> None:
+def assert_refused_once(
+    letters: list[tuple[DeadLetter, bytes | None]],
+    reason: str,
+    topic: str = "omnirouter.predicted",
+    body: type[PredictedQuery | ProbedQuery] = PredictedQuery,
+) -> None:
     """One letter a query, not a second one from the replay, as letters were before:
-    at its record's position, its source key, its prediction."""
+    at its record's position, its source key, the query's prediction (the probed
+    query's record)."""
     assert len(letters) == 2
     for letter, key in letters:
         assert letter.reason.startswith(reason), letter.reason
-        assert (letter.source_topic, letter.source_partition) == ("omnirouter.predicted", 0)
+        assert (letter.source_topic, letter.source_partition) == (topic, 0)
         assert key == b"default"
-        body = PredictedQuery.model_validate_json(base64.b64decode(letter.raw_base64))
-        assert letter.source_offset == {"q1": 7, "q2": 8}[body.query.query_id]
+        read = body.model_validate_json(base64.b64decode(letter.raw_base64))
+        predicted = read if isinstance(read, PredictedQuery) else read.predicted
+        assert letter.source_offset == {"q1": 7, "q2": 8}[predicted.query.query_id]
     assert sorted(letter.source_offset for letter, _ in letters) == [7, 8]
 
 
@@ -192,3 +226,15 @@ def test_a_query_a_router_cannot_route_is_not_routed_by_its_next_owner() -> None
     assigned, letters = outcomes(router_settings(["other"]), router_settings(MODELS))
     assert assigned == []  # before: ["q1", "q2"], each dead-lettered as well
     assert_refused_once(letters, "predicted for models ['small', 'large'], none of which")
+
+
+def test_a_probed_query_a_router_cannot_route_is_not_escalated_by_its_next_owner() -> None:
+    """The escalation stage alike: refused by a router that routes none of its
+    models, the probed query is not escalated by the next owner, which does."""
+    assigned, letters = outcomes(
+        router_settings(["other"]), router_settings(MODELS), stage=escalate,
+        values=[probed("q1"), probed("q2")],
+    )  # fmt: skip
+    assert assigned == []  # before: ["q1", "q2"], each dead-lettered as well
+    reason = "predicted for models ['small', 'large'], none of which"
+    assert_refused_once(letters, reason, "omnirouter.probed", ProbedQuery)

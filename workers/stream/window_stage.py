@@ -283,10 +283,18 @@ def refusals(stage: WindowStage, items: list[Item], reasons: dict[str, str]) -> 
     for event, predicted in items:
         query_id = predicted.query.query_id
         if query_id in reasons and query_id not in refused:
-            value = encode(predicted)
-            key, letter = letter_for(event, reasons[query_id], stage.topics.deadletter, value)
-            refused[query_id] = Refusal(query_id=query_id, key=key, letter=letter)
+            reason, value = reasons[query_id], encode(predicted)
+            refused[query_id] = refusal(stage, event, query_id, reason, value)
     return list(refused.values())
+
+
+def refusal(
+    stage: WindowStage, event: EventT, query_id: str, reason: str, value: bytes | None = None
+) -> Refusal:
+    """The query's refusal: the dead letter of its record (`value`: of the part of it
+    that is the query), to be recorded in the decision log and then sent."""
+    key, letter = letter_for(event, reason, stage.topics.deadletter, value)
+    return Refusal(query_id=query_id, key=key, letter=letter)
 
 
 def observe_window(report: WindowReport, assignments: list[Assignment]) -> None:
