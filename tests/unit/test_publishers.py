@@ -17,9 +17,10 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from faust.types import TableT
 
-from schemas import Assignment, WindowReport
+from schemas import Assignment, DeadLetter, WindowReport
 from workers.stream.app import Topics
-from workers.stream.decision_log import DECIDED, PUBLISHED, DecisionLog
+from workers.stream.codec import dead_letter
+from workers.stream.decision_log import DECIDED, PUBLISHED, REFUSED, DecisionLog, Refusal
 from workers.stream.fencing import Fenced, PartitionProducers
 from workers.stream.pool_ledger import PoolLedger
 from workers.stream.publishers import (
@@ -135,7 +136,12 @@ def assignment(query_id: str) -> Assignment:
 
 def window_records() -> tuple[WindowRecords, Table]:
     routed = Table("routed")
-    topics = cast(Topics, SimpleNamespace(routes={"m": topic("route.m")}, windows=topic("w")))
+    topics = cast(
+        Topics,
+        SimpleNamespace(
+            routes={"m": topic("route.m")}, windows=topic("w"), deadletter=topic("letters")
+        ),
+    )
     ledger = PoolLedger(cast(TableT, Table("ledger")))
     return WindowRecords(topics, DecisionLog(cast(TableT, routed)), ledger), routed
 
@@ -241,3 +247,54 @@ async def test_without_transactions_a_window_handed_over_after_its_decisions_is_
     assert not await acknowledged.publish(window, lambda: False)
     assert [t for t, _, _ in producer.sent] == ["routed-changelog", "w", "ledger-changelog"]
     assert records.ledger.account("default").billed_until == start + timedelta(seconds=5)
+
+
+def refusal(query_id: str) -> Refusal:
+    letter = dead_letter(b"the prediction", "omnirouter.predicted", 2, 9, "routing failed")
+    return Refusal(query_id=query_id, key=b"default", letter=letter)
+
+
+# A failed solve's window: one query refused now, one refused before (never sent).
+REFUSED_WINDOW = PoolWindow(
+    "default", 2, [], [], report=None, refused=[refusal("new")], resend_refused=[refusal("old")]
+)
+
+
+def sent_letters(producer: RecordingProducer) -> list[tuple[str, bytes | None, int | None]]:
+    return [record for record in producer.sent if record[0] == "letters"]
+
+
+async def test_a_refused_window_sends_its_letters_as_a_window_sends_assignments() -> None:
+    """Transactions: the refusals' published markers and their dead letters, one commit."""
+    published, producers, routed = publisher(fenced=False)
+    assert await published.publish(REFUSED_WINDOW, lambda: True)
+    assert producers.producer.sent == [
+        ("routed-changelog", b"new", 2),
+        ("routed-changelog", b"old", 2),
+        ("letters", b"default", 0),  # the source record's key, as before
+        ("letters", b"default", 0),  # a recorded refusal's letter re-sent unchanged
+    ]
+    assert all(value.startswith(PUBLISHED) for value in routed.data.values())
+
+
+async def test_without_transactions_a_refusal_is_recorded_before_its_letter_is_sent() -> None:
+    """Handed over after the refusal was recorded: the letter is left unsent, and the
+    new owner reads the refusal (not a fresh query to solve again)."""
+    records, routed = window_records()
+    producer = RecordingProducer()
+    acknowledged = AcknowledgedPublisher(records, cast(StartedOnFirstUse, Plain(producer)))
+    assert not await acknowledged.publish(REFUSED_WINDOW, lambda: False)
+    assert [(t, k) for t, k, _ in producer.sent] == [("routed-changelog", b"new")]
+    assert routed.data[b"new"].startswith(REFUSED)
+    assert await acknowledged.publish(REFUSED_WINDOW, lambda: True)
+    assert len(sent_letters(producer)) == 2
+    assert all(value.startswith(PUBLISHED) for value in routed.data.values())
+
+
+def test_a_refused_window_s_letters_are_the_recorded_ones() -> None:
+    records, _ = window_records()
+    letters = [r for r in records.outgoing(REFUSED_WINDOW) if r.topic == "letters"]
+    assert [DeadLetter.model_validate_json(r.value) for r in letters] == [
+        r.letter for r in REFUSED_WINDOW.letters
+    ]
+    assert REFUSED_WINDOW.keys == ["new", "old"]

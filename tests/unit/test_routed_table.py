@@ -8,11 +8,13 @@ from typing import Any, cast
 from faust.types import TableT
 
 from schemas import Assignment, PredictedQuery, QueryEvent
-from workers.stream.codec import encode
+from workers.stream.codec import dead_letter, encode
 from workers.stream.decision_log import (
     DECIDED,
     PUBLISHED,
+    REFUSED,
     DecisionLog,
+    Refusal,
     classify,
     decided_value,
     parse_published,
@@ -67,6 +69,33 @@ def test_a_decision_written_before_lists_is_still_read() -> None:
     split = classify([predicted("old")], {"old": decided("old", "dear")})
     assert [(a.query_id, a.model) for a in split.resend] == [("old", "dear")]
     assert decided_value([assignment_of("old", "dear")]).startswith(DECIDED + b"[")
+
+
+def refusal(query_id: str, key: bytes | None = b"default") -> Refusal:
+    letter = dead_letter(encode(predicted(query_id)), "omnirouter.predicted", 0, 7, "no plan")
+    return Refusal(query_id=query_id, key=key, letter=letter)
+
+
+def test_a_refused_query_is_re_sent_its_very_letter_never_solved_again() -> None:
+    """A refusal is a query's decision: a window read again re-sends the dead letter
+    recorded (same content, same key), and never solves (or routes) the query."""
+    log = DecisionLog(cast(TableT, FakeChangelog()))
+    refused = [refusal("r"), refusal("unkeyed", key=None)]
+    entries = log.refused_entries(refused)
+    assert [key for key, _ in entries] == [b"r", b"unkeyed"]
+    assert all(value.startswith(REFUSED) for _, value in entries)
+    window = [predicted(q) for q in ["r", "new", "unkeyed"]]
+    split = classify(window, dict(entries_as_recorded(entries)))
+    assert [p.query.query_id for p in split.fresh] == ["new"]
+    assert split.refused == refused  # the letters as they were, their keys too
+    assert split.resend == [] and split.duplicates == []
+    published = classify(window[:1], {"r": published_marker(0, 1.0)})
+    assert published.duplicates == ["r"] and published.refused == []  # sent: not again
+
+
+def test_a_refusal_of_an_escalation_is_keyed_apart() -> None:
+    log = DecisionLog(cast(TableT, FakeChangelog()))
+    assert [k for k, _ in log.refused_entries([refusal("q")], "escalation:")] == [b"escalation:q"]
 
 
 def test_published_markers_read_back() -> None:

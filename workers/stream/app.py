@@ -25,6 +25,7 @@ from typing import TypeVar, cast
 import faust
 from faust.types import EventT, StreamT, TopicT
 
+from schemas import DeadLetter
 from workers.config import Settings
 from workers.logs import logging_config
 from workers.stream import metrics
@@ -185,6 +186,19 @@ async def send_dead_letter(
     caller acknowledges the event after this, and a letter still in the producer's
     buffer when the event's offset is committed would be lost with a crash.
 
+    `value`: as for `letter_for`."""
+    key, letter = letter_for(event, reason, deadletter, value)
+    sent = await deadletter.send(key=key, value=encode(letter))
+    await sent
+
+
+def letter_for(
+    event: EventT, reason: str, deadletter: TopicT, value: bytes | None = None
+) -> tuple[bytes | None, DeadLetter]:
+    """The event's dead letter and its key, logged and counted (sent by the caller:
+    `send_dead_letter`, or a window's publisher when the letter is a query's
+    recorded outcome, workers/stream/window_stage.py).
+
     The letter is sized to fit the app's producer request: a larger event is kept
     as an excerpt (the producer would refuse the whole, and the agent's batch would
     fail with it). `value`: the part of the event's value the letter is about (one
@@ -197,8 +211,7 @@ async def send_dead_letter(
     limit = deadletter.app.conf.producer_max_request_size
     raw = message.value if value is None else value
     letter = dead_letter(raw, message.topic, message.partition, message.offset, reason, limit)
-    sent = await deadletter.send(key=dead_letter_key(message.key, limit), value=encode(letter))
-    await sent
+    return dead_letter_key(message.key, limit), letter
 
 
 # glibc's mallopt parameters (malloc.h).

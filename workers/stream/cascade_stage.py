@@ -16,10 +16,11 @@ the window stage, the probe gatherer and the escalation stage.
   omnirouter.predicted and the decision log.
 - `escalation_stage` (agent on omnirouter.probed): windows per pool as the
   window stage gathers them; accept the best probe answer or escalate, under
-  the pool's escalation reserve; published through the same publisher, keyed
-  "escalation:<query_id>" in the decision log, so a query is finalised or
-  escalated once across restarts (a forwarded ProbedQuery read twice is a
-  duplicate there). It reads each query's cluster off its ProbedQuery, as the
+  the pool's escalation reserve (a query this router cannot route is refused:
+  its record is a dead letter); published through the same publisher, keyed
+  "escalation:<query_id>" in the decision log, so a query is finalised,
+  escalated or refused once across restarts (a forwarded ProbedQuery read twice
+  is a duplicate there). It reads each query's cluster off its ProbedQuery, as the
   first stage assigned it; only a query without one of the current fit (an
   older record, or the pool refitted since) is embedded again
   (`cascade_clusters`, for both stages).
@@ -60,10 +61,10 @@ from workers.routing.probes import (
 from workers.routing.windows import WindowBounds
 from workers.stream.app import batches, decode_or_dead_letter, hand_over
 from workers.stream.codec import BadEvent, decode, encode
-from workers.stream.decision_log import classify
+from workers.stream.decision_log import Refusal, classify
 from workers.stream.publishers import ESCALATION_KEY_PREFIX, PoolWindow
 from workers.stream.router_state import RouterState
-from workers.stream.window_stage import WindowStage, aligned, current, observe_window
+from workers.stream.window_stage import WindowStage, aligned, current, observe_window, refusal
 
 log = logging.getLogger(__name__)
 
@@ -190,14 +191,18 @@ def read_probed(raw: bytes | None, models: Sequence[str]) -> ProbedQuery:
     """A probed query with its prediction in this router's model order, as the
     window stage reads predictions (another router may have probed it with the
     models in another order, or fewer); BadEvent when it names none of ours."""
-    probed = decode(raw, ProbedQuery)
+    return aligned_probed(decode(raw, ProbedQuery), models)
+
+
+def aligned_probed(probed: ProbedQuery, models: Sequence[str]) -> ProbedQuery:
     return probed.model_copy(update={"predicted": aligned(probed.predicted, models)})
 
 
 async def escalate_batch(stage: WindowStage, state: RouterState, events: Sequence[EventT]) -> None:
-    models = stage.settings.router_models
+    """Each pool's probed queries decided (aligned to this router's models once the
+    decision log says they are fresh, `publish_escalations`)."""
     items = await decode_or_dead_letter(
-        events, lambda raw: read_probed(raw, models), stage.topics.deadletter
+        events, lambda raw: decode(raw, ProbedQuery), stage.topics.deadletter
     )
     groups: dict[tuple[int, str], list[Item]] = defaultdict(list)
     for event, probed in items:
@@ -225,9 +230,15 @@ async def publish_escalations(
     )
     fresh_ids = {p.query.query_id for p in split.fresh}
     first: dict[str, ProbedQuery] = {}
-    for item in probed:
-        if item.predicted.query.query_id in fresh_ids:
-            first.setdefault(item.predicted.query.query_id, item)
+    refused: dict[str, Refusal] = {}
+    for event, item in items:
+        query_id = item.predicted.query.query_id
+        if query_id not in fresh_ids or query_id in first or query_id in refused:
+            continue
+        try:
+            first[query_id] = aligned_probed(item, stage.settings.router_models)
+        except BadEvent as exc:  # this router cannot route it: its record is refused
+            refused[query_id] = refusal(stage, event, query_id, str(exc))
     fresh = list(first.values())
     decided, report = await decide(stage, state, pool, fresh, window_id) if fresh else ([], None)
     window = PoolWindow(
@@ -238,6 +249,8 @@ async def publish_escalations(
         report=report,
         stage="escalation",
         finals=[final_response(a) for a in [*decided, *split.resend] if a.role == "probe"],
+        refused=list(refused.values()),
+        resend_refused=split.refused,
     )
     events = [event for event, _ in items]
     published = current(stage, events) and await stage.publisher.publish(

@@ -1,11 +1,16 @@
 """The router's memory of what it decided: one entry per query id in a Faust table.
 
-An entry is first the decided assignments (`DECIDED` + a JSON array: one per
-model asked, several for a cascade's probes or a shadow answer; a single JSON
-object in entries written before), written and
-acknowledged by the broker before the assignments are sent, then a published
-marker (`PUBLISHED` + "<partition>:<unix time>") once it was sent; in a Kafka
-transaction, the marker alone, committed with the assignment. The publishers
+A query's outcome is either its assignments or its refusal, never both: an entry
+is first the decided assignments (`DECIDED` + a JSON array: one per model asked,
+several for a cascade's probes or a shadow answer; a single JSON object in
+entries written before), or the refusal (`REFUSED` + the dead letter sent for
+it, when its pool's solve failed), written and acknowledged by the broker before
+the assignments or the letter are sent, then a published marker (`PUBLISHED` +
+"<partition>:<unix time>") once they were sent; in a Kafka transaction, the
+marker alone, committed with them. A window read again (a hand-over, a crash
+before its records were acknowledged) re-sends a recorded outcome unchanged and
+skips a published one, so a refused query is never routed by a later solve that
+succeeds, nor dead-lettered twice. The publishers
 (workers/stream/publishers.py) write the entries and hand them to `remember`;
 this module only shapes and reads them. The table's
 changelog is compacted and partitioned like omnirouter.predicted, so the router
@@ -21,12 +26,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from faust.types import TableT
-from pydantic import TypeAdapter
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 
-from schemas import Assignment, PredictedQuery
+from schemas import Assignment, DeadLetter, PredictedQuery
 
 PUBLISHED = b"P"  # followed by "<changelog partition>:<unix time>"
 DECIDED = b"D"  # followed by the assignments' JSON array
+REFUSED = b"R"  # followed by the Refusal's JSON (the dead letter and its key)
 
 
 def published_marker(partition: int, at: float) -> bytes:
@@ -60,6 +66,26 @@ def decided_assignments(value: bytes) -> list[Assignment]:
     return [Assignment.model_validate_json(body)]
 
 
+class Refusal(BaseModel):
+    """A query refused: the dead letter that is its outcome, with the letter's key
+    (its source record's), kept so that a replay sends the very same record."""
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    query_id: str
+    key: bytes | None
+    letter: DeadLetter
+
+
+def refused_value(refusal: Refusal) -> bytes:
+    """A refusal entry's value."""
+    return REFUSED + refusal.model_dump_json().encode()
+
+
+def refusal_of(value: bytes) -> Refusal:
+    return Refusal.model_validate_json(value[len(REFUSED) :])
+
+
 @dataclass(frozen=True)
 class WindowItems:
     """A window's queries of one pool split by what the decision log knows of them."""
@@ -67,17 +93,20 @@ class WindowItems:
     fresh: list[PredictedQuery]  # never decided: to be solved
     resend: list[Assignment]  # decided but maybe never sent: re-sent unchanged
     duplicates: list[str]  # already published, or twice in this window: skipped
+    refused: list[Refusal] = field(default_factory=list)  # refused, maybe never sent: the same
 
 
 def classify(
     predicted: Sequence[PredictedQuery], recorded: Mapping[str, bytes | None]
 ) -> WindowItems:
     """Split a window by the decision log's entries (query id -> entry or None).
-    Pure, so the exactly-once rule reads in one place: a query is decided once;
-    a recorded decision is re-sent as it was; a published one is never sent again."""
+    Pure, so the exactly-once rule reads in one place: a query is decided (or
+    refused) once; a recorded decision or refusal is re-sent as it was; a
+    published one is never sent again."""
     fresh: list[PredictedQuery] = []
     resend: list[Assignment] = []
     duplicates: list[str] = []
+    refused: list[Refusal] = []
     seen: set[str] = set()
     for item in predicted:
         query_id = item.query.query_id
@@ -86,10 +115,12 @@ def classify(
             duplicates.append(query_id)
         elif entry is not None and entry.startswith(DECIDED):
             resend.extend(decided_assignments(entry))
+        elif entry is not None and entry.startswith(REFUSED):
+            refused.append(refusal_of(entry))
         else:
             fresh.append(item)
         seen.add(query_id)
-    return WindowItems(fresh, resend, duplicates)
+    return WindowItems(fresh, resend, duplicates, refused)
 
 
 @dataclass
@@ -118,6 +149,12 @@ class DecisionLog:
         for assignment in assignments:
             by_query.setdefault(key_prefix + assignment.query_id, []).append(assignment)
         return [(query_id.encode(), decided_value(group)) for query_id, group in by_query.items()]
+
+    def refused_entries(
+        self, refusals: Sequence[Refusal], key_prefix: str = ""
+    ) -> list[tuple[bytes, bytes]]:
+        """(key, value) of each query's refusal, as written to the changelog."""
+        return [((key_prefix + r.query_id).encode(), refused_value(r)) for r in refusals]
 
     def published_entries(
         self, query_ids: Iterable[str], partition: int, at: float

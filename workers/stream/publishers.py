@@ -14,9 +14,14 @@ publishes nothing its successor does not know of.
   after its timeout, say), the router stops with the batch unacknowledged
   rather than go on without a producer for the partition.
 
-Either way the decision log ends with the assignments marked published, so a
-replayed window skips them. Both write the same records (`WindowRecords`) with a
-plain aiokafka producer and keep the tables' in-memory data in step.
+A query refused (its pool's solve failed) is published the same way: its
+refusal entry holds its dead letter, which is one of the window's outgoing
+records, sent where assignments are.
+
+Either way the decision log ends with the assignments and dead letters marked
+published, so a replayed window skips them. Both write the same records
+(`WindowRecords`) with a plain aiokafka producer and keep the tables' in-memory
+data in step.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from schemas import Assignment, ModelResponse, WindowReport
 from workers.stream.app import Topics
 from workers.stream.codec import encode
-from workers.stream.decision_log import DecisionLog
+from workers.stream.decision_log import DecisionLog, Refusal
 from workers.stream.fencing import Fenced, PartitionProducers
 from workers.stream.pool_ledger import PoolAccount, PoolLedger, after_escalations, after_window
 
@@ -64,10 +69,18 @@ class PoolWindow:
     # spend comes out of the pool's escalation reserve.
     stage: Literal["first", "escalation"] = "first"
     finals: list[ModelResponse] = field(default_factory=list)  # accepted probe answers
+    # Queries refused (their pool's solve failed): their dead letters are their
+    # outcome, recorded and sent as decisions and assignments are.
+    refused: list[Refusal] = field(default_factory=list)  # refused now
+    resend_refused: list[Refusal] = field(default_factory=list)  # before, maybe never sent
 
     @property
     def outgoing(self) -> list[Assignment]:
         return [*self.decided, *self.resend]
+
+    @property
+    def letters(self) -> list[Refusal]:
+        return [*self.refused, *self.resend_refused]
 
     @property
     def key_prefix(self) -> str:
@@ -76,7 +89,8 @@ class PoolWindow:
     @property
     def keys(self) -> list[str]:
         """The decision log's keys of the window's queries."""
-        return list(dict.fromkeys(self.key_prefix + a.query_id for a in self.outgoing))
+        query_ids = [*(a.query_id for a in self.outgoing), *(r.query_id for r in self.letters)]
+        return list(dict.fromkeys(self.key_prefix + query_id for query_id in query_ids))
 
     @property
     def sent(self) -> list[Assignment]:
@@ -96,7 +110,7 @@ def account_after(account: PoolAccount, window: PoolWindow) -> PoolAccount:
 class Record(NamedTuple):
     topic: str
     value: bytes
-    key: bytes
+    key: bytes | None  # None: a dead letter whose source had none (or too long a one)
     partition: int | None  # None: by the key
 
 
@@ -115,9 +129,20 @@ class WindowRecords:
         """A table's (key, value) entries, in the window's partition of its changelog."""
         return [Record(changelog, value, key, window.partition) for key, value in pairs]
 
-    def assignments(self, window: PoolWindow) -> list[Record]:
-        """The assignments, and the accepted probe answers (final) of an escalation window."""
+    def decisions_of(self, window: PoolWindow) -> list[tuple[bytes, bytes]]:
+        """The decision log's entries of what the window decided now: its queries'
+        assignments and refusals."""
+        decisions, prefix = self.decisions, window.key_prefix
+        return [
+            *decisions.decided_entries(window.decided, prefix),
+            *decisions.refused_entries(window.refused, prefix),
+        ]
+
+    def outgoing(self, window: PoolWindow) -> list[Record]:
+        """What the window's decisions send: the assignments, the accepted probe
+        answers (final) of an escalation window and the refused queries' dead letters."""
         responses = self.topics.responses.get_topic_name() if window.finals else ""
+        letters = self.topics.deadletter.get_topic_name() if window.letters else ""
         return [
             *(
                 Record(
@@ -129,6 +154,7 @@ class WindowRecords:
                 for a in window.sent
             ),
             *(Record(responses, encode(r), r.query_id.encode(), None) for r in window.finals),
+            *(Record(letters, encode(r.letter), r.key, None) for r in window.letters),
         ]
 
     def report(self, window: PoolWindow) -> tuple[list[Record], tuple[bytes, bytes] | None]:
@@ -178,9 +204,10 @@ async def send(producer: AIOKafkaProducer, records: list[Record]) -> list[asynci
     return futures
 
 
-def key_partition(key: bytes, partitions: list[int]) -> int:
+def key_partition(key: bytes | None, partitions: list[int]) -> int:
     """The partition aiokafka's producer gives a keyed record (its default
-    partitioner, over the topic's partitions as the producer lists them)."""
+    partitioner, over the topic's partitions as the producer lists them); an
+    unkeyed one (a dead letter's, at times), a random partition, as it would."""
     return int(KEY_PARTITIONER(key, partitions, partitions))
 
 
@@ -238,7 +265,7 @@ class AcknowledgedPublisher:
 
     async def _publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
         producer, decisions = await self.producer.get(), self.records.decisions
-        decided = decisions.decided_entries(window.decided, window.key_prefix)
+        decided = self.records.decisions_of(window)
         report, ledger = self.records.report(window)
         if decided:
             # The report and the ledger entry go with the decisions: a window re-read
@@ -250,7 +277,7 @@ class AcknowledgedPublisher:
             report, ledger = [], None
             if not still_current():
                 return False
-        await delivered(producer, self.records.assignments(window))
+        await delivered(producer, self.records.outgoing(window))
         published = decisions.published_entries(window.keys, window.partition, time.time())
         await delivered(
             producer, [*self.records.entries(decisions.changelog, window, published), *report]
@@ -269,7 +296,8 @@ class TransactionalPublisher:
             return await self._publish(window, still_current)
 
     async def _publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
-        # Committed together, a decision and its assignment need no "decided" step:
+        # Committed together, a decision and its assignment (or a refusal and its
+        # dead letter) need no "decided" step:
         # the entry is the published marker from the start (read_committed recovery
         # never sees an aborted one).
         decisions = self.records.decisions
@@ -277,7 +305,7 @@ class TransactionalPublisher:
         report, ledger = self.records.report(window)
         records = [
             *self.records.entries(decisions.changelog, window, published),
-            *self.records.assignments(window),
+            *self.records.outgoing(window),
             *report,
         ]
         try:

@@ -7,15 +7,21 @@ ROUTER_WINDOW_SECONDS (at most `records_per_take` records) form windows
 of at most ROUTER_MAX_WINDOW_QUERIES queries, so one record's queries may fall
 into two windows; a record is acknowledged once every window of the batch is
 published (`batches`). For each pool of a window:
-1. split the queries by the decision log: fresh, decided but maybe unsent, published;
+1. split the queries by the decision log: fresh, decided (or refused) but maybe
+   unsent, published;
 2. solve the fresh ones (off the event loop) under what the pool's ledger says
    is left of its time and exploration allowance;
 3. publish decisions, assignments, the window report and the ledger entry
    (publishers.py: each decision acknowledged before its assignment is sent, or
    all in one Kafka transaction), unless a rebalance began meanwhile.
-A failure of the solve in one pool dead-letters that pool's fresh queries with
-the reason; other pools go on. Anything else that fails stops the worker with
-the batch unacknowledged (`batches`), so its successor routes it.
+A fresh query this router cannot route (predicted for models it does not route
+to) is refused, and so are a pool's fresh queries when its solve fails: each
+one's outcome is a dead letter with the reason, recorded in the decision log and
+published as a decision is (`refusals`), so a window read again (by this router
+or one with other settings) never routes a query it refused, nor dead-letters it
+twice; other pools go on. Anything else
+that fails stops the worker with the batch unacknowledged (`batches`), so its
+successor routes it.
 """
 
 from __future__ import annotations
@@ -42,10 +48,10 @@ from workers.stream.app import (
     batches,
     decode_or_dead_letter,
     hand_over,
-    send_dead_letter,
+    letter_for,
 )
 from workers.stream.codec import BadEvent, decode, encode
-from workers.stream.decision_log import DecisionLog, classify
+from workers.stream.decision_log import DecisionLog, Refusal, classify
 from workers.stream.pool_ledger import PoolLedger
 from workers.stream.predict_stage import PREDICT_BATCH_SECONDS
 from workers.stream.publishers import PoolWindow, Publisher
@@ -125,19 +131,26 @@ def read_predictions(raw: bytes | None) -> list[PredictedQuery]:
 
 
 async def read_items(stage: WindowStage, events: Sequence[EventT]) -> list[Item]:
-    """Each query of the events' records, aligned to this router's models. A record
-    that is no prediction is a dead letter; so is a query this router cannot
-    route (its letter holds that query's prediction alone, at its record's position)."""
+    """Each query of the events' records, as predicted (aligned to this router's
+    models once the decision log says it is fresh: `routable`). A record that is
+    no prediction is a dead letter."""
     records = await decode_or_dead_letter(events, read_predictions, stage.topics.deadletter)
-    items: list[Item] = []
-    for event, predictions in records:
-        for predicted in predictions:
-            try:
-                items.append((event, aligned(predicted, stage.settings.router_models)))
-            except BadEvent as exc:
-                letter = encode(predicted)
-                await send_dead_letter(event, str(exc), stage.topics.deadletter, letter)
-    return items
+    return [(event, predicted) for event, predictions in records for predicted in predictions]
+
+
+def routable(
+    stage: WindowStage, fresh: list[PredictedQuery]
+) -> tuple[list[PredictedQuery], dict[str, str]]:
+    """The fresh queries aligned to this router's models, and the reason (query id ->
+    reason) of each one it cannot route, to be refused."""
+    aligned_queries: list[PredictedQuery] = []
+    unroutable: dict[str, str] = {}
+    for predicted in fresh:
+        try:
+            aligned_queries.append(aligned(predicted, stage.settings.router_models))
+        except BadEvent as exc:
+            unroutable[predicted.query.query_id] = str(exc)
+    return aligned_queries, unroutable
 
 
 def windows_of(items: list[Item], max_queries: int) -> list[list[Item]]:
@@ -196,7 +209,15 @@ async def publish_pool_window(
     split = classify([p for _, p in items], stage.decisions.recorded(query_ids))
     for query_id in split.duplicates:
         log.info("duplicate query_id %s skipped", query_id)
-    solved = await solve_fresh(stage, pool, items, split.fresh, window_id) if split.fresh else None
+    fresh, reasons = routable(stage, split.fresh)
+    solved: Solved | None = None
+    if fresh:
+        try:
+            solved = await solve_fresh(stage, pool, fresh, window_id)
+        except Exception as exc:  # the pure core could not plan this pool's window
+            log.exception("window %s: the solve failed; its queries are refused", window_id)
+            reason = f"routing failed in pool {pool!r}: {type(exc).__name__}: {exc}"
+            reasons.update(dict.fromkeys((p.query.query_id for p in fresh), reason))
     # The window's records, once each (a record holds several queries).
     events = list({id(event): event for event, _ in items}.values())
     window = PoolWindow(
@@ -205,6 +226,8 @@ async def publish_pool_window(
         decided=solved[0] if solved else [],
         resend=split.resend,
         report=solved[1] if solved else None,
+        refused=refusals(stage, items, reasons),
+        resend_refused=split.refused,
     )
     published = current(stage, events) and await stage.publisher.publish(
         window, lambda: current(stage, events)
@@ -217,14 +240,10 @@ async def publish_pool_window(
 
 
 async def solve_fresh(
-    stage: WindowStage,
-    pool: str,
-    items: list[Item],
-    fresh: list[PredictedQuery],
-    window_id: str,
-) -> tuple[list[Assignment], WindowReport] | None:
-    """The pool's fresh queries solved on the solver thread, or None when the solve
-    failed: then each of them is a dead letter with the reason."""
+    stage: WindowStage, pool: str, fresh: list[PredictedQuery], window_id: str
+) -> Solved:
+    """The pool's fresh queries solved on the solver thread (a cascade pool's by
+    its first stage); raises what made the solve fail."""
     settings = stage.settings
     account = stage.ledger.account(pool)
     start, end = traffic_span(
@@ -233,37 +252,49 @@ async def solve_fresh(
         timedelta(seconds=settings.router_window_seconds),
     )
     bounds = WindowBounds(window_id, start, end)
-    try:
-        if stage.cascade is not None:
-            cascaded = await stage.cascade(stage, pool, fresh, bounds)
-            if cascaded is not None:
-                return cascaded
-        return await asyncio.get_running_loop().run_in_executor(
-            stage.solver,
-            lambda: route_window(
-                pool,
-                settings.pool_policy(pool),
-                fresh,
-                settings.router_models,
-                bounds,
-                capacities=settings.router_model_capacities,
-                fallback_model=settings.router_fallback_model,
-                solver=settings.router_solver,
-                time_limit_seconds=settings.router_solver_time_limit_seconds,
-                tie_tolerance=settings.router_tie_tolerance,
-                exploration_share=settings.router_exploration_share,
-                exploration_carried_usd=account.exploration_carried_usd,
-                shadow_share=settings.router_shadow_share,
-            ),
-        )
-    except Exception as exc:  # the pure core could not plan this pool's window
-        log.exception("window %s: the solve failed; its queries go to the dead letters", window_id)
-        fresh_ids = {p.query.query_id for p in fresh}
-        reason = f"routing failed in pool {pool!r}: {type(exc).__name__}: {exc}"
-        for event, predicted in items:
-            if predicted.query.query_id in fresh_ids:
-                await send_dead_letter(event, reason, stage.topics.deadletter, encode(predicted))
-        return None
+    if stage.cascade is not None:
+        cascaded = await stage.cascade(stage, pool, fresh, bounds)
+        if cascaded is not None:
+            return cascaded
+    return await asyncio.get_running_loop().run_in_executor(
+        stage.solver,
+        lambda: route_window(
+            pool,
+            settings.pool_policy(pool),
+            fresh,
+            settings.router_models,
+            bounds,
+            capacities=settings.router_model_capacities,
+            fallback_model=settings.router_fallback_model,
+            solver=settings.router_solver,
+            time_limit_seconds=settings.router_solver_time_limit_seconds,
+            tie_tolerance=settings.router_tie_tolerance,
+            exploration_share=settings.router_exploration_share,
+            exploration_carried_usd=account.exploration_carried_usd,
+            shadow_share=settings.router_shadow_share,
+        ),
+    )
+
+
+def refusals(stage: WindowStage, items: list[Item], reasons: dict[str, str]) -> list[Refusal]:
+    """Each query of `reasons` (query id -> reason) refused: its dead letter holds its
+    prediction as read, at its record's position (once, though read twice)."""
+    refused: dict[str, Refusal] = {}
+    for event, predicted in items:
+        query_id = predicted.query.query_id
+        if query_id in reasons and query_id not in refused:
+            reason, value = reasons[query_id], encode(predicted)
+            refused[query_id] = refusal(stage, event, query_id, reason, value)
+    return list(refused.values())
+
+
+def refusal(
+    stage: WindowStage, event: EventT, query_id: str, reason: str, value: bytes | None = None
+) -> Refusal:
+    """The query's refusal: the dead letter of its record (`value`: of the part of it
+    that is the query), to be recorded in the decision log and then sent."""
+    key, letter = letter_for(event, reason, stage.topics.deadletter, value)
+    return Refusal(query_id=query_id, key=key, letter=letter)
 
 
 def observe_window(report: WindowReport, assignments: list[Assignment]) -> None:
