@@ -24,11 +24,14 @@ The store is registered for the URL scheme `omnimemory://` through Faust's
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from faust.stores import memory
 from faust.types import TP, EventT, TableT
+
+log = logging.getLogger(__name__)
 
 SCHEME = "omnimemory"
 
@@ -58,9 +61,14 @@ class Store(memory.Store):
     def own(self, partitions: Iterable[int]) -> None:
         """Own just these changelog partitions: every other partition's keys leave."""
         self._owned = set(partitions)
-        for key, partition in list(self._partitions.items()):
-            if partition not in self._owned:
-                self.write(partition, key, None)
+        left = [(key, p) for key, p in self._partitions.items() if p not in self._owned]
+        for key, partition in left:
+            self.write(partition, key, None)
+        if left:
+            log.info(
+                "table %s: %d keys of partitions %s dropped (no longer owned)",
+                self.table_name, len(left), sorted({p for _, p in left}),
+            )  # fmt: skip
 
     def apply_changelog_batch(
         self,
