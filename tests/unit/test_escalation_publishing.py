@@ -9,10 +9,9 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, cast
 
-from faust.types import TableT
-
 from schemas import Assignment, ModelResponse, WindowReport
-from tests.unit.test_publishers import Plain, RecordingProducer, Table, topic
+from tests.tables import changelog, router_table
+from tests.unit.test_publishers import Plain, RecordingProducer, topic
 from workers.routing.probes import accepted_metadata, final_response
 from workers.stream.app import Topics
 from workers.stream.decision_log import DECIDED, PUBLISHED, DecisionLog, decided_assignments
@@ -48,16 +47,16 @@ def report(spend: float) -> WindowReport:
 
 
 async def test_an_escalation_window_sends_escalations_and_accepted_finals_once() -> None:
-    routed, ledger_table = Table("routed"), Table("ledger")
+    routed = router_table("routed")
     topics = SimpleNamespace(
         routes={"dear": topic("route.dear"), "cheap": topic("route.cheap")},
         windows=topic("windows"),
         responses=topic("responses"),
     )
-    ledger = PoolLedger(cast(TableT, ledger_table))
+    ledger = PoolLedger(router_table("pool_ledger").table)
     billed = PoolAccount(billed_until=NOW, escalation_reserve_usd=5.0)
-    ledger.remember(*ledger.entry("c", billed))
-    decisions = DecisionLog(cast(TableT, routed))
+    ledger.remember(1, *ledger.entry("c", billed))
+    decisions = DecisionLog(routed.table)
     records = WindowRecords(cast(Topics, topics), decisions, ledger)
     producer = RecordingProducer()
     publisher = AcknowledgedPublisher(records, cast(StartedOnFirstUse, Plain(producer)))
@@ -72,12 +71,12 @@ async def test_an_escalation_window_sends_escalations_and_accepted_finals_once()
 
     sent = [(t, k) for t, k, _ in producer.sent]
     assert sent[:2] == [
-        ("routed-changelog", b"escalation:q1"),
-        ("routed-changelog", b"escalation:q2"),
+        (changelog("routed"), b"escalation:q1"),
+        (changelog("routed"), b"escalation:q2"),
     ]
     assert ("route.dear", b"q2") in sent and ("route.cheap", b"q1") not in sent
     assert ("responses", b"q1") in sent
-    assert all(k.startswith(b"escalation:") for t, k in sent if t == "routed-changelog")
+    assert all(k.startswith(b"escalation:") for t, k in sent if t == changelog("routed"))
     assert routed.data[b"escalation:q1"].startswith(PUBLISHED)
     assert b"q1" not in routed.data  # the query's first decision is another key
     account = ledger.account("c")
@@ -87,7 +86,7 @@ async def test_an_escalation_window_sends_escalations_and_accepted_finals_once()
 
 def test_an_accepted_decision_re_sent_after_a_restart_gives_the_same_final_answer() -> None:
     accepted = decision("q1", "cheap", "probe", metadata=accepted_metadata({"u": 1}, "42"))
-    entries = DecisionLog(cast(TableT, Table("routed"))).decided_entries([accepted], "escalation:")
+    entries = DecisionLog(router_table("routed").table).decided_entries([accepted], "escalation:")
     ((key, value),) = entries
     assert key == b"escalation:q1" and value.startswith(DECIDED)
     (recovered,) = decided_assignments(value)

@@ -15,9 +15,9 @@ from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from faust.types import TableT
 
 from schemas import Assignment, DeadLetter, WindowReport
+from tests.tables import RouterTable, changelog, router_table
 from workers.stream.app import Topics
 from workers.stream.codec import dead_letter
 from workers.stream.decision_log import DECIDED, PUBLISHED, REFUSED, DecisionLog, Refusal
@@ -32,22 +32,6 @@ from workers.stream.publishers import (
     WindowRecords,
     send,
 )
-
-
-@dataclass
-class Table:
-    """The part of a Faust table the log and the ledger use."""
-
-    name: str
-    data: dict[bytes, bytes] = field(default_factory=dict)
-    sent: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
-
-    @property
-    def changelog_topic(self) -> Any:
-        return SimpleNamespace(get_topic_name=lambda: f"{self.name}-changelog")
-
-    def send_changelog(self, partition: int, key: bytes, value: bytes | None) -> None:
-        self.sent.append((partition, key, value))
 
 
 @dataclass
@@ -134,19 +118,22 @@ def assignment(query_id: str) -> Assignment:
     )  # fmt: skip
 
 
-def window_records() -> tuple[WindowRecords, Table]:
-    routed = Table("routed")
+ROUTED, LEDGER = changelog("routed"), changelog("pool_ledger")
+
+
+def window_records() -> tuple[WindowRecords, RouterTable]:
+    routed = router_table("routed")
     topics = cast(
         Topics,
         SimpleNamespace(
             routes={"m": topic("route.m")}, windows=topic("w"), deadletter=topic("letters")
         ),
     )
-    ledger = PoolLedger(cast(TableT, Table("ledger")))
-    return WindowRecords(topics, DecisionLog(cast(TableT, routed)), ledger), routed
+    ledger = PoolLedger(router_table("pool_ledger").table)
+    return WindowRecords(topics, DecisionLog(routed.table), ledger), routed
 
 
-def publisher(fenced: bool) -> tuple[TransactionalPublisher, Producers, Table]:
+def publisher(fenced: bool) -> tuple[TransactionalPublisher, Producers, RouterTable]:
     records, routed = window_records()
     producers = Producers(fenced)
     return TransactionalPublisher(records, cast(PartitionProducers, producers)), producers, routed
@@ -159,8 +146,8 @@ async def test_a_committed_window_is_remembered_and_marked_published() -> None:
     published, producers, routed = publisher(fenced=False)
     assert await published.publish(WINDOW, lambda: True)
     assert producers.producer.sent == [
-        ("routed-changelog", b"new", 2),  # published markers, in the pool's partition,
-        ("routed-changelog", b"old", 2),  # committed with the assignments
+        (ROUTED, b"new", 2),  # published markers, in the pool's partition,
+        (ROUTED, b"old", 2),  # committed with the assignments
         ("route.m", b"new", 0),  # by the key: the topic's one partition
         ("route.m", b"old", 0),  # a recorded decision re-sent unchanged
     ]
@@ -172,14 +159,14 @@ async def test_a_committed_window_is_remembered_and_marked_published() -> None:
 async def test_a_window_fenced_in_a_rebalance_leaves_nothing_behind() -> None:
     published, _, routed = publisher(fenced=True)
     assert not await published.publish(WINDOW, lambda: False)
-    assert routed.data == {} and routed.sent == []  # the new owner decides it
+    assert dict(routed.data) == {} and routed.sent == []  # the new owner decides it
 
 
 async def test_fenced_outside_a_rebalance_stops_the_router() -> None:
     published, _, routed = publisher(fenced=True)
     with pytest.raises(RuntimeError, match="outside a rebalance"):
         await published.publish(WINDOW, lambda: True)
-    assert routed.data == {}
+    assert dict(routed.data) == {}
 
 
 async def test_without_transactions_no_assignment_leaves_before_its_decision_is_acked() -> None:
@@ -189,7 +176,7 @@ async def test_without_transactions_no_assignment_leaves_before_its_decision_is_
     publishing = asyncio.ensure_future(acknowledged.publish(WINDOW, lambda: True))
     for _ in range(5):
         await asyncio.sleep(0)
-    assert producer.sent == [("routed-changelog", b"new", 2)]  # the decision, nothing else yet
+    assert producer.sent == [(ROUTED, b"new", 2)]  # the decision, nothing else yet
     producer.acks[0].set_result(None)  # the broker has it
     for _ in range(5):
         await asyncio.sleep(0)
@@ -206,7 +193,7 @@ async def test_without_transactions_a_rebalance_after_the_decision_stops_the_sen
     producer = RecordingProducer()
     acknowledged = AcknowledgedPublisher(records, cast(StartedOnFirstUse, Plain(producer)))
     assert not await acknowledged.publish(WINDOW, lambda: False)
-    assert [t for t, _, _ in producer.sent] == ["routed-changelog"]  # decided, never sent
+    assert [t for t, _, _ in producer.sent] == [ROUTED]  # decided, never sent
     assert routed.data[b"new"].startswith(DECIDED)  # the new owner re-sends it unchanged
 
 
@@ -245,7 +232,7 @@ async def test_without_transactions_a_window_handed_over_after_its_decisions_is_
     )  # fmt: skip
     window = PoolWindow("default", 2, [assignment("new")], [], report=report)
     assert not await acknowledged.publish(window, lambda: False)
-    assert [t for t, _, _ in producer.sent] == ["routed-changelog", "w", "ledger-changelog"]
+    assert [t for t, _, _ in producer.sent] == [ROUTED, "w", LEDGER]
     assert records.ledger.account("default").billed_until == start + timedelta(seconds=5)
 
 
@@ -269,8 +256,8 @@ async def test_a_refused_window_sends_its_letters_as_a_window_sends_assignments(
     published, producers, routed = publisher(fenced=False)
     assert await published.publish(REFUSED_WINDOW, lambda: True)
     assert producers.producer.sent == [
-        ("routed-changelog", b"new", 2),
-        ("routed-changelog", b"old", 2),
+        (ROUTED, b"new", 2),
+        (ROUTED, b"old", 2),
         ("letters", b"default", 0),  # the source record's key, as before
         ("letters", b"default", 0),  # a recorded refusal's letter re-sent unchanged
     ]
@@ -284,7 +271,7 @@ async def test_without_transactions_a_refusal_is_recorded_before_its_letter_is_s
     producer = RecordingProducer()
     acknowledged = AcknowledgedPublisher(records, cast(StartedOnFirstUse, Plain(producer)))
     assert not await acknowledged.publish(REFUSED_WINDOW, lambda: False)
-    assert [(t, k) for t, k, _ in producer.sent] == [("routed-changelog", b"new")]
+    assert [(t, k) for t, k, _ in producer.sent] == [(ROUTED, b"new")]
     assert routed.data[b"new"].startswith(REFUSED)
     assert await acknowledged.publish(REFUSED_WINDOW, lambda: True)
     assert len(sent_letters(producer)) == 2

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, cast
-
-from faust.types import TableT
-
 from schemas import Assignment, PredictedQuery, QueryEvent
+from tests.tables import router_table
 from workers.stream.codec import dead_letter, encode
 from workers.stream.decision_log import (
     DECIDED,
@@ -20,6 +16,7 @@ from workers.stream.decision_log import (
     parse_published,
     published_marker,
 )
+from workers.stream.table_store import write
 
 
 def predicted(query_id: str) -> PredictedQuery:
@@ -53,7 +50,7 @@ def test_every_assignment_of_a_query_is_one_decision_and_resent_together() -> No
     """A cascade's two probes (or an answer and its shadow) are one decision: a
     restart re-sends both, not the last one written."""
     probes = [assignment_of("q", "cheap"), assignment_of("q", "cheaper")]
-    log = DecisionLog(cast(TableT, FakeChangelog()))
+    log = DecisionLog(router_table("routed").table)
     entries = log.decided_entries([*probes, assignment_of("r", "dear")])
     assert [key for key, _ in entries] == [b"q", b"r"]
     split = classify([predicted("q")], dict(entries_as_recorded(entries)))
@@ -79,7 +76,7 @@ def refusal(query_id: str, key: bytes | None = b"default") -> Refusal:
 def test_a_refused_query_is_re_sent_its_very_letter_never_solved_again() -> None:
     """A refusal is a query's decision: a window read again re-sends the dead letter
     recorded (same content, same key), and never solves (or routes) the query."""
-    log = DecisionLog(cast(TableT, FakeChangelog()))
+    log = DecisionLog(router_table("routed").table)
     refused = [refusal("r"), refusal("unkeyed", key=None)]
     entries = log.refused_entries(refused)
     assert [key for key, _ in entries] == [b"r", b"unkeyed"]
@@ -94,7 +91,7 @@ def test_a_refused_query_is_re_sent_its_very_letter_never_solved_again() -> None
 
 
 def test_a_refusal_of_an_escalation_is_keyed_apart() -> None:
-    log = DecisionLog(cast(TableT, FakeChangelog()))
+    log = DecisionLog(router_table("routed").table)
     assert [k for k, _ in log.refused_entries([refusal("q")], "escalation:")] == [b"escalation:q"]
 
 
@@ -105,40 +102,31 @@ def test_published_markers_read_back() -> None:
     assert parse_published(PUBLISHED + b"x:y") is None
 
 
-@dataclass
-class FakeChangelog:
-    """The part of a Faust table the log uses: its in-memory data and changelog sends."""
-
-    data: dict[bytes, bytes] = field(default_factory=dict)
-    sent: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
-
-    def send_changelog(self, partition: int, key: bytes, value: bytes | None) -> Any:
-        self.sent.append((partition, key, value))
-
-
 def test_forgetting_deletes_only_entries_published_before_the_cutoff_oldest_first() -> None:
-    table = FakeChangelog()
-    log = DecisionLog(cast(TableT, table))
-    log.remember(log.published_entries(["old"], 1, at=100.0))
-    log.remember(log.published_entries(["young"], 2, at=200.0))
-    table.data[b"undecided"] = decided("undecided")  # decided, never published: kept
+    table = router_table("routed")
+    log = DecisionLog(table.table)
+    log.remember(1, log.published_entries(["old"], 1, at=100.0))
+    log.remember(2, log.published_entries(["young"], 2, at=200.0))
+    log.remember(2, [(b"undecided", decided("undecided"))])  # decided, never published: kept
     assert log.forget_before(150.0) == 1
     assert set(table.data) == {b"young", b"undecided"}
     assert table.sent[-1] == (1, b"old", None)  # a tombstone in the entry's partition
 
 
 def test_recovered_entries_are_forgotten_too() -> None:
-    table = FakeChangelog(data={b"recovered": published_marker(0, 50.0), b"d": decided("d")})
-    log = DecisionLog(cast(TableT, table))
+    table = router_table("routed")
+    write(table.table, 0, b"recovered", published_marker(0, 50.0))  # as recovery leaves them
+    write(table.table, 0, b"d", decided("d"))
+    log = DecisionLog(table.table)
     assert log.track_recovered() == 1
     assert log.forget_before(60.0) == 1
     assert set(table.data) == {b"d"}
 
 
 def test_an_entry_published_again_after_its_first_marker_is_kept() -> None:
-    table = FakeChangelog()
-    log = DecisionLog(cast(TableT, table))
-    log.remember(log.published_entries(["q"], 0, at=100.0))
-    log.remember(log.published_entries(["q"], 0, at=300.0))  # a producer's duplicate routed again
+    table = router_table("routed")
+    log = DecisionLog(table.table)
+    log.remember(0, log.published_entries(["q"], 0, at=100.0))
+    log.remember(0, log.published_entries(["q"], 0, at=300.0))  # routed again (a duplicate)
     assert log.forget_before(200.0) == 0
     assert b"q" in table.data

@@ -28,7 +28,7 @@ from faust.types import EventT, StreamT, TopicT
 from schemas import DeadLetter
 from workers.config import Settings
 from workers.logs import logging_config
-from workers.stream import metrics
+from workers.stream import metrics, table_store
 from workers.stream.codec import BadEvent, dead_letter, dead_letter_key, encode
 from workers.stream.security import faust_credentials
 from workers.stream.transport import FETCH_MAX_WAIT_ATTRIBUTE
@@ -56,13 +56,18 @@ def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.A
         raise ValueError("KAFKA_BOOTSTRAP_SERVERS is not set")
     # Tables live in memory (rebuilt from their changelogs), so Faust's data
     # directory holds nothing worth keeping: a private temporary one per process.
+    # Their store keeps only the changelog partitions the worker owns (table_store.py).
     datadir = Path(tempfile.gettempdir()) / "omnirouter-faust" / f"{app_id}-{os.getpid()}"
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id,
         # omnikafka: Faust's aiokafka transport with KAFKA_FETCH_MAX_WAIT_MS (transport.py).
         broker=[f"omnikafka://{server}" for server in bootstrap_servers.split(",")],
-        store="memory://",
+        store=f"{table_store.SCHEME}://",
+        # No standby replicas: a memory store re-reads a partition it takes over from
+        # its changelog's beginning anyway, so reading other workers' changelogs all
+        # along would be work for nothing (and the store keeps none of it).
+        table_standby_replicas=0,
         topic_partitions=settings.kafka_partitions,
         topic_replication_factor=settings.kafka_replication_factor,
         # `omnirouter topics create` makes every topic with its partition count.

@@ -13,7 +13,10 @@ the window stage, the probe gatherer and the escalation stage.
   query id holds the answers so far; when every panel model answered (or
   CASCADE_PROBE_DEADLINE_SECONDS passed since the first answer, `forward_overdue`)
   a ProbedQuery goes to omnirouter.probed, keyed by pool: co-partitioned with
-  omnirouter.predicted and the decision log.
+  omnirouter.predicted and the decision log. The table holds only the probes of
+  the partitions of omnirouter.responses this router owns
+  (workers/stream/table_store.py), and none are forwarded while a rebalance runs:
+  probes of a partition taken away are gathered and forwarded by its new owner.
 - `escalation_stage` (agent on omnirouter.probed): windows per pool as the
   window stage gathers them; accept the best probe answer or escalate, under
   the pool's escalation reserve (a query this router cannot route is refused:
@@ -64,6 +67,7 @@ from workers.stream.codec import BadEvent, decode, encode
 from workers.stream.decision_log import Refusal, classify
 from workers.stream.publishers import ESCALATION_KEY_PREFIX, PoolWindow
 from workers.stream.router_state import RouterState
+from workers.stream.table_store import write
 from workers.stream.window_stage import WindowStage, aligned, current, observe_window, refusal
 
 log = logging.getLogger(__name__)
@@ -120,10 +124,7 @@ class ProbeGatherer:
         return None if raw is None else PendingProbes.model_validate_json(raw)
 
     def _write(self, partition: int, key: bytes, value: bytes | None) -> None:
-        if value is None:
-            self.table.data.pop(key, None)
-        else:
-            self.table.data[key] = value
+        write(self.table, partition, key, value)
         self.table.send_changelog(partition, key, value)
 
     async def forward(self, key: bytes, pending: PendingProbes) -> None:
@@ -147,7 +148,12 @@ class ProbeGatherer:
             self._write(partition, key, pending.model_dump_json().encode())
 
     async def forward_overdue(self, deadline_seconds: float) -> int:
-        """Forward every query whose probes have waited too long, missing answers as none."""
+        """Forward every query whose probes have waited too long, missing answers as
+        none. None while a rebalance runs: the partitions held may be on their way to
+        another router (the table learns which it keeps once the assignment is in),
+        which then gathers and forwards their probes."""
+        if self.stage.app.rebalancing:
+            return 0
         now, forwarded = time.time(), 0
         for key in list(self.table.data):
             pending = self.pending(key)

@@ -15,8 +15,12 @@ succeeds, nor dead-lettered twice. The publishers
 this module only shapes and reads them. The table's
 changelog is compacted and partitioned like omnirouter.predicted, so the router
 that owns a pool's partition recovers its decisions after a restart or a
-rebalance. Entries older than the de-duplication horizon are forgotten a few at
-a time, oldest first, without scanning the table.
+rebalance; the table holds only the partitions this router owns
+(workers/stream/table_store.py: a partition taken away leaves its memory, so
+entries it no longer owns are neither read nor forgotten here). Entries older
+than the de-duplication horizon are forgotten a few at a time, oldest first,
+without scanning the table; queued entries of a partition since taken away are
+skipped when their turn comes (they are gone from the table).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from faust.types import TableT
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from schemas import Assignment, DeadLetter, PredictedQuery
+from workers.stream.table_store import write
 
 PUBLISHED = b"P"  # followed by "<changelog partition>:<unix time>"
 DECIDED = b"D"  # followed by the assignments' JSON array
@@ -163,10 +168,14 @@ class DecisionLog:
         marker = published_marker(partition, at)
         return [(query_id.encode(), marker) for query_id in query_ids]
 
-    def remember(self, entries: Iterable[tuple[bytes, bytes]]) -> None:
-        """Take entries the publisher wrote to the changelog (workers/stream/publishers.py)."""
+    def remember(self, partition: int, entries: Iterable[tuple[bytes, bytes]]) -> None:
+        """Take entries the publisher wrote to `partition` of the changelog
+        (workers/stream/publishers.py)."""
         for key, value in entries:
-            self._set(key, value)
+            write(self.table, partition, key, value)
+            marker = parse_published(value)
+            if marker is not None:
+                heapq.heappush(self._published, (marker[1], key))
 
     def track_recovered(self) -> int:
         """After a rebalance, queue the recovered published entries for forgetting
@@ -189,13 +198,7 @@ class DecisionLog:
             marker = parse_published(self.table.data.get(key, b""))
             if marker is None or marker[1] >= cutoff:
                 continue  # gone already, moved to another router, or published again
-            del self.table.data[key]
+            write(self.table, marker[0], key, None)
             self.table.send_changelog(marker[0], key, None)
             forgotten += 1
         return forgotten
-
-    def _set(self, key: bytes, value: bytes) -> None:
-        self.table.data[key] = value
-        marker = parse_published(value)
-        if marker is not None:
-            heapq.heappush(self._published, (marker[1], key))

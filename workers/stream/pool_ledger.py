@@ -6,7 +6,8 @@ their budgets for the escalation windows, less what those spent.
 Kept in a Faust table whose compacted changelog is partitioned like the pool's
 omnirouter.predicted partition, so the router that takes the pool over after a
 restart or a rebalance goes on from where the last one stood instead of billing
-the same time again or exploring from nothing.
+the same time again or exploring from nothing. The table holds only the pools of
+the partitions this router owns (workers/stream/table_store.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from faust.types import TableT
 from pydantic import BaseModel
 
 from schemas import WindowReport
+from workers.stream.table_store import write
 
 
 class PoolAccount(BaseModel):
@@ -71,8 +73,8 @@ class PoolLedger:
         """(key, value) of the pool's account, as written to the changelog."""
         return pool.encode(), account.model_dump_json().encode()
 
-    def remember(self, key: bytes, value: bytes) -> None:
-        """Take an entry the publisher wrote to the changelog (workers/stream/publishers.py);
-        losing the last one in a crash only re-bills that window's time once, when it
-        is replayed."""
-        self.table.data[key] = value
+    def remember(self, partition: int, key: bytes, value: bytes) -> None:
+        """Take an entry the publisher wrote to `partition` of the changelog
+        (workers/stream/publishers.py); losing the last one in a crash only re-bills
+        that window's time once, when it is replayed."""
+        write(self.table, partition, key, value)

@@ -170,12 +170,16 @@ class WindowRecords:
         ], entry
 
     def remember(
-        self, entries: list[tuple[bytes, bytes]], ledger: tuple[bytes, bytes] | None
+        self,
+        window: PoolWindow,
+        entries: list[tuple[bytes, bytes]],
+        ledger: tuple[bytes, bytes] | None,
     ) -> None:
-        """Update the tables' in-memory data with what was written to their changelogs."""
-        self.decisions.remember(entries)
+        """Update the tables' in-memory data with what was written to the window's
+        partition of their changelogs."""
+        self.decisions.remember(window.partition, entries)
         if ledger is not None:
-            self.ledger.remember(*ledger)
+            self.ledger.remember(window.partition, *ledger)
 
 
 async def send(producer: AIOKafkaProducer, records: list[Record]) -> list[asyncio.Future[Any]]:
@@ -273,7 +277,8 @@ class AcknowledgedPublisher:
             # to report, and would otherwise never bill its time.
             entries = self.records.entries(decisions.changelog, window, decided)
             await delivered(producer, [*entries, *report])
-            self.records.remember(decided, ledger)  # a crash from here re-sends it unchanged
+            # A crash from here re-sends it unchanged.
+            self.records.remember(window, decided, ledger)
             report, ledger = [], None
             if not still_current():
                 return False
@@ -282,7 +287,7 @@ class AcknowledgedPublisher:
         await delivered(
             producer, [*self.records.entries(decisions.changelog, window, published), *report]
         )
-        self.records.remember(published, ledger)
+        self.records.remember(window, published, ledger)
         return True
 
 
@@ -316,5 +321,5 @@ class TransactionalPublisher:
                 raise RuntimeError(f"pool {window.pool}: {exc} outside a rebalance") from exc
             log.warning("pool %s: %s; its window is left to the new owner", window.pool, exc)
             return False
-        self.records.remember(published, ledger)
+        self.records.remember(window, published, ledger)
         return True
