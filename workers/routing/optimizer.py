@@ -487,27 +487,31 @@ def _use_free_capacity(
     return choice
 
 
-def best_within(score: NDArray[np.float64], caps: NDArray[np.float64]) -> NDArray[np.int64] | None:
+def best_within(
+    score: NDArray[np.float64],
+    caps: NDArray[np.float64],
+    start: NDArray[np.int64] | None = None,
+) -> NDArray[np.int64] | None:
     """Exactly: maximise sum score[i, a_i] with at most caps[j] queries on model j,
-    never a pair scored -inf; None when no plan fits. Successive shortest paths on
-    the models' exchange graph: from each query's best model, one query of overflow
-    at a time moves along the cheapest chain of moves (query i from model a to b
-    costs score[i, a] - score[i, b]) that ends at a model with room."""
+    never a pair scored -inf; None when no plan fits. `start`: a plan to begin
+    from (one that was best before a query left or a capacity shrank: a few steps
+    away). On the models' exchange graph (moving query i from model a to b costs
+    score[i, a] - score[i, b]): first every chain of moves that gains is made
+    (negative cycles, through a model with room), then one query of overflow at a
+    time moves along the cheapest chain that ends at a model with room
+    (successive shortest paths)."""
     n, m = score.shape
     if n and not np.isfinite(score.max(axis=1)).all():
         return None
-    choice = score.argmax(axis=1).astype(np.int64)
+    choice = (score.argmax(axis=1) if start is None else start).astype(np.int64)
+    if start is not None and not np.isfinite(score[np.arange(n), choice]).all():
+        return None
+    if start is not None:
+        choice = _cancel_gaining_chains(score, choice, caps)
     load = np.bincount(choice, minlength=m).astype(float)
-    rows, models = np.arange(n), np.arange(m)
+    models = np.arange(m)
     while (load > caps).any():
-        loss = score[rows, choice][:, None] - score  # inf where forbidden
-        weight = np.full((m, m), np.inf)
-        mover = np.zeros((m, m), dtype=np.int64)
-        for a in np.flatnonzero(load > 0):
-            members = np.flatnonzero(choice == a)
-            cheapest = loss[members].argmin(axis=0)
-            weight[a], mover[a] = loss[members[cheapest], models], members[cheapest]
-        np.fill_diagonal(weight, np.inf)
+        weight, mover = _exchange_graph(score, choice, load)
         distance = np.where(load > caps, 0.0, np.inf)
         parent = np.full(m, -1)
         for _ in range(m):  # Bellman-Ford: moves back make negative edges
@@ -526,12 +530,72 @@ def best_within(score: NDArray[np.float64], caps: NDArray[np.float64]) -> NDArra
         end = int(ends[distance[ends].argmin()])
         load[end] += 1
         for _ in range(m):
-            start = int(parent[end])
-            if start < 0:
+            begin = int(parent[end])
+            if begin < 0:
                 break
-            choice[mover[start, end]] = end
-            end = start
+            choice[mover[begin, end]] = end
+            end = begin
         load[end] -= 1
+    return choice
+
+
+def _exchange_graph(
+    score: NDArray[np.float64], choice: NDArray[np.int64], load: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """weight[a, b]: the least a query on a loses by moving to b (inf: none may);
+    mover[a, b]: that query."""
+    n, m = score.shape
+    loss = score[np.arange(n), choice][:, None] - score  # inf where forbidden
+    weight = np.full((m, m), np.inf)
+    mover = np.zeros((m, m), dtype=np.int64)
+    for a in np.flatnonzero(load > 0):
+        members = np.flatnonzero(choice == a)
+        cheapest = loss[members].argmin(axis=0)
+        weight[a], mover[a] = loss[members[cheapest], np.arange(m)], members[cheapest]
+    np.fill_diagonal(weight, np.inf)
+    return weight, mover
+
+
+def _cancel_gaining_chains(
+    score: NDArray[np.float64], choice: NDArray[np.int64], caps: NDArray[np.float64]
+) -> NDArray[np.int64]:
+    """Make every chain of moves that raises the total score: cycles among the
+    models, and chains from any model to one with room (through a node `free`,
+    m: from it to any model with a query, from a model with room to it)."""
+    choice = choice.copy()
+    n, m = score.shape
+    for _ in range(n * m + 1):
+        load = np.bincount(choice, minlength=m).astype(float)
+        weight, mover = _exchange_graph(score, choice, load)
+        graph = np.full((m + 1, m + 1), np.inf)
+        graph[:m, :m] = weight
+        graph[:m, m] = np.where(load < caps, 0.0, np.inf)
+        graph[m, :m] = np.where(load > 0, 0.0, np.inf)
+        distance, parent = np.zeros(m + 1), np.full(m + 1, -1)
+        last = -1
+        for _ in range(m + 1):
+            through = distance[:, None] + graph
+            via = through.argmin(axis=0)
+            best = through[via, np.arange(m + 1)]
+            shorter = best < distance - 1e-12
+            if not shorter.any():
+                last = -1
+                break
+            distance, parent = np.where(shorter, best, distance), np.where(shorter, via, parent)
+            last = int(np.flatnonzero(shorter)[0])
+        if last < 0:
+            return choice
+        for _ in range(m + 1):  # step back onto the cycle
+            last = int(parent[last])
+        cycle, node = [last], int(parent[last])
+        while node != last:
+            cycle.append(node)
+            node = int(parent[node])
+        # cycle lists the nodes backwards: parent[v] -> v is an edge
+        moves = [(int(parent[v]), v) for v in cycle]
+        for a, b in moves:
+            if a < m and b < m:
+                choice[mover[a, b]] = b
     return choice
 
 
