@@ -153,7 +153,7 @@ def route_window(
     shadow_share: float = 0.0,
 ) -> tuple[list[Assignment], WindowReport]:
     """Solve the window over the pool's models; every query gets exactly one, among
-    the models its hints allow (capacities permitting); an `exploration_share` of
+    the models its hints allow (a hard constraint: WindowProblem.allowed); an `exploration_share` of
     it goes where the router knows least (workers/routing/exploration.py), with
     what the pool's previous window left of its allowance (its report's
     `exploration_carried_usd`); a `shadow_share` of its budget pays for shadow
