@@ -255,3 +255,96 @@ def test_a_query_whose_best_candidate_does_not_fit_tries_the_next() -> None:
         problem, np.full(n, 2), support, 0.1, np.random.default_rng(0), allowance_usd=0.005
     )
     assert chosen[chosen != NOT_EXPLORED].tolist() == [1, 1]
+
+
+# Models A (cheap, holds one query), B (best, dearest), C (between); three alike queries.
+CAPPED_QUALITY = np.array([[0.1, 0.9, 0.5]] * 3)
+CAPPED_COST = np.array([[1.0, 3.0, 2.0]] * 3)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_exploration_under_a_capacity_keeps_the_budget(seed: int) -> None:
+    """The plan A, C, C costs the whole $5. Exploration assumed every other query
+    could still go to its cheapest model, A, which holds one: exploring q -> B
+    ($3) left A, C for the rest at $3 more, $6 in all."""
+    problem = WindowProblem(
+        CAPPED_QUALITY, CAPPED_COST, "budget", window_budget_usd=5.0, capacities=(1, None, None)
+    )
+    explored = explore_and_solve(
+        problem, np.zeros((3, 3)), 0.34, np.random.default_rng(seed), "fast", carried_usd=3.0
+    )
+    assert explored.plan.total_cost_usd <= 5.0 + 1e-12
+    assert explored.plan.status == "near_optimal"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_exploration_under_a_capacity_keeps_the_quality_target(seed: int) -> None:
+    """The plan B, C... reaches 0.7 only with the best model, which holds one query:
+    exploration assumed every other query could still have it."""
+    quality = np.array([[0.9, 0.6, 0.5]] * 3)
+    cost = np.array([[3.0, 2.0, 1.0]] * 3)
+    problem = WindowProblem(
+        quality, cost, "quality", quality_target=0.7, capacities=(1, None, None)
+    )
+    explored = explore_and_solve(
+        problem, np.zeros((3, 3)), 0.34, np.random.default_rng(seed), "fast"
+    )
+    assert explored.plan.mean_quality >= 0.7 - 1e-9
+    assert explored.plan.status == "near_optimal"
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_shadows_under_a_capacity_keep_the_budget(seed: int) -> None:
+    """A shadow takes a model's place as an answer does: a shadow on A (which holds
+    one) left the rest C, C and more than the budget."""
+    problem = WindowProblem(
+        CAPPED_QUALITY, CAPPED_COST, "budget", window_budget_usd=6.0, capacities=(1, None, None)
+    )
+    explored = explore_and_solve(
+        problem, np.zeros((3, 3)), 0.0, np.random.default_rng(seed), "fast", shadow_share=0.5
+    )
+    shadowed = explored.shadows if explored.shadows is not None else np.array([])
+    load = np.bincount(
+        np.concatenate([explored.plan.assignment, shadowed[shadowed >= 0]]), minlength=3
+    )
+    assert load[0] <= 1
+    assert explored.plan.total_cost_usd + explored.shadow_spend_usd <= 6.0 + 1e-12
+
+
+def test_random_windows_explored_under_capacities_and_hints_keep_their_promise() -> None:
+    """Seeded fuzz: where the window could keep its budget (reach its target) without
+    exploring, it still does with exploration and shadows, on allowed pairs and
+    within the capacities."""
+    rng = np.random.default_rng(5)
+    for case in range(150):
+        n, m = int(rng.integers(2, 9)), int(rng.integers(2, 4))
+        quality, cost = rng.uniform(0, 1, (n, m)), rng.uniform(0.1, 1.0, (n, m))
+        allowed = rng.uniform(size=(n, m)) < 0.7
+        allowed[np.arange(n), rng.integers(0, m, n)] = True
+        caps = tuple(None if rng.uniform() < 0.3 else int(c) for c in rng.integers(1, n, m))
+        if case % 2:
+            limits = {"mode": "budget", "window_budget_usd": float(cost.mean() * n)}
+        else:
+            limits = {"mode": "quality", "quality_target": float(rng.uniform(0.2, 0.6))}
+        problem = WindowProblem(
+            quality, cost, capacities=caps, fallback_model=0, allowed=allowed,
+            **limits,  # type: ignore[arg-type]
+        )  # fmt: skip
+        base = solve_fast(problem)
+        explored = explore_and_solve(
+            problem, np.zeros((n, m)), 0.3, rng, "fast", allowed=allowed,
+            carried_usd=1.0, shadow_share=0.3,
+        )  # fmt: skip
+        rows, plan = np.arange(n), explored.plan.assignment
+        shadows = explored.shadows if explored.shadows is not None else np.full(n, -1)
+        load = np.bincount(np.concatenate([plan, shadows[shadows >= 0]]), minlength=m)
+        assert (load <= problem.capacity_array()).all(), case
+        assert allowed[rows, plan].all(), case
+        assert allowed[rows[shadows >= 0], shadows[shadows >= 0]].all(), case
+        if base.status != "near_optimal":
+            continue
+        if problem.mode == "budget":
+            spend = explored.plan.total_cost_usd + explored.shadow_spend_usd
+            assert spend <= limits["window_budget_usd"] + 1e-9, case  # type: ignore[operator]
+        else:
+            assert explored.plan.mean_quality >= limits["quality_target"] - 1e-9, case  # type: ignore[operator]

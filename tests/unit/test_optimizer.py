@@ -15,6 +15,7 @@ from workers.routing.optimizer import (
     CapacityError,
     WindowPlan,
     WindowProblem,
+    best_within,
     per_query_plan,
     solve_exact,
     solve_fast,
@@ -182,7 +183,14 @@ def windows(draw: st.DrawFn) -> WindowProblem:
         limits = {"mode": "budget", "window_budget_usd": budget}
     else:
         limits = {"mode": "quality", "quality_target": draw(st.floats(0, 1))}
-    return WindowProblem(quality, cost, capacities=capacities, fallback_model=fallback, **limits)  # type: ignore[arg-type]
+    allowed = None
+    if draw(st.booleans()):
+        allowed = np.array(draw(st.lists(st.booleans(), min_size=n * m, max_size=n * m)))
+        allowed = allowed.reshape(n, m)
+        allowed[np.arange(n), draw(st.integers(0, m - 1))] = True  # some model per query
+    return WindowProblem(
+        quality, cost, capacities=capacities, fallback_model=fallback, allowed=allowed, **limits
+    )  # type: ignore[arg-type]
 
 
 def brute_force(problem: WindowProblem) -> tuple[float | None, float]:
@@ -193,6 +201,8 @@ def brute_force(problem: WindowProblem) -> tuple[float | None, float]:
     for combo in itertools.product(range(problem.n_models), repeat=problem.n_queries):
         assignment = np.array(combo)
         if (np.bincount(assignment, minlength=problem.n_models) > caps).any():
+            continue
+        if not problem.permitted[np.arange(problem.n_queries), assignment].all():
             continue
         plan = WindowPlan(problem, assignment, "optimal", "brute", 0.0)
         if problem.meets_limit(assignment):
@@ -218,6 +228,7 @@ def check_plan_shape(problem: WindowProblem, plan: WindowPlan) -> None:
     counts = plan.counts(problem.n_models)
     assert counts.sum() == problem.n_queries  # every query exactly once
     assert (counts <= problem.capacity_array()).all()
+    assert problem.permitted[np.arange(problem.n_queries), plan.assignment].all()
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -275,3 +286,119 @@ def test_fast_path_is_close_to_exact_on_realistic_windows(mode: str) -> None:
     assert problem.meets_limit(fast.assignment)
     gap = abs(exact.objective(problem.mode) - fast.objective(problem.mode))
     assert gap / abs(exact.objective(problem.mode)) < 0.005
+
+
+# ------------------------------------------------------- allowed pairs (hard constraint)
+
+
+@pytest.mark.parametrize("solver", [solve_exact, solve_fast])
+@pytest.mark.parametrize("mode", ["budget", "quality"])
+def test_a_forbidden_pair_is_never_used_even_when_a_capacity_makes_it_cheapest(
+    solver: object, mode: str
+) -> None:
+    """Query 0 may only take B, which holds one query; query 1 may take either and is
+    cheap on B. A forbidden pair merely made worse than the query's allowed ones
+    (windows.exclude) was taken through the swap: q0 -> A, q1 -> B."""
+    quality = np.array([[0.6, 0.6], [0.6, 0.6]])
+    cost = np.array([[0.1, 0.1], [1.0, 0.1]])
+    allowed = np.array([[False, True], [True, True]])
+    limits = {"window_budget_usd": 0.6} if mode == "budget" else {"quality_target": 0.2}
+    problem = WindowProblem(
+        quality,
+        cost,
+        mode,
+        capacities=(None, 1),
+        allowed=allowed,
+        **limits,  # type: ignore[arg-type]
+    )
+    plan = solver(problem)  # type: ignore[operator]
+
+    assert plan.assignment.tolist() == [1, 0]
+    assert plan.mean_quality == pytest.approx(0.6)
+    if mode == "budget":  # the allowed plan costs 1.1 > 0.6: said so, not "optimal"
+        assert plan.status == "infeasible_budget_cheapest_plan"
+
+
+@pytest.mark.parametrize("solver", [solve_exact, solve_fast])
+def test_forbidding_an_unrelated_model_keeps_the_choice_between_allowed_ones(
+    solver: object,
+) -> None:
+    """The tie penalty is relative to the dearest model the query may take: forbidding
+    a model the plan would never use must not change the plan."""
+    quality = np.array([[0.80, 0.84, 0.5]])
+    cost = np.array([[0.001, 0.01, 0.001]])
+    plans = [
+        solver(  # type: ignore[operator]
+            WindowProblem(
+                quality, cost, "budget", window_budget_usd=1.0, tie_tolerance=0.05, allowed=allowed
+            )
+        ).assignment.tolist()
+        for allowed in (None, np.array([[True, True, False]]))
+    ]
+    assert plans == [[0], [0]]
+
+
+def test_allowed_pairs_that_cannot_fit_the_capacities_lift_them_and_keep_the_hints() -> None:
+    """Two queries may only take model 1, which holds one: the fallback (model 0) is
+    forbidden to both, so the capacities yield, never the hints."""
+    allowed = np.array([[False, True], [False, True]])
+    problem = WindowProblem(
+        np.full((2, 2), 0.5), np.ones((2, 2)), "budget", window_budget_usd=5.0,
+        capacities=(5, 1), fallback_model=0, allowed=allowed,
+    )  # fmt: skip
+    for solver in (solve_exact, solve_fast):
+        assert solver(problem).assignment.tolist() == [1, 1]
+
+
+def test_best_within_is_the_brute_force_optimum() -> None:
+    """The exact capacitated assignment (successive shortest paths) on small random
+    instances, forbidden pairs at -inf, against every plan."""
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        n, m = int(rng.integers(1, 6)), int(rng.integers(1, 4))
+        score = np.round(rng.uniform(-1, 1, (n, m)), 1)
+        score[rng.uniform(size=(n, m)) < 0.3] = -np.inf
+        caps = rng.integers(0, n + 1, m).astype(float)
+        best = -np.inf
+        for combo in itertools.product(range(m), repeat=n):
+            a = np.array(combo)
+            if (np.bincount(a, minlength=m) <= caps).all():
+                best = max(best, float(score[np.arange(n), a].sum()))
+        # From scratch, and from any plan (warm start, as exploration uses it).
+        start = np.where(np.isfinite(score), score, -9).argmax(axis=1)[::-1].copy()
+        start = np.where(np.isfinite(score[np.arange(n), start]), start, score.argmax(axis=1))
+        for found in (best_within(score, caps), best_within(score, caps, start)):
+            if not np.isfinite(best):
+                assert found is None
+                continue
+            assert found is not None
+            assert (np.bincount(found, minlength=m) <= caps).all()
+            assert score[np.arange(n), found].sum() == pytest.approx(best)
+
+
+def test_random_windows_with_capacities_and_hints_keep_both() -> None:
+    """Seeded fuzz: with capacities and allowed pairs, neither solver uses a forbidden
+    pair or exceeds a capacity, and where the exact solver keeps the budget (or
+    reaches the target) the fast path does too."""
+    rng = np.random.default_rng(11)
+    for case in range(60):
+        n, m = int(rng.integers(3, 12)), int(rng.integers(2, 5))
+        quality = rng.uniform(0, 1, (n, m))
+        cost = rng.uniform(0.001, 0.01, (n, m))
+        allowed = rng.uniform(size=(n, m)) < 0.6
+        allowed[np.arange(n), rng.integers(0, m, n)] = True
+        caps = tuple(int(c) for c in rng.integers(1, n, m))
+        if case % 2:
+            limits = {"mode": "budget", "window_budget_usd": float(cost.mean() * n * 1.1)}
+        else:
+            limits = {"mode": "quality", "quality_target": float(rng.uniform(0.3, 0.7))}
+        problem = WindowProblem(
+            quality, cost, capacities=caps, fallback_model=int(rng.integers(0, m)),
+            allowed=allowed, **limits,  # type: ignore[arg-type]
+        )  # fmt: skip
+        exact, fast = solve_exact(problem), solve_fast(problem)
+        for plan in (exact, fast):
+            check_plan_shape(problem, plan)
+        if exact.status == "optimal":
+            assert problem.meets_limit(fast.assignment), case
+            assert fast.objective(problem.mode) <= exact.objective(problem.mode) + 1e-9

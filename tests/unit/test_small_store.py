@@ -18,7 +18,7 @@ from workers.routing.evaluate import OMNIROUTER_BUDGET, EvaluationSettings, Poin
 from workers.routing.optimizer import Uncertainty, WindowProblem, solve
 from workers.routing.predictor import SMALL_STORE_QUERIES, HybridPredictor, cluster_uncertainty
 from workers.routing.store import RetrievalStore
-from workers.routing.windows import WindowBounds, exclude, route_window
+from workers.routing.windows import WindowBounds, route_window
 
 START = datetime(2026, 11, 30, tzinfo=UTC)
 BOUNDS = WindowBounds("w1", START, START + timedelta(seconds=2))
@@ -60,10 +60,14 @@ def test_the_single_model_is_never_one_a_query_s_hints_forbid(method: str) -> No
     allowed one, however noisy the plan's gain is."""
     allowed = np.ones((N, 3), dtype=bool)
     allowed[0, 1] = False  # the first query may not go to "good"
-    quality, cost = exclude(np.tile(QUALITY, (N, 1)), np.tile(COST, (N, 1)), allowed)
     noisy = window(outcomes_per_model=10)
     problem = WindowProblem(
-        quality, cost, "budget", window_budget_usd=1.05 * N, uncertainty=noisy.uncertainty
+        np.tile(QUALITY, (N, 1)),
+        np.tile(COST, (N, 1)),
+        "budget",
+        window_budget_usd=1.05 * N,
+        uncertainty=noisy.uncertainty,
+        allowed=allowed,
     )
     plan = solve(problem, method)  # type: ignore[arg-type]
 

@@ -216,3 +216,62 @@ def test_created_at_never_runs_ahead_of_the_routers_clock() -> None:
     # A record timestamp set by the producer (CreateTime) can be forged too.
     broker_time = T0 + timedelta(hours=1)
     assert bounded_created_at(broker_time, broker_time, T0, SKEW) == T0 + SKEW
+
+
+@pytest.mark.parametrize("solver", ["fast", "exact"])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        PoolPolicy(mode="quality", quality_target=0.2),
+        PoolPolicy(mode="budget", window_budget_usd=0.6),
+    ],
+)
+def test_allowed_models_hold_when_a_capacity_makes_a_forbidden_pair_cheapest(
+    solver: str, policy: PoolPolicy
+) -> None:
+    """h0 may only take "mid", which holds one query; q1 is cheap there too. Forbidden
+    pairs made merely worse than allowed ones (the old `exclude`) gave h0 "cheap"
+    through the swap q1 -> "mid", reported optimal with quality -1 in the mean."""
+    queries = [
+        hinted(0, allowed_models=["mid"]).model_copy(
+            update={"quality": [0.6, 0.6, 0.0], "cost_usd": [0.1, 0.1, 9.0]}
+        ),
+        predicted(1, [0.6, 0.6, 0.0], [1.0, 0.1, 9.0]),
+    ]
+    policy = policy.model_copy(update={"models": ["cheap", "mid"]})
+    out, report = route_window(
+        "gold",
+        policy,
+        queries,
+        MODELS,
+        BOUNDS,
+        capacities={"mid": 1},
+        solver=solver,  # type: ignore[arg-type]
+    )
+    assert [(a.query_id, a.model) for a in out] == [("h0", "mid"), ("q1", "cheap")]
+    assert report.predicted_mean_quality == pytest.approx(0.6)
+    if policy.mode == "budget":  # the only allowed plan costs 1.1
+        assert report.solver_status == "infeasible_budget_cheapest_plan"
+
+
+@pytest.mark.parametrize("solver", ["fast", "exact"])
+def test_forbidding_an_unrelated_model_does_not_change_the_choice(solver: str) -> None:
+    """The tie penalty is relative to the dearest model a query may take; forbidding a
+    cheap model the plan would not use once moved the choice to the dearer "mid"."""
+    policy = PoolPolicy(mode="budget", window_budget_usd=1.0)
+    chosen = []
+    for hints in ({}, {"allowed_models": ["cheap", "mid"]}):
+        query = hinted(0, **hints).model_copy(
+            update={"quality": [0.80, 0.84, 0.5], "cost_usd": [0.001, 0.01, 0.001]}
+        )
+        out, _ = route_window(
+            "gold",
+            policy,
+            [query],
+            MODELS,
+            BOUNDS,
+            solver=solver,
+            tie_tolerance=0.05,  # type: ignore[arg-type]
+        )
+        chosen.append(out[0].model)
+    assert chosen == ["cheap", "cheap"]

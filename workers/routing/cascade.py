@@ -388,6 +388,7 @@ def solve_first_stage(
     solver: Method,
     tie_tolerance: float = 0.0,
     time_limit_seconds: float = 2.0,
+    allowed: NDArray[np.bool_] | None = None,
 ) -> WindowPlan:
     """The first stage's plan: per query a column, below n_models a model answering
     directly, from n_models on the probe option `column - n_models`; `limit` is the
@@ -398,14 +399,22 @@ def solve_first_stage(
     budget mode, less cost at the target in quality mode). Probe columns left
     unchosen still change the solve (the tie penalty is relative to a query's
     dearest option, the fast solver's steps to the mean cost): a cascade that
-    probes nothing must route exactly as the one-shot router does."""
-    direct = solve(_window(quality, cost, mode, limit, tie_tolerance), solver, time_limit_seconds)
+    probes nothing must route exactly as the one-shot router does. `allowed`: the
+    pairs and probe options each query may take, (n_queries, n_models + options)."""
+    n_models = quality.shape[1]
+    direct_allowed = None if allowed is None else allowed[:, :n_models]
+    direct = solve(
+        _window(quality, cost, mode, limit, tie_tolerance, direct_allowed),
+        solver,
+        time_limit_seconds,
+    )
     problem = _window(
         np.hstack([quality, options.quality]),
         np.hstack([cost, options.cost]),
         mode,
         limit,
         tie_tolerance,
+        allowed,
     )
     with_probes = solve(problem, solver, time_limit_seconds)
     return with_probes if probes_pay(with_probes, direct, quality.shape[1], mode) else direct
@@ -417,6 +426,7 @@ def _window(
     mode: Mode,
     limit: float,
     tie_tolerance: float,
+    allowed: NDArray[np.bool_] | None = None,
 ) -> WindowProblem:
     return WindowProblem(
         quality,
@@ -425,6 +435,7 @@ def _window(
         window_budget_usd=limit if mode == "budget" else None,
         quality_target=limit if mode == "quality" else None,
         tie_tolerance=tie_tolerance,
+        allowed=allowed,
     )
 
 
@@ -467,11 +478,12 @@ def plan_escalations(
     limit: float,
     solver: Method,
     tie_tolerance: float = 0.0,
+    allowed: NDArray[np.bool_] | None = None,
 ) -> NDArray[np.int64]:
     """For each probed query, NEVER (accept its best probe answer, P(good)
     `accept_quality`) or the model to escalate to (P(good) its `posterior`); `limit`
     from `escalation_limit`. A model of the panel is no escalation (its answer is
-    in hand)."""
+    in hand); `allowed`: the (query, model) pairs the hints allow."""
     accept_quality = accept_quality[:, None]
     others = [j for j in range(posterior.shape[1]) if j not in panel]
     problem = WindowProblem(
@@ -481,6 +493,9 @@ def plan_escalations(
         window_budget_usd=limit if mode == "budget" else None,
         quality_target=limit if mode == "quality" else None,
         tie_tolerance=tie_tolerance,
+        allowed=None
+        if allowed is None
+        else np.hstack([np.ones_like(accept_quality, dtype=bool), allowed[:, others]]),
     )
     choice = solve(problem, solver).assignment
     return np.where(choice == 0, NEVER, np.asarray([NEVER, *others])[choice]).astype(np.int64)

@@ -49,7 +49,6 @@ from workers.routing.windows import (
     WindowBounds,
     allowed_pairs,
     counts_per_model,
-    exclude,
     window_budget_usd,
 )
 
@@ -81,12 +80,11 @@ def matrices(
     queries: Sequence[PredictedQuery], models: Sequence[str], pool_models: Sequence[str]
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
     """Predicted quality and cost over the pool's models, with what hints allow
-    (forbidden pairs made worse than any allowed one, as route_window does)."""
+    (the optimiser's hard `allowed` mask, as route_window passes it)."""
     columns = [list(models).index(m) for m in pool_models]
     quality = np.array([q.quality for q in queries], dtype=float)[:, columns]
     cost = np.array([q.cost_usd for q in queries], dtype=float)[:, columns]
     allowed = allowed_pairs(queries, list(pool_models), quality, cost)
-    quality, cost = exclude(quality, cost, allowed)
     return quality, cost, allowed
 
 
@@ -115,15 +113,20 @@ def route_cascade_window(
     panel = cascade.policy.panel
     quality, cost, allowed = matrices(queries, models, pool_models)
     options = price_options(cascade.policy, clusters, quality, cost)
+    # A query whose hints forbid a panel model may not be probed.
     may_probe: NDArray[np.bool_] = np.asarray(allowed[:, panel].all(axis=1), dtype=bool)
-    options = type(options)(
-        np.where(may_probe[:, None], options.quality, FORBIDDEN_QUALITY),
-        np.where(may_probe[:, None], options.cost, options.cost.max(initial=0.0) + cost.max() + 1),
-        options.probe_cost,
-    )
+    option_allowed = np.repeat(may_probe[:, None], options.quality.shape[1], axis=1)
     budget = window_budget_usd(policy, bounds, len(queries)) or 0.0
     plan = solve_first_stage(
-        quality, cost, options, "budget", budget, solver, tie_tolerance, time_limit_seconds
+        quality,
+        cost,
+        options,
+        "budget",
+        budget,
+        solver,
+        tie_tolerance,
+        time_limit_seconds,
+        np.hstack([allowed, option_allowed]),
     )
     n_models = len(pool_models)
     probed = plan.assignment >= n_models
@@ -278,7 +281,7 @@ def plan_escalation_window(
         answered.any(axis=1), cascade.policy.accept_quality(posterior), FORBIDDEN_QUALITY
     )
     choice = plan_escalations(
-        posterior, accept, cost, panel, "budget", reserve_usd, solver, tie_tolerance
+        posterior, accept, cost, panel, "budget", reserve_usd, solver, tie_tolerance, allowed
     )
     asked = asked_models(probed, pool_models)
     asked[:, panel] = True

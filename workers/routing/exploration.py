@@ -40,9 +40,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from workers.routing.optimizer import Method, WindowPlan, WindowProblem, solve
+from workers.routing.room import NONE, WindowRoom
 from workers.routing.shadow import NOT_SHADOWED, choose_shadows, shadow_spend
 
-NOT_EXPLORED = -1
+NOT_EXPLORED = NONE
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,8 @@ def choose_explorations(
     candidates = np.ones((n, m), dtype=bool) if allowed is None else allowed.copy()
     candidates[rows, planned] = False
     gain = np.where(candidates, draws - problem.quality[rows, planned][:, None], -np.inf)
-    room, uses = _room(problem)
-    caps = problem.capacity_array() - np.bincount(planned, minlength=m)
-    spent = used = 0.0
+    room = WindowRoom(problem)
+    spent = 0.0
     count = 0
     for i in rng.permutation(n):
         if count >= most:
@@ -112,29 +112,12 @@ def choose_explorations(
             cost = float(problem.cost[i, j])
             if gain[i, j] <= 0:
                 break
-            if spent + cost > allowance_usd or used + uses[i, j] > room or caps[j] < 1:
+            if spent + cost > allowance_usd or not room.take(int(i), int(j), shadow=False):
                 continue
             chosen[i] = j
-            spent, used, count = spent + cost, used + uses[i, j], count + 1
-            caps[j] -= 1
-            caps[planned[i]] += 1
+            spent, count = spent + cost, count + 1
             break
     return chosen
-
-
-def _room(problem: WindowProblem) -> tuple[float, NDArray[np.float64]]:
-    """The room the window has for exploring, and what exploring each (query,
-    model) pair would use of it (see the module doc)."""
-    cost, quality = problem.cost, problem.quality
-    if problem.mode == "budget":
-        assert problem.window_budget_usd is not None
-        cheapest = cost.min(axis=1, keepdims=True)
-        room = problem.window_budget_usd - float(cheapest.sum())
-        return room, cost - cheapest
-    assert problem.quality_target is not None
-    best = quality.max(axis=1, keepdims=True)
-    room = float(best.sum()) - problem.quality_target * problem.n_queries
-    return room, best - quality
 
 
 def explore_and_solve(
@@ -159,9 +142,11 @@ def explore_and_solve(
     explored = explore != NOT_EXPLORED
     spend = float(problem.cost[explored, explore[explored]].sum())
     answered = np.where(explored, explore, plan.assignment)
-    shadow_allowance = _shadow_allowance(problem, plan, answered, explore, shadow_share)
+    shadow_allowance = _shadow_allowance(problem, plan, answered, shadow_share)
     draws = belief_samples(problem.quality, support, rng) if shadow_allowance > 0 else None
-    shadows = choose_shadows(problem, answered, support, shadow_allowance, allowed, draws)
+    shadows = choose_shadows(
+        problem, answered, support, shadow_allowance, allowed, draws, fixed=explore
+    )
     if not explored.any() and (shadows == NOT_SHADOWED).all():
         left = allowance if math.isfinite(allowance) else 0.0
         return ExploredPlan(plan, explored, 0.0, left, shadows)
@@ -191,13 +176,12 @@ def _shadow_allowance(
     problem: WindowProblem,
     plan: WindowPlan,
     answered: NDArray[np.int64],
-    explore: NDArray[np.int64],
     share: float,
 ) -> float:
     """What shadows may spend (module doc of shadow.py): in budget mode `share` of
-    the window's budget, or what the plan leaves unspent if that is more, within
-    the room exploration left (a shadow's whole cost comes on top of the query's
-    answer); in quality mode `share` of the planned spend."""
+    the window's budget, or what the plan leaves unspent if that is more; in
+    quality mode `share` of the planned spend. Each shadow must also leave room to
+    plan the rest of the window (choose_shadows)."""
     if share <= 0:
         return 0.0
     if problem.mode != "budget":
@@ -205,10 +189,7 @@ def _shadow_allowance(
     assert problem.window_budget_usd is not None
     budget = problem.window_budget_usd
     unspent = budget - float(problem.cost[np.arange(problem.n_queries), answered].sum())
-    explored = np.flatnonzero(explore != NOT_EXPLORED)
-    room, uses = _room(problem)
-    left = room - float(uses[explored, explore[explored]].sum())
-    return max(min(max(share * budget, unspent), left), 0.0)
+    return max(share * budget, unspent, 0.0)
 
 
 def _rest_of(
@@ -248,4 +229,5 @@ def _rest_of(
         fallback_model=problem.fallback_model,
         tie_tolerance=problem.tie_tolerance,
         uncertainty=None if problem.uncertainty is None else problem.uncertainty.take(rest),
+        allowed=problem.permitted[rest],
     )

@@ -78,6 +78,9 @@ class WindowProblem:
     # Budget mode: a plan must beat the best affordable single model by more than
     # its uncertainty (`keep_single_model`); None: no such check.
     uncertainty: Uncertainty | None = None
+    # (n_queries, n_models): the pairs a plan may use (the queries' hints); a hard
+    # constraint, never traded for capacity or budget. None: every pair.
+    allowed: NDArray[np.bool_] | None = None
 
     def __post_init__(self) -> None:
         quality = np.asarray(self.quality, dtype=float)
@@ -105,12 +108,28 @@ class WindowProblem:
             or self.uncertainty.cluster.shape != (quality.shape[0],)
         ):
             raise ValueError("uncertainty must hold a cluster per query and a variance per pair")
-        dearest = cost.max(axis=1, keepdims=True)
+        allowed = (
+            np.ones(quality.shape, dtype=bool)
+            if self.allowed is None
+            else np.asarray(self.allowed, dtype=bool)
+        )
+        if allowed.shape != quality.shape or not allowed.any(axis=1).all():
+            raise ValueError("allowed must match quality and allow every query some model")
+        object.__setattr__(self, "permitted", allowed)
+        # The tie penalty is relative to the dearest option the query may take: a
+        # forbidden model must not change the choice between allowed ones.
+        dearest = np.where(allowed, cost, 0.0).max(axis=1, keepdims=True)
         relative_cost = np.divide(cost, dearest, out=np.zeros_like(cost), where=dearest > 0)
         object.__setattr__(self, "preference", quality - self.tie_tolerance * relative_cost)
 
     # Quality less the tie penalty: what the solvers maximise (set in __post_init__).
     preference: NDArray[np.float64] = field(init=False, repr=False, compare=False)
+    # `allowed`, every pair True when None (set in __post_init__).
+    permitted: NDArray[np.bool_] = field(init=False, repr=False, compare=False)
+
+    def masked(self, score: NDArray[np.float64]) -> NDArray[np.float64]:
+        """`score` with every forbidden pair at -inf: what the fast path ranks."""
+        return np.where(self.permitted, score, -np.inf)
 
     @property
     def n_queries(self) -> int:
@@ -123,13 +142,17 @@ class WindowProblem:
     def meets_limit(self, assignment: NDArray[np.int64]) -> bool:
         """Does the plan keep the budget (budget mode) or reach the target (quality mode)?"""
         rows = np.arange(self.n_queries)
+        if not self.permitted[rows, assignment].all():
+            return False
         if self.mode == "budget":
             return bool(self.cost[rows, assignment].sum() <= _budget(self))
         return bool(self.quality[rows, assignment].sum() >= _target_total(self))
 
     def capacity_array(self) -> NDArray[np.float64]:
         """Capacities as floats (inf: unlimited), with the fallback model made unlimited
-        when the window would not fit otherwise."""
+        when the window would not fit otherwise. Where the allowed pairs cannot fit
+        the window even so (queries that may take only a full model), capacities
+        yield and the hints hold: every capacity is lifted."""
         if self.capacities is None:
             return np.full(self.n_models, np.inf)
         caps = np.array([np.inf if c is None else float(c) for c in self.capacities])
@@ -140,7 +163,16 @@ class WindowProblem:
                     f"{self.n_queries}; raise ROUTER_MODEL_CAPACITIES or set ROUTER_FALLBACK_MODEL"
                 )
             caps[self.fallback_model] = np.inf
-        return caps
+        if self.permitted.all():
+            return caps
+        reachable = self.masked(np.zeros_like(self.cost))
+        if best_within(reachable, caps) is not None:
+            return caps
+        if self.fallback_model is not None:
+            caps[self.fallback_model] = np.inf
+            if best_within(reachable, caps) is not None:
+                return caps
+        return np.full(self.n_models, np.inf)
 
 
 @dataclass(frozen=True)
@@ -203,10 +235,6 @@ def solve(
 GAIN_STANDARD_ERRORS = 2.5
 
 
-# The quality windows.exclude gives a pair a query's hints forbid: below any real one.
-EXCLUDED_QUALITY = -1.0
-
-
 def best_single_model(problem: WindowProblem) -> int | None:
     """The model predicted best on the whole window among those that can take all of
     it: within the budget and its capacity, and allowed for every query (ties: the
@@ -214,7 +242,7 @@ def best_single_model(problem: WindowProblem) -> int | None:
     affordable = (
         (problem.cost.sum(axis=0) <= _budget(problem))
         & (problem.capacity_array() >= problem.n_queries)
-        & (problem.quality > EXCLUDED_QUALITY).all(axis=0)
+        & problem.permitted.all(axis=0)
     )
     if not affordable.any():
         return None
@@ -287,37 +315,34 @@ def _solve_ilp(
     # Costs are fractions of a cent; scale them near 1 so solver tolerances are relative.
     cost_scale = float(problem.cost.mean()) or 1.0
     cost = problem.cost / cost_scale
-    x = [[pulp.LpVariable(f"x_{i}_{j}", cat=pulp.LpBinary) for j in range(m)] for i in range(n)]
+    # A forbidden pair has no variable: no plan of the solver's can use it.
+    pairs = [(i, j) for i in range(n) for j in range(m) if problem.permitted[i, j]]
+    x = {(i, j): pulp.LpVariable(f"x_{i}_{j}", cat=pulp.LpBinary) for i, j in pairs}
     sense = pulp.LpMaximize if objective == "max_quality" else pulp.LpMinimize
     model = pulp.LpProblem("window", sense)
     weights = problem.preference if objective == "max_quality" else cost
-    model += pulp.LpAffineExpression(
-        (x[i][j], float(weights[i, j])) for i in range(n) for j in range(m)
-    )
+    model += pulp.LpAffineExpression((x[p], float(weights[p])) for p in pairs)
     for i in range(n):
-        model += pulp.LpAffineExpression((v, 1.0) for v in x[i]) == 1, f"one_{i}"
+        row = [x[i, j] for j in range(m) if (i, j) in x]
+        model += pulp.LpAffineExpression((v, 1.0) for v in row) == 1, f"one_{i}"
     for j in range(m):
         if math.isfinite(caps[j]):
-            model += (
-                pulp.LpAffineExpression((x[i][j], 1.0) for i in range(n)) <= caps[j],
-                f"cap_{j}",
-            )
+            column = [x[i, j] for i in range(n) if (i, j) in x]
+            model += pulp.LpAffineExpression((v, 1.0) for v in column) <= caps[j], f"cap_{j}"
     if budget_usd is not None:
-        spend = pulp.LpAffineExpression(
-            (x[i][j], float(cost[i, j])) for i in range(n) for j in range(m)
-        )
+        spend = pulp.LpAffineExpression((x[p], float(cost[p])) for p in pairs)
         model += spend <= budget_usd / cost_scale, "budget"
     if min_total_quality is not None:
-        gained = pulp.LpAffineExpression(
-            (x[i][j], float(problem.quality[i, j])) for i in range(n) for j in range(m)
-        )
+        gained = pulp.LpAffineExpression((x[p], float(problem.quality[p])) for p in pairs)
         model += gained >= min_total_quality, "target"
     model.solve(_pulp_solver(time_limit_seconds))
     if model.sol_status == pulp.LpSolutionInfeasible:
         return None, "infeasible"
     if model.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         return None, "out_of_time"
-    values = np.array([[v.varValue or 0.0 for v in row] for row in x])
+    values = np.full((n, m), -1.0)
+    for (i, j), v in x.items():
+        values[i, j] = v.varValue or 0.0
     ended: _IlpStatus = "optimal" if model.sol_status == pulp.LpSolutionOptimal else "out_of_time"
     return values.argmax(axis=1).astype(np.int64), ended
 
@@ -365,7 +390,7 @@ def _assign_within_capacity(
     still prefer it; an under-full model's positive price falls just enough to
     fill it. Prices carry over between calls (warm start), and what is still
     over-full after `rounds` is moved to the next-best model with room.
-    Returns the plan and the prices.
+    A pair scored -inf (forbidden) is never taken. Returns the plan and the prices.
     """
     n, m = score.shape
     prices = np.zeros(m) if prices is None else prices.copy()
@@ -394,7 +419,9 @@ def _assign_within_capacity(
         regret = best - runner_up
         for j in over:
             regrets = np.sort(regret[choice == j])[::-1]
-            prices[j] += regrets[int(caps[j])] + 1e-12
+            # Infinite: more queries than fit may take only j; the repair decides.
+            if math.isfinite(regrets[int(caps[j])]):
+                prices[j] += regrets[int(caps[j])] + 1e-12
         for j in idle:
             outsiders = np.sort(best[choice != j] - net[choice != j, j])
             free = int(caps[j] - load[j])
@@ -402,6 +429,10 @@ def _assign_within_capacity(
                 prices[j] = max(0.0, prices[j] - outsiders[min(free, outsiders.size) - 1])
     net = score - prices
     repaired = _repair_capacity(net, net.argmax(axis=1).astype(np.int64), caps)
+    if (np.bincount(repaired, minlength=m) > caps).any():
+        # Moving one query at a time was not enough (only chains of moves fit).
+        exact = best_within(score, caps)
+        repaired = repaired if exact is None else exact
     return _use_free_capacity(score, repaired, caps), prices
 
 
@@ -423,6 +454,8 @@ def _repair_capacity(
             options = np.where(load < caps, score[i], -np.inf)
             options[j] = -np.inf
             target = int(options.argmax())
+            if not np.isfinite(options[target]):
+                continue  # nowhere else it may go
             choice[i], load[j], load[target] = target, load[j] - 1, load[target] + 1
     return choice
 
@@ -451,6 +484,118 @@ def _use_free_capacity(
                 moved = True
         if not moved:
             break
+    return choice
+
+
+def best_within(
+    score: NDArray[np.float64],
+    caps: NDArray[np.float64],
+    start: NDArray[np.int64] | None = None,
+) -> NDArray[np.int64] | None:
+    """Exactly: maximise sum score[i, a_i] with at most caps[j] queries on model j,
+    never a pair scored -inf; None when no plan fits. `start`: a plan to begin
+    from (one that was best before a query left or a capacity shrank: a few steps
+    away). On the models' exchange graph (moving query i from model a to b costs
+    score[i, a] - score[i, b]): first every chain of moves that gains is made
+    (negative cycles, through a model with room), then one query of overflow at a
+    time moves along the cheapest chain that ends at a model with room
+    (successive shortest paths)."""
+    n, m = score.shape
+    if n and not np.isfinite(score.max(axis=1)).all():
+        return None
+    choice = (score.argmax(axis=1) if start is None else start).astype(np.int64)
+    if start is not None and not np.isfinite(score[np.arange(n), choice]).all():
+        return None
+    if start is not None:
+        choice = _cancel_gaining_chains(score, choice, caps)
+    load = np.bincount(choice, minlength=m).astype(float)
+    models = np.arange(m)
+    while (load > caps).any():
+        weight, mover = _exchange_graph(score, choice, load)
+        distance = np.where(load > caps, 0.0, np.inf)
+        parent = np.full(m, -1)
+        for _ in range(m):  # Bellman-Ford: moves back make negative edges
+            through = distance[:, None] + weight
+            via = through.argmin(axis=0)
+            shorter = through[via, models] < distance - 1e-12
+            if not shorter.any():
+                break
+            distance, parent = (
+                np.where(shorter, through[via, models], distance),
+                np.where(shorter, via, parent),
+            )
+        ends = np.flatnonzero((load < caps) & np.isfinite(distance))
+        if not ends.size:
+            return None
+        end = int(ends[distance[ends].argmin()])
+        load[end] += 1
+        for _ in range(m):
+            begin = int(parent[end])
+            if begin < 0:
+                break
+            choice[mover[begin, end]] = end
+            end = begin
+        load[end] -= 1
+    return choice
+
+
+def _exchange_graph(
+    score: NDArray[np.float64], choice: NDArray[np.int64], load: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+    """weight[a, b]: the least a query on a loses by moving to b (inf: none may);
+    mover[a, b]: that query."""
+    n, m = score.shape
+    loss = score[np.arange(n), choice][:, None] - score  # inf where forbidden
+    weight = np.full((m, m), np.inf)
+    mover = np.zeros((m, m), dtype=np.int64)
+    for a in np.flatnonzero(load > 0):
+        members = np.flatnonzero(choice == a)
+        cheapest = loss[members].argmin(axis=0)
+        weight[a], mover[a] = loss[members[cheapest], np.arange(m)], members[cheapest]
+    np.fill_diagonal(weight, np.inf)
+    return weight, mover
+
+
+def _cancel_gaining_chains(
+    score: NDArray[np.float64], choice: NDArray[np.int64], caps: NDArray[np.float64]
+) -> NDArray[np.int64]:
+    """Make every chain of moves that raises the total score: cycles among the
+    models, and chains from any model to one with room (through a node `free`,
+    m: from it to any model with a query, from a model with room to it)."""
+    choice = choice.copy()
+    n, m = score.shape
+    for _ in range(n * m + 1):
+        load = np.bincount(choice, minlength=m).astype(float)
+        weight, mover = _exchange_graph(score, choice, load)
+        graph = np.full((m + 1, m + 1), np.inf)
+        graph[:m, :m] = weight
+        graph[:m, m] = np.where(load < caps, 0.0, np.inf)
+        graph[m, :m] = np.where(load > 0, 0.0, np.inf)
+        distance, parent = np.zeros(m + 1), np.full(m + 1, -1)
+        last = -1
+        for _ in range(m + 1):
+            through = distance[:, None] + graph
+            via = through.argmin(axis=0)
+            best = through[via, np.arange(m + 1)]
+            shorter = best < distance - 1e-12
+            if not shorter.any():
+                last = -1
+                break
+            distance, parent = np.where(shorter, best, distance), np.where(shorter, via, parent)
+            last = int(np.flatnonzero(shorter)[0])
+        if last < 0:
+            return choice
+        for _ in range(m + 1):  # step back onto the cycle
+            last = int(parent[last])
+        cycle, node = [last], int(parent[last])
+        while node != last:
+            cycle.append(node)
+            node = int(parent[node])
+        # cycle lists the nodes backwards: parent[v] -> v is an edge
+        moves = [(int(parent[v]), v) for v in cycle]
+        for a, b in moves:
+            if a < m and b < m:
+                choice[mover[a, b]] = b
     return choice
 
 
@@ -495,11 +640,12 @@ class _Lagrangian:
         self.preference = problem.preference
         self.cost = problem.cost / scale
         self.mode = problem.mode
+        self.masked = problem.masked
 
     def __call__(self, multiplier: float) -> NDArray[np.float64]:
         if self.mode == "budget":  # maximise preference - lambda c
-            return self.preference - multiplier * self.cost
-        return multiplier * self.quality - self.cost  # minimise c - lambda q
+            return self.masked(self.preference - multiplier * self.cost)
+        return self.masked(multiplier * self.quality - self.cost)  # minimise c - lambda q
 
 
 def _greedy_moves(
@@ -525,7 +671,7 @@ def _greedy_moves(
     load = np.bincount(plan, minlength=m).astype(float)
     budget_mode = problem.mode == "budget"
     for _ in range(n * m):
-        room = (load < caps)[None, :]
+        room = (load < caps)[None, :] & problem.permitted
         d_quality = quality - quality[rows, plan][:, None]
         d_cost = cost - cost[rows, plan][:, None]
         d_objective = objective - objective[rows, plan][:, None]
@@ -563,15 +709,15 @@ def solve_fast(problem: WindowProblem) -> WindowPlan:
     caps = problem.capacity_array()
     feasible = problem.meets_limit
     if problem.mode == "budget":
-        cheapest, _ = _assign_within_capacity(-problem.cost, caps)
+        cheapest, _ = _assign_within_capacity(problem.masked(-problem.cost), caps)
         if not feasible(cheapest):
             return WindowPlan(
                 problem, cheapest, "infeasible_budget_cheapest_plan", "lagrangian", _since(started)
             )
     else:
-        best_quality, _ = _assign_within_capacity(problem.quality, caps)
+        best_quality, _ = _assign_within_capacity(problem.masked(problem.quality), caps)
         if not feasible(best_quality):
-            best_preferred, _ = _assign_within_capacity(problem.preference, caps)
+            best_preferred, _ = _assign_within_capacity(problem.masked(problem.preference), caps)
             return WindowPlan(
                 problem,
                 best_preferred,
@@ -595,14 +741,15 @@ def per_query_plan(problem: WindowProblem) -> WindowPlan:
     an equal share of the budget (or must reach the target on its own)."""
     started = time.perf_counter()
     quality, cost = problem.quality, problem.cost
-    cheapest, best = _lexargmax(-cost, quality), _lexargmax(problem.preference, -cost)
+    cheapest = _lexargmax(problem.masked(-cost), quality)
+    best = _lexargmax(problem.masked(problem.preference), -cost)
     if problem.mode == "budget":
         share = _budget(problem) / problem.n_queries
-        within = np.where(cost <= share, problem.preference, -np.inf)
+        within = np.where(cost <= share, problem.masked(problem.preference), -np.inf)
         choice = np.where(np.isfinite(within.max(axis=1)), _lexargmax(within, -cost), cheapest)
     else:
         assert problem.quality_target is not None
-        good = np.where(quality >= problem.quality_target, -cost, -np.inf)
+        good = np.where(quality >= problem.quality_target, problem.masked(-cost), -np.inf)
         choice = np.where(np.isfinite(good.max(axis=1)), _lexargmax(good, quality), best)
     return WindowPlan(
         problem, choice.astype(np.int64), "near_optimal", "per_query", _since(started)

@@ -32,8 +32,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from workers.routing.optimizer import WindowProblem
+from workers.routing.room import NONE, WindowRoom
 
-NOT_SHADOWED = -1
+NOT_SHADOWED = NONE
 # A free pair's cost, for the worth-per-dollar ratio (a price of 0 is not infinitely good).
 MIN_COST_USD = 1e-9
 
@@ -61,10 +62,13 @@ def choose_shadows(
     allowance_usd: float,
     allowed: NDArray[np.bool_] | None = None,
     draws: NDArray[np.float64] | None = None,
+    fixed: NDArray[np.int64] | None = None,
 ) -> NDArray[np.int64]:
     """For each query the model to shadow it, or NOT_SHADOWED: the pairs whose label
-    is worth most per dollar first, as long as the allowance lasts; with `draws`
-    (one belief draw per pair), only pairs whose draw beats the answer's prediction."""
+    is worth most per dollar first, as long as the allowance lasts and the rest of
+    the window (all but the `fixed`, explored, queries) can still be planned
+    within the budget, target and capacities the shadows leave; with `draws` (one
+    belief draw per pair), only pairs whose draw beats the answer's prediction."""
     n, m = problem.quality.shape
     chosen = np.full(n, NOT_SHADOWED, dtype=np.int64)
     if m == 1 or allowance_usd <= 0:
@@ -76,16 +80,17 @@ def choose_shadows(
         candidates &= draws > problem.quality[rows, answered][:, None]
     cost = problem.cost
     worth = np.where(candidates, label_worth(problem.quality, support, cost), -np.inf)
-    caps = problem.capacity_array() - np.bincount(answered, minlength=m)
+    room = WindowRoom(problem, fixed)
     spent = 0.0
     for flat in np.argsort(-worth, axis=None, kind="stable"):
         i, j = divmod(int(flat), m)
         if not np.isfinite(worth[i, j]):
             break
-        if chosen[i] != NOT_SHADOWED or spent + cost[i, j] > allowance_usd or caps[j] < 1:
+        if chosen[i] != NOT_SHADOWED or spent + cost[i, j] > allowance_usd:
+            continue
+        if not room.take(i, j, shadow=True):
             continue
         chosen[i] = j
-        caps[j] -= 1
         spent += float(cost[i, j])
     return chosen
 

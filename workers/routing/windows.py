@@ -18,7 +18,7 @@ from schemas import Assignment, PredictedQuery, WindowReport
 from schemas.events import SolverStatus
 from workers.config import PoolPolicy
 from workers.routing.exploration import explore_and_solve
-from workers.routing.optimizer import EXCLUDED_QUALITY, Method, Uncertainty, WindowProblem
+from workers.routing.optimizer import Method, Uncertainty, WindowProblem
 from workers.routing.shadow import NOT_SHADOWED
 
 
@@ -106,20 +106,6 @@ def allowed_pairs(
     return allowed
 
 
-def exclude(
-    quality: NDArray[np.float64], cost: NDArray[np.float64], allowed: NDArray[np.bool_]
-) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Make every pair that is not allowed worse than each allowed pair of its query
-    (lower quality and higher cost), so no plan the optimiser returns uses one:
-    swapping it for the query's cheapest allowed model would improve both sides."""
-    if allowed.all():
-        return quality, cost
-    dearest = np.max(np.where(allowed, cost, 0.0), axis=1, keepdims=True)
-    margin = float(cost.mean()) or 1.0
-    excluded = np.where(allowed, quality, EXCLUDED_QUALITY)
-    return excluded, np.where(allowed, cost, dearest + margin)
-
-
 # Below this many stored outcomes' worth behind the chosen predictions, on average,
 # a window's predictions are the priors and little else: a quality target they
 # miss is not judged infeasible, only not judged yet.
@@ -167,7 +153,7 @@ def route_window(
     shadow_share: float = 0.0,
 ) -> tuple[list[Assignment], WindowReport]:
     """Solve the window over the pool's models; every query gets exactly one, among
-    the models its hints allow (capacities permitting); an `exploration_share` of
+    the models its hints allow (a hard constraint: WindowProblem.allowed); an `exploration_share` of
     it goes where the router knows least (workers/routing/exploration.py), with
     what the pool's previous window left of its allowance (its report's
     `exploration_carried_usd`); a `shadow_share` of its budget pays for shadow
@@ -178,7 +164,6 @@ def route_window(
     cost = np.array([q.cost_usd for q in queries], dtype=float)[:, columns]
     support = support_matrix(queries, columns)
     allowed = allowed_pairs(queries, pool_models, quality, cost)
-    quality, cost = exclude(quality, cost, allowed)
     budget = window_budget_usd(policy, bounds, len(queries)) if policy.mode == "budget" else None
     problem = WindowProblem(
         quality,
@@ -190,6 +175,7 @@ def route_window(
         fallback_model=pool_models.index(fallback_model) if fallback_model in pool_models else None,
         tie_tolerance=tie_tolerance,
         uncertainty=uncertainty_of(queries, columns),
+        allowed=allowed,
     )
     # The window's id seeds the exploration draws: a replayed window draws the same.
     rng = np.random.default_rng(list(hashlib.sha256(bounds.window_id.encode()).digest()[:8]))
