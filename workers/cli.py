@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
-from workers.config import Settings
+from workers.config import ConfigurationError, Settings, load_settings
 
 if TYPE_CHECKING:
     from workers.routing.dataset import OutcomeTable
@@ -52,15 +51,18 @@ data_option = click.option(
 )
 
 
-def load_settings() -> Settings:
-    """Settings from the environment, or a readable error instead of a traceback."""
-    try:
-        return Settings()
-    except ValidationError as exc:
-        raise click.ClickException(f"invalid configuration:\n{exc}") from exc
+class _Commands(click.Group):
+    """Every command's invalid configuration (its own load_settings, or a bench's) is
+    one readable error naming the variables, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """OmniRouter-stream: route LLM queries in windows, at least cost for the quality asked."""
 
