@@ -117,6 +117,17 @@ class PoolPolicy(BaseModel):
             )
         if self.mode == "quality" and self.quality_target is None:
             raise ValueError("quality mode needs quality_target")
+        # Two limits were silently resolved (window_budget_usd beat budget_per_hour_usd),
+        # and a quality pool's budget was silently ignored.
+        limits = [
+            name
+            for name in ("window_budget_usd", "budget_per_hour_usd", "budget_per_query_usd")
+            if getattr(self, name) is not None
+        ]
+        if self.mode == "budget" and len(limits) > 1:
+            raise ValueError(f"budget mode takes one budget limit, got {limits}")
+        if self.mode == "quality" and limits:
+            raise ValueError(f"quality mode takes no budget limit, got {limits}")
         return self
 
 
@@ -409,9 +420,10 @@ class Settings(BaseSettings):
             self.pool_policy("default")
         except ValueError as exc:
             raise ValueError(
-                f"ROUTER_MODE={self.router_mode} needs its limit: set ROUTER_WINDOW_BUDGET_USD, "
-                "ROUTER_BUDGET_PER_HOUR_USD or ROUTER_BUDGET_PER_QUERY_USD (budget) or "
-                f"ROUTER_QUALITY_TARGET (quality) ({exc})"
+                f"ROUTER_MODE={self.router_mode} needs its limit, one only: "
+                "ROUTER_WINDOW_BUDGET_USD, ROUTER_BUDGET_PER_HOUR_USD or "
+                "ROUTER_BUDGET_PER_QUERY_USD (budget) or ROUTER_QUALITY_TARGET (quality) "
+                f"({exc})"
             ) from None
         for pool in self.known_pools():
             models = self.pool_policy(pool).models or self.router_models

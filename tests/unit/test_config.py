@@ -219,3 +219,18 @@ def test_the_benchmarks_load_settings_as_the_commands_do(
     monkeypatch.setenv("ROUTER_MODELS", "claude-v1")
     result = CliRunner().invoke(main, ["bench", "cascade", "--queries", "1"])
     assert result.exit_code == 1 and "ROUTER_MODELS is not valid JSON" in result.output
+
+
+def test_a_policy_takes_one_limit_of_its_mode() -> None:
+    """Two budgets were silently resolved (window_budget_usd beat budget_per_hour_usd),
+    a quality pool's budget silently ignored."""
+    with pytest.raises(ValidationError, match="budget mode takes one budget limit"):
+        PoolPolicy(mode="budget", window_budget_usd=1.0, budget_per_hour_usd=5.0)
+    with pytest.raises(ValidationError, match="quality mode takes no budget limit"):
+        PoolPolicy(mode="quality", quality_target=0.8, budget_per_query_usd=0.01)
+    with pytest.raises(ValidationError, match="ROUTER_MODE=budget needs its limit, one only"):
+        Settings(
+            router_mode="budget", router_window_budget_usd=1.0, router_budget_per_query_usd=0.1
+        )
+    with pytest.raises(ValidationError, match="ROUTER_MODE=quality needs its limit, one only"):
+        Settings(router_budget_per_hour_usd=5.0)
