@@ -316,6 +316,8 @@ class Settings(BaseSettings):
             "ROUTER_MODEL_PRICES": set(self.router_model_prices),
             "ROUTER_MODEL_PRIORS": set(self.router_model_priors),
             "ROUTER_MODEL_CAPACITIES": set(self.router_model_capacities),
+            # A misspelt name here sent our name to the API instead of its own.
+            "OPENAI_MODEL_MAP": set(self.openai_model_map),
             "ROUTER_FALLBACK_MODEL": {self.router_fallback_model}
             if self.router_fallback_model
             else set(),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 
 import pytest
 from click.testing import CliRunner
 
+from workers import services
 from workers.cli import main
 
 
@@ -38,3 +40,15 @@ def test_replay_refuses_negative_counts(option: str) -> None:
     """numpy's negative indexing made --skip -1 replay from the last row."""
     result = CliRunner().invoke(main, ["replay", option, "-1"])
     assert result.exit_code == 2 and "-1 is not in the range x>=0" in result.output
+
+
+def test_a_docker_engine_that_hangs_counts_as_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker info` past its timeout raised TimeoutExpired out of every command that
+    looks for a local service, instead of going on without Docker."""
+
+    def hangs(command: list[str], **options: object) -> None:
+        raise subprocess.TimeoutExpired(command, 10)
+
+    monkeypatch.setattr(services.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(services.subprocess, "run", hangs)
+    assert services.docker_available() is False

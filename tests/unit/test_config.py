@@ -41,6 +41,10 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
             "ROUTER_MODEL_CAPACITIES",
         ),
         ({"router_models": ["a/b", "a-b"]}, "clashing topic names"),
+        (  # a misspelt name sent our name upstream
+            {"router_models": ["a", "b"], "openai_model_map": {"c": "upstream-c"}},
+            r"OPENAI_MODEL_MAP names models not in ROUTER_MODELS: \['c'\]",
+        ),
         ({"router_models": []}, "at least one model"),
         ({"router_window_budget_usd": -1.0}, "greater than or equal to 0"),
         (
