@@ -139,9 +139,9 @@ def choose_panel(
     """The pair of cheap models whose scored answers gain most from escalation to the
     most accurate model (`escalation_gain`, on held-out posteriors); `responses` are
     every model's, (n_queries, n_models). No pair leaves the target out (a pool of
-    two models): the cheapest other model alone, the classic two-model cascade (the
-    pair's second probe is what a single probe saves, escalating the rest); no other
-    model: no panel."""
+    two models): the cheapest other model alone, the classic two-model cascade
+    (probe with the cheap model, escalate its doubtful answers to the accurate one),
+    which keeps the probe's saving; no other model: no panel (fit_cascade refuses)."""
     target = int(np.nanargmax(np.nanmean(truth, axis=0)))
     others = [j for j in cheapest_models(costs, truth.shape[1]) if j != target]
     best: tuple[float, list[int]] = (float("-inf"), others[:1])
