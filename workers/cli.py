@@ -6,18 +6,20 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
-from workers.config import Settings
+from workers.config import ConfigurationError, Settings, load_settings
 
 if TYPE_CHECKING:
     from workers.routing.dataset import OutcomeTable
     from workers.routing.embedder import Embedder
+
+T = TypeVar("T")
 
 # Each role's default Prometheus port (METRICS_PORT overrides it).
 ROUTER_METRICS_PORT, OUTCOMES_METRICS_PORT, MODEL_WORKER_METRICS_PORT = 9101, 9102, 9103
@@ -52,15 +54,18 @@ data_option = click.option(
 )
 
 
-def load_settings() -> Settings:
-    """Settings from the environment, or a readable error instead of a traceback."""
-    try:
-        return Settings()
-    except ValidationError as exc:
-        raise click.ClickException(f"invalid configuration:\n{exc}") from exc
+class _Commands(click.Group):
+    """Every command's invalid configuration (its own load_settings, or a bench's) is
+    one readable error naming the variables, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """OmniRouter-stream: route LLM queries in windows, at least cost for the quality asked."""
 
@@ -112,7 +117,9 @@ def topics_create(bootstrap_servers: str) -> None:
     """Create every topic with its partition count (idempotent)."""
     from workers.stream.topics import create_topics
 
-    result = asyncio.run(create_topics(load_settings(), bootstrap_servers))
+    result = _on_broker(
+        create_topics(load_settings(), bootstrap_servers), bootstrap_servers, "create topics"
+    )
     for topic, state in result.items():
         click.echo(f"{state:8s} {topic}")
 
@@ -199,19 +206,29 @@ def _need_bootstrap(settings: Settings) -> str:
     return settings.kafka_bootstrap_servers
 
 
-def _use_transactions(settings: Settings, bootstrap: str) -> bool:
-    """KAFKA_TRANSACTIONS resolved against the broker (workers/stream/broker_features.py)."""
+def _on_broker(work: Coroutine[Any, Any, T], bootstrap: str, purpose: str) -> T:
+    """Run a command's Kafka work; a broker out of reach is one line naming it and
+    what the command wanted, as for every command, not aiokafka's traceback."""
     from aiokafka.errors import KafkaConnectionError
 
+    try:
+        return asyncio.run(work)
+    except KafkaConnectionError as exc:
+        raise click.ClickException(
+            f"cannot reach the broker at {bootstrap} to {purpose}: {exc}"
+        ) from exc
+
+
+def _use_transactions(settings: Settings, bootstrap: str) -> bool:
+    """KAFKA_TRANSACTIONS resolved against the broker (workers/stream/broker_features.py)."""
     from workers.stream.broker_features import TransactionsUnavailable, use_transactions
 
     try:
-        transactions = asyncio.run(use_transactions(settings, bootstrap))
-    except KafkaConnectionError as exc:
-        raise click.ClickException(
-            f"cannot reach the broker at {bootstrap} to ask whether it has transactions "
-            f"(KAFKA_TRANSACTIONS={settings.kafka_transactions}): {exc}"
-        ) from exc
+        transactions = _on_broker(
+            use_transactions(settings, bootstrap),
+            bootstrap,
+            f"ask whether it has transactions (KAFKA_TRANSACTIONS={settings.kafka_transactions})",
+        )
     except TransactionsUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
     logging.getLogger(__name__).info(
@@ -394,8 +411,10 @@ def judge_replay(loglevel: str) -> None:
 @main.command()
 @data_option
 @click.option("--rate", default=50.0, show_default=True, help="Queries per second; 0: unthrottled.")
-@click.option("--limit", default=0, help="At most this many queries; 0: all.")
-@click.option("--skip", default=0, help="Start after this many rows.")
+@click.option(
+    "--limit", default=0, type=click.IntRange(0), help="At most this many queries; 0: all."
+)
+@click.option("--skip", default=0, type=click.IntRange(0), help="Start after this many rows.")
 @click.option("--pool", default="default", show_default=True)
 @click.option("--run-id", default=None, help="Prefix of the query ids; default a fresh one.")
 def replay(
@@ -412,15 +431,18 @@ def replay(
     table = load_routerbench(data_path or shipped_sample_path())
     rows = list(range(skip, len(table) if limit <= 0 else min(len(table), skip + limit)))
     queries = query_events(table.take(rows), run_id or f"replay-{uuid.uuid4().hex[:8]}", pool)
-    seconds = asyncio.run(
+    bootstrap = _need_bootstrap(settings)
+    seconds = _on_broker(
         produce_queries(
-            _need_bootstrap(settings),
+            bootstrap,
             settings.topic_names()["queries"],
             queries,
             rate,
             progress=lambda n: click.echo(f"produced {n}/{len(queries)}"),
             security=aiokafka_options(settings),
-        )
+        ),
+        bootstrap,
+        "produce queries",
     )
     click.echo(f"produced {len(queries)} queries in {seconds:.1f}s")
 
@@ -441,7 +463,9 @@ def replay(
     show_default=True,
     help="auto: RouterBench if the first JSON row has outcomes and prompt; CSV is generic.",
 )
-@click.option("--limit", default=0, help="At most this many prompts; 0: all.")
+@click.option(
+    "--limit", default=0, type=click.IntRange(0), help="At most this many prompts; 0: all."
+)
 @click.option(
     "--skip-unknown-models",
     is_flag=True,

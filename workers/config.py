@@ -6,21 +6,26 @@ them all in one table; `omnirouter config` prints the values in force.
 
 from __future__ import annotations
 
+import os
 import re
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     SecretStr,
+    ValidationError,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,6 +65,9 @@ Tokens = TypeVar("Tokens", float, "NDArray[np.float64]")
 class ModelPrice(BaseModel):
     """List price of one model in US dollars per million tokens."""
 
+    # A misspelt key is an error, not a price silently left at its default.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     input_per_mtok_usd: NonNegativeFloat
     output_per_mtok_usd: NonNegativeFloat
 
@@ -73,12 +81,15 @@ class ModelPrice(BaseModel):
 class PoolPolicy(BaseModel):
     """How one budget pool's windows are solved."""
 
+    # A misspelt key ("model") is an error, not a pool silently given every model.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     mode: Literal["budget", "quality"] = "budget"
     window_budget_usd: NonNegativeFloat | None = None
     budget_per_hour_usd: NonNegativeFloat | None = None
     budget_per_query_usd: NonNegativeFloat | None = None
     quality_target: float | None = Field(default=None, ge=0.0, le=1.0)
-    models: list[str] | None = None  # None: every configured model
+    models: list[str] | None = Field(default=None, min_length=1)  # None: every configured model
     # An answer-aware cascade (README "Cascade pools"): probe with a cheap panel,
     # escalate only the doubtful answers. Budget mode only.
     cascade: bool = False
@@ -106,13 +117,27 @@ class PoolPolicy(BaseModel):
             )
         if self.mode == "quality" and self.quality_target is None:
             raise ValueError("quality mode needs quality_target")
+        # Two limits were silently resolved (window_budget_usd beat budget_per_hour_usd),
+        # and a quality pool's budget was silently ignored.
+        limits = [
+            name
+            for name in ("window_budget_usd", "budget_per_hour_usd", "budget_per_query_usd")
+            if getattr(self, name) is not None
+        ]
+        if self.mode == "budget" and len(limits) > 1:
+            raise ValueError(f"budget mode takes one budget limit, got {limits}")
+        if self.mode == "quality" and limits:
+            raise ValueError(f"quality mode takes no budget limit, got {limits}")
         return self
 
 
 class Settings(BaseSettings):
     """Environment configuration. Defaults run `make demo` on a fresh machine."""
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+    # inf / NaN are refused: ROUTER_PRIOR_STRENGTH=inf made every prediction NaN.
+    model_config = SettingsConfigDict(
+        env_file=None, extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     # Services. Empty means: start or find a local one (see workers/services.py).
     kafka_bootstrap_servers: str = ""
@@ -291,6 +316,8 @@ class Settings(BaseSettings):
             "ROUTER_MODEL_PRICES": set(self.router_model_prices),
             "ROUTER_MODEL_PRIORS": set(self.router_model_priors),
             "ROUTER_MODEL_CAPACITIES": set(self.router_model_capacities),
+            # A misspelt name here sent our name to the API instead of its own.
+            "OPENAI_MODEL_MAP": set(self.openai_model_map),
             "ROUTER_FALLBACK_MODEL": {self.router_fallback_model}
             if self.router_fallback_model
             else set(),
@@ -354,6 +381,19 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _cascade_pools_can_have_a_panel(self) -> Settings:
+        """A cascade probes with one model at least and escalates to another: a pool of
+        one model could never be fitted (its fit failed at every router start)."""
+        for pool, policy in self.router_pools.items():
+            models = policy.models or self.router_models
+            if policy.cascade and len(set(models)) < 2:
+                raise ValueError(
+                    f"ROUTER_POOLS[{pool}] is a cascade pool of {len(set(models))} model(s): "
+                    "a cascade needs 2 at least, one to probe with and one to escalate to"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _a_window_fits_in_a_rebalance(self) -> Settings:
         needed = self.router_window_seconds + self.router_solver_time_limit_seconds
         if self.rebalance_timeout_seconds() <= needed:
@@ -373,6 +413,27 @@ class Settings(BaseSettings):
             )
         if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
             raise ValueError("KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE go together")
+        if self.kafka_security_protocol.endswith("SSL"):
+            for variable, path in (
+                ("KAFKA_SSL_CAFILE", self.kafka_ssl_cafile),
+                ("KAFKA_SSL_CERTFILE", self.kafka_ssl_certfile),
+                ("KAFKA_SSL_KEYFILE", self.kafka_ssl_keyfile),
+            ):
+                if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                    raise ValueError(f"{variable}={path}: no such readable file")
+        return self
+
+    @model_validator(mode="after")
+    def _database_url_parses(self) -> Settings:
+        """Checked here, not after the embedder has loaded (SQLAlchemy's traceback)."""
+        if self.database_url:
+            try:
+                make_url(self.database_url)
+            except ArgumentError:
+                raise ValueError(
+                    "DATABASE_URL is not a database URL (e.g. "
+                    "postgresql+psycopg://user:password@host:5432/omnirouter)"
+                ) from None
         return self
 
     @model_validator(mode="after")
@@ -381,9 +442,10 @@ class Settings(BaseSettings):
             self.pool_policy("default")
         except ValueError as exc:
             raise ValueError(
-                f"ROUTER_MODE={self.router_mode} needs its limit: set ROUTER_WINDOW_BUDGET_USD, "
-                "ROUTER_BUDGET_PER_HOUR_USD or ROUTER_BUDGET_PER_QUERY_USD (budget) or "
-                f"ROUTER_QUALITY_TARGET (quality) ({exc})"
+                f"ROUTER_MODE={self.router_mode} needs its limit, one only: "
+                "ROUTER_WINDOW_BUDGET_USD, ROUTER_BUDGET_PER_HOUR_USD or "
+                "ROUTER_BUDGET_PER_QUERY_USD (budget) or ROUTER_QUALITY_TARGET (quality) "
+                f"({exc})"
             ) from None
         for pool in self.known_pools():
             models = self.pool_policy(pool).models or self.router_models
@@ -420,6 +482,55 @@ class Settings(BaseSettings):
         return names
 
 
+class ConfigurationError(ValueError):
+    """The environment's configuration is invalid; the message names each variable."""
+
+
+# Fields whose values an error message must not repeat (the URL holds a password).
+_SECRET_FIELDS = {"database_url", "judge_api_key", "openai_api_key", "kafka_sasl_password"}
+_SETTINGS_FIELD = re.compile(r'field "(\w+)"')
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """An error's location as its environment variable: ROUTER_POOLS[p].models."""
+    if not loc:
+        return ""
+    name, *rest = loc
+    if not isinstance(name, str) or name not in Settings.model_fields:
+        return ".".join(str(part) for part in loc)
+    variable = name.upper()
+    if rest and name in ("router_pools", "router_model_prices", "router_model_priors",
+                         "router_model_capacities", "openai_model_map"):  # fmt: skip
+        variable += f"[{rest.pop(0)}]"
+    return ".".join([variable, *(str(part) for part in rest)])
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or one ConfigurationError naming the environment
+    variable of each problem (not pydantic's field names, nor a JSON parser's traceback)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors(include_url=False):
+            message = str(error["msg"]).removeprefix("Value error, ")
+            variable = _variable(tuple(error["loc"]))
+            if variable:
+                shown = "" if error["loc"][0] in _SECRET_FIELDS else f" (got {error['input']!r})"
+                message = f"{variable}: {message}{shown}"
+            lines.append(message)
+        raise ConfigurationError("invalid configuration:\n" + "\n".join(lines)) from None
+    except SettingsError as exc:
+        # Raised for a list or map variable whose value is not JSON.
+        field = _SETTINGS_FIELD.search(str(exc))
+        variable = field.group(1).upper() if field else "a variable"
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise ConfigurationError(
+            f"invalid configuration:\n{variable} is not valid JSON{cause} (a list is written "
+            '["a", "b"], a map {"key": value})'
+        ) from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    return load_settings()

@@ -63,7 +63,10 @@ def wait_for_port(
 def docker_available() -> bool:
     if shutil.which("docker") is None:
         return False
-    probe = subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=False)
+    try:
+        probe = subprocess.run(["docker", "info"], capture_output=True, timeout=10, check=False)
+    except subprocess.TimeoutExpired:  # an engine that hangs is no engine to start a service on
+        return False
     return probe.returncode == 0
 
 

@@ -245,3 +245,29 @@ def test_options_and_posteriors_computed_once_give_the_same_window(
     assert alone.probed.any() and alone.escalated.any()
     assert shared.final_model.tolist() == alone.final_model.tolist()
     assert shared.total_usd == alone.total_usd
+
+
+def test_a_two_model_pool_probes_with_its_cheaper_model() -> None:
+    """Two models: no pair of cheap models leaves the most accurate one to escalate
+    to, so the panel is the other model alone (a classic two-model cascade), never
+    an empty panel (the scorer failed on it: "Input X contains NaN")."""
+    n = 300
+    responses, truth, costs = recorded(n, seed=3)
+    responses = [row[1:] for row in responses]
+    truth, costs = truth[:, 1:], costs[:, 1:]
+    predicted = np.tile([0.7, 0.95], (n, 1))
+    ids = [f"q{i}" for i in range(n)]
+    two = fit_cascade(ids, unit_vectors(n, 3), responses, predicted, truth, costs)
+    assert two.panel == [0]
+
+
+def test_a_cascade_needs_a_panel() -> None:
+    """One model: nothing to probe with and nothing to escalate to; a clear error,
+    not the scorer's."""
+    n = 50
+    responses, truth, costs = recorded(n, seed=4)
+    with pytest.raises(ValueError, match="panel"):
+        fit_cascade(
+            [f"q{i}" for i in range(n)], unit_vectors(n, 4), [row[:1] for row in responses],
+            np.full((n, 1), 0.7), truth[:, :1], costs[:, :1],
+        )  # fmt: skip

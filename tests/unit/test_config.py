@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from click.testing import CliRunner
 from pydantic import ValidationError
 
+from workers.cli import main
 from workers.config import ROUTERBENCH_MODELS, PoolPolicy, Settings, model_topic
 
 
@@ -37,6 +41,10 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
             "ROUTER_MODEL_CAPACITIES",
         ),
         ({"router_models": ["a/b", "a-b"]}, "clashing topic names"),
+        (  # a misspelt name sent our name upstream
+            {"router_models": ["a", "b"], "openai_model_map": {"c": "upstream-c"}},
+            r"OPENAI_MODEL_MAP names models not in ROUTER_MODELS: \['c'\]",
+        ),
         ({"router_models": []}, "at least one model"),
         ({"router_window_budget_usd": -1.0}, "greater than or equal to 0"),
         (
@@ -147,3 +155,110 @@ def test_a_cap_on_a_model_outside_every_cascade_pool_is_accepted() -> None:
         router_pools=cascade_pool(models=["a", "b"]),  # type: ignore[arg-type]
     )
     assert settings.router_model_capacities == {"c": 5}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (  # "model" for "models" gave the pool every model
+            {"router_pools": {"p": {"mode": "quality", "quality_target": 0.8, "model": ["a"]}}},
+            "router_pools.p.model\n  Extra inputs are not permitted",
+        ),
+        (
+            {"router_model_prices": {"a": {"input_per_mtok_usd": 1, "output_per_mtok": 2}}},
+            "router_model_prices.a.output_per_mtok\n  Extra inputs",
+        ),
+        ({"judge_price": {"input_usd": 1}}, "judge_price.input_usd\n  Extra inputs"),
+        (
+            {"router_pools": {"p": {"mode": "quality", "quality_target": 0.8, "models": []}}},
+            "at least 1 item",
+        ),
+        ({"router_prior_strength": float("inf")}, "finite number"),
+        ({"router_window_seconds": float("nan")}, "finite number"),
+        (
+            {"router_model_prices": {"a": {"input_per_mtok_usd": "inf", "output_per_mtok_usd": 1}}},
+            "finite number",
+        ),
+        (
+            {"router_pools": {"p": {"mode": "budget", "window_budget_usd": "nan"}}},
+            "finite number",
+        ),
+        (  # a cascade pool of one model could never be fitted
+            {
+                "router_pools": {
+                    "c": {
+                        "mode": "budget",
+                        "window_budget_usd": 1,
+                        "models": ["a"],
+                        "cascade": True,
+                    }
+                }
+            },
+            r"ROUTER_POOLS\[c\] is a cascade pool of 1 model",
+        ),
+        (
+            {
+                "router_models": ["a"],
+                "router_pools": {"c": {"mode": "budget", "window_budget_usd": 1, "cascade": True}},
+            },
+            r"ROUTER_POOLS\[c\] is a cascade pool of 1 model",
+        ),
+        ({"database_url": "localhost:5432/omnirouter"}, "DATABASE_URL is not a database URL"),
+    ],
+)
+def test_misspelt_infinite_empty_and_unusable_values_are_rejected(
+    overrides: dict[str, object], message: str
+) -> None:
+    overrides = {"router_models": ["a", "b"], **overrides}
+    with pytest.raises(ValidationError, match=message):
+        Settings(**overrides)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("ROUTER_POOLS", '{"p":', "ROUTER_POOLS is not valid JSON: Expecting value"),
+        ("ROUTER_MODELS", "claude-v1", "ROUTER_MODELS is not valid JSON"),
+        ("ROUTER_PRIOR_STRENGTH", "inf", "ROUTER_PRIOR_STRENGTH: Input should be a finite number"),
+        (
+            "ROUTER_POOLS",
+            '{"p": {"mode": "budget", "window_budget_usd": 1, "model": ["claude-v1"]}}',
+            r"ROUTER_POOLS\[p\].model: Extra inputs are not permitted",
+        ),
+        ("DATABASE_URL", "db-pass-456@localhost", "DATABASE_URL is not a database URL"),
+    ],
+)
+def test_the_config_command_names_the_variable_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    """Malformed JSON printed a 56-line traceback, and field errors named pydantic's
+    fields (router_pools.p.model), not the variable the user sets."""
+    monkeypatch.setenv(variable, value)
+    result = CliRunner().invoke(main, ["config"])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output and len(result.output.splitlines()) <= 3
+    assert re.search(message, result.output), result.output
+    assert "db-pass-456" not in result.output  # a URL's password is never repeated
+
+
+def test_the_benchmarks_load_settings_as_the_commands_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ROUTER_MODELS", "claude-v1")
+    result = CliRunner().invoke(main, ["bench", "cascade", "--queries", "1"])
+    assert result.exit_code == 1 and "ROUTER_MODELS is not valid JSON" in result.output
+
+
+def test_a_policy_takes_one_limit_of_its_mode() -> None:
+    """Two budgets were silently resolved (window_budget_usd beat budget_per_hour_usd),
+    a quality pool's budget silently ignored."""
+    with pytest.raises(ValidationError, match="budget mode takes one budget limit"):
+        PoolPolicy(mode="budget", window_budget_usd=1.0, budget_per_hour_usd=5.0)
+    with pytest.raises(ValidationError, match="quality mode takes no budget limit"):
+        PoolPolicy(mode="quality", quality_target=0.8, budget_per_query_usd=0.01)
+    with pytest.raises(ValidationError, match="ROUTER_MODE=budget needs its limit, one only"):
+        Settings(
+            router_mode="budget", router_window_budget_usd=1.0, router_budget_per_query_usd=0.1
+        )
+    with pytest.raises(ValidationError, match="ROUTER_MODE=quality needs its limit, one only"):
+        Settings(router_budget_per_hour_usd=5.0)

@@ -44,7 +44,7 @@ async def test_predictions_carry_each_cascade_query_s_cluster_of_the_current_fit
     named by the fit, so the first stage need not embed the query again."""
     budget = PoolPolicy(mode="budget", budget_per_query_usd=1.0)
     settings = Settings(
-        router_models=["a"],
+        router_models=["a", "b"],
         router_pools={"default": budget, "c": budget.model_copy(update={"cascade": True})},
     )
     state = RouterState(settings, OneAxis(), "")
@@ -59,9 +59,28 @@ async def test_predictions_carry_each_cascade_query_s_cluster_of_the_current_fit
         return np.arange(len(vectors), dtype=np.int64) + 3
 
     policy = SimpleNamespace(clusters=clusters, clustering=SimpleNamespace(digest=lambda: "fit-1"))
-    fitted = FittedCascade(cast(CascadePolicy, policy), ["a"])
+    fitted = FittedCascade(cast(CascadePolicy, policy), ["a", "b"])
     state.cascades["c"] = fitted
     batch = await state.predict(queries)
     assert batch.cascade_cluster == [3, None, 4]
     assert batch.cascade_fit == [fitted.fit_id, None, fitted.fit_id]
     assert [v.tolist() for v in seen] == [OneAxis().embed(["t", "t"]).tolist()]
+
+
+async def test_a_cascade_fit_that_fails_keeps_the_pool_s_current_policy() -> None:
+    """A fit that raises anything (not only a database error) is logged; the router
+    keeps serving the pool with its current policy, at start and on the refit timer."""
+    budget = PoolPolicy(mode="budget", budget_per_query_usd=1.0)
+    settings = Settings(
+        router_models=["a", "b"], router_pools={"c": budget.model_copy(update={"cascade": True})}
+    )
+    state = RouterState(settings, OneAxis(), "")
+    current = cast(FittedCascade, object())
+    state.cascades["c"] = current
+
+    def failing(pool: str) -> FittedCascade | None:
+        raise ValueError("Input X contains NaN.")
+
+    state._fit_cascade = failing  # type: ignore[method-assign]
+    await state.refit_cascades()
+    assert state.cascades["c"] is current

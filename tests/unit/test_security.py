@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from pydantic import ValidationError
 
 from workers.cli import main
-from workers.config import Settings
+from workers.config import ConfigurationError, Settings
 from workers.stream.security import aiokafka_options, faust_credentials
 
 
@@ -85,3 +85,22 @@ def test_the_config_command_masks_every_secret(monkeypatch: pytest.MonkeyPatch) 
     for leaked in ("sk-live-abcdef", "sk-judge-778899", "kafka-pass-123", "db-pass-456"):
         assert leaked not in result.output
     assert "router:***@db.internal" in result.output  # the rest of the URL stays readable
+
+
+def test_ssl_files_are_checked_at_start_and_named(tmp_path: pytest.TempPathFactory) -> None:
+    """A missing file fails with its variable when the settings load; a file that is
+    there but not PEM fails with its variable when the TLS context is made."""
+    with pytest.raises(ValidationError, match="KAFKA_SSL_CAFILE=/nonexistent: no such readable"):
+        Settings(kafka_security_protocol="SSL", kafka_ssl_cafile="/nonexistent")
+    Settings(kafka_ssl_cafile="/nonexistent")  # unused without SSL
+    garbage = tmp_path / "ca.pem"  # type: ignore[operator]
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigurationError, match=f"KAFKA_SSL_CAFILE={garbage}: not a PEM"):
+        aiokafka_options(Settings(kafka_security_protocol="SSL", kafka_ssl_cafile=str(garbage)))
+    settings = Settings(
+        kafka_security_protocol="SSL",
+        kafka_ssl_certfile=str(garbage),
+        kafka_ssl_keyfile=str(garbage),
+    )
+    with pytest.raises(ConfigurationError, match=r"KAFKA_SSL_CERTFILE=.* and KAFKA_SSL_KEYFILE="):
+        faust_credentials(settings)

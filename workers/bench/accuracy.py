@@ -21,7 +21,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from schemas import WindowReport
-from workers.config import Settings
+from workers.config import load_settings
 from workers.db import migrate
 from workers.demo import routed_outcomes, workers
 from workers.routing.dataset import OutcomeTable
@@ -57,7 +57,7 @@ def run(
     warm = table.take(list(range(warm_prompts)))
     live = table.take(list(range(warm_prompts, len(table))))
     budget = budget_share_of_dearest * float(np.nanmax(np.nanmean(warm.costs, axis=0)))
-    settings = Settings()
+    settings = load_settings()
     embedder = make_embedder(settings.router_embedder, Path(settings.embedder_cache_dir))
     run_id = f"acc-{uuid.uuid4().hex[:6]}"
     with LocalBroker() as broker, throwaway_postgres() as database_url:

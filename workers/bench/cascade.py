@@ -26,7 +26,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from schemas import ModelResponse, QueryEvent, WindowReport
-from workers.config import ROUTER_APP_ID, Settings
+from workers.config import ROUTER_APP_ID, load_settings
 from workers.db import migrate
 from workers.demo import workers
 from workers.routing.dataset import load_routerbench, shipped_sample_path
@@ -69,7 +69,7 @@ def run(
     log_dir: Path = Path(".omnirouter/bench-cascade"),
     progress: Callable[[str], None] = print,
 ) -> CascadeFigures:
-    settings = Settings()
+    settings = load_settings()
     sample = load_routerbench(shipped_sample_path())
     embedder = make_embedder(settings.router_embedder, Path(settings.embedder_cache_dir))
     pools = {

@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
 from schemas import Assignment, PredictedBatch, WindowReport
-from workers.config import ModelPrice, Settings
+from workers.config import ModelPrice, Settings, load_settings
 from workers.db import migrate
 from workers.db.models import OutcomeRow
 from workers.demo import routed_outcomes, workers
@@ -112,7 +112,7 @@ def run(
     table = table.take(order)
     live = table.take(list(range(min(queries, len(table)))))
     budget = budget_share_of_dearest * float(np.nanmax(np.nanmean(table.costs, axis=0)))
-    settings = Settings()
+    settings = load_settings()
     prices = fitted_prices(table)
     run_id = f"cold-{uuid.uuid4().hex[:6]}"
     with LocalBroker() as broker, throwaway_postgres() as database_url:

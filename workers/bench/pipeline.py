@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
 from schemas import Outcome, QueryEvent
-from workers.config import ROUTER_APP_ID, Settings
+from workers.config import ROUTER_APP_ID, Settings, load_settings
 from workers.db import migrate
 from workers.db.repository import upsert_outcomes
 from workers.routing.dataset import load_routerbench, shipped_sample_path
@@ -385,7 +385,7 @@ def run(
     progress: Callable[[str], None] = print,
 ) -> PipelineFigures:
     log_dir.mkdir(parents=True, exist_ok=True)
-    settings = Settings()
+    settings = load_settings()
     cache_dir = Path(settings.embedder_cache_dir)
     embedders = {kind: make_embedder(kind, cache_dir) for kind in EMBEDDER_KINDS}
     texts = [q.text for q in short_queries(2000, "raw")]

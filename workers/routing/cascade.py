@@ -138,9 +138,13 @@ def choose_panel(
 ) -> list[int]:
     """The pair of cheap models whose scored answers gain most from escalation to the
     most accurate model (`escalation_gain`, on held-out posteriors); `responses` are
-    every model's, (n_queries, n_models)."""
+    every model's, (n_queries, n_models). No pair leaves the target out (a pool of
+    two models): the cheapest other model alone, the classic two-model cascade
+    (probe with the cheap model, escalate its doubtful answers to the accurate one),
+    which keeps the probe's saving; no other model: no panel (fit_cascade refuses)."""
     target = int(np.nanargmax(np.nanmean(truth, axis=0)))
-    best: tuple[float, list[int]] = (float("-inf"), [])
+    others = [j for j in cheapest_models(costs, truth.shape[1]) if j != target]
+    best: tuple[float, list[int]] = (float("-inf"), others[:1])
     for panel in candidate_panels(costs):
         if target in panel:
             continue
@@ -227,6 +231,11 @@ def fit_cascade(
     if panel is None:
         panel = choose_panel(responses, predicted, clusters, n_clusters, truth, costs)
     panel = list(panel)
+    if not panel or len(panel) >= n_models:
+        raise ValueError(
+            f"a cascade needs a panel of 1 to {n_models - 1} of its {n_models} model(s), "
+            f"got {panel}: one model at least to probe with, one to escalate to"
+        )
     answers = ProbeAnswers.of([[row[j] for j in panel] for row in responses])
     scorer = AnswerScorer(panel, n_models, n_clusters).fit(answers, predicted, clusters, truth)
     score, correct = accepted_correct(scorer.held_out, truth, panel)

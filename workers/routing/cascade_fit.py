@@ -127,6 +127,4 @@ def fit_pool_cascade(
         data.query_ids, data.vectors, data.responses, predicted, data.truth,
         data.costs, panel=panel_columns,
     )  # fmt: skip
-    if len(policy.panel) < 1:
-        return None, len(data.query_ids)
     return FittedCascade(policy, list(models)), len(data.query_ids)

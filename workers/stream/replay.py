@@ -50,7 +50,11 @@ async def produce_queries(
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers, acks="all", linger_ms=5, **(security or {})
     )
-    await producer.start()
+    try:
+        await producer.start()
+    except BaseException:
+        await producer.stop()  # a broker out of reach: no "Unclosed AIOKafkaProducer"
+        raise
     started = time.monotonic()
     try:
         pending = []

@@ -186,14 +186,18 @@ class RouterState:
         return fitted
 
     async def refit_cascades(self) -> None:
-        """Refit every cascade pool's policy off the serving thread; a database outage
-        keeps the current one."""
+        """Refit every cascade pool's policy off the serving thread; a database outage,
+        or a fit that fails on what is stored, keeps the current one (none: the pool
+        routes one-shot) rather than stopping the router at start or on its timer."""
         loop = asyncio.get_running_loop()
         for pool in list(self.cascades):
             try:
                 fitted = await loop.run_in_executor(self.cascade_thread, self._fit_cascade, pool)
             except sa.exc.SQLAlchemyError as exc:
                 log.warning("pool %s: cascade refit: database unavailable (%s)", pool, exc)
+                continue
+            except Exception:
+                log.exception("pool %s: cascade refit failed; keeping its current policy", pool)
                 continue
             if fitted is not None or self.cascades[pool] is None:
                 self.cascades[pool] = fitted

@@ -16,17 +16,31 @@ import faust
 from aiokafka.helpers import create_ssl_context
 from faust.types.auth import CredentialsT
 
-from workers.config import Settings
+from workers.config import ConfigurationError, Settings
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of every Kafka client; a file OpenSSL refuses (not PEM, a key
+    that does not match its certificate) is named by its variable, not a traceback."""
     if not settings.kafka_security_protocol.endswith("SSL"):
         return None
-    return create_ssl_context(
-        cafile=settings.kafka_ssl_cafile or None,
-        certfile=settings.kafka_ssl_certfile or None,
-        keyfile=settings.kafka_ssl_keyfile or None,
-    )
+    cafile = settings.kafka_ssl_cafile or None
+    try:
+        context = create_ssl_context(cafile=cafile)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigurationError(
+            f"KAFKA_SSL_CAFILE={cafile}: not a PEM file of certificate authorities ({exc})"
+        ) from None
+    if settings.kafka_ssl_certfile:
+        try:
+            context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigurationError(
+                f"KAFKA_SSL_CERTFILE={settings.kafka_ssl_certfile} and KAFKA_SSL_KEYFILE="
+                f"{settings.kafka_ssl_keyfile}: not a PEM certificate and its private key "
+                f"({exc})"
+            ) from None
+    return context
 
 
 def aiokafka_options(settings: Settings) -> dict[str, Any]:
