@@ -19,7 +19,7 @@ import asyncio
 import base64
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from schemas import Assignment, DeadLetter, PredictedQuery, ProbeAnswer, ProbedQuery, QueryEvent
 from tests.integration.test_broker_features import create_topic
+from tests.tables import changelog, router_table
 from workers.config import Settings
 from workers.routing.windows import WindowBounds
 from workers.services import LocalBroker
@@ -40,6 +41,7 @@ from workers.stream.pool_ledger import PoolLedger
 from workers.stream.publishers import AcknowledgedPublisher, StartedOnFirstUse, WindowRecords
 from workers.stream.router import producer_options
 from workers.stream.router_state import RouterState
+from workers.stream.table_store import write
 from workers.stream.topics import create_topics
 from workers.stream.window_stage import Solved, WindowStage, solve_batch
 
@@ -48,19 +50,7 @@ Outcomes = tuple[list[str], list[tuple[DeadLetter, bytes | None]]]
 pytestmark = pytest.mark.integration
 
 MODELS = ["small", "large"]
-DECISIONS, LEDGER = "test.routed-changelog", "test.ledger-changelog"
-
-
-@dataclass
-class Table:
-    """The part of a Faust table the decision log and the ledger use."""
-
-    changelog: str
-    data: dict[bytes, bytes] = field(default_factory=dict)
-
-    @property
-    def changelog_topic(self) -> Any:
-        return SimpleNamespace(get_topic_name=lambda: self.changelog)
+DECISIONS, LEDGER = changelog("routed"), changelog("pool_ledger")
 
 
 @dataclass
@@ -123,6 +113,14 @@ async def recovered(bootstrap: str, topic: str) -> dict[bytes, bytes]:
     }
 
 
+def recovered_table(name: str, entries: dict[bytes, bytes]) -> TableT:
+    """The router's table `name`, owning partition 0, holding `entries` as recovered."""
+    table = router_table(name, owned=[0]).table
+    for key, value in entries.items():
+        write(table, 0, key, value)
+    return table
+
+
 async def refuse_crash_and_replay(
     bootstrap: str,
     first: Settings,
@@ -144,8 +142,8 @@ async def refuse_crash_and_replay(
     def owner(
         settings: Settings, decisions: dict[bytes, bytes], ledger: dict[bytes, bytes]
     ) -> WindowStage:
-        log = DecisionLog(cast(TableT, Table(DECISIONS, decisions)))
-        pools = PoolLedger(cast(TableT, Table(LEDGER, ledger)))
+        log = DecisionLog(recovered_table("routed", decisions))
+        pools = PoolLedger(recovered_table("pool_ledger", ledger))
         publisher = AcknowledgedPublisher(WindowRecords(topics, log, pools), producer)
         generation = SimpleNamespace(consumer_generation_id=1, rebalancing=False)
         return WindowStage(
