@@ -40,6 +40,9 @@ POOLS = {
 }
 SEEDED = 200  # the sample's first prompts: the scorer learns from their answers
 QUERIES = 60
+# A router's start fits the cascade on the seeded answers (about 12 s idle, well over
+# a minute on a loaded 2-core machine, where 90 s timed out): a deadline, not a wait.
+STARTED_AND_ROUTED_SECONDS = 240
 
 
 @pytest.fixture
@@ -122,7 +125,7 @@ def test_every_query_of_a_cascade_pool_has_exactly_one_final_answer(
         produce_in_background(broker, names["queries"], queries, 30.0).join()
         wait_until(
             lambda: len(finals(broker, names["responses"], run)[0]) == QUERIES,
-            90,
+            STARTED_AND_ROUTED_SECONDS,
             "a final answer for every query",
         )
         wait_until(
@@ -239,7 +242,7 @@ def test_a_router_killed_between_probe_and_escalation_loses_and_doubles_nothing(
             roles = [r for sent in decided(broker, routes, run).values() for r, *_ in sent]
             return roles.count("probe") >= 10
 
-        wait_until(probes_out, 90, "probes published")
+        wait_until(probes_out, STARTED_AND_ROUTED_SECONDS, "probes published")
         before = final_answers(broker, names["responses"], run)
         router.send_signal(signal.SIGKILL)
         router.wait(timeout=10)
