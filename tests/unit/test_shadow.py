@@ -156,3 +156,20 @@ def test_a_confident_router_spends_no_more_than_its_share() -> None:
         problem, support, 0.0, np.random.default_rng(0), "fast", shadow_share=0.05
     )
     assert planned.shadow_spend_usd == 0.0
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_a_quality_window_that_cannot_reach_its_target_still_gets_shadows(method: str) -> None:
+    """A shadow leaves every answer as planned, so an unreachable target (every model
+    predicted below it, as with little history) is no reason to refuse one: the
+    room check refused them all, and such a window learned nothing."""
+    policy = PoolPolicy(mode="quality", quality_target=0.95)
+    cold = [predicted(i, [0.7, 0.5, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]) for i in range(50)]
+    assignments, report = route_window(
+        "default", policy, cold, MODELS, BOUNDS, solver=method,  # type: ignore[arg-type]
+        tie_tolerance=0.005, shadow_share=0.2,
+    )  # fmt: skip
+    assert report.solver_status.endswith("target_best_quality_plan")  # not reachable
+    assert report.shadow_queries > 0
+    answers = [a for a in assignments if a.role == "answer"]
+    assert {a.model for a in answers} == {"frontier"}  # the best plan, as without shadows

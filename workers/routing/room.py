@@ -11,6 +11,8 @@ from workers.routing.optimizer import WindowProblem, best_within
 
 # A query with no model fixed (not explored) or with no shadow.
 NONE = -1
+# Sums of floats compared with the limit, and with each other.
+LIMIT_TOLERANCE = 1e-12
 
 
 class WindowRoom:
@@ -62,7 +64,7 @@ class WindowRoom:
         else:
             plan = self.score[rows].argmax(axis=1)
         taken = self.taken + self._value(np.array([row]), np.array([model]), shadow)
-        if taken + float(self.score[rows, plan].sum()) < self.limit:
+        if not self._keeps_limit(taken + float(self.score[rows, plan].sum())):
             return False
         self.caps, self.taken = caps, taken
         if shadow:
@@ -71,6 +73,14 @@ class WindowRoom:
             self.fixed[row], self.plan[row] = model, NONE
         self.plan[rows] = plan
         return True
+
+    def _keeps_limit(self, value: float) -> bool:
+        """Whether the window, at `value` after a step, still keeps its limit, or,
+        when it could not anyway (a target out of reach, a budget its cheapest plan
+        exceeds), loses nothing by the step (a shadow beside unchanged answers)."""
+        rest = self.fixed == NONE
+        before = self.taken + float(self.score[rest, self.plan[rest]].sum())
+        return value >= self.limit - LIMIT_TOLERANCE or value >= before - LIMIT_TOLERANCE
 
     def _value(
         self, rows: NDArray[np.int64], models: NDArray[np.int64], shadow: bool = False
