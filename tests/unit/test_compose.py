@@ -55,6 +55,18 @@ def test_every_worker_command_exists_in_the_cli() -> None:
         assert not isinstance(resolved, click.Group), f"{name}: {service['command']} is a group"
 
 
+def test_workers_start_after_the_topics_and_the_schema_exist() -> None:
+    """Only the set-up commands may start before the topics and the migration."""
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    setup = {"topics", "migrate"}
+    for name, service in services.items():
+        if "command" not in service or "build" not in service or name in setup:
+            continue
+        depends = service["depends_on"]
+        for step in setup:
+            assert depends[step]["condition"] == "service_completed_successfully", name
+
+
 def exposed_metric_names() -> set[str]:
     """Every sample name the workers' /metrics can carry (prometheus_client adds the
     _total of counters and the _bucket/_count/_sum of histograms)."""
