@@ -77,7 +77,10 @@ def show_config() -> None:
     settings = load_settings()
     database_url = settings.database_url
     if database_url:
-        database_url = make_url(database_url).render_as_string(hide_password=True)
+        url = make_url(database_url)
+        # libpq also takes the password as a query parameter (?password=...).
+        hidden = {k: "***" for k in url.query if k.lower() == "password"}
+        database_url = url.update_query_dict(hidden).render_as_string(hide_password=True)
     click.echo(settings.model_copy(update={"database_url": database_url}).model_dump_json(indent=2))
 
 

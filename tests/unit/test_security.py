@@ -74,7 +74,8 @@ def test_the_config_command_masks_every_secret(monkeypatch: pytest.MonkeyPatch) 
         "OPENAI_API_KEY": "sk-live-abcdef",
         "JUDGE_API_KEY": "sk-judge-778899",
         "KAFKA_SASL_PASSWORD": "kafka-pass-123",
-        "DATABASE_URL": "postgresql+psycopg://router:db-pass-456@db.internal/omnirouter",
+        "DATABASE_URL": "postgresql+psycopg://router:db-pass-456@db.internal/omnirouter"
+        "?password=db-pass-789&sslmode=require",
     }
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
@@ -82,9 +83,11 @@ def test_the_config_command_masks_every_secret(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("KAFKA_SASL_USERNAME", "router")
     result = CliRunner().invoke(main, ["config"])
     assert result.exit_code == 0, result.output
-    for leaked in ("sk-live-abcdef", "sk-judge-778899", "kafka-pass-123", "db-pass-456"):
+    leaks = ("sk-live-abcdef", "sk-judge-778899", "kafka-pass-123", "db-pass-456", "db-pass-789")
+    for leaked in leaks:
         assert leaked not in result.output
     assert "router:***@db.internal" in result.output  # the rest of the URL stays readable
+    assert "sslmode=require" in result.output
 
 
 def test_ssl_files_are_checked_at_start_and_named(tmp_path: pytest.TempPathFactory) -> None:
