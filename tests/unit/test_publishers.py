@@ -26,6 +26,7 @@ from workers.stream.pool_ledger import PoolLedger
 from workers.stream.publishers import (
     AcknowledgedPublisher,
     PoolWindow,
+    Publisher,
     Record,
     StartedOnFirstUse,
     TransactionalPublisher,
@@ -285,3 +286,23 @@ def test_a_refused_window_s_letters_are_the_recorded_ones() -> None:
         r.letter for r in REFUSED_WINDOW.letters
     ]
     assert REFUSED_WINDOW.keys == ["new", "old"]
+
+
+@pytest.mark.parametrize("transactions", [True, False])
+async def test_a_window_of_a_partition_the_decision_log_does_not_own_stops_the_router(
+    transactions: bool,
+) -> None:
+    """A group mixing routers with and without cascade pools pairs omnirouter.probed's
+    partitions apart from the changelogs': the decisions of such a window were
+    dropped from memory as written (a probed query read again was escalated twice)."""
+    records, routed = window_records()  # owns changelog partitions 0-3
+    stray = PoolWindow("default", 5, [assignment("new")], [], report=None)
+    producer = RecordingProducer()
+    published: Publisher = (
+        TransactionalPublisher(records, cast(PartitionProducers, Producers(fenced=False)))
+        if transactions
+        else AcknowledgedPublisher(records, cast(StartedOnFirstUse, Plain(producer)))
+    )
+    with pytest.raises(RuntimeError, match="same cascade pools"):
+        await published.publish(stray, lambda: True)
+    assert producer.sent == [] and dict(routed.data) == {}

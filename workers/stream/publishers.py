@@ -42,6 +42,7 @@ from workers.stream.codec import encode
 from workers.stream.decision_log import DecisionLog, Refusal
 from workers.stream.fencing import Fenced, PartitionProducers
 from workers.stream.pool_ledger import PoolAccount, PoolLedger, after_escalations, after_window
+from workers.stream.table_store import owns
 
 # A cascade's escalation decisions are keyed apart from the query's first decision.
 ESCALATION_KEY_PREFIX = "escalation:"
@@ -122,6 +123,21 @@ class WindowRecords:
     topics: Topics
     decisions: DecisionLog
     ledger: PoolLedger
+
+    def check_owned(self, window: PoolWindow, still_current: Callable[[], bool]) -> None:
+        """Stop the router when, with no rebalance begun, the window's partition is not
+        its partition of the decision log: Faust pairs partitions of topics only among
+        routers subscribed to the same topics, so a group mixing routers with and
+        without cascade pools splits omnirouter.probed from the changelogs, and the
+        decisions written would leave this router's memory at once (a probed query
+        read again would be escalated twice)."""
+        if still_current() and not owns(self.decisions.table, window.partition):
+            raise RuntimeError(
+                f"pool {window.pool}: partition {window.partition} of its records is not this "
+                f"router's partition of {self.decisions.changelog}: the group's routers "
+                "subscribe to different topics; every router of the group needs the same "
+                'cascade pools (ROUTER_POOLS) and KAFKA_PARTITIONS (README "Upgrading routers")'
+            )
 
     def entries(
         self, changelog: str, window: PoolWindow, pairs: list[tuple[bytes, bytes]]
@@ -264,6 +280,7 @@ class AcknowledgedPublisher:
     producer: StartedOnFirstUse
 
     async def publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
+        self.records.check_owned(window, still_current)
         async with self.records.ledger.lock(window.pool):
             return await self._publish(window, still_current)
 
@@ -297,6 +314,7 @@ class TransactionalPublisher:
     producers: PartitionProducers
 
     async def publish(self, window: PoolWindow, still_current: Callable[[], bool]) -> bool:
+        self.records.check_owned(window, still_current)
         async with self.records.ledger.lock(window.pool):
             return await self._publish(window, still_current)
 

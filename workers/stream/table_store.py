@@ -54,6 +54,9 @@ class Store(memory.Store):
             self.data[key] = value
             self._partitions[key] = partition
 
+    def owns(self, partition: int) -> bool:
+        return partition in self._owned
+
     def _clear(self) -> None:
         super()._clear()
         self._partitions.clear()
@@ -101,7 +104,16 @@ class Store(memory.Store):
 def write(table: TableT, partition: int, key: bytes, value: bytes | None) -> None:
     """Set (None: delete) a key in the table's memory as written to `partition` of
     its changelog: the one way the router's code changes a table's data."""
+    store_of(table).write(partition, key, value)
+
+
+def owns(table: TableT, partition: int) -> bool:
+    """Whether this worker is active for `partition` of the table's changelog."""
+    return store_of(table).owns(partition)
+
+
+def store_of(table: TableT) -> Store:
     store = table.data
     if not isinstance(store, Store):
-        raise TypeError(f"table {table.name} is not kept in an {SCHEME}:// store")
-    store.write(partition, key, value)
+        raise TypeError(f"table {table} is not kept in an {SCHEME}:// store")
+    return store
