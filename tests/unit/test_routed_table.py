@@ -130,3 +130,20 @@ def test_an_entry_published_again_after_its_first_marker_is_kept() -> None:
     log.remember(0, log.published_entries(["q"], 0, at=300.0))  # routed again (a duplicate)
     assert log.forget_before(200.0) == 0
     assert b"q" in table.data
+
+
+def test_an_entry_republished_while_this_router_had_lost_its_partition_is_forgotten() -> None:
+    """Published here at 100, the partition moved away and came back with the entry
+    republished at 200 by its owner meanwhile: the stale queued time hid the recovered
+    marker from track_recovered, and the entry was never forgotten."""
+    table = router_table("routed", owned=[0])
+    log = DecisionLog(table.table)
+    log.remember(0, log.published_entries(["k"], 0, at=100.0))
+    store = table.table.data
+    store.own([])  # the partition moved away
+    store.own([0])  # and came back: recovery brings the owner's later marker
+    write(table.table, 0, b"k", published_marker(0, 200.0))
+    log.track_recovered()
+    assert log.forget_before(150.0) == 0  # published at 200: kept
+    assert log.forget_before(10_000.0) == 1
+    assert b"k" not in table.data

@@ -194,10 +194,15 @@ class DecisionLog:
         and (a tombstone) its compacted changelog."""
         forgotten = 0
         while self._published and self._published[0][0] < cutoff:
-            _, key = heapq.heappop(self._published)
+            queued_at, key = heapq.heappop(self._published)
             marker = parse_published(self.table.data.get(key, b""))
-            if marker is None or marker[1] >= cutoff:
-                continue  # gone already, moved to another router, or published again
+            if marker is None:
+                continue  # gone already, or moved to another router
+            if marker[1] >= cutoff:
+                if marker[1] != queued_at:  # published again (maybe by another router,
+                    # recovered while this stale entry hid it from track_recovered)
+                    heapq.heappush(self._published, (marker[1], key))
+                continue
             write(self.table, marker[0], key, None)
             self.table.send_changelog(marker[0], key, None)
             forgotten += 1
