@@ -12,6 +12,7 @@ from typing import Any, cast
 from schemas import Assignment, ModelResponse, WindowReport
 from tests.tables import changelog, router_table
 from tests.unit.test_publishers import Plain, RecordingProducer, topic
+from workers.config import model_topic
 from workers.routing.probes import accepted_metadata, final_response
 from workers.stream.app import Topics
 from workers.stream.decision_log import DECIDED, PUBLISHED, DecisionLog, decided_assignments
@@ -49,7 +50,6 @@ def report(spend: float) -> WindowReport:
 async def test_an_escalation_window_sends_escalations_and_accepted_finals_once() -> None:
     routed = router_table("routed")
     topics = SimpleNamespace(
-        routes={"dear": topic("route.dear"), "cheap": topic("route.cheap")},
         windows=topic("windows"),
         responses=topic("responses"),
     )
@@ -74,7 +74,7 @@ async def test_an_escalation_window_sends_escalations_and_accepted_finals_once()
         (changelog("routed"), b"escalation:q1"),
         (changelog("routed"), b"escalation:q2"),
     ]
-    assert ("route.dear", b"q2") in sent and ("route.cheap", b"q1") not in sent
+    assert (model_topic("dear"), b"q2") in sent and (model_topic("cheap"), b"q1") not in sent
     assert ("responses", b"q1") in sent
     assert all(k.startswith(b"escalation:") for t, k in sent if t == changelog("routed"))
     assert routed.data[b"escalation:q1"].startswith(PUBLISHED)

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas import Assignment, DeadLetter, WindowReport
 from tests.tables import RouterTable, changelog, router_table
+from workers.config import model_topic
 from workers.stream.app import Topics
 from workers.stream.codec import dead_letter
 from workers.stream.decision_log import DECIDED, PUBLISHED, REFUSED, DecisionLog, Refusal
@@ -126,9 +127,7 @@ def window_records() -> tuple[WindowRecords, RouterTable]:
     routed = router_table("routed")
     topics = cast(
         Topics,
-        SimpleNamespace(
-            routes={"m": topic("route.m")}, windows=topic("w"), deadletter=topic("letters")
-        ),
+        SimpleNamespace(windows=topic("w"), deadletter=topic("letters")),
     )
     ledger = PoolLedger(router_table("pool_ledger").table)
     return WindowRecords(topics, DecisionLog(routed.table), ledger), routed
@@ -149,8 +148,8 @@ async def test_a_committed_window_is_remembered_and_marked_published() -> None:
     assert producers.producer.sent == [
         (ROUTED, b"new", 2),  # published markers, in the pool's partition,
         (ROUTED, b"old", 2),  # committed with the assignments
-        ("route.m", b"new", 0),  # by the key: the topic's one partition
-        ("route.m", b"old", 0),  # a recorded decision re-sent unchanged
+        (model_topic("m"), b"new", 0),  # by the key: the topic's one partition
+        (model_topic("m"), b"old", 0),  # a recorded decision re-sent unchanged
     ]
     assert set(routed.data) == {b"new", b"old"}
     assert all(value.startswith(PUBLISHED) for value in routed.data.values())
@@ -185,7 +184,7 @@ async def test_without_transactions_no_assignment_leaves_before_its_decision_is_
             if not ack.done():
                 ack.set_result(None)
     assert await asyncio.wait_for(publishing, timeout=1)
-    assert [t for t, _, _ in producer.sent[1:3]] == ["route.m", "route.m"]
+    assert [t for t, _, _ in producer.sent[1:3]] == [model_topic("m"), model_topic("m")]
     assert routed.data[b"new"].startswith(PUBLISHED) and routed.data[b"old"].startswith(PUBLISHED)
 
 
@@ -306,3 +305,14 @@ async def test_a_window_of_a_partition_the_decision_log_does_not_own_stops_the_r
     with pytest.raises(RuntimeError, match="same cascade pools"):
         await published.publish(stray, lambda: True)
     assert producer.sent == [] and dict(routed.data) == {}
+
+
+def test_a_decision_for_a_model_this_router_no_longer_routes_is_re_sent_to_its_topic() -> None:
+    """Recorded (not yet sent) by a router that still routed the model, read again by
+    one whose ROUTER_MODELS dropped it: the lookup by this router's models raised
+    KeyError, and the router stopped on the same window at every start."""
+    records, _ = window_records()
+    gone = assignment("old").model_copy(update={"model": "org/retired-model"})
+    window = PoolWindow("default", 2, [], [gone], report=None)
+    [record] = records.outgoing(window)
+    assert record.topic == model_topic("org/retired-model") == "omnirouter.route.org-retired-model"

@@ -37,6 +37,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas import Assignment, ModelResponse, WindowReport
+from workers.config import model_topic
 from workers.stream.app import Topics
 from workers.stream.codec import encode
 from workers.stream.decision_log import DecisionLog, Refusal
@@ -159,14 +160,12 @@ class WindowRecords:
         answers (final) of an escalation window and the refused queries' dead letters."""
         responses = self.topics.responses.get_topic_name() if window.finals else ""
         letters = self.topics.deadletter.get_topic_name() if window.letters else ""
+        # The model's topic by its name, not by this router's ROUTER_MODELS: a decision
+        # recorded by a router that still routed a model since removed is re-sent
+        # where it was meant to go (a lookup raised KeyError at every restart).
         return [
             *(
-                Record(
-                    self.topics.routes[a.model].get_topic_name(),
-                    encode(a),
-                    a.query_id.encode(),
-                    None,
-                )
+                Record(model_topic(a.model), encode(a), a.query_id.encode(), None)
                 for a in window.sent
             ),
             *(Record(responses, encode(r), r.query_id.encode(), None) for r in window.finals),
