@@ -43,43 +43,55 @@ class WindowRoom:
         rest = self.fixed == NONE
         self.plan = np.full(n, NONE, dtype=np.int64)
         found = best_within(self.score[rest], self.caps) if (self.caps >= 0).all() else None
+        self.planned = found is not None  # else the rest cannot be planned at all
         if found is not None:
             self.plan[rest] = found
+        # What the rest's plan takes of the limit's side (kept in step with `plan`).
+        self.rest_value = float(self.score[rest, self.plan[rest]].sum()) if self.planned else 0.0
 
     def take(self, row: int, model: int, shadow: bool) -> bool:
         """Fix query `row`'s answer on `model` (shadow False: an exploration) or give
-        it a shadow there, if the rest of the window still fits; says whether."""
+        it a shadow there, if the rest of the window still fits; says whether.
+
+        Without capacities each query's best is its own, so a step changes only its
+        query's part of the rest (a few operations, not a re-plan: a window whose
+        target is out of reach refuses most candidates, and re-planning each one
+        had cost the router about 0.4 ms of CPU per query)."""
         caps = self.caps.copy()
         caps[model] -= 1
-        rest = (self.fixed == NONE) & (self.plan != NONE)
-        if not shadow:
-            rest[row] = False
-        if (caps < 0).any() or (self.plan[self.fixed == NONE] == NONE).any():
+        if (caps < 0).any() or not self.planned:
             return False
-        rows = np.flatnonzero(rest)
-        if np.isfinite(caps).any():
+        leaves = not shadow and self.plan[row] != NONE  # the query leaves the rest
+        replanned: tuple[NDArray[np.int64], NDArray[np.int64]] | None = None
+        if np.isfinite(caps).any():  # a capacity may bind: re-plan the rest exactly
+            rest = self.plan != NONE
+            rest[row] = rest[row] and not leaves
+            rows = np.flatnonzero(rest)
             plan = best_within(self.score[rows], caps, self.plan[rows])
             if plan is None:
                 return False
+            replanned, rest_value = (rows, plan), float(self.score[rows, plan].sum())
         else:
-            plan = self.score[rows].argmax(axis=1)
+            rest_value = self.rest_value
+            if leaves:
+                rest_value -= float(self.score[row, self.plan[row]])
         taken = self.taken + self._value(np.array([row]), np.array([model]), shadow)
-        if not self._keeps_limit(taken + float(self.score[rows, plan].sum())):
+        if not self._keeps_limit(taken + rest_value):
             return False
-        self.caps, self.taken = caps, taken
+        self.caps, self.taken, self.rest_value = caps, taken, rest_value
         if shadow:
             self.extra[row] = model
         else:
             self.fixed[row], self.plan[row] = model, NONE
-        self.plan[rows] = plan
+        if replanned is not None:
+            self.plan[replanned[0]] = replanned[1]
         return True
 
     def _keeps_limit(self, value: float) -> bool:
         """Whether the window, at `value` after a step, still keeps its limit, or,
         when it could not anyway (a target out of reach, a budget its cheapest plan
         exceeds), loses nothing by the step (a shadow beside unchanged answers)."""
-        rest = self.fixed == NONE
-        before = self.taken + float(self.score[rest, self.plan[rest]].sum())
+        before = self.taken + self.rest_value
         return value >= self.limit - LIMIT_TOLERANCE or value >= before - LIMIT_TOLERANCE
 
     def _value(
