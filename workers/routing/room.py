@@ -39,7 +39,8 @@ class WindowRoom:
         self.caps = problem.capacity_array() - np.bincount(
             self.fixed[rows], minlength=problem.n_models
         )
-        self.taken = self._value(rows, self.fixed[rows])
+        self.capped = bool(np.isfinite(self.caps).any())
+        self.taken = sum(self._value(int(r), int(self.fixed[r])) for r in rows)
         rest = self.fixed == NONE
         self.plan = np.full(n, NONE, dtype=np.int64)
         found = best_within(self.score[rest], self.caps) if (self.caps >= 0).all() else None
@@ -57,13 +58,15 @@ class WindowRoom:
         query's part of the rest (a few operations, not a re-plan: a window whose
         target is out of reach refuses most candidates, and re-planning each one
         had cost the router about 0.4 ms of CPU per query)."""
-        caps = self.caps.copy()
-        caps[model] -= 1
-        if (caps < 0).any() or not self.planned:
+        if not self.planned:
             return False
         leaves = not shadow and self.plan[row] != NONE  # the query leaves the rest
-        replanned: tuple[NDArray[np.int64], NDArray[np.int64]] | None = None
-        if np.isfinite(caps).any():  # a capacity may bind: re-plan the rest exactly
+        caps, replanned = self.caps, None
+        if self.capped:  # a capacity may bind: re-plan the rest exactly
+            caps = caps.copy()
+            caps[model] -= 1
+            if caps[model] < 0:
+                return False
             rest = self.plan != NONE
             rest[row] = rest[row] and not leaves
             rows = np.flatnonzero(rest)
@@ -75,7 +78,7 @@ class WindowRoom:
             rest_value = self.rest_value
             if leaves:
                 rest_value -= float(self.score[row, self.plan[row]])
-        taken = self.taken + self._value(np.array([row]), np.array([model]), shadow)
+        taken = self.taken + self._value(row, model, shadow)
         if not self._keeps_limit(taken + rest_value):
             return False
         self.caps, self.taken, self.rest_value = caps, taken, rest_value
@@ -94,11 +97,9 @@ class WindowRoom:
         before = self.taken + self.rest_value
         return value >= self.limit - LIMIT_TOLERANCE or value >= before - LIMIT_TOLERANCE
 
-    def _value(
-        self, rows: NDArray[np.int64], models: NDArray[np.int64], shadow: bool = False
-    ) -> float:
-        """What answers (or shadows) take of the limit's side: minus their cost in
-        budget mode, their quality in quality mode (a shadow's: none)."""
+    def _value(self, row: int, model: int, shadow: bool = False) -> float:
+        """What an answer (or a shadow) takes of the limit's side: minus its cost in
+        budget mode, its quality in quality mode (a shadow's: none)."""
         if self.problem.mode == "budget":
-            return -float(self.problem.cost[rows, models].sum())
-        return 0.0 if shadow else float(self.problem.quality[rows, models].sum())
+            return -float(self.problem.cost[row, model])
+        return 0.0 if shadow else float(self.problem.quality[row, model])
