@@ -173,3 +173,30 @@ def test_a_quality_window_that_cannot_reach_its_target_still_gets_shadows(method
     assert report.shadow_queries > 0
     answers = [a for a in assignments if a.role == "answer"]
     assert {a.model for a in answers} == {"frontier"}  # the best plan, as without shadows
+
+
+@pytest.mark.parametrize("mode", ["quality", "budget"])
+def test_under_capacities_shadows_take_only_slots_the_answers_leave_free(mode: str) -> None:
+    """A shadow in a slot an answer used pushed that answer to a dearer (or worse)
+    model when the rest was planned again: with shadows on, a quality window's
+    answers cost twice as much for a few cents of shadows (found by review)."""
+    rng = np.random.default_rng(1)
+    n, m = 400, 6
+    quality = np.clip(rng.normal(np.linspace(0.4, 0.8, m), 0.2, (n, m)), 0, 1)
+    cost = np.geomspace(1e-5, 3e-3, m) * rng.uniform(0.5, 2, (n, m))
+    support = rng.uniform(0, 5, (n, m))
+    limits = {"quality_target": 0.68} if mode == "quality" else {"window_budget_usd": 0.12}
+    problem = WindowProblem(
+        quality, cost, mode, capacities=(90, 90, 80, 80, 70, 70), fallback_model=0, **limits
+    )  # type: ignore[arg-type]
+    plans = [
+        explore_and_solve(
+            problem, support, 0.0, np.random.default_rng(0), "fast", 0.25, None, 0.0, share
+        )
+        for share in (0.0, 0.05)
+    ]
+    if mode == "quality":  # the answers as without shadows (budget: shadows spend some of it)
+        assert plans[0].plan.assignment.tolist() == plans[1].plan.assignment.tolist()
+    shadows = plans[1].shadows[plans[1].shadows != NOT_SHADOWED]
+    used = np.bincount(plans[1].plan.assignment, minlength=m) + np.bincount(shadows, minlength=m)
+    assert (used <= np.array(problem.capacity_array())).all()

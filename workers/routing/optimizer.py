@@ -709,15 +709,15 @@ def solve_fast(problem: WindowProblem) -> WindowPlan:
     caps = problem.capacity_array()
     feasible = problem.meets_limit
     if problem.mode == "budget":
-        cheapest, _ = _assign_within_capacity(problem.masked(-problem.cost), caps)
+        cheapest = reference = _best_assignment(problem.masked(-problem.cost), caps)
         if not feasible(cheapest):
             return WindowPlan(
                 problem, cheapest, "infeasible_budget_cheapest_plan", "lagrangian", _since(started)
             )
     else:
-        best_quality, _ = _assign_within_capacity(problem.masked(problem.quality), caps)
+        best_quality = reference = _best_assignment(problem.masked(problem.quality), caps)
         if not feasible(best_quality):
-            best_preferred, _ = _assign_within_capacity(problem.masked(problem.preference), caps)
+            best_preferred = _best_assignment(problem.masked(problem.preference), caps)
             return WindowPlan(
                 problem,
                 best_preferred,
@@ -731,9 +731,25 @@ def solve_fast(problem: WindowProblem) -> WindowPlan:
         repaired = _greedy_moves(problem, below, caps, "repair")
         if feasible(repaired):
             candidates.append(_greedy_moves(problem, repaired, caps, "improve"))
-    plans = [WindowPlan(problem, c, "near_optimal", "lagrangian", 0.0) for c in candidates]
+    # The heuristic's plans may miss the limit under capacities; the reference
+    # (the cheapest, or the best quality, plan) keeps it.
+    kept = [c for c in candidates if feasible(c)] + [reference]
+    plans = [WindowPlan(problem, c, "near_optimal", "lagrangian", 0.0) for c in kept]
     chosen = max(plans, key=lambda plan: plan.objective(problem.mode))
     return WindowPlan(problem, chosen.assignment, "near_optimal", "lagrangian", _since(started))
+
+
+def _best_assignment(score: NDArray[np.float64], caps: NDArray[np.float64]) -> NDArray[np.int64]:
+    """The best plan within the capacities: the Lagrangian heuristic's, made exact
+    when a capacity is finite (the heuristic's cheapest plan had cost up to a third
+    more than the cheapest, so a window that could keep its budget was called
+    infeasible and routed over it)."""
+    plan, _ = _assign_within_capacity(score, caps)
+    if np.isfinite(caps).any():
+        exact = best_within(score, caps, start=plan)
+        if exact is not None:
+            plan = exact
+    return plan
 
 
 def per_query_plan(problem: WindowProblem) -> WindowPlan:

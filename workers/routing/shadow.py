@@ -81,16 +81,20 @@ def choose_shadows(
     cost = problem.cost
     worth = np.where(candidates, label_worth(problem.quality, support, cost), -np.inf)
     room = WindowRoom(problem, fixed)
+    # Only slots the answers leave free: a shadow in an answer's slot would push that
+    # answer to a dearer or worse model when the rest is planned again.
+    free = problem.capacity_array() - np.bincount(answered, minlength=m)
     spent = 0.0
     for flat in np.argsort(-worth, axis=None, kind="stable"):
         i, j = divmod(int(flat), m)
         if not np.isfinite(worth[i, j]):
             break
-        if chosen[i] != NOT_SHADOWED or spent + cost[i, j] > allowance_usd:
+        if chosen[i] != NOT_SHADOWED or spent + cost[i, j] > allowance_usd or free[j] < 1:
             continue
         if not room.take(i, j, shadow=True):
             continue
         chosen[i] = j
+        free[j] -= 1
         spent += float(cost[i, j])
     return chosen
 
