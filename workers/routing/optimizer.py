@@ -739,6 +739,16 @@ def solve_fast(problem: WindowProblem) -> WindowPlan:
     return WindowPlan(problem, chosen.assignment, "near_optimal", "lagrangian", _since(started))
 
 
+def within_capacity(
+    score: NDArray[np.float64], caps: NDArray[np.float64]
+) -> NDArray[np.int64] | None:
+    """Exactly the best plan within the capacities (None: none fits), started from
+    the Lagrangian heuristic's (a few exchanges away, not a whole solve)."""
+    if not np.isfinite(caps).any():
+        return None if (score.max(axis=1) == -np.inf).any() else score.argmax(axis=1)
+    return best_within(score, caps, start=_assign_within_capacity(score, caps)[0])
+
+
 def _best_assignment(score: NDArray[np.float64], caps: NDArray[np.float64]) -> NDArray[np.int64]:
     """The best plan within the capacities: the Lagrangian heuristic's, made exact
     when a capacity is finite (the heuristic's cheapest plan had cost up to a third

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from workers.routing.optimizer import WindowProblem, best_within
+from workers.routing.optimizer import WindowProblem, within_capacity
 
 # A query with no model fixed (not explored) or with no shadow.
 NONE = -1
@@ -43,7 +43,7 @@ class WindowRoom:
         self.taken = sum(self._value(int(r), int(self.fixed[r])) for r in rows)
         rest = self.fixed == NONE
         self.plan = np.full(n, NONE, dtype=np.int64)
-        found = best_within(self.score[rest], self.caps) if (self.caps >= 0).all() else None
+        found = within_capacity(self.score[rest], self.caps) if (self.caps >= 0).all() else None
         self.planned = found is not None  # else the rest cannot be planned at all
         if found is not None:
             self.plan[rest] = found
@@ -57,35 +57,26 @@ class WindowRoom:
         Without capacities each query's best is its own, so a step changes only its
         query's part of the rest (a few operations, not a re-plan: a window whose
         target is out of reach refuses most candidates, and re-planning each one
-        had cost the router about 0.4 ms of CPU per query). With capacities a shadow
-        takes only a slot no answer uses (taking one would push an answer to a dearer
-        or worse model, a cost its allowance never saw), and an exploration whose
-        model has room keeps the rest's plan; only one that needs a full model's
-        slot re-plans the rest."""
+        had cost the router about 0.4 ms of CPU per query). With capacities a step
+        takes only a slot the rest's plan leaves free, so that plan stays: a shadow
+        in an answer's slot would push the answer to a dearer or worse model (a cost
+        its allowance never saw), and re-planning the rest for every candidate had
+        taken seconds on a window of 2,000 queries."""
         if not self.planned:
             return False
         leaves = not shadow and self.plan[row] != NONE  # the query leaves the rest
-        caps, replanned = self.caps, None
+        caps = self.caps
         if self.capped:
             caps = caps.copy()
             caps[model] -= 1
             if caps[model] < 0:
                 return False
             load = np.bincount(self.plan[self.plan != NONE], minlength=self.problem.n_models)
-            if shadow and load[model] > caps[model]:
-                return False  # a shadow takes only a slot no answer uses
-            if shadow or load[model] <= caps[model]:  # the plan (less the query) still fits
-                rest_value = self.rest_value - (
-                    float(self.score[row, self.plan[row]]) if leaves else 0.0
-                )
-            else:  # the rest must be re-planned exactly
-                replanned, rest_value = self._replanned(row, leaves, caps)
-                if replanned is None:
-                    return False
-        else:
-            rest_value = self.rest_value
-            if leaves:
-                rest_value -= float(self.score[row, self.plan[row]])
+            if load[model] > caps[model]:
+                return False  # only a slot the rest's plan leaves free
+        rest_value = self.rest_value
+        if leaves:  # the rest's plan less the query, which still fits (a lower bound)
+            rest_value -= float(self.score[row, self.plan[row]])
         taken = self.taken + self._value(row, model, shadow)
         if not self._keeps_limit(taken + rest_value):
             return False
@@ -94,22 +85,7 @@ class WindowRoom:
             self.extra[row] = model
         else:
             self.fixed[row], self.plan[row] = model, NONE
-        if replanned is not None:
-            self.plan[replanned[0]] = replanned[1]
         return True
-
-    def _replanned(
-        self, row: int, leaves: bool, caps: NDArray[np.float64]
-    ) -> tuple[tuple[NDArray[np.int64], NDArray[np.int64]] | None, float]:
-        """The rest's best plan within `caps` (without `row` when it leaves), from the
-        current one, and its value; None when the rest no longer fits."""
-        rest = self.plan != NONE
-        rest[row] = rest[row] and not leaves
-        rows = np.flatnonzero(rest)
-        plan = best_within(self.score[rows], caps, self.plan[rows])
-        if plan is None:
-            return None, 0.0
-        return (rows, plan), float(self.score[rows, plan].sum())
 
     def _keeps_limit(self, value: float) -> bool:
         """Whether the window, at `value` after a step, still keeps its limit, or,
