@@ -754,12 +754,8 @@ def _best_assignment(score: NDArray[np.float64], caps: NDArray[np.float64]) -> N
     when a capacity is finite (the heuristic's cheapest plan had cost up to a third
     more than the cheapest, so a window that could keep its budget was called
     infeasible and routed over it)."""
-    plan, _ = _assign_within_capacity(score, caps)
-    if np.isfinite(caps).any():
-        exact = best_within(score, caps, start=plan)
-        if exact is not None:
-            plan = exact
-    return plan
+    exact = within_capacity(score, caps)
+    return exact if exact is not None else _assign_within_capacity(score, caps)[0]
 
 
 def per_query_plan(problem: WindowProblem) -> WindowPlan:

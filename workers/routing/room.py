@@ -33,15 +33,13 @@ class WindowRoom:
         else:
             assert problem.quality_target is not None
             self.limit = problem.quality_target * n
-        self.fixed = np.full(n, NONE, dtype=np.int64) if fixed is None else fixed.copy()
-        self.extra = np.full(n, NONE, dtype=np.int64)
-        rows = np.flatnonzero(self.fixed != NONE)
-        self.caps = problem.capacity_array() - np.bincount(
-            self.fixed[rows], minlength=problem.n_models
-        )
+        fixed = np.full(n, NONE, dtype=np.int64) if fixed is None else fixed
+        rows = np.flatnonzero(fixed != NONE)
+        self.caps = problem.capacity_array() - np.bincount(fixed[rows], minlength=problem.n_models)
         self.capped = bool(np.isfinite(self.caps).any())
-        self.taken = sum(self._value(int(r), int(self.fixed[r])) for r in rows)
-        rest = self.fixed == NONE
+        self.taken = sum(self._value(int(r), int(fixed[r])) for r in rows)
+        rest = fixed == NONE
+        # The rest's plan; NONE for a query fixed (explored) before or since.
         self.plan = np.full(n, NONE, dtype=np.int64)
         found = within_capacity(self.score[rest], self.caps) if (self.caps >= 0).all() else None
         self.planned = found is not None  # else the rest cannot be planned at all
@@ -81,10 +79,8 @@ class WindowRoom:
         if not self._keeps_limit(taken + rest_value):
             return False
         self.caps, self.taken, self.rest_value = caps, taken, rest_value
-        if shadow:
-            self.extra[row] = model
-        else:
-            self.fixed[row], self.plan[row] = model, NONE
+        if not shadow:
+            self.plan[row] = NONE  # its answer is fixed now
         return True
 
     def _keeps_limit(self, value: float) -> bool:
