@@ -27,13 +27,17 @@ _KEEP_IF_NONE = (
     "output_tokens",
     "cost_usd",
     "latency_ms",
-    "error",
     "embedding",
     "embedder",
     "query_text",
     "judge_cost_usd",
-    "response_excerpt",
 )
+
+
+# One answer's result, its excerpt or its error: an event that reports either
+# replaces both (`_reports_attempt`). A model asked again (a cascade escalation
+# after its failed probe) is stored with its answer, not with the first error.
+_ATTEMPT_COLUMNS = ("error", "response_excerpt")
 
 
 # What a score replaces together (`_takes_score`).
@@ -134,13 +138,17 @@ def _takes_score(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
     )
 
 
+def _reports_attempt(row: Mapping[str, Any]) -> bool:
+    return any(row[column] is not None for column in _ATTEMPT_COLUMNS)
+
+
 def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (query_id, model), merged in order as the upsert merges into a
-    stored row: a field an event leaves None keeps the earlier value, a score
-    replaces an earlier one as `_takes_score` says, and the pool is the first
-    event's. (ON CONFLICT may not touch a row twice in one statement,
-    so a batch is merged here first; usage with the text followed by a judge's
-    score in the same batch keeps both.)"""
+    stored row: a field an event leaves None keeps the earlier value, an answer or
+    an error replaces both earlier ones, a score replaces an earlier one as
+    `_takes_score` says, and the pool is the first event's. (ON CONFLICT may not
+    touch a row twice in one statement, so a batch is merged here first; usage
+    with the text followed by a judge's score in the same batch keeps both.)"""
     merged: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
         key = (row["query_id"], row["model"])
@@ -150,6 +158,9 @@ def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         kept = merged[key]
         for column in _KEEP_IF_NONE:
             if row[column] is not None:
+                kept[column] = row[column]
+        if _reports_attempt(row):
+            for column in _ATTEMPT_COLUMNS:
                 kept[column] = row[column]
         if _takes_score(row, kept):
             for column in _SCORE_COLUMNS:
@@ -166,7 +177,8 @@ def upsert_outcomes(
     """Insert outcomes, or merge them into the row of the same (query_id, model).
 
     A field that the newer event leaves None keeps its stored value, so a late
-    quality score does not erase the usage recorded earlier, and vice versa; a
+    quality score does not erase the usage recorded earlier, and vice versa; an
+    answer or an error replaces both stored ones (the latest attempt's); a
     score replaces the stored one if its source ranks higher (user > replay >
     judge), so a judge never overrides a user's feedback, or if its source is the
     same and it is not older (by the outcome's `created_at`, stored as
@@ -187,6 +199,7 @@ def upsert_outcomes(
     table = OutcomeRow.__table__
     new, old = statement.excluded, table.c
     new_rank, old_rank = _source_rank(new.score_source), _source_rank(old.score_source)
+    reports_attempt = sa.or_(*(new[c].is_not(None) for c in _ATTEMPT_COLUMNS))  # _reports_attempt
     takes_score = sa.and_(  # _takes_score
         new.quality_score.is_not(None),
         sa.or_(
@@ -201,6 +214,7 @@ def upsert_outcomes(
         index_elements=["query_id", "model"],
         set_={
             **{c: sa.func.coalesce(new[c], old[c]) for c in _KEEP_IF_NONE},
+            **{c: sa.case((reports_attempt, new[c]), else_=old[c]) for c in _ATTEMPT_COLUMNS},
             **{c: sa.case((takes_score, new[c]), else_=old[c]) for c in _SCORE_COLUMNS},
             "updated_at": sa.func.now(),
         },
