@@ -237,7 +237,7 @@ def test_a_model_asked_again_is_stored_with_its_answer_not_the_first_error(
     failed = Outcome(query_id="q", model="m", error="HTTP 500 from the model API", text="Q?")
     answered = Outcome(query_id="q", model="m", cost_usd=0.01, response="(B)", text="Q?")
     score = Outcome(query_id="q", model="m", quality_score=1.0, source="judge")
-    for batch in ([failed], [answered], [score]):
+    for batch in ([failed], [answered], [score], [failed]):
         with Session(postgres_engine) as session, session.begin():
             upsert_outcomes(session, batch, [None])
     with Session(postgres_engine) as session:
