@@ -105,3 +105,19 @@ def test_of_two_scores_from_one_source_the_later_by_its_time_stands() -> None:
     untimed = row(quality_score=0.4, score_source="user")
     assert merge_rows([untimed, first])[0]["quality_score"] == 0.2
     assert merge_rows([first, untimed])[0]["quality_score"] == 0.2
+
+
+def test_a_model_asked_again_keeps_its_answer_not_the_first_attempts_error() -> None:
+    """A cascade escalation that asks a panel model again after its probe failed:
+    the row held the escalated answer beside the probe's error. An answer replaces
+    the error; an error (a failed re-send after a crash) leaves a stored answer;
+    a score alone leaves either."""
+    failed = row(error="HTTP 500 from the model API")
+    answered = row(response_excerpt="The answer is (B).", cost_usd=0.01)
+    judged = row(quality_score=1.0, score_source="judge")
+    (merged,) = merge_rows([failed, answered, judged])
+    assert (merged["error"], merged["response_excerpt"]) == (None, "The answer is (B).")
+    (merged,) = merge_rows([answered, failed])
+    assert (merged["error"], merged["response_excerpt"]) == (None, "The answer is (B).")
+    (merged,) = merge_rows([failed, row(error="timeout")])
+    assert (merged["error"], merged["response_excerpt"]) == ("timeout", None)

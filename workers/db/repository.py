@@ -27,13 +27,17 @@ _KEEP_IF_NONE = (
     "output_tokens",
     "cost_usd",
     "latency_ms",
-    "error",
     "embedding",
     "embedder",
     "query_text",
     "judge_cost_usd",
-    "response_excerpt",
 )
+
+
+# One attempt's result, its answer's excerpt or its error, replaced together
+# (`_takes_attempt`): a model asked again (a cascade escalation after its failed
+# probe) is stored with its answer, not with the first error.
+_ATTEMPT_COLUMNS = ("error", "response_excerpt")
 
 
 # What a score replaces together (`_takes_score`).
@@ -134,13 +138,23 @@ def _takes_score(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
     )
 
 
+def _takes_attempt(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
+    """Whether the new row's attempt replaces the old one's: an answer replaces
+    anything, an error only where no answer is stored (a failed re-send after a
+    crash must not hide the answer that was delivered and judged). The upsert's
+    `takes_attempt` is the same rule in SQL."""
+    if new["error"] is None:
+        return new["response_excerpt"] is not None
+    return old["response_excerpt"] is None
+
+
 def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (query_id, model), merged in order as the upsert merges into a
-    stored row: a field an event leaves None keeps the earlier value, a score
-    replaces an earlier one as `_takes_score` says, and the pool is the first
-    event's. (ON CONFLICT may not touch a row twice in one statement,
-    so a batch is merged here first; usage with the text followed by a judge's
-    score in the same batch keeps both.)"""
+    stored row: a field an event leaves None keeps the earlier value, an attempt
+    replaces the earlier one as `_takes_attempt` says, a score replaces an earlier one as
+    `_takes_score` says, and the pool is the first event's. (ON CONFLICT may not
+    touch a row twice in one statement, so a batch is merged here first; usage
+    with the text followed by a judge's score in the same batch keeps both.)"""
     merged: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
         key = (row["query_id"], row["model"])
@@ -150,6 +164,9 @@ def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         kept = merged[key]
         for column in _KEEP_IF_NONE:
             if row[column] is not None:
+                kept[column] = row[column]
+        if _takes_attempt(row, kept):
+            for column in _ATTEMPT_COLUMNS:
                 kept[column] = row[column]
         if _takes_score(row, kept):
             for column in _SCORE_COLUMNS:
@@ -166,7 +183,8 @@ def upsert_outcomes(
     """Insert outcomes, or merge them into the row of the same (query_id, model).
 
     A field that the newer event leaves None keeps its stored value, so a late
-    quality score does not erase the usage recorded earlier, and vice versa; a
+    quality score does not erase the usage recorded earlier, and vice versa; an
+    answer replaces the stored attempt, an error only one without an answer; a
     score replaces the stored one if its source ranks higher (user > replay >
     judge), so a judge never overrides a user's feedback, or if its source is the
     same and it is not older (by the outcome's `created_at`, stored as
@@ -187,6 +205,10 @@ def upsert_outcomes(
     table = OutcomeRow.__table__
     new, old = statement.excluded, table.c
     new_rank, old_rank = _source_rank(new.score_source), _source_rank(old.score_source)
+    takes_attempt = sa.or_(  # _takes_attempt
+        sa.and_(new.error.is_(None), new.response_excerpt.is_not(None)),
+        sa.and_(new.error.is_not(None), old.response_excerpt.is_(None)),
+    )
     takes_score = sa.and_(  # _takes_score
         new.quality_score.is_not(None),
         sa.or_(
@@ -201,6 +223,7 @@ def upsert_outcomes(
         index_elements=["query_id", "model"],
         set_={
             **{c: sa.func.coalesce(new[c], old[c]) for c in _KEEP_IF_NONE},
+            **{c: sa.case((takes_attempt, new[c]), else_=old[c]) for c in _ATTEMPT_COLUMNS},
             **{c: sa.case((takes_score, new[c]), else_=old[c]) for c in _SCORE_COLUMNS},
             "updated_at": sa.func.now(),
         },
