@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
@@ -529,6 +530,31 @@ def load_settings() -> Settings:
             f"invalid configuration:\n{variable} is not valid JSON{cause} (a list is written "
             '["a", "b"], a map {"key": value})'
         ) from None
+
+
+# The default pool's routing policy (Settings.pool_policy) and the pools'.
+POLICY_VARIABLES = frozenset(
+    {
+        "ROUTER_MODE",
+        "ROUTER_WINDOW_BUDGET_USD",
+        "ROUTER_BUDGET_PER_HOUR_USD",
+        "ROUTER_BUDGET_PER_QUERY_USD",
+        "ROUTER_QUALITY_TARGET",
+        "ROUTER_POOLS",
+    }
+)
+
+
+def environment_for_workers(overrides: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the workers a command starts under a routing policy of its
+    own (the demo, the benchmarks): this process's, without POLICY_VARIABLES (in any
+    case, as Settings reads them), then `overrides`. An exported budget beside the
+    command's own was two budget limits, refused at start; an exported ROUTER_POOLS
+    silently replaced its policy. The rest (broker security, cache dirs, ...) is kept."""
+    inherited = {
+        name: value for name, value in os.environ.items() if name.upper() not in POLICY_VARIABLES
+    }
+    return inherited | dict(overrides)
 
 
 @lru_cache(maxsize=1)
