@@ -254,6 +254,9 @@ class Settings(BaseSettings):
     # Operations: each worker's Prometheus port (0: none; unset: 9101 router,
     # 9102 outcome writer, 9103 model worker) and the log format.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # The address /metrics listens on: loopback, not every interface of a laptop;
+    # the image (ops/Dockerfile) sets 0.0.0.0, where Prometheus scrapes from outside.
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
     log_format: Literal["text", "json"] = "text"
 
     # Kafka.
