@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from click.testing import CliRunner
 
-from workers.config import Settings
+from workers.cli import main
+from workers.config import Settings, model_topic
 from workers.stream.kafka_io import consume_values, produce_values
 from workers.stream.topics import create_topics, describe_cleanup_policies, describe_partitions
 
@@ -38,6 +43,56 @@ async def test_table_changelogs_are_compacted_and_event_topics_are_not(
     policies = await describe_cleanup_policies(kafka_bootstrap_servers, list(names.values()))
     for role, topic in names.items():
         assert policies[topic] == ("compact" if role.endswith("_changelog") else "delete"), role
+
+
+async def create_topics_of(bootstrap: str, partitions: dict[str, int]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(t, n, 1) for t, n in partitions.items()])
+    finally:
+        await admin.close()
+
+
+async def topic_names(bootstrap: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+def test_topics_create_reports_each_topic_of_another_partition_count_and_changes_none(
+    kafka_bootstrap_servers: str,
+) -> None:
+    """The router's tables need co-partitioned topics: an existing topic of another
+    count was accepted as it was. Adding partitions would move keys: none are added."""
+    run = uuid.uuid4().hex[:8]
+    few, many, new = (model_topic(f"{kind}-{run}") for kind in ("few", "many", "new"))
+    asyncio.run(create_topics_of(kafka_bootstrap_servers, {few: 1, many: 5}))
+    models = ["m/one", "m-two", f"few-{run}", f"many-{run}", f"new-{run}"]
+
+    result = CliRunner().invoke(
+        main,
+        ["topics", "create"],
+        env={
+            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap_servers,
+            "KAFKA_PARTITIONS": "3",  # as the tests above: the shared topics match it
+            "ROUTER_MODELS": json.dumps(models),
+        },
+    )
+
+    print(result.output)
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert f"{few}: has 1, configured 3" in lines
+    assert f"{many}: has 5, configured 3" in lines
+    assert asyncio.run(describe_partitions(kafka_bootstrap_servers, [few, many])) == {
+        few: 1,
+        many: 5,
+    }
+    assert new not in asyncio.run(topic_names(kafka_bootstrap_servers))
 
 
 async def test_values_produced_are_consumed_back_in_full(kafka_bootstrap_servers: str) -> None:

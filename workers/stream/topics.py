@@ -10,18 +10,39 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
-from workers.config import Settings
+from workers.config import ConfigurationError, Settings
 from workers.stream.security import aiokafka_options
 
 
+class TopicPartitionsMismatch(ConfigurationError):
+    """Existing topics whose partition count is not KAFKA_PARTITIONS: the router's
+    tables need co-partitioned topics, and adding partitions would move keys to
+    other partitions, so the operator decides (recreate them, or set the count)."""
+
+    def __init__(self, counts: dict[str, int], configured: int) -> None:
+        lines = [
+            f"{topic}: has {count}, configured {configured}" for topic, count in counts.items()
+        ]
+        super().__init__(
+            f"existing topics whose partition count is not KAFKA_PARTITIONS={configured} "
+            "(nothing was created or changed):\n" + "\n".join(lines)
+        )
+
+
 async def create_topics(settings: Settings, bootstrap_servers: str) -> dict[str, str]:
-    """Create missing topics; return {topic: "created" | "exists"}."""
+    """Create missing topics; return {topic: "created" | "exists"}. Raises
+    TopicPartitionsMismatch, before creating any, if an existing one has another
+    partition count than KAFKA_PARTITIONS."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **aiokafka_options(settings))
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
         names = settings.topic_names()
         wanted = sorted(set(names.values()))
+        present = sorted(set(await admin.list_topics()) & set(wanted))
+        existing = await _partition_counts(admin, present)
+        mismatched = {t: n for t, n in existing.items() if n != settings.kafka_partitions}
+        if mismatched:
+            raise TopicPartitionsMismatch(mismatched, settings.kafka_partitions)
         compacted = {topic for role, topic in names.items() if role.endswith("_changelog")}
         missing = [t for t in wanted if t not in existing]
         if missing:
@@ -45,13 +66,19 @@ async def create_topics(settings: Settings, bootstrap_servers: str) -> dict[str,
         await admin.close()
 
 
+async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    if not topics:
+        return {}
+    described = await admin.describe_topics(topics)
+    return {d["topic"]: len(d["partitions"]) for d in described}
+
+
 async def describe_partitions(bootstrap_servers: str, topics: list[str]) -> dict[str, int]:
     """Partition count of each topic, as the broker reports it."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
     try:
-        described = await admin.describe_topics(topics)
-        return {d["topic"]: len(d["partitions"]) for d in described}
+        return await _partition_counts(admin, topics)
     finally:
         await admin.close()
 
