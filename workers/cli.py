@@ -117,7 +117,9 @@ def topics() -> None:
 @topics.command("create")
 @click.option("--bootstrap-servers", envvar="KAFKA_BOOTSTRAP_SERVERS", required=True)
 def topics_create(bootstrap_servers: str) -> None:
-    """Create every topic with its partition count (idempotent)."""
+    """Create every topic with its partition count (idempotent); an existing topic the
+    routers pair by partition of another count is reported, and nothing is created
+    or changed."""
     from workers.stream.topics import create_topics
 
     result = _on_broker(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 
@@ -253,6 +254,9 @@ class Settings(BaseSettings):
     # Operations: each worker's Prometheus port (0: none; unset: 9101 router,
     # 9102 outcome writer, 9103 model worker) and the log format.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # The address /metrics listens on: loopback, not every interface of a laptop;
+    # the image (ops/Dockerfile) sets 0.0.0.0, where Prometheus scrapes from outside.
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
     log_format: Literal["text", "json"] = "text"
 
     # Kafka.
@@ -529,6 +533,31 @@ def load_settings() -> Settings:
             f"invalid configuration:\n{variable} is not valid JSON{cause} (a list is written "
             '["a", "b"], a map {"key": value})'
         ) from None
+
+
+# The default pool's routing policy (Settings.pool_policy) and the pools'.
+POLICY_VARIABLES = frozenset(
+    {
+        "ROUTER_MODE",
+        "ROUTER_WINDOW_BUDGET_USD",
+        "ROUTER_BUDGET_PER_HOUR_USD",
+        "ROUTER_BUDGET_PER_QUERY_USD",
+        "ROUTER_QUALITY_TARGET",
+        "ROUTER_POOLS",
+    }
+)
+
+
+def environment_for_workers(overrides: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the workers a command starts under a routing policy of its
+    own (the demo, the benchmarks): this process's, without POLICY_VARIABLES (in any
+    case, as Settings reads them), then `overrides`. An exported budget beside the
+    command's own was two budget limits, refused at start; an exported ROUTER_POOLS
+    silently replaced its policy. The rest (broker security, cache dirs, ...) is kept."""
+    inherited = {
+        name: value for name, value in os.environ.items() if name.upper() not in POLICY_VARIABLES
+    }
+    return inherited | dict(overrides)
 
 
 @lru_cache(maxsize=1)

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from schemas import Assignment, WindowReport
-from workers.config import Settings, model_topic
+from workers.config import Settings, environment_for_workers, model_topic
 from workers.db import migrate
 from workers.db.models import OutcomeRow
 from workers.db.repository import count_outcomes
@@ -252,6 +251,34 @@ def store_at_start(engine: sa.Engine) -> str:
     )
 
 
+def demo_budget_per_hour(sample: OutcomeTable) -> float:
+    """35% of what sending every query to the dearest model costs, per hour of replay."""
+    dearest_per_query = float(np.nanmax(np.nanmean(sample.costs, axis=0)))
+    return BUDGET_SHARE_OF_DEAREST * dearest_per_query * REPLAY_RATE_QPS * 3600
+
+
+def demo_environment(bootstrap: str, database_url: str, sample: OutcomeTable) -> dict[str, str]:
+    """The workers' environment: the demo's budget, prices and pace over this process's
+    environment (an exported routing policy is not inherited: environment_for_workers)."""
+    return environment_for_workers(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "DATABASE_URL": database_url,
+            "ROUTER_MODE": "budget",
+            "ROUTER_BUDGET_PER_HOUR_USD": f"{demo_budget_per_hour(sample):.6f}",
+            "ROUTER_WINDOW_SECONDS": str(WINDOW_SECONDS),
+            "ROUTER_MODEL_PRICES": json.dumps(
+                {m: p.model_dump() for m, p in fitted_prices(sample).items()}
+            ),
+            "ROUTER_STORE_REFRESH_SECONDS": "1",
+            "ROUTER_REFIT_SECONDS": "30",
+            "REPLAY_SCORES": "false",
+            "JUDGE_SAMPLE_SHARE": str(JUDGE_SAMPLE_SHARE),
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
+
+
 def run_demo(settings: Settings, state_dir: Path, warm_start: int = 0) -> int:
     started = time.monotonic()
     sample = load_routerbench(shipped_sample_path())
@@ -275,24 +302,8 @@ def run_demo(settings: Settings, state_dir: Path, warm_start: int = 0) -> int:
         else:
             click.echo(store_at_start(engine))
 
-        dearest_per_query = float(np.nanmax(np.nanmean(sample.costs, axis=0)))
-        budget_per_hour = BUDGET_SHARE_OF_DEAREST * dearest_per_query * REPLAY_RATE_QPS * 3600
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "DATABASE_URL": database_url,
-            "ROUTER_MODE": "budget",
-            "ROUTER_BUDGET_PER_HOUR_USD": f"{budget_per_hour:.6f}",
-            "ROUTER_WINDOW_SECONDS": str(WINDOW_SECONDS),
-            "ROUTER_MODEL_PRICES": json.dumps(
-                {m: p.model_dump() for m, p in fitted_prices(sample).items()}
-            ),
-            "ROUTER_STORE_REFRESH_SECONDS": "1",
-            "ROUTER_REFIT_SECONDS": "30",
-            "REPLAY_SCORES": "false",
-            "JUDGE_SAMPLE_SHARE": str(JUDGE_SAMPLE_SHARE),
-            "HF_HUB_OFFLINE": "1",
-        }
+        budget_per_hour = demo_budget_per_hour(sample)
+        env = demo_environment(bootstrap, database_url, sample)
         click.echo(
             f"[demo] budget mode: ${budget_per_hour:.2f}/hour at {REPLAY_RATE_QPS:.0f} queries/s "
             f"(35% of the dearest model), windows of {WINDOW_SECONDS:.0f}s"

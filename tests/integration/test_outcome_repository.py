@@ -228,6 +228,23 @@ def test_an_answer_excerpt_is_kept_when_a_score_arrives_later(postgres_engine: s
     assert (row.response_excerpt, row.quality_score) == ("The answer is (B).", 1.0)
 
 
+def test_a_model_asked_again_is_stored_with_its_answer_not_the_first_error(
+    postgres_engine: sa.Engine,
+) -> None:
+    """A cascade escalation asks a panel model again after its probe failed: the
+    row kept the probe's error beside the escalated answer (error was merged as a
+    field left None keeps)."""
+    failed = Outcome(query_id="q", model="m", error="HTTP 500 from the model API", text="Q?")
+    answered = Outcome(query_id="q", model="m", cost_usd=0.01, response="(B)", text="Q?")
+    score = Outcome(query_id="q", model="m", quality_score=1.0, source="judge")
+    for batch in ([failed], [answered], [score], [failed]):
+        with Session(postgres_engine) as session, session.begin():
+            upsert_outcomes(session, batch, [None])
+    with Session(postgres_engine) as session:
+        row = session.scalars(sa.select(OutcomeRow)).one()
+    assert (row.error, row.response_excerpt, row.quality_score) == (None, "(B)", 1.0)
+
+
 @pytest.mark.parametrize(
     ("fields", "refusal"),
     [

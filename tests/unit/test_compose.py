@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import click
@@ -115,6 +116,25 @@ def test_prometheus_scrapes_every_worker_on_its_metrics_port() -> None:
         role = service["command"][0]
         if role in expected_port:
             assert scraped.get(name) == expected_port[role], name
+
+
+def image_environment() -> dict[str, str]:
+    """What ops/Dockerfile's `ENV A=1 B=2` lines set."""
+    environment: dict[str, str] = {}
+    for line in (OPS / "Dockerfile").read_text().splitlines():
+        if line.startswith("ENV "):
+            environment.update(word.split("=", 1) for word in shlex.split(line[4:]))
+    return environment
+
+
+def test_the_workers_metrics_are_reachable_from_prometheus_s_container() -> None:
+    """A worker serves /metrics on loopback unless METRICS_HOST says otherwise; the
+    image must, and no compose service may take it back."""
+    assert image_environment()["METRICS_HOST"] == "0.0.0.0"
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    workers = {name: s for name, s in services.items() if "command" in s and "build" in s}
+    for name, service in workers.items():
+        assert service["environment"].get("METRICS_HOST", "0.0.0.0") == "0.0.0.0", name
 
 
 def with_compose_defaults(value: object) -> str:

@@ -164,3 +164,26 @@ def test_on_sqlite_an_outcome_stored_is_not_written_again() -> None:
         upsert_outcomes(session, [usage, judged], [None, None])
     with Session(engine) as session, session.begin():
         assert changing_outcomes(session, [judged, usage, later]) == [later]
+
+
+def test_a_model_asked_again_keeps_its_answer_not_the_first_attempts_error() -> None:
+    """A cascade escalation that asks a panel model again after its probe failed:
+    the row held the escalated answer beside the probe's error. An answer replaces
+    the error; an error (a failed re-send after a crash) leaves a stored answer;
+    a score alone leaves either."""
+    failed = row(error="HTTP 500 from the model API")
+    answered = row(response_excerpt="The answer is (B).", cost_usd=0.01)
+    judged = row(quality_score=1.0, score_source="judge")
+    (merged,) = merge_rows([failed, answered, judged])
+    assert (merged["error"], merged["response_excerpt"]) == (None, "The answer is (B).")
+    (merged,) = merge_rows([answered, failed])
+    assert (merged["error"], merged["response_excerpt"]) == (None, "The answer is (B).")
+    (merged,) = merge_rows([failed, row(error="timeout")])
+    assert (merged["error"], merged["response_excerpt"]) == ("timeout", None)
+
+
+def test_an_answer_after_an_error_changes_the_row_and_the_error_again_does_not() -> None:
+    failed = row(error="HTTP 500 from the model API")
+    answered = row(response_excerpt="(B)", cost_usd=0.01)
+    assert changing_rows([failed, answered], stored(failed)) == [False, True]
+    assert changing_rows([failed], stored(answered)) == [False]

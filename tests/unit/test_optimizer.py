@@ -350,6 +350,24 @@ def test_allowed_pairs_that_cannot_fit_the_capacities_lift_them_and_keep_the_hin
         assert solver(problem).assignment.tolist() == [1, 1]
 
 
+@pytest.mark.parametrize("solver", [solve_exact, solve_fast])
+def test_a_query_confined_to_a_full_model_lifts_only_that_models_capacity(
+    solver: object,
+) -> None:
+    """Queries 0 and 1 may only take model 0, which holds one: model 0 takes one more,
+    and model 1 (best, holding one) keeps its capacity. Every capacity was lifted
+    before, and all three free queries went to model 1."""
+    allowed = np.array([[True, False, False]] * 2 + [[True, True, True]] * 3)
+    quality = np.tile([0.5, 0.9, 0.6], (5, 1))
+    problem = WindowProblem(
+        quality, np.ones((5, 3)), "budget", window_budget_usd=10.0,
+        capacities=(1, 1, None), allowed=allowed,
+    )  # fmt: skip
+    assert problem.capacity_array().tolist() == [2, 1, np.inf]
+    plan = solver(problem)  # type: ignore[operator]
+    assert plan.counts(3).tolist() == [2, 1, 2]
+
+
 def test_best_within_is_the_brute_force_optimum() -> None:
     """The exact capacitated assignment (successive shortest paths) on small random
     instances, forbidden pairs at -inf, against every plan."""

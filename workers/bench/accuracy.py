@@ -11,7 +11,6 @@ outcome is known for every model.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from schemas import WindowReport
-from workers.config import load_settings
+from workers.config import environment_for_workers, load_settings
 from workers.db import migrate
 from workers.demo import routed_outcomes, workers
 from workers.routing.dataset import OutcomeTable
@@ -65,16 +64,17 @@ def run(
         asyncio.run(create_topics(settings, broker.bootstrap_servers))
         engine = sa.create_engine(database_url)
         seed_outcomes(engine, warm, embedder)
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-            "DATABASE_URL": database_url,
-            "ROUTER_MODE": "budget",
-            "ROUTER_BUDGET_PER_QUERY_USD": repr(budget),
-            "ROUTER_WINDOW_SECONDS": str(window_seconds),
-            "ROUTER_REFIT_SECONDS": "3600",
-            "REPLAY_DATA_PATH": str(data_path),
-        }
+        env = environment_for_workers(
+            {
+                "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+                "DATABASE_URL": database_url,
+                "ROUTER_MODE": "budget",
+                "ROUTER_BUDGET_PER_QUERY_USD": repr(budget),
+                "ROUTER_WINDOW_SECONDS": str(window_seconds),
+                "ROUTER_REFIT_SECONDS": "3600",
+                "REPLAY_DATA_PATH": str(data_path),
+            }
+        )
         queries = query_events(live, run_id)
         with workers(env, log_dir):
             asyncio.run(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from schemas import ModelResponse, QueryEvent, WindowReport
-from workers.config import ROUTER_APP_ID, load_settings
+from workers.config import ROUTER_APP_ID, environment_for_workers, load_settings
 from workers.db import migrate
 from workers.demo import workers
 from workers.routing.dataset import load_routerbench, shipped_sample_path
@@ -88,17 +87,18 @@ def run(
         seed_outcomes(
             sa.create_engine(database_url), sample.take(list(range(SEEDED_PROMPTS))), embedder
         )
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "DATABASE_URL": database_url,
-            "ROUTER_POOLS": json.dumps(pools),
-            "ROUTER_WINDOW_SECONDS": str(window_seconds),
-            "ROUTER_REFIT_SECONDS": "3600",
-            "REPLAY_LATENCY_MS": str(model_latency_ms),
-            "CASCADE_MIN_OUTCOMES": str(SEEDED_PROMPTS // 2),
-            "EMBEDDER_CACHE_DIR": str(Path(settings.embedder_cache_dir).resolve()),
-        }
+        env = environment_for_workers(
+            {
+                "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                "DATABASE_URL": database_url,
+                "ROUTER_POOLS": json.dumps(pools),
+                "ROUTER_WINDOW_SECONDS": str(window_seconds),
+                "ROUTER_REFIT_SECONDS": "3600",
+                "REPLAY_LATENCY_MS": str(model_latency_ms),
+                "CASCADE_MIN_OUTCOMES": str(SEEDED_PROMPTS // 2),
+                "EMBEDDER_CACHE_DIR": str(Path(settings.embedder_cache_dir).resolve()),
+            }
+        )
         names = settings.topic_names()
         with workers(env, log_dir):
             wait_for_router(bootstrap, log_dir / "router.log", progress)

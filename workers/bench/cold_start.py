@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
 from schemas import Assignment, PredictedBatch, WindowReport
-from workers.config import ModelPrice, Settings, load_settings
+from workers.config import ModelPrice, Settings, environment_for_workers, load_settings
 from workers.db import migrate
 from workers.db.models import OutcomeRow
 from workers.demo import routed_outcomes, workers
@@ -119,21 +118,22 @@ def run(
         migrate.upgrade(database_url)
         asyncio.run(create_topics(settings, broker.bootstrap_servers))
         engine = sa.create_engine(database_url)
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-            "DATABASE_URL": database_url,
-            "ROUTER_MODE": "budget",
-            "ROUTER_BUDGET_PER_QUERY_USD": repr(budget),
-            "ROUTER_MODEL_PRICES": _prices_json(prices),
-            "ROUTER_WINDOW_SECONDS": str(window_seconds),
-            "ROUTER_STORE_REFRESH_SECONDS": "1",
-            "ROUTER_REFIT_SECONDS": "30",
-            "REPLAY_DATA_PATH": str(data_path),
-            "REPLAY_SCORES": "false",
-            "JUDGE_SAMPLE_SHARE": repr(judge_share),
-            "JUDGE_FLIP_SHARE": repr(judge_flip),
-        }
+        env = environment_for_workers(
+            {
+                "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+                "DATABASE_URL": database_url,
+                "ROUTER_MODE": "budget",
+                "ROUTER_BUDGET_PER_QUERY_USD": repr(budget),
+                "ROUTER_MODEL_PRICES": _prices_json(prices),
+                "ROUTER_WINDOW_SECONDS": str(window_seconds),
+                "ROUTER_STORE_REFRESH_SECONDS": "1",
+                "ROUTER_REFIT_SECONDS": "30",
+                "REPLAY_DATA_PATH": str(data_path),
+                "REPLAY_SCORES": "false",
+                "JUDGE_SAMPLE_SHARE": repr(judge_share),
+                "JUDGE_FLIP_SHARE": repr(judge_flip),
+            }
+        )
         events = query_events(live, run_id)
         with workers(env, log_dir, judge=True):
             progress(f"streaming {len(events)} queries at {rate_per_second:.0f}/s ...")

@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 from sqlalchemy.orm import Session
 
 from schemas import Outcome, QueryEvent
-from workers.config import ROUTER_APP_ID, Settings, load_settings
+from workers.config import ROUTER_APP_ID, Settings, environment_for_workers, load_settings
 from workers.db import migrate
 from workers.db.repository import upsert_outcomes
 from workers.routing.dataset import load_routerbench, shipped_sample_path
@@ -399,15 +399,17 @@ def run(
             engine, outcomes_in_store, settings.router_models, embedders[embedder_kind]
         )
         progress(f"stored {outcomes_in_store} synthetic outcomes")
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-            "DATABASE_URL": database_url,
-            "ROUTER_WINDOW_SECONDS": str(window_seconds),
-            "ROUTER_REFIT_SECONDS": "3600",
-            "ROUTER_EMBEDDER": embedder_kind,
-            "EMBEDDER_CACHE_DIR": str(cache_dir.resolve()),
-        }
+        # The routers route under the default policy, not an exported one.
+        env = environment_for_workers(
+            {
+                "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+                "DATABASE_URL": database_url,
+                "ROUTER_WINDOW_SECONDS": str(window_seconds),
+                "ROUTER_REFIT_SECONDS": "3600",
+                "ROUTER_EMBEDDER": embedder_kind,
+                "EMBEDDER_CACHE_DIR": str(cache_dir.resolve()),
+            }
+        )
         with router_processes(env, log_dir, routers) as processes:
             pipeline_qps, burst_qps, cpu_ms, latencies = asyncio.run(
                 measure(

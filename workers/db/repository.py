@@ -27,13 +27,17 @@ _KEEP_IF_NONE = (
     "output_tokens",
     "cost_usd",
     "latency_ms",
-    "error",
     "embedding",
     "embedder",
     "query_text",
     "judge_cost_usd",
-    "response_excerpt",
 )
+
+
+# One attempt's result, its answer's excerpt or its error, replaced together
+# (`_takes_attempt`): a model asked again (a cascade escalation after its failed
+# probe) is stored with its answer, not with the first error.
+_ATTEMPT_COLUMNS = ("error", "response_excerpt")
 
 
 # What a score replaces together (`_takes_score`).
@@ -137,6 +141,16 @@ def _takes_score(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
     )
 
 
+def _takes_attempt(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
+    """Whether the new row's attempt replaces the old one's: an answer replaces
+    anything, an error only where no answer is stored (a failed re-send after a
+    crash must not hide the answer that was delivered and judged). The upsert's
+    `takes_attempt` is the same rule in SQL."""
+    if new["error"] is None:
+        return new["response_excerpt"] is not None
+    return old["response_excerpt"] is None
+
+
 def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (query_id, model), merged in order as the upsert merges into a
     stored row (`_merge_into`), the pool being the first event's. (ON CONFLICT may
@@ -154,13 +168,17 @@ def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _merge_into(kept: dict[str, Any], row: Mapping[str, Any], columns: Sequence[str]) -> bool:
     """Merge `row` into `kept` as the upsert does: a field of `columns` the row leaves
-    None keeps the earlier value, a score replaces an earlier one as `_takes_score`
-    says. Whether any of them changed."""
+    None keeps the earlier value, an attempt replaces an earlier one as
+    `_takes_attempt` says, a score as `_takes_score` says. Whether any of them changed."""
     changed = False
     for column in columns:
         if row[column] is not None and row[column] != kept[column]:
             kept[column] = row[column]
             changed = True
+    if _takes_attempt(row, kept) and any(row[c] != kept[c] for c in _ATTEMPT_COLUMNS):
+        for column in _ATTEMPT_COLUMNS:
+            kept[column] = row[column]
+        changed = True
     if _takes_score(row, kept) and any(row[c] != kept[c] for c in _SCORE_COLUMNS):
         for column in _SCORE_COLUMNS:
             kept[column] = row[column]
@@ -196,7 +214,8 @@ def changing_outcomes(session: Session, outcomes: Sequence[Outcome]) -> list[Out
     if not keys:
         return []
     table = OutcomeRow.__table__
-    columns = [table.c[c] for c in ("query_id", "model", *_EVENT_COLUMNS, *_SCORE_COLUMNS)]
+    names = ("query_id", "model", *_EVENT_COLUMNS, *_ATTEMPT_COLUMNS, *_SCORE_COLUMNS)
+    columns = [table.c[c] for c in names]
     query = (
         sa.select(*columns)
         .where(sa.tuple_(table.c.query_id, table.c.model).in_(keys))
@@ -227,7 +246,8 @@ def upsert_outcomes(
     """Insert outcomes, or merge them into the row of the same (query_id, model).
 
     A field that the newer event leaves None keeps its stored value, so a late
-    quality score does not erase the usage recorded earlier, and vice versa; a
+    quality score does not erase the usage recorded earlier, and vice versa; an
+    answer replaces the stored attempt, an error only one without an answer; a
     score replaces the stored one if its source ranks higher (user > replay >
     judge), so a judge never overrides a user's feedback, or if its source is the
     same and it is not older (by the outcome's `created_at`, stored as
@@ -248,6 +268,10 @@ def upsert_outcomes(
     table = OutcomeRow.__table__
     new, old = statement.excluded, table.c
     new_rank, old_rank = _source_rank(new.score_source), _source_rank(old.score_source)
+    takes_attempt = sa.or_(  # _takes_attempt
+        sa.and_(new.error.is_(None), new.response_excerpt.is_not(None)),
+        sa.and_(new.error.is_not(None), old.response_excerpt.is_(None)),
+    )
     takes_score = sa.and_(  # _takes_score
         new.quality_score.is_not(None),
         sa.or_(
@@ -262,6 +286,7 @@ def upsert_outcomes(
         index_elements=["query_id", "model"],
         set_={
             **{c: sa.func.coalesce(new[c], old[c]) for c in _KEEP_IF_NONE},
+            **{c: sa.case((takes_attempt, new[c]), else_=old[c]) for c in _ATTEMPT_COLUMNS},
             **{c: sa.case((takes_score, new[c]), else_=old[c]) for c in _SCORE_COLUMNS},
             "updated_at": sa.func.now(),
         },

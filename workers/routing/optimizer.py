@@ -152,7 +152,8 @@ class WindowProblem:
         """Capacities as floats (inf: unlimited), with the fallback model made unlimited
         when the window would not fit otherwise. Where the allowed pairs cannot fit
         the window even so (queries that may take only a full model), capacities
-        yield and the hints hold: every capacity is lifted."""
+        yield and the hints hold, by no more than that takes (`overflow`): one such
+        query must not free the whole window of its capacities."""
         if self.capacities is None:
             return np.full(self.n_models, np.inf)
         caps = np.array([np.inf if c is None else float(c) for c in self.capacities])
@@ -165,14 +166,11 @@ class WindowProblem:
             caps[self.fallback_model] = np.inf
         if self.permitted.all():
             return caps
-        reachable = self.masked(np.zeros_like(self.cost))
-        if best_within(reachable, caps) is not None:
-            return caps
-        if self.fallback_model is not None:
+        extra = overflow(self.permitted, caps)
+        if extra.any() and self.fallback_model is not None:
             caps[self.fallback_model] = np.inf
-            if best_within(reachable, caps) is not None:
-                return caps
-        return np.full(self.n_models, np.inf)
+            extra = overflow(self.permitted, caps)
+        return caps + extra
 
 
 @dataclass(frozen=True)
@@ -747,6 +745,20 @@ def within_capacity(
     if not np.isfinite(caps).any():
         return None if (score.max(axis=1) == -np.inf).any() else score.argmax(axis=1)
     return best_within(score, caps, start=_assign_within_capacity(score, caps)[0])
+
+
+def overflow(allowed: NDArray[np.bool_], caps: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Per model, the fewest queries beyond its capacity it must take for every query
+    to have an allowed model (all zero: the window fits). Each model gets a twin
+    without a limit, allowed to the same queries, that costs one per query taken:
+    the best plan fills the real slots as far as they go (a maximum matching of
+    queries to slots) and puts only the rest on twins."""
+    m = allowed.shape[1]
+    free = np.where(allowed, 0.0, -np.inf)
+    unlimited = np.full(m, np.inf)
+    plan = within_capacity(np.hstack([free, free - 1.0]), np.concatenate([caps, unlimited]))
+    assert plan is not None  # the twins take any query
+    return np.bincount(plan, minlength=2 * m)[m:].astype(float)
 
 
 def _best_assignment(score: NDArray[np.float64], caps: NDArray[np.float64]) -> NDArray[np.int64]:

@@ -249,7 +249,8 @@ def run_worker(
 ) -> None:
     """Serve the metrics, then run the app until SIGTERM or SIGINT and stop it
     cleanly (Faust's Worker)."""
-    metrics.serve(default_metrics_port if settings.metrics_port is None else settings.metrics_port)
+    port = default_metrics_port if settings.metrics_port is None else settings.metrics_port
+    metrics.serve(port, settings.metrics_host)
     worker = faust.Worker(
         app,
         loglevel=loglevel,

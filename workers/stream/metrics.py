@@ -136,17 +136,22 @@ def reason_kind(reason: str) -> str:
     return next((kind for text, kind in _REASON_KINDS if text in reason), "other")
 
 
-def serve(port: int) -> None:
-    """Serve /metrics on `port` (0: not at all). A port in use costs the metrics,
-    not the worker."""
+def serve(port: int, host: str) -> None:
+    """Serve /metrics on `host`:`port` (port 0: not at all). A port in use costs the
+    metrics, not the worker."""
     if port == 0:
         return
     try:
-        start_http_server(port)
+        start_http_server(port, addr=host)
     except OSError as exc:
-        log.error("metrics: cannot listen on port %d (%s); set METRICS_PORT", port, exc)
+        log.error(
+            "metrics: cannot listen on %s port %d (%s); set METRICS_HOST, METRICS_PORT",
+            host,
+            port,
+            exc,
+        )
         return
-    log.info("metrics on http://0.0.0.0:%d/metrics", port)
+    log.info("metrics on http://%s:%d/metrics", host, port)
 
 
 def observe_report(report: WindowReport) -> None:

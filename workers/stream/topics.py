@@ -10,18 +10,52 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
-from workers.config import Settings
+from workers.config import ConfigurationError, Settings
 from workers.stream.security import aiokafka_options
+
+# Topics whose partitions the routers pair (Faust's co-partitioning: a query's
+# prediction, probes, answers and table entries must sit on one partition number).
+# Other topics (a model's route topic, outcomes, windows, dead letters) may have
+# any count: more partitions on a route topic let more of its workers share it.
+COPARTITIONED_ROLES = frozenset({"queries", "predicted", "probed", "responses"})
+
+
+def copartitioned(role: str) -> bool:
+    return role in COPARTITIONED_ROLES or role.endswith("_changelog")
+
+
+class TopicPartitionsMismatch(ConfigurationError):
+    """Existing co-partitioned topics whose partition count is not KAFKA_PARTITIONS:
+    the router's tables need them alike, and adding partitions would move keys to
+    other partitions, so the operator decides (recreate them, or set the count)."""
+
+    def __init__(self, counts: dict[str, int], configured: int) -> None:
+        lines = [
+            f"{topic}: has {count}, configured {configured}" for topic, count in counts.items()
+        ]
+        super().__init__(
+            f"existing topics whose partition count is not KAFKA_PARTITIONS={configured} "
+            "(nothing was created or changed):\n" + "\n".join(lines)
+        )
 
 
 async def create_topics(settings: Settings, bootstrap_servers: str) -> dict[str, str]:
-    """Create missing topics; return {topic: "created" | "exists"}."""
+    """Create missing topics; return {topic: "created" | "exists" | "exists, N
+    partitions"} (the last for a topic of another count than KAFKA_PARTITIONS that
+    need not match it). Raises TopicPartitionsMismatch, before creating any, if an
+    existing co-partitioned topic has another count."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **aiokafka_options(settings))
     await admin.start()
     try:
-        existing = set(await admin.list_topics())
         names = settings.topic_names()
         wanted = sorted(set(names.values()))
+        present = sorted(set(await admin.list_topics()) & set(wanted))
+        existing = await _partition_counts(admin, present)
+        paired = {topic for role, topic in names.items() if copartitioned(role)}
+        other_count = {t: n for t, n in existing.items() if n != settings.kafka_partitions}
+        mismatched = {t: n for t, n in other_count.items() if t in paired}
+        if mismatched:
+            raise TopicPartitionsMismatch(mismatched, settings.kafka_partitions)
         compacted = {topic for role, topic in names.items() if role.endswith("_changelog")}
         missing = [t for t in wanted if t not in existing]
         if missing:
@@ -40,9 +74,24 @@ async def create_topics(settings: Settings, bootstrap_servers: str) -> dict[str,
             for topic, code, *_ in response.topic_errors:
                 if code not in (0, TopicAlreadyExistsError.errno):
                     raise RuntimeError(f"could not create topic {topic}: error code {code}")
-        return {t: ("created" if t in missing else "exists") for t in wanted}
+        return {t: _state(t, missing, other_count) for t in wanted}
     finally:
         await admin.close()
+
+
+def _state(topic: str, missing: list[str], other_count: dict[str, int]) -> str:
+    if topic in missing:
+        return "created"
+    if topic in other_count:
+        return f"exists, {other_count[topic]} partitions"
+    return "exists"
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
+    if not topics:
+        return {}
+    described = await admin.describe_topics(topics)
+    return {d["topic"]: len(d["partitions"]) for d in described}
 
 
 async def describe_partitions(bootstrap_servers: str, topics: list[str]) -> dict[str, int]:
@@ -50,8 +99,7 @@ async def describe_partitions(bootstrap_servers: str, topics: list[str]) -> dict
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
     await admin.start()
     try:
-        described = await admin.describe_topics(topics)
-        return {d["topic"]: len(d["partitions"]) for d in described}
+        return await _partition_counts(admin, topics)
     finally:
         await admin.close()
 
