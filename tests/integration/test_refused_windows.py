@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import pytest
 from faust.types import EventT, TableT
+from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
 from schemas import Assignment, DeadLetter, PredictedQuery, ProbeAnswer, ProbedQuery, QueryEvent
@@ -43,7 +44,7 @@ from workers.stream.router import producer_options
 from workers.stream.router_state import RouterState
 from workers.stream.table_store import write
 from workers.stream.topics import create_topics
-from workers.stream.window_stage import Solved, WindowStage, solve_batch
+from workers.stream.window_stage import CascadeHook, Solved, WindowStage, solve_batch
 
 Outcomes = tuple[list[str], list[tuple[DeadLetter, bytes | None]]]
 
@@ -66,6 +67,13 @@ class FailingOnce:
         if self.calls == 1:
             raise RuntimeError("solver out of memory")
         return None
+
+
+async def always_failing(
+    stage: WindowStage, pool: str, fresh: list[PredictedQuery], bounds: WindowBounds
+) -> Solved | None:
+    """A cascade hook that fails every solve."""
+    raise RuntimeError("solver out of memory")
 
 
 def prediction(query_id: str) -> PredictedQuery:
@@ -125,13 +133,15 @@ async def refuse_crash_and_replay(
     bootstrap: str,
     first: Settings,
     then: Settings,
-    hook: FailingOnce | None,
+    hook: CascadeHook | None,
     stage: Stage,
     events: list[EventT],
+    handed_over: bool = False,
 ) -> None:
     """A router with settings `first` reads the records and crashes before it
-    acknowledges them; the next owner, with settings `then`, recovers the tables
-    from their changelogs and reads the records again."""
+    acknowledges them (`handed_over`: a rebalance begins before it publishes them);
+    the next owner, with settings `then`, recovers the tables from their changelogs
+    and reads the records again."""
     app = make_app("test-refused-windows", then, bootstrap)
     topics = Topics.of(app, then)
     # The app's own producer: the window stage sent dead letters with it before.
@@ -140,18 +150,21 @@ async def refuse_crash_and_replay(
     solver = ThreadPoolExecutor(1)
 
     def owner(
-        settings: Settings, decisions: dict[bytes, bytes], ledger: dict[bytes, bytes]
+        settings: Settings,
+        decisions: dict[bytes, bytes],
+        ledger: dict[bytes, bytes],
+        rebalancing: bool = False,
     ) -> WindowStage:
         log = DecisionLog(recovered_table("routed", decisions))
         pools = PoolLedger(recovered_table("pool_ledger", ledger))
         publisher = AcknowledgedPublisher(WindowRecords(topics, log, pools), producer)
-        generation = SimpleNamespace(consumer_generation_id=1, rebalancing=False)
+        generation = SimpleNamespace(consumer_generation_id=1, rebalancing=rebalancing)
         return WindowStage(
             cast(Any, generation), topics, settings, log, pools, solver, publisher, hook
         )
 
     try:
-        await stage(owner(first, {}, {}), events)
+        await stage(owner(first, {}, {}, handed_over), events)
         decisions = await recovered(bootstrap, DECISIONS)
         ledger = await recovered(bootstrap, LEDGER)
         await stage(owner(then, decisions, ledger), events)
@@ -171,9 +184,10 @@ def router_settings(models: list[str]) -> Settings:
 def outcomes(
     first: Settings,
     then: Settings,
-    hook: FailingOnce | None = None,
+    hook: CascadeHook | None = None,
     stage: Stage = solve_batch,
     values: Sequence[BaseModel] = (prediction("q1"), prediction("q2")),
+    handed_over: bool = False,
 ) -> Outcomes:
     """The queries assigned, and the dead letters with their keys, after the replay."""
     names = then.topic_names()
@@ -183,7 +197,9 @@ def outcomes(
         for changelog in (DECISIONS, LEDGER):
             asyncio.run(create_topic(bootstrap, changelog))
         events = records_of(names["probed" if stage is escalate else "predicted"], values)
-        asyncio.run(refuse_crash_and_replay(bootstrap, first, then, hook, stage, events))
+        asyncio.run(
+            refuse_crash_and_replay(bootstrap, first, then, hook, stage, events, handed_over)
+        )
         routed = asyncio.run(read_records(bootstrap, [names[f"route:{m}"] for m in MODELS]))
         letters = asyncio.run(read_records(bootstrap, [names["deadletter"]]))
     assigned = [Assignment.model_validate_json(r.value or b"").query_id for r in routed]
@@ -236,3 +252,21 @@ def test_a_probed_query_a_router_cannot_route_is_not_escalated_by_its_next_owner
     assert assigned == []  # before: ["q1", "q2"], each dead-lettered as well
     reason = "predicted for models ['small', 'large'], none of which"
     assert_refused_once(letters, reason, "omnirouter.probed", ProbedQuery)
+
+
+def letters_counted(topic: str = "omnirouter.predicted") -> float:
+    labels = {"topic": topic, "reason": "other"}  # the kind of both tests' reasons
+    return REGISTRY.get_sample_value("omnirouter_dead_letters_total", labels) or 0.0
+
+
+def test_a_refusal_left_to_the_next_owner_is_counted_once_when_sent() -> None:
+    """A rebalance begins before the first router publishes its refusals (every solve
+    fails): it sends and records nothing, and the next owner refuses the queries
+    and sends their letters. Before, a letter was counted when built: 4 counted for
+    2 sent."""
+    settings = router_settings(MODELS)
+    before = letters_counted()
+    assigned, letters = outcomes(settings, settings, always_failing, handed_over=True)
+    assert assigned == []
+    assert_refused_once(letters, "routing failed in pool 'default': RuntimeError")
+    assert letters_counted() == before + 2

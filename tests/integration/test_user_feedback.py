@@ -1,5 +1,6 @@
 """A user's feedback through the real outcome writer: it outranks a judge's score,
-whichever comes first, in separate batches or in one."""
+whichever comes first, in separate batches or in one. And the writer's metrics
+count an outcome read again once."""
 
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
 from schemas import DeadLetter, Outcome
 from workers.config import Settings
 from workers.db.models import OutcomeRow
-from workers.services import LocalBroker
+from workers.services import LocalBroker, free_port
 from workers.stream.kafka_io import produce_values, read_topic
 from workers.stream.topics import create_topics
 
@@ -35,8 +39,10 @@ def broker() -> Iterator[str]:
         yield local.bootstrap_servers
 
 
-@pytest.fixture
-def outcome_writer(broker: str, postgres_url: str, tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def running_outcome_writer(
+    broker: str, postgres_url: str, tmp_path: Path, metrics_port: int = 0
+) -> Iterator[str]:
     """`omnirouter outcomes` as a process of its own; yields the outcomes topic."""
     settings = Settings(kafka_partitions=2)  # type: ignore[call-arg]
     asyncio.run(create_topics(settings, broker))
@@ -46,7 +52,7 @@ def outcome_writer(broker: str, postgres_url: str, tmp_path: Path) -> Iterator[s
         "KAFKA_BOOTSTRAP_SERVERS": broker,
         "DATABASE_URL": postgres_url,
         "KAFKA_PARTITIONS": "2",
-        "METRICS_PORT": "0",
+        "METRICS_PORT": str(metrics_port),
     }
     env.pop("ROUTER_MODELS", None)
     log_path = tmp_path / "outcomes.log"
@@ -67,6 +73,12 @@ def outcome_writer(broker: str, postgres_url: str, tmp_path: Path) -> Iterator[s
                 writer.kill()
                 writer.wait()
     print(log_path.read_text()[-2000:])
+
+
+@pytest.fixture
+def outcome_writer(broker: str, postgres_url: str, tmp_path: Path) -> Iterator[str]:
+    with running_outcome_writer(broker, postgres_url, tmp_path) as topic:
+        yield topic
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -182,3 +194,49 @@ def test_feedback_naming_a_model_that_never_answered_is_a_dead_letter(
         f"which never answered it (answered: [{MODEL!r}])"
     ]
     engine.dispose()
+
+
+def scrape(port: int) -> dict[tuple[str, str], float]:
+    """(sample name, its model label or "") -> value, of the writer's /metrics."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        (sample.name, sample.labels.get("model", "")): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
+def test_outcomes_read_again_are_not_counted_again(
+    broker: str, postgres_url: str, tmp_path: Path
+) -> None:
+    """The usage and the judge's score, stored; then the same records again (as a
+    batch read again after a restart or a rebalance is) and a sentinel behind them.
+    Before, the spend and the score were counted twice."""
+    port = free_port()
+    usage, judge, *_ = events("m-1")
+    paid = Outcome(query_id="m-1", model=OTHER_MODEL, text="Is 7 prime?", cost_usd=0.5)
+    with running_outcome_writer(broker, postgres_url, tmp_path, port) as topic:
+
+        def send(*values: str) -> None:
+            asyncio.run(produce_values(broker, topic, [("m-1", v) for v in values]))
+
+        def counted() -> dict[tuple[str, str], float]:
+            try:
+                return scrape(port)
+            except OSError:  # not serving yet
+                return {}
+
+        send(usage, judge)
+        wait_for(
+            lambda: bool(counted().get(("omnirouter_scored_outcomes_total", MODEL))),
+            120,
+            "the score",
+        )
+        send(usage, judge, paid.model_dump_json())
+        spend = "omnirouter_realised_spend_usd_total"
+        wait_for(lambda: (spend, OTHER_MODEL) in counted(), 30, "the sentinel counted")
+        metrics = counted()
+    assert metrics[(spend, MODEL)] == pytest.approx(0.003)  # before: 0.006
+    assert metrics[("omnirouter_scored_outcomes_total", MODEL)] == 1  # before: 2
+    assert metrics[("omnirouter_realised_quality_total", MODEL)] == pytest.approx(0.2)
+    assert metrics[("omnirouter_outcomes_written_total", "")] == 3  # before: 5

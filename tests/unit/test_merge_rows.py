@@ -1,4 +1,5 @@
-"""merge_rows: a batch's events for one (query, model) merged field by field, in order."""
+"""merge_rows: a batch's events for one (query, model) merged field by field, in order;
+changing_rows: which of them change what is stored (the outcome writer counts those)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
-from workers.db.repository import merge_rows
+from schemas import Outcome
+from workers.db.models import Base
+from workers.db.repository import changing_outcomes, changing_rows, merge_rows, upsert_outcomes
 
 
 def row(query_id: str = "q", model: str = "m", **fields: Any) -> dict[str, Any]:
@@ -107,6 +112,60 @@ def test_of_two_scores_from_one_source_the_later_by_its_time_stands() -> None:
     assert merge_rows([first, untimed])[0]["quality_score"] == 0.2
 
 
+def stored(*rows: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The rows as the outcomes table holds them, merged."""
+    return {(r["query_id"], r["model"]): r for r in merge_rows(rows)}
+
+
+DAY = datetime(2026, 1, 1, tzinfo=UTC)
+USAGE = row(cost_usd=0.01, output_tokens=9, query_text="Is 7 prime?", embedding=b"vec")
+JUDGED = row(quality_score=0.7, score_source="judge", scored_at=DAY, judge_cost_usd=1e-4)
+
+
+def test_events_read_again_change_nothing_stored() -> None:
+    """A batch read again after a restart: every event is already recorded, also the
+    usage whose row a score has changed since, and one event twice in the batch."""
+    assert changing_rows([USAGE, JUDGED, USAGE], stored(USAGE, JUDGED)) == [False] * 3
+    assert changing_rows([USAGE, JUDGED, USAGE], {}) == [True, True, False]
+
+
+def test_a_new_outcome_or_a_score_that_replaces_the_stored_one_changes_it() -> None:
+    later = JUDGED | {"quality_score": 0.9, "scored_at": DAY.replace(day=2)}
+    user = row(quality_score=0.2, score_source="user", scored_at=DAY)
+    other = row(model="n", cost_usd=0.01)
+    assert changing_rows([later, user, other], stored(USAGE, JUDGED)) == [True, True, True]
+
+
+def test_what_the_stored_row_keeps_changes_nothing() -> None:
+    """An older score of the source (a late retry), a weaker source's, fields unsaid;
+    a weaker source's score with a cost not yet stored changes the row (its cost)."""
+    older = JUDGED | {"quality_score": 0.1, "scored_at": DAY.replace(year=2025)}
+    user = row(quality_score=0.2, score_source="user", scored_at=DAY)
+    judge = row(quality_score=0.9, score_source="judge", scored_at=DAY.replace(year=2027))
+    assert changing_rows([older], stored(USAGE, JUDGED)) == [False]
+    assert changing_rows([judge, row(), JUDGED], stored(USAGE, user)) == [False, False, True]
+
+
+def test_a_vector_made_again_is_not_a_change_of_the_outcome() -> None:
+    """The writer embeds the text anew (another embedder, say): the same outcome."""
+    again = USAGE | {"embedding": b"other", "embedder": "another"}
+    assert changing_rows([again], stored(USAGE)) == [False]
+
+
+def test_on_sqlite_an_outcome_stored_is_not_written_again() -> None:
+    """The demo's database gives a score's time back without its zone."""
+    engine = sa.create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    usage = Outcome(query_id="q", model="m", text="Is 7 prime?", cost_usd=0.01)
+    judged = Outcome(query_id="q", model="m", quality_score=0.7, source="judge")
+    later = judged.model_copy(update={"quality_score": 0.9, "created_at": DAY.replace(year=2100)})
+    with Session(engine) as session, session.begin():
+        assert changing_outcomes(session, [usage, judged]) == [usage, judged]
+        upsert_outcomes(session, [usage, judged], [None, None])
+    with Session(engine) as session, session.begin():
+        assert changing_outcomes(session, [judged, usage, later]) == [later]
+
+
 def test_a_model_asked_again_keeps_its_answer_not_the_first_attempts_error() -> None:
     """A cascade escalation that asks a panel model again after its probe failed:
     the row held the escalated answer beside the probe's error. An answer replaces
@@ -121,3 +180,10 @@ def test_a_model_asked_again_keeps_its_answer_not_the_first_attempts_error() -> 
     assert (merged["error"], merged["response_excerpt"]) == (None, "The answer is (B).")
     (merged,) = merge_rows([failed, row(error="timeout")])
     assert (merged["error"], merged["response_excerpt"]) == ("timeout", None)
+
+
+def test_an_answer_after_an_error_changes_the_row_and_the_error_again_does_not() -> None:
+    failed = row(error="HTTP 500 from the model API")
+    answered = row(response_excerpt="(B)", cost_usd=0.01)
+    assert changing_rows([failed, answered], stored(failed)) == [False, True]
+    assert changing_rows([failed], stored(answered)) == [False]

@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from prometheus_client import REGISTRY
 
 from schemas import Assignment, DeadLetter, WindowReport
 from tests.tables import RouterTable, changelog, router_table
@@ -316,3 +317,73 @@ def test_a_decision_for_a_model_this_router_no_longer_routes_is_re_sent_to_its_t
     window = PoolWindow("default", 2, [], [gone], report=None)
     [record] = records.outgoing(window)
     assert record.topic == model_topic("org/retired-model") == "omnirouter.route.org-retired-model"
+
+
+def counted() -> tuple[float, float]:
+    """The refused windows' dead letters and the assignments to model m counted so far."""
+    letters = REGISTRY.get_sample_value(
+        "omnirouter_dead_letters_total", {"topic": "omnirouter.predicted", "reason": "other"}
+    )
+    assigned = REGISTRY.get_sample_value(
+        "omnirouter_assignments_total", {"model": "m", "pool": "default"}
+    )
+    return letters or 0.0, assigned or 0.0
+
+
+# Assignments and refusals, decided now and before (never sent).
+MIXED_WINDOW = PoolWindow(
+    "default", 2, [assignment("new")], [assignment("old")], report=None,
+    refused=[refusal("new-refused")], resend_refused=[refusal("old-refused")],
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("fenced", [True, False])
+async def test_a_window_s_letters_and_assignments_count_once_committed(fenced: bool) -> None:
+    """Counted when the transaction commits, each letter and assignment sent (a
+    recorded one re-sent as well: nothing counted it before); a fenced window
+    counts nothing (its new owner sends and counts it)."""
+    published, _, _ = publisher(fenced)
+    before = counted()
+    assert await published.publish(MIXED_WINDOW, lambda: False) is not fenced
+    letters, assigned = (0, 0) if fenced else (2, 2)
+    assert counted() == (before[0] + letters, before[1] + assigned)
+
+
+async def test_without_transactions_a_window_handed_over_is_counted_by_its_next_owner() -> None:
+    """Handed over after the decisions: nothing sent, nothing counted; the owner that
+    re-sends them counts each once (before, the refusals were counted when built,
+    also by a router that never sent them)."""
+    records, _ = window_records()
+    producer = RecordingProducer()
+    acknowledged = AcknowledgedPublisher(records, cast(StartedOnFirstUse, Plain(producer)))
+    before = counted()
+    assert not await acknowledged.publish(MIXED_WINDOW, lambda: False)
+    assert counted() == before
+    resent = PoolWindow(
+        "default", 2, [], MIXED_WINDOW.outgoing, report=None, resend_refused=MIXED_WINDOW.letters
+    )
+    assert await acknowledged.publish(resent, lambda: True)
+    assert len(sent_letters(producer)) == 2
+    assert counted() == (before[0] + 2, before[1] + 2)
+
+
+async def test_without_transactions_a_report_written_with_its_decisions_is_counted_once() -> None:
+    """The report goes out with the decisions: a window handed over right after is
+    solved and billed, so counted; its next owner has nothing new to report."""
+    records, _ = window_records()
+    producer = cast(StartedOnFirstUse, Plain(RecordingProducer()))
+    acknowledged = AcknowledgedPublisher(records, producer)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    report = WindowReport(
+        window_id="w", pool="handed-over", window_start=start, window_end=start,
+        query_count=1, mode="budget", window_budget_usd=1.0, predicted_spend_usd=0.1,
+        predicted_mean_quality=0.5, solver="fast", solver_status="time_limited",
+        solve_seconds=0.0, assignments_per_model={"m": 1},
+    )  # fmt: skip
+    labels = {"pool": "handed-over", "status": "time_limited"}
+    window = PoolWindow("default", 2, [assignment("new")], [], report=report)
+    assert not await acknowledged.publish(window, lambda: False)
+    assert REGISTRY.get_sample_value("omnirouter_windows_total", labels) == 1
+    resent = PoolWindow("default", 2, [], window.decided, report=None)
+    assert await acknowledged.publish(resent, lambda: True)
+    assert REGISTRY.get_sample_value("omnirouter_windows_total", labels) == 1

@@ -1,14 +1,21 @@
 """Reading fetched records past batches that cannot be decoded (transport.py), on
-aiokafka's own record parsing of real v2 record batches."""
+aiokafka's own record parsing of real v2 record batches, and their dead letters."""
 
 from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
 
 from aiokafka.consumer.fetcher import READ_UNCOMMITTED, PartitionRecords
 from aiokafka.record.memory_records import MemoryRecords
 from faust.types import TP
+from prometheus_client import REGISTRY
 
 from tests.record_batches import ZSTD, record_batch
-from workers.stream.transport import SkippingUndecodable, UndecodableBatch
+from workers.stream.transport import Consumer, SkippingUndecodable, UndecodableBatch
 
 PARTITION = TP("omnirouter.queries", 0)
 
@@ -68,3 +75,43 @@ def test_a_fetch_that_starts_inside_a_bad_batch_reports_from_its_position() -> N
 def test_good_batches_are_read_as_aiokafka_reads_them() -> None:
     offsets, reported, next_offset = read(batch(0, 2) + batch(2, 2), 1)
     assert (offsets, reported, next_offset) == ([1, 2, 3], [], 4)
+
+
+@dataclass
+class FlakyDeadLetterTopic:
+    """A dead-letter topic whose first send fails (the broker out of reach)."""
+
+    sent: list[bytes] = field(default_factory=list)
+    calls: int = 0
+
+    async def send(self, *, value: bytes) -> asyncio.Future[None]:
+        self.calls += 1
+        if self.calls == 1:
+            raise ConnectionError("broker unavailable")
+        self.sent.append(value)
+        acknowledged = asyncio.get_running_loop().create_future()
+        acknowledged.set_result(None)
+        return acknowledged
+
+
+async def test_an_undecodable_batch_s_letter_is_counted_once_when_its_send_is_retried() -> None:
+    """The first send fails and is retried after the next fetch: one letter sent, one
+    counted (before, the count came before the send: two)."""
+    consumer: Any = Consumer.__new__(Consumer)
+    bad = UndecodableBatch(PARTITION, 3, 6, "undecodable record batch: CorruptRecordException")
+    consumer._thread = SimpleNamespace(undecodable=collections.deque([bad]))
+    consumer._dead_lettered_to = {}
+    consumer._deadletter = topic = FlakyDeadLetterTopic()
+    gaps: list[tuple[TP, int, int]] = []
+
+    async def add_gap(tp: TP, first: int, last: int) -> None:
+        gaps.append((tp, first, last))
+
+    consumer._add_gap = add_gap
+    labels = {"topic": PARTITION.topic, "reason": "undecodable"}
+    before = REGISTRY.get_sample_value("omnirouter_dead_letters_total", labels) or 0.0
+    await consumer._dead_letter_undecodable()  # fails: retried after the next fetch
+    assert (topic.sent, gaps) == ([], [])
+    await consumer._dead_letter_undecodable()
+    assert len(topic.sent) == 1 and gaps == [(PARTITION, 3, 6)]
+    assert REGISTRY.get_sample_value("omnirouter_dead_letters_total", labels) == before + 1

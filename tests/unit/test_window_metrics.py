@@ -1,5 +1,5 @@
-"""A window's metrics (workers/stream/metrics.py `observe_window`), counted per model
-at once: the same totals as one count per assignment."""
+"""A window's assignments' metrics (workers/stream/metrics.py `observe_assignments`),
+counted per model at once: the same totals as one count per assignment."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from prometheus_client import REGISTRY
 
-from schemas import Assignment, WindowReport
-from workers.stream.metrics import observe_window
+from schemas import Assignment
+from workers.stream.metrics import observe_assignments
 
 NOW = datetime(2026, 11, 30, tzinfo=UTC)
 POOL = "metrics-test"
@@ -30,14 +30,8 @@ def value(name: str, model: str) -> float:
 
 
 def test_a_window_counts_assignments_quality_explorations_and_shadows_per_model() -> None:
-    report = WindowReport(
-        window_id="w", pool=POOL, window_start=NOW, window_end=NOW, query_count=3,
-        mode="budget", window_budget_usd=1.0, predicted_spend_usd=0.3,
-        predicted_mean_quality=0.5, solver="fast", solver_status="optimal",
-        solve_seconds=0.0, assignments_per_model={"a": 2, "b": 1},
-    )  # fmt: skip
-    observe_window(
-        report,
+    observe_assignments(
+        POOL,
         [
             assignment("a", 0.5),
             assignment("a", 0.25, exploration=True),

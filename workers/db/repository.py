@@ -42,6 +42,9 @@ _ATTEMPT_COLUMNS = ("error", "response_excerpt")
 
 # What a score replaces together (`_takes_score`).
 _SCORE_COLUMNS = ("quality_score", "score_source", "scored_at")
+# The columns of _KEEP_IF_NONE an outcome event states itself (its vector is made
+# by the writer, from its text).
+_EVENT_COLUMNS = tuple(c for c in _KEEP_IF_NONE if c not in ("embedding", "embedder"))
 
 
 # Event field -> the outcomes column that stores it as it is.
@@ -150,28 +153,88 @@ def _takes_attempt(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
 
 def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (query_id, model), merged in order as the upsert merges into a
-    stored row: a field an event leaves None keeps the earlier value, an attempt
-    replaces the earlier one as `_takes_attempt` says, a score replaces an earlier one as
-    `_takes_score` says, and the pool is the first event's. (ON CONFLICT may not
-    touch a row twice in one statement, so a batch is merged here first; usage
+    stored row (`_merge_into`), the pool being the first event's. (ON CONFLICT may
+    not touch a row twice in one statement, so a batch is merged here first; usage
     with the text followed by a judge's score in the same batch keeps both.)"""
     merged: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
         key = (row["query_id"], row["model"])
         if key not in merged:
             merged[key] = dict(row)
-            continue
-        kept = merged[key]
-        for column in _KEEP_IF_NONE:
-            if row[column] is not None:
-                kept[column] = row[column]
-        if _takes_attempt(row, kept):
-            for column in _ATTEMPT_COLUMNS:
-                kept[column] = row[column]
-        if _takes_score(row, kept):
-            for column in _SCORE_COLUMNS:
-                kept[column] = row[column]
+        else:
+            _merge_into(merged[key], row, _KEEP_IF_NONE)
     return list(merged.values())
+
+
+def _merge_into(kept: dict[str, Any], row: Mapping[str, Any], columns: Sequence[str]) -> bool:
+    """Merge `row` into `kept` as the upsert does: a field of `columns` the row leaves
+    None keeps the earlier value, an attempt replaces an earlier one as
+    `_takes_attempt` says, a score as `_takes_score` says. Whether any of them changed."""
+    changed = False
+    for column in columns:
+        if row[column] is not None and row[column] != kept[column]:
+            kept[column] = row[column]
+            changed = True
+    if _takes_attempt(row, kept) and any(row[c] != kept[c] for c in _ATTEMPT_COLUMNS):
+        for column in _ATTEMPT_COLUMNS:
+            kept[column] = row[column]
+        changed = True
+    if _takes_score(row, kept) and any(row[c] != kept[c] for c in _SCORE_COLUMNS):
+        for column in _SCORE_COLUMNS:
+            kept[column] = row[column]
+        changed = True
+    return changed
+
+
+def changing_rows(
+    rows: Iterable[Mapping[str, Any]], stored: Mapping[tuple[str, str], Mapping[str, Any]]
+) -> list[bool]:
+    """Whether each row, in order, changes what is stored of its (query_id, model):
+    `stored` (the stored rows' event columns and score, by key) with the rows
+    before it merged in. False for an outcome already recorded (a batch read again
+    after a restart or a hand-over): the outcome writer counts only the others."""
+    known = {key: dict(columns) for key, columns in stored.items()}
+    changes = []
+    for row in rows:
+        key = (row["query_id"], row["model"])
+        if key in known:
+            changes.append(_merge_into(known[key], row, _EVENT_COLUMNS))
+        else:
+            known[key] = dict(row)
+            changes.append(True)
+    return changes
+
+
+def changing_outcomes(session: Session, outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """The outcomes whose write changes the table (`changing_rows`), to be written in
+    the same transaction. Their stored rows stay locked until it ends: a writer of
+    the same rows at once (a partition's old owner retrying its batch) waits, then
+    reads them as written."""
+    keys = list(dict.fromkeys((o.query_id, o.model) for o in outcomes))
+    if not keys:
+        return []
+    table = OutcomeRow.__table__
+    names = ("query_id", "model", *_EVENT_COLUMNS, *_ATTEMPT_COLUMNS, *_SCORE_COLUMNS)
+    columns = [table.c[c] for c in names]
+    query = (
+        sa.select(*columns)
+        .where(sa.tuple_(table.c.query_id, table.c.model).in_(keys))
+        .order_by(table.c.id)
+        .with_for_update()
+    )
+    stored = {(r.query_id, r.model): _in_utc(dict(r._mapping)) for r in session.execute(query)}
+    rows = [_row(o, None, None) for o in outcomes]
+    changes = changing_rows(rows, stored)
+    return [outcome for outcome, changed in zip(outcomes, changes, strict=True) if changed]
+
+
+def _in_utc(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored row's score time as an event's: SQLite (the demo's fallback) gives it
+    back without its zone, UTC as written."""
+    scored_at = stored["scored_at"]
+    if scored_at is not None and scored_at.tzinfo is None:
+        stored["scored_at"] = scored_at.replace(tzinfo=UTC)
+    return stored
 
 
 def upsert_outcomes(

@@ -195,14 +195,15 @@ async def send_dead_letter(
     key, letter = letter_for(event, reason, deadletter, value)
     sent = await deadletter.send(key=key, value=encode(letter))
     await sent
+    metrics.observe_dead_letters([letter])
 
 
 def letter_for(
     event: EventT, reason: str, deadletter: TopicT, value: bytes | None = None
 ) -> tuple[bytes | None, DeadLetter]:
-    """The event's dead letter and its key, logged and counted (sent by the caller:
-    `send_dead_letter`, or a window's publisher when the letter is a query's
-    recorded outcome, workers/stream/window_stage.py).
+    """The event's dead letter and its key, logged (sent, and counted once sent, by
+    the caller: `send_dead_letter`, or a window's publisher when the letter is a
+    query's recorded outcome, workers/stream/window_stage.py).
 
     The letter is sized to fit the app's producer request: a larger event is kept
     as an excerpt (the producer would refuse the whole, and the agent's batch would
@@ -212,7 +213,6 @@ def letter_for(
     log.warning(
         "dead letter from %s[%d]@%d: %s", message.topic, message.partition, message.offset, reason
     )
-    metrics.DEAD_LETTERS.labels(message.topic, metrics.reason_kind(reason)).inc()
     limit = deadletter.app.conf.producer_max_request_size
     raw = message.value if value is None else value
     letter = dead_letter(raw, message.topic, message.partition, message.offset, reason, limit)

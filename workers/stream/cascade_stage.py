@@ -68,7 +68,7 @@ from workers.stream.decision_log import Refusal, classify
 from workers.stream.publishers import ESCALATION_KEY_PREFIX, PoolWindow
 from workers.stream.router_state import RouterState
 from workers.stream.table_store import write
-from workers.stream.window_stage import WindowStage, aligned, current, observe_window, refusal
+from workers.stream.window_stage import WindowStage, aligned, current, log_window, refusal
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ async def publish_escalations(
         log.warning("window %s: a rebalance began; its queries are left to the owner", window_id)
         hand_over(events)
     elif report is not None:
-        observe_window(report, [a for a in decided if a.role == "escalation"])
+        log_window(report, [a for a in decided if a.role == "escalation"])
 
 
 async def decide(

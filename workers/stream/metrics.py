@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import faust
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from schemas import Assignment, Outcome, WindowReport
+from schemas import Assignment, DeadLetter, Outcome, WindowReport
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ def serve(port: int, host: str) -> None:
     log.info("metrics on http://%s:%d/metrics", host, port)
 
 
-def observe_window(report: WindowReport, assignments: Sequence[Assignment]) -> None:
+def observe_report(report: WindowReport) -> None:
+    """A window solved, once its report is on the broker (workers/stream/publishers.py)."""
     pool = report.pool
     WINDOWS.labels(pool, report.solver_status).inc()
     WINDOW_SOLVE_SECONDS.labels(pool).observe(report.solve_seconds)
@@ -164,6 +165,11 @@ def observe_window(report: WindowReport, assignments: Sequence[Assignment]) -> N
         WINDOW_BUDGET_USD.labels(pool).inc(report.window_budget_usd)
     EXPLORATION_SPEND_USD.labels(pool).inc(report.exploration_spend_usd)
     SHADOW_SPEND_USD.labels(pool).inc(report.shadow_spend_usd)
+
+
+def observe_assignments(pool: str, assignments: Sequence[Assignment]) -> None:
+    """Assignments sent, counted when the decision log marks them published: that
+    happens once per query, whichever router (or attempt) completes it."""
     # Summed per model first: a label lookup per assignment was 2-3% of a busy
     # router's event loop.
     shadows: defaultdict[str, int] = defaultdict(int)
@@ -186,7 +192,15 @@ def observe_window(report: WindowReport, assignments: Sequence[Assignment]) -> N
             EXPLORATIONS.labels(model, pool).inc(explored[model])
 
 
+def observe_dead_letters(letters: Iterable[DeadLetter]) -> None:
+    """Dead letters the broker acknowledged: counted when sent, not when built (a
+    window's refusal may be left to another router, a failed send is retried)."""
+    for letter in letters:
+        DEAD_LETTERS.labels(letter.source_topic, reason_kind(letter.reason)).inc()
+
+
 def observe_outcomes(outcomes: Sequence[Outcome]) -> None:
+    """Outcomes whose write changed the stored row (one read again changes nothing)."""
     OUTCOMES_WRITTEN.inc(len(outcomes))
     for outcome in outcomes:
         if outcome.cost_usd is not None:

@@ -3,12 +3,13 @@
 Offsets are acknowledged only after the batch is in the database; while the
 database is unavailable the writer retries with backoff and reads nothing new,
 so no outcome is lost, and the upsert on (query_id, model) makes a replayed
-batch harmless. An outcome without the query's text must update a stored
-outcome of the same (query_id, model) (a late score, say): one for a query the
-database has never seen would teach nothing, and one naming a model that never
-answered the query would store a phantom outcome (a score with no answer, cost
-or tokens, which the router would read as that model's result), so both go to
-the dead-letter topic.
+batch harmless (and uncounted: the metrics count an outcome only when its write
+changes the stored row). An outcome without the query's text must update a
+stored outcome of the same (query_id, model) (a late score, say): one for a
+query the database has never seen would teach nothing, and one naming a model
+that never answered the query would store a phantom outcome (a score with no
+answer, cost or tokens, which the router would read as that model's result),
+so both go to the dead-letter topic.
 
 Two scores for one (query_id, model) from the same source are ordered by their
 own time (`with_score_time`), not by the order they are written: after a
@@ -39,7 +40,12 @@ from sqlalchemy.orm import Session
 
 from schemas import Outcome
 from workers.config import Settings
-from workers.db.repository import stored_models, unstorable_reason, upsert_outcomes
+from workers.db.repository import (
+    changing_outcomes,
+    stored_models,
+    unstorable_reason,
+    upsert_outcomes,
+)
 from workers.routing.embedder import Embedder, make_embedder
 from workers.routing.windows import bounded_created_at
 from workers.stream import metrics
@@ -56,6 +62,8 @@ log = logging.getLogger(__name__)
 
 OUTCOMES_APP_ID = "omnirouter-outcomes"
 MAX_RETRY_SECONDS = 30.0
+# A batch written: (query_id, model) -> why refused, and the outcomes that changed the table.
+Written = tuple[dict[tuple[str, str], str], list[Outcome]]
 
 
 def validate_outcome(raw: bytes | None, settings: Settings) -> Outcome:
@@ -126,10 +134,11 @@ def build_outcome_app(
         settings.router_embedder, Path(settings.embedder_cache_dir)
     )
 
-    def write(outcomes: Sequence[Outcome]) -> dict[tuple[str, str], str]:
+    def write(outcomes: Sequence[Outcome]) -> Written:
         """Store the outcomes; return the (query_id, model) pairs refused, with the
-        reason (`textless_refusals`). The embedding runs outside the write's
-        transaction, which stays short."""
+        reason (`textless_refusals`), and the outcomes stored that changed their row
+        (`changing_outcomes`). The embedding runs outside the write's transaction,
+        which stays short."""
         textless = {o.query_id for o in outcomes if not o.text}
         with Session(engine) as session:
             stored = stored_models(session, textless)
@@ -139,8 +148,9 @@ def build_outcome_app(
         vectors = iter(text_embedder.embed(texts)) if texts else iter(())
         embeddings: list[np.ndarray | None] = [next(vectors) if o.text else None for o in kept]
         with Session(engine) as session, session.begin():
+            changed = changing_outcomes(session, kept)
             upsert_outcomes(session, kept, embeddings, text_embedder.name)
-        return refused
+        return refused, changed
 
     @app.agent(topics.outcomes, supervisor_strategy=CrashingSupervisor)
     async def store_outcomes(stream: StreamT[bytes]) -> None:
@@ -153,9 +163,9 @@ def build_outcome_app(
             outcomes = [
                 with_score_time(outcome, event.message.timestamp, skew) for event, outcome in valid
             ]
-            refused = await write_with_retry(outcomes)
+            refused, changed = await write_with_retry(outcomes)
             written = [o for o in outcomes if (o.query_id, o.model) not in refused]
-            metrics.observe_outcomes(written)
+            metrics.observe_outcomes(changed)
             log.debug(
                 "wrote %d outcomes",
                 len(written),
@@ -166,17 +176,17 @@ def build_outcome_app(
                 if reason is not None:
                     await send_dead_letter(event, reason, topics.deadletter)
 
-    async def write_with_retry(outcomes: list[Outcome]) -> dict[tuple[str, str], str]:
+    async def write_with_retry(outcomes: list[Outcome]) -> Written:
         delay, attempt = 0.5, 1
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         while True:
             try:
-                refused = await loop.run_in_executor(None, write, outcomes)
+                written = await loop.run_in_executor(None, write, outcomes)
                 metrics.OUTCOME_WRITE_SECONDS.observe(time.monotonic() - started)
                 if attempt > 1:
                     log.info("wrote %d outcomes after %d attempts", len(outcomes), attempt)
-                return refused
+                return written
             except sa.exc.OperationalError as exc:
                 log.warning(
                     "database unavailable (attempt %d, retry in %.1fs): %s",

@@ -21,7 +21,10 @@ records, sent where assignments are.
 Either way the decision log ends with the assignments and dead letters marked
 published, so a replayed window skips them. Both write the same records
 (`WindowRecords`) with a plain aiokafka producer and keep the tables' in-memory
-data in step.
+data in step. The metrics count here, once the broker has the records: a window's
+report when it is written, its assignments and dead letters when they are marked
+published, which happens once per query whichever router completes it (a window
+left to the partition's new owner is counted by that owner, not twice).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from schemas import Assignment, ModelResponse, WindowReport
 from workers.config import model_topic
+from workers.stream import metrics
 from workers.stream.app import Topics
 from workers.stream.codec import encode
 from workers.stream.decision_log import DecisionLog, Refusal
@@ -197,6 +201,18 @@ class WindowRecords:
             self.ledger.remember(window.partition, *ledger)
 
 
+def observe_report(window: PoolWindow) -> None:
+    """Count the window's report (if it has one): it is on the broker."""
+    if window.report is not None:
+        metrics.observe_report(window.report)
+
+
+def observe_published(window: PoolWindow) -> None:
+    """Count what the window sent, now marked published: never sent again."""
+    metrics.observe_assignments(window.pool, window.sent)
+    metrics.observe_dead_letters(r.letter for r in window.letters)
+
+
 async def send(producer: AIOKafkaProducer, records: list[Record]) -> list[asyncio.Future[Any]]:
     """Queue the records as record batches, one per topic partition (more while one
     would exceed the producer's batch size), each record's partition the one
@@ -295,6 +311,7 @@ class AcknowledgedPublisher:
             await delivered(producer, [*entries, *report])
             # A crash from here re-sends it unchanged.
             self.records.remember(window, decided, ledger)
+            observe_report(window)
             report, ledger = [], None
             if not still_current():
                 return False
@@ -304,6 +321,9 @@ class AcknowledgedPublisher:
             producer, [*self.records.entries(decisions.changelog, window, published), *report]
         )
         self.records.remember(window, published, ledger)
+        if report:  # written now, not with decisions
+            observe_report(window)
+        observe_published(window)
         return True
 
 
@@ -339,4 +359,6 @@ class TransactionalPublisher:
             log.warning("pool %s: %s; its window is left to the new owner", window.pool, exc)
             return False
         self.records.remember(window, published, ledger)
+        observe_report(window)
+        observe_published(window)
         return True

@@ -400,12 +400,12 @@ class Consumer(FirstRunAtOnce, faust_aiokafka.Consumer):
             "dead letter from %s[%d]@%d-%d: %s",
             tp.topic, tp.partition, batch.first, batch.last, batch.reason,
         )  # fmt: skip
-        metrics.DEAD_LETTERS.labels(tp.topic, metrics.reason_kind(batch.reason)).inc()
         letter = undecodable_batch_letter(
             tp.topic, tp.partition, batch.first, batch.last, batch.reason
         )
         sent = await self._deadletter_topic().send(value=encode(letter))
         await sent
+        metrics.observe_dead_letters([letter])  # once sent: a failed send is retried
 
     def _deadletter_topic(self) -> TopicT:
         if self._deadletter is None:

@@ -42,7 +42,6 @@ from faust.types import EventT, StreamT
 from schemas import Assignment, PredictedBatch, PredictedQuery, QueryHints, WindowReport
 from workers.config import Settings
 from workers.routing.windows import WindowBounds, route_window, traffic_span
-from workers.stream import metrics
 from workers.stream.app import (
     Topics,
     batches,
@@ -236,7 +235,7 @@ async def publish_pool_window(
         log.warning("window %s: a rebalance began; its queries are left to the owner", window_id)
         hand_over(events)
     elif window.report is not None:
-        observe_window(window.report, window.decided)
+        log_window(window.report, window.decided)
 
 
 async def solve_fresh(
@@ -297,8 +296,8 @@ def refusal(
     return Refusal(query_id=query_id, key=key, letter=letter)
 
 
-def observe_window(report: WindowReport, assignments: list[Assignment]) -> None:
-    metrics.observe_window(report, assignments)
+def log_window(report: WindowReport, assignments: list[Assignment]) -> None:
+    """The window's line (its metrics are counted by the publisher)."""
     log.info(
         "window %s: %d queries, status %s, predicted spend $%.6f of %s, solved in %.1f ms",
         report.window_id, report.query_count, report.solver_status,
