@@ -535,7 +535,8 @@ def load_settings() -> Settings:
         ) from None
 
 
-# The default pool's routing policy (Settings.pool_policy) and the pools'.
+# The default pool's routing policy (Settings.pool_policy), the pools', and the
+# capacities that bound them (capacities without a fallback can refuse a window).
 POLICY_VARIABLES = frozenset(
     {
         "ROUTER_MODE",
@@ -544,6 +545,8 @@ POLICY_VARIABLES = frozenset(
         "ROUTER_BUDGET_PER_QUERY_USD",
         "ROUTER_QUALITY_TARGET",
         "ROUTER_POOLS",
+        "ROUTER_MODEL_CAPACITIES",
+        "ROUTER_FALLBACK_MODEL",
     }
 )
 

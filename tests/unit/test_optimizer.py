@@ -368,6 +368,25 @@ def test_a_query_confined_to_a_full_model_lifts_only_that_models_capacity(
     assert plan.counts(3).tolist() == [2, 1, 2]
 
 
+def test_the_fallback_keeps_its_capacity_when_the_confined_queries_may_not_take_it() -> None:
+    """Queries 0 and 1 may only take model 0 (holding one); the fallback, model 1,
+    may not take them: lifting it would free the window of its capacity and help
+    neither (found by review: it was lifted whenever the hints did not fit)."""
+    allowed = np.array([[True, False, False]] * 2 + [[True, True, True]] * 3)
+    problem = WindowProblem(
+        np.tile([0.5, 0.9, 0.6], (5, 1)), np.ones((5, 3)), "budget", window_budget_usd=10.0,
+        capacities=(1, 1, None), allowed=allowed, fallback_model=1,
+    )  # fmt: skip
+    assert problem.capacity_array().tolist() == [2, 1, np.inf]
+    confined_to_fallback = allowed.copy()
+    confined_to_fallback[0] = [False, True, False]
+    lifted = WindowProblem(
+        np.tile([0.5, 0.9, 0.6], (5, 1)), np.ones((5, 3)), "budget", window_budget_usd=10.0,
+        capacities=(1, 0, None), allowed=confined_to_fallback, fallback_model=1,
+    )  # fmt: skip
+    assert lifted.capacity_array().tolist() == [1, np.inf, np.inf]
+
+
 def test_best_within_is_the_brute_force_optimum() -> None:
     """The exact capacitated assignment (successive shortest paths) on small random
     instances, forbidden pairs at -inf, against every plan."""

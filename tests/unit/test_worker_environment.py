@@ -30,6 +30,8 @@ def test_the_policy_is_the_command_s_and_the_rest_is_inherited(
         "ROUTER_QUALITY_TARGET": "0.9",
         "ROUTER_BUDGET_PER_HOUR_USD": "5",
         "router_pools": '{"default": {"mode": "quality", "quality_target": 0.7}}',  # any case
+        "ROUTER_MODEL_CAPACITIES": '{"mistralai/mistral-7b-chat": 1}',
+        "ROUTER_FALLBACK_MODEL": "mistralai/mistral-7b-chat",
         "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
         "EMBEDDER_CACHE_DIR": "/var/cache/embedders",
         "ROUTER_SOLVER": "exact",

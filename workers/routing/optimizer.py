@@ -150,8 +150,9 @@ class WindowProblem:
 
     def capacity_array(self) -> NDArray[np.float64]:
         """Capacities as floats (inf: unlimited), with the fallback model made unlimited
-        when the window would not fit otherwise. Where the allowed pairs cannot fit
-        the window even so (queries that may take only a full model), capacities
+        when the window would not fit otherwise, or when the allowed pairs would not
+        and the fallback may take some of the queries left over. Where they cannot
+        fit the window even so (queries that may take only a full model), capacities
         yield and the hints hold, by no more than that takes (`overflow`): one such
         query must not free the whole window of its capacities."""
         if self.capacities is None:
@@ -168,8 +169,11 @@ class WindowProblem:
             return caps
         extra = overflow(self.permitted, caps)
         if extra.any() and self.fallback_model is not None:
-            caps[self.fallback_model] = np.inf
-            extra = overflow(self.permitted, caps)
+            lifted = caps.copy()
+            lifted[self.fallback_model] = np.inf
+            extra_lifted = overflow(self.permitted, lifted)
+            if extra_lifted.sum() < extra.sum():  # only where the fallback may take them
+                caps, extra = lifted, extra_lifted
         return caps + extra
 
 

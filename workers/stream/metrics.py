@@ -9,6 +9,7 @@ is a plain counter, histogram or gauge. What each one means: README, Operations.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -151,7 +152,17 @@ def serve(port: int, host: str) -> None:
             exc,
         )
         return
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    loopback = " (this machine only: METRICS_HOST=0.0.0.0 to be scraped from another)"
+    log.info(
+        "metrics on http://%s:%d/metrics%s", host, port, loopback if _is_loopback(host) else ""
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def observe_report(report: WindowReport) -> None:

@@ -6,6 +6,8 @@ breaks Faust tables (PartitionsMismatch); so topics are created up front.
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
@@ -90,7 +92,16 @@ def _state(topic: str, missing: list[str], other_count: dict[str, int]) -> str:
 async def _partition_counts(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, int]:
     if not topics:
         return {}
-    described = await admin.describe_topics(topics)
+    return partition_counts(await admin.describe_topics(topics))
+
+
+def partition_counts(described: list[dict[str, Any]]) -> dict[str, int]:
+    """Each topic's partition count from a metadata answer (aiokafka's
+    describe_topics). A topic the broker reports with an error (being deleted, not
+    authorised) has no partitions listed: an error, not "0 partitions"."""
+    failed = [f"{d['topic']}: error code {d['error_code']}" for d in described if d["error_code"]]
+    if failed:
+        raise RuntimeError("could not describe topics: " + "; ".join(failed))
     return {d["topic"]: len(d["partitions"]) for d in described}
 
 
