@@ -297,3 +297,25 @@ def test_an_older_score_written_late_does_not_replace_a_newer_one_from_its_sourc
     judge = Outcome(query_id="q", model="m", quality_score=0.0, source="judge")
     write(postgres_engine, [(judge, None)])
     assert stored_rows(postgres_engine)[("q", "m")].quality_score == 0.9
+
+
+@pytest.mark.parametrize("one_batch", [False, True], ids=["two batches", "one batch"])
+def test_an_answer_without_an_excerpt_stands_with_its_usage_against_an_error(
+    postgres_engine: sa.Engine, one_batch: bool
+) -> None:
+    """A cascade's probe fails, the model's escalated answer has no excerpt
+    (OUTCOME_RESPONSE_MAX_CHARS=0, an empty reply, Outcome v1/v2), the judge scores
+    it, the probe's error is read again: stored is the answer with its own usage.
+    Before, the error stayed beside the answer, and the error read again put its
+    latency in place of the answer's."""
+    failed = Outcome(query_id="q", model="m", error="HTTP 500", latency_ms=5.0, text="Q?")
+    answered = Outcome(
+        query_id="q", model="m", latency_ms=100.0, cost_usd=2.0, output_tokens=9, text="Q?"
+    )
+    score = Outcome(query_id="q", model="m", quality_score=1.0, source="judge")
+    events = [(failed, None), (answered, None), (score, None), (failed, None)]
+    write(postgres_engine, *([events] if one_batch else ([e] for e in events)))
+
+    row = stored_rows(postgres_engine)[("q", "m")]
+    assert (row.error, row.latency_ms, row.output_tokens) == (None, 100.0, 9)
+    assert (row.cost_usd, row.quality_score) == (pytest.approx(2.0), 1.0)

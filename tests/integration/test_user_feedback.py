@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,58 @@ def test_outcomes_read_again_are_not_counted_again(
     assert metrics[("omnirouter_scored_outcomes_total", MODEL)] == 1  # before: 2
     assert metrics[("omnirouter_realised_quality_total", MODEL)] == pytest.approx(0.2)
     assert metrics[("omnirouter_outcomes_written_total", "")] == 3  # before: 5
+
+
+def test_an_outcome_counts_only_what_its_row_keeps(
+    broker: str, postgres_url: str, tmp_path: Path
+) -> None:
+    """A probe's error, the escalated answer (no excerpt), the user's score, then a
+    judge's with its cost: the judge's cost changes the row, its score does not. All
+    read again: nothing changes. Before, the judge's score was counted beside the
+    user's, and on the second reading the error and the answer each changed the
+    row back (their latencies), so the answer's spend was counted again."""
+    port = free_port()
+    created = datetime.now(UTC)  # a record read again keeps its times (within the skew)
+    failed = Outcome(query_id="m-2", model=MODEL, error="HTTP 500", latency_ms=5.0, text="Q?")
+    answered = Outcome(
+        query_id="m-2", model=MODEL, latency_ms=100.0, cost_usd=2.0, output_tokens=9, text="Q?"
+    )
+    user = Outcome(
+        query_id="m-2", model=MODEL, quality_score=0.9, source="user", created_at=created
+    )
+    judge = Outcome(
+        query_id="m-2",
+        model=MODEL,
+        quality_score=0.3,
+        source="judge",
+        judge_cost_usd=1e-4,
+        created_at=created,
+    )
+    records = [o.model_dump_json() for o in (failed, answered, user, judge)]
+    paid = Outcome(query_id="m-2", model=OTHER_MODEL, text="Q?", cost_usd=0.5)
+    with running_outcome_writer(broker, postgres_url, tmp_path, port) as topic:
+
+        def send(*values: str) -> None:
+            asyncio.run(produce_values(broker, topic, [("m-2", v) for v in values]))
+
+        def counted() -> dict[tuple[str, str], float]:
+            try:
+                return scrape(port)
+            except OSError:  # not serving yet
+                return {}
+
+        written = ("omnirouter_outcomes_written_total", "")
+        send(*records)
+        wait_for(lambda: counted().get(written) == 4, 120, "the four outcomes")
+        send(*records, paid.model_dump_json())
+        spend = "omnirouter_realised_spend_usd_total"
+        wait_for(lambda: (spend, OTHER_MODEL) in counted(), 30, "the sentinel counted")
+        metrics = counted()
+    assert metrics[(spend, MODEL)] == pytest.approx(2.0)  # before: 4.0
+    assert metrics[("omnirouter_scored_outcomes_total", MODEL)] == 1  # before: 2
+    assert metrics[("omnirouter_realised_quality_total", MODEL)] == pytest.approx(0.9)
+    assert metrics[written] == 5  # before: 7
+    engine = sa.create_engine(postgres_url)
+    row = stored(engine, "m-2")[MODEL]
+    engine.dispose()
+    assert (row.error, row.latency_ms, row.quality_score) == (None, 100.0, 0.9)

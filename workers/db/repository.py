@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import sqlalchemy as sa
@@ -22,29 +22,23 @@ def create_engine(database_url: str) -> sa.Engine:
 
 
 # Columns an event leaves as they are when it says nothing (None) about them.
-_KEEP_IF_NONE = (
-    "input_tokens",
-    "output_tokens",
-    "cost_usd",
-    "latency_ms",
-    "embedding",
-    "embedder",
-    "query_text",
-    "judge_cost_usd",
-)
+_KEEP_IF_NONE = ("embedding", "embedder", "query_text", "judge_cost_usd")
+# Of those, the one whose change the outcome writer counts: not the vector (the
+# writer makes it again) nor the query's text (a query's text does not change).
+_COUNTED_COLUMNS = ("judge_cost_usd",)
 
 
 # One attempt's result, its answer's excerpt or its error, replaced together
 # (`_takes_attempt`): a model asked again (a cascade escalation after its failed
 # probe) is stored with its answer, not with the first error.
 _ATTEMPT_COLUMNS = ("error", "response_excerpt")
+# The attempt's usage: taken with it, each column kept where the attempt leaves it
+# None; an error that loses to a stored answer leaves the answer's usage.
+_USAGE_COLUMNS = ("input_tokens", "output_tokens", "cost_usd", "latency_ms")
 
 
 # What a score replaces together (`_takes_score`).
 _SCORE_COLUMNS = ("quality_score", "score_source", "scored_at")
-# The columns of _KEEP_IF_NONE an outcome event states itself (its vector is made
-# by the writer, from its text).
-_EVENT_COLUMNS = tuple(c for c in _KEEP_IF_NONE if c not in ("embedding", "embedder"))
 
 
 # Event field -> the outcomes column that stores it as it is.
@@ -144,11 +138,49 @@ def _takes_score(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
 def _takes_attempt(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
     """Whether the new row's attempt replaces the old one's: an answer replaces
     anything, an error only where no answer is stored (a failed re-send after a
-    crash must not hide the answer that was delivered and judged). The upsert's
-    `takes_attempt` is the same rule in SQL."""
+    crash must not hide the answer that was delivered and judged); a row that
+    reports no attempt (a score) replaces none. `_takes_attempt_sql` is the same
+    rule in SQL."""
     if new["error"] is None:
-        return new["response_excerpt"] is not None
-    return old["response_excerpt"] is None
+        return _reports_attempt(new)
+    return not _is_answer(old)
+
+
+def _reports_attempt(row: Mapping[str, Any]) -> bool:
+    """Whether the row reports a call of its model: an error, an excerpt or usage.
+    Not the excerpt alone: it is None with OUTCOME_RESPONSE_MAX_CHARS=0, for an
+    empty reply, and from Outcome v1/v2 producers."""
+    return any(row[c] is not None for c in (*_ATTEMPT_COLUMNS, *_USAGE_COLUMNS))
+
+
+def _is_answer(row: Mapping[str, Any]) -> bool:
+    return row["error"] is None and _reports_attempt(row)
+
+
+def _takes_attempt_sql(
+    new: sa.ColumnCollection[str, Any], old: sa.ColumnCollection[str, Any]
+) -> sa.ColumnElement[bool]:
+    """`_takes_attempt` in SQL, of the row written (`new`) and the stored one (`old`)."""
+    return sa.or_(
+        sa.and_(new.error.is_(None), _reports_attempt_sql(new)),
+        sa.and_(new.error.is_not(None), sa.not_(_is_answer_sql(old))),
+    )
+
+
+def _reports_attempt_sql(row: sa.ColumnCollection[str, Any]) -> sa.ColumnElement[bool]:
+    return sa.or_(*(row[c].is_not(None) for c in (*_ATTEMPT_COLUMNS, *_USAGE_COLUMNS)))
+
+
+def _is_answer_sql(row: sa.ColumnCollection[str, Any]) -> sa.ColumnElement[bool]:
+    return sa.and_(row.error.is_(None), _reports_attempt_sql(row))
+
+
+class Change(NamedTuple):
+    """What an event changes of the stored row of its (query_id, model)."""
+
+    row: bool  # anything: the event inserts the row or changes a column of it
+    attempt: bool  # its attempt (error, excerpt, usage) is taken: its spend counts
+    score: bool  # its score is taken: its score counts
 
 
 def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -166,66 +198,82 @@ def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
-def _merge_into(kept: dict[str, Any], row: Mapping[str, Any], columns: Sequence[str]) -> bool:
+def _merge_into(kept: dict[str, Any], row: Mapping[str, Any], columns: Sequence[str]) -> Change:
     """Merge `row` into `kept` as the upsert does: a field of `columns` the row leaves
-    None keeps the earlier value, an attempt replaces an earlier one as
-    `_takes_attempt` says, a score as `_takes_score` says. Whether any of them changed."""
+    None keeps the earlier value; an attempt replaces an earlier one as
+    `_takes_attempt` says, with its usage (where it has some); a score as
+    `_takes_score` says. What changed."""
     changed = False
     for column in columns:
         if row[column] is not None and row[column] != kept[column]:
             kept[column] = row[column]
             changed = True
-    if _takes_attempt(row, kept) and any(row[c] != kept[c] for c in _ATTEMPT_COLUMNS):
-        for column in _ATTEMPT_COLUMNS:
-            kept[column] = row[column]
-        changed = True
-    if _takes_score(row, kept) and any(row[c] != kept[c] for c in _SCORE_COLUMNS):
-        for column in _SCORE_COLUMNS:
-            kept[column] = row[column]
-        changed = True
-    return changed
+    attempt = _takes_attempt(row, kept) and _replace(
+        kept,
+        {c: row[c] for c in _ATTEMPT_COLUMNS}
+        | {c: kept[c] if row[c] is None else row[c] for c in _USAGE_COLUMNS},
+    )
+    score = _takes_score(row, kept) and _replace(kept, {c: row[c] for c in _SCORE_COLUMNS})
+    return Change(changed or attempt or score, attempt, score)
+
+
+def _replace(kept: dict[str, Any], values: Mapping[str, Any]) -> bool:
+    """Put `values` into `kept`; whether that changed it."""
+    if all(kept[c] == v for c, v in values.items()):
+        return False
+    kept.update(values)
+    return True
 
 
 def changing_rows(
     rows: Iterable[Mapping[str, Any]], stored: Mapping[tuple[str, str], Mapping[str, Any]]
-) -> list[bool]:
-    """Whether each row, in order, changes what is stored of its (query_id, model):
-    `stored` (the stored rows' event columns and score, by key) with the rows
-    before it merged in. False for an outcome already recorded (a batch read again
-    after a restart or a hand-over): the outcome writer counts only the others."""
+) -> list[Change]:
+    """What each row, in order, changes of what is stored of its (query_id, model):
+    `stored` (the stored rows' counted columns, attempt and score, by key) with the
+    rows before it merged in. Nothing for an outcome already recorded (a batch read
+    again after a restart or a hand-over): the outcome writer counts only changes."""
     known = {key: dict(columns) for key, columns in stored.items()}
     changes = []
     for row in rows:
         key = (row["query_id"], row["model"])
         if key in known:
-            changes.append(_merge_into(known[key], row, _EVENT_COLUMNS))
+            changes.append(_merge_into(known[key], row, _COUNTED_COLUMNS))
         else:
             known[key] = dict(row)
-            changes.append(True)
+            changes.append(Change(True, _reports_attempt(row), row["quality_score"] is not None))
     return changes
 
 
-def changing_outcomes(session: Session, outcomes: Sequence[Outcome]) -> list[Outcome]:
-    """The outcomes whose write changes the table (`changing_rows`), to be written in
-    the same transaction. Their stored rows stay locked until it ends: a writer of
-    the same rows at once (a partition's old owner retrying its batch) waits, then
-    reads them as written."""
+def changing_outcomes(
+    session: Session, outcomes: Sequence[Outcome]
+) -> list[tuple[Outcome, Change]]:
+    """The outcomes whose write changes the table, with what it changes
+    (`changing_rows`), to be written in the same transaction. Their stored rows stay
+    locked until it ends: a writer of the same rows at once (a partition's old owner
+    retrying its batch) waits, then reads them as written.
+
+    An excerpt is compared only by whether there is one ("" stands for any): an
+    attempt tells itself apart by its error and usage, so the excerpts (up to
+    OUTCOME_RESPONSE_MAX_CHARS each) are not read back, nor the query's text."""
     keys = list(dict.fromkeys((o.query_id, o.model) for o in outcomes))
     if not keys:
         return []
     table = OutcomeRow.__table__
-    names = ("query_id", "model", *_EVENT_COLUMNS, *_ATTEMPT_COLUMNS, *_SCORE_COLUMNS)
-    columns = [table.c[c] for c in names]
+    names = ("query_id", "model", *_COUNTED_COLUMNS, "error", *_USAGE_COLUMNS, *_SCORE_COLUMNS)
+    excerpt = sa.case((table.c.response_excerpt.is_not(None), ""))
     query = (
-        sa.select(*columns)
+        sa.select(*(table.c[c] for c in names), excerpt.label("response_excerpt"))
         .where(sa.tuple_(table.c.query_id, table.c.model).in_(keys))
         .order_by(table.c.id)
         .with_for_update()
     )
     stored = {(r.query_id, r.model): _in_utc(dict(r._mapping)) for r in session.execute(query)}
-    rows = [_row(o, None, None) for o in outcomes]
+    rows = [
+        _row(o, None, None) | {"response_excerpt": None if o.response is None else ""}
+        for o in outcomes
+    ]
     changes = changing_rows(rows, stored)
-    return [outcome for outcome, changed in zip(outcomes, changes, strict=True) if changed]
+    return [(o, change) for o, change in zip(outcomes, changes, strict=True) if change.row]
 
 
 def _in_utc(stored: dict[str, Any]) -> dict[str, Any]:
@@ -247,12 +295,12 @@ def upsert_outcomes(
 
     A field that the newer event leaves None keeps its stored value, so a late
     quality score does not erase the usage recorded earlier, and vice versa; an
-    answer replaces the stored attempt, an error only one without an answer; a
-    score replaces the stored one if its source ranks higher (user > replay >
-    judge), so a judge never overrides a user's feedback, or if its source is the
-    same and it is not older (by the outcome's `created_at`, stored as
-    `scored_at`), so a retried batch written late never puts a user's first score
-    back over their second.
+    answer replaces the stored attempt, an error only one without an answer, each
+    with its usage (`_takes_attempt`); a score replaces the stored one if its
+    source ranks higher (user > replay > judge), so a judge never overrides a
+    user's feedback, or if its source is the same and it is not older (by the
+    outcome's `created_at`, stored as `scored_at`), so a retried batch written late
+    never puts a user's first score back over their second.
     A vector is stored with the name of the `embedder` that made it (required).
     """
     if not outcomes:
@@ -268,10 +316,7 @@ def upsert_outcomes(
     table = OutcomeRow.__table__
     new, old = statement.excluded, table.c
     new_rank, old_rank = _source_rank(new.score_source), _source_rank(old.score_source)
-    takes_attempt = sa.or_(  # _takes_attempt
-        sa.and_(new.error.is_(None), new.response_excerpt.is_not(None)),
-        sa.and_(new.error.is_not(None), old.response_excerpt.is_(None)),
-    )
+    takes_attempt = _takes_attempt_sql(new, old)
     takes_score = sa.and_(  # _takes_score
         new.quality_score.is_not(None),
         sa.or_(
@@ -287,6 +332,10 @@ def upsert_outcomes(
         set_={
             **{c: sa.func.coalesce(new[c], old[c]) for c in _KEEP_IF_NONE},
             **{c: sa.case((takes_attempt, new[c]), else_=old[c]) for c in _ATTEMPT_COLUMNS},
+            **{
+                c: sa.case((takes_attempt, sa.func.coalesce(new[c], old[c])), else_=old[c])
+                for c in _USAGE_COLUMNS
+            },
             **{c: sa.case((takes_score, new[c]), else_=old[c]) for c in _SCORE_COLUMNS},
             "updated_at": sa.func.now(),
         },

@@ -73,15 +73,17 @@ PREDICTED_SPEND_USD = Counter(
     "omnirouter_predicted_spend_usd_total", "Spend predicted for the windows solved", ["pool"]
 )
 REALISED_SPEND_USD = Counter(
-    "omnirouter_realised_spend_usd_total", "Cost reported by outcomes written", ["model", "pool"]
+    "omnirouter_realised_spend_usd_total",
+    "Cost reported by outcomes whose attempt was stored",
+    ["model", "pool"],
 )
 REALISED_QUALITY = Counter(
     "omnirouter_realised_quality_total",
-    "Sum of the quality scores of outcomes written (divide by scored outcomes)",
+    "Sum of the quality scores stored (divide by scored outcomes)",
     ["model", "pool"],
 )
 SCORED_OUTCOMES = Counter(
-    "omnirouter_scored_outcomes_total", "Outcomes written with a quality score", ["model", "pool"]
+    "omnirouter_scored_outcomes_total", "Outcomes whose quality score was stored", ["model", "pool"]
 )
 ANSWERS = Counter(
     "omnirouter_answers_total", "Assignments a model worker answered", ["model", "result"]
@@ -210,12 +212,15 @@ def observe_dead_letters(letters: Iterable[DeadLetter]) -> None:
         DEAD_LETTERS.labels(letter.source_topic, reason_kind(letter.reason)).inc()
 
 
-def observe_outcomes(outcomes: Sequence[Outcome]) -> None:
-    """Outcomes whose write changed the stored row (one read again changes nothing)."""
-    OUTCOMES_WRITTEN.inc(len(outcomes))
-    for outcome in outcomes:
+def observe_outcomes(written: int, attempts: Iterable[Outcome], scores: Iterable[Outcome]) -> None:
+    """Outcomes whose write changed the stored row (`written`; one read again changes
+    nothing); of those, the spend of the `attempts` their rows took and the score of
+    the `scores` they took (not a judge's score behind a user's, say)."""
+    OUTCOMES_WRITTEN.inc(written)
+    for outcome in attempts:
         if outcome.cost_usd is not None:
             REALISED_SPEND_USD.labels(outcome.model, outcome.pool).inc(outcome.cost_usd)
+    for outcome in scores:
         if outcome.quality_score is not None:
             SCORED_OUTCOMES.labels(outcome.model, outcome.pool).inc()
             REALISED_QUALITY.labels(outcome.model, outcome.pool).inc(outcome.quality_score)

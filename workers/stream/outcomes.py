@@ -4,12 +4,13 @@ Offsets are acknowledged only after the batch is in the database; while the
 database is unavailable the writer retries with backoff and reads nothing new,
 so no outcome is lost, and the upsert on (query_id, model) makes a replayed
 batch harmless (and uncounted: the metrics count an outcome only when its write
-changes the stored row). An outcome without the query's text must update a
-stored outcome of the same (query_id, model) (a late score, say): one for a
-query the database has never seen would teach nothing, and one naming a model
-that never answered the query would store a phantom outcome (a score with no
-answer, cost or tokens, which the router would read as that model's result),
-so both go to the dead-letter topic.
+changes the stored row, and of it only what the row takes: its spend with its
+attempt, its score if it replaces the stored one). An outcome without the
+query's text must update a stored outcome of the same (query_id, model) (a late
+score, say): one for a query the database has never seen would teach nothing,
+and one naming a model that never answered the query would store a phantom
+outcome (a score with no answer, cost or tokens, which the router would read as
+that model's result), so both go to the dead-letter topic.
 
 Two scores for one (query_id, model) from the same source are ordered by their
 own time (`with_score_time`), not by the order they are written: after a
@@ -41,6 +42,7 @@ from sqlalchemy.orm import Session
 from schemas import Outcome
 from workers.config import Settings
 from workers.db.repository import (
+    Change,
     changing_outcomes,
     stored_models,
     unstorable_reason,
@@ -62,8 +64,9 @@ log = logging.getLogger(__name__)
 
 OUTCOMES_APP_ID = "omnirouter-outcomes"
 MAX_RETRY_SECONDS = 30.0
-# A batch written: (query_id, model) -> why refused, and the outcomes that changed the table.
-Written = tuple[dict[tuple[str, str], str], list[Outcome]]
+# A batch written: (query_id, model) -> why refused, and the outcomes that changed
+# the table, with what they changed.
+Written = tuple[dict[tuple[str, str], str], list[tuple[Outcome, Change]]]
 
 
 def validate_outcome(raw: bytes | None, settings: Settings) -> Outcome:
@@ -136,9 +139,9 @@ def build_outcome_app(
 
     def write(outcomes: Sequence[Outcome]) -> Written:
         """Store the outcomes; return the (query_id, model) pairs refused, with the
-        reason (`textless_refusals`), and the outcomes stored that changed their row
-        (`changing_outcomes`). The embedding runs outside the write's transaction,
-        which stays short."""
+        reason (`textless_refusals`), and the outcomes stored that changed their row,
+        with what they changed (`changing_outcomes`). The embedding runs outside the
+        write's transaction, which stays short."""
         textless = {o.query_id for o in outcomes if not o.text}
         with Session(engine) as session:
             stored = stored_models(session, textless)
@@ -165,7 +168,11 @@ def build_outcome_app(
             ]
             refused, changed = await write_with_retry(outcomes)
             written = [o for o in outcomes if (o.query_id, o.model) not in refused]
-            metrics.observe_outcomes(changed)
+            metrics.observe_outcomes(
+                written=len(changed),
+                attempts=[o for o, change in changed if change.attempt],
+                scores=[o for o, change in changed if change.score],
+            )
             log.debug(
                 "wrote %d outcomes",
                 len(written),
