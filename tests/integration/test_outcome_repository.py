@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -10,9 +14,12 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from schemas import Outcome
+from tests.faults import wait_until
 from workers.db import migrate
 from workers.db.models import OutcomeRow
 from workers.db.repository import (
+    Change,
+    changing_outcomes,
     count_outcomes,
     iter_outcomes,
     unstorable_reason,
@@ -319,3 +326,75 @@ def test_an_answer_without_an_excerpt_stands_with_its_usage_against_an_error(
     row = stored_rows(postgres_engine)[("q", "m")]
     assert (row.error, row.latency_ms, row.output_tokens) == (None, 100.0, 9)
     assert (row.cost_usd, row.quality_score) == (pytest.approx(2.0), 1.0)
+
+
+def write_as_the_writer(
+    engine: sa.Engine, outcomes: Sequence[Outcome], pids: queue.Queue[int] | None = None
+) -> list[tuple[Outcome, Change]]:
+    """What the outcome writer does with a batch (workers/stream/outcomes.py `write`):
+    tell the changes, then store, in one transaction; the changes it would count.
+    Its backend's pid goes to `pids` first, for pg_stat_activity."""
+    with Session(engine) as session, session.begin():
+        if pids is not None:
+            pids.put(session.execute(sa.select(sa.func.pg_backend_pid())).scalar_one())
+        changed = changing_outcomes(session, outcomes)
+        upsert_outcomes(session, outcomes, [None] * len(outcomes))
+    return changed
+
+
+def waits_on_a_lock(engine: sa.Engine, pid: int, writer: Future[object]) -> bool:
+    """Whether backend `pid` waits on a lock; fails at once if its writer is done."""
+    assert not writer.done(), f"the second writer did not wait: it counted {writer.result()}"
+    with engine.connect() as connection:
+        wait = connection.execute(
+            sa.select(sa.column("wait_event_type"))
+            .select_from(sa.table("pg_stat_activity"))
+            .where(sa.column("pid") == pid)
+        ).scalar_one_or_none()
+    return wait == "Lock"
+
+
+def test_a_second_writer_of_the_same_new_outcome_waits_and_counts_nothing(
+    postgres_engine: sa.Engine,
+) -> None:
+    """A partition's old owner retrying its batch while the new owner writes it: no row
+    of the key is stored yet, so FOR UPDATE locked nothing and both counted it
+    (README: "may both count it"). Now the second waits for the first's commit and
+    reads the row as written: no change."""
+    outcome = Outcome(query_id="q", model="m", text="Is 7 prime?", cost_usd=0.01)
+    pids: queue.Queue[int] = queue.Queue()
+    with ThreadPoolExecutor(1) as pool, Session(postgres_engine) as first:
+        assert changing_outcomes(first, [outcome]) == [(outcome, Change(True, True, False))]
+        second = pool.submit(write_as_the_writer, postgres_engine, [outcome], pids)
+        pid = pids.get(timeout=30)
+        wait_until(
+            lambda: waits_on_a_lock(postgres_engine, pid, second), 30, "the second writer waits"
+        )
+        upsert_outcomes(first, [outcome], [None])
+        first.commit()
+        assert second.result(timeout=30) == []
+    with Session(postgres_engine) as session:
+        assert count_outcomes(session) == 1
+
+
+def test_writers_of_overlapping_new_batches_in_opposite_orders_count_each_once(
+    postgres_engine: sa.Engine,
+) -> None:
+    """Two writers, one batch in each order, started together, rounds of new keys:
+    both finish within the deadline (their locks, taken in one order, cannot
+    deadlock) and each outcome is counted by exactly one of them."""
+    start = threading.Barrier(2)
+
+    def writer(outcomes: list[Outcome]) -> list[tuple[Outcome, Change]]:
+        start.wait(timeout=30)
+        return write_as_the_writer(postgres_engine, outcomes)
+
+    with ThreadPoolExecutor(2) as pool:
+        for round_ in range(10):
+            batch = [Outcome(query_id=f"q{round_}.{i}", model="m", cost_usd=1.0) for i in range(50)]
+            forward = pool.submit(writer, batch)
+            backward = pool.submit(writer, batch[::-1])
+            counted = forward.result(timeout=30) + backward.result(timeout=30)
+            assert sorted(o.query_id for o, _ in counted) == sorted(o.query_id for o in batch)
+    with Session(postgres_engine) as session:
+        assert count_outcomes(session) == 500
