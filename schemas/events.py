@@ -122,9 +122,13 @@ class WindowReport(Event):
     included in the predicted spend: a cascade pool's probes and its escalations
     (an escalation window reports only those), the escalation spend the first
     stage expects and keeps back for the escalation windows, and shadow answers
-    (a second answer only to learn from, paid from the exploration allowance)."""
+    (a second answer only to learn from, paid from the exploration allowance).
 
-    schema_version: Literal[1, 2, 3] = 3
+    Version 4 added `spend_correction_usd`: what this window gave up of its nominal
+    budget to repay the pool's realised overspend (`window_budget_usd` is what was
+    left: the nominal budget is their sum)."""
+
+    schema_version: Literal[1, 2, 3, 4] = 4
     window_id: str
     pool: str
     window_start: datetime
@@ -152,6 +156,7 @@ class WindowReport(Event):
     escalation_reserve_usd: float = 0.0
     shadow_queries: int = 0
     shadow_spend_usd: float = 0.0
+    spend_correction_usd: float = 0.0
 
 
 class Outcome(Event):

@@ -203,6 +203,10 @@ class Settings(BaseSettings):
     # model's answer, judged and never delivered, of a model that might beat the
     # answer, where a label teaches most per dollar (workers/routing/shadow.py).
     router_shadow_share: float = Field(default=0.05, ge=0.0, le=0.5)
+    # Budget mode: realised spend over what the plans predicted (matched from the
+    # stored outcomes) is taken off the pool's next windows' budgets
+    # (workers/routing/spend.py); false keeps budgets on predicted cost alone.
+    router_spend_correction: bool = True
 
     # Model workers.
     replay_data_path: str = ""  # empty: the RouterBench sample shipped in workers/data

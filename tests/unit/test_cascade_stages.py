@@ -143,6 +143,21 @@ def test_spend_across_both_stages_keeps_the_window_budget(
     assert spent <= budget + 0.5 + 1e-9
 
 
+def test_a_first_stage_repays_the_pools_overspend_and_keeps_its_reserve_within(
+    cascade: FittedCascade,
+) -> None:
+    n, per_query = 60, 6.0
+    overspend = WindowBounds("w", BOUNDS.start, BOUNDS.end, overspend_usd=50.0)
+    _, first = route_cascade_window(
+        "c", policy(per_query), cascade, predicted(n), MODELS, clusters_of(cascade, n, 2),
+        overspend,
+    )  # fmt: skip
+    assert first.spend_correction_usd == pytest.approx(50.0)
+    assert first.window_budget_usd == pytest.approx(per_query * n - 50.0)
+    kept = first.predicted_spend_usd + first.escalation_reserve_usd
+    assert kept <= per_query * n - 50.0 + 1e-9
+
+
 def test_agreeing_probes_are_accepted_and_disagreeing_ones_escalated(
     cascade: FittedCascade,
 ) -> None:

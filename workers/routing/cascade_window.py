@@ -49,6 +49,7 @@ from workers.routing.windows import (
     WindowBounds,
     allowed_pairs,
     counts_per_model,
+    nominal_budget_usd,
     window_budget_usd,
 )
 
@@ -116,7 +117,10 @@ def route_cascade_window(
     # A query whose hints forbid a panel model may not be probed.
     may_probe: NDArray[np.bool_] = np.asarray(allowed[:, panel].all(axis=1), dtype=bool)
     option_allowed = np.repeat(may_probe[:, None], options.quality.shape[1], axis=1)
+    # Less what the pool repays of its realised overspend (its ledger's, in `bounds`);
+    # the reserve kept back below comes out of this corrected budget.
     budget = window_budget_usd(policy, bounds, len(queries)) or 0.0
+    nominal = nominal_budget_usd(policy, bounds, len(queries)) or 0.0
     plan = solve_first_stage(
         quality,
         cost,
@@ -179,6 +183,7 @@ def route_cascade_window(
         probe_queries=len(probe_rows),
         probe_spend_usd=probe_usd,
         escalation_reserve_usd=reserve,
+        spend_correction_usd=nominal - budget,
     )
     return assignments, report
 

@@ -21,12 +21,19 @@ from workers.routing.exploration import explore_and_solve
 from workers.routing.optimizer import Method, Uncertainty, WindowProblem
 from workers.routing.shadow import NOT_SHADOWED
 
+# At most this share of a window's nominal budget repays the pool's overspend: a
+# burst of it is repaid over a few windows, and no window starves.
+REPAY_SHARE = 0.5
+
 
 @dataclass(frozen=True)
 class WindowBounds:
     window_id: str
     start: datetime
     end: datetime
+    # Realised minus predicted spend of the pool's earlier windows not yet taken off a
+    # budget (its ledger's `overspend_usd`); a credit (< 0) never adds budget.
+    overspend_usd: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -67,7 +74,7 @@ def bounded_created_at(
     return min(max(created_at, earliest), latest)
 
 
-def window_budget_usd(policy: PoolPolicy, bounds: WindowBounds, queries: int) -> float | None:
+def nominal_budget_usd(policy: PoolPolicy, bounds: WindowBounds, queries: int) -> float | None:
     """A fixed budget per window, the hourly budget's share of this window's length,
     or the budget per query times the window's queries (first one set, in that order)."""
     if policy.window_budget_usd is not None:
@@ -77,6 +84,23 @@ def window_budget_usd(policy: PoolPolicy, bounds: WindowBounds, queries: int) ->
     if policy.budget_per_query_usd is not None:
         return policy.budget_per_query_usd * queries
     return None
+
+
+def spend_correction_usd(nominal_usd: float, overspend_usd: float) -> float:
+    """What a window of `nominal_usd` gives up to repay the pool's overspend: all of
+    it, up to REPAY_SHARE of the window's budget; nothing for a credit (a budget is
+    a ceiling: spending less than predicted earns no extra)."""
+    return min(max(overspend_usd, 0.0), REPAY_SHARE * max(nominal_usd, 0.0))
+
+
+def window_budget_usd(policy: PoolPolicy, bounds: WindowBounds, queries: int) -> float | None:
+    """The window's budget kept on predicted cost: its nominal budget
+    (`nominal_budget_usd`) less what it repays of the pool's realised overspend
+    (`spend_correction_usd`); None without a budget."""
+    nominal = nominal_budget_usd(policy, bounds, queries)
+    if nominal is None:
+        return None
+    return nominal - spend_correction_usd(nominal, bounds.overspend_usd)
 
 
 def allowed_pairs(
@@ -165,6 +189,7 @@ def route_window(
     support = support_matrix(queries, columns)
     allowed = allowed_pairs(queries, pool_models, quality, cost)
     budget = window_budget_usd(policy, bounds, len(queries)) if policy.mode == "budget" else None
+    nominal = nominal_budget_usd(policy, bounds, len(queries)) if budget is not None else None
     problem = WindowProblem(
         quality,
         cost,
@@ -232,6 +257,7 @@ def route_window(
         mean_support=mean_support,
         shadow_queries=len(shadows),
         shadow_spend_usd=explored.shadow_spend_usd,
+        spend_correction_usd=0.0 if nominal is None or budget is None else nominal - budget,
     )
     return assignments + shadows, report
 

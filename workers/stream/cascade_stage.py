@@ -275,6 +275,9 @@ async def decide(
     """Accept or escalate each fresh probed query, under the pool's reserve."""
     settings = stage.settings
     created = [p.predicted.query.created_at for p in fresh]
+    # No overspend in these bounds: an escalation window spends the reserve its first
+    # stages kept back of budgets already corrected for it, and has none of its own;
+    # its own realised error is booked by the pool's next first-stage window.
     bounds = WindowBounds(window_id, min(created), max(created))
     policy = settings.pool_policy(pool)
     pool_models = list(policy.models or settings.router_models)

@@ -69,6 +69,11 @@ SHADOW_SPEND_USD = Counter(
 WINDOW_BUDGET_USD = Counter(
     "omnirouter_window_budget_usd_total", "Budget of the windows solved (budget mode)", ["pool"]
 )
+SPEND_CORRECTION_USD = Counter(
+    "omnirouter_spend_correction_usd_total",
+    "Budget the windows gave up to repay realised spend over predicted (budget mode)",
+    ["pool"],
+)
 PREDICTED_SPEND_USD = Counter(
     "omnirouter_predicted_spend_usd_total", "Spend predicted for the windows solved", ["pool"]
 )
@@ -176,6 +181,8 @@ def observe_report(report: WindowReport) -> None:
     PREDICTED_SPEND_USD.labels(pool).inc(report.predicted_spend_usd)
     if report.window_budget_usd is not None:
         WINDOW_BUDGET_USD.labels(pool).inc(report.window_budget_usd)
+    if report.spend_correction_usd > 0:
+        SPEND_CORRECTION_USD.labels(pool).inc(report.spend_correction_usd)
     EXPLORATION_SPEND_USD.labels(pool).inc(report.exploration_spend_usd)
     SHADOW_SPEND_USD.labels(pool).inc(report.shadow_spend_usd)
 

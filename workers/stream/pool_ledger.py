@@ -1,7 +1,9 @@
 """Per pool, what its windows have used up: production time billed so far (an
-hourly budget pays each second once), the exploration allowance carried, and
+hourly budget pays each second once), the exploration allowance carried,
 (cascade pools) the escalation reserve: what first-stage windows kept back of
-their budgets for the escalation windows, less what those spent.
+their budgets for the escalation windows, less what those spent, and the
+overspend: realised minus predicted cost of its answers not yet taken off a
+budget (workers/routing/spend.py, workers/routing/windows.py `window_budget_usd`).
 
 Kept in a Faust table whose compacted changelog is partitioned like the pool's
 omnirouter.predicted partition, so the router that takes the pool over after a
@@ -27,21 +29,45 @@ class PoolAccount(BaseModel):
     billed_until: datetime | None = None
     exploration_carried_usd: float = 0.0
     escalation_reserve_usd: float = 0.0
+    # Realised minus predicted spend not yet taken off a budget; below 0, a credit
+    # (of at most one window's budget) that offsets later overspend, never spent.
+    # What a router matched in memory (workers/routing/spend.py) and had not booked
+    # with a window yet is lost when it stops or hands the pool over: the error of
+    # the outcomes read since the pool's last window, bounded by a few windows'.
+    overspend_usd: float = 0.0
 
 
-def after_window(account: PoolAccount, report: WindowReport) -> PoolAccount:
+def booked_overspend(account: PoolAccount, report: WindowReport, error_usd: float | None) -> float:
+    """The pool's overspend after a first-stage window: what it was, plus the error
+    (realised - predicted) matched since the last window was written, less what
+    this window repaid; floored at minus the window's nominal budget. None: the
+    correction is off (ROUTER_SPEND_CORRECTION=false), and a quality-mode pool has
+    no budget to correct: nothing is kept."""
+    if error_usd is None or report.window_budget_usd is None:
+        return 0.0
+    nominal = report.window_budget_usd + report.spend_correction_usd
+    return max(account.overspend_usd + error_usd - report.spend_correction_usd, -nominal)
+
+
+def after_window(
+    account: PoolAccount, report: WindowReport, error_usd: float | None = 0.0
+) -> PoolAccount:
     """The account after a (first-stage) window: its time billed, its exploration
-    allowance carried, and its escalation reserve added to what is kept back."""
+    allowance carried, its escalation reserve added to what is kept back, and its
+    overspend booked (`booked_overspend`)."""
     return PoolAccount(
         billed_until=report.window_end,
         exploration_carried_usd=report.exploration_carried_usd,
         escalation_reserve_usd=account.escalation_reserve_usd + report.escalation_reserve_usd,
+        overspend_usd=booked_overspend(account, report, error_usd),
     )
 
 
 def after_escalations(account: PoolAccount, report: WindowReport) -> PoolAccount:
     """The account after an escalation window: its spend taken from the reserve (a
-    query none of whose probes answered is escalated even beyond it: never below 0)."""
+    query none of whose probes answered is escalated even beyond it: never below 0).
+    Its overspend is left for the next first-stage window to book and repay: an
+    escalation window spends a reserve already kept back, it has no budget of its own."""
     left = max(account.escalation_reserve_usd - report.escalation_spend_usd, 0.0)
     return account.model_copy(update={"escalation_reserve_usd": left})
 

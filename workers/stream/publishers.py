@@ -41,6 +41,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from schemas import Assignment, ModelResponse, WindowReport
 from workers.config import model_topic
+from workers.routing.spend import SpendTracker
 from workers.stream import metrics
 from workers.stream.app import Topics
 from workers.stream.codec import encode
@@ -106,11 +107,13 @@ class PoolWindow:
         return self.outgoing
 
 
-def account_after(account: PoolAccount, window: PoolWindow) -> PoolAccount:
+def account_after(account: PoolAccount, window: PoolWindow, error_usd: float | None) -> PoolAccount:
+    """The pool's account once the window is written; `error_usd`: the realised minus
+    predicted spend a first-stage window books (None: spend correction is off)."""
     assert window.report is not None
     if window.stage == "escalation":
         return after_escalations(account, window.report)
-    return after_window(account, window.report)
+    return after_window(account, window.report, error_usd)
 
 
 class Record(NamedTuple):
@@ -118,6 +121,15 @@ class Record(NamedTuple):
     value: bytes
     key: bytes | None  # None: a dead letter whose source had none (or too long a one)
     partition: int | None  # None: by the key
+
+
+class LedgerEntry(NamedTuple):
+    """The pool's ledger entry a window writes, and the spend error it books: once
+    the entry is written, that error leaves the router's SpendTracker."""
+
+    key: bytes
+    value: bytes
+    error_usd: float
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,9 @@ class WindowRecords:
     topics: Topics
     decisions: DecisionLog
     ledger: PoolLedger
+    # Realised against predicted spend (workers/routing/spend.py); None: the
+    # correction is off (ROUTER_SPEND_CORRECTION=false).
+    spend: SpendTracker | None = None
 
     def check_owned(self, window: PoolWindow, still_current: Callable[[], bool]) -> None:
         """Stop the router when, with no rebalance begun, the window's partition is not
@@ -176,29 +191,44 @@ class WindowRecords:
             *(Record(letters, encode(r.letter), r.key, None) for r in window.letters),
         ]
 
-    def report(self, window: PoolWindow) -> tuple[list[Record], tuple[bytes, bytes] | None]:
-        """The window report and the pool's ledger entry, with that entry."""
+    def report(self, window: PoolWindow) -> tuple[list[Record], LedgerEntry | None]:
+        """The window report and the pool's ledger entry, with that entry. Only a
+        window with a report (decided now: a window read again after a crash has
+        none) books the pool's spend error, and only a first-stage one."""
         if window.report is None:
             return [], None
-        account = account_after(self.ledger.account(window.pool), window)
-        entry = self.ledger.entry(window.pool, account)
+        error: float | None = None
+        if self.spend is not None:
+            error = self.spend.unbooked(window.pool) if window.stage == "first" else 0.0
+        account = account_after(self.ledger.account(window.pool), window, error)
+        key, value = self.ledger.entry(window.pool, account)
         windows = self.topics.windows.get_topic_name()
         return [
             Record(windows, encode(window.report), window.pool.encode(), None),
-            *self.entries(self.ledger.changelog, window, [entry]),
-        ], entry
+            *self.entries(self.ledger.changelog, window, [(key, value)]),
+        ], LedgerEntry(key, value, error or 0.0)
+
+    def expect(self, window: PoolWindow) -> None:
+        """The sent assignments' predicted costs, for their outcomes to be matched
+        with (workers/routing/spend.py)."""
+        if self.spend is not None:
+            for a in window.sent:
+                self.spend.expect(a.pool, a.query_id, a.model, a.predicted_cost_usd)
 
     def remember(
         self,
         window: PoolWindow,
         entries: list[tuple[bytes, bytes]],
-        ledger: tuple[bytes, bytes] | None,
+        ledger: LedgerEntry | None,
     ) -> None:
         """Update the tables' in-memory data with what was written to the window's
-        partition of their changelogs."""
+        partition of their changelogs; the spend error the ledger entry booked
+        leaves the tracker (a window not written books nothing)."""
         self.decisions.remember(window.partition, entries)
         if ledger is not None:
-            self.ledger.remember(window.partition, *ledger)
+            self.ledger.remember(window.partition, ledger.key, ledger.value)
+            if self.spend is not None:
+                self.spend.book(window.pool, ledger.error_usd)
 
 
 def observe_report(window: PoolWindow) -> None:
@@ -316,6 +346,7 @@ class AcknowledgedPublisher:
             if not still_current():
                 return False
         await delivered(producer, self.records.outgoing(window))
+        self.records.expect(window)
         published = decisions.published_entries(window.keys, window.partition, time.time())
         await delivered(
             producer, [*self.records.entries(decisions.changelog, window, published), *report]
@@ -358,6 +389,7 @@ class TransactionalPublisher:
                 raise RuntimeError(f"pool {window.pool}: {exc} outside a rebalance") from exc
             log.warning("pool %s: %s; its window is left to the new owner", window.pool, exc)
             return False
+        self.records.expect(window)
         self.records.remember(window, published, ledger)
         observe_report(window)
         observe_published(window)

@@ -155,7 +155,7 @@ def build_router_app(
     topics = Topics.of(app, settings)
     decisions = DecisionLog(raw_table(app, "routed", settings, "query_id -> decision"))
     ledger = PoolLedger(raw_table(app, "pool_ledger", settings, "pool -> time billed"))
-    records = WindowRecords(topics, decisions, ledger)
+    records = WindowRecords(topics, decisions, ledger, state.spend)
     options = producer_options(settings, bootstrap_servers)
     solver = ThreadPoolExecutor(1, thread_name_prefix="solver")
     cascading = any(policy.cascade for policy in settings.router_pools.values())

@@ -39,6 +39,7 @@ from workers.routing.cascade_fit import MAX_FIT_QUERIES, fit_pool_cascade
 from workers.routing.cascade_window import FittedCascade, pool_clusters
 from workers.routing.embedder import Embedder
 from workers.routing.predictor import Estimates, HybridPredictor, KnnSettings, fit_hybrid
+from workers.routing.spend import SpendTracker
 from workers.routing.store import OutcomeRecord, RetrievalStore, reembedded
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class RouterState:
             model_priors=settings.router_model_priors,
         )
         self.watermark: datetime | None = None
+        # Published assignments' predicted cost against their outcomes' (the
+        # publishers expect, the store refresh observes); None: correction off.
+        self.spend = SpendTracker() if settings.router_spend_correction else None
         # Cascade pools' fitted policies; None: too few stored answers yet (one-shot).
         self.cascades: dict[str, FittedCascade | None] = dict.fromkeys(
             [p for p, policy in settings.router_pools.items() if policy.cascade]
@@ -130,6 +134,9 @@ class RouterState:
             rows = iter_outcomes(session, updated_since=since)
             while chunk := list(itertools.islice(rows, REFRESH_CHUNK)):
                 self.predictor_thread.submit(apply, chunk).result()
+                if self.spend is not None:  # a row read twice (the overlap) counts once
+                    for record, _ in chunk:
+                        self.spend.observe(record.query_id, record.model, record.cost_usd)
                 copied += len(chunk)
         self.watermark = read_started
         return copied

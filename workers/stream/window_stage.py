@@ -250,7 +250,9 @@ async def solve_fresh(
         account.billed_until,
         timedelta(seconds=settings.router_window_seconds),
     )
-    bounds = WindowBounds(window_id, start, end)
+    # The pool's realised overspend its budget repays (workers/routing/windows.py).
+    overspend = account.overspend_usd if settings.router_spend_correction else 0.0
+    bounds = WindowBounds(window_id, start, end, overspend)
     if stage.cascade is not None:
         cascaded = await stage.cascade(stage, pool, fresh, bounds)
         if cascaded is not None:
