@@ -828,6 +828,11 @@ def bench_cold_start(
         f"shadow share {figures.shadow_share}"
     )
     click.echo(f"windows {figures.windows}; judge spend ${figures.judge_spend_usd:.4f}")
+    spend = sum(b.cost_usd for b in figures.blocks)
+    click.echo(
+        f"run spend ${spend:.4f} of budget ${sum(figures.budget_per_block):.4f}; budget given "
+        f"up to repay realised over predicted spend ${figures.spend_correction_usd:.4f}"
+    )
     click.echo(
         f"{'queries':>11} {'accuracy':>8} {'warm':>6} {'single':>6} {'cost $':>8} "
         f"{'warm $':>8} {'budget $':>8} {'explore $':>9} {'shadow $':>8} {'scored':>6}  "

@@ -85,6 +85,9 @@ class ColdStartFigures:
     blocks: list[Block]
     windows: int
     judge_spend_usd: float
+    # Budget the windows gave up to repay realised spend over predicted
+    # (ROUTER_SPEND_CORRECTION; the "budget $" column is the nominal budget).
+    spend_correction_usd: float = 0.0
 
     @property
     def budget_per_block(self) -> list[float]:
@@ -181,6 +184,7 @@ def run(
         blocks=blocks,
         windows=len(reports),
         judge_spend_usd=judge_spend,
+        spend_correction_usd=sum(r.spend_correction_usd for r in reports),
     )
 
 
