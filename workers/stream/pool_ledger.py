@@ -15,6 +15,7 @@ the partitions this router owns (workers/stream/table_store.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -24,29 +25,55 @@ from pydantic import BaseModel
 from schemas import WindowReport
 from workers.stream.table_store import write
 
+log = logging.getLogger(__name__)
+
+# The overspend a pool's ledger keeps at most, in windows' nominal budgets: repaid
+# at most REPAY_SHARE (half) of each window (workers/routing/windows.py), it is
+# worked off within 2 x MAX_DEBT_WINDOWS windows once answers cost what they are
+# predicted to.
+MAX_DEBT_WINDOWS = 4
+
 
 class PoolAccount(BaseModel):
     billed_until: datetime | None = None
     exploration_carried_usd: float = 0.0
     escalation_reserve_usd: float = 0.0
-    # Realised minus predicted spend not yet taken off a budget; below 0, a credit
-    # (of at most one window's budget) that offsets later overspend, never spent.
-    # What a router matched in memory (workers/routing/spend.py) and had not booked
-    # with a window yet is lost when it stops or hands the pool over: the error of
-    # the outcomes read since the pool's last window, bounded by a few windows'.
+    # Realised minus predicted spend not yet taken off a budget, at most
+    # MAX_DEBT_WINDOWS nominal budgets; below 0, a credit (of at most one window's
+    # budget) that offsets later overspend, never spent. What a router matched in
+    # memory (workers/routing/spend.py) and had not booked with a window yet is
+    # dropped when it stops or hands the pool over: the error of the outcomes read
+    # since the pool's last window, bounded by a few windows'.
     overspend_usd: float = 0.0
 
 
 def booked_overspend(account: PoolAccount, report: WindowReport, error_usd: float | None) -> float:
     """The pool's overspend after a first-stage window: what it was, plus the error
     (realised - predicted) matched since the last window was written, less what
-    this window repaid; floored at minus the window's nominal budget. None: the
-    correction is off (ROUTER_SPEND_CORRECTION=false), and a quality-mode pool has
-    no budget to correct: nothing is kept."""
+    this window repaid; floored at minus the window's nominal budget and capped at
+    MAX_DEBT_WINDOWS of it (answers costing persistently more than predicted, wrong
+    ROUTER_MODEL_PRICES say, would otherwise leave a debt repaid for as many windows
+    after the prices are fixed; a WARNING names the pool). A window of nominal
+    budget 0 (an hourly budget's window with no new time) has no scale to floor or
+    cap by: the overspend is kept as booked, plus the error, for the next window
+    with a budget. None: the correction is off (ROUTER_SPEND_CORRECTION=false),
+    and a quality-mode pool has no budget to correct: nothing is kept."""
     if error_usd is None or report.window_budget_usd is None:
         return 0.0
     nominal = report.window_budget_usd + report.spend_correction_usd
-    return max(account.overspend_usd + error_usd - report.spend_correction_usd, -nominal)
+    booked = account.overspend_usd + error_usd - report.spend_correction_usd
+    if nominal <= 0.0:
+        return booked
+    ceiling = MAX_DEBT_WINDOWS * nominal
+    if booked > ceiling:
+        log.warning(
+            "pool %s: realised spend over predicted reached %.4f USD, kept at %d windows' "
+            "budget (%.4f USD): answers cost far more than predicted; check the model "
+            "prices (ROUTER_MODEL_PRICES)",
+            report.pool, booked, MAX_DEBT_WINDOWS, ceiling,
+        )  # fmt: skip
+        return ceiling
+    return max(booked, -nominal)
 
 
 def after_window(

@@ -199,7 +199,8 @@ class WindowRecords:
             return [], None
         error: float | None = None
         if self.spend is not None:
-            error = self.spend.unbooked(window.pool) if window.stage == "first" else 0.0
+            first = window.stage == "first"
+            error = self.spend.unbooked(window.partition, window.pool) if first else 0.0
         account = account_after(self.ledger.account(window.pool), window, error)
         key, value = self.ledger.entry(window.pool, account)
         windows = self.topics.windows.get_topic_name()
@@ -209,11 +210,22 @@ class WindowRecords:
         ], LedgerEntry(key, value, error or 0.0)
 
     def expect(self, window: PoolWindow) -> None:
-        """The sent assignments' predicted costs, for their outcomes to be matched
-        with (workers/routing/spend.py)."""
+        """The assignments about to be sent: their predicted costs, for their outcomes
+        to be matched with (workers/routing/spend.py). Called before they are sent,
+        or an outcome read before the window's publishing ends would never match.
+        Not for a window without a budget (quality mode): it has nothing to correct,
+        and its entries would only fill the tracker."""
+        report = window.report
+        if self.spend is None or (report is not None and report.window_budget_usd is None):
+            return
+        for a in window.sent:
+            self.spend.expect(window.partition, a.pool, a.query_id, a.model, a.predicted_cost_usd)
+
+    def forget(self, window: PoolWindow) -> None:
+        """The window was not published (left to the partition's new owner): its
+        expected assignments are that owner's to expect and book."""
         if self.spend is not None:
-            for a in window.sent:
-                self.spend.expect(a.pool, a.query_id, a.model, a.predicted_cost_usd)
+            self.spend.forget((a.query_id, a.model) for a in window.sent)
 
     def remember(
         self,
@@ -228,7 +240,7 @@ class WindowRecords:
         if ledger is not None:
             self.ledger.remember(window.partition, ledger.key, ledger.value)
             if self.spend is not None:
-                self.spend.book(window.pool, ledger.error_usd)
+                self.spend.book(window.partition, window.pool, ledger.error_usd)
 
 
 def observe_report(window: PoolWindow) -> None:
@@ -345,8 +357,10 @@ class AcknowledgedPublisher:
             report, ledger = [], None
             if not still_current():
                 return False
-        await delivered(producer, self.records.outgoing(window))
+        # Expected before they are sent (an outcome may be read before this returns);
+        # from here the window is published or the router stops: nothing to forget.
         self.records.expect(window)
+        await delivered(producer, self.records.outgoing(window))
         published = decisions.published_entries(window.keys, window.partition, time.time())
         await delivered(
             producer, [*self.records.entries(decisions.changelog, window, published), *report]
@@ -381,15 +395,19 @@ class TransactionalPublisher:
             *self.records.outgoing(window),
             *report,
         ]
+        self.records.expect(window)  # before it is sent; forgotten if it is not published
         try:
             async with self.producers.transaction(window.partition) as producer:
                 await send(producer, records)  # the commit waits for every ack
         except Fenced as exc:
+            self.records.forget(window)
             if still_current():  # fenced by no rebalance this router knows of: stop
                 raise RuntimeError(f"pool {window.pool}: {exc} outside a rebalance") from exc
             log.warning("pool %s: %s; its window is left to the new owner", window.pool, exc)
             return False
-        self.records.expect(window)
+        except BaseException:
+            self.records.forget(window)  # aborted: nothing was published
+            raise
         self.records.remember(window, published, ledger)
         observe_report(window)
         observe_published(window)

@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
 import faust
-from faust.types import TableT
+from faust.types import TP, TableT
 from mode import CrashingSupervisor
 from mode.types.signals import BaseSignalT
 
 from workers.config import ROUTER_APP_ID, Settings
+from workers.routing.spend import SpendTracker
 from workers.stream.app import (
     PRODUCER_LINGER_MS,
     PRODUCER_MAX_REQUEST_BYTES,
@@ -101,6 +103,25 @@ def producer_options(settings: Settings, bootstrap_servers: str) -> dict[str, An
     }
 
 
+def before_assignment(app: faust.App, hook: Callable[[set[TP]], Awaitable[None]]) -> None:
+    """Have `hook` given each new assignment before Faust handles it (transport.py)."""
+    hooks = getattr(app, BEFORE_ASSIGNMENT_ATTRIBUTE, None)
+    if hooks is None:
+        hooks = []
+        setattr(app, BEFORE_ASSIGNMENT_ATTRIBUTE, hooks)
+    hooks.append(hook)
+
+
+def keeps_owned_spend(spend: SpendTracker, predicted: str) -> Callable[[set[TP]], Awaitable[None]]:
+    """A hook for each assignment: the spend tracker keeps only the pools of the
+    partitions of omnirouter.predicted this router still owns (workers/routing/spend.py)."""
+
+    async def keep(assigned: set[TP]) -> None:
+        spend.keep_partitions({tp.partition for tp in assigned if tp.topic == predicted})
+
+    return keep
+
+
 def publisher(
     app: faust.App, records: WindowRecords, options: dict[str, Any], transactions: bool
 ) -> Publisher:
@@ -112,7 +133,7 @@ def publisher(
         producers = PartitionProducers(
             ROUTER_APP_ID, records.topics.predicted.get_topic_name(), options
         )
-        setattr(app, BEFORE_ASSIGNMENT_ATTRIBUTE, [producers.on_assigned])
+        before_assignment(app, producers.on_assigned)
         chosen: Publisher = TransactionalPublisher(records, producers)
     else:
         producers = StartedOnFirstUse(options)
@@ -156,6 +177,8 @@ def build_router_app(
     decisions = DecisionLog(raw_table(app, "routed", settings, "query_id -> decision"))
     ledger = PoolLedger(raw_table(app, "pool_ledger", settings, "pool -> time billed"))
     records = WindowRecords(topics, decisions, ledger, state.spend)
+    if state.spend is not None:
+        before_assignment(app, keeps_owned_spend(state.spend, topics.predicted.get_topic_name()))
     options = producer_options(settings, bootstrap_servers)
     solver = ThreadPoolExecutor(1, thread_name_prefix="solver")
     cascading = any(policy.cascade for policy in settings.router_pools.values())
