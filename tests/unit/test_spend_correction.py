@@ -16,7 +16,7 @@ import pytest
 from schemas import Assignment, WindowReport
 from tests.tables import router_table
 from tests.unit.test_publishers import Plain, Producers, RecordingProducer, topic
-from tests.unit.test_windows import MODELS, window
+from tests.unit.test_windows import EACH_KIND_OF_BUDGET, MODELS, window
 from workers.config import PoolPolicy, Settings, model_topic
 from workers.routing.spend import SpendTracker
 from workers.routing.windows import (
@@ -102,14 +102,7 @@ def test_booking_takes_only_what_was_booked() -> None:
 # ------------------------------------------------------------------ the budget
 
 
-@pytest.mark.parametrize(
-    ("policy", "nominal"),
-    [
-        (PoolPolicy(mode="budget", window_budget_usd=3.0), 3.0),
-        (PoolPolicy(mode="budget", budget_per_hour_usd=3600.0), 2.0),  # 2 s of $1/s
-        (PoolPolicy(mode="budget", budget_per_query_usd=0.5), 5.0),  # 10 queries
-    ],
-)
+@pytest.mark.parametrize(("policy", "nominal"), EACH_KIND_OF_BUDGET)
 def test_every_kind_of_budget_repays_overspend_up_to_its_share(
     policy: PoolPolicy, nominal: float
 ) -> None:

@@ -31,14 +31,15 @@ def window(n: int) -> list[PredictedQuery]:
     return [predicted(i, [0.5, 0.7, 0.9], [0.001, 0.01, 0.1]) for i in range(n)]
 
 
-@pytest.mark.parametrize(
-    ("policy", "expected"),
-    [
-        (PoolPolicy(mode="budget", window_budget_usd=3.0), 3.0),
-        (PoolPolicy(mode="budget", budget_per_hour_usd=3600.0), 2.0),  # 2 s of $1/s
-        (PoolPolicy(mode="budget", budget_per_query_usd=0.5), 5.0),  # 10 queries
-    ],
-)
+# Each kind of budget and what it gives a window of BOUNDS' 2 s and 10 queries.
+EACH_KIND_OF_BUDGET = [
+    (PoolPolicy(mode="budget", window_budget_usd=3.0), 3.0),
+    (PoolPolicy(mode="budget", budget_per_hour_usd=3600.0), 2.0),  # 2 s of $1/s
+    (PoolPolicy(mode="budget", budget_per_query_usd=0.5), 5.0),  # 10 queries
+]
+
+
+@pytest.mark.parametrize(("policy", "expected"), EACH_KIND_OF_BUDGET)
 def test_each_kind_of_budget_gives_the_window_its_share(
     policy: PoolPolicy, expected: float
 ) -> None:
