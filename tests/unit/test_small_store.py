@@ -1,6 +1,7 @@
 """Little data never hurts: a budget window keeps the best affordable single model
-unless the plan's predicted gain beats the uncertainty of the cluster means it
-rests on (optimizer.keep_single_model, predictor.cluster_uncertainty)."""
+(its leftover budget spent on the next better model) unless the plan's predicted
+gain beats the uncertainty of the cluster means it rests on
+(optimizer.keep_single_model, predictor.cluster_uncertainty)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,46 @@ def test_the_single_model_is_never_one_a_query_s_hints_forbid(method: str) -> No
 
     assert allowed[np.arange(N), plan.assignment].all()
     assert plan.total_cost_usd <= 1.05 * N + 1e-9
+
+
+def cheap_single_model_window(
+    capacities: tuple[int | None, ...] | None = None, allowed: np.ndarray | None = None
+) -> WindowProblem:
+    """The best affordable single model ("good") costs half the budget; "best" costs
+    1.5 more per query and is predicted 0.15 better, within the noise of ten outcomes."""
+    return WindowProblem(
+        np.tile(QUALITY, (N, 1)),
+        np.tile([0.1, 0.5, 2.0], (N, 1)),
+        "budget",
+        window_budget_usd=1.0 * N,
+        capacities=capacities,
+        uncertainty=window(outcomes_per_model=10).uncertainty,
+        allowed=allowed,
+    )
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_a_noisy_window_spends_what_its_single_model_leaves_on_the_next_better_model(
+    method: str,
+) -> None:
+    """The single model alone spent half the budget: 40 queries on "good", $20 of $40.
+    The frontier between the two models' costs moves 13 of them to "best" ($19.50)."""
+    plan = solve(cheap_single_model_window(), method)  # type: ignore[arg-type]
+
+    assert np.bincount(plan.assignment, minlength=3).tolist() == [0, N - 13, 13]
+    assert plan.total_cost_usd <= 1.0 * N + 1e-9
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_the_upgraded_queries_keep_the_models_capacity_and_the_queries_hints(method: str) -> None:
+    allowed = np.ones((N, 3), dtype=bool)
+    allowed[:4, 2] = False  # the first four queries may not go to "best"
+    problem = cheap_single_model_window(capacities=(None, None, 5), allowed=allowed)
+
+    plan = solve(problem, method)  # type: ignore[arg-type]
+
+    assert (plan.assignment[:4] != 2).all()
+    assert np.bincount(plan.assignment, minlength=3).tolist() == [0, N - 5, 5]
 
 
 @pytest.mark.parametrize("method", ["exact", "fast"])
