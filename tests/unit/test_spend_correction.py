@@ -130,13 +130,19 @@ def test_a_window_reports_what_it_gave_up() -> None:
 # ------------------------------------------------------------------ the ledger
 
 
-def report(budget: float | None, correction: float = 0.0) -> WindowReport:
+def report(
+    budget: float | None,
+    correction: float = 0.0,
+    spent: float | None = None,
+    reserve: float = 0.0,
+) -> WindowReport:
+    """A window's report; `spent`: its predicted spend, by default all of its budget."""
     return WindowReport(
         window_id="w", pool="gold", window_start=START, window_end=START,
         query_count=1, mode="budget" if budget is not None else "quality",
-        window_budget_usd=budget, predicted_spend_usd=0.0, predicted_mean_quality=0.5,
-        solver="fast", solver_status="optimal", solve_seconds=0.0, assignments_per_model={},
-        spend_correction_usd=correction,
+        window_budget_usd=budget, predicted_spend_usd=(budget or 0.0) if spent is None else spent,
+        predicted_mean_quality=0.5, solver="fast", solver_status="optimal", solve_seconds=0.0,
+        assignments_per_model={}, spend_correction_usd=correction, escalation_reserve_usd=reserve,
     )  # fmt: skip
 
 
@@ -145,6 +151,16 @@ def test_a_window_books_the_error_less_what_it_repaid() -> None:
     # Nominal 1.0: the window repaid 0.3 (budget 0.7); 0.2 more was matched since.
     after = after_window(account, report(0.7, 0.3), error_usd=0.2)
     assert after.overspend_usd == pytest.approx(0.2)
+
+
+def test_budget_a_window_left_unspent_offsets_answers_that_cost_more() -> None:
+    """Planned at 0.9 of its 1.0 and its answers 0.05 dearer than predicted: the
+    window kept its budget and owes nothing; the 0.05 left is a credit."""
+    after = after_window(PoolAccount(), report(1.0, spent=0.9), error_usd=0.05)
+    assert after.overspend_usd == pytest.approx(-0.05)
+    # Kept back for escalations is not unspent: the escalation windows spend it.
+    kept = after_window(PoolAccount(), report(1.0, spent=0.7, reserve=0.3), error_usd=0.05)
+    assert kept.overspend_usd == pytest.approx(0.05)
 
 
 def test_a_credit_is_floored_at_one_windows_nominal_budget() -> None:

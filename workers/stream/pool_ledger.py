@@ -2,8 +2,9 @@
 hourly budget pays each second once), the exploration allowance carried,
 (cascade pools) the escalation reserve: what first-stage windows kept back of
 their budgets for the escalation windows, less what those spent, and the
-overspend: realised minus predicted cost of its answers not yet taken off a
-budget (workers/routing/spend.py, workers/routing/windows.py `window_budget_usd`).
+overspend: realised minus predicted cost of its answers, less what its windows
+left unspent, not yet taken off a budget (workers/routing/spend.py,
+workers/routing/windows.py `window_budget_usd`).
 
 Kept in a Faust table whose compacted changelog is partitioned like the pool's
 omnirouter.predicted partition, so the router that takes the pool over after a
@@ -38,19 +39,32 @@ class PoolAccount(BaseModel):
     billed_until: datetime | None = None
     exploration_carried_usd: float = 0.0
     escalation_reserve_usd: float = 0.0
-    # Realised minus predicted spend not yet taken off a budget, at most
-    # MAX_DEBT_WINDOWS nominal budgets; below 0, a credit (of at most one window's
-    # budget) that offsets later overspend, never spent. What a router matched in
-    # memory (workers/routing/spend.py) and had not booked with a window yet is
-    # dropped when it stops or hands the pool over: the error of the outcomes read
-    # since the pool's last window, bounded by a few windows'.
+    # Realised minus predicted spend, less what windows left unspent, not yet taken
+    # off a budget, at most MAX_DEBT_WINDOWS nominal budgets; below 0, a credit (of
+    # at most one window's budget) that offsets later overspend, never spent. What a
+    # router matched in memory (workers/routing/spend.py) and had not booked with a
+    # window yet is dropped when it stops or hands the pool over: the error of the
+    # outcomes read since the pool's last window, bounded by a few windows'.
     overspend_usd: float = 0.0
+
+
+def unspent_usd(report: WindowReport) -> float:
+    """What a budget window's plan left of its budget: neither spent nor kept back
+    for escalations. The pool's promise is realised spend within its budgets, so
+    budget a window did not use offsets answers that cost more than predicted, as
+    answers that cost less do: a window planned at 90% of its budget whose answers
+    then cost 5% more than predicted has kept its budget and owes nothing."""
+    if report.window_budget_usd is None:
+        return 0.0
+    planned = report.predicted_spend_usd + report.escalation_reserve_usd
+    return max(report.window_budget_usd - planned, 0.0)
 
 
 def booked_overspend(account: PoolAccount, report: WindowReport, error_usd: float | None) -> float:
     """The pool's overspend after a first-stage window: what it was, plus the error
     (realised - predicted) matched since the last window was written, less what
-    this window repaid; floored at minus the window's nominal budget and capped at
+    this window repaid and what it left unspent (`unspent_usd`); floored at minus
+    the window's nominal budget and capped at
     MAX_DEBT_WINDOWS of it (answers costing persistently more than predicted, wrong
     ROUTER_MODEL_PRICES say, would otherwise leave a debt repaid for as many windows
     after the prices are fixed; a WARNING names the pool). A window of nominal
@@ -61,7 +75,7 @@ def booked_overspend(account: PoolAccount, report: WindowReport, error_usd: floa
     if error_usd is None or report.window_budget_usd is None:
         return 0.0
     nominal = report.window_budget_usd + report.spend_correction_usd
-    booked = account.overspend_usd + error_usd - report.spend_correction_usd
+    booked = account.overspend_usd + error_usd - report.spend_correction_usd - unspent_usd(report)
     if nominal <= 0.0:
         return booked
     ceiling = MAX_DEBT_WINDOWS * nominal
