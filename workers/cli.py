@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -873,6 +875,68 @@ def bench_cold_start(
         f"of the budget (share {figures.shadow_share:.0%}); spend includes shadows"
     )
     click.echo(f"learning curve: {cold_start.plot(figures, png_path)}")
+
+
+@bench.command("cold-start-replay")
+@data_option
+@click.option("--queries", default=2000, show_default=True, help="Queries per order.")
+@click.option("--judge-share", default=0.2, show_default=True, help="Share the judge scores.")
+@click.option("--judge-flip", default=0.1, show_default=True, help="Share of judge labels flipped.")
+@click.option(
+    "--seeds",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Orders of the queries replayed: seeds 0 to N-1 (seed 0 is the live bench's).",
+)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(path_type=Path),
+    default=Path("out/cold_start_replay.jsonl"),
+    show_default=True,
+    help="One JSON line per seed, to compare two versions of the code seed by seed.",
+)
+def bench_cold_start_replay(
+    data_path: Path | None,
+    queries: int,
+    judge_share: float,
+    judge_flip: float,
+    seeds: int,
+    out_path: Path,
+) -> None:
+    """The learning loop of `bench cold-start` offline, over many orders of the
+    queries: the last block against the warm-started router, seed by seed."""
+    from workers.bench.cold_start_replay import ReplaySummary, replay
+    from workers.routing.dataset import load_routerbench, shipped_sample_path
+    from workers.routing.embedder import CachedEmbedder
+
+    settings = load_settings()
+    embedder = CachedEmbedder(_embedder(settings), Path(".omnirouter/cache"))
+    table = load_routerbench(data_path or shipped_sample_path())
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    runs = []
+    with out_path.open("w") as out:
+        for seed in range(seeds):
+            run = replay(table, embedder, settings, seed, queries, judge_share, judge_flip)
+            runs.append(run)
+            out.write(json.dumps(dataclasses.asdict(run)) + "\n")
+            last = run.blocks[-1]
+            click.echo(
+                f"seed {seed:3d}: accuracy per block "
+                + " ".join(f"{b.accuracy:.3f}" for b in run.blocks)
+                + f"; last block {run.last_block_gap_points:+.1f} points vs warm at "
+                f"${last.cost_usd:.4f} vs ${last.warm_cost_usd:.4f}"
+            )
+    summary = ReplaySummary.of(runs)
+    click.echo(
+        f"last block vs the warm-started router: {summary.mean_gap_points:+.2f} points "
+        f"(s.e. {summary.standard_error_points:.2f}), within 2 points in "
+        f"{summary.within_two_points} of {summary.seeds}; last 1,000 queries "
+        f"{summary.last_blocks_gap_points:+.2f}; last block's spend "
+        f"{summary.spend_of_warm:.3f} of the warm router's"
+    )
+    click.echo(f"wrote {out_path}")
 
 
 @bench.command("signal")

@@ -51,6 +51,24 @@ from workers.stream.replay import produce_queries, query_events
 from workers.stream.topics import create_topics
 
 TIE_TOLERANCE = Settings.model_fields["router_tie_tolerance"].default
+# The stream's pace: queries per second, window length and refit period (seconds).
+RATE_PER_SECOND = 10.0
+WINDOW_SECONDS = 2.0
+REFIT_SECONDS = 30
+BUDGET_SHARE_OF_DEAREST = 0.35
+
+
+def traffic(
+    table: OutcomeTable, queries: int, seed: int, budget_share_of_dearest: float
+) -> tuple[OutcomeTable, OutcomeTable, float]:
+    """The file in a seeded random order (real traffic mixes tasks; the file lists
+    them one after another), its first `queries` rows as the live traffic, and the
+    budget per query: a share of the dearest model's mean cost."""
+    order = np.random.default_rng(seed).permutation(len(table))
+    shuffled = table.take(order)
+    live = shuffled.take(list(range(min(queries, len(shuffled)))))
+    budget = budget_share_of_dearest * float(np.nanmax(np.nanmean(shuffled.costs, axis=0)))
+    return shuffled, live, budget
 
 
 @dataclass(frozen=True)
@@ -101,19 +119,15 @@ def run(
     queries: int = 2000,
     judge_share: float = 0.2,
     judge_flip: float = 0.1,
-    budget_share_of_dearest: float = 0.35,
-    rate_per_second: float = 10.0,
-    window_seconds: float = 2.0,
+    budget_share_of_dearest: float = BUDGET_SHARE_OF_DEAREST,
+    rate_per_second: float = RATE_PER_SECOND,
+    window_seconds: float = WINDOW_SECONDS,
     block_size: int = 250,
     seed: int = 0,
     log_dir: Path = Path(".omnirouter/bench-cold-start"),
     progress: Callable[[str], None] = lambda _: None,
 ) -> ColdStartFigures:
-    # Real traffic mixes tasks; the file lists them one after another.
-    order = np.random.default_rng(seed).permutation(len(table))
-    table = table.take(order)
-    live = table.take(list(range(min(queries, len(table)))))
-    budget = budget_share_of_dearest * float(np.nanmax(np.nanmean(table.costs, axis=0)))
+    table, live, budget = traffic(table, queries, seed, budget_share_of_dearest)
     settings = load_settings()
     prices = fitted_prices(table)
     run_id = f"cold-{uuid.uuid4().hex[:6]}"
@@ -130,7 +144,7 @@ def run(
                 "ROUTER_MODEL_PRICES": _prices_json(prices),
                 "ROUTER_WINDOW_SECONDS": str(window_seconds),
                 "ROUTER_STORE_REFRESH_SECONDS": "1",
-                "ROUTER_REFIT_SECONDS": "30",
+                "ROUTER_REFIT_SECONDS": str(REFIT_SECONDS),
                 "REPLAY_DATA_PATH": str(data_path),
                 "REPLAY_SCORES": "false",
                 "JUDGE_SAMPLE_SHARE": repr(judge_share),
@@ -171,9 +185,10 @@ def run(
     beliefs = {int(p.query.query_id.removeprefix(f"{run_id}-")): p.quality for p in predicted}
     window_size = max(1, round(float(np.mean([w.query_count for w in reports]))))
     progress("routing the warm-started reference offline ...")
-    warm_plan = _warm_reference(table, live, embedder, budget, window_size)
+    warm_plan = warm_reference(table, live, embedder, budget, window_size)
     blocks = _blocks(live, chosen, shadows, beliefs, warm_plan, scored_at, block_size)
     _write_decisions(log_dir / "decisions.jsonl", live, chosen, shadows)
+    _write_reports(log_dir / "windows.jsonl", reports)
     return ColdStartFigures(
         budget_per_query_usd=budget,
         exploration_share=settings.router_exploration_share,
@@ -207,6 +222,12 @@ def _write_decisions(
                 "shadow": shadows[i].model if i in shadows else None,
             }
             out.write(json.dumps(row) + "\n")
+
+
+def _write_reports(path: Path, reports: list[WindowReport]) -> None:
+    """The windows' reports, in the order they were published, for a closer look."""
+    with path.open("w") as out:
+        out.writelines(report.model_dump_json() + "\n" for report in reports)
 
 
 def _prices_json(prices: dict[str, ModelPrice]) -> str:
@@ -259,7 +280,7 @@ def _judge_spend(engine: sa.Engine, run_id: str) -> float:
     return float(total or 0.0)
 
 
-def _warm_reference(
+def warm_reference(
     table: OutcomeTable, live: OutcomeTable, embedder: Embedder, budget: float, window_size: int
 ) -> NDArray[np.int64]:
     """The model chosen for each live query by a router that knows every outcome of

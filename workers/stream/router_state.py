@@ -60,6 +60,48 @@ REEMBED_CHUNK = 1000
 FAISS_THREADS = 1
 
 
+# The predictor refits its heads and blend once the store holds this many queries.
+MIN_REFIT_QUERIES = 50
+
+
+def router_predictor(settings: Settings, embedder: Embedder) -> HybridPredictor:
+    """The router's predictor, over an empty store, as its settings describe it."""
+    store = RetrievalStore(settings.router_models, embedder.dimension, embedder=embedder.name)
+    return HybridPredictor(
+        embedder,
+        store,
+        prices=settings.router_model_prices,
+        knn=KnnSettings(
+            neighbours=settings.router_knn_neighbours,
+            prior_strength=settings.router_prior_strength,
+        ),
+        model_priors=settings.router_model_priors,
+    )
+
+
+def predicted_batch(
+    models: Sequence[str],
+    queries: Sequence[QueryEvent],
+    estimates: Estimates,
+    cascade_clusters: Sequence[int | None] = (),
+    cascade_fits: Sequence[str | None] = (),
+) -> PredictedBatch:
+    """The queries' predictions as the event the window stage reads, one row each."""
+    # Each matrix to Python floats in one call, not three calls per query.
+    uncertainty = estimates.uncertainty
+    return PredictedBatch(
+        models=list(models),
+        queries=list(queries),
+        quality=estimates.quality.tolist(),
+        cost_usd=estimates.cost.tolist(),
+        support=estimates.support.tolist(),
+        cluster=[] if uncertainty is None else uncertainty.cluster.tolist(),
+        mean_variance=[] if uncertainty is None else uncertainty.variance.tolist(),
+        cascade_cluster=list(cascade_clusters),
+        cascade_fit=list(cascade_fits),
+    )
+
+
 def worker_thread(name: str) -> ThreadPoolExecutor:
     """One thread for the router's background work, FAISS on FAISS_THREADS in it."""
     return ThreadPoolExecutor(
@@ -76,17 +118,7 @@ class RouterState:
         self.settings = settings
         faiss.omp_set_num_threads(FAISS_THREADS)
         self.engine = sa.create_engine(database_url, pool_pre_ping=True) if database_url else None
-        store = RetrievalStore(settings.router_models, embedder.dimension, embedder=embedder.name)
-        self.predictor = HybridPredictor(
-            embedder,
-            store,
-            prices=settings.router_model_prices,
-            knn=KnnSettings(
-                neighbours=settings.router_knn_neighbours,
-                prior_strength=settings.router_prior_strength,
-            ),
-            model_priors=settings.router_model_priors,
-        )
+        self.predictor = router_predictor(settings, embedder)
         self.watermark: datetime | None = None
         # Published assignments' predicted cost against their outcomes' (the
         # publishers expect, the store refresh observes); None: correction off.
@@ -156,7 +188,7 @@ class RouterState:
         vectors, scores, costs = await self.on_predictor_thread(
             predictor.store.snapshot, self.settings.router_refit_max_outcomes
         )
-        if len(vectors) < 50:
+        if len(vectors) < MIN_REFIT_QUERIES:
             return
         loop = asyncio.get_running_loop()
         heads, weight, report = await loop.run_in_executor(
@@ -265,16 +297,4 @@ class RouterState:
         estimates, clusters, fits = await self.on_predictor_thread(
             self._predict_and_cluster, queries
         )
-        # Each matrix to Python floats in one call, not three calls per query.
-        uncertainty = estimates.uncertainty
-        return PredictedBatch(
-            models=self.settings.router_models,
-            queries=list(queries),
-            quality=estimates.quality.tolist(),
-            cost_usd=estimates.cost.tolist(),
-            support=estimates.support.tolist(),
-            cluster=[] if uncertainty is None else uncertainty.cluster.tolist(),
-            mean_variance=[] if uncertainty is None else uncertainty.variance.tolist(),
-            cascade_cluster=clusters,
-            cascade_fit=fits,
-        )
+        return predicted_batch(self.settings.router_models, queries, estimates, clusters, fits)

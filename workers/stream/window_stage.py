@@ -259,21 +259,32 @@ async def solve_fresh(
             return cascaded
     return await asyncio.get_running_loop().run_in_executor(
         stage.solver,
-        lambda: route_window(
-            pool,
-            settings.pool_policy(pool),
-            fresh,
-            settings.router_models,
-            bounds,
-            capacities=settings.router_model_capacities,
-            fallback_model=settings.router_fallback_model,
-            solver=settings.router_solver,
-            time_limit_seconds=settings.router_solver_time_limit_seconds,
-            tie_tolerance=settings.router_tie_tolerance,
-            exploration_share=settings.router_exploration_share,
-            exploration_carried_usd=account.exploration_carried_usd,
-            shadow_share=settings.router_shadow_share,
-        ),
+        lambda: route_pool_window(settings, pool, fresh, bounds, account.exploration_carried_usd),
+    )
+
+
+def route_pool_window(
+    settings: Settings,
+    pool: str,
+    queries: Sequence[PredictedQuery],
+    bounds: WindowBounds,
+    exploration_carried_usd: float,
+) -> Solved:
+    """A one-shot window of `pool` routed as the settings say (`route_window`)."""
+    return route_window(
+        pool,
+        settings.pool_policy(pool),
+        queries,
+        settings.router_models,
+        bounds,
+        capacities=settings.router_model_capacities,
+        fallback_model=settings.router_fallback_model,
+        solver=settings.router_solver,
+        time_limit_seconds=settings.router_solver_time_limit_seconds,
+        tie_tolerance=settings.router_tie_tolerance,
+        exploration_share=settings.router_exploration_share,
+        exploration_carried_usd=exploration_carried_usd,
+        shadow_share=settings.router_shadow_share,
     )
 
 
