@@ -1,6 +1,7 @@
 """Shadow answers: a second model's answer to learn from, within the window's budget,
-where a label teaches most per dollar, only of models that might be better than
-the answer, none when the share is 0."""
+where a label is worth most per dollar (the improvement over the answer it may
+reveal), only of models that might be better than the answer, none when the
+share is 0."""
 
 from __future__ import annotations
 
@@ -98,6 +99,20 @@ def test_the_least_known_cheap_model_is_shadowed() -> None:
     chosen = choose_shadows(problem, np.full(n, 1), support, allowance_usd=0.00155)
     picked = chosen[chosen != NOT_SHADOWED]
     assert len(picked) == 15 and set(picked.tolist()) == {3}
+
+
+def test_a_label_that_may_show_a_better_model_outweighs_cheap_labels_of_a_worse_one() -> None:
+    """The answer (mid, 0.7, well known); tiny believed 0.35 on 20 outcomes, cheap but
+    all but sure to be worse; frontier unknown, dear, as likely better as worse. Worth
+    read as spread per dollar shadowed every query with tiny and frontier never: one
+    shadow a query, and tiny's labels are 120 times cheaper. A frontier label may
+    change the routing; a tiny one all but cannot."""
+    n = 20
+    problem = window(n, [0.7, 0.7, 0.5, 0.35], [0.0] * 4)
+    support = np.tile([0.0, 200.0, 200.0, 20.0], (n, 1))
+    chosen = choose_shadows(problem, np.full(n, 1), support, allowance_usd=2 * COSTS[0])
+    picked = chosen[chosen != NOT_SHADOWED]
+    assert picked.tolist() == [0, 0]
 
 
 def test_a_shadow_is_never_the_answers_model_nor_beyond_a_capacity() -> None:
