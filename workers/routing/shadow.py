@@ -27,8 +27,8 @@ the model might be much better: a wide belief near or above the answer; near
 Worth read as the belief's spread alone bought labels of cheap models known
 to be a little worse, one shadow per query, and left the dear model untried
 while the plan spent a quarter of its budget (`omnirouter bench
-cold-start-replay`, 32 seeds: the last block 1.6 points closer to the
-warm-started router with the improvement, docs/history-cold-start.md).
+cold-start-replay`, 64 seeds: the last block 0.75 points closer to the
+warm-started router with the improvement, s.e. 0.33; docs/history-cold-start.md).
 One shadow per query at most, never the model answering it, never a model the
 query's hints do not allow, and never beyond a model's capacity.
 """
