@@ -54,6 +54,13 @@ data_option = click.option(
     default=None,
     help="RouterBench-format file; default the shipped sample.",
 )
+# The replay judge of the cold-start benches: how much it scores, how often it errs.
+judge_share_option = click.option(
+    "--judge-share", default=0.2, show_default=True, help="Share the judge scores."
+)
+judge_flip_option = click.option(
+    "--judge-flip", default=0.1, show_default=True, help="Share of judge labels flipped."
+)
 
 
 class _Commands(click.Group):
@@ -793,8 +800,8 @@ def bench_predictor(
 @bench.command("cold-start")
 @data_option
 @click.option("--queries", default=2000, show_default=True, help="Queries streamed.")
-@click.option("--judge-share", default=0.2, show_default=True, help="Share the judge scores.")
-@click.option("--judge-flip", default=0.1, show_default=True, help="Share of judge labels flipped.")
+@judge_share_option
+@judge_flip_option
 @click.option("--rate", default=10.0, show_default=True, help="Queries per second.")
 @click.option(
     "--png",
@@ -880,8 +887,8 @@ def bench_cold_start(
 @bench.command("cold-start-replay")
 @data_option
 @click.option("--queries", default=2000, show_default=True, help="Queries per order.")
-@click.option("--judge-share", default=0.2, show_default=True, help="Share the judge scores.")
-@click.option("--judge-flip", default=0.1, show_default=True, help="Share of judge labels flipped.")
+@judge_share_option
+@judge_flip_option
 @click.option(
     "--seeds",
     default=16,

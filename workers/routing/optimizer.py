@@ -252,6 +252,11 @@ def best_single_model(problem: WindowProblem) -> int | None:
     return int(_lexargmax(mean[None, :], -problem.cost.sum(axis=0)[None, :])[0])
 
 
+# An upgrade's least extra cost, for the gain-per-extra-dollar ratios (an upgrade
+# that costs no more than the single model is not infinitely good, only very).
+MIN_EXTRA_USD = 1e-12
+
+
 def upgrade_model(problem: WindowProblem, single: int) -> int | None:
     """The model that gains most over `single`, on the window's mean, per extra dollar
     of its mean cost: the next corner of the single models' cost-quality hull.
@@ -261,7 +266,7 @@ def upgrade_model(problem: WindowProblem, single: int) -> int | None:
     better = (gain > 0) & (problem.capacity_array() >= 1)
     if not better.any():
         return None
-    extra = np.maximum(cost - cost[single], np.finfo(float).tiny)
+    extra = np.maximum(cost - cost[single], MIN_EXTRA_USD)
     return int(np.argmax(np.where(better, gain / extra, -np.inf)))
 
 
@@ -281,7 +286,7 @@ def single_model_reference(problem: WindowProblem, single: int) -> NDArray[np.in
     extra = problem.cost[:, upgrade] - problem.cost[:, single]
     candidates = np.flatnonzero(problem.permitted[:, upgrade] & (gain > 0))
     order = candidates[
-        np.argsort(-gain[candidates] / np.maximum(extra[candidates], 1e-12), kind="stable")
+        np.argsort(-gain[candidates] / np.maximum(extra[candidates], MIN_EXTRA_USD), kind="stable")
     ]
     left = _budget(problem) - float(problem.cost[:, single].sum())
     fits = np.cumsum(np.maximum(extra[order], 0.0)) <= left

@@ -95,10 +95,10 @@ def choose_shadows(
     rows = np.arange(n)
     candidates = np.ones((n, m), dtype=bool) if allowed is None else allowed.copy()
     candidates[rows, answered] = False
-    if draws is not None:  # only models that might be better than the answer's
-        candidates &= draws > problem.quality[rows, answered][:, None]
-    cost = problem.cost
     answer_quality = problem.quality[rows, answered]
+    if draws is not None:  # only models that might be better than the answer's
+        candidates &= draws > answer_quality[:, None]
+    cost = problem.cost
     worth = np.where(
         candidates, label_worth(problem.quality, support, cost, answer_quality), -np.inf
     )
