@@ -260,6 +260,14 @@ def _embedder(settings: Settings, kind: str | None = None) -> Embedder:
     return make_embedder(kind or settings.router_embedder, Path(settings.embedder_cache_dir))
 
 
+def _bench_embedder(settings: Settings) -> Embedder:
+    """The router's embedder behind the benches' vector cache: the cold-start benches
+    embed the same file for every run and every order of it."""
+    from workers.routing.embedder import CachedEmbedder
+
+    return CachedEmbedder(_embedder(settings), Path(".omnirouter/cache"))
+
+
 embedder_option = click.option(
     "--embedder",
     "embedder_kind",
@@ -822,11 +830,10 @@ def bench_cold_start(
     budget mode; per block of 250 queries beside a warm-started router."""
     from workers.bench import cold_start
     from workers.routing.dataset import load_routerbench, shipped_sample_path
-    from workers.routing.embedder import CachedEmbedder
 
     path = data_path or shipped_sample_path()
     # The warm-started reference predicts with the router's own embedder.
-    embedder = CachedEmbedder(_embedder(load_settings()), Path(".omnirouter/cache"))
+    embedder = _bench_embedder(load_settings())
     figures = cold_start.run(
         load_routerbench(path), path, embedder, queries, judge_share, judge_flip,
         rate_per_second=rate, progress=click.echo,
@@ -916,10 +923,9 @@ def bench_cold_start_replay(
     queries: the last block against the warm-started router, seed by seed."""
     from workers.bench.cold_start_replay import ReplaySummary, replay
     from workers.routing.dataset import load_routerbench, shipped_sample_path
-    from workers.routing.embedder import CachedEmbedder
 
     settings = load_settings()
-    embedder = CachedEmbedder(_embedder(settings), Path(".omnirouter/cache"))
+    embedder = _bench_embedder(settings)
     table = load_routerbench(data_path or shipped_sample_path())
     out_path.parent.mkdir(parents=True, exist_ok=True)
     runs = []
