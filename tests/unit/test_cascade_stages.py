@@ -216,6 +216,22 @@ def test_a_query_without_probe_answers_is_escalated_only_to_a_model_its_hints_al
     assert report.escalation_spend_usd == pytest.approx(2 * COSTS[0] + COSTS[2])
 
 
+@pytest.mark.parametrize("reserve", [0.0, 1000.0])
+def test_a_probe_answer_of_a_model_the_hints_forbid_is_never_delivered(
+    cascade: FittedCascade, reserve: float
+) -> None:
+    # Only cheap-b answered, and the query's hints forbid it (a record probed
+    # before its hints were read, say): the query has no answer it may be given,
+    # so it is escalated to a model it allows, even beyond the reserve.
+    queries = predicted(1, QueryHints(allowed_models=["cheap-a", "dear"]))
+    decisions, report = plan_escalation_window(
+        "c", cascade, probed(queries, [[None, "x"]]), MODELS, clusters_of(cascade, 1, 8),
+        reserve, BOUNDS,
+    )  # fmt: skip
+    assert [(d.role, d.model) for d in decisions] == [("escalation", "dear")]
+    assert report.escalation_spend_usd == pytest.approx(COSTS[2])
+
+
 def test_a_forced_escalation_does_not_ask_again_a_model_that_failed_already(
     cascade: FittedCascade,
 ) -> None:

@@ -277,7 +277,9 @@ def plan_escalation_window(
     predicted = [p.predicted for p in probed]
     quality, cost, allowed = matrices(predicted, models, pool_models)
     responses = [probe_responses(p, cascade.panel) for p in probed]
+    # A probe answer from a model the query's hints forbid is no answer it may be given.
     answered = np.array([[r is not None for r in row] for row in responses], dtype=bool)
+    answered &= allowed[:, panel]
     posterior = cascade.policy.scorer.posterior(ProbeAnswers.of(responses), quality, clusters)
     # A probe without an answer can never be accepted; a forbidden model never chosen.
     posterior[:, panel] = np.where(answered, posterior[:, panel], 0.0)
@@ -292,7 +294,7 @@ def plan_escalation_window(
     asked[:, panel] = True
     forced = forced_escalation(cost, allowed, asked)
     choice = np.where((choice == NEVER) & ~answered.any(axis=1), forced, choice)
-    accepted = np.asarray(panel)[posterior[:, panel].argmax(axis=1)]
+    accepted = np.asarray(panel)[np.where(answered, posterior[:, panel], -np.inf).argmax(axis=1)]
     decisions: list[Assignment] = []
     spend, chosen_quality = 0.0, []
     for row, query in enumerate(predicted):
