@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from workers.config import ConfigurationError, Settings, load_settings
 
 if TYPE_CHECKING:
+    from workers.bench.cold_start_replay import ReplayRun
     from workers.routing.dataset import OutcomeTable
     from workers.routing.embedder import Embedder
 
@@ -911,6 +912,12 @@ def bench_cold_start(
     show_default=True,
     help="One JSON line per seed, to compare two versions of the code seed by seed.",
 )
+@click.option(
+    "--against",
+    "against_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="An earlier run's --out file: also print this run less that one, seed by seed.",
+)
 def bench_cold_start_replay(
     data_path: Path | None,
     queries: int,
@@ -918,12 +925,15 @@ def bench_cold_start_replay(
     judge_flip: float,
     seeds: int,
     out_path: Path,
+    against_path: Path | None,
 ) -> None:
     """The learning loop of `bench cold-start` offline, over many orders of the
     queries: the last block against the warm-started router, seed by seed."""
     from workers.bench.cold_start_replay import ReplaySummary, replay
     from workers.routing.dataset import load_routerbench, shipped_sample_path
 
+    # Read first: --out may name the same file.
+    against = _replay_runs(against_path) if against_path is not None else None
     settings = load_settings()
     embedder = _bench_embedder(settings)
     table = load_routerbench(data_path or shipped_sample_path())
@@ -950,6 +960,38 @@ def bench_cold_start_replay(
         f"{summary.spend_of_warm:.3f} of the warm router's"
     )
     click.echo(f"wrote {out_path}")
+    if against is not None:
+        _echo_paired_difference(runs, against, against_path)
+
+
+def _replay_runs(path: Path) -> list[ReplayRun]:
+    from workers.bench.cold_start_replay import read_runs
+
+    try:
+        return read_runs(path)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise click.ClickException(
+            f"--against {path}: not a cold-start-replay output ({exc})"
+        ) from exc
+
+
+def _echo_paired_difference(
+    runs: list[ReplayRun], against: list[ReplayRun], against_path: Path | None
+) -> None:
+    from workers.bench.cold_start_replay import PairedDifference
+
+    try:
+        paired = PairedDifference.of(runs, against)
+    except ValueError as exc:
+        raise click.ClickException(f"--against {against_path}: {exc}") from exc
+    click.echo(
+        f"against {against_path}, paired over {paired.seeds} seeds: last block "
+        f"{paired.last_block_points:+.2f} points (s.e. {paired.last_block_error:.2f}); "
+        f"last 1,000 queries {paired.later_blocks_points:+.2f} "
+        f"(s.e. {paired.later_blocks_error:.2f}); per block "
+        + " ".join(f"{p:+.2f}" for p in paired.per_block_points)
+        + f"; last block's spend {paired.spend_ratio:.3f} of that run's"
+    )
 
 
 @bench.command("signal")

@@ -22,12 +22,15 @@ the live bench's (`cold_start.warm_reference`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
+from numpy.typing import NDArray
 
 from schemas import Assignment
 from workers.bench import cold_start
@@ -72,6 +75,23 @@ class ReplayRun:
         """The last block's accuracy against the warm-started router's, in points."""
         last = self.blocks[-1]
         return 100.0 * (last.accuracy - last.warm_accuracy)
+
+    @property
+    def later_blocks_gap_points(self) -> float:
+        """The same over the last LATER_BLOCKS blocks."""
+        later = self.blocks[-LATER_BLOCKS:]
+        return 100.0 * float(np.mean([b.accuracy - b.warm_accuracy for b in later]))
+
+    @classmethod
+    def from_json(cls, line: str) -> ReplayRun:
+        """A run as the command writes it, one JSON line."""
+        data = json.loads(line)
+        blocks = [ReplayBlock(**block) for block in data["blocks"]]
+        return cls(int(data["seed"]), float(data["budget_per_block_usd"]), blocks)
+
+
+def read_runs(path: Path) -> list[ReplayRun]:
+    return [ReplayRun.from_json(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def replay(
@@ -236,11 +256,7 @@ class ReplaySummary:
     @classmethod
     def of(cls, runs: Sequence[ReplayRun]) -> ReplaySummary:
         gaps = np.array([run.last_block_gap_points for run in runs])
-        later = [
-            100.0
-            * float(np.mean([b.accuracy - b.warm_accuracy for b in run.blocks[-LATER_BLOCKS:]]))
-            for run in runs
-        ]
+        later = [run.later_blocks_gap_points for run in runs]
         spend = [run.blocks[-1].cost_usd / run.blocks[-1].warm_cost_usd for run in runs]
         error = float(gaps.std(ddof=1) / math.sqrt(len(gaps))) if len(gaps) > 1 else math.nan
         return cls(
@@ -251,3 +267,44 @@ class ReplaySummary:
             last_blocks_gap_points=float(np.mean(later)),
             spend_of_warm=float(np.mean(spend)),
         )
+
+
+def _mean_and_error(values: NDArray[np.float64]) -> tuple[float, float]:
+    error = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+    return float(values.mean()), error
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """A version of the code against another, seed by seed (the same orders of the
+    queries): the runs differ by the code alone, so the seeds' noise cancels."""
+
+    seeds: int
+    last_block_points: float
+    last_block_error: float
+    later_blocks_points: float  # over the last LATER_BLOCKS blocks
+    later_blocks_error: float
+    per_block_points: list[float]  # the accuracy's difference, block by block
+    spend_ratio: float  # the last block's spend over the other version's
+
+    @classmethod
+    def of(cls, runs: Sequence[ReplayRun], against: Sequence[ReplayRun]) -> PairedDifference:
+        """`runs` less `against`, over the seeds both hold (ValueError if none)."""
+        other = {run.seed: run for run in against}
+        pairs = [(run, other[run.seed]) for run in runs if run.seed in other]
+        if not pairs:
+            raise ValueError("no seed in common: compare runs of the same seeds")
+        last = np.array([a.last_block_gap_points - b.last_block_gap_points for a, b in pairs])
+        later = np.array([a.later_blocks_gap_points - b.later_blocks_gap_points for a, b in pairs])
+        n_blocks = min(min(len(a.blocks), len(b.blocks)) for a, b in pairs)
+        per_block = [
+            100.0 * float(np.mean([a.blocks[k].accuracy - b.blocks[k].accuracy for a, b in pairs]))
+            for k in range(n_blocks)
+        ]
+        spend = [a.blocks[-1].cost_usd / b.blocks[-1].cost_usd for a, b in pairs]
+        last_mean, last_error = _mean_and_error(last)
+        later_mean, later_error = _mean_and_error(later)
+        return cls(
+            len(pairs), last_mean, last_error, later_mean, later_error, per_block,
+            float(np.mean(spend)),
+        )  # fmt: skip
