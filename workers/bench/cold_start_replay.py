@@ -242,6 +242,11 @@ class ReplayLoop:
         ]
 
 
+def _mean_and_error(values: NDArray[np.float64]) -> tuple[float, float]:
+    error = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+    return float(values.mean()), error
+
+
 @dataclass(frozen=True)
 class ReplaySummary:
     """The last block against the warm-started router, over the seeds."""
@@ -258,20 +263,15 @@ class ReplaySummary:
         gaps = np.array([run.last_block_gap_points for run in runs])
         later = [run.later_blocks_gap_points for run in runs]
         spend = [run.blocks[-1].cost_usd / run.blocks[-1].warm_cost_usd for run in runs]
-        error = float(gaps.std(ddof=1) / math.sqrt(len(gaps))) if len(gaps) > 1 else math.nan
+        mean, error = _mean_and_error(gaps)
         return cls(
-            mean_gap_points=float(gaps.mean()),
+            mean_gap_points=mean,
             standard_error_points=error,
             within_two_points=int((gaps >= -2.0).sum()),
             seeds=len(runs),
             last_blocks_gap_points=float(np.mean(later)),
             spend_of_warm=float(np.mean(spend)),
         )
-
-
-def _mean_and_error(values: NDArray[np.float64]) -> tuple[float, float]:
-    error = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
-    return float(values.mean()), error
 
 
 @dataclass(frozen=True)
