@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import signal
 import sys
@@ -943,7 +941,7 @@ def bench_cold_start_replay(
         for seed in range(seeds):
             run = replay(table, embedder, settings, seed, queries, judge_share, judge_flip)
             runs.append(run)
-            out.write(json.dumps(dataclasses.asdict(run)) + "\n")
+            out.write(run.to_json() + "\n")
             last = run.blocks[-1]
             click.echo(
                 f"seed {seed:3d}: accuracy per block "

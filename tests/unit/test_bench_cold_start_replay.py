@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -80,7 +79,7 @@ def test_two_versions_are_compared_seed_by_seed_over_the_seeds_both_ran() -> Non
 def test_a_written_run_reads_back_as_it_was(tmp_path: Path) -> None:
     path = tmp_path / "runs.jsonl"
     runs = [run(0, 0.70), run(3, 0.85)]
-    path.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in runs))
+    path.write_text("".join(r.to_json() + "\n" for r in runs))
 
     assert read_runs(path) == runs
 

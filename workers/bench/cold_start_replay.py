@@ -22,6 +22,7 @@ the live bench's (`cold_start.warm_reference`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -82,9 +83,13 @@ class ReplayRun:
         later = self.blocks[-LATER_BLOCKS:]
         return 100.0 * float(np.mean([b.accuracy - b.warm_accuracy for b in later]))
 
+    def to_json(self) -> str:
+        """The run as one JSON line, as the command writes it and `from_json` reads it."""
+        return json.dumps(dataclasses.asdict(self))
+
     @classmethod
     def from_json(cls, line: str) -> ReplayRun:
-        """A run as the command writes it, one JSON line."""
+        """A run as `to_json` wrote it."""
         data = json.loads(line)
         blocks = [ReplayBlock(**block) for block in data["blocks"]]
         return cls(int(data["seed"]), float(data["budget_per_block_usd"]), blocks)
