@@ -931,7 +931,7 @@ def bench_cold_start_replay(
     from workers.routing.dataset import load_routerbench, shipped_sample_path
 
     # Read first: --out may name the same file.
-    against = _replay_runs(against_path) if against_path is not None else None
+    against = _replay_runs(against_path, seeds) if against_path is not None else None
     settings = load_settings()
     embedder = _bench_embedder(settings)
     table = load_routerbench(data_path or shipped_sample_path())
@@ -958,23 +958,30 @@ def bench_cold_start_replay(
         f"{summary.spend_of_warm:.3f} of the warm router's"
     )
     click.echo(f"wrote {out_path}")
-    if against is not None:
+    if against_path is not None and against is not None:
         _echo_paired_difference(runs, against, against_path)
 
 
-def _replay_runs(path: Path) -> list[ReplayRun]:
+def _replay_runs(path: Path, seeds: int) -> list[ReplayRun]:
+    """The --against file's runs, refused before the replay (minutes) when it is not
+    a replay output or holds none of the seeds 0 to seeds-1 this run will replay."""
     from workers.bench.cold_start_replay import read_runs
 
     try:
-        return read_runs(path)
+        runs = read_runs(path)
     except (ValueError, KeyError, TypeError) as exc:
         raise click.ClickException(
             f"--against {path}: not a cold-start-replay output ({exc})"
         ) from exc
+    if not any(run.seed < seeds for run in runs):
+        raise click.ClickException(
+            f"--against {path}: holds none of seeds 0 to {seeds - 1}, nothing to pair"
+        )
+    return runs
 
 
 def _echo_paired_difference(
-    runs: list[ReplayRun], against: list[ReplayRun], against_path: Path | None
+    runs: list[ReplayRun], against: list[ReplayRun], against_path: Path
 ) -> None:
     from workers.bench.cold_start_replay import PairedDifference
 

@@ -118,3 +118,16 @@ def test_the_command_refuses_a_file_that_is_not_a_replay_output(tmp_path: Path) 
 
     assert result.exit_code != 0
     assert "not a cold-start-replay output" in result.output
+
+
+def test_the_command_refuses_a_file_of_other_seeds_before_replaying(tmp_path: Path) -> None:
+    other = tmp_path / "seed3.jsonl"
+    other.write_text(run(3, 0.85).to_json() + "\n")
+    result = CliRunner().invoke(
+        main,
+        ["bench", "cold-start-replay", "--queries", "60", "--seeds", "2", "--against", str(other)],
+    )
+
+    assert result.exit_code != 0
+    assert "holds none of seeds 0 to 1" in result.output
+    assert "seed   0:" not in result.output  # refused before the first order ran
