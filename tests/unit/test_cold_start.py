@@ -344,7 +344,7 @@ def test_random_windows_explored_under_capacities_and_hints_keep_their_promise()
         rows, plan = np.arange(n), explored.plan.assignment
         shadows = explored.shadows if explored.shadows is not None else np.full(n, -1)
         load = np.bincount(np.concatenate([plan, shadows[shadows >= 0]]), minlength=m)
-        assert (load <= problem.capacity_array()).all(), case
+        assert (load <= problem.capacity_array).all(), case
         assert allowed[rows, plan].all(), case
         assert allowed[rows[shadows >= 0], shadows[shadows >= 0]].all(), case
         if base.status != "near_optimal":

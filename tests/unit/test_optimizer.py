@@ -195,7 +195,7 @@ def windows(draw: st.DrawFn) -> WindowProblem:
 
 def brute_force(problem: WindowProblem) -> tuple[float | None, float]:
     """(best objective among plans meeting every constraint or None, best fallback objective)."""
-    caps = problem.capacity_array()
+    caps = problem.capacity_array
     best: float | None = None
     fallback = -np.inf
     for combo in itertools.product(range(problem.n_models), repeat=problem.n_queries):
@@ -216,7 +216,7 @@ def brute_force(problem: WindowProblem) -> tuple[float | None, float]:
 
 def holds_window(problem: WindowProblem) -> bool:
     try:
-        problem.capacity_array()
+        _ = problem.capacity_array
     except CapacityError:
         return False
     return True
@@ -227,7 +227,7 @@ def check_plan_shape(problem: WindowProblem, plan: WindowPlan) -> None:
     assert ((plan.assignment >= 0) & (plan.assignment < problem.n_models)).all()
     counts = plan.counts(problem.n_models)
     assert counts.sum() == problem.n_queries  # every query exactly once
-    assert (counts <= problem.capacity_array()).all()
+    assert (counts <= problem.capacity_array).all()
     assert problem.permitted[np.arange(problem.n_queries), plan.assignment].all()
 
 
@@ -363,7 +363,7 @@ def test_a_query_confined_to_a_full_model_lifts_only_that_models_capacity(
         quality, np.ones((5, 3)), "budget", window_budget_usd=10.0,
         capacities=(1, 1, None), allowed=allowed,
     )  # fmt: skip
-    assert problem.capacity_array().tolist() == [2, 1, np.inf]
+    assert problem.capacity_array.tolist() == [2, 1, np.inf]
     plan = solver(problem)  # type: ignore[operator]
     assert plan.counts(3).tolist() == [2, 1, 2]
 
@@ -377,14 +377,14 @@ def test_the_fallback_keeps_its_capacity_when_the_confined_queries_may_not_take_
         np.tile([0.5, 0.9, 0.6], (5, 1)), np.ones((5, 3)), "budget", window_budget_usd=10.0,
         capacities=(1, 1, None), allowed=allowed, fallback_model=1,
     )  # fmt: skip
-    assert problem.capacity_array().tolist() == [2, 1, np.inf]
+    assert problem.capacity_array.tolist() == [2, 1, np.inf]
     confined_to_fallback = allowed.copy()
     confined_to_fallback[0] = [False, True, False]
     lifted = WindowProblem(
         np.tile([0.5, 0.9, 0.6], (5, 1)), np.ones((5, 3)), "budget", window_budget_usd=10.0,
         capacities=(1, 0, None), allowed=confined_to_fallback, fallback_model=1,
     )  # fmt: skip
-    assert lifted.capacity_array().tolist() == [1, np.inf, np.inf]
+    assert lifted.capacity_array.tolist() == [1, np.inf, np.inf]
 
 
 def test_best_within_is_the_brute_force_optimum() -> None:

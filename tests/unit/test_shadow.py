@@ -214,4 +214,4 @@ def test_under_capacities_shadows_take_only_slots_the_answers_leave_free(mode: s
         assert plans[0].plan.assignment.tolist() == plans[1].plan.assignment.tolist()
     shadows = plans[1].shadows[plans[1].shadows != NOT_SHADOWED]
     used = np.bincount(plans[1].plan.assignment, minlength=m) + np.bincount(shadows, minlength=m)
-    assert (used <= np.array(problem.capacity_array())).all()
+    assert (used <= np.array(problem.capacity_array)).all()

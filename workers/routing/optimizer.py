@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -148,13 +149,20 @@ class WindowProblem:
             return bool(self.cost[rows, assignment].sum() <= _budget(self))
         return bool(self.quality[rows, assignment].sum() >= _target_total(self))
 
+    @cached_property
     def capacity_array(self) -> NDArray[np.float64]:
         """Capacities as floats (inf: unlimited), with the fallback model made unlimited
         when the window would not fit otherwise, or when the allowed pairs would not
         and the fallback may take some of the queries left over. Where they cannot
         fit the window even so (queries that may take only a full model), capacities
         yield and the hints hold, by no more than that takes (`overflow`): one such
-        query must not free the whole window of its capacities."""
+        query must not free the whole window of its capacities. Worked out once per
+        problem (several steps of a solve read it) and read-only."""
+        caps = self._capacities_resolved()
+        caps.setflags(write=False)
+        return caps
+
+    def _capacities_resolved(self) -> NDArray[np.float64]:
         if self.capacities is None:
             return np.full(self.n_models, np.inf)
         caps = np.array([np.inf if c is None else float(c) for c in self.capacities])
@@ -243,7 +251,7 @@ def best_single_model(problem: WindowProblem) -> int | None:
     one the tie penalty prefers)."""
     affordable = (
         (problem.cost.sum(axis=0) <= _budget(problem))
-        & (problem.capacity_array() >= problem.n_queries)
+        & (problem.capacity_array >= problem.n_queries)
         & problem.permitted.all(axis=0)
     )
     if not affordable.any():
@@ -263,7 +271,7 @@ def upgrade_model(problem: WindowProblem, single: int) -> int | None:
     None when no model is predicted better on the window."""
     preference, cost = problem.preference.mean(axis=0), problem.cost.mean(axis=0)
     gain = preference - preference[single]
-    better = (gain > 0) & (problem.capacity_array() >= 1)
+    better = (gain > 0) & (problem.capacity_array >= 1)
     if not better.any():
         return None
     extra = np.maximum(cost - cost[single], MIN_EXTRA_USD)
@@ -290,7 +298,7 @@ def single_model_reference(problem: WindowProblem, single: int) -> NDArray[np.in
     ]
     left = _budget(problem) - float(problem.cost[:, single].sum())
     fits = np.cumsum(np.maximum(extra[order], 0.0)) <= left
-    capacity = problem.capacity_array()[upgrade]
+    capacity = problem.capacity_array[upgrade]
     moved = order[fits][: int(min(capacity, problem.n_queries))]
     reference[moved] = upgrade
     return reference
@@ -357,7 +365,7 @@ def _solve_ilp(
 ) -> tuple[NDArray[np.int64] | None, _IlpStatus]:
     """The assignment (None when there is none) and how the solve ended."""
     n, m = problem.quality.shape
-    caps = problem.capacity_array()
+    caps = problem.capacity_array
     # Costs are fractions of a cent; scale them near 1 so solver tolerances are relative.
     cost_scale = float(problem.cost.mean()) or 1.0
     cost = problem.cost / cost_scale
@@ -752,7 +760,7 @@ def solve_fast(problem: WindowProblem) -> WindowPlan:
     """Lagrangian dual decomposition with adaptive multipliers; always feasible
     (or the documented fallback), typically within 0.1% of the exact optimum."""
     started = time.perf_counter()
-    caps = problem.capacity_array()
+    caps = problem.capacity_array
     feasible = problem.meets_limit
     if problem.mode == "budget":
         cheapest = reference = _best_assignment(problem.masked(-problem.cost), caps)

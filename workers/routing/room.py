@@ -35,7 +35,7 @@ class WindowRoom:
             self.limit = problem.quality_target * n
         fixed = np.full(n, NONE, dtype=np.int64) if fixed is None else fixed
         rows = np.flatnonzero(fixed != NONE)
-        self.caps = problem.capacity_array() - np.bincount(fixed[rows], minlength=problem.n_models)
+        self.caps = problem.capacity_array - np.bincount(fixed[rows], minlength=problem.n_models)
         self.capped = bool(np.isfinite(self.caps).any())
         self.taken = sum(self._value(int(r), int(fixed[r])) for r in rows)
         rest = fixed == NONE

@@ -105,7 +105,7 @@ def choose_shadows(
     room = WindowRoom(problem, fixed)
     # Only slots the answers leave free: a shadow in an answer's slot would push that
     # answer to a dearer or worse model when the rest is planned again.
-    free = problem.capacity_array() - np.bincount(answered, minlength=m)
+    free = problem.capacity_array - np.bincount(answered, minlength=m)
     spent = 0.0
     for flat in np.argsort(-worth, axis=None, kind="stable"):
         i, j = divmod(int(flat), m)
