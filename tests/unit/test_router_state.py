@@ -13,6 +13,7 @@ from schemas import QueryEvent
 from workers.config import PoolPolicy, Settings
 from workers.routing.cascade import CascadePolicy
 from workers.routing.cascade_window import FittedCascade
+from workers.routing.predictor import MIN_REFIT_QUERIES
 from workers.stream.router_state import RouterState
 
 
@@ -84,3 +85,28 @@ async def test_a_cascade_fit_that_fails_keeps_the_pool_s_current_policy() -> Non
     state._fit_cascade = failing  # type: ignore[method-assign]
     await state.refit_cascades()
     assert state.cascades["c"] is current
+
+
+async def test_the_refit_waits_for_enough_stored_queries_then_swaps_in_fitted_heads() -> None:
+    """Below MIN_REFIT_QUERIES the predictor keeps its unfitted heads (retrieval
+    alone); from there a refit, run off the serving thread, is what it predicts with."""
+    state = RouterState(Settings(router_models=["a", "b"]), OneAxis(), "")
+    store = state.predictor.store
+    rng = np.random.default_rng(0)
+
+    def store_queries(first: int, count: int) -> None:
+        angles = rng.uniform(0, 2 * np.pi, count)
+        vectors = np.column_stack([np.cos(angles), np.sin(angles)]).astype(np.float32)
+        scores = np.column_stack([vectors[:, 0] > 0, rng.random(count) > 0.5]).astype(float)
+        ids = [f"q{i}" for i in range(first, first + count)]
+        store.add_table(ids, vectors, scores, np.full((count, 2), 0.01))
+
+    store_queries(0, MIN_REFIT_QUERIES - 1)
+    await state.refit()
+    assert not state.predictor.heads.fitted and state.predictor.blend_weight == 1.0
+
+    store_queries(MIN_REFIT_QUERIES - 1, 200)
+    await state.refit()
+    assert state.predictor.heads.fitted
+    quality = state.predictor.heads.predict(np.array([[1.0, 0.0], [-1.0, 0.0]], np.float32))
+    assert quality[0, 0] > 0.8 > 0.2 > quality[1, 0]  # model a: good where x > 0

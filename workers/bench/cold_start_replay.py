@@ -38,7 +38,7 @@ from workers.bench import cold_start
 from workers.config import Settings
 from workers.routing.dataset import OutcomeTable
 from workers.routing.embedder import Embedder
-from workers.routing.predictor import HybridPredictor, fit_hybrid
+from workers.routing.predictor import HybridPredictor, refit_on
 from workers.routing.prices import fitted_prices
 from workers.routing.store import OutcomeRecord
 from workers.routing.windows import WindowBounds
@@ -47,7 +47,7 @@ from workers.stream.judge_replay import ReplayJudge
 from workers.stream.model_worker import Answer
 from workers.stream.replay import query_events
 from workers.stream.replay_worker import ReplayAnswerer
-from workers.stream.router_state import MIN_REFIT_QUERIES, predicted_batch, router_predictor
+from workers.stream.router_state import predicted_batch, router_predictor
 from workers.stream.window_stage import route_pool_window
 
 POOL = "default"
@@ -220,13 +220,11 @@ class ReplayLoop:
 
     def refit(self) -> None:
         """The router's refit: heads and blend on a snapshot of the store."""
-        vectors, scores, costs = self.predictor.store.snapshot(
-            self.settings.router_refit_max_outcomes
-        )
-        if len(vectors) < MIN_REFIT_QUERIES:
-            return
-        heads, weight, _ = fit_hybrid(vectors, scores, costs, self.predictor.knn)
-        self.predictor.heads, self.predictor.blend_weight = heads, weight
+        predictor = self.predictor
+        snapshot = predictor.store.snapshot(self.settings.router_refit_max_outcomes)
+        fitted = refit_on(snapshot, predictor.knn)
+        if fitted is not None:
+            predictor.use(fitted)
 
     def blocks(self, warm: np.ndarray, block_size: int) -> list[ReplayBlock]:
         """Per block of queries, in production order (accuracy over recorded scores)."""

@@ -82,8 +82,8 @@ def prepare(
         model_priors=settings.router_model_priors,
     )
     vectors, scores, costs = store.snapshot(settings.router_refit_max_outcomes)
-    predictor.heads, _, _ = fit_hybrid(vectors, scores, costs, knn)
-    predictor.blend_weight = 0.5
+    # Half and half, whatever the fit chose: the bench times both parts.
+    predictor.use(fit_hybrid(vectors, scores, costs, knn)._replace(blend_weight=0.5))
     size = settings.router_predict_batch
     cycled = [texts[i % len(texts)] for i in range(size * batches)]
     return PredictorBench(predictor, [cycled[i : i + size] for i in range(0, len(cycled), size)])

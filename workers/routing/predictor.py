@@ -431,6 +431,32 @@ class FitReport:
     holdout_brier_by_weight: dict[float, float]
 
 
+class HybridFit(NamedTuple):
+    """Heads and blend weight fitted on a store's outcomes, for `HybridPredictor.use`."""
+
+    heads: TrainedHeads
+    blend_weight: float
+    report: FitReport
+
+
+# A refit waits until the store holds this many queries: fewer leave the heads
+# their shrunk means and the blend on retrieval.
+MIN_REFIT_QUERIES = 50
+
+
+def refit_on(
+    snapshot: tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64]],
+    knn: KnnSettings,
+) -> HybridFit | None:
+    """`fit_hybrid` on a store's snapshot (`RetrievalStore.snapshot`), None while it
+    holds fewer than MIN_REFIT_QUERIES queries. Pure: a router runs it off the
+    serving thread and swaps the result in with `HybridPredictor.use`."""
+    vectors, scores, costs = snapshot
+    if len(vectors) < MIN_REFIT_QUERIES:
+        return None
+    return fit_hybrid(vectors, scores, costs, knn)
+
+
 def fit_hybrid(
     vectors: NDArray[np.float32],
     scores: NDArray[np.float64],
@@ -438,7 +464,7 @@ def fit_hybrid(
     knn: KnnSettings,
     holdout_fraction: float = 0.2,
     seed: int = 0,
-) -> tuple[TrainedHeads, float, FitReport]:
+) -> HybridFit:
     """Heads fitted on all outcomes, and the blend weight chosen on a held-out part.
 
     The held-out queries are predicted by heads and by retrieval that never
@@ -468,7 +494,9 @@ def fit_hybrid(
     heads = TrainedHeads(n_models).fit(vectors, scores)
     if not heads.fitted:
         blend_weight = 1.0
-    return heads, blend_weight, FitReport(int((~np.isnan(scores)).sum()), blend_weight, brier)
+    return HybridFit(
+        heads, blend_weight, FitReport(int((~np.isnan(scores)).sum()), blend_weight, brier)
+    )
 
 
 class HybridPredictor:
@@ -497,7 +525,7 @@ class HybridPredictor:
 
     def fit(self, holdout_fraction: float = 0.2, seed: int = 0) -> FitReport:
         """Refit the heads and the blend weight on everything in the store."""
-        self.heads, self.blend_weight, report = fit_hybrid(
+        fitted = fit_hybrid(
             self.store.vectors,
             self.store.scores,
             self.store.costs,
@@ -505,7 +533,13 @@ class HybridPredictor:
             holdout_fraction,
             seed,
         )
-        return report
+        self.use(fitted)
+        return fitted.report
+
+    def use(self, fitted: HybridFit) -> None:
+        """Predict with heads and a blend fitted elsewhere (`refit_on`, off the
+        serving thread); the store's later outcomes reach them at the next refit."""
+        self.heads, self.blend_weight = fitted.heads, fitted.blend_weight
 
     def predict(self, texts: Sequence[str]) -> Estimates:
         return self.predict_embedded(self.embedder.embed(texts), [len(t) for t in texts])

@@ -38,7 +38,7 @@ from workers.db.repository import (
 from workers.routing.cascade_fit import MAX_FIT_QUERIES, fit_pool_cascade
 from workers.routing.cascade_window import FittedCascade, pool_clusters
 from workers.routing.embedder import Embedder
-from workers.routing.predictor import Estimates, HybridPredictor, KnnSettings, fit_hybrid
+from workers.routing.predictor import Estimates, HybridPredictor, KnnSettings, refit_on
 from workers.routing.spend import SpendTracker
 from workers.routing.store import OutcomeRecord, RetrievalStore, reembedded
 
@@ -58,10 +58,6 @@ REEMBED_CHUNK = 1000
 # is each thread's own setting: the event loop's thread (which assigns cascade
 # clusters) sets it when it builds RouterState, every worker thread as it starts.
 FAISS_THREADS = 1
-
-
-# The predictor refits its heads and blend once the store holds this many queries.
-MIN_REFIT_QUERIES = 50
 
 
 def router_predictor(settings: Settings, embedder: Embedder) -> HybridPredictor:
@@ -185,21 +181,19 @@ class RouterState:
     async def refit(self) -> None:
         """Refit heads and blend on a snapshot of the store, off the serving thread."""
         predictor = self.predictor
-        vectors, scores, costs = await self.on_predictor_thread(
+        snapshot = await self.on_predictor_thread(
             predictor.store.snapshot, self.settings.router_refit_max_outcomes
         )
-        if len(vectors) < MIN_REFIT_QUERIES:
-            return
         loop = asyncio.get_running_loop()
-        heads, weight, report = await loop.run_in_executor(
-            self.background, fit_hybrid, vectors, scores, costs, predictor.knn
+        fitted = await loop.run_in_executor(self.background, refit_on, snapshot, predictor.knn)
+        if fitted is None:
+            return
+        await self.on_predictor_thread(predictor.use, fitted)
+        log.info(
+            "refit on %d outcomes, blend weight %.2f",
+            fitted.report.outcomes_used,
+            fitted.blend_weight,
         )
-
-        def swap() -> None:
-            predictor.heads, predictor.blend_weight = heads, weight
-
-        await self.on_predictor_thread(swap)
-        log.info("refit on %d outcomes, blend weight %.2f", report.outcomes_used, weight)
 
     def _fit_cascade(self, pool: str) -> FittedCascade | None:
         """Fit the pool's cascade from the stored answers (None: too few yet)."""
