@@ -356,15 +356,21 @@ class ProbedQuery(Event):
     probed it (`cascade_fit`, that fit's id), carried from the first stage so the
     escalation stage need not embed the query again; when the pool's cascade was
     refitted since, or the record has none (an older router's), the escalation
-    stage embeds the query."""
+    stage embeds the query.
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    Version 2 added `quality_needed` (a quality-mode pool): the mean predicted
+    quality the escalation stage must reach over its first-stage window's probed
+    queries for that window to meet the pool's quality target; None in budget mode
+    (the escalations spend the pool's reserve instead)."""
+
+    schema_version: Literal[1, 2] = 2
 
     predicted: PredictedQuery
     answers: list[ProbeAnswer]
     probed_at: datetime = Field(default_factory=utc_now)
     cascade_cluster: int | None = Field(default=None, ge=0)
     cascade_fit: str | None = None
+    quality_needed: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class DeadLetter(Event):

@@ -92,7 +92,7 @@ class PoolPolicy(BaseModel):
     quality_target: float | None = Field(default=None, ge=0.0, le=1.0)
     models: list[str] | None = Field(default=None, min_length=1)  # None: every configured model
     # An answer-aware cascade (README "Cascade pools"): probe with a cheap panel,
-    # escalate only the doubtful answers. Budget mode only.
+    # escalate only the doubtful answers. Budget or quality mode.
     cascade: bool = False
     # The panel's models; None: chosen from stored outcomes (cascade.choose_panel).
     cascade_panel: list[str] | None = Field(default=None, min_length=1)
@@ -101,8 +101,6 @@ class PoolPolicy(BaseModel):
     def _cascade_is_complete(self) -> PoolPolicy:
         if self.cascade_panel is not None and not self.cascade:
             raise ValueError("cascade_panel needs cascade: true")
-        if self.cascade and self.mode != "budget":
-            raise ValueError("a cascade pool must be in budget mode")
         return self
 
     @model_validator(mode="after")

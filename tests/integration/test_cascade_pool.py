@@ -56,14 +56,16 @@ def broker(request: pytest.FixtureRequest) -> Iterator[str]:
         yield local.bootstrap_servers
 
 
-def environment(bootstrap: str, database_url: str) -> dict[str, str]:
+def environment(
+    bootstrap: str, database_url: str, pools: dict[str, dict[str, object]] = POOLS
+) -> dict[str, str]:
     return {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "DATABASE_URL": database_url,
         "ROUTER_MODE": "budget",
         "ROUTER_WINDOW_BUDGET_USD": "0.02",
-        "ROUTER_POOLS": json.dumps(POOLS),
+        "ROUTER_POOLS": json.dumps(pools),
         "ROUTER_WINDOW_SECONDS": "1",
         "ROUTER_STORE_REFRESH_SECONDS": "1",
         "ROUTER_REFIT_SECONDS": "3600",
@@ -159,6 +161,81 @@ def test_every_query_of_a_cascade_pool_has_exactly_one_final_answer(
                 process.send_signal(signal.SIGTERM)
         for process in processes:
             process.wait(timeout=30)
+
+
+def test_a_quality_mode_cascade_pool_meets_its_target_on_predictions(
+    postgres_url: str, tmp_path: Path, router_embedder: Embedder
+) -> None:
+    """A cascade pool in quality mode: every query one final answer; each first-stage
+    window plans at least the target and each escalation window reaches what its
+    queries' first stages asked of them (ProbedQuery.quality_needed)."""
+    target = 0.8
+    pools = {"cascade": {**POOLS["cascade"], "mode": "quality", "quality_target": target}}
+    del pools["cascade"]["budget_per_query_usd"]
+    with LocalBroker() as local:
+        bootstrap = local.bootstrap_servers
+        prompts = seeded(bootstrap, postgres_url, router_embedder)
+        names = Settings(kafka_partitions=2).topic_names()
+        env = {**environment(bootstrap, postgres_url, pools), "KAFKA_TRANSACTIONS": "off"}
+        run = f"q{time.monotonic_ns() % 10**8}"
+        queries = [
+            QueryEvent(query_id=f"{run}-{i}", text=text, pool="cascade")
+            for i, text in enumerate(prompts)
+        ]
+        processes = [
+            start_worker(command, env, tmp_path / f"{command.split()[0]}.log")
+            for command in ("router", "outcomes", "model-worker replay")
+        ]
+        try:
+            produce_in_background(bootstrap, names["queries"], queries, 30.0).join()
+            wait_until(
+                lambda: (
+                    sum(n > 0 for n in finals(bootstrap, names["responses"], run)[0].values())
+                    == QUERIES
+                ),
+                STARTED_AND_ROUTED_SECONDS,
+                "a final answer for every query",
+            )
+            wait_until(
+                lambda: caught_up(bootstrap, ROUTER_APP_ID, [names["probed"], names["responses"]]),
+                30,
+                "the router to read every probe answer and probed query",
+            )
+            final, roles = finals(bootstrap, names["responses"], run)
+            reports = [
+                WindowReport.model_validate_json(r.value or b"")
+                for r in asyncio.run(read_records(bootstrap, [names["windows"]]))
+            ]
+            probed = [
+                ProbedQuery.model_validate_json(r.value or b"")
+                for r in asyncio.run(read_records(bootstrap, [names["probed"]]))
+            ]
+        finally:
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                process.wait(timeout=30)
+    print("responses by role:", dict(roles))
+    assert final == Counter({q.query_id: 1 for q in queries})
+    first = [w for w in reports if ":escalation:" not in w.window_id]
+    escalation = [w for w in reports if ":escalation:" in w.window_id]
+    print(
+        f"windows: {len(first)} first-stage, {len(escalation)} escalation; probed "
+        f"{sum(w.probe_queries for w in first)}, escalated "
+        f"{sum(w.escalation_queries for w in escalation)}; mean quality planned "
+        + " ".join(f"{w.predicted_mean_quality:.3f}" for w in first)
+        + "; needed / reached "
+        + " ".join(f"{w.quality_target:.3f}/{w.predicted_mean_quality:.3f}" for w in escalation)
+    )
+    assert sum(w.probe_queries for w in first) > 0, "no query was probed"
+    assert all(w.mode == "quality" and w.quality_target == target for w in first)
+    assert all(w.predicted_mean_quality >= target - 1e-9 for w in first)
+    assert all(
+        p.quality_needed is not None for p in probed if p.predicted.query.query_id.startswith(run)
+    )
+    assert escalation and all(w.mode == "quality" for w in escalation)
+    assert all(w.predicted_mean_quality >= (w.quality_target or 0.0) - 1e-9 for w in escalation)
+    assert sum(w.escalation_reserve_usd for w in reports) == 0.0  # nothing kept back
 
 
 def decided(bootstrap: str, topics: list[str], prefix: str) -> dict[str, list[tuple[str, ...]]]:

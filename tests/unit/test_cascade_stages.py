@@ -34,6 +34,7 @@ from workers.routing.cascade import fit_cascade
 from workers.routing.cascade_window import (
     FittedCascade,
     accept_without_scorer,
+    escalation_quality_needed,
     plan_escalation_window,
     pool_clusters,
     route_cascade_window,
@@ -506,3 +507,113 @@ def test_a_probed_query_is_read_in_this_router_s_model_order() -> None:
     assert read.predicted.cost_usd == first.cost_usd
     with pytest.raises(BadEvent, match="none of which this router routes to"):
         read_probed(raw, ["another-model"])
+
+
+# ------------------------------------------------------------------ quality mode
+
+
+def quality_policy(target: float) -> PoolPolicy:
+    return PoolPolicy(mode="quality", quality_target=target, cascade=True)
+
+
+def probes_answered(assignments: list[Assignment], disagree: set[str]) -> list[ProbedQuery]:
+    """The gatherer's ProbedQuery records once every probe answered, from the probe
+    assignments' metadata (as `answered_probes`): the panel agrees on a query's
+    answer unless the query is in `disagree`."""
+    pending: dict[str, PendingProbes | None] = {}
+    for probe in (a for a in assignments if a.role == "probe"):
+        answer = "y" if probe.query_id in disagree and probe.model == PANEL[1] else "x"
+        response = ModelResponse(
+            query_id=probe.query_id, model=probe.model, pool=probe.pool, response=answer,
+            metadata=probe.metadata, role="probe", final=False,
+        )  # fmt: skip
+        pending[probe.query_id] = add_answer(pending.get(probe.query_id), response, 0.0)
+    return [probed_query(p) for p in pending.values() if p is not None and is_complete(p)]
+
+
+@pytest.mark.parametrize("target", [0.75, 0.8, 0.85])
+def test_a_quality_pool_s_two_stages_reach_its_target_on_predictions(
+    cascade: FittedCascade, target: float
+) -> None:
+    """The first stage asks its probed queries for the mean quality that meets the
+    target with its direct answers; the escalation window reaches it at least cost,
+    so the window as a whole meets the target, as the one-shot router's would."""
+    n = 60
+    queries = predicted(n)
+    assignments, first = route_cascade_window(
+        "c", quality_policy(target), cascade, queries, MODELS, clusters_of(cascade, n, 2), BOUNDS
+    )
+    assert (first.mode, first.quality_target, first.window_budget_usd) == ("quality", target, None)
+    assert first.escalation_reserve_usd == 0.0 and first.probe_queries > 0
+    assert first.predicted_mean_quality >= target - 1e-9
+    direct = [a for a in assignments if a.role == "answer"]
+    disagree = {q.query.query_id for q in queries[::3]}
+    probed_queries = probes_answered(assignments, disagree)
+    assert len(probed_queries) == first.probe_queries
+    needed = {p.quality_needed for p in probed_queries}
+    assert len(needed) == 1  # the window's probed queries share its need
+    (need,) = needed
+    assert need is not None
+    direct_quality = sum(a.predicted_quality for a in direct)
+    assert need * len(probed_queries) + direct_quality == pytest.approx(target * n)
+
+    decisions, second = plan_escalation_window(
+        "c", cascade, probed_queries, MODELS,
+        clusters_of(cascade, len(probed_queries), 4), 0.0, BOUNDS, quality_needed=need,
+    )  # fmt: skip
+    assert (second.mode, second.quality_target, second.window_budget_usd) == ("quality", need, None)
+    assert second.solver_status in ("optimal", "near_optimal")
+    decided_quality = [d.predicted_quality for d in decisions]
+    assert np.mean(decided_quality) >= need - 1e-9
+    assert (direct_quality + sum(decided_quality)) / n >= target - 1e-9
+    # At least cost: not every query is escalated, and the disagreeing ones first.
+    escalated = {d.query_id for d in decisions if d.role == "escalation"}
+    assert 0 < len(escalated) < len(decisions)
+    assert escalated <= disagree
+
+
+def test_an_escalation_window_reads_what_each_first_stage_asked_of_its_queries() -> None:
+    """Queries of several first-stage windows meet in one escalation window: it must
+    reach their mean need; a record without one (an older router's, or probed while
+    the pool was in budget mode) needs the pool's target."""
+    queries = predicted(3)
+    records = [
+        ProbedQuery(predicted=queries[0], answers=[], quality_needed=0.9),
+        ProbedQuery(predicted=queries[1], answers=[], quality_needed=0.6),
+        ProbedQuery(predicted=queries[2], answers=[]),
+    ]
+    assert escalation_quality_needed(records, 0.75) == pytest.approx((0.9 + 0.6 + 0.75) / 3)
+    assert escalation_quality_needed(records[:2], 0.75) == pytest.approx(0.75)
+
+
+def test_a_quality_escalation_window_short_of_its_need_says_so(cascade: FittedCascade) -> None:
+    """No plan reaches a mean of 1.0 on these predictions: every query goes to its
+    best option and the report says the target was out of reach."""
+    queries = predicted(4)
+    decisions, report = plan_escalation_window(
+        "c", cascade, probed(queries, [["x", "y"]] * 4), MODELS, clusters_of(cascade, 4, 7),
+        0.0, BOUNDS, quality_needed=1.0,
+    )  # fmt: skip
+    assert report.solver_status == "infeasible_target_best_quality_plan"
+    assert [d.model for d in decisions] == ["dear"] * 4
+
+
+async def test_the_escalation_stage_of_a_quality_pool_asks_what_the_first_stage_did(
+    cascade: FittedCascade,
+) -> None:
+    """On the stream: the first stage's need travels on the probes' metadata to the
+    ProbedQuery, and `decide` plans the escalation window in quality mode from it."""
+    state = CountingState(cascade)
+    with ThreadPoolExecutor(1) as solver:
+        settings = Settings(router_models=MODELS, router_pools={"c": quality_policy(0.8)})
+        ledger = SimpleNamespace(account=lambda pool: PoolAccount())
+        stage = cast(WindowStage, SimpleNamespace(settings=settings, ledger=ledger, solver=solver))
+        routed = await CascadeRouting(cast(RouterState, state)).solve_first_stage(
+            stage, "c", predicted(40), BOUNDS
+        )
+        assert routed is not None and routed[1].probe_queries > 0
+        probed_queries = probes_answered(routed[0], {"q0", "q3", "q6", "q9"})
+        decisions, report = await decide(stage, cast(RouterState, state), "c", probed_queries, "w2")
+    assert report.mode == "quality"
+    assert report.quality_target == pytest.approx(probed_queries[0].quality_needed)
+    assert np.mean([d.predicted_quality for d in decisions]) >= report.quality_target - 1e-9

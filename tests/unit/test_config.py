@@ -105,10 +105,6 @@ PRICES = {
             r"dearest model\(s\) \['c'\]",
         ),
         (
-            {"router_pools": {"c": {"mode": "quality", "quality_target": 0.8, "cascade": True}}},
-            "budget mode",
-        ),
-        (
             {
                 "router_pools": {
                     "c": {"mode": "budget", "window_budget_usd": 1, "cascade_panel": ["a"]}
@@ -131,6 +127,12 @@ def test_a_cheap_panel_is_accepted_and_cascades_are_off_by_default() -> None:
     )
     assert settings.pool_policy("c").cascade_panel == ["a", "b"]
     assert not settings.pool_policy("default").cascade
+
+
+def test_a_cascade_pool_may_be_in_quality_mode() -> None:
+    pools = {"c": {"mode": "quality", "quality_target": 0.8, "cascade": True}}
+    settings = Settings(router_models=["a", "b", "c"], router_pools=pools)  # type: ignore[arg-type]
+    assert settings.pool_policy("c").cascade and settings.pool_policy("c").mode == "quality"
 
 
 def test_a_cascade_pool_with_a_capped_model_is_refused() -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
+
 from schemas import Assignment, ModelResponse, PredictedQuery, QueryEvent
 from workers.routing.probes import (
     CASCADE_METADATA_KEY,
@@ -103,3 +105,23 @@ def test_the_accepted_answer_is_final_with_the_query_s_own_metadata() -> None:
         "cheap-b", "four", "probe", True,
     )  # fmt: skip
     assert final.metadata == {"user": 7}
+
+
+@pytest.mark.parametrize(
+    ("carried", "read"),
+    [(0.82, 0.82), (1, 1.0), (None, None), (1.5, None), (-0.1, None), ("0.8", None), (True, None)],
+)
+def test_the_quality_a_probe_asks_of_its_escalation_travels_to_the_probed_query(
+    carried: object, read: float | None
+) -> None:
+    """A quality pool's first stage puts on each probe what its escalation must reach
+    (a budget pool's, or an older router's, carry none); a value that is not a
+    quality is read as none (the pool's target), never as a wrong need."""
+    context = probe_metadata({"user": 7}, PREDICTED, PANEL)
+    context[CASCADE_METADATA_KEY]["quality_needed"] = carried
+    pending = None
+    for model in PANEL:
+        response = probe_answer(model, "4").model_copy(update={"metadata": context})
+        pending = add_answer(pending, response, now=0.0)
+    assert pending is not None and is_complete(pending)
+    assert probed_query(pending).quality_needed == read

@@ -8,15 +8,19 @@ as cascade.price_options does. Each query's cluster under the fitted cascade
 comes from the predict stage, which had its vector (`pool_clusters`, carried
 with the fit's id on its PredictedQuery); a probe carries it on (and the fit's
 id) to the escalation stage, so the query is embedded once, for prediction, and
-not again by either stage while the fit stands (`carried_clusters`). What the
-window's budget leaves once direct answers and probes are paid
+not again by either stage while the fit stands (`carried_clusters`). Budget
+mode: what the window's budget leaves once direct answers and probes are paid
 (cascade.escalation_limit) is kept back in the pool's ledger for the escalation
-windows: the report's escalation_reserve_usd.
+windows: the report's escalation_reserve_usd. Quality mode: the window is
+solved for least cost at the pool's target, and each probe carries the mean
+quality its escalations must reach for the window to meet it
+(`FirstStageLimit.left_for_escalations`, ProbedQuery.quality_needed).
 
 Escalation stage (`plan_escalation_window`): once a probed query's answers are
 in, the answer scorer's posterior says how likely the best probe answer is
 good; the same optimiser accepts it (no further cost) or escalates to another
-model (role "escalation") under what is left of the pool's reserve. A query
+model (role "escalation") under what is left of the pool's reserve, or at least
+cost reaching the mean quality its queries need (`escalation_quality_needed`). A query
 none of whose probes answered is always escalated (to its cheapest allowed
 model when the reserve cannot pay for a better one): every query gets an answer.
 """
@@ -43,7 +47,7 @@ from workers.routing.cascade import (
     price_options,
     solve_first_stage,
 )
-from workers.routing.optimizer import Method
+from workers.routing.optimizer import Method, Mode
 from workers.routing.probes import accepted_metadata, probe_metadata
 from workers.routing.windows import (
     WindowBounds,
@@ -89,9 +93,15 @@ def matrices(
     return quality, cost, allowed
 
 
-def _status(spent: float, limit: float, solver: Method) -> SolverStatus:
-    if spent > limit + 1e-9:
+def _status(
+    spent: float, reserve: float, reached: float, needed: float | None, solver: Method
+) -> SolverStatus:
+    """An escalation window's status: over its reserve (budget mode) or short of the
+    quality needed (quality mode; `reached` and `needed` are means) is infeasible."""
+    if needed is None and spent > reserve + 1e-9:
         return "infeasible_budget_cheapest_plan"
+    if needed is not None and reached < needed - 1e-9:
+        return "infeasible_target_best_quality_plan"
     return "optimal" if solver == "exact" else "near_optimal"
 
 
@@ -108,8 +118,9 @@ def route_cascade_window(
     tie_tolerance: float = 0.0,
 ) -> tuple[list[Assignment], WindowReport]:
     """The first stage of a cascade pool's window: answer and probe assignments, and
-    the report with its probe spend and the reserve kept for escalations. `clusters`:
-    the queries' under the fitted cascade (`cascade.policy.clusters`)."""
+    the report with its probe spend and (budget mode) the reserve kept for
+    escalations. `clusters`: the queries' under the fitted cascade
+    (`cascade.policy.clusters`)."""
     pool_models = cascade.models
     panel = cascade.policy.panel
     quality, cost, allowed = matrices(queries, models, pool_models)
@@ -117,16 +128,13 @@ def route_cascade_window(
     # A query whose hints forbid a panel model may not be probed.
     may_probe: NDArray[np.bool_] = np.asarray(allowed[:, panel].all(axis=1), dtype=bool)
     option_allowed = np.repeat(may_probe[:, None], options.quality.shape[1], axis=1)
-    # Less what the pool repays of its realised overspend (its ledger's, in `bounds`);
-    # the reserve kept back below comes out of this corrected budget.
-    budget = window_budget_usd(policy, bounds, len(queries)) or 0.0
-    nominal = nominal_budget_usd(policy, bounds, len(queries)) or 0.0
+    limit = FirstStageLimit.of(policy, bounds, len(queries))
     plan = solve_first_stage(
         quality,
         cost,
         options,
-        "budget",
-        budget,
+        policy.mode,
+        limit.value,
         solver,
         tie_tolerance,
         time_limit_seconds,
@@ -137,11 +145,10 @@ def route_cascade_window(
     rows = np.arange(len(queries))
     direct_rows, probe_rows = rows[~probed], rows[probed]
     direct_usd = float(cost[direct_rows, plan.assignment[direct_rows]].sum())
+    direct_quality = float(quality[direct_rows, plan.assignment[direct_rows]].sum())
     probe_usd = float(cost[np.ix_(probe_rows, np.asarray(panel, dtype=np.int64))].sum())
-    reserve = (
-        escalation_limit("budget", budget, direct_usd + probe_usd, 0.0, len(queries), 0)
-        if len(probe_rows)
-        else 0.0
+    reserve, needed = limit.left_for_escalations(
+        direct_usd + probe_usd, direct_quality, len(queries), len(probe_rows)
     )
     assignments: list[Assignment] = []
     chosen: list[int] = []
@@ -156,8 +163,9 @@ def route_cascade_window(
             chosen.append(column)
             continue
         metadata = probe_metadata(
-            query.query.metadata, query, cascade.panel, int(clusters[row]), cascade.fit_id
-        )
+            query.query.metadata, query, cascade.panel, int(clusters[row]), cascade.fit_id,
+            needed,
+        )  # fmt: skip
         for j in panel:
             probe = _assignment(
                 query, bounds, pool_models[j], quality[row, j], cost[row, j], "probe"
@@ -172,8 +180,9 @@ def route_cascade_window(
         window_start=bounds.start,
         window_end=bounds.end,
         query_count=len(queries),
-        mode="budget",
-        window_budget_usd=budget,
+        mode=policy.mode,
+        window_budget_usd=limit.budget_usd,
+        quality_target=limit.quality_target,
         predicted_spend_usd=direct_usd + probe_usd,
         predicted_mean_quality=float(expected.mean()) if len(queries) else 0.0,
         solver=plan.solver,
@@ -183,9 +192,52 @@ def route_cascade_window(
         probe_queries=len(probe_rows),
         probe_spend_usd=probe_usd,
         escalation_reserve_usd=reserve,
-        spend_correction_usd=nominal - budget,
+        spend_correction_usd=limit.spend_correction_usd,
     )
     return assignments, report
+
+
+@dataclass(frozen=True)
+class FirstStageLimit:
+    """A first-stage window's limit: its budget (budget mode; less what the pool
+    repays of its realised overspend, the ledger's, in `bounds`) or the pool's
+    quality target, a mean per query (quality mode)."""
+
+    mode: Mode
+    value: float
+    spend_correction_usd: float = 0.0
+
+    @classmethod
+    def of(cls, policy: PoolPolicy, bounds: WindowBounds, queries: int) -> FirstStageLimit:
+        if policy.mode == "quality":
+            return cls("quality", float(policy.quality_target or 0.0))
+        budget = window_budget_usd(policy, bounds, queries) or 0.0
+        nominal = nominal_budget_usd(policy, bounds, queries) or 0.0
+        return cls("budget", budget, nominal - budget)
+
+    @property
+    def budget_usd(self) -> float | None:
+        return self.value if self.mode == "budget" else None
+
+    @property
+    def quality_target(self) -> float | None:
+        return self.value if self.mode == "quality" else None
+
+    def left_for_escalations(
+        self, spent_usd: float, direct_quality: float, queries: int, probed: int
+    ) -> tuple[float, float | None]:
+        """(reserve_usd, quality_needed) for the window's probed queries
+        (cascade.escalation_limit): budget mode keeps back what direct answers and
+        probes left of the budget, for the pool's escalation windows; quality mode
+        asks the probed queries' escalation windows for the mean quality that
+        meets the target with the direct answers' (within [0, 1]: a target the
+        plan could not reach asks for the most there is)."""
+        if not probed:
+            return 0.0, None
+        left = escalation_limit(self.mode, self.value, spent_usd, direct_quality, queries, probed)
+        if self.mode == "budget":
+            return left, None
+        return 0.0, min(max(left, 0.0), 1.0)
 
 
 def _assignment(
@@ -267,12 +319,15 @@ def plan_escalation_window(
     bounds: WindowBounds,
     solver: Method = "fast",
     tie_tolerance: float = 0.0,
+    quality_needed: float | None = None,
 ) -> tuple[list[Assignment], WindowReport]:
     """Per probed query one decision: role "probe" (its answer is accepted as the
     final one; `model` says whose) or role "escalation" (a new assignment), under
     `reserve_usd`, what the pool's first stages kept back and escalations have not
-    spent yet; and the escalation window's report. `clusters`: the queries' under
-    the fitted cascade (`carried_clusters`, else `cascade.policy.clusters`)."""
+    spent yet (budget mode), or at least cost reaching `quality_needed`, a mean
+    over the window's queries (quality mode: `escalation_quality_needed`); and the
+    escalation window's report. `clusters`: the queries' under the fitted cascade
+    (`carried_clusters`, else `cascade.policy.clusters`)."""
     pool_models, panel = cascade.models, cascade.policy.panel
     predicted = [p.predicted for p in probed]
     quality, cost, allowed = matrices(predicted, models, pool_models)
@@ -287,8 +342,10 @@ def plan_escalation_window(
     accept = np.where(
         answered.any(axis=1), cascade.policy.accept_quality(posterior), FORBIDDEN_QUALITY
     )
+    mode: Mode = "budget" if quality_needed is None else "quality"
+    limit = reserve_usd if quality_needed is None else quality_needed
     choice = plan_escalations(
-        posterior, accept, cost, panel, "budget", reserve_usd, solver, tie_tolerance, allowed
+        posterior, accept, cost, panel, mode, limit, solver, tie_tolerance, allowed
     )
     asked = asked_models(probed, pool_models)
     asked[:, panel] = True
@@ -314,11 +371,21 @@ def plan_escalation_window(
         )
         spend += float(cost[row, j])
         chosen_quality.append(float(posterior[row, j]))
+    reached = float(np.mean(chosen_quality)) if chosen_quality else 0.0
     report = escalation_report(
         pool, bounds, decisions, pool_models, reserve_usd, chosen_quality, solver,
-        _status(spend, reserve_usd, solver),
+        _status(spend, reserve_usd, reached, quality_needed, solver), quality_needed,
     )  # fmt: skip
     return decisions, report
+
+
+def escalation_quality_needed(probed: Sequence[ProbedQuery], target: float) -> float:
+    """The mean quality an escalation window of a quality-mode pool must reach: its
+    queries' `quality_needed` (each as its first-stage window asked), the pool's
+    `target` for a query that carries none (probed by an older router, or while
+    the pool was in budget mode)."""
+    needed = [target if p.quality_needed is None else p.quality_needed for p in probed]
+    return float(np.mean(needed)) if needed else target
 
 
 def asked_models(probed: Sequence[ProbedQuery], pool_models: Sequence[str]) -> NDArray[np.bool_]:
@@ -352,8 +419,10 @@ def escalation_report(
     chosen_quality: Sequence[float],
     solver: str,
     status: SolverStatus,
+    quality_needed: float | None = None,
 ) -> WindowReport:
-    """An escalation window's report: its spend is the escalations'."""
+    """An escalation window's report: its spend is the escalations'; its limit the
+    reserve (budget mode) or the mean quality needed (quality mode)."""
     escalations = [d for d in decisions if d.role == "escalation"]
     spend = float(sum(d.predicted_cost_usd for d in escalations))
     models = list(pool_models)
@@ -364,8 +433,9 @@ def escalation_report(
         window_start=bounds.start,
         window_end=bounds.end,
         query_count=len(decisions),
-        mode="budget",
-        window_budget_usd=reserve_usd,
+        mode="budget" if quality_needed is None else "quality",
+        window_budget_usd=reserve_usd if quality_needed is None else None,
+        quality_target=quality_needed,
         predicted_spend_usd=spend,
         predicted_mean_quality=float(np.mean(chosen_quality)) if len(chosen_quality) else 0.0,
         solver=solver,

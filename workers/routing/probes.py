@@ -2,8 +2,9 @@
 keeps the pending state in a table and forwards what this says is ready).
 
 A probe assignment carries, in its metadata under `CASCADE_METADATA_KEY`, the
-query's prediction, the panel's models and the query's cluster under the cascade
-fit that probed it; the model worker copies metadata into its response, so each
+query's prediction, the panel's models, the query's cluster under the cascade
+fit that probed it and (quality mode) the quality its escalation must reach on
+average (`quality_needed`); the model worker copies metadata into its response, so each
 probe answer brings what the escalation stage needs (it need not embed the query
 again).
 A query is ready when every panel model answered (an error counts as no
@@ -40,6 +41,7 @@ class PendingProbes(BaseModel):
     # not known (a probe of an older router).
     cascade_cluster: int | None = None
     cascade_fit: str | None = None
+    quality_needed: float | None = None  # ProbedQuery's
 
 
 def probe_metadata(
@@ -48,14 +50,17 @@ def probe_metadata(
     panel: list[str],
     cluster: int | None = None,
     fit: str | None = None,
+    quality_needed: float | None = None,
 ) -> dict[str, Any]:
     """A probe assignment's metadata: the query's own, plus what the gatherer and the
-    escalation stage need (`cluster`: the query's under the cascade fit `fit`)."""
+    escalation stage need (`cluster`: the query's under the cascade fit `fit`;
+    `quality_needed`: ProbedQuery's, in quality mode)."""
     context = {
         "panel": panel,
         "predicted": predicted.model_dump(mode="json"),
         "cluster": cluster,
         "fit": fit,
+        "quality_needed": quality_needed,
     }
     return {**metadata, CASCADE_METADATA_KEY: context}
 
@@ -66,6 +71,15 @@ def carried_cluster(context: Mapping[str, Any]) -> tuple[int | None, str | None]
     cluster, fit = context.get("cluster"), context.get("fit")
     known = isinstance(cluster, int) and not isinstance(cluster, bool) and cluster >= 0
     return (cluster, fit) if known and isinstance(fit, str) else (None, None)
+
+
+def carried_quality_needed(context: Mapping[str, Any]) -> float | None:
+    """The quality a probe's context says its escalation must reach (None: none, a
+    budget-mode probe or an older router's, or not a quality in [0, 1])."""
+    needed = context.get("quality_needed")
+    if isinstance(needed, bool) or not isinstance(needed, int | float):
+        return None
+    return float(needed) if 0.0 <= needed <= 1.0 else None
 
 
 def user_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,6 +110,7 @@ def add_answer(
             partition=partition,
             cascade_cluster=cluster,
             cascade_fit=fit,
+            quality_needed=carried_quality_needed(context),
         )
     if response.model not in pending.panel:
         return pending
@@ -148,4 +163,5 @@ def probed_query(pending: PendingProbes) -> ProbedQuery:
         answers=answers,
         cascade_cluster=pending.cascade_cluster,
         cascade_fit=pending.cascade_fit,
+        quality_needed=pending.quality_needed,
     )

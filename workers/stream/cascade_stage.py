@@ -19,7 +19,8 @@ the window stage, the probe gatherer and the escalation stage.
   probes of a partition taken away are gathered and forwarded by its new owner.
 - `escalation_stage` (agent on omnirouter.probed): windows per pool as the
   window stage gathers them; accept the best probe answer or escalate, under
-  the pool's escalation reserve (a query this router cannot route is refused:
+  the pool's escalation reserve (budget mode) or at least cost reaching the
+  quality its first stages asked of it (quality mode; a query this router cannot route is refused:
   its record is a dead letter); published through the same publisher, keyed
   "escalation:<query_id>" in the decision log, so a query is finalised,
   escalated or refused once across restarts (a forwarded ProbedQuery read twice
@@ -50,6 +51,7 @@ from workers.routing.cascade_window import (
     FittedCascade,
     accept_without_scorer,
     carried_clusters,
+    escalation_quality_needed,
     plan_escalation_window,
     route_cascade_window,
 )
@@ -272,7 +274,8 @@ async def publish_escalations(
 async def decide(
     stage: WindowStage, state: RouterState, pool: str, fresh: list[ProbedQuery], window_id: str
 ) -> tuple[list[Assignment], WindowReport]:
-    """Accept or escalate each fresh probed query, under the pool's reserve."""
+    """Accept or escalate each fresh probed query, under the pool's reserve (budget
+    mode) or at least cost reaching the quality its first stages asked for."""
     settings = stage.settings
     created = [p.predicted.query.created_at for p in fresh]
     # No overspend in these bounds: an escalation window spends the reserve its first
@@ -285,6 +288,11 @@ async def decide(
     if fitted is None:
         return accept_without_scorer(pool, fresh, settings.router_models, pool_models, bounds)
     reserve = stage.ledger.account(pool).escalation_reserve_usd
+    needed = (
+        escalation_quality_needed(fresh, policy.quality_target or 0.0)
+        if policy.mode == "quality"
+        else None
+    )
     try:
         texts = [p.predicted.query.text for p in fresh]
         clusters = await cascade_clusters(state, fitted, fresh, texts)
@@ -300,6 +308,7 @@ async def decide(
                 bounds,
                 solver=settings.router_solver,
                 tie_tolerance=settings.router_tie_tolerance,
+                quality_needed=needed,
             ),
         )
     except Exception:  # the pure core could not plan it: the queries still get an answer
