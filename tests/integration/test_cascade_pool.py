@@ -230,11 +230,14 @@ def test_a_quality_mode_cascade_pool_meets_its_target_on_predictions(
     assert sum(w.probe_queries for w in first) > 0, "no query was probed"
     assert all(w.mode == "quality" and w.quality_target == target for w in first)
     assert all(w.predicted_mean_quality >= target - 1e-9 for w in first)
-    assert all(
-        p.quality_needed is not None for p in probed if p.predicted.query.query_id.startswith(run)
-    )
+    needs = [p.quality_needed for p in probed if p.predicted.query.query_id.startswith(run)]
+    assert needs and all(need is not None for need in needs)
     assert escalation and all(w.mode == "quality" for w in escalation)
     assert all(w.predicted_mean_quality >= (w.quality_target or 0.0) - 1e-9 for w in escalation)
+    # Each probed query is decided in one escalation window, which asks the mean of
+    # what its queries' first stages asked.
+    asked = sum((w.quality_target or 0.0) * w.query_count for w in escalation)
+    assert asked == pytest.approx(sum(need or 0.0 for need in needs))
     assert sum(w.escalation_reserve_usd for w in reports) == 0.0  # nothing kept back
 
 

@@ -32,6 +32,8 @@ from tests.unit.test_cascade import COSTS, recorded, unit_vectors
 from workers.config import PoolPolicy, Settings
 from workers.routing.cascade import fit_cascade
 from workers.routing.cascade_window import (
+    EscalationLimit,
+    FirstStageLimit,
     FittedCascade,
     accept_without_scorer,
     escalation_quality_needed,
@@ -39,6 +41,7 @@ from workers.routing.cascade_window import (
     pool_clusters,
     route_cascade_window,
 )
+from workers.routing.optimizer import WindowProblem, solve
 from workers.routing.probes import (
     CASCADE_METADATA_KEY,
     PendingProbes,
@@ -130,7 +133,7 @@ def test_spend_across_both_stages_keeps_the_window_budget(
     answers = [[str(rng.choice(["x", "y"])), str(rng.choice(["x", "y"]))] for _ in asked]
     decisions, second = plan_escalation_window(
         "c", cascade, probed(asked, answers), MODELS, clusters_of(cascade, len(asked), 4),
-        account.escalation_reserve_usd, BOUNDS,
+        EscalationLimit.reserve(account.escalation_reserve_usd), BOUNDS,
     )  # fmt: skip
     assert len(decisions) == len(asked)
     assert second.escalation_spend_usd <= account.escalation_reserve_usd + 1e-9
@@ -170,7 +173,7 @@ def test_agreeing_probes_are_accepted_and_disagreeing_ones_escalated(
         probed(queries, answers),
         MODELS,
         clusters_of(cascade, 20, 5),
-        10 * COSTS[2],
+        EscalationLimit.reserve(10 * COSTS[2]),
         BOUNDS,
     )
     roles = [d.role for d in decisions]
@@ -188,7 +191,7 @@ def test_a_query_without_any_probe_answer_is_escalated_even_beyond_the_reserve(
     queries = predicted(3)
     decisions, report = plan_escalation_window(
         "c", cascade, probed(queries, [[None, None], ["x", "x"], [None, "x"]]), MODELS,
-        clusters_of(cascade, 3, 6), 0.0, BOUNDS,
+        clusters_of(cascade, 3, 6), EscalationLimit.reserve(0.0), BOUNDS,
     )  # fmt: skip
     assert [d.role for d in decisions] == ["escalation", "probe", "probe"]
     assert decisions[2].model == "cheap-b"  # the only probe that answered
@@ -207,7 +210,7 @@ def test_a_query_without_probe_answers_is_escalated_only_to_a_model_its_hints_al
     queries += predicted(1, QueryHints(allowed_models=["cheap-b", "cheap-a", "dear"]))
     decisions, report = plan_escalation_window(
         "c", cascade, probed(queries, [[None, None]] * 3), MODELS,
-        clusters_of(cascade, 3, 5), reserve, BOUNDS,
+        clusters_of(cascade, 3, 5), EscalationLimit.reserve(reserve), BOUNDS,
     )  # fmt: skip
     assert [(d.role, d.model) for d in decisions] == [
         ("escalation", "cheap-a"),
@@ -227,7 +230,7 @@ def test_a_probe_answer_of_a_model_the_hints_forbid_is_never_delivered(
     queries = predicted(1, QueryHints(allowed_models=["cheap-a", "dear"]))
     decisions, report = plan_escalation_window(
         "c", cascade, probed(queries, [[None, "x"]]), MODELS, clusters_of(cascade, 1, 8),
-        reserve, BOUNDS,
+        EscalationLimit.reserve(reserve), BOUNDS,
     )  # fmt: skip
     assert [(d.role, d.model) for d in decisions] == [("escalation", "dear")]
     assert report.escalation_spend_usd == pytest.approx(COSTS[2])
@@ -243,8 +246,9 @@ def test_a_forced_escalation_does_not_ask_again_a_model_that_failed_already(
         answers=[ProbeAnswer(model="dear", response=None, error="timeout")],
     )
     decisions, _ = plan_escalation_window(
-        "c", cascade, [item], MODELS, clusters_of(cascade, 1, 5), 0.0, BOUNDS
-    )
+        "c", cascade, [item], MODELS, clusters_of(cascade, 1, 5), EscalationLimit.reserve(0.0),
+        BOUNDS,
+    )  # fmt: skip
     assert [(d.role, d.model) for d in decisions] == [("escalation", "cheap-a")]
 
 
@@ -307,13 +311,17 @@ def stream_stage(solver: ThreadPoolExecutor) -> WindowStage:
     return cast(WindowStage, SimpleNamespace(settings=settings, ledger=ledger, solver=solver))
 
 
-def answered_probes(assignments: list[Assignment]) -> list[ProbedQuery]:
+def answered_probes(
+    assignments: list[Assignment], disagree: frozenset[str] = frozenset()
+) -> list[ProbedQuery]:
     """What the probe gatherer forwards once each probe's model worker answered
-    (the worker copies the assignment's metadata into its response)."""
+    (the worker copies the assignment's metadata into its response): the panel
+    agrees on a query's answer unless its id is in `disagree`."""
     pending: dict[str, PendingProbes | None] = {}
     for probe in (a for a in assignments if a.role == "probe"):
+        answer = "y" if probe.query_id in disagree and probe.model == PANEL[1] else "x"
         response = ModelResponse(
-            query_id=probe.query_id, model=probe.model, pool=probe.pool, response="x",
+            query_id=probe.query_id, model=probe.model, pool=probe.pool, response=answer,
             metadata=probe.metadata, role="probe", final=False,
         )  # fmt: skip
         pending[probe.query_id] = add_answer(pending.get(probe.query_id), response, 0.0)
@@ -516,21 +524,6 @@ def quality_policy(target: float) -> PoolPolicy:
     return PoolPolicy(mode="quality", quality_target=target, cascade=True)
 
 
-def probes_answered(assignments: list[Assignment], disagree: set[str]) -> list[ProbedQuery]:
-    """The gatherer's ProbedQuery records once every probe answered, from the probe
-    assignments' metadata (as `answered_probes`): the panel agrees on a query's
-    answer unless the query is in `disagree`."""
-    pending: dict[str, PendingProbes | None] = {}
-    for probe in (a for a in assignments if a.role == "probe"):
-        answer = "y" if probe.query_id in disagree and probe.model == PANEL[1] else "x"
-        response = ModelResponse(
-            query_id=probe.query_id, model=probe.model, pool=probe.pool, response=answer,
-            metadata=probe.metadata, role="probe", final=False,
-        )  # fmt: skip
-        pending[probe.query_id] = add_answer(pending.get(probe.query_id), response, 0.0)
-    return [probed_query(p) for p in pending.values() if p is not None and is_complete(p)]
-
-
 @pytest.mark.parametrize("target", [0.75, 0.8, 0.85])
 def test_a_quality_pool_s_two_stages_reach_its_target_on_predictions(
     cascade: FittedCascade, target: float
@@ -548,7 +541,7 @@ def test_a_quality_pool_s_two_stages_reach_its_target_on_predictions(
     assert first.predicted_mean_quality >= target - 1e-9
     direct = [a for a in assignments if a.role == "answer"]
     disagree = {q.query.query_id for q in queries[::3]}
-    probed_queries = probes_answered(assignments, disagree)
+    probed_queries = answered_probes(assignments, frozenset(disagree))
     assert len(probed_queries) == first.probe_queries
     needed = {p.quality_needed for p in probed_queries}
     assert len(needed) == 1  # the window's probed queries share its need
@@ -559,17 +552,58 @@ def test_a_quality_pool_s_two_stages_reach_its_target_on_predictions(
 
     decisions, second = plan_escalation_window(
         "c", cascade, probed_queries, MODELS,
-        clusters_of(cascade, len(probed_queries), 4), 0.0, BOUNDS, quality_needed=need,
+        clusters_of(cascade, len(probed_queries), 4), EscalationLimit.needed(need), BOUNDS,
     )  # fmt: skip
     assert (second.mode, second.quality_target, second.window_budget_usd) == ("quality", need, None)
     assert second.solver_status in ("optimal", "near_optimal")
     decided_quality = [d.predicted_quality for d in decisions]
     assert np.mean(decided_quality) >= need - 1e-9
     assert (direct_quality + sum(decided_quality)) / n >= target - 1e-9
-    # At least cost: not every query is escalated, and the disagreeing ones first.
+    # At least cost: not every query is escalated, and the disagreeing ones first;
+    # both stages together cost less than the one-shot plan at the same target.
     escalated = {d.query_id for d in decisions if d.role == "escalation"}
     assert 0 < len(escalated) < len(decisions)
     assert escalated <= disagree
+    quality = np.array([q.quality for q in queries])
+    cost = np.array([q.cost_usd for q in queries])
+    one_shot = solve(WindowProblem(quality, cost, "quality", quality_target=target), "exact")
+    assert first.predicted_spend_usd + second.escalation_spend_usd < one_shot.total_cost_usd
+
+
+@pytest.mark.parametrize(
+    ("direct_quality", "needed"),
+    [(40.0, 0.8), (41.0, 0.7), (49.0, 0.0), (30.0, 1.0)],
+)
+def test_a_quality_window_asks_its_probed_queries_for_what_its_direct_answers_leave(
+    direct_quality: float, needed: float
+) -> None:
+    """Target 0.8 over 60 queries, 50 answered directly, 10 probed: the need is what
+    makes up the target, within [0, 1] (direct answers above it ask nothing; a
+    target out of reach asks for the most there is)."""
+    limit = FirstStageLimit("quality", 0.8)
+    escalations = limit.for_escalations(0.0, direct_quality, 60, 10)
+    assert escalations.quality_needed == pytest.approx(needed)
+    assert escalations.reserve_usd is None
+    budget = FirstStageLimit("budget", 100.0).for_escalations(70.0, direct_quality, 60, 10)
+    assert (budget.reserve_usd, budget.quality_needed) == (pytest.approx(30.0), None)
+
+
+def test_a_query_no_probe_answered_counts_its_forced_answer_towards_the_need(
+    cascade: FittedCascade,
+) -> None:
+    """Quality mode: a query none of whose probes answered is escalated of necessity
+    (here its hints allow only the panel: asked again of cheap-a); its forced
+    answer counts towards the need, not as a quality it can never have, which the
+    other queries would make up with needless escalations to "dear"."""
+    queries = predicted(10) + predicted(1, QueryHints(allowed_models=PANEL))
+    answers = [["x", "x"]] * 10 + [[None, None]]
+    decisions, report = plan_escalation_window(
+        "c", cascade, probed(queries, answers), MODELS, clusters_of(cascade, 11, 9),
+        EscalationLimit.needed(0.74), BOUNDS,
+    )  # fmt: skip
+    assert [d.role for d in decisions] == ["probe"] * 10 + ["escalation"]
+    assert decisions[-1].model == "cheap-a"
+    assert report.escalation_spend_usd == pytest.approx(COSTS[0])
 
 
 def test_an_escalation_window_reads_what_each_first_stage_asked_of_its_queries() -> None:
@@ -579,11 +613,11 @@ def test_an_escalation_window_reads_what_each_first_stage_asked_of_its_queries()
     queries = predicted(3)
     records = [
         ProbedQuery(predicted=queries[0], answers=[], quality_needed=0.9),
-        ProbedQuery(predicted=queries[1], answers=[], quality_needed=0.6),
+        ProbedQuery(predicted=queries[1], answers=[], quality_needed=0.5),
         ProbedQuery(predicted=queries[2], answers=[]),
     ]
-    assert escalation_quality_needed(records, 0.75) == pytest.approx((0.9 + 0.6 + 0.75) / 3)
-    assert escalation_quality_needed(records[:2], 0.75) == pytest.approx(0.75)
+    assert escalation_quality_needed(records, 0.75) == pytest.approx((0.9 + 0.5 + 0.75) / 3)
+    assert escalation_quality_needed(records[:2], 0.75) == pytest.approx(0.7)
 
 
 def test_a_quality_escalation_window_short_of_its_need_says_so(cascade: FittedCascade) -> None:
@@ -592,7 +626,7 @@ def test_a_quality_escalation_window_short_of_its_need_says_so(cascade: FittedCa
     queries = predicted(4)
     decisions, report = plan_escalation_window(
         "c", cascade, probed(queries, [["x", "y"]] * 4), MODELS, clusters_of(cascade, 4, 7),
-        0.0, BOUNDS, quality_needed=1.0,
+        EscalationLimit.needed(1.0), BOUNDS,
     )  # fmt: skip
     assert report.solver_status == "infeasible_target_best_quality_plan"
     assert [d.model for d in decisions] == ["dear"] * 4
@@ -612,8 +646,16 @@ async def test_the_escalation_stage_of_a_quality_pool_asks_what_the_first_stage_
             stage, "c", predicted(40), BOUNDS
         )
         assert routed is not None and routed[1].probe_queries > 0
-        probed_queries = probes_answered(routed[0], {"q0", "q3", "q6", "q9"})
-        decisions, report = await decide(stage, cast(RouterState, state), "c", probed_queries, "w2")
-    assert report.mode == "quality"
-    assert report.quality_target == pytest.approx(probed_queries[0].quality_needed)
+        probed_queries = answered_probes(routed[0], frozenset({"q0", "q3", "q6", "q9"}))
+        # Half of them as if probed by another window that asked for less.
+        half = len(probed_queries) // 2
+        mixed = probed_queries[:half] + [
+            p.model_copy(update={"quality_needed": 0.5}) for p in probed_queries[half:]
+        ]
+        decisions, report = await decide(stage, cast(RouterState, state), "c", mixed, "w2")
+    assert report.mode == "quality" and report.window_budget_usd is None
+    first_need = probed_queries[0].quality_needed
+    assert first_need is not None
+    mean_need = (half * first_need + (len(mixed) - half) * 0.5) / len(mixed)
+    assert report.quality_target == pytest.approx(mean_need)
     assert np.mean([d.predicted_quality for d in decisions]) >= report.quality_target - 1e-9

@@ -124,4 +124,7 @@ def test_the_quality_a_probe_asks_of_its_escalation_travels_to_the_probed_query(
         response = probe_answer(model, "4").model_copy(update={"metadata": context})
         pending = add_answer(pending, response, now=0.0)
     assert pending is not None and is_complete(pending)
-    assert probed_query(pending).quality_needed == read
+    probed = probed_query(pending)
+    assert probed.quality_needed == read
+    # Without a need the record stays version 1, which the release before reads.
+    assert probed.schema_version == (1 if read is None else 2)

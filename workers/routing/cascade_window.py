@@ -93,16 +93,49 @@ def matrices(
     return quality, cost, allowed
 
 
-def _status(
-    spent: float, reserve: float, reached: float, needed: float | None, solver: Method
-) -> SolverStatus:
-    """An escalation window's status: over its reserve (budget mode) or short of the
-    quality needed (quality mode; `reached` and `needed` are means) is infeasible."""
-    if needed is None and spent > reserve + 1e-9:
-        return "infeasible_budget_cheapest_plan"
-    if needed is not None and reached < needed - 1e-9:
-        return "infeasible_target_best_quality_plan"
-    return "optimal" if solver == "exact" else "near_optimal"
+@dataclass(frozen=True)
+class EscalationLimit:
+    """What an escalation window may use: the pool's reserve, USD, what its first
+    stages kept back and escalations have not spent yet (budget mode); or the mean
+    quality its queries need (quality mode: `escalation_quality_needed`)."""
+
+    mode: Mode
+    value: float
+
+    @classmethod
+    def reserve(cls, usd: float) -> EscalationLimit:
+        return cls("budget", usd)
+
+    @classmethod
+    def needed(cls, quality: float) -> EscalationLimit:
+        return cls("quality", min(max(quality, 0.0), 1.0))
+
+    @property
+    def reserve_usd(self) -> float | None:
+        return self.value if self.mode == "budget" else None
+
+    @property
+    def quality_needed(self) -> float | None:
+        return self.value if self.mode == "quality" else None
+
+    def for_the_rest(self, forced_quality: NDArray[np.float64], queries: int) -> EscalationLimit:
+        """Quality mode: the mean the window's other queries must reach once those
+        escalated of necessity (no probe answered) count with `forced_quality`.
+        Budget mode: the same reserve (those queries stay in the solve, which buys
+        them a better model than their cheapest where the reserve allows)."""
+        rest = queries - len(forced_quality)
+        if self.mode == "budget" or rest <= 0:
+            return self
+        return EscalationLimit.needed((self.value * queries - forced_quality.sum()) / rest)
+
+    def status(self, spent_usd: float, reached: float, solver: Method) -> SolverStatus:
+        """Over the reserve (budget mode), or a mean quality `reached` short of the
+        need (quality mode): the window could not keep its limit."""
+        if self.mode == "budget" and spent_usd > self.value + 1e-9:
+            return "infeasible_budget_cheapest_plan"
+        if self.mode == "quality" and reached < self.value - 1e-9:
+            return "infeasible_target_best_quality_plan"
+        return "optimal" if solver == "exact" else "near_optimal"
 
 
 def route_cascade_window(
@@ -147,7 +180,7 @@ def route_cascade_window(
     direct_usd = float(cost[direct_rows, plan.assignment[direct_rows]].sum())
     direct_quality = float(quality[direct_rows, plan.assignment[direct_rows]].sum())
     probe_usd = float(cost[np.ix_(probe_rows, np.asarray(panel, dtype=np.int64))].sum())
-    reserve, needed = limit.left_for_escalations(
+    escalations = limit.for_escalations(
         direct_usd + probe_usd, direct_quality, len(queries), len(probe_rows)
     )
     assignments: list[Assignment] = []
@@ -163,9 +196,13 @@ def route_cascade_window(
             chosen.append(column)
             continue
         metadata = probe_metadata(
-            query.query.metadata, query, cascade.panel, int(clusters[row]), cascade.fit_id,
-            needed,
-        )  # fmt: skip
+            query.query.metadata,
+            query,
+            cascade.panel,
+            int(clusters[row]),
+            cascade.fit_id,
+            quality_needed=escalations.quality_needed,
+        )
         for j in panel:
             probe = _assignment(
                 query, bounds, pool_models[j], quality[row, j], cost[row, j], "probe"
@@ -191,7 +228,7 @@ def route_cascade_window(
         assignments_per_model=counts_per_model(pool_models, np.asarray(chosen, dtype=np.int64)),
         probe_queries=len(probe_rows),
         probe_spend_usd=probe_usd,
-        escalation_reserve_usd=reserve,
+        escalation_reserve_usd=escalations.reserve_usd or 0.0,
         spend_correction_usd=limit.spend_correction_usd,
     )
     return assignments, report
@@ -223,21 +260,22 @@ class FirstStageLimit:
     def quality_target(self) -> float | None:
         return self.value if self.mode == "quality" else None
 
-    def left_for_escalations(
+    def for_escalations(
         self, spent_usd: float, direct_quality: float, queries: int, probed: int
-    ) -> tuple[float, float | None]:
-        """(reserve_usd, quality_needed) for the window's probed queries
+    ) -> EscalationLimit:
+        """What the window leaves its probed queries' escalations
         (cascade.escalation_limit): budget mode keeps back what direct answers and
-        probes left of the budget, for the pool's escalation windows; quality mode
-        asks the probed queries' escalation windows for the mean quality that
-        meets the target with the direct answers' (within [0, 1]: a target the
-        plan could not reach asks for the most there is)."""
-        if not probed:
-            return 0.0, None
+        probes left of the budget, for the pool's reserve; quality mode asks for
+        the mean quality that meets the target with the direct answers' (within
+        [0, 1]: a target the plan could not reach asks for the most there is)."""
+        if not probed and self.mode == "budget":
+            return EscalationLimit.reserve(0.0)
         left = escalation_limit(self.mode, self.value, spent_usd, direct_quality, queries, probed)
-        if self.mode == "budget":
-            return left, None
-        return 0.0, min(max(left, 0.0), 1.0)
+        return (
+            EscalationLimit(self.mode, left)
+            if self.mode == "budget"
+            else EscalationLimit.needed(left)
+        )
 
 
 def _assignment(
@@ -315,19 +353,15 @@ def plan_escalation_window(
     probed: Sequence[ProbedQuery],
     models: Sequence[str],
     clusters: NDArray[np.int64],
-    reserve_usd: float,
+    limit: EscalationLimit,
     bounds: WindowBounds,
     solver: Method = "fast",
     tie_tolerance: float = 0.0,
-    quality_needed: float | None = None,
 ) -> tuple[list[Assignment], WindowReport]:
     """Per probed query one decision: role "probe" (its answer is accepted as the
-    final one; `model` says whose) or role "escalation" (a new assignment), under
-    `reserve_usd`, what the pool's first stages kept back and escalations have not
-    spent yet (budget mode), or at least cost reaching `quality_needed`, a mean
-    over the window's queries (quality mode: `escalation_quality_needed`); and the
-    escalation window's report. `clusters`: the queries' under the fitted cascade
-    (`carried_clusters`, else `cascade.policy.clusters`)."""
+    final one; `model` says whose) or role "escalation" (a new assignment), within
+    `limit`; and the escalation window's report. `clusters`: the queries' under the
+    fitted cascade (`carried_clusters`, else `cascade.policy.clusters`)."""
     pool_models, panel = cascade.models, cascade.policy.panel
     predicted = [p.predicted for p in probed]
     quality, cost, allowed = matrices(predicted, models, pool_models)
@@ -342,15 +376,11 @@ def plan_escalation_window(
     accept = np.where(
         answered.any(axis=1), cascade.policy.accept_quality(posterior), FORBIDDEN_QUALITY
     )
-    mode: Mode = "budget" if quality_needed is None else "quality"
-    limit = reserve_usd if quality_needed is None else quality_needed
-    choice = plan_escalations(
-        posterior, accept, cost, panel, mode, limit, solver, tie_tolerance, allowed
-    )
     asked = asked_models(probed, pool_models)
     asked[:, panel] = True
-    forced = forced_escalation(cost, allowed, asked)
-    choice = np.where((choice == NEVER) & ~answered.any(axis=1), forced, choice)
+    choice = _escalation_choice(
+        posterior, accept, cost, allowed, answered, asked, panel, limit, solver, tie_tolerance
+    )
     accepted = np.asarray(panel)[np.where(answered, posterior[:, panel], -np.inf).argmax(axis=1)]
     decisions: list[Assignment] = []
     spend, chosen_quality = 0.0, []
@@ -373,10 +403,41 @@ def plan_escalation_window(
         chosen_quality.append(float(posterior[row, j]))
     reached = float(np.mean(chosen_quality)) if chosen_quality else 0.0
     report = escalation_report(
-        pool, bounds, decisions, pool_models, reserve_usd, chosen_quality, solver,
-        _status(spend, reserve_usd, reached, quality_needed, solver), quality_needed,
+        pool, bounds, decisions, pool_models, limit, chosen_quality, solver,
+        limit.status(spend, reached, solver),
     )  # fmt: skip
     return decisions, report
+
+
+def _escalation_choice(
+    posterior: NDArray[np.float64],
+    accept: NDArray[np.float64],
+    cost: NDArray[np.float64],
+    allowed: NDArray[np.bool_],
+    answered: NDArray[np.bool_],
+    asked: NDArray[np.bool_],
+    panel: Sequence[int],
+    limit: EscalationLimit,
+    solver: Method,
+    tie_tolerance: float,
+) -> NDArray[np.int64]:
+    """Per query NEVER (accept) or the model it is escalated to. A query none of
+    whose probes answered is escalated whatever the plan (`forced_escalation`);
+    in quality mode it is left out of the solve, its forced model's quality
+    counted towards the need (an answer it cannot be given must not count as a
+    quality of FORBIDDEN_QUALITY, which the others would have to make up)."""
+    n = len(posterior)
+    unanswered = ~answered.any(axis=1)
+    forced = forced_escalation(cost, allowed, asked)
+    solved = np.arange(n) if limit.mode == "budget" else np.flatnonzero(~unanswered)
+    rest = limit.for_the_rest(np.maximum(posterior[unanswered, forced[unanswered]], 0.0), n)
+    choice = np.full(n, NEVER, dtype=np.int64)
+    if len(solved):
+        choice[solved] = plan_escalations(
+            posterior[solved], accept[solved], cost[solved], panel, rest.mode, rest.value,
+            solver, tie_tolerance, allowed[solved],
+        )  # fmt: skip
+    return np.where((choice == NEVER) & unanswered, forced, choice)
 
 
 def escalation_quality_needed(probed: Sequence[ProbedQuery], target: float) -> float:
@@ -415,14 +476,15 @@ def escalation_report(
     bounds: WindowBounds,
     decisions: Sequence[Assignment],
     pool_models: Sequence[str],
-    reserve_usd: float | None,
+    limit: EscalationLimit | None,
     chosen_quality: Sequence[float],
     solver: str,
     status: SolverStatus,
-    quality_needed: float | None = None,
+    mode: Mode = "budget",
 ) -> WindowReport:
     """An escalation window's report: its spend is the escalations'; its limit the
-    reserve (budget mode) or the mean quality needed (quality mode)."""
+    reserve (budget mode) or the mean quality needed (quality mode); None: decided
+    without a plan (`accept_without_scorer`), in the pool's `mode`."""
     escalations = [d for d in decisions if d.role == "escalation"]
     spend = float(sum(d.predicted_cost_usd for d in escalations))
     models = list(pool_models)
@@ -433,9 +495,9 @@ def escalation_report(
         window_start=bounds.start,
         window_end=bounds.end,
         query_count=len(decisions),
-        mode="budget" if quality_needed is None else "quality",
-        window_budget_usd=reserve_usd if quality_needed is None else None,
-        quality_target=quality_needed,
+        mode=mode if limit is None else limit.mode,
+        window_budget_usd=None if limit is None else limit.reserve_usd,
+        quality_target=None if limit is None else limit.quality_needed,
         predicted_spend_usd=spend,
         predicted_mean_quality=float(np.mean(chosen_quality)) if len(chosen_quality) else 0.0,
         solver=solver,
@@ -453,10 +515,12 @@ def accept_without_scorer(
     models: Sequence[str],
     pool_models: Sequence[str],
     bounds: WindowBounds,
+    mode: Mode = "budget",
 ) -> tuple[list[Assignment], WindowReport]:
     """Decisions when the pool has no fitted cascade any more (its probes were sent
     by an earlier fit, or another router): accept the first probe answer of a model
-    the query's hints allow; a query with none is escalated (`forced_escalation`)."""
+    the query's hints allow; a query with none is escalated (`forced_escalation`).
+    `mode`: the pool's, for the report."""
     predicted = [p.predicted for p in probed]
     quality, cost, allowed = matrices(predicted, models, pool_models)
     forced = forced_escalation(cost, allowed, asked_models(probed, pool_models))
@@ -477,6 +541,6 @@ def accept_without_scorer(
             _assignment(query, bounds, pool_models[j], quality[row, j], cost[row, j], "escalation")
         )
     report = escalation_report(
-        pool, bounds, decisions, pool_models, None, [], "none", "near_optimal"
+        pool, bounds, decisions, pool_models, None, [], "none", "near_optimal", mode
     )
     return decisions, report

@@ -159,6 +159,9 @@ def probed_query(pending: PendingProbes) -> ProbedQuery:
         for m in pending.panel
     ]
     return ProbedQuery(
+        # Version 1 where the need is none (budget mode): a router of the release
+        # before reads it, so a rollback loses no budget pool's probed query.
+        schema_version=1 if pending.quality_needed is None else 2,
         predicted=pending.predicted,
         answers=answers,
         cascade_cluster=pending.cascade_cluster,

@@ -48,6 +48,7 @@ from numpy.typing import NDArray
 from schemas import Assignment, ModelResponse, PredictedQuery, ProbedQuery, WindowReport
 from workers.routing.cascade_window import (
     CarriesCluster,
+    EscalationLimit,
     FittedCascade,
     accept_without_scorer,
     carried_clusters,
@@ -286,12 +287,13 @@ async def decide(
     pool_models = list(policy.models or settings.router_models)
     fitted = state.cascades.get(pool)
     if fitted is None:
-        return accept_without_scorer(pool, fresh, settings.router_models, pool_models, bounds)
-    reserve = stage.ledger.account(pool).escalation_reserve_usd
-    needed = (
-        escalation_quality_needed(fresh, policy.quality_target or 0.0)
+        return accept_without_scorer(
+            pool, fresh, settings.router_models, pool_models, bounds, policy.mode
+        )
+    limit = (
+        EscalationLimit.needed(escalation_quality_needed(fresh, policy.quality_target or 0.0))
         if policy.mode == "quality"
-        else None
+        else EscalationLimit.reserve(stage.ledger.account(pool).escalation_reserve_usd)
     )
     try:
         texts = [p.predicted.query.text for p in fresh]
@@ -304,16 +306,17 @@ async def decide(
                 fresh,
                 settings.router_models,
                 clusters,
-                reserve,
+                limit,
                 bounds,
                 solver=settings.router_solver,
                 tie_tolerance=settings.router_tie_tolerance,
-                quality_needed=needed,
             ),
         )
     except Exception:  # the pure core could not plan it: the queries still get an answer
         log.exception("window %s: the escalation plan failed; first answers accepted", window_id)
-        return accept_without_scorer(pool, fresh, settings.router_models, pool_models, bounds)
+        return accept_without_scorer(
+            pool, fresh, settings.router_models, pool_models, bounds, policy.mode
+        )
 
 
 async def cascade_clusters(
