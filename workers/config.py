@@ -184,6 +184,9 @@ class Settings(BaseSettings):
     router_clock_skew_seconds: float = Field(default=60.0, ge=0)
     router_store_refresh_seconds: float = Field(default=5.0, gt=0)
     router_refit_seconds: float = Field(default=300.0, gt=0)
+    # Also refit once the store holds this share more scored outcomes than the heads
+    # were fitted on (checked at each store refresh; 0: on the timer alone).
+    router_refit_growth: float = Field(default=0.25, ge=0.0)
     # Heads are refitted on at most this many of the newest stored queries.
     router_refit_max_outcomes: PositiveInt = 20_000
     router_knn_neighbours: PositiveInt = 20

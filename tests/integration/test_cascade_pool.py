@@ -69,6 +69,7 @@ def environment(
         "ROUTER_WINDOW_SECONDS": "1",
         "ROUTER_STORE_REFRESH_SECONDS": "1",
         "ROUTER_REFIT_SECONDS": "3600",
+        "ROUTER_REFIT_GROWTH": "0",
         "CASCADE_MIN_OUTCOMES": "100",
         "CASCADE_PROBE_DEADLINE_SECONDS": "30",
         "KAFKA_PARTITIONS": "2",

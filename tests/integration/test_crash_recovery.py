@@ -101,6 +101,7 @@ def test_a_router_stopped_mid_window_loses_and_doubles_no_decision(
         "ROUTER_WINDOW_SECONDS": "0.5",
         "ROUTER_PREDICT_BATCH": "16",
         "ROUTER_REFIT_SECONDS": "3600",
+        "ROUTER_REFIT_GROWTH": "0",
     }
     queries = [
         QueryEvent(query_id=f"crash-{i}", text=sample.prompts[40 + i % 500][-300:])

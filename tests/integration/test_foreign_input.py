@@ -58,6 +58,7 @@ def router_environment(bootstrap: str, database_url: str) -> dict[str, str]:
         "KAFKA_PARTITIONS": "2",
         "ROUTER_WINDOW_SECONDS": "0.5",
         "ROUTER_REFIT_SECONDS": "3600",
+        "ROUTER_REFIT_GROWTH": "0",
         "METRICS_PORT": "0",
     }
 

@@ -76,6 +76,7 @@ def environment(bootstrap: str, database_url: str, api: str) -> dict[str, str]:
         "ROUTER_WINDOW_SECONDS": "1",
         "ROUTER_STORE_REFRESH_SECONDS": "1",
         "ROUTER_REFIT_SECONDS": "3600",
+        "ROUTER_REFIT_GROWTH": "0",
         "KAFKA_PARTITIONS": "2",
         "OPENAI_BASE_URL": api,
         "JUDGE_BASE_URL": api,

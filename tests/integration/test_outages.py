@@ -63,6 +63,7 @@ def worker_env(bootstrap: str, database_url: str) -> dict[str, str]:
         "ROUTER_WINDOW_SECONDS": "0.5",
         "ROUTER_MAX_WINDOW_QUERIES": str(MAX_WINDOW_QUERIES),
         "ROUTER_REFIT_SECONDS": "3600",
+        "ROUTER_REFIT_GROWTH": "0",
         "ROUTER_STORE_REFRESH_SECONDS": "1",
     }
 

@@ -58,6 +58,7 @@ def environment(bootstrap: str, database_url: str) -> dict[str, str]:
         "ROUTER_WINDOW_SECONDS": "1",
         "ROUTER_STORE_REFRESH_SECONDS": "1",
         "ROUTER_REFIT_SECONDS": "3600",
+        "ROUTER_REFIT_GROWTH": "0",
         "KAFKA_PARTITIONS": "2",
         "REPLAY_LATENCY_MS": "10",
     }

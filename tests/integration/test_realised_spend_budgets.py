@@ -101,6 +101,7 @@ def run(
         "ROUTER_WINDOW_SECONDS": "1",
         "ROUTER_STORE_REFRESH_SECONDS": "1",
         "ROUTER_REFIT_SECONDS": "3600",
+        "ROUTER_REFIT_GROWTH": "0",
         "REPLAY_DATA_PATH": str(replay),
         "REPLAY_LATENCY_MS": "10",
     }

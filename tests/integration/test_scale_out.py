@@ -55,6 +55,7 @@ def router_env(bootstrap: str, database_url: str) -> dict[str, str]:
         "ROUTER_WINDOW_SECONDS": "1",
         "ROUTER_PREDICT_BATCH": "16",
         "ROUTER_REFIT_SECONDS": "3600",
+        "ROUTER_REFIT_GROWTH": "0",
         "METRICS_PORT": "0",
     }
 

@@ -13,7 +13,7 @@ from schemas import QueryEvent
 from workers.config import PoolPolicy, Settings
 from workers.routing.cascade import CascadePolicy
 from workers.routing.cascade_window import FittedCascade
-from workers.routing.predictor import MIN_REFIT_QUERIES
+from workers.routing.predictor import MIN_REFIT_QUERIES, REFIT_LEAST_NEW_OUTCOMES, refit_due
 from workers.stream.router_state import RouterState
 
 
@@ -110,3 +110,36 @@ async def test_the_refit_waits_for_enough_stored_queries_then_swaps_in_fitted_he
     assert state.predictor.heads.fitted
     quality = state.predictor.heads.predict(np.array([[1.0, 0.0], [-1.0, 0.0]], np.float32))
     assert quality[0, 0] > 0.8 > 0.2 > quality[1, 0]  # model a: good where x > 0
+
+
+def test_a_refit_is_due_once_the_store_grew_by_the_configured_share() -> None:
+    least = REFIT_LEAST_NEW_OUTCOMES
+    assert not refit_due(least, 0, 0.25) and refit_due(least + 1, 0, 0.25)
+    assert not refit_due(1250, 1000, 0.25) and refit_due(1251, 1000, 0.25)
+    assert not refit_due(110 + least, 110, 0.25)  # a quarter more, but few new
+    assert not refit_due(10_000, 100, 0.0)  # 0: on the timer alone
+
+
+async def test_the_router_refits_when_its_store_grew_not_before() -> None:
+    """ROUTER_REFIT_GROWTH: the refresh after which the store holds a quarter more
+    scored outcomes than the heads were fitted on refits them, whatever the timer."""
+    state = RouterState(Settings(router_models=["a", "b"], router_refit_growth=0.25), OneAxis(), "")
+    store = state.predictor.store
+    rng = np.random.default_rng(1)
+
+    def store_queries(first: int, count: int) -> None:
+        angles = rng.uniform(0, 2 * np.pi, count)
+        vectors = np.column_stack([np.cos(angles), np.sin(angles)]).astype(np.float32)
+        scores = np.column_stack([vectors[:, 0] > 0, rng.random(count) > 0.5]).astype(float)
+        ids = [f"q{i}" for i in range(first, first + count)]
+        store.add_table(ids, vectors, scores, np.full((count, 2), 0.01))
+
+    store_queries(0, 500)  # 1,000 scored outcomes
+    assert await state.refit_if_grown()
+    assert state.predictor.fitted_outcomes == 1000
+    store_queries(500, 125)  # 1,250: not more than a quarter more
+    assert not await state.refit_if_grown()
+    assert state.predictor.fitted_outcomes == 1000
+    store_queries(625, 1)  # 1,252
+    assert await state.refit_if_grown()
+    assert state.predictor.fitted_outcomes == 1252

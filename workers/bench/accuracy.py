@@ -72,6 +72,7 @@ def run(
                 "ROUTER_BUDGET_PER_QUERY_USD": repr(budget),
                 "ROUTER_WINDOW_SECONDS": str(window_seconds),
                 "ROUTER_REFIT_SECONDS": "3600",
+                "ROUTER_REFIT_GROWTH": "0",
                 "REPLAY_DATA_PATH": str(data_path),
             }
         )

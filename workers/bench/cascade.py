@@ -94,6 +94,7 @@ def run(
                 "ROUTER_POOLS": json.dumps(pools),
                 "ROUTER_WINDOW_SECONDS": str(window_seconds),
                 "ROUTER_REFIT_SECONDS": "3600",
+                "ROUTER_REFIT_GROWTH": "0",
                 "REPLAY_LATENCY_MS": str(model_latency_ms),
                 "CASCADE_MIN_OUTCOMES": str(SEEDED_PROMPTS // 2),
                 "EMBEDDER_CACHE_DIR": str(Path(settings.embedder_cache_dir).resolve()),

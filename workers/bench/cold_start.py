@@ -51,10 +51,10 @@ from workers.stream.replay import produce_queries, query_events
 from workers.stream.topics import create_topics
 
 TIE_TOLERANCE = Settings.model_fields["router_tie_tolerance"].default
-# The stream's pace: queries per second, window length and refit period (seconds).
+# The stream's pace: queries per second and window length (seconds). The router
+# refits as a user's would: ROUTER_REFIT_SECONDS and ROUTER_REFIT_GROWTH's defaults.
 RATE_PER_SECOND = 10.0
 WINDOW_SECONDS = 2.0
-REFIT_SECONDS = 30
 BUDGET_SHARE_OF_DEAREST = 0.35
 
 
@@ -144,7 +144,6 @@ def run(
                 "ROUTER_MODEL_PRICES": _prices_json(prices),
                 "ROUTER_WINDOW_SECONDS": str(window_seconds),
                 "ROUTER_STORE_REFRESH_SECONDS": "1",
-                "ROUTER_REFIT_SECONDS": str(REFIT_SECONDS),
                 "REPLAY_DATA_PATH": str(data_path),
                 "REPLAY_SCORES": "false",
                 "JUDGE_SAMPLE_SHARE": repr(judge_share),

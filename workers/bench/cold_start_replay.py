@@ -14,7 +14,8 @@ judge's flipped labels.
 Left out: Kafka, PostgreSQL and the clock. Windows hold the queries of
 WINDOW_SECONDS at the live bench's rate; a window's outcomes reach the store
 once the next window is routed (the stream: model latency, the judge, the
-store refresh); the predictor refits every REFIT_SECONDS of traffic. Nor is
+store refresh); the predictor refits every ROUTER_REFIT_SECONDS of traffic at
+the live bench's rate and as the store grows (ROUTER_REFIT_GROWTH). Nor is
 there a realised-spend correction: answers cost what the file records and
 windows keep their budget on predicted cost. The warm-started reference is
 the live bench's (`cold_start.warm_reference`).
@@ -38,7 +39,7 @@ from workers.bench import cold_start
 from workers.config import Settings
 from workers.routing.dataset import OutcomeTable
 from workers.routing.embedder import Embedder
-from workers.routing.predictor import HybridPredictor, refit_on
+from workers.routing.predictor import HybridPredictor, refit_due, refit_on
 from workers.routing.prices import fitted_prices
 from workers.routing.store import OutcomeRecord
 from workers.routing.windows import WindowBounds
@@ -124,13 +125,14 @@ def replay(
     )
     loop = ReplayLoop(settings, live, embedder, judge_share, judge_flip)
     window_size = round(cold_start.RATE_PER_SECOND * cold_start.WINDOW_SECONDS)
-    refit_every = round(cold_start.RATE_PER_SECOND * cold_start.REFIT_SECONDS)
+    refit_every = round(cold_start.RATE_PER_SECOND * settings.router_refit_seconds)
     since_refit = 0
     for start in range(0, len(live), window_size):
         window = list(range(start, min(start + window_size, len(live))))
         loop.route(window)
         since_refit += len(window)
-        if since_refit >= refit_every:
+        # The router's two refits: its timer, and the store's growth at a refresh.
+        if since_refit >= refit_every or loop.refit_is_due():
             loop.refit()
             since_refit = 0
     warm = cold_start.warm_reference(shuffled, live, embedder, budget, window_size)
@@ -225,6 +227,12 @@ class ReplayLoop:
         fitted = refit_on(snapshot, predictor.knn)
         if fitted is not None:
             predictor.use(fitted)
+
+    def refit_is_due(self) -> bool:
+        """The router's refit on the store's growth (RouterState.refit_if_grown)."""
+        store, settings = self.predictor.store, self.settings
+        scored = store.scored_outcomes(settings.router_refit_max_outcomes)
+        return refit_due(scored, self.predictor.fitted_outcomes, settings.router_refit_growth)
 
     def blocks(self, warm: np.ndarray, block_size: int) -> list[ReplayBlock]:
         """Per block of queries, in production order (accuracy over recorded scores)."""

@@ -406,6 +406,7 @@ def run(
                 "DATABASE_URL": database_url,
                 "ROUTER_WINDOW_SECONDS": str(window_seconds),
                 "ROUTER_REFIT_SECONDS": "3600",
+                "ROUTER_REFIT_GROWTH": "0",
                 "ROUTER_EMBEDDER": embedder_kind,
                 "EMBEDDER_CACHE_DIR": str(cache_dir.resolve()),
             }

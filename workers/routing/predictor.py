@@ -457,6 +457,23 @@ def refit_on(
     return fit_hybrid(vectors, scores, costs, knn)
 
 
+# A refit on the store's growth waits for at least this many new scored outcomes:
+# fewer hardly move a head, and a small store's every window would refit it.
+REFIT_LEAST_NEW_OUTCOMES = 200
+
+
+def refit_due(scored: int, fitted_on: int, growth: float) -> bool:
+    """Has the store grown enough since the heads were fitted to refit now? `scored`:
+    the scored outcomes a refit's snapshot would hold now; `fitted_on`: those the
+    heads were fitted on (0: never). Once it holds `growth` more, and at least
+    REFIT_LEAST_NEW_OUTCOMES more (0: never by growth): a new store is refitted as
+    its outcomes arrive, whatever the traffic's rate (ROUTER_REFIT_SECONDS's 300 s
+    are 3,000 queries at 10 a second), a large one seldom; a store past
+    ROUTER_REFIT_MAX_OUTCOMES, whose snapshot no longer grows, on the timer alone."""
+    new = scored - fitted_on
+    return growth > 0 and new > max(fitted_on * growth, REFIT_LEAST_NEW_OUTCOMES)
+
+
 def fit_hybrid(
     vectors: NDArray[np.float32],
     scores: NDArray[np.float64],
@@ -518,6 +535,7 @@ class HybridPredictor:
         self.beliefs = Beliefs.of(store.models, model_priors, prices)
         self.blend_weight = blend_weight
         self.heads = TrainedHeads(len(store.models))
+        self.fitted_outcomes = 0  # scored outcomes the heads were fitted on
 
     @property
     def models(self) -> list[str]:
@@ -540,6 +558,7 @@ class HybridPredictor:
         """Predict with heads and a blend fitted elsewhere (`refit_on`, off the
         serving thread); the store's later outcomes reach them at the next refit."""
         self.heads, self.blend_weight = fitted.heads, fitted.blend_weight
+        self.fitted_outcomes = fitted.report.outcomes_used
 
     def predict(self, texts: Sequence[str]) -> Estimates:
         return self.predict_embedded(self.embedder.embed(texts), [len(t) for t in texts])

@@ -110,6 +110,12 @@ class RetrievalStore:
     def scores(self) -> NDArray[np.float64]:
         return self._scores[: self._size]
 
+    def scored_outcomes(self, last: int | None = None) -> int:
+        """How many outcomes of the `last` stored queries (all if None) have a
+        quality score: what a `snapshot(last)` would hold."""
+        start = 0 if last is None else max(self._size - last, 0)
+        return int(np.count_nonzero(~np.isnan(self.scores[start:])))
+
     @property
     def costs(self) -> NDArray[np.float64]:
         return self._costs[: self._size]

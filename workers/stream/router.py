@@ -198,6 +198,7 @@ def build_router_app(
         count = await state.refresh_store()
         if count:
             log.info("retrieval store: +%d outcomes, %d queries", count, len(state.predictor.store))
+            await state.refit_if_grown()
 
     @app.timer(settings.router_refit_seconds)
     async def refit() -> None:

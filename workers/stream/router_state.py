@@ -38,7 +38,13 @@ from workers.db.repository import (
 from workers.routing.cascade_fit import MAX_FIT_QUERIES, fit_pool_cascade
 from workers.routing.cascade_window import FittedCascade, pool_clusters
 from workers.routing.embedder import Embedder
-from workers.routing.predictor import Estimates, HybridPredictor, KnnSettings, refit_on
+from workers.routing.predictor import (
+    Estimates,
+    HybridPredictor,
+    KnnSettings,
+    refit_due,
+    refit_on,
+)
 from workers.routing.spend import SpendTracker
 from workers.routing.store import OutcomeRecord, RetrievalStore, reembedded
 
@@ -127,6 +133,7 @@ class RouterState:
         self.background = worker_thread("router-io")
         # Cascade fits take seconds to minutes: never in the way of store refreshes.
         self.cascade_thread = worker_thread("cascade-fit")
+        self._refitting = asyncio.Lock()
 
     async def on_predictor_thread(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(
@@ -179,21 +186,37 @@ class RouterState:
             return 0
 
     async def refit(self) -> None:
-        """Refit heads and blend on a snapshot of the store, off the serving thread."""
-        predictor = self.predictor
-        snapshot = await self.on_predictor_thread(
-            predictor.store.snapshot, self.settings.router_refit_max_outcomes
-        )
-        loop = asyncio.get_running_loop()
-        fitted = await loop.run_in_executor(self.background, refit_on, snapshot, predictor.knn)
-        if fitted is None:
+        """Refit heads and blend on a snapshot of the store, off the serving thread
+        (one refit at a time: the timer's and the store's growth may coincide)."""
+        if self._refitting.locked():
             return
-        await self.on_predictor_thread(predictor.use, fitted)
+        async with self._refitting:
+            predictor = self.predictor
+            snapshot = await self.on_predictor_thread(
+                predictor.store.snapshot, self.settings.router_refit_max_outcomes
+            )
+            loop = asyncio.get_running_loop()
+            fitted = await loop.run_in_executor(self.background, refit_on, snapshot, predictor.knn)
+            if fitted is None:
+                return
+            await self.on_predictor_thread(predictor.use, fitted)
         log.info(
             "refit on %d outcomes, blend weight %.2f",
             fitted.report.outcomes_used,
             fitted.blend_weight,
         )
+
+    async def refit_if_grown(self) -> bool:
+        """Refit now if the store grew by ROUTER_REFIT_GROWTH since the last fit
+        (`refit_due`); the router checks after each store refresh."""
+        settings, predictor = self.settings, self.predictor
+        scored = await self.on_predictor_thread(
+            predictor.store.scored_outcomes, settings.router_refit_max_outcomes
+        )
+        if not refit_due(scored, predictor.fitted_outcomes, settings.router_refit_growth):
+            return False
+        await self.refit()
+        return True
 
     def _fit_cascade(self, pool: str) -> FittedCascade | None:
         """Fit the pool's cascade from the stored answers (None: too few yet)."""
