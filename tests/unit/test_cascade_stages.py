@@ -582,10 +582,10 @@ def test_a_quality_window_asks_its_probed_queries_for_what_its_direct_answers_le
     target out of reach asks for the most there is)."""
     limit = FirstStageLimit("quality", 0.8)
     escalations = limit.for_escalations(0.0, direct_quality, 60, 10)
-    assert escalations.quality_needed == pytest.approx(needed)
-    assert escalations.reserve_usd is None
+    assert escalations.quality_target == pytest.approx(needed)
+    assert escalations.budget_usd is None
     budget = FirstStageLimit("budget", 100.0).for_escalations(70.0, direct_quality, 60, 10)
-    assert (budget.reserve_usd, budget.quality_needed) == (pytest.approx(30.0), None)
+    assert (budget.budget_usd, budget.quality_target) == (pytest.approx(30.0), None)
 
 
 def test_a_query_no_probe_answered_counts_its_forced_answer_towards_the_need(

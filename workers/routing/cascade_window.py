@@ -14,7 +14,7 @@ mode: what the window's budget leaves once direct answers and probes are paid
 windows: the report's escalation_reserve_usd. Quality mode: the window is
 solved for least cost at the pool's target, and each probe carries the mean
 quality its escalations must reach for the window to meet it
-(`FirstStageLimit.left_for_escalations`, ProbedQuery.quality_needed).
+(`FirstStageLimit.for_escalations`, ProbedQuery.quality_needed).
 
 Escalation stage (`plan_escalation_window`): once a probed query's answers are
 in, the answer scorer's posterior says how likely the best probe answer is
@@ -94,13 +94,27 @@ def matrices(
 
 
 @dataclass(frozen=True)
-class EscalationLimit:
-    """What an escalation window may use: the pool's reserve, USD, what its first
-    stages kept back and escalations have not spent yet (budget mode); or the mean
-    quality its queries need (quality mode: `escalation_quality_needed`)."""
+class WindowLimit:
+    """A cascade window's one limit: a budget, USD (budget mode), or a mean quality
+    per query (quality mode); read as the window report's two fields."""
 
     mode: Mode
     value: float
+
+    @property
+    def budget_usd(self) -> float | None:
+        return self.value if self.mode == "budget" else None
+
+    @property
+    def quality_target(self) -> float | None:
+        return self.value if self.mode == "quality" else None
+
+
+@dataclass(frozen=True)
+class EscalationLimit(WindowLimit):
+    """What an escalation window may use: the pool's reserve, USD, what its first
+    stages kept back and escalations have not spent yet (budget mode); or the mean
+    quality its queries need (quality mode: `escalation_quality_needed`)."""
 
     @classmethod
     def reserve(cls, usd: float) -> EscalationLimit:
@@ -109,14 +123,6 @@ class EscalationLimit:
     @classmethod
     def needed(cls, quality: float) -> EscalationLimit:
         return cls("quality", min(max(quality, 0.0), 1.0))
-
-    @property
-    def reserve_usd(self) -> float | None:
-        return self.value if self.mode == "budget" else None
-
-    @property
-    def quality_needed(self) -> float | None:
-        return self.value if self.mode == "quality" else None
 
     def for_the_rest(self, forced_quality: NDArray[np.float64], queries: int) -> EscalationLimit:
         """Quality mode: the mean the window's other queries must reach once those
@@ -201,7 +207,7 @@ def route_cascade_window(
             cascade.panel,
             int(clusters[row]),
             cascade.fit_id,
-            quality_needed=escalations.quality_needed,
+            quality_needed=escalations.quality_target,
         )
         for j in panel:
             probe = _assignment(
@@ -228,20 +234,18 @@ def route_cascade_window(
         assignments_per_model=counts_per_model(pool_models, np.asarray(chosen, dtype=np.int64)),
         probe_queries=len(probe_rows),
         probe_spend_usd=probe_usd,
-        escalation_reserve_usd=escalations.reserve_usd or 0.0,
+        escalation_reserve_usd=escalations.budget_usd or 0.0,
         spend_correction_usd=limit.spend_correction_usd,
     )
     return assignments, report
 
 
 @dataclass(frozen=True)
-class FirstStageLimit:
+class FirstStageLimit(WindowLimit):
     """A first-stage window's limit: its budget (budget mode; less what the pool
     repays of its realised overspend, the ledger's, in `bounds`) or the pool's
     quality target, a mean per query (quality mode)."""
 
-    mode: Mode
-    value: float
     spend_correction_usd: float = 0.0
 
     @classmethod
@@ -252,14 +256,6 @@ class FirstStageLimit:
         nominal = nominal_budget_usd(policy, bounds, queries) or 0.0
         return cls("budget", budget, nominal - budget)
 
-    @property
-    def budget_usd(self) -> float | None:
-        return self.value if self.mode == "budget" else None
-
-    @property
-    def quality_target(self) -> float | None:
-        return self.value if self.mode == "quality" else None
-
     def for_escalations(
         self, spent_usd: float, direct_quality: float, queries: int, probed: int
     ) -> EscalationLimit:
@@ -268,14 +264,12 @@ class FirstStageLimit:
         probes left of the budget, for the pool's reserve; quality mode asks for
         the mean quality that meets the target with the direct answers' (within
         [0, 1]: a target the plan could not reach asks for the most there is)."""
-        if not probed and self.mode == "budget":
-            return EscalationLimit.reserve(0.0)
+        if not probed:
+            return EscalationLimit(self.mode, 0.0)
         left = escalation_limit(self.mode, self.value, spent_usd, direct_quality, queries, probed)
-        return (
-            EscalationLimit(self.mode, left)
-            if self.mode == "budget"
-            else EscalationLimit.needed(left)
-        )
+        if self.mode == "budget":
+            return EscalationLimit.reserve(left)
+        return EscalationLimit.needed(left)
 
 
 def _assignment(
@@ -496,8 +490,8 @@ def escalation_report(
         window_end=bounds.end,
         query_count=len(decisions),
         mode=mode if limit is None else limit.mode,
-        window_budget_usd=None if limit is None else limit.reserve_usd,
-        quality_target=None if limit is None else limit.quality_needed,
+        window_budget_usd=None if limit is None else limit.budget_usd,
+        quality_target=None if limit is None else limit.quality_target,
         predicted_spend_usd=spend,
         predicted_mean_quality=float(np.mean(chosen_quality)) if len(chosen_quality) else 0.0,
         solver=solver,
