@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from types import SimpleNamespace
 from typing import cast
 
@@ -14,6 +15,7 @@ from workers.config import PoolPolicy, Settings
 from workers.routing.cascade import CascadePolicy
 from workers.routing.cascade_window import FittedCascade
 from workers.routing.predictor import MIN_REFIT_QUERIES, REFIT_LEAST_NEW_OUTCOMES, refit_due
+from workers.routing.store import RetrievalStore
 from workers.stream.router_state import RouterState
 
 
@@ -87,19 +89,21 @@ async def test_a_cascade_fit_that_fails_keeps_the_pool_s_current_policy() -> Non
     assert state.cascades["c"] is current
 
 
+def stored_queries(store: RetrievalStore, rng: np.random.Generator, first: int, count: int) -> None:
+    """`count` queries on the unit circle, ids from q`first`: model a is right where
+    x > 0, model b at random; both scored (two outcomes a query)."""
+    angles = rng.uniform(0, 2 * np.pi, count)
+    vectors = np.column_stack([np.cos(angles), np.sin(angles)]).astype(np.float32)
+    scores = np.column_stack([vectors[:, 0] > 0, rng.random(count) > 0.5]).astype(float)
+    ids = [f"q{i}" for i in range(first, first + count)]
+    store.add_table(ids, vectors, scores, np.full((count, 2), 0.01))
+
+
 async def test_the_refit_waits_for_enough_stored_queries_then_swaps_in_fitted_heads() -> None:
     """Below MIN_REFIT_QUERIES the predictor keeps its unfitted heads (retrieval
     alone); from there a refit, run off the serving thread, is what it predicts with."""
     state = RouterState(Settings(router_models=["a", "b"]), OneAxis(), "")
-    store = state.predictor.store
-    rng = np.random.default_rng(0)
-
-    def store_queries(first: int, count: int) -> None:
-        angles = rng.uniform(0, 2 * np.pi, count)
-        vectors = np.column_stack([np.cos(angles), np.sin(angles)]).astype(np.float32)
-        scores = np.column_stack([vectors[:, 0] > 0, rng.random(count) > 0.5]).astype(float)
-        ids = [f"q{i}" for i in range(first, first + count)]
-        store.add_table(ids, vectors, scores, np.full((count, 2), 0.01))
+    store_queries = partial(stored_queries, state.predictor.store, np.random.default_rng(0))
 
     store_queries(0, MIN_REFIT_QUERIES - 1)
     await state.refit()
@@ -124,15 +128,7 @@ async def test_the_router_refits_when_its_store_grew_not_before() -> None:
     """ROUTER_REFIT_GROWTH: the refresh after which the store holds a quarter more
     scored outcomes than the heads were fitted on refits them, whatever the timer."""
     state = RouterState(Settings(router_models=["a", "b"], router_refit_growth=0.25), OneAxis(), "")
-    store = state.predictor.store
-    rng = np.random.default_rng(1)
-
-    def store_queries(first: int, count: int) -> None:
-        angles = rng.uniform(0, 2 * np.pi, count)
-        vectors = np.column_stack([np.cos(angles), np.sin(angles)]).astype(np.float32)
-        scores = np.column_stack([vectors[:, 0] > 0, rng.random(count) > 0.5]).astype(float)
-        ids = [f"q{i}" for i in range(first, first + count)]
-        store.add_table(ids, vectors, scores, np.full((count, 2), 0.01))
+    store_queries = partial(stored_queries, state.predictor.store, np.random.default_rng(1))
 
     store_queries(0, 500)  # 1,000 scored outcomes
     assert await state.refit_if_grown()

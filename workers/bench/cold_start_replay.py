@@ -39,7 +39,7 @@ from workers.bench import cold_start
 from workers.config import Settings
 from workers.routing.dataset import OutcomeTable
 from workers.routing.embedder import Embedder
-from workers.routing.predictor import HybridPredictor, refit_due, refit_on
+from workers.routing.predictor import HybridPredictor, refit_on
 from workers.routing.prices import fitted_prices
 from workers.routing.store import OutcomeRecord
 from workers.routing.windows import WindowBounds
@@ -230,9 +230,10 @@ class ReplayLoop:
 
     def refit_is_due(self) -> bool:
         """The router's refit on the store's growth (RouterState.refit_if_grown)."""
-        store, settings = self.predictor.store, self.settings
-        scored = store.scored_outcomes(settings.router_refit_max_outcomes)
-        return refit_due(scored, self.predictor.fitted_outcomes, settings.router_refit_growth)
+        settings = self.settings
+        return self.predictor.grown_since_fit(
+            settings.router_refit_growth, settings.router_refit_max_outcomes
+        )
 
     def blocks(self, warm: np.ndarray, block_size: int) -> list[ReplayBlock]:
         """Per block of queries, in production order (accuracy over recorded scores)."""

@@ -554,6 +554,11 @@ class HybridPredictor:
         self.use(fitted)
         return fitted.report
 
+    def grown_since_fit(self, growth: float, last: int) -> bool:
+        """`refit_due` for this predictor: the scored outcomes a refit's snapshot of
+        the `last` stored queries would hold, against those its heads were fitted on."""
+        return refit_due(self.store.scored_outcomes(last), self.fitted_outcomes, growth)
+
     def use(self, fitted: HybridFit) -> None:
         """Predict with heads and a blend fitted elsewhere (`refit_on`, off the
         serving thread); the store's later outcomes reach them at the next refit."""

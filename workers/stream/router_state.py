@@ -42,7 +42,6 @@ from workers.routing.predictor import (
     Estimates,
     HybridPredictor,
     KnnSettings,
-    refit_due,
     refit_on,
 )
 from workers.routing.spend import SpendTracker
@@ -209,11 +208,13 @@ class RouterState:
     async def refit_if_grown(self) -> bool:
         """Refit now if the store grew by ROUTER_REFIT_GROWTH since the last fit
         (`refit_due`); the router checks after each store refresh."""
-        settings, predictor = self.settings, self.predictor
-        scored = await self.on_predictor_thread(
-            predictor.store.scored_outcomes, settings.router_refit_max_outcomes
+        settings = self.settings
+        due = await self.on_predictor_thread(
+            self.predictor.grown_since_fit,
+            settings.router_refit_growth,
+            settings.router_refit_max_outcomes,
         )
-        if not refit_due(scored, predictor.fitted_outcomes, settings.router_refit_growth):
+        if not due:
             return False
         await self.refit()
         return True
