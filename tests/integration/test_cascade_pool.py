@@ -12,6 +12,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -108,13 +109,50 @@ def test_every_query_of_a_cascade_pool_has_exactly_one_final_answer(
     request: pytest.FixtureRequest,
 ) -> None:
     prompts = seeded(broker, postgres_url, router_embedder)
-    names = Settings(kafka_partitions=2).topic_names()
     transactions = request.node.callspec.params["broker"] == "transactions"
     # With transactions required, a router on a broker without them would not start.
     env = {
         **environment(broker, postgres_url),
         "KAFKA_TRANSACTIONS": "on" if transactions else "off",
     }
+    pool = run_cascade_pool(broker, env, prompts, tmp_path)
+    final, roles, reports = pool.final, pool.roles, pool.reports
+    print("responses by role:", dict(roles))
+    escalation_windows = [w for w in reports if ":escalation:" in w.window_id]
+    print(
+        f"windows: {len(reports) - len(escalation_windows)} first-stage, "
+        f"{len(escalation_windows)} escalation; probed {sum(w.probe_queries for w in reports)}"
+        f", escalated {sum(w.escalation_queries for w in reports)}"
+    )
+    assert final == Counter({q.query_id: 1 for q in pool.queries})
+    assert sum(w.probe_queries for w in reports) > 0, "no query was probed"
+    assert roles["probe"] == 2 * sum(w.probe_queries for w in reports)
+    # The escalations spend no more than the first stages kept back for them.
+    kept = sum(w.escalation_reserve_usd for w in reports)
+    spent = sum(w.escalation_spend_usd for w in reports)
+    assert spent <= kept + 1e-9, (spent, kept)
+
+
+@dataclass(frozen=True)
+class PoolRun:
+    """What a cascade pool did with the run's queries: each query's final answers,
+    every response's role (`finals`), and every window report on the broker."""
+
+    run: str  # the prefix of the run's query ids
+    queries: list[QueryEvent]
+    final: Counter[str]
+    roles: Counter[str]
+    reports: list[WindowReport]
+
+
+def run_cascade_pool(
+    bootstrap: str, env: dict[str, str], prompts: list[str], tmp_path: Path
+) -> PoolRun:
+    """Router, outcome writer and replay models as processes; the prompts produced at
+    30/s to the pool "cascade"; read once every query has a final answer and the
+    router has read every probe answer and probed query. The workers must still be
+    alive then; they are stopped (SIGTERM) on the way out."""
+    names = Settings(kafka_partitions=2).topic_names()
     run = f"c{time.monotonic_ns() % 10**8}"
     queries = [
         QueryEvent(query_id=f"{run}-{i}", text=text, pool="cascade")
@@ -125,37 +163,27 @@ def test_every_query_of_a_cascade_pool_has_exactly_one_final_answer(
         for command in ("router", "outcomes", "model-worker replay")
     ]
     try:
-        produce_in_background(broker, names["queries"], queries, 30.0).join()
+        produce_in_background(bootstrap, names["queries"], queries, 30.0).join()
         wait_until(
-            lambda: len(finals(broker, names["responses"], run)[0]) == QUERIES,
+            lambda: (
+                sum(n > 0 for n in finals(bootstrap, names["responses"], run)[0].values())
+                == QUERIES
+            ),
             STARTED_AND_ROUTED_SECONDS,
             "a final answer for every query",
         )
         wait_until(
-            lambda: caught_up(broker, ROUTER_APP_ID, [names["probed"], names["responses"]]),
+            lambda: caught_up(bootstrap, ROUTER_APP_ID, [names["probed"], names["responses"]]),
             30,
             "the router to read every probe answer and probed query",
         )
-        final, roles = finals(broker, names["responses"], run)
+        final, roles = finals(bootstrap, names["responses"], run)
         reports = [
             WindowReport.model_validate_json(r.value or b"")
-            for r in asyncio.run(read_records(broker, [names["windows"]]))
+            for r in asyncio.run(read_records(bootstrap, [names["windows"]]))
         ]
-        print("responses by role:", dict(roles))
-        escalation_windows = [w for w in reports if ":escalation:" in w.window_id]
-        print(
-            f"windows: {len(reports) - len(escalation_windows)} first-stage, "
-            f"{len(escalation_windows)} escalation; probed {sum(w.probe_queries for w in reports)}"
-            f", escalated {sum(w.escalation_queries for w in reports)}"
-        )
         assert all(p.poll() is None for p in processes), "a worker died"
-        assert final == Counter({q.query_id: 1 for q in queries})
-        assert sum(w.probe_queries for w in reports) > 0, "no query was probed"
-        assert roles["probe"] == 2 * sum(w.probe_queries for w in reports)
-        # The escalations spend no more than the first stages kept back for them.
-        kept = sum(w.escalation_reserve_usd for w in reports)
-        spent = sum(w.escalation_spend_usd for w in reports)
-        assert spent <= kept + 1e-9, (spent, kept)
+        return PoolRun(run, queries, final, roles, reports)
     finally:
         for process in processes:
             if process.poll() is None:
@@ -176,46 +204,13 @@ def test_a_quality_mode_cascade_pool_meets_its_target_on_predictions(
     with LocalBroker() as local:
         bootstrap = local.bootstrap_servers
         prompts = seeded(bootstrap, postgres_url, router_embedder)
-        names = Settings(kafka_partitions=2).topic_names()
         env = {**environment(bootstrap, postgres_url, pools), "KAFKA_TRANSACTIONS": "off"}
-        run = f"q{time.monotonic_ns() % 10**8}"
-        queries = [
-            QueryEvent(query_id=f"{run}-{i}", text=text, pool="cascade")
-            for i, text in enumerate(prompts)
+        pool = run_cascade_pool(bootstrap, env, prompts, tmp_path)
+        probed = [
+            ProbedQuery.model_validate_json(r.value or b"")
+            for r in asyncio.run(read_records(bootstrap, [Settings().topic_names()["probed"]]))
         ]
-        processes = [
-            start_worker(command, env, tmp_path / f"{command.split()[0]}.log")
-            for command in ("router", "outcomes", "model-worker replay")
-        ]
-        try:
-            produce_in_background(bootstrap, names["queries"], queries, 30.0).join()
-            wait_until(
-                lambda: (
-                    sum(n > 0 for n in finals(bootstrap, names["responses"], run)[0].values())
-                    == QUERIES
-                ),
-                STARTED_AND_ROUTED_SECONDS,
-                "a final answer for every query",
-            )
-            wait_until(
-                lambda: caught_up(bootstrap, ROUTER_APP_ID, [names["probed"], names["responses"]]),
-                30,
-                "the router to read every probe answer and probed query",
-            )
-            final, roles = finals(bootstrap, names["responses"], run)
-            reports = [
-                WindowReport.model_validate_json(r.value or b"")
-                for r in asyncio.run(read_records(bootstrap, [names["windows"]]))
-            ]
-            probed = [
-                ProbedQuery.model_validate_json(r.value or b"")
-                for r in asyncio.run(read_records(bootstrap, [names["probed"]]))
-            ]
-        finally:
-            for process in processes:
-                process.send_signal(signal.SIGTERM)
-            for process in processes:
-                process.wait(timeout=30)
+    final, roles, reports, queries = pool.final, pool.roles, pool.reports, pool.queries
     print("responses by role:", dict(roles))
     assert final == Counter({q.query_id: 1 for q in queries})
     first = [w for w in reports if ":escalation:" not in w.window_id]
@@ -231,7 +226,7 @@ def test_a_quality_mode_cascade_pool_meets_its_target_on_predictions(
     assert sum(w.probe_queries for w in first) > 0, "no query was probed"
     assert all(w.mode == "quality" and w.quality_target == target for w in first)
     assert all(w.predicted_mean_quality >= target - 1e-9 for w in first)
-    needs = [p.quality_needed for p in probed if p.predicted.query.query_id.startswith(run)]
+    needs = [p.quality_needed for p in probed if p.predicted.query.query_id.startswith(pool.run)]
     assert needs and all(need is not None for need in needs)
     assert escalation and all(w.mode == "quality" for w in escalation)
     assert all(w.predicted_mean_quality >= (w.quality_target or 0.0) - 1e-9 for w in escalation)
