@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -80,13 +81,15 @@ def environment(
 
 
 def finals(bootstrap: str, topic: str, prefix: str) -> tuple[Counter[str], Counter[str]]:
-    """Per query, its final answers; and every response's role, over the run's queries."""
+    """Per query, its final answers; and every response's role ("exploration answer"
+    where it answered an exploration), over the run's queries."""
     final: Counter[str] = Counter()
     roles: Counter[str] = Counter()
     for record in asyncio.run(read_records(bootstrap, [topic])):
         response = ModelResponse.model_validate_json(record.value or b"")
         if response.query_id.startswith(prefix):
-            roles[f"{response.role}{' (final)' if response.final else ''}"] += 1
+            explored = "exploration " if response.exploration else ""
+            roles[f"{explored}{response.role}{' (final)' if response.final else ''}"] += 1
             final[response.query_id] += response.final
     return final, roles
 
@@ -114,6 +117,7 @@ def test_every_query_of_a_cascade_pool_has_exactly_one_final_answer(
     env = {
         **environment(broker, postgres_url),
         "KAFKA_TRANSACTIONS": "on" if transactions else "off",
+        "ROUTER_EXPLORATION_SHARE": "0.2",
     }
     pool = run_cascade_pool(broker, env, prompts, tmp_path)
     final, roles, reports = pool.final, pool.roles, pool.reports
@@ -131,12 +135,21 @@ def test_every_query_of_a_cascade_pool_has_exactly_one_final_answer(
     kept = sum(w.escalation_reserve_usd for w in reports)
     spent = sum(w.escalation_spend_usd for w in reports)
     assert spent <= kept + 1e-9, (spent, kept)
+    # Exploration answers directly, marked so, and is paid within each first-stage
+    # window's budget with its direct answers and probes, before the reserve.
+    first = [w for w in reports if ":escalation:" not in w.window_id]
+    explored = sum(w.exploration_queries for w in first)
+    assert explored > 0 and roles["exploration answer (final)"] == explored
+    for w in first:
+        assert w.exploration_spend_usd <= w.predicted_spend_usd
+        assert w.predicted_spend_usd + w.escalation_reserve_usd <= (w.window_budget_usd or 0) + 1e-9
 
 
 @dataclass(frozen=True)
 class PoolRun:
     """What a cascade pool did with the run's queries: each query's final answers,
-    every response's role (`finals`), and every window report on the broker."""
+    every response's role (`finals`; an exploration's marked so), and the run's
+    window reports."""
 
     run: str  # the prefix of the run's query ids
     queries: list[QueryEvent]
@@ -154,6 +167,7 @@ def run_cascade_pool(
     alive then; they are stopped (SIGTERM) on the way out."""
     names = Settings(kafka_partitions=2).topic_names()
     run = f"c{time.monotonic_ns() % 10**8}"
+    started = datetime.now(UTC)
     queries = [
         QueryEvent(query_id=f"{run}-{i}", text=text, pool="cascade")
         for i, text in enumerate(prompts)
@@ -178,10 +192,10 @@ def run_cascade_pool(
             "the router to read every probe answer and probed query",
         )
         final, roles = finals(bootstrap, names["responses"], run)
-        reports = [
-            WindowReport.model_validate_json(r.value or b"")
-            for r in asyncio.run(read_records(bootstrap, [names["windows"]]))
-        ]
+        windows = asyncio.run(read_records(bootstrap, [names["windows"]]))
+        reports = [WindowReport.model_validate_json(r.value or b"") for r in windows]
+        # The run's windows: an earlier run's on the same broker ended before it began.
+        reports = [w for w in reports if w.window_end >= started]
         assert all(p.poll() is None for p in processes), "a worker died"
         return PoolRun(run, queries, final, roles, reports)
     finally:

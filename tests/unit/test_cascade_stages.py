@@ -9,6 +9,7 @@ neither stage embeds it again."""
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -27,6 +28,7 @@ from schemas import (
     ProbedQuery,
     QueryEvent,
     QueryHints,
+    WindowReport,
 )
 from tests.unit.test_cascade import COSTS, recorded, unit_vectors
 from workers.config import PoolPolicy, Settings
@@ -160,6 +162,76 @@ def test_a_first_stage_repays_the_pools_overspend_and_keeps_its_reserve_within(
     assert first.window_budget_usd == pytest.approx(per_query * n - 50.0)
     kept = first.predicted_spend_usd + first.escalation_reserve_usd
     assert kept <= per_query * n - 50.0 + 1e-9
+
+
+def explored_window(
+    cascade: FittedCascade, pool: PoolPolicy, share: float, carried_usd: float = 0.0
+) -> tuple[list[Assignment], WindowReport]:
+    """A first-stage window of 60 queries the router knows nothing about (support 0)."""
+    return route_cascade_window(
+        "c", pool, cascade, predicted(60), MODELS, clusters_of(cascade, 60, 2), BOUNDS,
+        exploration_share=share, exploration_carried_usd=carried_usd,
+    )  # fmt: skip
+
+
+def test_a_cascade_window_explores_direct_answers_within_its_budget(
+    cascade: FittedCascade,
+) -> None:
+    """Exploration answers a share of the window directly with models the router knows
+    least, marked so, never a probe; its spend is the allowance's (what is left is
+    carried to the next window) and counts, with direct answers and probes, against
+    the budget that leaves the escalation reserve (before: a cascade pool never
+    explored)."""
+    budget, share = 6.0 * 60, 0.1
+    assignments, report = explored_window(cascade, policy(6.0), share)
+    explored = [a for a in assignments if a.exploration]
+    assert report.exploration_queries == len(explored) > 0
+    assert {a.role for a in explored} == {"answer"}
+    assert report.exploration_per_model == dict(Counter(a.model for a in explored))
+    assert report.exploration_spend_usd == pytest.approx(
+        sum(a.predicted_cost_usd for a in explored)
+    )
+    assert report.exploration_spend_usd <= share * budget + 1e-9
+    assert report.exploration_carried_usd == pytest.approx(
+        share * budget - report.exploration_spend_usd
+    )
+    direct = [a for a in assignments if a.role == "answer"]
+    probes = [a for a in assignments if a.role == "probe"]
+    assert len({a.query_id for a in direct}) + report.probe_queries == 60
+    assert report.probe_queries > 0
+    spent = sum(a.predicted_cost_usd for a in direct + probes)
+    assert report.predicted_spend_usd == pytest.approx(spent)
+    assert report.predicted_spend_usd + report.escalation_reserve_usd == pytest.approx(budget)
+    # The window's id seeds the draws: the same window explores the same queries.
+    again, _ = explored_window(cascade, policy(6.0), share)
+    assert [a.exploration for a in again] == [a.exploration for a in assignments]
+
+
+def test_a_cascade_window_s_unused_allowance_is_carried_and_spent_later(
+    cascade: FittedCascade,
+) -> None:
+    """An allowance too small for any model (1% of $90, below the cheapest $1) is
+    carried whole; with enough carried, a later window explores: over time the
+    allowance spent is the share, and a dear model can be tried too."""
+    _, first = explored_window(cascade, policy(1.5), 0.01)
+    assert first.exploration_queries == 0
+    assert first.exploration_carried_usd == pytest.approx(0.01 * 90)
+    _, later = explored_window(cascade, policy(1.5), 0.01, carried_usd=40.0)
+    assert later.exploration_queries == 1  # round(1% of 60 queries)
+    # What it may spend: the share and what was carried, up to the dearest query's cost.
+    assert 0 < later.exploration_spend_usd <= 20.0
+    assert later.predicted_spend_usd <= 90.0 + 1e-9
+
+
+def test_a_quality_cascade_window_explores_only_what_its_target_can_spare(
+    cascade: FittedCascade,
+) -> None:
+    """Quality mode: exploration gives up no more quality than the window can spare,
+    so the first stage's plan still meets the pool's target on predictions."""
+    assignments, report = explored_window(cascade, quality_policy(0.8), 0.1)
+    assert report.exploration_queries == sum(a.exploration for a in assignments) > 0
+    assert report.predicted_mean_quality >= 0.8 - 1e-9
+    assert report.solver_status in ("optimal", "near_optimal")
 
 
 def test_agreeing_probes_are_accepted_and_disagreeing_ones_escalated(
@@ -425,14 +497,24 @@ async def test_the_first_stage_reads_the_cluster_the_predict_stage_carried(
     queries = predicted_with_clusters(state, predicted(40))
     assert all(q.cascade_fit == cascade.fit_id for q in queries)
     with ThreadPoolExecutor(1) as solver:
+        stage = stream_stage(solver)
         routed = await CascadeRouting(cast(RouterState, state)).solve_first_stage(
-            stream_stage(solver), "c", queries, BOUNDS
+            stage, "c", queries, BOUNDS
         )
     assert state.embedded == []
     assert routed is not None and routed[1].probe_queries > 0
     embedded = cascade.policy.clusters(state.vectors([q.query.text for q in queries]))
     expected = route_cascade_window(
-        "c", policy(6.0), cascade, queries, MODELS, embedded, BOUNDS
+        "c",
+        policy(6.0),
+        cascade,
+        queries,
+        MODELS,
+        embedded,
+        BOUNDS,
+        solver=stage.settings.router_solver,
+        tie_tolerance=stage.settings.router_tie_tolerance,
+        exploration_share=stage.settings.router_exploration_share,
     )  # the old path: the window's texts embedded again
     assert routed[0] == expected[0]
     assert routed[1].model_dump(exclude={"solve_seconds"}) == expected[1].model_dump(

@@ -401,23 +401,23 @@ def solve_first_stage(
 ) -> WindowPlan:
     """The first stage's plan: per query a column, below n_models a model answering
     directly, from n_models on the probe option `column - n_models`; `limit` is the
-    window's budget (USD) or the quality target.
+    window's budget (USD) or the quality target. `allowed`: the pairs and probe
+    options each query may take, (n_queries, n_models + options)."""
+    problem = first_stage_problem(quality, cost, options, mode, limit, tie_tolerance, allowed)
+    return plan_first_stage(problem, quality.shape[1], solver, time_limit_seconds)
 
-    The direct-only window is solved too, and kept unless the plan with probe
-    options uses some and is better by its own estimates (more expected quality in
-    budget mode, less cost at the target in quality mode). Probe columns left
-    unchosen still change the solve (the tie penalty is relative to a query's
-    dearest option, the fast solver's steps to the mean cost): a cascade that
-    probes nothing must route exactly as the one-shot router does. `allowed`: the
-    pairs and probe options each query may take, (n_queries, n_models + options)."""
-    n_models = quality.shape[1]
-    direct_allowed = None if allowed is None else allowed[:, :n_models]
-    direct = solve(
-        _window(quality, cost, mode, limit, tie_tolerance, direct_allowed),
-        solver,
-        time_limit_seconds,
-    )
-    problem = _window(
+
+def first_stage_problem(
+    quality: NDArray[np.float64],
+    cost: NDArray[np.float64],
+    options: OptionMatrices,
+    mode: Mode,
+    limit: float,
+    tie_tolerance: float = 0.0,
+    allowed: NDArray[np.bool_] | None = None,
+) -> WindowProblem:
+    """The first stage's window: the models' columns, then the probe options'."""
+    return _window(
         np.hstack([quality, options.quality]),
         np.hstack([cost, options.cost]),
         mode,
@@ -425,8 +425,34 @@ def solve_first_stage(
         tie_tolerance,
         allowed,
     )
+
+
+def plan_first_stage(
+    problem: WindowProblem, n_models: int, solver: Method, time_limit_seconds: float = 2.0
+) -> WindowPlan:
+    """Plan a first-stage window (`first_stage_problem`; its first `n_models` columns
+    answer directly). The direct-only window is solved too, and kept unless the
+    plan with probe options uses some and is better by its own estimates (more
+    expected quality in budget mode, less cost at the target in quality mode).
+    Probe columns left unchosen still change the solve (the tie penalty is relative
+    to a query's dearest option, the fast solver's steps to the mean cost): a
+    cascade that probes nothing must route exactly as the one-shot router does."""
+    limit = problem.window_budget_usd if problem.mode == "budget" else problem.quality_target
+    assert limit is not None
+    direct = solve(
+        _window(
+            problem.quality[:, :n_models],
+            problem.cost[:, :n_models],
+            problem.mode,
+            limit,
+            problem.tie_tolerance,
+            problem.permitted[:, :n_models],
+        ),
+        solver,
+        time_limit_seconds,
+    )
     with_probes = solve(problem, solver, time_limit_seconds)
-    return with_probes if probes_pay(with_probes, direct, quality.shape[1], mode) else direct
+    return with_probes if probes_pay(with_probes, direct, n_models, problem.mode) else direct
 
 
 def _window(

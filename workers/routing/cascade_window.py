@@ -8,7 +8,10 @@ as cascade.price_options does. Each query's cluster under the fitted cascade
 comes from the predict stage, which had its vector (`pool_clusters`, carried
 with the fit's id on its PredictedQuery); a probe carries it on (and the fit's
 id) to the escalation stage, so the query is embedded once, for prediction, and
-not again by either stage while the fit stands (`carried_clusters`). Budget
+not again by either stage while the fit stands (`carried_clusters`). A share
+of the window is explored as a one-shot window is (workers/routing/exploration.py):
+answered directly by models the router knows least, the rest planned again
+with what that left (`plan_first_stage` as the planner). Budget
 mode: what the window's budget leaves once direct answers and probes are paid
 (cascade.escalation_limit) is kept back in the pool's ledger for the escalation
 windows: the report's escalation_reserve_usd. Quality mode: the window is
@@ -43,10 +46,12 @@ from workers.routing.cascade import (
     NEVER,
     CascadePolicy,
     escalation_limit,
+    first_stage_problem,
     plan_escalations,
+    plan_first_stage,
     price_options,
-    solve_first_stage,
 )
+from workers.routing.exploration import explore_and_solve
 from workers.routing.optimizer import Method, Mode
 from workers.routing.probes import accepted_metadata, probe_metadata
 from workers.routing.windows import (
@@ -54,7 +59,9 @@ from workers.routing.windows import (
     allowed_pairs,
     counts_per_model,
     nominal_budget_usd,
+    support_matrix,
     window_budget_usd,
+    window_rng,
 )
 
 # Quality and cost of an option a query may not take (its hints forbid a panel model).
@@ -155,31 +162,46 @@ def route_cascade_window(
     solver: Method = "fast",
     time_limit_seconds: float = 0.25,
     tie_tolerance: float = 0.0,
+    exploration_share: float = 0.0,
+    exploration_carried_usd: float = 0.0,
 ) -> tuple[list[Assignment], WindowReport]:
     """The first stage of a cascade pool's window: answer and probe assignments, and
-    the report with its probe spend and (budget mode) the reserve kept for
-    escalations. `clusters`: the queries' under the fitted cascade
-    (`cascade.policy.clusters`)."""
+    the report with its probe and exploration spend and (budget mode) the reserve
+    kept for escalations. `clusters`: the queries' under the fitted cascade
+    (`cascade.policy.clusters`). An `exploration_share` of the window is answered
+    directly by models the router knows least, as route_window explores (with
+    what the pool's previous window left of its allowance); probe options are
+    never explored, and the window is planned again around what was."""
     pool_models = cascade.models
     panel = cascade.policy.panel
+    n_models = len(pool_models)
     quality, cost, allowed = matrices(queries, models, pool_models)
     options = price_options(cascade.policy, clusters, quality, cost)
     # A query whose hints forbid a panel model may not be probed.
     may_probe: NDArray[np.bool_] = np.asarray(allowed[:, panel].all(axis=1), dtype=bool)
     option_allowed = np.repeat(may_probe[:, None], options.quality.shape[1], axis=1)
     limit = FirstStageLimit.of(policy, bounds, len(queries))
-    plan = solve_first_stage(
+    problem = first_stage_problem(
         quality,
         cost,
         options,
         policy.mode,
         limit.value,
-        solver,
         tie_tolerance,
-        time_limit_seconds,
         np.hstack([allowed, option_allowed]),
     )
-    n_models = len(pool_models)
+    support = support_matrix(queries, [list(models).index(m) for m in pool_models])
+    no_option = np.zeros(options.quality.shape, dtype=bool)
+    explored = explore_and_solve(
+        problem,
+        np.hstack([support, no_option.astype(float)]),
+        exploration_share,
+        window_rng(bounds.window_id),
+        allowed=np.hstack([allowed, no_option]),
+        carried_usd=exploration_carried_usd,
+        planner=lambda window: plan_first_stage(window, n_models, solver, time_limit_seconds),
+    )
+    plan = explored.plan
     probed = plan.assignment >= n_models
     rows = np.arange(len(queries))
     direct_rows, probe_rows = rows[~probed], rows[probed]
@@ -194,10 +216,11 @@ def route_cascade_window(
     for row, query in enumerate(queries):
         column = int(plan.assignment[row])
         if column < n_models:
+            answer = _assignment(
+                query, bounds, pool_models[column], quality[row, column], cost[row, column]
+            )
             assignments.append(
-                _assignment(
-                    query, bounds, pool_models[column], quality[row, column], cost[row, column]
-                )
+                answer.model_copy(update={"exploration": bool(explored.explored[row])})
             )
             chosen.append(column)
             continue
@@ -215,8 +238,6 @@ def route_cascade_window(
             )
             assignments.append(probe.model_copy(update={"metadata": metadata}))
             chosen.append(j)
-    # Each query's expected quality: its model's, or its probe option's.
-    expected = np.hstack([quality, options.quality])[rows, plan.assignment]
     report = WindowReport(
         window_id=bounds.window_id,
         pool=pool,
@@ -227,11 +248,16 @@ def route_cascade_window(
         window_budget_usd=limit.budget_usd,
         quality_target=limit.quality_target,
         predicted_spend_usd=direct_usd + probe_usd,
-        predicted_mean_quality=float(expected.mean()) if len(queries) else 0.0,
+        # Each query's expected quality: its model's, or its probe option's.
+        predicted_mean_quality=plan.mean_quality,
         solver=plan.solver,
         solver_status=plan.status,
         solve_seconds=plan.solve_seconds,
         assignments_per_model=counts_per_model(pool_models, np.asarray(chosen, dtype=np.int64)),
+        exploration_queries=int(explored.explored.sum()),
+        exploration_spend_usd=explored.exploration_spend_usd,
+        exploration_per_model=counts_per_model(pool_models, plan.assignment[explored.explored]),
+        exploration_carried_usd=explored.next_allowance_usd,
         probe_queries=len(probe_rows),
         probe_spend_usd=probe_usd,
         escalation_reserve_usd=escalations.budget_usd or 0.0,

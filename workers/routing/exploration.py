@@ -23,7 +23,8 @@ dearest query, so over time exploration spends `share` of the budget and no
 more, and the dearest model can be tried too. In quality mode it gives up at
 most the quality the window can spare above its target. The rest of the
 window is then solved again by the same optimiser with what is left, so the
-window as a whole keeps its budget (or reaches its target).
+window as a whole keeps its budget (or reaches its target); a cascade pool's
+first stage plans it with its probe options too (its `planner`).
 
 Shadow answers (workers/routing/shadow.py) have their own share of the
 window's budget (or what the plan leaves unspent), within the room exploration
@@ -34,6 +35,7 @@ within the window's budget.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +46,10 @@ from workers.routing.room import NONE, WindowRoom
 from workers.routing.shadow import NOT_SHADOWED, choose_shadows, shadow_spend
 
 NOT_EXPLORED = NONE
+
+# How a window, or what exploration leaves of it, is planned: by default the
+# optimiser's `solve`; a cascade pool's first stage weighs probe options too.
+Planner = Callable[[WindowProblem], WindowPlan]
 
 
 @dataclass(frozen=True)
@@ -130,13 +136,16 @@ def explore_and_solve(
     allowed: NDArray[np.bool_] | None = None,
     carried_usd: float = 0.0,
     shadow_share: float = 0.0,
+    planner: Planner | None = None,
 ) -> ExploredPlan:
     """Plan the window, explore a share of it, spend a `shadow_share` of its budget
     (or what the plan leaves unspent) on shadow answers, and plan the rest again
     with what is left of the budget (or of the target). `carried_usd`: the
     allowance earlier windows of the pool left (the previous ExploredPlan's
-    next_allowance_usd)."""
-    plan = solve(problem, method, time_limit_seconds)
+    next_allowance_usd). `planner` plans the window and its rest (default: `solve`
+    with `method`); only `allowed` pairs are explored."""
+    plan_window = planner or (lambda window: solve(window, method, time_limit_seconds))
+    plan = plan_window(problem)
     allowance = window_allowance(problem, share, carried_usd)
     explore = choose_explorations(problem, plan.assignment, support, share, rng, allowed, allowance)
     explored = explore != NOT_EXPLORED
@@ -154,7 +163,7 @@ def explore_and_solve(
     assignment = answered.copy()
     status, solver, seconds = plan.status, plan.solver, plan.solve_seconds
     if rest.size:
-        rest_plan = solve(_rest_of(problem, explore, rest, shadows), method, time_limit_seconds)
+        rest_plan = plan_window(_rest_of(problem, explore, rest, shadows))
         assignment[rest] = rest_plan.assignment
         status, solver = rest_plan.status, rest_plan.solver
         seconds += rest_plan.solve_seconds

@@ -103,6 +103,12 @@ def window_budget_usd(policy: PoolPolicy, bounds: WindowBounds, queries: int) ->
     return nominal - spend_correction_usd(nominal, bounds.overspend_usd)
 
 
+def window_rng(window_id: str) -> np.random.Generator:
+    """The exploration draws' generator, seeded by the window's id: a window routed
+    again (a replay, a restarted router) draws the same."""
+    return np.random.default_rng(list(hashlib.sha256(window_id.encode()).digest()[:8]))
+
+
 def allowed_pairs(
     queries: Sequence[PredictedQuery],
     pool_models: Sequence[str],
@@ -202,13 +208,11 @@ def route_window(
         uncertainty=uncertainty_of(queries, columns),
         allowed=allowed,
     )
-    # The window's id seeds the exploration draws: a replayed window draws the same.
-    rng = np.random.default_rng(list(hashlib.sha256(bounds.window_id.encode()).digest()[:8]))
     explored = explore_and_solve(
         problem,
         support,
         exploration_share,
-        rng,
+        window_rng(bounds.window_id),
         solver,
         time_limit_seconds,
         allowed,

@@ -3,7 +3,7 @@ the window stage, the probe gatherer and the escalation stage.
 
 - `CascadeRouting.solve_first_stage`: the window stage calls it for a pool's
   fresh queries; for a cascade pool whose policy is fitted it plans direct
-  answers and probes (workers/routing/cascade_window.py), else returns None and
+  answers, probes and exploration (workers/routing/cascade_window.py), else returns None and
   the pool's window is routed one-shot as any other. Each query's cluster under
   the fitted cascade comes with its prediction (the predict stage computed it
   from the vector it predicted with); only a query without one of the current
@@ -95,6 +95,7 @@ class CascadeRouting:
             return None
         settings = stage.settings
         clusters = await cascade_clusters(self.state, fitted, fresh, [p.query.text for p in fresh])
+        carried_usd = stage.ledger.account(pool).exploration_carried_usd
         return await asyncio.get_running_loop().run_in_executor(
             stage.solver,
             lambda: route_cascade_window(
@@ -108,6 +109,8 @@ class CascadeRouting:
                 solver=settings.router_solver,
                 time_limit_seconds=settings.router_solver_time_limit_seconds,
                 tie_tolerance=settings.router_tie_tolerance,
+                exploration_share=settings.router_exploration_share,
+                exploration_carried_usd=carried_usd,
             ),
         )
 
