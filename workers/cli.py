@@ -581,8 +581,8 @@ def demo(state_dir: Path, warm_start: int) -> None:
     "--cascade/--no-cascade",
     default=True,
     show_default=True,
-    help="Also route the answer-aware cascade and the agreement rule (budget mode), "
-    "from the recorded responses.",
+    help="Also route the answer-aware cascade (in each --mode: cascade_budget, "
+    "cascade_quality) and the agreement rule, from the recorded responses.",
 )
 @embedder_option
 def evaluate(

@@ -115,3 +115,27 @@ def test_a_malformed_file_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["evaluate", "--train", str(bad)])
     assert result.exit_code != 0
     assert "bad.jsonl:1: not a RouterBench row" in result.output
+
+
+def test_evaluate_routes_the_cascade_in_quality_mode_at_the_one_shot_targets(
+    tmp_path: Path,
+) -> None:
+    """`--mode quality` routes the cascade too (before: budget mode only), one point
+    per target of the one-shot quality router, every probe and escalation paid."""
+    sample = shipped_sample_path().read_text().splitlines()[:150]
+    data = tmp_path / "slice.jsonl"
+    data.write_text("\n".join(sample) + "\n")
+    out = tmp_path / "out"
+    arguments = ["evaluate", "--train", str(data), "--window-size", "30", "--mode", "quality"]
+    arguments += ["--solver", "fast", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code == 0, result.output
+    routers = json.loads((out / "report.json").read_text())["routers"]
+    assert "cascade_budget" not in routers
+    cascade = routers["cascade_quality"]
+    targets = sorted(p["target"] for p in cascade)
+    assert targets == sorted(p["target"] for p in routers["omnirouter_quality"])
+    for point in cascade:
+        assert 0 <= point["probe_usd"] + point["escalation_usd"] <= point["cost_usd"] + 1e-12
+    assert max(p["probe_usd"] for p in cascade) > 0

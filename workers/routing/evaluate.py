@@ -18,11 +18,13 @@ Metrics:
   to be well above 0.5.
 
 The answer-aware cascade (workers/routing/cascade.py) is routed from the recorded
-responses: a probed query's panel answers are the file's, its cost includes every
-probe and escalation. Beside it, the plain agreement rule: probe with the same
-two cheap models, accept when their final answers agree, else the dearest model
-(one point). The answer scorer's within-task AUC (its P(good) of the probe
-models' answers) is reported next to the predictor's on the same answers.
+responses, in each mode the one-shot router is (budget: cascade_budget; quality,
+at the same targets: cascade_quality): a probed query's panel answers are the
+file's, its cost includes every probe and escalation. Beside it, the plain
+agreement rule: probe with the same two cheap models, accept when their final
+answers agree, else the dearest model (one point). The answer scorer's
+within-task AUC (its P(good) of the probe models' answers) is reported next to
+the predictor's on the same answers.
 
 Two bounds bracket OmniRouter, on the same windows and budgets:
 - task_oracle_budget: the ILP fed each task's true per-model accuracy and cost,
@@ -65,6 +67,7 @@ GREEDY = "greedy_threshold"
 TASK_ORACLE = "task_oracle_budget"
 ORACLE_BUDGET = "oracle_budget"
 CASCADE = "cascade_budget"
+CASCADE_QUALITY = "cascade_quality"
 AGREEMENT_RULE = "agreement_rule"
 CURVE_ROUTERS = (
     OMNIROUTER_BUDGET,
@@ -73,6 +76,7 @@ CURVE_ROUTERS = (
     TASK_ORACLE,
     ORACLE_BUDGET,
     CASCADE,
+    CASCADE_QUALITY,
 )
 
 
@@ -110,7 +114,7 @@ class EvaluationSettings:
     # As the router's ROUTER_TIE_TOLERANCE: ties and near-ties to the cheaper model.
     tie_tolerance: float = 0.005
     seed: int = 0
-    # Fit and route the answer-aware cascade (budget mode) and the agreement rule.
+    # Fit and route the answer-aware cascade (in each of `modes`) and the agreement rule.
     cascade: bool = True
     # Folds of the training part that give its queries out-of-fold predictions,
     # which the cascade's scorer learns from (as a router's stored predictions).
@@ -377,8 +381,8 @@ def route_cascade_split(
     clusters = policy.clusters(vectors)
     options = price_options(policy, clusters, quality, cost)
     posterior = policy.scorer.posterior(answers, quality, clusters)
-    for per_query in budgets:
-        point = points.setdefault(CASCADE, {}).setdefault(float(per_query), Point(per_query))
+    for name, mode, setting in cascade_settings(settings, budgets):
+        point = points.setdefault(name, {}).setdefault(setting, Point(setting))
         for window in windows_of(n, settings.window_size):
             outcome = run_window(
                 policy,
@@ -387,8 +391,8 @@ def route_cascade_split(
                 vectors[window],
                 [responses[i] for i in window],
                 spent[window],
-                "budget",
-                float(per_query) * len(window),
+                mode,
+                setting * len(window) if mode == "budget" else setting,
                 settings.solver,
                 settings.tie_tolerance,
                 options=OptionMatrices(
@@ -402,6 +406,19 @@ def route_cascade_split(
             point.escalation_usd += outcome.escalation_usd
     record_agreement_rule(answers, policy.panel, truth, spent, cost, points)
     return posterior[:, policy.panel]
+
+
+def cascade_settings(
+    settings: EvaluationSettings, budgets: NDArray[np.float64]
+) -> list[tuple[str, Mode, float]]:
+    """The cascade's curves and their points: (router name, mode, budget per query or
+    quality target), as the one-shot router's in each of `settings.modes`."""
+    runs: list[tuple[str, Mode, float]] = []
+    if "budget" in settings.modes:
+        runs += [(CASCADE, "budget", float(b)) for b in budgets]
+    if "quality" in settings.modes:
+        runs += [(CASCADE_QUALITY, "quality", float(t)) for t in settings.quality_targets]
+    return runs
 
 
 def record_agreement_rule(
@@ -570,7 +587,7 @@ def evaluate(
         ]
     blend_weights: list[float] = []
     panels: list[list[str]] = []
-    with_cascade = settings.cascade and "budget" in settings.modes
+    with_cascade = settings.cascade
 
     def predictions() -> Iterator[Prediction]:
         for number, (fit_part, fit_vectors, test_part, test_vectors) in enumerate(splits, 1):
@@ -617,6 +634,7 @@ def build_report(
         OMNIROUTER_QUALITY: "target",
         GREEDY: "threshold",
         CASCADE: "budget_per_query_usd",
+        CASCADE_QUALITY: "target",
     }
     routers = {
         name: [
@@ -626,7 +644,7 @@ def build_report(
                 "cost_usd": p.cost_usd,
                 **(
                     {"probe_usd": p.probe_usd, "escalation_usd": p.escalation_usd}
-                    if name in (CASCADE, AGREEMENT_RULE)
+                    if name in (CASCADE, CASCADE_QUALITY, AGREEMENT_RULE)
                     else {}
                 ),
             }
