@@ -255,6 +255,11 @@ class Settings(BaseSettings):
     # How often cascade pools' policies are refitted (a fit of 2,000 stored queries
     # takes about a minute of one core).
     cascade_refit_seconds: float = Field(default=3600.0, gt=0)
+    # What a first-stage window keeps back for its probed queries' escalations and
+    # they have not spent this many seconds later (the router's clock) is released:
+    # a quiet stretch's unspent reserve never pays for a later burst. Longer than
+    # the probe deadline, or a slow probe's escalation would find its reserve gone.
+    cascade_reserve_seconds: float = Field(default=600.0, gt=0)
 
     # Operations: each worker's Prometheus port (0: none; unset: 9101 router,
     # 9102 outcome writer, 9103 model worker) and the log format.
@@ -400,6 +405,16 @@ class Settings(BaseSettings):
                     f"ROUTER_POOLS[{pool}] is a cascade pool of {len(set(models))} model(s): "
                     "a cascade needs 2 at least, one to probe with and one to escalate to"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _a_reserve_outlives_its_probes(self) -> Settings:
+        if self.cascade_reserve_seconds <= self.cascade_probe_deadline_seconds:
+            raise ValueError(
+                f"CASCADE_RESERVE_SECONDS={self.cascade_reserve_seconds} must exceed "
+                f"CASCADE_PROBE_DEADLINE_SECONDS={self.cascade_probe_deadline_seconds}: an "
+                "escalation reserve must outlive the wait for its queries' probe answers"
+            )
         return self
 
     @model_validator(mode="after")

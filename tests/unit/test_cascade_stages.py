@@ -379,7 +379,10 @@ class CountingState:
 
 def stream_stage(solver: ThreadPoolExecutor) -> WindowStage:
     settings = Settings(router_models=MODELS, router_pools={"c": policy(6.0)})
-    ledger = SimpleNamespace(account=lambda pool: PoolAccount(escalation_reserve_usd=50.0))
+    ledger = SimpleNamespace(
+        account=lambda pool: PoolAccount(escalation_reserve_usd=50.0),
+        escalation_reserve_usd=lambda pool: 50.0,
+    )
     return cast(WindowStage, SimpleNamespace(settings=settings, ledger=ledger, solver=solver))
 
 

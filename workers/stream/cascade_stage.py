@@ -296,7 +296,7 @@ async def decide(
     limit = (
         EscalationLimit.needed(escalation_quality_needed(fresh, policy.quality_target or 0.0))
         if policy.mode == "quality"
-        else EscalationLimit.reserve(stage.ledger.account(pool).escalation_reserve_usd)
+        else EscalationLimit.reserve(stage.ledger.escalation_reserve_usd(pool))
     )
     try:
         texts = [p.predicted.query.text for p in fresh]

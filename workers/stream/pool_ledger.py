@@ -1,7 +1,9 @@
 """Per pool, what its windows have used up: production time billed so far (an
 hourly budget pays each second once), the exploration allowance carried,
 (cascade pools) the escalation reserve: what first-stage windows kept back of
-their budgets for the escalation windows, less what those spent, and the
+their budgets for the escalation windows, less what those spent (oldest first),
+each part released once it is CASCADE_RESERVE_SECONDS old (the router's clock),
+so a quiet stretch's unspent reserve cannot pay for a later burst; and the
 overspend: realised minus predicted cost of its answers, less what its windows
 left unspent, not yet taken off a budget (workers/routing/spend.py,
 workers/routing/windows.py `window_budget_usd`).
@@ -17,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from faust.types import TableT
 from pydantic import BaseModel
@@ -35,10 +38,20 @@ log = logging.getLogger(__name__)
 MAX_DEBT_WINDOWS = 4
 
 
+class ReserveKept(BaseModel):
+    """A part of the escalation reserve: what one first-stage window kept back, less
+    what escalations took of it, and when (the router's clock)."""
+
+    kept_at: datetime
+    usd: float
+
+
 class PoolAccount(BaseModel):
     billed_until: datetime | None = None
     exploration_carried_usd: float = 0.0
+    # The sum of `reserve_kept` (what an older router, which knows no parts, reads).
     escalation_reserve_usd: float = 0.0
+    reserve_kept: list[ReserveKept] = []
     # Realised minus predicted spend, less what windows left unspent, not yet taken
     # off a budget, at most MAX_DEBT_WINDOWS nominal budgets; below 0, a credit (of
     # at most one window's budget) that offsets later overspend, never spent. What a
@@ -90,38 +103,99 @@ def booked_overspend(account: PoolAccount, report: WindowReport, error_usd: floa
     return max(booked, -nominal)
 
 
-def after_window(
-    account: PoolAccount, report: WindowReport, error_usd: float | None = 0.0
-) -> PoolAccount:
-    """The account after a (first-stage) window: its time billed, its exploration
-    allowance carried, its escalation reserve added to what is kept back, and its
-    overspend booked (`booked_overspend`)."""
-    return PoolAccount(
-        billed_until=report.window_end,
-        exploration_carried_usd=report.exploration_carried_usd,
-        escalation_reserve_usd=account.escalation_reserve_usd + report.escalation_reserve_usd,
-        overspend_usd=booked_overspend(account, report, error_usd),
+def reserve_within(
+    account: PoolAccount, now: datetime, reserve_seconds: float = math.inf
+) -> list[ReserveKept]:
+    """The parts of the pool's escalation reserve kept less than `reserve_seconds`
+    before `now`, oldest first. An older router's entry (a sum without parts)
+    counts as kept now."""
+    if not account.reserve_kept:
+        usd = account.escalation_reserve_usd
+        return [ReserveKept(kept_at=now, usd=usd)] if usd > 0 else []
+    if math.isinf(reserve_seconds):
+        return list(account.reserve_kept)
+    oldest = now - timedelta(seconds=reserve_seconds)
+    return [part for part in account.reserve_kept if part.kept_at >= oldest]
+
+
+def escalation_reserve_usd(
+    account: PoolAccount, now: datetime, reserve_seconds: float = math.inf
+) -> float:
+    """What the pool's escalation windows may spend now (`reserve_within`)."""
+    return sum(part.usd for part in reserve_within(account, now, reserve_seconds))
+
+
+def with_reserve(account: PoolAccount, parts: list[ReserveKept]) -> PoolAccount:
+    kept = [part for part in parts if part.usd > 0]
+    return account.model_copy(
+        update={"reserve_kept": kept, "escalation_reserve_usd": sum(p.usd for p in kept)}
     )
 
 
-def after_escalations(account: PoolAccount, report: WindowReport) -> PoolAccount:
-    """The account after an escalation window: its spend taken from the reserve (a
-    query none of whose probes answered is escalated even beyond it: never below 0).
-    Its overspend is left for the next first-stage window to book and repay: an
-    escalation window spends a reserve already kept back, it has no budget of its own."""
-    left = max(account.escalation_reserve_usd - report.escalation_spend_usd, 0.0)
-    return account.model_copy(update={"escalation_reserve_usd": left})
+def spend_oldest_first(parts: list[ReserveKept], usd: float) -> list[ReserveKept]:
+    """The reserve's parts once `usd` is taken from them, oldest first (what is taken
+    beyond the whole reserve, a query escalated of necessity, is not owed)."""
+    left: list[ReserveKept] = []
+    for part in parts:
+        taken = min(part.usd, usd)
+        usd -= taken
+        left.append(part.model_copy(update={"usd": part.usd - taken}))
+    return left
+
+
+def after_window(
+    account: PoolAccount,
+    report: WindowReport,
+    error_usd: float | None = 0.0,
+    now: datetime | None = None,
+    reserve_seconds: float = math.inf,
+) -> PoolAccount:
+    """The account after a (first-stage) window: its time billed, its exploration
+    allowance carried, its escalation reserve added to what is kept back (less the
+    parts older than `reserve_seconds` at `now`, default the router's clock), and
+    its overspend booked (`booked_overspend`)."""
+    now = now or datetime.now(UTC)
+    parts = reserve_within(account, now, reserve_seconds)
+    parts.append(ReserveKept(kept_at=now, usd=report.escalation_reserve_usd))
+    written = PoolAccount(
+        billed_until=report.window_end,
+        exploration_carried_usd=report.exploration_carried_usd,
+        overspend_usd=booked_overspend(account, report, error_usd),
+    )
+    return with_reserve(written, parts)
+
+
+def after_escalations(
+    account: PoolAccount,
+    report: WindowReport,
+    now: datetime | None = None,
+    reserve_seconds: float = math.inf,
+) -> PoolAccount:
+    """The account after an escalation window: its spend taken from the reserve,
+    oldest part first (a query none of whose probes answered is escalated even
+    beyond it: never below 0). Its overspend is left for the next first-stage window
+    to book and repay: an escalation window spends a reserve already kept back, it
+    has no budget of its own."""
+    parts = reserve_within(account, now or datetime.now(UTC), reserve_seconds)
+    return with_reserve(account, spend_oldest_first(parts, report.escalation_spend_usd))
 
 
 @dataclass
 class PoolLedger:
     table: TableT
+    # How long a first-stage window's escalation reserve lives (CASCADE_RESERVE_SECONDS).
+    reserve_seconds: float = math.inf
     # One publisher at a time per pool: a first-stage and an escalation window of
     # the same pool each update its account from the one the other wrote.
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def lock(self, pool: str) -> asyncio.Lock:
         return self._locks.setdefault(pool, asyncio.Lock())
+
+    def escalation_reserve_usd(self, pool: str) -> float:
+        """What the pool's escalation windows may spend now: the reserve its first
+        stages kept back in the last `reserve_seconds`, less what escalations took."""
+        return escalation_reserve_usd(self.account(pool), datetime.now(UTC), self.reserve_seconds)
 
     def account(self, pool: str) -> PoolAccount:
         raw = self.table.data.get(pool.encode())

@@ -34,6 +34,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -107,13 +108,20 @@ class PoolWindow:
         return self.outgoing
 
 
-def account_after(account: PoolAccount, window: PoolWindow, error_usd: float | None) -> PoolAccount:
-    """The pool's account once the window is written; `error_usd`: the realised minus
-    predicted spend a first-stage window books (None: spend correction is off)."""
+def account_after(
+    account: PoolAccount,
+    window: PoolWindow,
+    error_usd: float | None,
+    now: datetime,
+    reserve_seconds: float,
+) -> PoolAccount:
+    """The pool's account once the window is written at `now`; `error_usd`: the
+    realised minus predicted spend a first-stage window books (None: spend
+    correction is off); `reserve_seconds`: how long an escalation reserve lives."""
     assert window.report is not None
     if window.stage == "escalation":
-        return after_escalations(account, window.report)
-    return after_window(account, window.report, error_usd)
+        return after_escalations(account, window.report, now, reserve_seconds)
+    return after_window(account, window.report, error_usd, now, reserve_seconds)
 
 
 class Record(NamedTuple):
@@ -201,7 +209,13 @@ class WindowRecords:
         if self.spend is not None:
             first = window.stage == "first"
             error = self.spend.unbooked(window.partition, window.pool) if first else 0.0
-        account = account_after(self.ledger.account(window.pool), window, error)
+        account = account_after(
+            self.ledger.account(window.pool),
+            window,
+            error,
+            datetime.now(UTC),
+            self.ledger.reserve_seconds,
+        )
         key, value = self.ledger.entry(window.pool, account)
         windows = self.topics.windows.get_topic_name()
         return [

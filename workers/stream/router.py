@@ -175,7 +175,10 @@ def build_router_app(
     app = make_app(ROUTER_APP_ID, settings, bootstrap_servers)
     topics = Topics.of(app, settings)
     decisions = DecisionLog(raw_table(app, "routed", settings, "query_id -> decision"))
-    ledger = PoolLedger(raw_table(app, "pool_ledger", settings, "pool -> time billed"))
+    ledger = PoolLedger(
+        raw_table(app, "pool_ledger", settings, "pool -> time billed"),
+        settings.cascade_reserve_seconds,
+    )
     records = WindowRecords(topics, decisions, ledger, state.spend)
     if state.spend is not None:
         before_assignment(app, keeps_owned_spend(state.spend, topics.predicted.get_topic_name()))
