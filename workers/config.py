@@ -409,11 +409,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _a_reserve_outlives_its_probes(self) -> Settings:
-        if self.cascade_reserve_seconds <= self.cascade_probe_deadline_seconds:
+        """A cascade pool's reserve must outlive the wait for its probes' answers: the
+        probe deadline (counted from a query's first answer) and a window of each stage."""
+        if not any(policy.cascade for policy in self.router_pools.values()):
+            return self
+        wait = self.cascade_probe_deadline_seconds + 2 * self.router_window_seconds
+        if self.cascade_reserve_seconds <= wait:
             raise ValueError(
                 f"CASCADE_RESERVE_SECONDS={self.cascade_reserve_seconds} must exceed "
-                f"CASCADE_PROBE_DEADLINE_SECONDS={self.cascade_probe_deadline_seconds}: an "
-                "escalation reserve must outlive the wait for its queries' probe answers"
+                f"CASCADE_PROBE_DEADLINE_SECONDS + 2 x ROUTER_WINDOW_SECONDS ({wait}): a "
+                "cascade pool's escalation reserve must outlive the wait for its probe answers"
             )
         return self
 

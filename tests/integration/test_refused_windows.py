@@ -61,7 +61,12 @@ class FailingOnce:
     calls: int = 0
 
     async def __call__(
-        self, stage: WindowStage, pool: str, fresh: list[PredictedQuery], bounds: WindowBounds
+        self,
+        stage: WindowStage,
+        pool: str,
+        fresh: list[PredictedQuery],
+        bounds: WindowBounds,
+        carried_usd: float,
     ) -> Solved | None:
         self.calls += 1
         if self.calls == 1:
@@ -70,7 +75,11 @@ class FailingOnce:
 
 
 async def always_failing(
-    stage: WindowStage, pool: str, fresh: list[PredictedQuery], bounds: WindowBounds
+    stage: WindowStage,
+    pool: str,
+    fresh: list[PredictedQuery],
+    bounds: WindowBounds,
+    carried_usd: float,
 ) -> Solved | None:
     """A cascade hook that fails every solve."""
     raise RuntimeError("solver out of memory")

@@ -3,6 +3,8 @@ escalation stage under what is left of the budget, and the spend across stages."
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pytest
 
@@ -14,13 +16,16 @@ from workers.routing.cascade import (
     OptionPricer,
     escalation_gain,
     escalation_limit,
+    first_stage_problem,
     fit_cascade,
     plan_escalations,
+    plan_first_stage,
     price_options,
     run_window,
     solve_first_stage,
 )
-from workers.routing.optimizer import WindowProblem, solve
+from workers.routing.exploration import explore_and_solve
+from workers.routing.optimizer import Method, WindowProblem, solve
 
 # Models: two cheap probes (0, 1) and a dear, accurate one (2); costs per query.
 COSTS = np.array([1.0, 1.2, 20.0])
@@ -150,6 +155,44 @@ def test_the_probe_option_is_chosen_where_it_pays_and_keeps_the_budget() -> None
     # Quality mode: the cheapest plan that reaches the target.
     column = solve_first_stage(quality, cost, options, "quality", 0.9, "exact").assignment
     assert (column == 2).all()
+
+
+@pytest.mark.parametrize("solver", ["fast", "exact"])
+def test_a_quality_window_probes_when_only_probing_reaches_the_target(solver: str) -> None:
+    """No direct plan reaches 0.8 (the best model reads 0.7); the probe option does,
+    at more cost. The plan that reaches the target is kept (before: the cheaper
+    direct plan, which misses it)."""
+    quality = np.array([[0.6, 0.7]] * 10)
+    cost = np.array([[1.0, 2.0]] * 10)
+    options = OptionMatrices(np.full((10, 1), 0.95), np.full((10, 1), 3.0), np.full(10, 2.0))
+    plan = solve_first_stage(quality, cost, options, "quality", 0.8, cast(Method, solver))
+    assert plan.status in ("optimal", "near_optimal")
+    assert plan.mean_quality >= 0.8 - 1e-9
+    assert (plan.assignment == 2).any()
+
+
+@pytest.mark.parametrize("solver", ["fast", "exact"])
+def test_exploring_a_quality_first_stage_keeps_its_target(solver: str) -> None:
+    """Half the window explored (direct answers only), in 20 draws; the rest, planned
+    again with probe options for what exploration left of the target, still reaches
+    it (before: where the rest's direct plan missed the raised target, that cheaper
+    plan was kept over the probe plan reaching it, and the window read 0.775)."""
+    quality = np.array([[0.6, 0.85]] * 10)
+    cost = np.array([[1.0, 2.0]] * 10)
+    options = OptionMatrices(np.full((10, 1), 0.95), np.full((10, 1), 2.5), np.full(10, 2.0))
+    problem = first_stage_problem(quality, cost, options, "quality", 0.8)
+    for seed in range(20):
+        explored = explore_and_solve(
+            problem,
+            np.zeros((10, 3)),
+            0.5,
+            np.random.default_rng(seed),
+            allowed=np.array([[True, True, False]] * 10),
+            planner=lambda window: plan_first_stage(window, 2, cast(Method, solver)),
+        )
+        assert explored.explored.any()
+        assert (explored.plan.assignment[explored.explored] < 2).all()
+        assert explored.plan.mean_quality >= 0.8 - 1e-9, seed
 
 
 def test_escalations_spend_only_what_is_left() -> None:

@@ -218,8 +218,11 @@ def test_a_cascade_window_s_unused_allowance_is_carried_and_spent_later(
     assert first.exploration_carried_usd == pytest.approx(0.01 * 90)
     _, later = explored_window(cascade, policy(1.5), 0.01, carried_usd=40.0)
     assert later.exploration_queries == 1  # round(1% of 60 queries)
-    # What it may spend: the share and what was carried, up to the dearest query's cost.
-    assert 0 < later.exploration_spend_usd <= 20.0
+    # What it may spend: the share and what was carried, up to the dearest answer it
+    # may explore ($20; not a probe option's price, which can be dearer): what it
+    # does not spend of that is carried on.
+    allowance = later.exploration_spend_usd + later.exploration_carried_usd
+    assert later.exploration_spend_usd > 0 and allowance == pytest.approx(20.0)
     assert later.predicted_spend_usd <= 90.0 + 1e-9
 
 
@@ -381,7 +384,7 @@ def stream_stage(solver: ThreadPoolExecutor) -> WindowStage:
     settings = Settings(router_models=MODELS, router_pools={"c": policy(6.0)})
     ledger = SimpleNamespace(
         account=lambda pool: PoolAccount(escalation_reserve_usd=50.0),
-        escalation_reserve_usd=lambda pool: 50.0,
+        live_reserve_usd=lambda pool, now: 50.0,
     )
     return cast(WindowStage, SimpleNamespace(settings=settings, ledger=ledger, solver=solver))
 

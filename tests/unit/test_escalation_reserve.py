@@ -9,12 +9,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from schemas import WindowReport
+from tests.tables import router_table
 from workers.config import Settings
 from workers.stream.pool_ledger import (
     PoolAccount,
+    PoolLedger,
     after_escalations,
     after_window,
-    escalation_reserve_usd,
+    live_reserve_usd,
 )
 
 T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
@@ -46,11 +48,11 @@ def test_a_quiet_stretch_s_reserve_cannot_pay_for_a_later_burst() -> None:
     neither the next window's account nor the escalation stage reads it (before:
     it stayed in the reserve for good)."""
     quiet = after_window(PoolAccount(), first_stage(8.0), now=at(0), reserve_seconds=LIFE)
-    assert escalation_reserve_usd(quiet, at(LIFE - 1), LIFE) == pytest.approx(8.0)
-    assert escalation_reserve_usd(quiet, at(LIFE + 1), LIFE) == 0.0
+    assert live_reserve_usd(quiet, at(LIFE - 1), LIFE) == pytest.approx(8.0)
+    assert live_reserve_usd(quiet, at(LIFE + 1), LIFE) == 0.0
     burst = after_window(quiet, first_stage(1.0), now=at(LIFE + 1), reserve_seconds=LIFE)
     assert burst.escalation_reserve_usd == pytest.approx(1.0)
-    assert escalation_reserve_usd(burst, at(LIFE + 2), LIFE) == pytest.approx(1.0)
+    assert live_reserve_usd(burst, at(LIFE + 2), LIFE) == pytest.approx(1.0)
 
 
 def test_escalations_spend_the_oldest_part_of_the_reserve_first() -> None:
@@ -60,8 +62,8 @@ def test_escalations_spend_the_oldest_part_of_the_reserve_first() -> None:
     account = after_escalations(account, escalations(6.0), now=at(200), reserve_seconds=LIFE)
     assert account.escalation_reserve_usd == pytest.approx(2.0)
     # The first window's part is gone; 2.0 of the second's lives until 100 + LIFE.
-    assert escalation_reserve_usd(account, at(LIFE + 50), LIFE) == pytest.approx(2.0)
-    assert escalation_reserve_usd(account, at(LIFE + 101), LIFE) == 0.0
+    assert live_reserve_usd(account, at(LIFE + 50), LIFE) == pytest.approx(2.0)
+    assert live_reserve_usd(account, at(LIFE + 101), LIFE) == 0.0
 
 
 def test_an_escalation_beyond_the_reserve_leaves_none_and_owes_nothing() -> None:
@@ -75,17 +77,40 @@ def test_an_older_router_s_reserve_counts_as_kept_now() -> None:
     """An entry written before the reserve had parts holds only its sum: read as one
     part kept at the first window after the upgrade, and released a life later."""
     older = PoolAccount.model_validate_json('{"escalation_reserve_usd": 4.0}')
-    assert escalation_reserve_usd(older, at(0), LIFE) == pytest.approx(4.0)
+    assert live_reserve_usd(older, at(0), LIFE) == pytest.approx(4.0)
     account = after_window(older, first_stage(1.0), now=at(0), reserve_seconds=LIFE)
     assert account.escalation_reserve_usd == pytest.approx(5.0)
     assert len(account.reserve_kept) == 2
-    assert escalation_reserve_usd(account, at(LIFE + 1), LIFE) == 0.0
+    assert live_reserve_usd(account, at(LIFE + 1), LIFE) == 0.0
     # The entry as written and read back holds the same parts and their sum.
     read = PoolAccount.model_validate_json(account.model_dump_json())
     assert read == account
     assert read.escalation_reserve_usd == sum(p.usd for p in read.reserve_kept)
 
 
-def test_a_reserve_must_outlive_the_probe_deadline() -> None:
-    with pytest.raises(ValueError, match=r"CASCADE_RESERVE_SECONDS=60\.0 must exceed"):
-        Settings(cascade_reserve_seconds=60, cascade_probe_deadline_seconds=120)
+CASCADE_POOL = {"c": {"mode": "budget", "budget_per_query_usd": 0.01, "cascade": True}}
+
+
+def test_a_cascade_pool_s_reserve_must_outlive_the_wait_for_its_probes() -> None:
+    """The probe deadline (from a query's first answer) and a window of each stage."""
+    with pytest.raises(ValueError, match=r"CASCADE_RESERVE_SECONDS=123\.0 must exceed"):
+        Settings(
+            router_pools=CASCADE_POOL,  # type: ignore[arg-type]
+            cascade_reserve_seconds=123,
+            cascade_probe_deadline_seconds=120,
+            router_window_seconds=2,
+        )
+    # Without a cascade pool there is no reserve: a long deadline is no error.
+    assert Settings(cascade_probe_deadline_seconds=900).cascade_reserve_seconds == 600
+
+
+def test_the_ledger_reads_the_live_reserve_with_its_setting() -> None:
+    """PoolLedger.live_reserve_usd, what the escalation stage reads, drops a part
+    older than the ledger's CASCADE_RESERVE_SECONDS (its table: a router's)."""
+    ledger = PoolLedger(router_table("pool_ledger").table, reserve_seconds=LIFE)
+    account = after_window(PoolAccount(), first_stage(3.0), now=at(0), reserve_seconds=LIFE)
+    account = after_window(account, first_stage(2.0), now=at(300), reserve_seconds=LIFE)
+    key, value = ledger.entry("c", account)
+    ledger.remember(0, key, value)
+    assert ledger.live_reserve_usd("c", at(LIFE - 1)) == pytest.approx(5.0)
+    assert ledger.live_reserve_usd("c", at(LIFE + 1)) == pytest.approx(2.0)

@@ -395,11 +395,16 @@ async def test_a_window_repays_the_ledgers_overspend_only_with_the_correction_on
     correction: bool,
 ) -> None:
     ledger = PoolLedger(router_table("pool_ledger").table)
-    ledger.remember(0, *ledger.entry("gold", PoolAccount(overspend_usd=0.3)))
+    account = PoolAccount(overspend_usd=0.3, exploration_carried_usd=0.7)
+    ledger.remember(0, *ledger.entry("gold", account))
     seen: list[WindowBounds] = []
+    carried: list[float] = []
 
-    async def cascade(stage: Any, pool: str, fresh: Any, bounds: WindowBounds) -> Any:
+    async def cascade(
+        stage: Any, pool: str, fresh: Any, bounds: WindowBounds, carried_usd: float
+    ) -> Any:
         seen.append(bounds)
+        carried.append(carried_usd)
         return "solved"
 
     settings = Settings(router_spend_correction=correction)
@@ -408,3 +413,4 @@ async def test_a_window_repays_the_ledgers_overspend_only_with_the_correction_on
     solved = await solve_fresh(cast(WindowStage, stage), "gold", cast(Any, fresh), "w")
     assert solved == "solved"
     assert seen[0].overspend_usd == (pytest.approx(0.3) if correction else 0.0)
+    assert carried == [pytest.approx(0.7)]  # the pool's allowance, for its exploration

@@ -475,13 +475,20 @@ def _window(
 
 
 def probes_pay(with_probes: WindowPlan, direct: WindowPlan, n_models: int, mode: Mode) -> bool:
-    """Does the plan with probe options probe at all, and beat the direct-only plan?"""
+    """Does the plan with probe options probe at all, and beat the direct-only plan
+    (quality mode: reach the target, at less cost or where the direct plan cannot)?"""
     if not (with_probes.assignment >= n_models).any():
         return False
     if mode == "budget":
         return with_probes.total_quality > direct.total_quality
-    reached = with_probes.status in ("optimal", "near_optimal", "time_limited")
-    return reached and with_probes.total_cost_usd < direct.total_cost_usd
+    if not reaches_target(with_probes):
+        return False
+    return not reaches_target(direct) or with_probes.total_cost_usd < direct.total_cost_usd
+
+
+def reaches_target(plan: WindowPlan) -> bool:
+    """A quality-mode plan that reaches its target (not the best-quality fallback)."""
+    return plan.status in ("optimal", "near_optimal", "time_limited")
 
 
 # ---------------------------------------------------------------------- stage two

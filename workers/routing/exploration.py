@@ -67,14 +67,21 @@ class ExploredPlan:
     shadow_spend_usd: float = 0.0
 
 
-def window_allowance(problem: WindowProblem, share: float, carried_usd: float) -> float:
+def window_allowance(
+    problem: WindowProblem,
+    share: float,
+    carried_usd: float,
+    allowed: NDArray[np.bool_] | None = None,
+) -> float:
     """What exploration may spend in this window: its share of the budget plus what
-    earlier windows left unused, at most the cost of the window's dearest query
-    (or the share, if that is more)."""
+    earlier windows left unused, at most the cost of the window's dearest pair it
+    may explore (`allowed`; or the share, if that is more)."""
     if problem.mode != "budget" or problem.window_budget_usd is None:
         return math.inf
     own = share * problem.window_budget_usd
-    return min(own + carried_usd, max(own, float(problem.cost.max())))
+    explorable = problem.permitted if allowed is None else allowed
+    dearest = float(np.where(explorable, problem.cost, 0.0).max())
+    return min(own + carried_usd, max(own, dearest))
 
 
 def belief_samples(
@@ -146,7 +153,7 @@ def explore_and_solve(
     with `method`); only `allowed` pairs are explored."""
     plan_window = planner or (lambda window: solve(window, method, time_limit_seconds))
     plan = plan_window(problem)
-    allowance = window_allowance(problem, share, carried_usd)
+    allowance = window_allowance(problem, share, carried_usd, allowed)
     explore = choose_explorations(problem, plan.assignment, support, share, rng, allowed, allowance)
     explored = explore != NOT_EXPLORED
     spend = float(problem.cost[explored, explore[explored]].sum())

@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -17,7 +18,7 @@ from numpy.typing import NDArray
 from schemas import Assignment, PredictedQuery, WindowReport
 from schemas.events import SolverStatus
 from workers.config import PoolPolicy
-from workers.routing.exploration import explore_and_solve
+from workers.routing.exploration import ExploredPlan, explore_and_solve
 from workers.routing.optimizer import Method, Uncertainty, WindowProblem
 from workers.routing.shadow import NOT_SHADOWED
 
@@ -254,10 +255,7 @@ def route_window(
         solver_status=honest_status(plan.status, mean_support),
         solve_seconds=plan.solve_seconds,
         assignments_per_model=counts_per_model(pool_models, plan.assignment),
-        exploration_queries=int(explored.explored.sum()),
-        exploration_spend_usd=explored.exploration_spend_usd,
-        exploration_per_model=counts_per_model(pool_models, plan.assignment[explored.explored]),
-        exploration_carried_usd=explored.next_allowance_usd,
+        **exploration_fields(explored, pool_models),
         mean_support=mean_support,
         shadow_queries=len(shadows),
         shadow_spend_usd=explored.shadow_spend_usd,
@@ -290,6 +288,18 @@ def shadow_assignments(
         for row, choice in enumerate(shadows)
         if choice != NOT_SHADOWED
     ]
+
+
+def exploration_fields(explored: ExploredPlan, models: Sequence[str]) -> dict[str, Any]:
+    """A window report's exploration figures (a one-shot or a cascade first stage)."""
+    return {
+        "exploration_queries": int(explored.explored.sum()),
+        "exploration_spend_usd": explored.exploration_spend_usd,
+        "exploration_per_model": counts_per_model(
+            models, explored.plan.assignment[explored.explored]
+        ),
+        "exploration_carried_usd": explored.next_allowance_usd,
+    }
 
 
 def counts_per_model(models: Sequence[str], assignment: NDArray[np.int64]) -> dict[str, int]:

@@ -83,10 +83,16 @@ class CascadeRouting:
     state: RouterState
 
     async def solve_first_stage(
-        self, stage: WindowStage, pool: str, fresh: list[PredictedQuery], bounds: WindowBounds
+        self,
+        stage: WindowStage,
+        pool: str,
+        fresh: list[PredictedQuery],
+        bounds: WindowBounds,
+        exploration_carried_usd: float = 0.0,
     ) -> tuple[list[Assignment], WindowReport] | None:
-        """A cascade pool's window planned with probes; None: route it one-shot (not a
-        cascade pool, or its cascade is not fitted yet: RouterState logs why)."""
+        """A cascade pool's window planned with probes (and exploration, with what the
+        pool's previous window left of its allowance); None: route it one-shot (not
+        a cascade pool, or its cascade is not fitted yet: RouterState logs why)."""
         fitted = self.state.cascades.get(pool)
         if fitted is None:
             if pool in self.state.cascades:
@@ -95,7 +101,6 @@ class CascadeRouting:
             return None
         settings = stage.settings
         clusters = await cascade_clusters(self.state, fitted, fresh, [p.query.text for p in fresh])
-        carried_usd = stage.ledger.account(pool).exploration_carried_usd
         return await asyncio.get_running_loop().run_in_executor(
             stage.solver,
             lambda: route_cascade_window(
@@ -110,7 +115,7 @@ class CascadeRouting:
                 time_limit_seconds=settings.router_solver_time_limit_seconds,
                 tie_tolerance=settings.router_tie_tolerance,
                 exploration_share=settings.router_exploration_share,
-                exploration_carried_usd=carried_usd,
+                exploration_carried_usd=exploration_carried_usd,
             ),
         )
 
@@ -296,7 +301,7 @@ async def decide(
     limit = (
         EscalationLimit.needed(escalation_quality_needed(fresh, policy.quality_target or 0.0))
         if policy.mode == "quality"
-        else EscalationLimit.reserve(stage.ledger.escalation_reserve_usd(pool))
+        else EscalationLimit.reserve(stage.ledger.live_reserve_usd(pool, datetime.now(UTC)))
     )
     try:
         texts = [p.predicted.query.text for p in fresh]

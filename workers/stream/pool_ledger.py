@@ -49,7 +49,8 @@ class ReserveKept(BaseModel):
 class PoolAccount(BaseModel):
     billed_until: datetime | None = None
     exploration_carried_usd: float = 0.0
-    # The sum of `reserve_kept` (what an older router, which knows no parts, reads).
+    # The sum of `reserve_kept` when the entry was written (what an older router,
+    # which knows no parts, reads); what may be spent now is `live_reserve_usd`.
     escalation_reserve_usd: float = 0.0
     reserve_kept: list[ReserveKept] = []
     # Realised minus predicted spend, less what windows left unspent, not yet taken
@@ -107,21 +108,23 @@ def reserve_within(
     account: PoolAccount, now: datetime, reserve_seconds: float = math.inf
 ) -> list[ReserveKept]:
     """The parts of the pool's escalation reserve kept less than `reserve_seconds`
-    before `now`, oldest first. An older router's entry (a sum without parts)
+    before `now`, oldest first (by when they were kept: routers taking the pool
+    over may have written them). An older router's entry (a sum without parts)
     counts as kept now."""
     if not account.reserve_kept:
         usd = account.escalation_reserve_usd
         return [ReserveKept(kept_at=now, usd=usd)] if usd > 0 else []
+    parts = sorted(account.reserve_kept, key=lambda part: part.kept_at)
     if math.isinf(reserve_seconds):
-        return list(account.reserve_kept)
+        return parts
     oldest = now - timedelta(seconds=reserve_seconds)
-    return [part for part in account.reserve_kept if part.kept_at >= oldest]
+    return [part for part in parts if part.kept_at >= oldest]
 
 
-def escalation_reserve_usd(
+def live_reserve_usd(
     account: PoolAccount, now: datetime, reserve_seconds: float = math.inf
 ) -> float:
-    """What the pool's escalation windows may spend now (`reserve_within`)."""
+    """What the pool's escalation windows may spend at `now` (`reserve_within`)."""
     return sum(part.usd for part in reserve_within(account, now, reserve_seconds))
 
 
@@ -192,10 +195,10 @@ class PoolLedger:
     def lock(self, pool: str) -> asyncio.Lock:
         return self._locks.setdefault(pool, asyncio.Lock())
 
-    def escalation_reserve_usd(self, pool: str) -> float:
-        """What the pool's escalation windows may spend now: the reserve its first
+    def live_reserve_usd(self, pool: str, now: datetime) -> float:
+        """What the pool's escalation windows may spend at `now`: the reserve its first
         stages kept back in the last `reserve_seconds`, less what escalations took."""
-        return escalation_reserve_usd(self.account(pool), datetime.now(UTC), self.reserve_seconds)
+        return live_reserve_usd(self.account(pool), now, self.reserve_seconds)
 
     def account(self, pool: str) -> PoolAccount:
         raw = self.table.data.get(pool.encode())

@@ -59,9 +59,10 @@ log = logging.getLogger(__name__)
 
 Item = tuple[EventT, PredictedQuery]
 Solved = tuple[list[Assignment], WindowReport]
-# A cascade pool's first stage (cascade_stage.py): None routes the window one-shot.
+# A cascade pool's first stage (cascade_stage.py), given the pool's carried exploration
+# allowance: None routes the window one-shot.
 CascadeHook = Callable[
-    ["WindowStage", str, list[PredictedQuery], WindowBounds], Awaitable[Solved | None]
+    ["WindowStage", str, list[PredictedQuery], WindowBounds, float], Awaitable[Solved | None]
 ]
 
 
@@ -254,7 +255,7 @@ async def solve_fresh(
     overspend = account.overspend_usd if settings.router_spend_correction else 0.0
     bounds = WindowBounds(window_id, start, end, overspend)
     if stage.cascade is not None:
-        cascaded = await stage.cascade(stage, pool, fresh, bounds)
+        cascaded = await stage.cascade(stage, pool, fresh, bounds, account.exploration_carried_usd)
         if cascaded is not None:
             return cascaded
     return await asyncio.get_running_loop().run_in_executor(
