@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,17 +75,22 @@ def test_evaluate_cross_validates_a_real_slice(tmp_path: Path) -> None:
     assert "predictor within-task AUC" in result.output
 
 
-def test_evaluate_routes_the_cascade_from_the_recorded_responses(tmp_path: Path) -> None:
+def evaluate_slice(tmp_path: Path, mode: str) -> tuple[Path, str, dict[str, Any]]:
+    """`omnirouter evaluate` in one `--mode` (fast solver, windows of 30) on the first
+    150 rows of the shipped sample: the slice's path, the output and report.json."""
     sample = shipped_sample_path().read_text().splitlines()[:150]
     data = tmp_path / "slice.jsonl"
     data.write_text("\n".join(sample) + "\n")
     out = tmp_path / "out"
-    arguments = ["evaluate", "--train", str(data), "--window-size", "30", "--mode", "budget"]
+    arguments = ["evaluate", "--train", str(data), "--window-size", "30", "--mode", mode]
     arguments += ["--solver", "fast", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
+    return data, result.output, json.loads((out / "report.json").read_text())
+
+
+def test_evaluate_routes_the_cascade_from_the_recorded_responses(tmp_path: Path) -> None:
+    data, output, report = evaluate_slice(tmp_path, "budget")
     table = load_routerbench(data)
     scored = ~np.isnan(table.scores).any(axis=1)
     cascade = report["routers"]["cascade_budget"]
@@ -106,7 +112,7 @@ def test_evaluate_routes_the_cascade_from_the_recorded_responses(tmp_path: Path)
     auc = report["scorer_within_task_auc"]
     assert set(auc) == {"scorer", "predictor"}
     assert all(0.0 <= v <= 1.0 for v in auc["scorer"].values())
-    assert "scorer within-task AUC" in result.output
+    assert "scorer within-task AUC" in output
 
 
 def test_a_malformed_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -122,16 +128,8 @@ def test_evaluate_routes_the_cascade_in_quality_mode_at_the_one_shot_targets(
 ) -> None:
     """`--mode quality` routes the cascade too (before: budget mode only), one point
     per target of the one-shot quality router, every probe and escalation paid."""
-    sample = shipped_sample_path().read_text().splitlines()[:150]
-    data = tmp_path / "slice.jsonl"
-    data.write_text("\n".join(sample) + "\n")
-    out = tmp_path / "out"
-    arguments = ["evaluate", "--train", str(data), "--window-size", "30", "--mode", "quality"]
-    arguments += ["--solver", "fast", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-
-    result = CliRunner().invoke(main, arguments)
-    assert result.exit_code == 0, result.output
-    routers = json.loads((out / "report.json").read_text())["routers"]
+    _, _, report = evaluate_slice(tmp_path, "quality")
+    routers = report["routers"]
     assert "cascade_budget" not in routers
     cascade = routers["cascade_quality"]
     targets = sorted(p["target"] for p in cascade)
