@@ -257,8 +257,9 @@ class Settings(BaseSettings):
     cascade_refit_seconds: float = Field(default=3600.0, gt=0)
     # What a first-stage window keeps back for its probed queries' escalations and
     # they have not spent this many seconds later (the router's clock) is released:
-    # a quiet stretch's unspent reserve never pays for a later burst. Longer than
-    # the probe deadline, or a slow probe's escalation would find its reserve gone.
+    # a quiet stretch's unspent reserve never pays for a later burst. With a cascade
+    # pool, longer than the probe deadline and two windows, or a slow probe's
+    # escalation would find its reserve gone.
     cascade_reserve_seconds: float = Field(default=600.0, gt=0)
 
     # Operations: each worker's Prometheus port (0: none; unset: 9101 router,

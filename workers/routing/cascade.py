@@ -433,7 +433,8 @@ def plan_first_stage(
     """Plan a first-stage window (`first_stage_problem`; its first `n_models` columns
     answer directly). The direct-only window is solved too, and kept unless the
     plan with probe options uses some and is better by its own estimates (more
-    expected quality in budget mode, less cost at the target in quality mode).
+    expected quality in budget mode; in quality mode, reaching the target at less
+    cost, or reaching it where the direct plan cannot).
     Probe columns left unchosen still change the solve (the tie penalty is relative
     to a query's dearest option, the fast solver's steps to the mean cost): a
     cascade that probes nothing must route exactly as the one-shot router does."""

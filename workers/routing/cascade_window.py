@@ -60,6 +60,7 @@ from workers.routing.windows import (
     counts_per_model,
     exploration_fields,
     nominal_budget_usd,
+    pool_columns,
     support_matrix,
     window_budget_usd,
     window_rng,
@@ -94,7 +95,7 @@ def matrices(
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
     """Predicted quality and cost over the pool's models, with what hints allow
     (the optimiser's hard `allowed` mask, as route_window passes it)."""
-    columns = [list(models).index(m) for m in pool_models]
+    columns = pool_columns(models, pool_models)
     quality = np.array([q.quality for q in queries], dtype=float)[:, columns]
     cost = np.array([q.cost_usd for q in queries], dtype=float)[:, columns]
     allowed = allowed_pairs(queries, list(pool_models), quality, cost)
@@ -191,11 +192,12 @@ def route_cascade_window(
         tie_tolerance,
         np.hstack([allowed, option_allowed]),
     )
-    support = support_matrix(queries, [list(models).index(m) for m in pool_models])
+    support = support_matrix(queries, pool_columns(models, pool_models))
     no_option = np.zeros(options.quality.shape, dtype=bool)
     explored = explore_and_solve(
         problem,
-        np.hstack([support, no_option.astype(float)]),
+        # A probe option is never explored: its support is never read.
+        np.hstack([support, np.zeros(options.quality.shape)]),
         exploration_share,
         window_rng(bounds.window_id),
         allowed=np.hstack([allowed, no_option]),

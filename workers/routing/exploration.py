@@ -19,7 +19,7 @@ allowance, `share` of each window's budget, and never so much that the rest
 of the window could no longer be planned within what is left; an allowance a
 window does not use (one query on a dear model may cost more than a small
 window's share) carries over to the next, up to the cost of the window's
-dearest query, so over time exploration spends `share` of the budget and no
+dearest pair it may explore, so over time exploration spends `share` of the budget and no
 more, and the dearest model can be tried too. In quality mode it gives up at
 most the quality the window can spare above its target. The rest of the
 window is then solved again by the same optimiser with what is left, so the

@@ -104,6 +104,11 @@ def window_budget_usd(policy: PoolPolicy, bounds: WindowBounds, queries: int) ->
     return nominal - spend_correction_usd(nominal, bounds.overspend_usd)
 
 
+def pool_columns(models: Sequence[str], pool_models: Sequence[str]) -> list[int]:
+    """Where each of the pool's models stands among `models` (a prediction's columns)."""
+    return [list(models).index(m) for m in pool_models]
+
+
 def window_rng(window_id: str) -> np.random.Generator:
     """The exploration draws' generator, seeded by the window's id: a window routed
     again (a replay, a restarted router) draws the same."""
@@ -190,7 +195,7 @@ def route_window(
     `exploration_carried_usd`); a `shadow_share` of its budget pays for shadow
     answers (workers/routing/shadow.py), each one more assignment of its query."""
     pool_models = list(policy.models or models)
-    columns = [list(models).index(m) for m in pool_models]
+    columns = pool_columns(models, pool_models)
     quality = np.array([q.quality for q in queries], dtype=float)[:, columns]
     cost = np.array([q.cost_usd for q in queries], dtype=float)[:, columns]
     support = support_matrix(queries, columns)
