@@ -257,9 +257,8 @@ class Settings(BaseSettings):
     cascade_refit_seconds: float = Field(default=3600.0, gt=0)
     # What a first-stage window keeps back for its probed queries' escalations and
     # they have not spent this many seconds later (the router's clock) is released:
-    # a quiet stretch's unspent reserve never pays for a later burst. With a cascade
-    # pool, longer than the probe deadline and two windows, or a slow probe's
-    # escalation would find its reserve gone.
+    # a quiet stretch's unspent reserve never pays for a later burst. With a budget
+    # cascade pool, longer than the wait for an escalation (_a_reserve_outlives_its_probes).
     cascade_reserve_seconds: float = Field(default=600.0, gt=0)
 
     # Operations: each worker's Prometheus port (0: none; unset: 9101 router,
@@ -408,17 +407,28 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @property
+    def cascade_deadline_check_seconds(self) -> float:
+        """How often the router looks for probed queries past their deadline."""
+        return min(self.cascade_probe_deadline_seconds / 4, 5.0)
+
     @model_validator(mode="after")
     def _a_reserve_outlives_its_probes(self) -> Settings:
-        """A cascade pool's reserve must outlive the wait for its probes' answers: the
-        probe deadline (counted from a query's first answer) and a window of each stage."""
-        if not any(policy.cascade for policy in self.router_pools.values()):
+        """A budget cascade pool's reserve must outlive the wait for its probes' answers:
+        the probe deadline (counted from a query's first answer), the period of the
+        deadline's check, and a window of each stage. Quality pools keep no reserve."""
+        if not any(p.cascade and p.mode == "budget" for p in self.router_pools.values()):
             return self
-        wait = self.cascade_probe_deadline_seconds + 2 * self.router_window_seconds
+        wait = (
+            self.cascade_probe_deadline_seconds
+            + self.cascade_deadline_check_seconds
+            + 2 * self.router_window_seconds
+        )
         if self.cascade_reserve_seconds <= wait:
             raise ValueError(
-                f"CASCADE_RESERVE_SECONDS={self.cascade_reserve_seconds} must exceed "
-                f"CASCADE_PROBE_DEADLINE_SECONDS + 2 x ROUTER_WINDOW_SECONDS ({wait}): a "
+                f"CASCADE_RESERVE_SECONDS={self.cascade_reserve_seconds} must exceed {wait}: "
+                "CASCADE_PROBE_DEADLINE_SECONDS, plus how often it is checked "
+                "(a quarter of it, at most 5 s), plus 2 x ROUTER_WINDOW_SECONDS; a budget "
                 "cascade pool's escalation reserve must outlive the wait for its probe answers"
             )
         return self

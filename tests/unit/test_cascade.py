@@ -8,6 +8,7 @@ from typing import cast
 import numpy as np
 import pytest
 
+from workers.routing import cascade as cascade_module
 from workers.routing.answer_scorer import ProbeAnswers
 from workers.routing.cascade import (
     NEVER,
@@ -25,7 +26,7 @@ from workers.routing.cascade import (
     solve_first_stage,
 )
 from workers.routing.exploration import explore_and_solve
-from workers.routing.optimizer import Method, WindowProblem, solve
+from workers.routing.optimizer import Method, Mode, WindowPlan, WindowProblem, solve
 
 # Models: two cheap probes (0, 1) and a dear, accurate one (2); costs per query.
 COSTS = np.array([1.0, 1.2, 20.0])
@@ -193,6 +194,65 @@ def test_exploring_a_quality_first_stage_keeps_its_target(solver: str) -> None:
         assert explored.explored.any()
         assert (explored.plan.assignment[explored.explored] < 2).all()
         assert explored.plan.mean_quality >= 0.8 - 1e-9, seed
+
+
+@pytest.mark.parametrize("mode", ["budget", "quality"])
+def test_a_cascade_window_that_probes_nothing_explores_as_a_one_shot_window(mode: str) -> None:
+    """Probe options are never explored, so they take no belief draws: the same
+    queries are explored with the same models as in a one-shot window (before: the
+    draws spanned the option columns too, and other queries were explored)."""
+    rng = np.random.default_rng(7)
+    n = 40
+    quality = rng.uniform(0.3, 0.9, size=(n, 3))
+    cost = np.tile(COSTS, (n, 1))
+    support = rng.integers(0, 30, size=(n, 3)).astype(float)
+    # A probe option dearer than the dear model and worse than the cheap ones.
+    options = OptionMatrices(np.full((n, 1), 0.1), np.full((n, 1), 30.0), np.full(n, 2.2))
+    limit = 5.0 * n if mode == "budget" else 0.6
+    one_shot = WindowProblem(
+        quality,
+        cost,
+        cast(Mode, mode),
+        window_budget_usd=limit if mode == "budget" else None,
+        quality_target=limit if mode == "quality" else None,
+    )
+    cascade = first_stage_problem(quality, cost, options, cast(Mode, mode), limit)
+    plain = explore_and_solve(one_shot, support, 0.2, np.random.default_rng(3), method="exact")
+    probed = explore_and_solve(
+        cascade,
+        np.hstack([support, np.zeros((n, 1))]),
+        0.2,
+        np.random.default_rng(3),
+        allowed=np.hstack([np.ones((n, 3), dtype=bool), np.zeros((n, 1), dtype=bool)]),
+        planner=lambda window: plan_first_stage(window, 3, "exact"),
+    )
+    assert plain.explored.sum() >= 3
+    assert probed.explored.tolist() == plain.explored.tolist()
+    assert probed.plan.assignment.tolist() == plain.plan.assignment.tolist()
+
+
+def test_a_probe_plan_out_of_time_that_misses_the_target_is_not_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The exact solver out of time hands back the fast path's plan, status
+    "time_limited", which may miss the target: the first stage must check the plan
+    against its window, not trust the status (before: this cheaper plan, reaching
+    0.7 of a 0.8 target, was kept over the direct plan that reaches it)."""
+    quality = np.array([[0.6, 0.85]] * 10)
+    cost = np.array([[1.0, 2.0]] * 10)
+    options = OptionMatrices(np.full((10, 1), 0.7), np.full((10, 1), 1.5), np.full(10, 1.0))
+    problem = first_stage_problem(quality, cost, options, "quality", 0.8)
+    real_solve = cascade_module.solve
+
+    def out_of_time_with_probes(window: WindowProblem, *args: object) -> WindowPlan:
+        if window.n_models == 2:
+            return real_solve(window, "exact")
+        return WindowPlan(window, np.full(10, 2), "time_limited", "lagrangian", 2.0)
+
+    monkeypatch.setattr(cascade_module, "solve", out_of_time_with_probes)
+    plan = plan_first_stage(problem, 2, "exact")
+    assert (plan.assignment < 2).all()
+    assert plan.mean_quality >= 0.8 - 1e-9
 
 
 def test_escalations_spend_only_what_is_left() -> None:

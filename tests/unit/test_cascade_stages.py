@@ -413,7 +413,7 @@ async def test_the_escalation_stage_reads_the_cluster_the_first_stage_carried(
     with ThreadPoolExecutor(1) as solver:
         stage = stream_stage(solver)
         routing = CascadeRouting(cast(RouterState, state))
-        routed = await routing.solve_first_stage(stage, "c", predicted(40), BOUNDS)
+        routed = await routing.solve_first_stage(stage, "c", predicted(40), BOUNDS, 0.0)
         assert routed is not None and routed[1].probe_queries > 0
         probed_queries = answered_probes(routed[0])
         assert len(probed_queries) == routed[1].probe_queries
@@ -505,7 +505,7 @@ async def test_the_first_stage_reads_the_cluster_the_predict_stage_carried(
     with ThreadPoolExecutor(1) as solver:
         stage = stream_stage(solver)
         routed = await CascadeRouting(cast(RouterState, state)).solve_first_stage(
-            stage, "c", queries, BOUNDS
+            stage, "c", queries, BOUNDS, 0.0
         )
     assert state.embedded == []
     assert routed is not None and routed[1].probe_queries > 0
@@ -543,7 +543,7 @@ async def test_a_prediction_without_a_cluster_of_the_current_fit_is_embedded_aga
     refitted = queries[1].model_copy(update={"cascade_fit": "earlier"})
     with ThreadPoolExecutor(1) as solver:
         routed = await CascadeRouting(cast(RouterState, state)).solve_first_stage(
-            stream_stage(solver), "c", [old, refitted, queries[2]], BOUNDS
+            stream_stage(solver), "c", [old, refitted, queries[2]], BOUNDS, 0.0
         )
     assert routed is not None
     assert state.embedded == ["question 0", "question 1"]
@@ -731,7 +731,7 @@ async def test_the_escalation_stage_of_a_quality_pool_asks_what_the_first_stage_
         ledger = SimpleNamespace(account=lambda pool: PoolAccount())
         stage = cast(WindowStage, SimpleNamespace(settings=settings, ledger=ledger, solver=solver))
         routed = await CascadeRouting(cast(RouterState, state)).solve_first_stage(
-            stage, "c", predicted(40), BOUNDS
+            stage, "c", predicted(40), BOUNDS, 0.0
         )
         assert routed is not None and routed[1].probe_queries > 0
         probed_queries = answered_probes(routed[0], frozenset({"q0", "q3", "q6", "q9"}))

@@ -92,16 +92,35 @@ CASCADE_POOL = {"c": {"mode": "budget", "budget_per_query_usd": 0.01, "cascade":
 
 
 def test_a_cascade_pool_s_reserve_must_outlive_the_wait_for_its_probes() -> None:
-    """The probe deadline (from a query's first answer) and a window of each stage."""
-    with pytest.raises(ValueError, match=r"CASCADE_RESERVE_SECONDS=123\.0 must exceed"):
-        Settings(
-            router_pools=CASCADE_POOL,  # type: ignore[arg-type]
-            cascade_reserve_seconds=123,
-            cascade_probe_deadline_seconds=120,
-            router_window_seconds=2,
-        )
+    """The probe deadline (from a query's first answer), the period of its check (a
+    quarter of it, at most 5 s) and a window of each stage: 120 + 5 + 2 x 2 = 129 s
+    (before: the check's period was left out, and 125 s passed)."""
+    for too_short in (123, 125, 129):
+        with pytest.raises(ValueError, match=rf"CASCADE_RESERVE_SECONDS={too_short}\.0 must"):
+            Settings(
+                router_pools=CASCADE_POOL,  # type: ignore[arg-type]
+                cascade_reserve_seconds=too_short,
+                cascade_probe_deadline_seconds=120,
+                router_window_seconds=2,
+            )
+    enough = Settings(
+        router_pools=CASCADE_POOL,  # type: ignore[arg-type]
+        cascade_reserve_seconds=130,
+        cascade_probe_deadline_seconds=120,
+        router_window_seconds=2,
+    )
+    assert enough.cascade_reserve_seconds == 130
     # Without a cascade pool there is no reserve: a long deadline is no error.
     assert Settings(cascade_probe_deadline_seconds=900).cascade_reserve_seconds == 600
+    # Nor with a quality cascade pool: it escalates for its target, keeping no reserve.
+    quality_pool = {"q": {"mode": "quality", "quality_target": 0.8, "cascade": True}}
+    assert (
+        Settings(
+            router_pools=quality_pool,  # type: ignore[arg-type]
+            cascade_probe_deadline_seconds=900,
+        ).cascade_reserve_seconds
+        == 600
+    )
 
 
 def test_the_ledger_reads_the_live_reserve_with_its_setting() -> None:

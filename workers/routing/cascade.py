@@ -440,20 +440,18 @@ def plan_first_stage(
     cascade that probes nothing must route exactly as the one-shot router does."""
     limit = problem.window_budget_usd if problem.mode == "budget" else problem.quality_target
     assert limit is not None
-    direct = solve(
-        _window(
-            problem.quality[:, :n_models],
-            problem.cost[:, :n_models],
-            problem.mode,
-            limit,
-            problem.tie_tolerance,
-            problem.permitted[:, :n_models],
-        ),
-        solver,
-        time_limit_seconds,
+    direct_problem = _window(
+        problem.quality[:, :n_models],
+        problem.cost[:, :n_models],
+        problem.mode,
+        limit,
+        problem.tie_tolerance,
+        problem.permitted[:, :n_models],
     )
+    direct = solve(direct_problem, solver, time_limit_seconds)
     with_probes = solve(problem, solver, time_limit_seconds)
-    return with_probes if probes_pay(with_probes, direct, n_models, problem.mode) else direct
+    pays = probes_pay(problem, with_probes, direct_problem, direct, n_models)
+    return with_probes if pays else direct
 
 
 def _window(
@@ -475,21 +473,25 @@ def _window(
     )
 
 
-def probes_pay(with_probes: WindowPlan, direct: WindowPlan, n_models: int, mode: Mode) -> bool:
+def probes_pay(
+    problem: WindowProblem,
+    with_probes: WindowPlan,
+    direct_problem: WindowProblem,
+    direct: WindowPlan,
+    n_models: int,
+) -> bool:
     """Does the plan with probe options probe at all, and beat the direct-only plan
-    (quality mode: reach the target, at less cost or where the direct plan cannot)?"""
+    (quality mode: reach the target, at less cost or where the direct plan cannot)?
+    Each plan is checked against its own window, not trusted by its status: a solve
+    out of time may return the fast path's plan, which can miss the target."""
     if not (with_probes.assignment >= n_models).any():
         return False
-    if mode == "budget":
+    if problem.mode == "budget":
         return with_probes.total_quality > direct.total_quality
-    if not reaches_target(with_probes):
+    if not problem.meets_limit(with_probes.assignment):
         return False
-    return not reaches_target(direct) or with_probes.total_cost_usd < direct.total_cost_usd
-
-
-def reaches_target(plan: WindowPlan) -> bool:
-    """A quality-mode plan that reaches its target (not the best-quality fallback)."""
-    return plan.status in ("optimal", "near_optimal", "time_limited")
+    direct_reaches = direct_problem.meets_limit(direct.assignment)
+    return not direct_reaches or with_probes.total_cost_usd < direct.total_cost_usd
 
 
 # ---------------------------------------------------------------------- stage two

@@ -94,6 +94,22 @@ def belief_samples(
     return rng.beta(q * strength, (1 - q) * strength)
 
 
+def _draws_of_explorable_columns(
+    problem: WindowProblem,
+    support: NDArray[np.float64],
+    rng: np.random.Generator,
+    explorable: NDArray[np.bool_],
+) -> NDArray[np.float64]:
+    """Belief draws of the columns some query may explore (-inf elsewhere). Columns
+    never explored take no draws, so a cascade window (whose probe options are
+    never explored) draws what a one-shot window of the same models would."""
+    draws = np.full(problem.quality.shape, -np.inf)
+    draws[:, explorable] = belief_samples(
+        problem.quality[:, explorable], support[:, explorable], rng
+    )
+    return draws
+
+
 def choose_explorations(
     problem: WindowProblem,
     planned: NDArray[np.int64],
@@ -111,8 +127,9 @@ def choose_explorations(
     if most == 0 or m == 1:
         return chosen
     rows = np.arange(n)
-    draws = belief_samples(problem.quality, support, rng)
     candidates = np.ones((n, m), dtype=bool) if allowed is None else allowed.copy()
+    explorable: NDArray[np.bool_] = np.asarray(candidates.any(axis=0), dtype=bool)
+    draws = _draws_of_explorable_columns(problem, support, rng, explorable)
     candidates[rows, planned] = False
     gain = np.where(candidates, draws - problem.quality[rows, planned][:, None], -np.inf)
     room = WindowRoom(problem)

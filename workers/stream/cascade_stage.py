@@ -88,7 +88,7 @@ class CascadeRouting:
         pool: str,
         fresh: list[PredictedQuery],
         bounds: WindowBounds,
-        exploration_carried_usd: float = 0.0,
+        exploration_carried_usd: float,
     ) -> tuple[list[Assignment], WindowReport] | None:
         """A cascade pool's window planned with probes (and exploration, with what the
         pool's previous window left of its allowance); None: route it one-shot (not

@@ -158,7 +158,7 @@ def add_cascade_stages(app: faust.App, stage: WindowStage, state: RouterState) -
     agent(topics.probed, name="escalate")(partial(escalation_stage, stage, state))
     deadline = settings.cascade_probe_deadline_seconds
 
-    @app.timer(min(deadline / 4, 5.0))
+    @app.timer(settings.cascade_deadline_check_seconds)
     async def probe_deadline() -> None:
         await gatherer.forward_overdue(deadline)
 
