@@ -718,19 +718,32 @@ def bench_pipeline(
 @click.option("--window-seconds", default=1.0, show_default=True)
 @click.option("--model-latency-ms", default=200.0, show_default=True)
 @click.option("--budget-per-query", default=0.0018, show_default=True, help="USD.")
+@click.option(
+    "--quality-target",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Route the pool in quality mode at this mean quality (default: budget mode).",
+)
 def bench_cascade(
     queries: int,
     rate: float,
     window_seconds: float,
     model_latency_ms: float,
     budget_per_query: float,
+    quality_target: float | None,
 ) -> None:
     """Produce -> final answer latency of a cascade pool's direct, accepted-probe and
     escalated queries (replay models on the shipped sample)."""
     from workers.bench import cascade
 
     figures = cascade.run(
-        queries, rate, window_seconds, model_latency_ms, budget_per_query, progress=click.echo
+        queries,
+        rate,
+        window_seconds,
+        model_latency_ms,
+        budget_per_query,
+        progress=click.echo,
+        quality_target=quality_target,
     )
     click.echo("")
     for kind, latency in figures.latency.items():
@@ -738,9 +751,17 @@ def bench_cascade(
             f"{kind:<16}{latency.count:5d} queries  latency p50 / p99 "
             f"{latency.p50_seconds:6.2f} / {latency.p99_seconds:.2f} s"
         )
+    if figures.budget_usd is not None:
+        limit = f"of ${figures.budget_usd:.4f}"
+    else:
+        limit = (
+            f"at a first-stage predicted quality of {figures.first_stage_quality:.4f} "
+            f"(target {figures.quality_target:.2f}; {figures.windows_short_of_target} of "
+            f"{figures.first_stage_windows} windows could not reach it)"
+        )
     click.echo(
         f"probed {figures.probed}, escalated {figures.escalated}; predicted spend "
-        f"${figures.spend_usd:.4f} of ${figures.budget_usd:.4f} "
+        f"${figures.spend_usd:.4f} {limit} "
         f"(window {window_seconds:.1f} s, models answer in {model_latency_ms:.0f} ms)"
     )
 

@@ -8,7 +8,7 @@ rate to a cascade pool. Each query's latency is its final answer's timestamp on
 omnirouter.responses less its own on omnirouter.queries. A direct answer waits
 for one window and one model; an escalated query for two windows, the probes'
 and the escalation model's answers; an accepted probe for two windows and the
-probes.
+probes. The pool is in budget mode, or in quality mode with a `quality_target`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,14 @@ class CascadeFigures:
     probed: int
     escalated: int
     spend_usd: float  # predicted, every window of the pool
-    budget_usd: float  # the first-stage windows' budgets
+    budget_usd: float | None  # the first-stage windows' budgets (budget mode)
+    # Quality mode: the target, and the first-stage windows' predicted mean quality
+    # (each window's own mean, weighted by its queries).
+    quality_target: float | None = None
+    first_stage_quality: float | None = None
+    # Quality mode: first-stage windows, and those no plan could bring to the target.
+    first_stage_windows: int = 0
+    windows_short_of_target: int = 0
 
 
 def kind_of(response: ModelResponse) -> str:
@@ -67,13 +74,14 @@ def run(
     budget_per_query_usd: float = 0.0018,
     log_dir: Path = Path(".omnirouter/bench-cascade"),
     progress: Callable[[str], None] = print,
+    quality_target: float | None = None,
 ) -> CascadeFigures:
+    """Run the bench; with `quality_target` the pool is in quality mode (the budget
+    per query is then unused)."""
     settings = load_settings()
     sample = load_routerbench(shipped_sample_path())
     embedder = make_embedder(settings.router_embedder, Path(settings.embedder_cache_dir))
-    pools = {
-        POOL: {"mode": "budget", "budget_per_query_usd": budget_per_query_usd, "cascade": True}
-    }
+    pools = {POOL: pool_policy(budget_per_query_usd, quality_target)}
     later = sample.prompts[SEEDED_PROMPTS:]
     run_id = f"b{time.time_ns() % 10**9}"
     events = [
@@ -118,6 +126,7 @@ def run(
     for query_id, (response, stamp) in finals.items():
         by_kind[kind_of(response)].append((stamp - produced[query_id]) / 1000)
     pool_reports = [w for w in reports if w.pool == POOL]
+    first_stages = [w for w in pool_reports if ":escalation:" not in w.window_id]
     return CascadeFigures(
         latency={
             kind: CascadeLatency(
@@ -128,10 +137,33 @@ def run(
         probed=sum(w.probe_queries for w in pool_reports),
         escalated=sum(w.escalation_queries for w in pool_reports),
         spend_usd=sum(w.predicted_spend_usd for w in pool_reports),
-        budget_usd=sum(
-            w.window_budget_usd or 0.0 for w in pool_reports if ":escalation:" not in w.window_id
+        budget_usd=(
+            None
+            if quality_target is not None
+            else sum(w.window_budget_usd or 0.0 for w in first_stages)
+        ),
+        quality_target=quality_target,
+        first_stage_quality=(
+            None if quality_target is None else weighted_mean_quality(first_stages)
+        ),
+        first_stage_windows=len(first_stages),
+        windows_short_of_target=sum(
+            w.solver_status == "infeasible_target_best_quality_plan" for w in first_stages
         ),
     )
+
+
+def pool_policy(budget_per_query_usd: float, quality_target: float | None) -> dict[str, object]:
+    """The bench's cascade pool: budget mode, or quality mode at `quality_target`."""
+    if quality_target is None:
+        return {"mode": "budget", "budget_per_query_usd": budget_per_query_usd, "cascade": True}
+    return {"mode": "quality", "quality_target": quality_target, "cascade": True}
+
+
+def weighted_mean_quality(reports: list[WindowReport]) -> float:
+    """The windows' predicted mean quality over all their queries."""
+    queries = sum(w.query_count for w in reports)
+    return sum(w.predicted_mean_quality * w.query_count for w in reports) / max(queries, 1)
 
 
 def wait_for_router(bootstrap: str, log: Path, progress: Callable[[str], None]) -> None:
