@@ -57,7 +57,7 @@ class CascadeFigures:
     # (each window's own mean, weighted by its queries).
     quality_target: float | None = None
     first_stage_quality: float | None = None
-    # Quality mode: first-stage windows, and those no plan could bring to the target.
+    # Quality mode: first-stage windows, and those whose plan reads below the target.
     first_stage_windows: int = 0
     windows_short_of_target: int = 0
 
@@ -148,7 +148,7 @@ def run(
         ),
         first_stage_windows=len(first_stages),
         windows_short_of_target=sum(
-            w.solver_status == "infeasible_target_best_quality_plan" for w in first_stages
+            w.predicted_mean_quality < (w.quality_target or 0.0) - 1e-9 for w in first_stages
         ),
     )
 

@@ -482,8 +482,9 @@ def probes_pay(
 ) -> bool:
     """Does the plan with probe options probe at all, and beat the direct-only plan
     (quality mode: reach the target, at less cost or where the direct plan cannot)?
-    Each plan is checked against its own window, not trusted by its status: a solve
-    out of time may return the fast path's plan, which can miss the target."""
+    In quality mode each plan is checked against its own window, not trusted by its
+    status: a solve out of time may return the fast path's plan, which can miss
+    the target."""
     if not (with_probes.assignment >= n_models).any():
         return False
     if problem.mode == "budget":
