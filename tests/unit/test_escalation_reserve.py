@@ -11,6 +11,7 @@ import pytest
 from schemas import WindowReport
 from tests.tables import router_table
 from workers.config import Settings
+from workers.routing.windows import spend_correction_usd
 from workers.stream.pool_ledger import (
     PoolAccount,
     PoolLedger,
@@ -66,11 +67,28 @@ def test_escalations_spend_the_oldest_part_of_the_reserve_first() -> None:
     assert live_reserve_usd(account, at(LIFE + 101), LIFE) == 0.0
 
 
-def test_an_escalation_beyond_the_reserve_leaves_none_and_owes_nothing() -> None:
-    """A query none of whose probes answered is escalated even beyond the reserve."""
+def test_an_escalation_beyond_the_reserve_is_repaid_by_the_next_first_stages() -> None:
+    """A query none of whose probes answered is escalated even beyond the reserve:
+    the reserve ends at 0 and what was spent beyond it is owed, so the next
+    first-stage window gives it up of its budget (before: it was not owed, and an
+    outage of the panel models spent past the pool's budgets for good)."""
     account = after_window(PoolAccount(), first_stage(1.0), now=at(0), reserve_seconds=LIFE)
     after = after_escalations(account, escalations(4.0), now=at(1), reserve_seconds=LIFE)
     assert after.escalation_reserve_usd == 0.0 and after.reserve_kept == []
+    assert after.overspend_usd == pytest.approx(3.0)
+    # The next window's budget gives up that debt (at most half of a window's each time).
+    assert spend_correction_usd(10.0, after.overspend_usd) == pytest.approx(3.0)
+    repaid = first_stage(0.0).model_copy(
+        update={"spend_correction_usd": 3.0, "window_budget_usd": 7.0, "predicted_spend_usd": 7.0}
+    )
+    assert after_window(after, repaid, 0.0, now=at(2), reserve_seconds=LIFE).overspend_usd == (
+        pytest.approx(0.0)
+    )
+    # Within the reserve nothing is owed; a quality pool keeps no reserve and owes nothing.
+    within = after_escalations(account, escalations(0.5), now=at(1), reserve_seconds=LIFE)
+    assert within.overspend_usd == 0.0
+    quality = escalations(4.0).model_copy(update={"mode": "quality", "window_budget_usd": None})
+    assert after_escalations(PoolAccount(), quality, now=at(1)).overspend_usd == 0.0
 
 
 def test_an_older_router_s_reserve_counts_as_kept_now() -> None:

@@ -53,7 +53,8 @@ class PoolAccount(BaseModel):
     # which knows no parts, reads); what may be spent now is `live_reserve_usd`.
     escalation_reserve_usd: float = 0.0
     reserve_kept: list[ReserveKept] = []
-    # Realised minus predicted spend, less what windows left unspent, not yet taken
+    # Realised minus predicted spend, and what forced escalations spent beyond the
+    # reserve (`after_escalations`), less what windows left unspent, not yet taken
     # off a budget, at most MAX_DEBT_WINDOWS nominal budgets; below 0, a credit (of
     # at most one window's budget) that offsets later overspend, never spent. What a
     # router matched in memory (workers/routing/spend.py) and had not booked with a
@@ -137,7 +138,8 @@ def with_reserve(account: PoolAccount, parts: list[ReserveKept]) -> PoolAccount:
 
 def spend_oldest_first(parts: list[ReserveKept], usd: float) -> list[ReserveKept]:
     """The reserve's parts once `usd` is taken from them, oldest first (what is taken
-    beyond the whole reserve, a query escalated of necessity, is not owed)."""
+    beyond the whole reserve, a query escalated of necessity, leaves every part at 0:
+    `after_escalations` books it as overspend)."""
     left: list[ReserveKept] = []
     for part in parts:
         taken = min(part.usd, usd)
@@ -175,12 +177,17 @@ def after_escalations(
     reserve_seconds: float = math.inf,
 ) -> PoolAccount:
     """The account after an escalation window: its spend taken from the reserve,
-    oldest part first (a query none of whose probes answered is escalated even
-    beyond it: never below 0). Its overspend is left for the next first-stage window
-    to book and repay: an escalation window spends a reserve already kept back, it
-    has no budget of its own."""
+    oldest part first. A query none of whose probes answered is escalated even
+    beyond the reserve (never below 0): in budget mode what it spent beyond is
+    booked as overspend, which the pool's next first-stage windows repay like any
+    other (`booked_overspend`), so an outage of the panel models cannot spend past
+    the pool's budgets for good. An escalation window has no budget of its own."""
     parts = reserve_within(account, now or datetime.now(UTC), reserve_seconds)
-    return with_reserve(account, spend_oldest_first(parts, report.escalation_spend_usd))
+    beyond = max(report.escalation_spend_usd - sum(part.usd for part in parts), 0.0)
+    spent = with_reserve(account, spend_oldest_first(parts, report.escalation_spend_usd))
+    if report.mode != "budget" or beyond <= 0.0:
+        return spent
+    return spent.model_copy(update={"overspend_usd": account.overspend_usd + beyond})
 
 
 @dataclass
