@@ -375,22 +375,19 @@ class Settings(BaseSettings):
                 )
 
     @model_validator(mode="after")
-    def _cascade_pools_have_no_capacities(self) -> Settings:
-        """Cascade windows are solved without capacities (a probe would take a slot of
-        every panel model at once, which the window optimiser cannot express): a cap
-        on a cascade pool's model would be ignored, so it is refused instead."""
+    def _cascade_panels_are_uncapped(self) -> Settings:
+        """A probe takes a slot of every panel model at once, which the window
+        optimiser's per-model capacities cannot express: a configured panel may hold
+        no capped model (a chosen one leaves them out). Capped models answer
+        directly and take escalations, each window within its capacity."""
         for pool, policy in self.router_pools.items():
-            if not policy.cascade:
-                continue
-            capped = sorted(
-                set(policy.models or self.router_models) & set(self.router_model_capacities)
-            )
+            capped = sorted(set(policy.cascade_panel or ()) & set(self.router_model_capacities))
             if capped:
                 raise ValueError(
-                    f"ROUTER_MODEL_CAPACITIES caps {capped}, models of ROUTER_POOLS[{pool}], a "
-                    "cascade pool: cascade windows do not honour capacities (nor "
-                    "ROUTER_FALLBACK_MODEL); drop those caps, leave those models out of the "
-                    "pool's models, or make the pool one-shot"
+                    f"ROUTER_MODEL_CAPACITIES caps {capped}, in the cascade_panel of "
+                    f"ROUTER_POOLS[{pool}]: a probe takes a slot of every panel model at once, "
+                    "which capacities cannot bound; drop those caps, or those models from "
+                    "the panel (a panel chosen from history leaves capped models out)"
                 )
         return self
 

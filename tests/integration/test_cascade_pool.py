@@ -40,6 +40,7 @@ POOLS = {
         "cascade_panel": PANEL,
     }
 }
+DEAR = "gpt-4-1106-preview"
 SEEDED = 200  # the sample's first prompts: the scorer learns from their answers
 QUERIES = 60
 # A router's start fits the cascade on the seeded answers (about 12 s idle, well over
@@ -118,6 +119,8 @@ def test_every_query_of_a_cascade_pool_has_exactly_one_final_answer(
         **environment(broker, postgres_url),
         "KAFKA_TRANSACTIONS": "on" if transactions else "off",
         "ROUTER_EXPLORATION_SHARE": "0.2",
+        # The dear model rate-limited: direct answers and escalations within 2 a window.
+        "ROUTER_MODEL_CAPACITIES": json.dumps({DEAR: 2}),
     }
     pool = run_cascade_pool(broker, env, prompts, tmp_path)
     final, roles, reports = pool.final, pool.roles, pool.reports
@@ -147,6 +150,9 @@ def test_every_query_of_a_cascade_pool_has_exactly_one_final_answer(
     assert allowance <= 0.2 * sum(w.window_budget_usd or 0.0 for w in first) + 1e-9
     for w in first:
         assert w.predicted_spend_usd + w.escalation_reserve_usd <= (w.window_budget_usd or 0) + 1e-9
+    # Every window, first stage or escalations, within the dear model's capacity.
+    print("dear model per window:", [w.assignments_per_model.get(DEAR, 0) for w in reports])
+    assert all(w.assignments_per_model.get(DEAR, 0) <= 2 for w in reports)
 
 
 @dataclass(frozen=True)

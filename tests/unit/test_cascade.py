@@ -25,6 +25,7 @@ from workers.routing.cascade import (
     run_window,
     solve_first_stage,
 )
+from workers.routing.cascade_window import forced_escalation
 from workers.routing.exploration import explore_and_solve
 from workers.routing.optimizer import Method, Mode, WindowPlan, WindowProblem, solve
 
@@ -253,6 +254,33 @@ def test_a_probe_plan_out_of_time_that_misses_the_target_is_not_kept(
     plan = plan_first_stage(problem, 2, "exact")
     assert (plan.assignment < 2).all()
     assert plan.mean_quality >= 0.8 - 1e-9
+
+
+def test_a_forced_escalation_takes_the_cheapest_model_with_a_slot_left() -> None:
+    """Queries no probe answered go to their cheapest model not asked yet; with
+    capacities, in turn, to the cheapest with a slot left, else the cheapest anyway
+    (a query must be answered)."""
+    cost = np.tile([1.0, 1.2, 20.0, 5.0], (4, 1))
+    allowed = np.ones((4, 4), dtype=bool)
+    asked = np.tile([True, True, False, False], (4, 1))
+    assert forced_escalation(cost, allowed, asked).tolist() == [3, 3, 3, 3]
+    capped = forced_escalation(cost, allowed, asked, (None, None, None, 2))
+    assert capped.tolist() == [3, 3, 2, 2]
+    full = forced_escalation(cost, allowed, asked, (None, None, 1, 1))
+    assert full.tolist() == [3, 2, 3, 3]
+
+
+def test_a_chosen_panel_leaves_out_the_models_that_may_not_probe() -> None:
+    """A capped model may not probe (a probe takes a slot of every panel model at
+    once): with model 1 left out, the panel is the other cheap model alone."""
+    n = 400
+    responses, truth, costs = recorded(n, seed=1)
+    predicted = np.tile([0.7, 0.7, 0.95], (n, 1))
+    ids = [f"q{i}" for i in range(n)]
+    vectors = unit_vectors(n, 1)
+    chosen = fit_cascade(ids, vectors, responses, predicted, truth, costs, probe_models=[0, 2])
+    assert chosen.panel == [0]
+    assert fit_cascade(ids, vectors, responses, predicted, truth, costs).panel == [0, 1]
 
 
 def test_escalations_spend_only_what_is_left() -> None:

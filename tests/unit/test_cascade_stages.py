@@ -260,6 +260,48 @@ def test_agreeing_probes_are_accepted_and_disagreeing_ones_escalated(
     assert accepted == {"response": "x"}
 
 
+@pytest.mark.parametrize("mode", ["budget", "quality"])
+def test_a_capped_model_answers_directly_within_its_cap(cascade: FittedCascade, mode: str) -> None:
+    """ROUTER_MODEL_CAPACITIES on the dear model (outside the panel): the first stage
+    gives it at most its cap of direct answers, and the fallback model takes what
+    the caps cannot hold (before: a cascade pool refused any capped model)."""
+    pool = policy(30.0) if mode == "budget" else quality_policy(0.93)
+    n, clusters = 60, clusters_of(cascade, 60, 2)
+
+    def direct_to_dear(capacities: dict[str, int] | None) -> int:
+        assignments, report = route_cascade_window(
+            "c", pool, cascade, predicted(n), MODELS, clusters, BOUNDS,
+            capacities=capacities, fallback_model="cheap-a",
+        )  # fmt: skip
+        answers = [a for a in assignments if a.role == "answer"]
+        assert len({a.query_id for a in assignments}) == n
+        assert report.assignments_per_model.get("dear", 0) == sum(
+            a.model == "dear" for a in answers
+        )
+        return sum(a.model == "dear" for a in answers)
+
+    assert direct_to_dear(None) > 5  # the cap below binds
+    assert direct_to_dear({"dear": 5}) <= 5
+    # Every model capped, too few slots for the window: the fallback takes the rest.
+    assert direct_to_dear({"dear": 5, "cheap-b": 5, "cheap-a": 5}) <= 5
+
+
+def test_an_escalation_window_escalates_to_a_capped_model_within_its_cap(
+    cascade: FittedCascade,
+) -> None:
+    """Ten disagreeing answers all worth escalating to "dear", capped at 3 a window:
+    3 are escalated, the rest accept their best probe answer."""
+    queries = predicted(10)
+    decisions, report = plan_escalation_window(
+        "c", cascade, probed(queries, [["x", "y"]] * 10), MODELS,
+        clusters_of(cascade, 10, 5), EscalationLimit.reserve(10 * COSTS[2]), BOUNDS,
+        capacities={"dear": 3},
+    )  # fmt: skip
+    roles = Counter(d.role for d in decisions)
+    assert roles == Counter({"escalation": 3, "probe": 7})
+    assert report.escalation_queries == 3
+
+
 def test_a_query_without_any_probe_answer_is_escalated_even_beyond_the_reserve(
     cascade: FittedCascade,
 ) -> None:

@@ -135,9 +135,9 @@ def test_a_cascade_pool_may_be_in_quality_mode() -> None:
     assert settings.pool_policy("c").cascade and settings.pool_policy("c").mode == "quality"
 
 
-def test_a_cascade_pool_with_a_capped_model_is_refused() -> None:
-    # Cascade windows (first stage and escalations) are solved without capacities:
-    # a cap on one of a cascade pool's models would be silently ignored.
+def test_a_cascade_panel_with_a_capped_model_is_refused() -> None:
+    # A probe takes a slot of every panel model at once: per-model capacities
+    # cannot bound that, so a capped model may not probe.
     with pytest.raises(
         ValidationError, match=r"ROUTER_MODEL_CAPACITIES.*\['b'\].*ROUTER_POOLS\[c\]"
     ):
@@ -145,18 +145,30 @@ def test_a_cascade_pool_with_a_capped_model_is_refused() -> None:
             router_models=["a", "b", "c"],
             router_model_capacities={"b": 5},
             router_fallback_model="a",
-            router_pools=cascade_pool(),  # type: ignore[arg-type]
+            router_pools=cascade_pool(cascade_panel=["a", "b"]),  # type: ignore[arg-type]
+            router_model_prices=PRICES,  # type: ignore[arg-type]
         )
 
 
-def test_a_cap_on_a_model_outside_every_cascade_pool_is_accepted() -> None:
+def test_a_cap_on_a_cascade_pool_s_model_outside_its_panel_is_accepted() -> None:
+    """The dear model capped (an API's rate limit, say): it answers directly and
+    takes escalations, each window within its cap (before: refused outright)."""
     settings = Settings(
         router_models=["a", "b", "c"],
         router_model_capacities={"c": 5},
         router_fallback_model="a",
-        router_pools=cascade_pool(models=["a", "b"]),  # type: ignore[arg-type]
+        router_pools=cascade_pool(cascade_panel=["a", "b"]),  # type: ignore[arg-type]
+        router_model_prices=PRICES,  # type: ignore[arg-type]
     )
     assert settings.router_model_capacities == {"c": 5}
+    # A panel chosen from history leaves the capped models out: no error either.
+    chosen = Settings(
+        router_models=["a", "b", "c"],
+        router_model_capacities={"b": 5},
+        router_fallback_model="a",
+        router_pools=cascade_pool(),  # type: ignore[arg-type]
+    )
+    assert chosen.pool_policy("c").cascade_panel is None
 
 
 @pytest.mark.parametrize(

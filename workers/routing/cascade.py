@@ -123,9 +123,19 @@ def cheapest_models(costs: NDArray[np.float64], k: int) -> list[int]:
     return [int(j) for j in np.argsort(np.nanmean(costs, axis=0), kind="stable")[:k]]
 
 
-def candidate_panels(costs: NDArray[np.float64]) -> list[tuple[int, int]]:
-    cheapest = cheapest_models(costs, PANEL_CANDIDATES)
+def candidate_panels(
+    costs: NDArray[np.float64], probe_models: Sequence[int] | None = None
+) -> list[tuple[int, int]]:
+    """The pairs among the PANEL_CANDIDATES cheapest of the models that may probe
+    (`probe_models`; None: all)."""
+    cheapest = eligible_cheapest(costs, probe_models)[:PANEL_CANDIDATES]
     return [(min(a, b), max(a, b)) for a, b in itertools.combinations(cheapest, 2)]
+
+
+def eligible_cheapest(costs: NDArray[np.float64], probe_models: Sequence[int] | None) -> list[int]:
+    """The models that may probe, cheapest first."""
+    ordered = cheapest_models(costs, costs.shape[1])
+    return ordered if probe_models is None else [j for j in ordered if j in probe_models]
 
 
 def choose_panel(
@@ -135,17 +145,20 @@ def choose_panel(
     n_clusters: int,
     truth: NDArray[np.float64],
     costs: NDArray[np.float64],
+    probe_models: Sequence[int] | None = None,
 ) -> list[int]:
     """The pair of cheap models whose scored answers gain most from escalation to the
     most accurate model (`escalation_gain`, on held-out posteriors); `responses` are
     every model's, (n_queries, n_models). No pair leaves the target out (a pool of
     two models): the cheapest other model alone, the classic two-model cascade
     (probe with the cheap model, escalate its doubtful answers to the accurate one),
-    which keeps the probe's saving; no other model: no panel (fit_cascade refuses)."""
+    which keeps the probe's saving; no other model: no panel (fit_cascade refuses).
+    Only `probe_models` may probe (None: any; a capped model may not, since a probe
+    takes a slot of every panel model at once, which capacities cannot express)."""
     target = int(np.nanargmax(np.nanmean(truth, axis=0)))
-    others = [j for j in cheapest_models(costs, truth.shape[1]) if j != target]
+    others = [j for j in eligible_cheapest(costs, probe_models) if j != target]
     best: tuple[float, list[int]] = (float("-inf"), others[:1])
-    for panel in candidate_panels(costs):
+    for panel in candidate_panels(costs, probe_models):
         if target in panel:
             continue
         answers = ProbeAnswers.of([[row[j] for j in panel] for row in responses])
@@ -219,22 +232,25 @@ def fit_cascade(
     truth: NDArray[np.float64],
     costs: NDArray[np.float64],
     panel: Sequence[int] | None = None,
+    probe_models: Sequence[int] | None = None,
 ) -> CascadePolicy:
     """Learn the cascade from stored queries with every model's outcome and response
     (`predicted`: the one-shot predictor's quality for them, from a predictor that
-    did not see them). `panel`: the probe models, else chosen (`choose_panel`)."""
+    did not see them). `panel`: the probe models, else chosen (`choose_panel`) among
+    `probe_models` (None: any)."""
     n_models = truth.shape[1]
     clustering = RetrievalStore([str(j) for j in range(n_models)], vectors.shape[1])
     clustering.add_table(list(query_ids), vectors, truth, costs)
     clusters = clustering.clusters.assign(vectors)
     n_clusters = clustering.clusters.n_clusters
     if panel is None:
-        panel = choose_panel(responses, predicted, clusters, n_clusters, truth, costs)
+        panel = choose_panel(responses, predicted, clusters, n_clusters, truth, costs, probe_models)
     panel = list(panel)
     if not panel or len(panel) >= n_models:
         raise ValueError(
             f"a cascade needs a panel of 1 to {n_models - 1} of its {n_models} model(s), "
-            f"got {panel}: one model at least to probe with, one to escalate to"
+            f"got {panel}: one model at least to probe with (never a capped one: "
+            "ROUTER_MODEL_CAPACITIES), one to escalate to"
         )
     answers = ProbeAnswers.of([[row[j] for j in panel] for row in responses])
     scorer = AnswerScorer(panel, n_models, n_clusters).fit(answers, predicted, clusters, truth)
@@ -415,8 +431,14 @@ def first_stage_problem(
     limit: float,
     tie_tolerance: float = 0.0,
     allowed: NDArray[np.bool_] | None = None,
+    capacities: Sequence[int | None] | None = None,
+    fallback_model: int | None = None,
 ) -> WindowProblem:
-    """The first stage's window: the models' columns, then the probe options'."""
+    """The first stage's window: the models' columns, then the probe options'.
+    `capacities` (one per model) bound the models' direct answers; a probe option
+    has none: its panel's models are never capped (Settings refuses it), and its
+    escalations are bounded in their own windows."""
+    n_options = options.quality.shape[1]
     return _window(
         np.hstack([quality, options.quality]),
         np.hstack([cost, options.cost]),
@@ -424,6 +446,8 @@ def first_stage_problem(
         limit,
         tie_tolerance,
         allowed,
+        None if capacities is None else (*capacities, *([None] * n_options)),
+        fallback_model,
     )
 
 
@@ -447,6 +471,8 @@ def plan_first_stage(
         limit,
         problem.tie_tolerance,
         problem.permitted[:, :n_models],
+        None if problem.capacities is None else problem.capacities[:n_models],
+        problem.fallback_model,
     )
     direct = solve(direct_problem, solver, time_limit_seconds)
     with_probes = solve(problem, solver, time_limit_seconds)
@@ -461,6 +487,8 @@ def _window(
     limit: float,
     tie_tolerance: float,
     allowed: NDArray[np.bool_] | None = None,
+    capacities: Sequence[int | None] | None = None,
+    fallback_model: int | None = None,
 ) -> WindowProblem:
     return WindowProblem(
         quality,
@@ -468,6 +496,8 @@ def _window(
         mode,
         window_budget_usd=limit if mode == "budget" else None,
         quality_target=limit if mode == "quality" else None,
+        capacities=None if capacities is None else tuple(capacities),
+        fallback_model=fallback_model,
         tie_tolerance=tie_tolerance,
         allowed=allowed,
     )
@@ -525,11 +555,14 @@ def plan_escalations(
     solver: Method,
     tie_tolerance: float = 0.0,
     allowed: NDArray[np.bool_] | None = None,
+    capacities: Sequence[int | None] | None = None,
 ) -> NDArray[np.int64]:
     """For each probed query, NEVER (accept its best probe answer, P(good)
     `accept_quality`) or the model to escalate to (P(good) its `posterior`); `limit`
     from `escalation_limit`. A model of the panel is no escalation (its answer is
-    in hand); `allowed`: the (query, model) pairs the hints allow."""
+    in hand); `allowed`: the (query, model) pairs the hints allow; `capacities`
+    (one per model, None: unlimited): the most escalations each model may take
+    (accepting is never capped, so every window fits)."""
     accept_quality = accept_quality[:, None]
     others = [j for j in range(posterior.shape[1]) if j not in panel]
     problem = WindowProblem(
@@ -538,6 +571,7 @@ def plan_escalations(
         mode,
         window_budget_usd=limit if mode == "budget" else None,
         quality_target=limit if mode == "quality" else None,
+        capacities=None if capacities is None else (None, *(capacities[j] for j in others)),
         tie_tolerance=tie_tolerance,
         allowed=None
         if allowed is None

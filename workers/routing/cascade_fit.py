@@ -112,9 +112,11 @@ def fit_pool_cascade(
     knn: KnnSettings,
     min_queries: int,
     seed: int = 0,
+    capped: Sequence[str] = (),
 ) -> tuple[FittedCascade | None, int]:
     """The pool's fitted cascade (None below `min_queries` usable stored queries),
-    and how many queries it had to learn from."""
+    and how many queries it had to learn from. A chosen panel leaves out the
+    `capped` models (ROUTER_MODEL_CAPACITIES)."""
     data = gather(rows, models, embedder.name, panel)
     if len(data.query_ids) < min_queries:
         return None, len(data.query_ids)
@@ -123,8 +125,9 @@ def fit_pool_cascade(
         data.prompt_chars, embedder, knn, PREDICTION_FOLDS, seed,
     )  # fmt: skip
     panel_columns = None if panel is None else [list(models).index(m) for m in panel]
+    probe_models = [j for j, m in enumerate(models) if m not in capped]
     policy = fit_cascade(
         data.query_ids, data.vectors, data.responses, predicted, data.truth,
-        data.costs, panel=panel_columns,
+        data.costs, panel=panel_columns, probe_models=probe_models,
     )  # fmt: skip
     return FittedCascade(policy, list(models)), len(data.query_ids)

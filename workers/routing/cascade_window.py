@@ -38,7 +38,14 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from schemas import Assignment, AssignmentRole, PredictedQuery, ProbedQuery, WindowReport
+from schemas import (
+    Assignment,
+    AssignmentRole,
+    PredictedQuery,
+    ProbeAnswer,
+    ProbedQuery,
+    WindowReport,
+)
 from schemas.events import SolverStatus
 from workers.config import PoolPolicy
 from workers.routing.answer_scorer import ProbeAnswers
@@ -100,6 +107,15 @@ def matrices(
     cost = np.array([q.cost_usd for q in queries], dtype=float)[:, columns]
     allowed = allowed_pairs(queries, list(pool_models), quality, cost)
     return quality, cost, allowed
+
+
+def model_capacities(
+    pool_models: Sequence[str], capacities: Mapping[str, int] | None
+) -> tuple[int | None, ...] | None:
+    """ROUTER_MODEL_CAPACITIES over the pool's models (None: unlimited), or None when
+    none of them is capped."""
+    caps = tuple((capacities or {}).get(m) for m in pool_models)
+    return None if all(c is None for c in caps) else caps
 
 
 @dataclass(frozen=True)
@@ -166,6 +182,8 @@ def route_cascade_window(
     tie_tolerance: float = 0.0,
     exploration_share: float = 0.0,
     exploration_carried_usd: float = 0.0,
+    capacities: Mapping[str, int] | None = None,
+    fallback_model: str | None = None,
 ) -> tuple[list[Assignment], WindowReport]:
     """The first stage of a cascade pool's window: answer and probe assignments, and
     the report with its probe and exploration spend and (budget mode) the reserve
@@ -173,7 +191,9 @@ def route_cascade_window(
     (`cascade.policy.clusters`). An `exploration_share` of the window is answered
     directly by models the router knows least, as route_window explores (with
     what the pool's previous window left of its allowance); probe options are
-    never explored, and the window is planned again around what was."""
+    never explored, and the window is planned again around what was. `capacities`
+    bound the direct answers per model, with `fallback_model` taking what they
+    cannot hold, as in route_window (the panel's models are never capped)."""
     pool_models = cascade.models
     panel = cascade.policy.panel
     n_models = len(pool_models)
@@ -191,6 +211,8 @@ def route_cascade_window(
         limit.value,
         tie_tolerance,
         np.hstack([allowed, option_allowed]),
+        model_capacities(pool_models, capacities),
+        pool_models.index(fallback_model) if fallback_model in pool_models else None,
     )
     support = support_matrix(queries, pool_columns(models, pool_models))
     no_option = np.zeros(options.quality.shape, dtype=bool)
@@ -377,10 +399,12 @@ def plan_escalation_window(
     bounds: WindowBounds,
     solver: Method = "fast",
     tie_tolerance: float = 0.0,
+    capacities: Mapping[str, int] | None = None,
 ) -> tuple[list[Assignment], WindowReport]:
     """Per probed query one decision: role "probe" (its answer is accepted as the
     final one; `model` says whose) or role "escalation" (a new assignment), within
-    `limit`; and the escalation window's report. `clusters`: the queries' under the
+    `limit` and the models' `capacities` (escalations per model in this window);
+    and the escalation window's report. `clusters`: the queries' under the
     fitted cascade (`carried_clusters`, else `cascade.policy.clusters`)."""
     pool_models, panel = cascade.models, cascade.policy.panel
     predicted = [p.predicted for p in probed]
@@ -399,8 +423,9 @@ def plan_escalation_window(
     asked = asked_models(probed, pool_models)
     asked[:, panel] = True
     choice = _escalation_choice(
-        posterior, accept, cost, allowed, answered, asked, panel, limit, solver, tie_tolerance
-    )
+        posterior, accept, cost, allowed, answered, asked, panel, limit, solver, tie_tolerance,
+        model_capacities(pool_models, capacities),
+    )  # fmt: skip
     accepted = np.asarray(panel)[np.where(answered, posterior[:, panel], -np.inf).argmax(axis=1)]
     decisions: list[Assignment] = []
     spend, chosen_quality = 0.0, []
@@ -440,24 +465,41 @@ def _escalation_choice(
     limit: EscalationLimit,
     solver: Method,
     tie_tolerance: float,
+    capacities: tuple[int | None, ...] | None = None,
 ) -> NDArray[np.int64]:
     """Per query NEVER (accept) or the model it is escalated to. A query none of
     whose probes answered is escalated whatever the plan (`forced_escalation`);
     in quality mode it is left out of the solve, its forced model's quality
     counted towards the need (an answer it cannot be given must not count as a
-    quality of FORBIDDEN_QUALITY, which the others would have to make up)."""
+    quality of FORBIDDEN_QUALITY, which the others would have to make up). Its
+    slot is taken first: the solve has what the forced escalations leave of
+    `capacities` (in budget mode it may still buy such a query a better model,
+    within those)."""
     n = len(posterior)
     unanswered = ~answered.any(axis=1)
-    forced = forced_escalation(cost, allowed, asked)
+    forced = np.full(n, NEVER, dtype=np.int64)
+    forced[unanswered] = forced_escalation(
+        cost[unanswered], allowed[unanswered], asked[unanswered], capacities
+    )
     solved = np.arange(n) if limit.mode == "budget" else np.flatnonzero(~unanswered)
     rest = limit.for_the_rest(np.maximum(posterior[unanswered, forced[unanswered]], 0.0), n)
     choice = np.full(n, NEVER, dtype=np.int64)
     if len(solved):
         choice[solved] = plan_escalations(
             posterior[solved], accept[solved], cost[solved], panel, rest.mode, rest.value,
-            solver, tie_tolerance, allowed[solved],
+            solver, tie_tolerance, allowed[solved], slots_left(capacities, forced[unanswered]),
         )  # fmt: skip
     return np.where((choice == NEVER) & unanswered, forced, choice)
+
+
+def slots_left(
+    capacities: tuple[int | None, ...] | None, taken: NDArray[np.int64]
+) -> tuple[int | None, ...] | None:
+    """What `capacities` leave once the models in `taken` have one query each."""
+    if capacities is None:
+        return None
+    load = np.bincount(taken, minlength=len(capacities))
+    return tuple(None if c is None else max(c - int(load[j]), 0) for j, c in enumerate(capacities))
 
 
 def escalation_quality_needed(probed: Sequence[ProbedQuery], target: float) -> float:
@@ -477,18 +519,33 @@ def asked_models(probed: Sequence[ProbedQuery], pool_models: Sequence[str]) -> N
 
 
 def forced_escalation(
-    cost: NDArray[np.float64], allowed: NDArray[np.bool_], asked: NDArray[np.bool_]
+    cost: NDArray[np.float64],
+    allowed: NDArray[np.bool_],
+    asked: NDArray[np.bool_],
+    capacities: tuple[int | None, ...] | None = None,
 ) -> NDArray[np.int64]:
     """Per query, where it goes when it must be escalated (none of its probes
     answered): its cheapest allowed model not `asked` yet; when its hints allow
-    only models asked already, the cheapest of those, asked again. Every query
-    gets an answer, and never from a model its hints forbid (a query allowing no
-    pool model at all is dead-lettered before it gets here; such a row would get
-    its cheapest model)."""
+    only models asked already, the cheapest of those, asked again. With
+    `capacities`, the queries take slots in turn, each its cheapest such model
+    with a slot left, else (none has) its cheapest anyway: a query must be
+    answered, as hints outrank capacities in any window. Every query gets an
+    answer, and never from a model its hints forbid (a query allowing no pool
+    model at all is dead-lettered before it gets here; such a row would get its
+    cheapest model)."""
     fresh = allowed & ~asked
     candidates = np.where(fresh.any(axis=1, keepdims=True), fresh, allowed)
     candidates |= ~candidates.any(axis=1, keepdims=True)
-    return np.asarray(np.where(candidates, cost, np.inf).argmin(axis=1), dtype=np.int64)
+    price = np.where(candidates, cost, np.inf)
+    if capacities is None:
+        return np.asarray(price.argmin(axis=1), dtype=np.int64)
+    slots = np.array([np.inf if c is None else float(c) for c in capacities])
+    chosen = np.empty(len(price), dtype=np.int64)
+    for row, prices in enumerate(price):
+        with_room = np.where(slots >= 1, prices, np.inf)
+        j = int(with_room.argmin() if np.isfinite(with_room).any() else prices.argmin())
+        chosen[row], slots[j] = j, slots[j] - 1
+    return chosen
 
 
 def escalation_report(
@@ -536,21 +593,33 @@ def accept_without_scorer(
     pool_models: Sequence[str],
     bounds: WindowBounds,
     mode: Mode = "budget",
+    capacities: Mapping[str, int] | None = None,
 ) -> tuple[list[Assignment], WindowReport]:
     """Decisions when the pool has no fitted cascade any more (its probes were sent
     by an earlier fit, or another router): accept the first probe answer of a model
-    the query's hints allow; a query with none is escalated (`forced_escalation`).
-    `mode`: the pool's, for the report."""
+    the query's hints allow; a query with none is escalated (`forced_escalation`,
+    within `capacities` where it can). `mode`: the pool's, for the report."""
     predicted = [p.predicted for p in probed]
     quality, cost, allowed = matrices(predicted, models, pool_models)
-    forced = forced_escalation(cost, allowed, asked_models(probed, pool_models))
-    decisions: list[Assignment] = []
-    for row, (query, item) in enumerate(zip(predicted, probed, strict=True)):
+    accepted: list[ProbeAnswer | None] = []
+    for row, item in enumerate(probed):
         may_answer = {m for m, ok in zip(pool_models, allowed[row], strict=True) if ok}
-        answer = next(
-            (a for a in item.answers if a.response and not a.error and a.model in may_answer),
-            None,
+        accepted.append(
+            next(
+                (a for a in item.answers if a.response and not a.error and a.model in may_answer),
+                None,
+            )
         )
+    unanswered = np.array([a is None for a in accepted], dtype=bool)
+    forced = np.full(len(probed), NEVER, dtype=np.int64)
+    forced[unanswered] = forced_escalation(
+        cost[unanswered],
+        allowed[unanswered],
+        asked_models(probed, pool_models)[unanswered],
+        model_capacities(pool_models, capacities),
+    )
+    decisions: list[Assignment] = []
+    for row, (query, answer) in enumerate(zip(predicted, accepted, strict=True)):
         if answer is not None:
             metadata = accepted_metadata(query.query.metadata, answer.response)
             decision = _assignment(query, bounds, answer.model, 0.0, 0.0, "probe")

@@ -116,6 +116,8 @@ class CascadeRouting:
                 tie_tolerance=settings.router_tie_tolerance,
                 exploration_share=settings.router_exploration_share,
                 exploration_carried_usd=exploration_carried_usd,
+                capacities=settings.router_model_capacities,
+                fallback_model=settings.router_fallback_model,
             ),
         )
 
@@ -296,8 +298,9 @@ async def decide(
     fitted = state.cascades.get(pool)
     if fitted is None:
         return accept_without_scorer(
-            pool, fresh, settings.router_models, pool_models, bounds, policy.mode
-        )
+            pool, fresh, settings.router_models, pool_models, bounds, policy.mode,
+            settings.router_model_capacities,
+        )  # fmt: skip
     limit = (
         EscalationLimit.needed(escalation_quality_needed(fresh, policy.quality_target or 0.0))
         if policy.mode == "quality"
@@ -318,13 +321,15 @@ async def decide(
                 bounds,
                 solver=settings.router_solver,
                 tie_tolerance=settings.router_tie_tolerance,
+                capacities=settings.router_model_capacities,
             ),
         )
     except Exception:  # the pure core could not plan it: the queries still get an answer
         log.exception("window %s: the escalation plan failed; first answers accepted", window_id)
         return accept_without_scorer(
-            pool, fresh, settings.router_models, pool_models, bounds, policy.mode
-        )
+            pool, fresh, settings.router_models, pool_models, bounds, policy.mode,
+            settings.router_model_capacities,
+        )  # fmt: skip
 
 
 async def cascade_clusters(

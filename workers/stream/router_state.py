@@ -230,6 +230,7 @@ class RouterState:
         fitted, usable = fit_pool_cascade(
             rows, models, policy.cascade_panel, self.predictor.embedder,
             self.predictor.knn, settings.cascade_min_outcomes,
+            capped=list(settings.router_model_capacities),
         )  # fmt: skip
         if fitted is None:
             log.warning(
