@@ -375,23 +375,6 @@ class Settings(BaseSettings):
                 )
 
     @model_validator(mode="after")
-    def _cascade_panels_are_uncapped(self) -> Settings:
-        """A probe takes a slot of every panel model at once, which the window
-        optimiser's per-model capacities cannot express: a configured panel may hold
-        no capped model (a chosen one leaves them out). Capped models answer
-        directly and take escalations, each window within its capacity."""
-        for pool, policy in self.router_pools.items():
-            capped = sorted(set(policy.cascade_panel or ()) & set(self.router_model_capacities))
-            if capped:
-                raise ValueError(
-                    f"ROUTER_MODEL_CAPACITIES caps {capped}, in the cascade_panel of "
-                    f"ROUTER_POOLS[{pool}]: a probe takes a slot of every panel model at once, "
-                    "which capacities cannot bound; drop those caps, or those models from "
-                    "the panel (a panel chosen from history leaves capped models out)"
-                )
-        return self
-
-    @model_validator(mode="after")
     def _cascade_pools_can_have_a_panel(self) -> Settings:
         """A cascade probes with one model at least and escalates to another: a pool of
         one model could never be fitted (its fit failed at every router start)."""

@@ -286,6 +286,27 @@ def test_a_capped_model_answers_directly_within_its_cap(cascade: FittedCascade, 
     assert direct_to_dear({"dear": 5, "cheap-b": 5, "cheap-a": 5}) <= 5
 
 
+def test_a_capped_panel_model_takes_its_probes_and_direct_answers_within_its_cap(
+    cascade: FittedCascade,
+) -> None:
+    """A probe takes a slot of every panel model: "cheap-a" capped at 10 a window has
+    at most 10 assignments, probes and direct answers together, and the window
+    still probes."""
+    n, clusters = 60, clusters_of(cascade, 60, 2)
+
+    def window(capacities: dict[str, int] | None) -> WindowReport:
+        _, report = route_cascade_window(
+            "c", policy(6.0), cascade, predicted(n), MODELS, clusters, BOUNDS,
+            capacities=capacities, fallback_model="dear",
+        )  # fmt: skip
+        return report
+
+    assert window(None).assignments_per_model["cheap-a"] > 10  # the cap below binds
+    capped = window({"cheap-a": 10})
+    assert 0 < capped.probe_queries <= capped.assignments_per_model["cheap-a"] <= 10
+    assert capped.predicted_spend_usd <= 6.0 * n + 1e-9
+
+
 def test_an_escalation_window_escalates_to_a_capped_model_within_its_cap(
     cascade: FittedCascade,
 ) -> None:

@@ -135,33 +135,18 @@ def test_a_cascade_pool_may_be_in_quality_mode() -> None:
     assert settings.pool_policy("c").cascade and settings.pool_policy("c").mode == "quality"
 
 
-def test_a_cascade_panel_with_a_capped_model_is_refused() -> None:
-    # A probe takes a slot of every panel model at once: per-model capacities
-    # cannot bound that, so a capped model may not probe.
-    with pytest.raises(
-        ValidationError, match=r"ROUTER_MODEL_CAPACITIES.*\['b'\].*ROUTER_POOLS\[c\]"
-    ):
-        Settings(
+def test_a_cascade_pool_may_cap_its_models_panel_included() -> None:
+    """Capacities bound a cascade pool's windows, probes included (before: a cap on
+    any model of a cascade pool was refused at start)."""
+    for capped in ({"c": 5}, {"b": 5}):
+        settings = Settings(
             router_models=["a", "b", "c"],
-            router_model_capacities={"b": 5},
+            router_model_capacities=capped,
             router_fallback_model="a",
             router_pools=cascade_pool(cascade_panel=["a", "b"]),  # type: ignore[arg-type]
             router_model_prices=PRICES,  # type: ignore[arg-type]
         )
-
-
-def test_a_cap_on_a_cascade_pool_s_model_outside_its_panel_is_accepted() -> None:
-    """The dear model capped (an API's rate limit, say): it answers directly and
-    takes escalations, each window within its cap (before: refused outright)."""
-    settings = Settings(
-        router_models=["a", "b", "c"],
-        router_model_capacities={"c": 5},
-        router_fallback_model="a",
-        router_pools=cascade_pool(cascade_panel=["a", "b"]),  # type: ignore[arg-type]
-        router_model_prices=PRICES,  # type: ignore[arg-type]
-    )
-    assert settings.router_model_capacities == {"c": 5}
-    # A panel chosen from history leaves the capped models out: no error either.
+        assert settings.router_model_capacities == capped
     chosen = Settings(
         router_models=["a", "b", "c"],
         router_model_capacities={"b": 5},

@@ -35,6 +35,7 @@ from workers.routing.answer_scorer import AnswerScorer, ProbeAnswers, best_probe
 from workers.routing.clusters import QueryClusters
 from workers.routing.embedder import Embedder
 from workers.routing.optimizer import Method, Mode, WindowPlan, WindowProblem, solve
+from workers.routing.panel_capacity import solve_with_probes
 from workers.routing.predictor import HybridPredictor, KnnSettings
 from workers.routing.store import RetrievalStore
 
@@ -153,8 +154,9 @@ def choose_panel(
     two models): the cheapest other model alone, the classic two-model cascade
     (probe with the cheap model, escalate its doubtful answers to the accurate one),
     which keeps the probe's saving; no other model: no panel (fit_cascade refuses).
-    Only `probe_models` may probe (None: any; a capped model may not, since a probe
-    takes a slot of every panel model at once, which capacities cannot express)."""
+    Only `probe_models` may probe (None: any; the router leaves capped models out,
+    since a probe takes a slot of every panel model and their slots are better
+    kept for answers)."""
     target = int(np.nanargmax(np.nanmean(truth, axis=0)))
     others = [j for j in eligible_cheapest(costs, probe_models) if j != target]
     best: tuple[float, list[int]] = (float("-inf"), others[:1])
@@ -249,8 +251,8 @@ def fit_cascade(
     if not panel or len(panel) >= n_models:
         raise ValueError(
             f"a cascade needs a panel of 1 to {n_models - 1} of its {n_models} model(s), "
-            f"got {panel}: one model at least to probe with (never a capped one: "
-            "ROUTER_MODEL_CAPACITIES), one to escalate to"
+            f"got {panel}: one model at least to probe with (a chosen panel takes no "
+            "model capped in ROUTER_MODEL_CAPACITIES), one to escalate to"
         )
     answers = ProbeAnswers.of([[row[j] for j in panel] for row in responses])
     scorer = AnswerScorer(panel, n_models, n_clusters).fit(answers, predicted, clusters, truth)
@@ -436,8 +438,9 @@ def first_stage_problem(
 ) -> WindowProblem:
     """The first stage's window: the models' columns, then the probe options'.
     `capacities` (one per model) bound the models' direct answers; a probe option
-    has none: its panel's models are never capped (Settings refuses it), and its
-    escalations are bounded in their own windows."""
+    has no column capacity of its own: the slots it takes of the panel's models
+    are kept by `plan_first_stage`, and its escalations are bounded in their own
+    windows."""
     n_options = options.quality.shape[1]
     return _window(
         np.hstack([quality, options.quality]),
@@ -452,13 +455,19 @@ def first_stage_problem(
 
 
 def plan_first_stage(
-    problem: WindowProblem, n_models: int, solver: Method, time_limit_seconds: float = 2.0
+    problem: WindowProblem,
+    n_models: int,
+    solver: Method,
+    time_limit_seconds: float = 2.0,
+    panel: Sequence[int] = (),
 ) -> WindowPlan:
     """Plan a first-stage window (`first_stage_problem`; its first `n_models` columns
     answer directly). The direct-only window is solved too, and kept unless the
     plan with probe options uses some and is better by its own estimates (more
     expected quality in budget mode; in quality mode, reaching the target at less
-    cost, or reaching it where the direct plan cannot).
+    cost, or reaching it where the direct plan cannot). A probe takes a slot of
+    every `panel` model: where those are capped, the plan with probe options keeps
+    that too (workers/routing/panel_capacity.py).
     Probe columns left unchosen still change the solve (the tie penalty is relative
     to a query's dearest option, the fast solver's steps to the mean cost): a
     cascade that probes nothing must route exactly as the one-shot router does."""
@@ -475,7 +484,7 @@ def plan_first_stage(
         problem.fallback_model,
     )
     direct = solve(direct_problem, solver, time_limit_seconds)
-    with_probes = solve(problem, solver, time_limit_seconds)
+    with_probes = solve_with_probes(problem, n_models, panel, solver, time_limit_seconds)
     pays = probes_pay(problem, with_probes, direct_problem, direct, n_models)
     return with_probes if pays else direct
 

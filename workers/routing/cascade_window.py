@@ -192,8 +192,8 @@ def route_cascade_window(
     directly by models the router knows least, as route_window explores (with
     what the pool's previous window left of its allowance); probe options are
     never explored, and the window is planned again around what was. `capacities`
-    bound the direct answers per model, with `fallback_model` taking what they
-    cannot hold, as in route_window (the panel's models are never capped)."""
+    bound each model's direct answers and, for a panel model, its probes too,
+    with `fallback_model` taking what they cannot hold, as in route_window."""
     pool_models = cascade.models
     panel = cascade.policy.panel
     n_models = len(pool_models)
@@ -224,7 +224,9 @@ def route_cascade_window(
         window_rng(bounds.window_id),
         allowed=np.hstack([allowed, no_option]),
         carried_usd=exploration_carried_usd,
-        planner=lambda window: plan_first_stage(window, n_models, solver, time_limit_seconds),
+        planner=lambda window: plan_first_stage(
+            window, n_models, solver, time_limit_seconds, panel
+        ),
     )
     plan = explored.plan
     probed = plan.assignment >= n_models
