@@ -13,6 +13,7 @@ from workers.routing.answer_scorer import ProbeAnswers
 from workers.routing.cascade import (
     NEVER,
     CascadePolicy,
+    NoPanel,
     OptionMatrices,
     OptionPricer,
     escalation_gain,
@@ -258,16 +259,30 @@ def test_a_probe_plan_out_of_time_that_misses_the_target_is_not_kept(
 
 def test_a_forced_escalation_takes_the_cheapest_model_with_a_slot_left() -> None:
     """Queries no probe answered go to their cheapest model not asked yet; with
-    capacities, in turn, to the cheapest with a slot left, else the cheapest anyway
-    (a query must be answered)."""
+    capacities, in turn, to the cheapest such model with a slot left, else to an
+    allowed model asked already with one (asked again), and over a cap only when
+    no allowed model has a slot (a query must be answered)."""
     cost = np.tile([1.0, 1.2, 20.0, 5.0], (4, 1))
     allowed = np.ones((4, 4), dtype=bool)
     asked = np.tile([True, True, False, False], (4, 1))
     assert forced_escalation(cost, allowed, asked).tolist() == [3, 3, 3, 3]
     capped = forced_escalation(cost, allowed, asked, (None, None, None, 2))
     assert capped.tolist() == [3, 3, 2, 2]
+    # The models not asked yet are full: the panel's (uncapped) are asked again
+    # (before: the cheapest fresh model, over its cap).
     full = forced_escalation(cost, allowed, asked, (None, None, 1, 1))
-    assert full.tolist() == [3, 2, 3, 3]
+    assert full.tolist() == [3, 2, 0, 0]
+    nowhere = forced_escalation(cost, allowed, asked, (0, 0, 1, 1))
+    assert nowhere.tolist() == [3, 2, 3, 3]
+
+
+def test_forced_escalations_serve_the_queries_with_fewest_models_first() -> None:
+    """The second query may only have model 1; taking it first leaves model 2 for
+    the first (before, in order: both on model 1, one over its cap)."""
+    cost = np.tile([1.0, 5.0, 9.0], (2, 1))
+    allowed = np.array([[True, True, True], [False, True, False]])
+    asked = np.tile([True, False, False], (2, 1))
+    assert forced_escalation(cost, allowed, asked, (None, 1, 1)).tolist() == [2, 1]
 
 
 def test_a_chosen_panel_leaves_out_the_models_that_may_not_probe() -> None:
@@ -281,6 +296,9 @@ def test_a_chosen_panel_leaves_out_the_models_that_may_not_probe() -> None:
     chosen = fit_cascade(ids, vectors, responses, predicted, truth, costs, probe_models=[0, 2])
     assert chosen.panel == [0]
     assert fit_cascade(ids, vectors, responses, predicted, truth, costs).panel == [0, 1]
+    # Only the escalation target may probe: no panel, said so (the router warns).
+    with pytest.raises(NoPanel, match="one model at least to probe with"):
+        fit_cascade(ids, vectors, responses, predicted, truth, costs, probe_models=[2])
 
 
 def test_escalations_spend_only_what_is_left() -> None:

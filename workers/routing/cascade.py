@@ -226,6 +226,10 @@ def make_options(held_out_score: NDArray[np.float64], targets: Sequence[int]) ->
     return options
 
 
+class NoPanel(ValueError):
+    """No panel to probe with: none configured and no model fit to choose."""
+
+
 def fit_cascade(
     query_ids: Sequence[str],
     vectors: NDArray[np.float32],
@@ -249,7 +253,7 @@ def fit_cascade(
         panel = choose_panel(responses, predicted, clusters, n_clusters, truth, costs, probe_models)
     panel = list(panel)
     if not panel or len(panel) >= n_models:
-        raise ValueError(
+        raise NoPanel(
             f"a cascade needs a panel of 1 to {n_models - 1} of its {n_models} model(s), "
             f"got {panel}: one model at least to probe with (a chosen panel takes no "
             "model capped in ROUTER_MODEL_CAPACITIES), one to escalate to"

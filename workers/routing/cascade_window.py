@@ -470,28 +470,42 @@ def _escalation_choice(
     capacities: tuple[int | None, ...] | None = None,
 ) -> NDArray[np.int64]:
     """Per query NEVER (accept) or the model it is escalated to. A query none of
-    whose probes answered is escalated whatever the plan (`forced_escalation`);
-    in quality mode it is left out of the solve, its forced model's quality
-    counted towards the need (an answer it cannot be given must not count as a
-    quality of FORBIDDEN_QUALITY, which the others would have to make up). Its
-    slot is taken first: the solve has what the forced escalations leave of
-    `capacities` (in budget mode it may still buy such a query a better model,
-    within those)."""
-    n = len(posterior)
-    unanswered = ~answered.any(axis=1)
-    forced = np.full(n, NEVER, dtype=np.int64)
-    forced[unanswered] = forced_escalation(
-        cost[unanswered], allowed[unanswered], asked[unanswered], capacities
-    )
-    solved = np.arange(n) if limit.mode == "budget" else np.flatnonzero(~unanswered)
-    rest = limit.for_the_rest(np.maximum(posterior[unanswered, forced[unanswered]], 0.0), n)
-    choice = np.full(n, NEVER, dtype=np.int64)
-    if len(solved):
-        choice[solved] = plan_escalations(
-            posterior[solved], accept[solved], cost[solved], panel, rest.mode, rest.value,
-            solver, tie_tolerance, allowed[solved], slots_left(capacities, forced[unanswered]),
+    whose probes answered is escalated whatever the plan (`forced_escalation`).
+    Budget mode: it stays in the solve, which buys it a better model than its
+    forced one where the reserve allows; those it leaves take the slots the
+    solve's escalations leave of `capacities`. Quality mode: it is left out of the
+    solve and takes its slot first, its forced model's quality counted towards
+    the need (an answer it cannot be given must not count as a quality of
+    FORBIDDEN_QUALITY, which the others would have to make up)."""
+    unanswered: NDArray[np.bool_] = np.asarray(~answered.any(axis=1), dtype=bool)
+
+    def forced(rows: NDArray[np.bool_], slots: tuple[int | None, ...] | None) -> NDArray[np.int64]:
+        return forced_escalation(cost[rows], allowed[rows], asked[rows], slots)
+
+    def planned(
+        rows: NDArray[np.int64], rest: EscalationLimit, slots: tuple[int | None, ...] | None
+    ) -> NDArray[np.int64]:
+        return plan_escalations(
+            posterior[rows], accept[rows], cost[rows], panel, rest.mode, rest.value,
+            solver, tie_tolerance, allowed[rows], slots,
         )  # fmt: skip
-    return np.where((choice == NEVER) & unanswered, forced, choice)
+
+    choice = np.full(len(posterior), NEVER, dtype=np.int64)
+    if not len(choice):
+        return choice
+    if limit.mode == "budget":
+        choice[:] = planned(np.arange(len(posterior)), limit, capacities)
+        left = (choice == NEVER) & unanswered
+        choice[left] = forced(left, slots_left(capacities, choice[choice != NEVER]))
+        return choice
+    choice[unanswered] = forced(unanswered, capacities)
+    rest = limit.for_the_rest(
+        np.maximum(posterior[unanswered, choice[unanswered]], 0.0), len(choice)
+    )
+    solved = np.flatnonzero(~unanswered)
+    if len(solved):
+        choice[solved] = planned(solved, rest, slots_left(capacities, choice[unanswered]))
+    return choice
 
 
 def slots_left(
@@ -529,24 +543,31 @@ def forced_escalation(
     """Per query, where it goes when it must be escalated (none of its probes
     answered): its cheapest allowed model not `asked` yet; when its hints allow
     only models asked already, the cheapest of those, asked again. With
-    `capacities`, the queries take slots in turn, each its cheapest such model
-    with a slot left, else (none has) its cheapest anyway: a query must be
-    answered, as hints outrank capacities in any window. Every query gets an
-    answer, and never from a model its hints forbid (a query allowing no pool
-    model at all is dead-lettered before it gets here; such a row would get its
-    cheapest model)."""
+    `capacities` each query takes a slot, the queries with the fewest allowed
+    models first: its cheapest model not asked yet with a slot left, else its
+    cheapest allowed one with a slot left (asked again), else (none has one) its
+    cheapest model not asked yet anyway: a query must be answered, as hints
+    outrank capacities in any window. Never a model its hints forbid (a query
+    allowing no pool model at all is dead-lettered before it gets here; such a
+    row would get its cheapest model)."""
     fresh = allowed & ~asked
     candidates = np.where(fresh.any(axis=1, keepdims=True), fresh, allowed)
     candidates |= ~candidates.any(axis=1, keepdims=True)
     price = np.where(candidates, cost, np.inf)
     if capacities is None:
         return np.asarray(price.argmin(axis=1), dtype=np.int64)
+    again = np.where(allowed, cost, np.inf)
     slots = np.array([np.inf if c is None else float(c) for c in capacities])
     chosen = np.empty(len(price), dtype=np.int64)
-    for row, prices in enumerate(price):
-        with_room = np.where(slots >= 1, prices, np.inf)
-        j = int(with_room.argmin() if np.isfinite(with_room).any() else prices.argmin())
-        chosen[row], slots[j] = j, slots[j] - 1
+    for row in np.argsort(allowed.sum(axis=1), kind="stable"):
+        for prices in (price[row], again[row]):
+            with_room = np.where(slots >= 1, prices, np.inf)
+            if np.isfinite(with_room).any():
+                chosen[row] = int(with_room.argmin())
+                break
+        else:
+            chosen[row] = int(price[row].argmin())
+        slots[chosen[row]] -= 1
     return chosen
 
 

@@ -35,6 +35,7 @@ from workers.db.repository import (
     scored_answers,
     texts_of_other_embedders,
 )
+from workers.routing.cascade import NoPanel
 from workers.routing.cascade_fit import MAX_FIT_QUERIES, fit_pool_cascade
 from workers.routing.cascade_window import FittedCascade, pool_clusters
 from workers.routing.embedder import Embedder
@@ -253,6 +254,13 @@ class RouterState:
                 fitted = await loop.run_in_executor(self.cascade_thread, self._fit_cascade, pool)
             except sa.exc.SQLAlchemyError as exc:
                 log.warning("pool %s: cascade refit: database unavailable (%s)", pool, exc)
+                continue
+            except NoPanel as exc:
+                log.warning(
+                    "pool %s: no cascade fitted (%s); it keeps its current policy, "
+                    "one-shot if none",
+                    pool, exc,
+                )  # fmt: skip
                 continue
             except Exception:
                 log.exception("pool %s: cascade refit failed; keeping its current policy", pool)
