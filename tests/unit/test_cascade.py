@@ -26,7 +26,7 @@ from workers.routing.cascade import (
     run_window,
     solve_first_stage,
 )
-from workers.routing.cascade_window import forced_escalation
+from workers.routing.cascade_window import EscalationLimit, _escalation_choice, forced_escalation
 from workers.routing.exploration import explore_and_solve
 from workers.routing.optimizer import Method, Mode, WindowPlan, WindowProblem, solve
 
@@ -283,6 +283,29 @@ def test_forced_escalations_serve_the_queries_with_fewest_models_first() -> None
     allowed = np.array([[True, True, True], [False, True, False]])
     asked = np.tile([True, False, False], (2, 1))
     assert forced_escalation(cost, allowed, asked, (None, 1, 1)).tolist() == [2, 1]
+
+
+@pytest.mark.parametrize(("mode", "limit"), [("budget", 1.0), ("quality", 0.5)])
+def test_a_forced_escalation_takes_its_slot_before_the_plan(mode: str, limit: float) -> None:
+    """Model 1 has one slot; the first query had no probe answer and its hints allow
+    only models 0 (asked) and 1; the second is answered and would escalate to 1 too.
+    The forced query takes the slot, the other accepts (before, in budget mode: the
+    plan took it first and the forced query went over the cap)."""
+    posterior = np.array([[0.0, 0.8, -1.0], [0.5, 0.8, 0.9]])
+    choice = _escalation_choice(
+        posterior,
+        np.array([-1.0, 0.5]),
+        np.array([[1.0, 10.0, 50.0], [1.0, 1.0, 50.0]]),
+        np.array([[True, True, False], [True, True, True]]),
+        np.array([[False], [True]]),
+        np.array([[True, False, False], [True, False, False]]),
+        [0],
+        EscalationLimit(cast(Mode, mode), limit),
+        "exact",
+        0.0,
+        (0, 1, None),
+    )
+    assert choice.tolist() == [1, NEVER]
 
 
 def test_a_chosen_panel_leaves_out_the_models_that_may_not_probe() -> None:

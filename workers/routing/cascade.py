@@ -475,9 +475,20 @@ def plan_first_stage(
     Probe columns left unchosen still change the solve (the tie penalty is relative
     to a query's dearest option, the fast solver's steps to the mean cost): a
     cascade that probes nothing must route exactly as the one-shot router does."""
+    direct_problem = direct_only(problem, n_models)
+    direct = solve(direct_problem, solver, time_limit_seconds)
+    with_probes = solve_with_probes(problem, n_models, panel, solver, time_limit_seconds)
+    if with_probes is None:  # no plan with probes keeps the panel's caps
+        return direct
+    pays = probes_pay(problem, with_probes, direct_problem, direct, n_models)
+    return with_probes if pays else direct
+
+
+def direct_only(problem: WindowProblem, n_models: int) -> WindowProblem:
+    """A first-stage window without its probe options: its first `n_models` columns."""
     limit = problem.window_budget_usd if problem.mode == "budget" else problem.quality_target
     assert limit is not None
-    direct_problem = _window(
+    return _window(
         problem.quality[:, :n_models],
         problem.cost[:, :n_models],
         problem.mode,
@@ -487,10 +498,6 @@ def plan_first_stage(
         None if problem.capacities is None else problem.capacities[:n_models],
         problem.fallback_model,
     )
-    direct = solve(direct_problem, solver, time_limit_seconds)
-    with_probes = solve_with_probes(problem, n_models, panel, solver, time_limit_seconds)
-    pays = probes_pay(problem, with_probes, direct_problem, direct, n_models)
-    return with_probes if pays else direct
 
 
 def _window(
@@ -525,12 +532,18 @@ def probes_pay(
 ) -> bool:
     """Does the plan with probe options probe at all, and beat the direct-only plan
     (quality mode: reach the target, at less cost or where the direct plan cannot)?
-    In quality mode each plan is checked against its own window, not trusted by its
-    status: a solve out of time may return the fast path's plan, which can miss
-    the target."""
+    Each plan is checked against its own window, not trusted by its status: a solve
+    out of time may return the fast path's plan, which can miss the target, and a
+    plan whose probes were limited for the panel's caps may miss the budget."""
     if not (with_probes.assignment >= n_models).any():
         return False
     if problem.mode == "budget":
+        # Never over a budget the direct plan keeps (a plan whose probes were
+        # limited, panel_capacity.py, may not keep it).
+        if direct_problem.meets_limit(direct.assignment) and not problem.meets_limit(
+            with_probes.assignment
+        ):
+            return False
         return with_probes.total_quality > direct.total_quality
     if not problem.meets_limit(with_probes.assignment):
         return False

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Protocol
 
 import numpy as np
@@ -60,6 +60,7 @@ from workers.routing.cascade import (
 )
 from workers.routing.exploration import explore_and_solve
 from workers.routing.optimizer import Method, Mode
+from workers.routing.panel_capacity import panel_caps, room_window
 from workers.routing.probes import accepted_metadata, probe_metadata
 from workers.routing.windows import (
     WindowBounds,
@@ -149,13 +150,17 @@ class EscalationLimit(WindowLimit):
     def needed(cls, quality: float) -> EscalationLimit:
         return cls("quality", min(max(quality, 0.0), 1.0))
 
-    def for_the_rest(self, forced_quality: NDArray[np.float64], queries: int) -> EscalationLimit:
-        """Quality mode: the mean the window's other queries must reach once those
-        escalated of necessity (no probe answered) count with `forced_quality`.
-        Budget mode: the same reserve (those queries stay in the solve, which buys
-        them a better model than their cheapest where the reserve allows)."""
+    def for_the_rest(
+        self, forced_quality: NDArray[np.float64], forced_usd: float, queries: int
+    ) -> EscalationLimit:
+        """What the window's other queries may use once those escalated of necessity
+        (no probe answered) are paid (`forced_usd`) and count (`forced_quality`):
+        budget mode, the reserve they leave (never below 0); quality mode, the mean
+        the others must reach."""
+        if self.mode == "budget":
+            return EscalationLimit.reserve(max(self.value - forced_usd, 0.0))
         rest = queries - len(forced_quality)
-        if self.mode == "budget" or rest <= 0:
+        if rest <= 0:
             return self
         return EscalationLimit.needed((self.value * queries - forced_quality.sum()) / rest)
 
@@ -226,6 +231,10 @@ def route_cascade_window(
         carried_usd=exploration_carried_usd,
         planner=lambda window: plan_first_stage(
             window, n_models, solver, time_limit_seconds, panel
+        ),
+        # With the panel capped, the room must not count on probes beyond its caps.
+        room_of=(
+            partial(room_window, problem, n_models, panel) if panel_caps(problem, panel) else None
         ),
     )
     plan = explored.plan
@@ -470,41 +479,27 @@ def _escalation_choice(
     capacities: tuple[int | None, ...] | None = None,
 ) -> NDArray[np.int64]:
     """Per query NEVER (accept) or the model it is escalated to. A query none of
-    whose probes answered is escalated whatever the plan (`forced_escalation`).
-    Budget mode: it stays in the solve, which buys it a better model than its
-    forced one where the reserve allows; those it leaves take the slots the
-    solve's escalations leave of `capacities`. Quality mode: it is left out of the
-    solve and takes its slot first, its forced model's quality counted towards
-    the need (an answer it cannot be given must not count as a quality of
-    FORBIDDEN_QUALITY, which the others would have to make up)."""
+    whose probes answered is escalated whatever the plan (`forced_escalation`),
+    first: it takes its slot of `capacities`, its cost comes out of the reserve
+    (budget mode; beyond it if need be) or its forced model's quality counts
+    towards the need (quality mode: an answer it cannot be given must not count
+    as a quality of FORBIDDEN_QUALITY, which the others would have to make up).
+    The other queries are then planned with what is left."""
     unanswered: NDArray[np.bool_] = np.asarray(~answered.any(axis=1), dtype=bool)
-
-    def forced(rows: NDArray[np.bool_], slots: tuple[int | None, ...] | None) -> NDArray[np.int64]:
-        return forced_escalation(cost[rows], allowed[rows], asked[rows], slots)
-
-    def planned(
-        rows: NDArray[np.int64], rest: EscalationLimit, slots: tuple[int | None, ...] | None
-    ) -> NDArray[np.int64]:
-        return plan_escalations(
-            posterior[rows], accept[rows], cost[rows], panel, rest.mode, rest.value,
-            solver, tie_tolerance, allowed[rows], slots,
-        )  # fmt: skip
-
     choice = np.full(len(posterior), NEVER, dtype=np.int64)
-    if not len(choice):
-        return choice
-    if limit.mode == "budget":
-        choice[:] = planned(np.arange(len(posterior)), limit, capacities)
-        left = (choice == NEVER) & unanswered
-        choice[left] = forced(left, slots_left(capacities, choice[choice != NEVER]))
-        return choice
-    choice[unanswered] = forced(unanswered, capacities)
+    forced = forced_escalation(cost[unanswered], allowed[unanswered], asked[unanswered], capacities)
+    choice[unanswered] = forced
     rest = limit.for_the_rest(
-        np.maximum(posterior[unanswered, choice[unanswered]], 0.0), len(choice)
+        np.maximum(posterior[unanswered, forced], 0.0),
+        float(cost[unanswered, forced].sum()),
+        len(choice),
     )
     solved = np.flatnonzero(~unanswered)
     if len(solved):
-        choice[solved] = planned(solved, rest, slots_left(capacities, choice[unanswered]))
+        choice[solved] = plan_escalations(
+            posterior[solved], accept[solved], cost[solved], panel, rest.mode, rest.value,
+            solver, tie_tolerance, allowed[solved], slots_left(capacities, forced),
+        )  # fmt: skip
     return choice
 
 

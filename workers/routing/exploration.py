@@ -118,9 +118,11 @@ def choose_explorations(
     rng: np.random.Generator,
     allowed: NDArray[np.bool_] | None = None,
     allowance_usd: float = math.inf,
+    room_window: WindowProblem | None = None,
 ) -> NDArray[np.int64]:
     """For each query the model to explore, or NOT_EXPLORED: at most round(share x
-    queries) of them, within the allowance and the window's room (module doc)."""
+    queries) of them, within the allowance and the window's room (module doc;
+    `room_window`: the window the rest must still fit, default `problem`)."""
     n, m = problem.quality.shape
     chosen = np.full(n, NOT_EXPLORED, dtype=np.int64)
     most = math.floor(share * n + 0.5)
@@ -132,7 +134,7 @@ def choose_explorations(
     draws = _draws_of_explorable_columns(problem, support, rng, explorable)
     candidates[rows, planned] = False
     gain = np.where(candidates, draws - problem.quality[rows, planned][:, None], -np.inf)
-    room = WindowRoom(problem)
+    room = WindowRoom(room_window or problem)
     spent = 0.0
     count = 0
     for i in rng.permutation(n):
@@ -161,17 +163,24 @@ def explore_and_solve(
     carried_usd: float = 0.0,
     shadow_share: float = 0.0,
     planner: Planner | None = None,
+    room_of: Callable[[WindowPlan], WindowProblem] | None = None,
 ) -> ExploredPlan:
     """Plan the window, explore a share of it, spend a `shadow_share` of its budget
     (or what the plan leaves unspent) on shadow answers, and plan the rest again
     with what is left of the budget (or of the target). `carried_usd`: the
     allowance earlier windows of the pool left (the previous ExploredPlan's
     next_allowance_usd). `planner` plans the window and its rest (default: `solve`
-    with `method`); only `allowed` pairs are explored."""
+    with `method`); only `allowed` pairs are explored; `room_of`: given the plan,
+    the window whose room exploration must leave (default `problem`; a cascade
+    window whose panel is capped passes one the room can plan exactly,
+    panel_capacity.room_window)."""
     plan_window = planner or (lambda window: solve(window, method, time_limit_seconds))
     plan = plan_window(problem)
     allowance = window_allowance(problem, share, carried_usd, allowed)
-    explore = choose_explorations(problem, plan.assignment, support, share, rng, allowed, allowance)
+    room_window = room_of(plan) if room_of is not None else None
+    explore = choose_explorations(
+        problem, plan.assignment, support, share, rng, allowed, allowance, room_window
+    )
     explored = explore != NOT_EXPLORED
     spend = float(problem.cost[explored, explore[explored]].sum())
     answered = np.where(explored, explore, plan.assignment)

@@ -5,12 +5,12 @@ must hold its direct answers and every probe: load(j) + probes <= cap(j). The
 window optimiser's capacities are per column, and a probe option is a column of
 its own, so this group bound is met by construction instead: the window is
 solved with its probes limited to P queries (probe options allowed for those
-only) and each capped panel model's direct answers to its cap less P. P is
-tried at a few shares of what an unbounded solve probed (no more than the
-panel's room), the queries kept for probing being those that solve's probes
-gained most on, and the best plan of those tried is kept. Each candidate keeps
-the bound; P = 0 (every query answered directly) is always one when nothing
-else is.
+only) and each capped panel model's cap less P. P is tried at a few shares of
+what an unbounded solve probed (no more than the panel's caps), the queries
+kept for probing being those that solve's probes gained most on. Of the plans
+that keep every panel cap as configured (a solve may lift a cap where the
+hints or the window's size leave it no choice; such a plan is dropped), the
+best is kept; none: the window is answered directly (`plan_first_stage`).
 """
 
 from __future__ import annotations
@@ -21,26 +21,26 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from workers.routing.optimizer import Method, WindowPlan, WindowProblem, solve
+from workers.routing.optimizer import CapacityError, Method, WindowPlan, WindowProblem, solve
 
 # The probe counts tried, as shares of the most a window may probe.
 PROBE_SHARES = (1.0, 0.75, 0.5, 0.25)
 
 
-def panel_room(problem: WindowProblem, panel: Sequence[int]) -> float:
-    """The most probes the panel's capacities hold (inf: no panel model capped)."""
-    caps = problem.capacity_array
-    return min((float(caps[j]) for j in panel), default=math.inf)
+def panel_caps(problem: WindowProblem, panel: Sequence[int]) -> dict[int, int]:
+    """The configured caps of the panel's capped models (none: an unbounded panel)."""
+    caps = problem.capacities or ()
+    return {j: int(c) for j in panel if j < len(caps) and (c := caps[j]) is not None}
 
 
 def keeps_panel_caps(
     problem: WindowProblem, assignment: NDArray[np.int64], n_models: int, panel: Sequence[int]
 ) -> bool:
-    """Does every panel model hold its direct answers and every probe?"""
-    caps = problem.capacity_array
+    """Does every capped panel model hold its direct answers and every probe, within
+    its configured cap?"""
     load = np.bincount(assignment[assignment < n_models], minlength=n_models)
     probes = int((assignment >= n_models).sum())
-    return all(load[j] + probes <= caps[j] for j in panel)
+    return all(load[j] + probes <= cap for j, cap in panel_caps(problem, panel).items())
 
 
 def solve_with_probes(
@@ -49,22 +49,45 @@ def solve_with_probes(
     panel: Sequence[int],
     solver: Method,
     time_limit_seconds: float,
-) -> WindowPlan:
+) -> WindowPlan | None:
     """The window's plan with probe options (module doc): as the optimiser solves it
-    when no panel model is capped, else the best plan of a few probe counts."""
+    when it keeps the panel's caps, else the best plan of a few probe counts that
+    does; None: none does."""
     plan = solve(problem, solver, time_limit_seconds)
-    if not math.isfinite(panel_room(problem, panel)) or keeps_panel_caps(
-        problem, plan.assignment, n_models, panel
-    ):
+    caps = panel_caps(problem, panel)
+    if not caps or keeps_panel_caps(problem, plan.assignment, n_models, panel):
         return plan
     order = _by_probe_gain(problem, plan.assignment, n_models)
-    most = int(min(len(order), panel_room(problem, panel)))
-    counts = sorted({math.ceil(most * share) for share in PROBE_SHARES}, reverse=True)
-    tried = [
-        solve(_probes_limited(problem, n_models, panel, order[:count]), solver, time_limit_seconds)
-        for count in counts
-    ]
-    return max(tried, key=lambda p: (problem.meets_limit(p.assignment), p.objective(problem.mode)))
+    most = min(len(order), *caps.values())
+    counts = sorted({math.ceil(most * share) for share in PROBE_SHARES} - {0}, reverse=True)
+    kept = []
+    for count in counts:
+        try:
+            limited = _probes_limited(problem, n_models, caps, order[:count])
+            candidate = solve(limited, solver, time_limit_seconds)
+        except CapacityError:  # the caps less `count` cannot hold the other queries
+            continue
+        if keeps_panel_caps(problem, candidate.assignment, n_models, panel):
+            kept.append(candidate)
+    return max(kept, key=lambda p: _rank(problem, p), default=None)
+
+
+def room_window(
+    problem: WindowProblem, n_models: int, panel: Sequence[int], plan: WindowPlan
+) -> WindowProblem:
+    """The window exploration must leave room in, given its plan: probes allowed only
+    to the queries the plan probes, the panel's caps less as many. The room plans
+    per column, so on `problem` it would count on probes beyond the panel's caps;
+    here every plan it finds keeps them (and the plan itself is one)."""
+    probing = np.flatnonzero(plan.assignment >= n_models)
+    return _probes_limited(problem, n_models, panel_caps(problem, panel), probing)
+
+
+def _rank(problem: WindowProblem, plan: WindowPlan) -> tuple[bool, float]:
+    """Plans keeping the window's limit first, by objective; the others by quality
+    (in quality mode the nearest to the target)."""
+    meets = problem.meets_limit(plan.assignment)
+    return meets, plan.objective(problem.mode) if meets else plan.total_quality
 
 
 def _by_probe_gain(
@@ -79,24 +102,27 @@ def _by_probe_gain(
 
 
 def _probes_limited(
-    problem: WindowProblem, n_models: int, panel: Sequence[int], probing: NDArray[np.int64]
+    problem: WindowProblem, n_models: int, caps: dict[int, int], probing: NDArray[np.int64]
 ) -> WindowProblem:
     """The window with probe options allowed only to the `probing` queries, and each
-    panel model's capacity less a slot for each of them."""
+    capped panel model's configured cap less a slot for each of them (it is no
+    fallback here: lifted, it would take probes beyond its cap)."""
     allowed = problem.permitted.copy()
     may_probe = np.zeros(problem.n_queries, dtype=bool)
     may_probe[probing] = True
     allowed[:, n_models:] &= may_probe[:, None]
-    caps = problem.capacity_array.copy()
-    caps[list(panel)] -= len(probing)
+    capacities = list(problem.capacities or [None] * problem.n_models)
+    for j, cap in caps.items():
+        capacities[j] = cap - len(probing)
+    fallback = problem.fallback_model
     return WindowProblem(
         problem.quality,
         problem.cost,
         problem.mode,
         window_budget_usd=problem.window_budget_usd,
         quality_target=problem.quality_target,
-        capacities=tuple(None if math.isinf(c) else int(c) for c in caps),
-        fallback_model=problem.fallback_model,
+        capacities=tuple(capacities),
+        fallback_model=None if fallback in caps else fallback,
         tie_tolerance=problem.tie_tolerance,
         uncertainty=problem.uncertainty,
         allowed=allowed,
