@@ -143,3 +143,28 @@ def test_exploring_random_windows_keeps_the_panel_caps_and_the_limit(
         if (plan >= m).any():
             assert keeps_panel_caps(problem, plan, m, PANEL), seed
     assert explored_windows > 30
+
+
+@pytest.mark.parametrize("solver", ["fast", "exact"])
+@pytest.mark.parametrize(("mode", "limit"), [("budget", 40.0), ("quality", 0.6)])
+def test_limiting_probes_pushes_no_query_over_another_model_s_cap(
+    solver: str, mode: str, limit: float
+) -> None:
+    """Panel (1, 2), caps (1, 3, 6); three queries may take only models 0 and 1 and
+    are never probed. Probes take panel slots, so those queries cannot all have
+    model 1: a limited plan that sent them to model 0 over its cap of 1 was kept
+    (a reviewer's case); every model now stays within its cap."""
+    n = 6
+    quality = np.tile([0.5, 0.55, 0.6], (n, 1))
+    cost = np.ones((n, 3))
+    probe_cost = cost[:, [1, 2]].sum(axis=1)
+    options = OptionMatrices(np.full((n, 1), 0.95), probe_cost[:, None] + 0.1, probe_cost)
+    allowed = np.ones((n, 4), dtype=bool)
+    allowed[:3, 2:] = False
+    problem = first_stage_problem(
+        quality, cost, options, cast(Mode, mode), limit, 0.0, allowed, (1, 3, 6)
+    )
+    plan = plan_first_stage(problem, 3, cast(Method, solver), panel=[1, 2]).assignment
+    load = np.bincount(plan, minlength=4)
+    assert load[0] <= 1
+    assert keeps_panel_caps(problem, plan, 3, [1, 2])

@@ -8,9 +8,10 @@ solved with its probes limited to P queries (probe options allowed for those
 only) and each capped panel model's cap less P. P is tried at a few shares of
 what an unbounded solve probed (no more than the panel's caps), the queries
 kept for probing being those that solve's probes gained most on. Of the plans
-that keep every panel cap as configured (a solve may lift a cap where the
-hints or the window's size leave it no choice; such a plan is dropped), the
-best is kept; none: the window is answered directly (`plan_first_stage`).
+that keep every panel cap as configured and every other model within the
+window's capacities (a limited solve may lift a cap where the hints or the
+window's size leave it no choice; such a plan is dropped), the best is kept;
+none: the window is answered directly (`plan_first_stage`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ def keeps_panel_caps(
     return all(load[j] + probes <= cap for j, cap in panel_caps(problem, panel).items())
 
 
+def keeps_caps(
+    problem: WindowProblem, assignment: NDArray[np.int64], n_models: int, panel: Sequence[int]
+) -> bool:
+    """`keeps_panel_caps`, and every other model within the capacity the window gives
+    it: a plan whose probes were limited must not push the queries the panel can no
+    longer take onto another capped model."""
+    load = np.bincount(assignment[assignment < n_models], minlength=n_models)
+    others = [j for j in range(n_models) if j not in panel_caps(problem, panel)]
+    within = all(load[j] <= problem.capacity_array[j] for j in others)
+    return within and keeps_panel_caps(problem, assignment, n_models, panel)
+
+
 def solve_with_probes(
     problem: WindowProblem,
     n_models: int,
@@ -67,7 +80,7 @@ def solve_with_probes(
             candidate = solve(limited, solver, time_limit_seconds)
         except CapacityError:  # the caps less `count` cannot hold the other queries
             continue
-        if keeps_panel_caps(problem, candidate.assignment, n_models, panel):
+        if keeps_caps(problem, candidate.assignment, n_models, panel):
             kept.append(candidate)
     return max(kept, key=lambda p: _rank(problem, p), default=None)
 
