@@ -67,6 +67,8 @@ from workers.routing.windows import (
     allowed_pairs,
     counts_per_model,
     exploration_fields,
+    fallback_column,
+    model_capacities,
     nominal_budget_usd,
     pool_columns,
     support_matrix,
@@ -108,15 +110,6 @@ def matrices(
     cost = np.array([q.cost_usd for q in queries], dtype=float)[:, columns]
     allowed = allowed_pairs(queries, list(pool_models), quality, cost)
     return quality, cost, allowed
-
-
-def model_capacities(
-    pool_models: Sequence[str], capacities: Mapping[str, int] | None
-) -> tuple[int | None, ...] | None:
-    """ROUTER_MODEL_CAPACITIES over the pool's models (None: unlimited), or None when
-    none of them is capped."""
-    caps = tuple((capacities or {}).get(m) for m in pool_models)
-    return None if all(c is None for c in caps) else caps
 
 
 @dataclass(frozen=True)
@@ -217,7 +210,7 @@ def route_cascade_window(
         tie_tolerance,
         np.hstack([allowed, option_allowed]),
         model_capacities(pool_models, capacities),
-        pool_models.index(fallback_model) if fallback_model in pool_models else None,
+        fallback_column(pool_models, fallback_model),
     )
     support = support_matrix(queries, pool_columns(models, pool_models))
     no_option = np.zeros(options.quality.shape, dtype=bool)

@@ -30,8 +30,10 @@ PROBE_SHARES = (1.0, 0.75, 0.5, 0.25)
 
 def panel_caps(problem: WindowProblem, panel: Sequence[int]) -> dict[int, int]:
     """The configured caps of the panel's capped models (none: an unbounded panel)."""
-    caps = problem.capacities or ()
-    return {j: int(c) for j in panel if j < len(caps) and (c := caps[j]) is not None}
+    caps = problem.capacities
+    if caps is None:
+        return {}
+    return {j: int(c) for j in panel if (c := caps[j]) is not None}
 
 
 def keeps_panel_caps(

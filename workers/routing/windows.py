@@ -173,6 +173,20 @@ def uncertainty_of(queries: Sequence[PredictedQuery], columns: Sequence[int]) ->
     return Uncertainty(np.array([q.cluster for q in queries], dtype=np.int64), variance)
 
 
+def model_capacities(
+    pool_models: Sequence[str], capacities: Mapping[str, int] | None
+) -> tuple[int | None, ...] | None:
+    """ROUTER_MODEL_CAPACITIES over the pool's models (None: unlimited), or None when
+    none of them is capped."""
+    caps = tuple((capacities or {}).get(m) for m in pool_models)
+    return None if all(c is None for c in caps) else caps
+
+
+def fallback_column(pool_models: Sequence[str], fallback_model: str | None) -> int | None:
+    """ROUTER_FALLBACK_MODEL's column in the pool's window; None: not one of its models."""
+    return pool_models.index(fallback_model) if fallback_model in pool_models else None
+
+
 def route_window(
     pool: str,
     policy: PoolPolicy,
@@ -208,8 +222,8 @@ def route_window(
         policy.mode,
         window_budget_usd=budget,
         quality_target=policy.quality_target if policy.mode == "quality" else None,
-        capacities=tuple((capacities or {}).get(m) for m in pool_models),
-        fallback_model=pool_models.index(fallback_model) if fallback_model in pool_models else None,
+        capacities=model_capacities(pool_models, capacities),
+        fallback_model=fallback_column(pool_models, fallback_model),
         tie_tolerance=tie_tolerance,
         uncertainty=uncertainty_of(queries, columns),
         allowed=allowed,
