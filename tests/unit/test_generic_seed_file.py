@@ -90,6 +90,13 @@ GOOD = {"text": "q", "model": "a", "score": 0.5, "cost": 0.1, "tokens": 4}
         ({**GOOD, "tokens": 2.5}, "tokens 2.5 is not a whole number >= 0"),
         ({**GOOD, "prompt_id": "x" * 181}, "prompt_id is longer than 180"),
         ({**GOOD, "prompt_id": 1.5}, "prompt_id is not a string"),
+        # Values the store or the tokenizer refuses: the command stopped on an
+        # uncaught DataError or TypeError, without the file or the line.
+        ({**GOOD, "tokens": 3_000_000_000}, "tokens 3e+09 is more than 2147483647"),
+        ({**GOOD, "text": "a \x00 b"}, "text holds a NUL character"),
+        ({**GOOD, "prompt_id": "x\x00y"}, "prompt_id holds a NUL character"),
+        ({**GOOD, "response": "\x00"}, "response holds a NUL character"),
+        ({**GOOD, "text": "a \ud800 b"}, "text holds a lone surrogate at character 2"),
         ([1, 2], "not a JSON object"),
     ],
 )
@@ -247,3 +254,21 @@ def test_a_response_column_is_read_and_must_be_text(tmp_path: Path) -> None:
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "2+2?", "model": "a", "response": 4}])
     with pytest.raises(DatasetError, match=at(bad, 1) + "response is not a string"):
         load_outcome_rows(bad)
+
+
+def test_field_names_ignore_case(tmp_path: Path) -> None:
+    """A "Score" column was an extra column, ignored: the rows were stored unscored."""
+    csv_path = tmp_path / "evals.csv"
+    csv_path.write_text("Prompt_ID,Text,Model,Score,Cost,Tokens\np1,q,a,0.5,0.01,7\n")
+    json_path = write_jsonl(tmp_path / "evals.jsonl", [{"TEXT": "q", "Model": "a", "Score": 0.5}])
+    (from_csv,) = load_outcome_rows(csv_path)
+    (from_json,) = load_outcome_rows(json_path)
+    assert (from_csv.prompt_id, from_csv.score, from_csv.cost, from_csv.output_tokens) == (
+        "p1", 0.5, 0.01, 7,
+    )  # fmt: skip
+    assert (from_json.text, from_json.model, from_json.score) == ("q", "a", 0.5)
+    twice = write_jsonl(
+        tmp_path / "twice.jsonl", [{"text": "q", "model": "a", "score": 1, "Score": 0}]
+    )
+    with pytest.raises(DatasetError, match=r"twice.jsonl:1: score is given twice"):
+        load_outcome_rows(twice)

@@ -4,6 +4,7 @@ the replay judge's flips, the rubric, and what a verdict publishes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 from click.testing import CliRunner
 from prometheus_client import REGISTRY
 
@@ -29,7 +31,6 @@ from workers.stream.judge import (
     hashed_share,
     is_sampled,
     judge_events,
-    judge_or_log,
     select,
     verdict_outcome,
 )
@@ -74,6 +75,12 @@ from workers.stream.judge_replay import ReplayJudge
         ("Score: 4\nThe scale is one where a score of 0 means wrong.", 0.4),
         ("A score of 10 needs the units; these lack them.\nScore: 5", 0.5),
         ("The final score is 6, I think; its score is 6.", 0.6),  # prose that agrees
+        # The rubric's scale named beside the score, or numbers that name no scale.
+        ("Score (1-10): 7", 0.7),
+        ("Score: 8 out of 10 (missing 2 steps)", 0.8),
+        ("Score: 7 (0 = wrong, 10 = right)", 0.7),
+        ("Rating (0-10): 4", 0.4),
+        ("Score: 9\nNo other issue; the score: 9 stands.", 0.9),  # a later mention agrees
     ],
 )
 def test_readable_replies_give_their_score(reply: str, score: float) -> None:
@@ -110,6 +117,16 @@ def test_readable_replies_give_their_score(reply: str, score: float) -> None:
         "Score: 8\nScore: N",  # the last Score line has no number
         "The score is 7-8.",
         "The score is 6, though a score of 10 is arguable.",  # prose that disagrees
+        # Another scale named beside the score: these were read out of 10.
+        "Score (out of 5): 4",
+        "Score: 4 (out of 5)",
+        "Score: 4 of 5",
+        "Score: 10 (out of 100)",
+        "Score: 3 on a scale of 1 to 5",
+        "Rating (1-5): 4",
+        "I'd give it a score of 4 out of 5 points.",
+        # A revision after the last Score line, mid-line: it was read as the first 9.
+        "Score: 9\nOn reflection the units are wrong, so my final score: 3",
     ],
 )
 def test_unreadable_replies_give_no_score(reply: str | None) -> None:
@@ -376,6 +393,25 @@ async def test_a_batch_s_sample_is_judged_and_published_and_bad_bytes_are_dead_l
 async def test_a_failing_judge_costs_its_batch_not_the_worker() -> None:
     topics, outcomes, _ = fake_topics()
     before = REGISTRY.get_sample_value("omnirouter_judge_failed_batches_total") or 0.0
-    await judge_or_log(batch(), FixedJudge(RuntimeError("bug")), 1.0, topics)  # does not raise
+    await judge_events(batch(), FixedJudge(RuntimeError("bug")), 1.0, topics)  # does not raise
     assert outcomes.sent == []
     assert REGISTRY.get_sample_value("omnirouter_judge_failed_batches_total") == before + 1
+
+
+class UnreachableTopic(FakeTopic):
+    """A broker that is away: every send fails, as an unacknowledged produce does."""
+
+    async def send(self, key: bytes | None = None, value: bytes = b"") -> asyncio.Future[None]:
+        raise KafkaTimeoutError("no broker")
+
+
+async def test_outcomes_the_broker_did_not_take_leave_their_batch_unacknowledged() -> None:
+    """A failed publish must raise (the batch is judged again after the restart),
+    not be skipped as a judging failure; the calls already paid are counted."""
+    topics, _, _ = fake_topics()
+    topics = dataclasses.replace(topics, outcomes=cast(Any, UnreachableTopic()))
+    spend = REGISTRY.get_sample_value("omnirouter_judge_spend_usd_total") or 0.0
+    with pytest.raises(KafkaTimeoutError):
+        await judge_events(batch(), FixedJudge(Verdict(score=0.6, cost_usd=0.01)), 1.0, topics)
+    paid = REGISTRY.get_sample_value("omnirouter_judge_spend_usd_total")
+    assert paid == pytest.approx(spend + 3 * 0.01)

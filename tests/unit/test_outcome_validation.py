@@ -71,10 +71,42 @@ def test_a_scores_time_is_its_producers_held_near_its_record_or_the_records() ->
     reads the record (not the time of decoding), and a wild clock cannot pin a score."""
     skew = timedelta(seconds=60)
     broker = datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
-    left_out = validate_outcome(raw(quality_score=1.0), SETTINGS)
-    assert with_score_time(left_out, broker.timestamp(), skew).created_at == broker
-    given = broker - timedelta(seconds=30)
+    for now in (broker, broker + timedelta(days=3)):  # two writers, days apart
+        left_out = validate_outcome(raw(quality_score=1.0), SETTINGS)
+        assert with_score_time(left_out, broker.timestamp(), skew, now).created_at == broker
+        given = broker - timedelta(seconds=30)
+        stamped = validate_outcome(raw(quality_score=1.0, created_at=given.isoformat()), SETTINGS)
+        assert with_score_time(stamped, broker.timestamp(), skew, now) == stamped
+        a_year_ahead = stamped.model_copy(update={"created_at": broker + timedelta(days=365)})
+        timed = with_score_time(a_year_ahead, broker.timestamp(), skew, now)
+        assert timed.created_at == broker + skew
+
+
+@pytest.mark.parametrize("stamp_created_at", [False, True])
+def test_a_producer_whose_clock_runs_ahead_pins_no_score(stamp_created_at: bool) -> None:
+    """On a topic stamped at creation the broker's timestamp is the producer's clock
+    too: a day ahead, its score is held at the writer's clock, so a later score
+    from a producer with the right time still replaces it."""
+    skew = timedelta(seconds=60)
+    now = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+    ahead = now + timedelta(days=1)
+    fields = {"created_at": ahead.isoformat()} if stamp_created_at else {}
+    first = validate_outcome(raw(quality_score=0.0, **fields), SETTINGS)
+    assert with_score_time(first, ahead.timestamp(), skew, now).created_at == now + skew
+    an_hour_later = now + timedelta(hours=1)
+    second = validate_outcome(raw(quality_score=1.0), SETTINGS)
+    later = with_score_time(second, an_hour_later.timestamp(), skew, an_hour_later)
+    assert later.created_at > now + skew
+
+
+@pytest.mark.parametrize("timestamp", [1.7e15, 1e300, float("inf"), -1.0])
+def test_a_record_timestamp_no_datetime_holds_is_the_writers_clock(timestamp: float) -> None:
+    """Microseconds given for milliseconds (year 58892) raised ValueError and stopped
+    the writer on that record at every restart; -1 is a record without a timestamp."""
+    skew = timedelta(seconds=60)
+    now = datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+    outcome = validate_outcome(raw(quality_score=1.0), SETTINGS)
+    assert with_score_time(outcome, timestamp, skew, now).created_at == now
+    given = now - timedelta(seconds=30)
     stamped = validate_outcome(raw(quality_score=1.0, created_at=given.isoformat()), SETTINGS)
-    assert with_score_time(stamped, broker.timestamp(), skew) == stamped
-    a_year_ahead = stamped.model_copy(update={"created_at": broker + timedelta(days=365)})
-    assert with_score_time(a_year_ahead, broker.timestamp(), skew).created_at == broker + skew
+    assert with_score_time(stamped, timestamp, skew, now).created_at == given

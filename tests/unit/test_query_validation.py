@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
-from schemas import Outcome
+from schemas import Outcome, QueryEvent
 from workers.config import Settings
 from workers.db.repository import unstorable_fields, unstorable_reason
 from workers.stream.codec import BadEvent
-from workers.stream.predict_stage import validate_query
+from workers.stream.predict_stage import validate_query, with_bounded_time
 
 SETTINGS = Settings(
     router_models=["a", "b", "c"],
@@ -97,3 +100,18 @@ def test_a_lone_surrogate_is_refused(field: str) -> None:
     with pytest.raises(BadEvent, match=field):
         validate_query(raw(**{field: "a\ud800b"}), SETTINGS)
     assert unstorable_fields({field: "a\ud800b"}) is not None
+
+
+@pytest.mark.parametrize("timestamp", [1.7e15, 1e300, float("inf"), -1.0])
+def test_a_query_whose_record_timestamp_no_datetime_holds_is_timed_by_the_router(
+    timestamp: float,
+) -> None:
+    """Microseconds given for milliseconds (year 58892) raised ValueError and stopped
+    the predict stage on that record, at every restart; -1 is no timestamp. The
+    query keeps its `created_at` within the skew of the router's clock instead."""
+    skew, now = timedelta(seconds=60), datetime(2026, 12, 3, 10, 0, tzinfo=UTC)
+    record = cast(Any, SimpleNamespace(message=SimpleNamespace(timestamp=timestamp)))
+    an_hour_before = QueryEvent(query_id="q", text="t", created_at=now - timedelta(hours=1))
+    assert with_bounded_time(record, an_hour_before, skew, now).created_at == now - skew
+    on_time = QueryEvent(query_id="q", text="t", created_at=now - timedelta(seconds=5))
+    assert with_bounded_time(record, on_time, skew, now) == on_time

@@ -12,6 +12,7 @@ from workers.config import PoolPolicy
 from workers.routing.windows import (
     WindowBounds,
     bounded_created_at,
+    broker_time,
     route_window,
     traffic_span,
     window_budget_usd,
@@ -217,6 +218,16 @@ def test_created_at_never_runs_ahead_of_the_routers_clock() -> None:
     # A record timestamp set by the producer (CreateTime) can be forged too.
     broker_time = T0 + timedelta(hours=1)
     assert bounded_created_at(broker_time, broker_time, T0, SKEW) == T0 + SKEW
+
+
+@pytest.mark.parametrize("timestamp", [1.7e15, 1e300, float("inf"), -1.0])
+def test_a_record_timestamp_no_datetime_holds_is_the_readers_clock(timestamp: float) -> None:
+    """Microseconds given for milliseconds is year 58892 (ValueError); -1 is none."""
+    assert broker_time(timestamp, T0) == T0
+
+
+def test_a_record_timestamp_is_its_moment() -> None:
+    assert broker_time((T0 + SKEW).timestamp(), T0) == T0 + SKEW
 
 
 @pytest.mark.parametrize("solver", ["fast", "exact"])

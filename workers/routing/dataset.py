@@ -113,6 +113,8 @@ ACCEPTED_FORMATS = "JSON lines (.jsonl, .json) or CSV with a header row (.csv)"
 GENERIC_FIELDS = ("prompt_id", "text", "model", "score", "cost", "tokens", "response")
 # Seeded query ids are "<run id>-<prompt_id>" and at most 200 characters.
 MAX_PROMPT_ID_CHARS = 180
+# Output tokens are stored as a 32-bit count.
+MAX_TOKENS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -154,13 +156,40 @@ def _optional_number(value: object, name: str, where: str) -> float | None:
 def _required_text(value: object, name: str, where: str) -> str:
     if value is None or (isinstance(value, str) and not value.strip()):
         raise DatasetError(f"{where}: {name} is missing or empty")
+    return _text(value, name, where)
+
+
+def _text(value: object, name: str, where: str) -> str:
+    """A string the store and the embedder's tokenizer can take: no NUL character
+    (PostgreSQL text refuses it), no lone surrogate (it is not UTF-8)."""
     if not isinstance(value, str):
         raise DatasetError(f"{where}: {name} is not a string: {value!r}")
+    if "\x00" in value:
+        raise DatasetError(f"{where}: {name} holds a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DatasetError(
+            f"{where}: {name} holds a lone surrogate at character {exc.start} (not UTF-8)"
+        ) from None
     return value
 
 
-def _record(row: Mapping[str, object], where: str) -> RecordedOutcome:
+def _fields(row: Mapping[str, object], where: str) -> dict[str, object]:
+    """The row's fields by name in lower case ("Score" is the score, not an extra
+    column ignored without a word); a name given twice so is refused."""
+    fields: dict[str, object] = {}
+    for name, value in row.items():
+        key = str(name).strip().lower()
+        if key in fields:
+            raise DatasetError(f"{where}: {key} is given twice (names ignore case)")
+        fields[key] = value
+    return fields
+
+
+def _record(given: Mapping[str, object], where: str) -> RecordedOutcome:
     """Validate one row of a generic file (JSON object or CSV row by header)."""
+    row = _fields(given, where)
     text = _required_text(row.get("text"), "text", where)
     model = _required_text(row.get("model"), "model", where).strip()
     score = _optional_number(row.get("score"), "score", where)
@@ -172,6 +201,8 @@ def _record(row: Mapping[str, object], where: str) -> RecordedOutcome:
     tokens = _optional_number(row.get("tokens"), "tokens", where)
     if tokens is not None and (tokens < 0 or not tokens.is_integer()):
         raise DatasetError(f"{where}: tokens {tokens:g} is not a whole number >= 0")
+    if tokens is not None and tokens > MAX_TOKENS:
+        raise DatasetError(f"{where}: tokens {tokens:g} is more than {MAX_TOKENS}")
     raw_id = row.get("prompt_id")
     if isinstance(raw_id, int) and not isinstance(raw_id, bool):
         raw_id = str(raw_id)
@@ -182,8 +213,8 @@ def _record(row: Mapping[str, object], where: str) -> RecordedOutcome:
         if len(prompt_id) > MAX_PROMPT_ID_CHARS:
             raise DatasetError(f"{where}: prompt_id is longer than {MAX_PROMPT_ID_CHARS} chars")
     response = row.get("response")
-    if response is not None and not isinstance(response, str):
-        raise DatasetError(f"{where}: response is not a string: {response!r}")
+    if response is not None:
+        response = _text(response, "response", where)
     return RecordedOutcome(
         prompt_id=prompt_id,
         text=text,
@@ -212,7 +243,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Mapping[str, object]]]:
 def _csv_rows(path: Path) -> Iterator[tuple[int, Mapping[str, object]]]:
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle)
-        header = [name.strip() for name in next(reader, [])]
+        header = [name.strip().lower() for name in next(reader, [])]
         missing = [name for name in ("text", "model") if name not in header]
         doubled = sorted({name for name in header if header.count(name) > 1})
         if doubled:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -73,6 +73,19 @@ def bounded_created_at(
     earliest = broker_time - skew
     latest = min(broker_time, now) + skew
     return min(max(created_at, earliest), latest)
+
+
+def broker_time(timestamp_seconds: float, now: datetime) -> datetime:
+    """A record's broker timestamp as a datetime; `now` for a record without one
+    (-1) or with one no datetime can hold (a producer that gave microseconds for
+    milliseconds: year 58892), which would otherwise stop the stage reading it, on
+    every restart."""
+    if timestamp_seconds < 0:
+        return now
+    try:
+        return datetime.fromtimestamp(timestamp_seconds, UTC)
+    except (ValueError, OverflowError, OSError):
+        return now
 
 
 def nominal_budget_usd(policy: PoolPolicy, bounds: WindowBounds, queries: int) -> float | None:

@@ -130,17 +130,19 @@ def observe_verdict(response: ModelResponse, verdict: Verdict) -> None:
 async def judge_events(
     events: Sequence[EventT], judge: Judge, share: float, topics: Topics
 ) -> None:
-    """Decode a batch (bad bytes: dead letters), judge its sample, publish the
-    outcomes and wait until the broker has them."""
+    """Decode a batch (bad bytes: dead letters), judge its sample, count the verdicts
+    and their spend (paid once the judge answered), publish the outcomes and wait
+    until the broker has them. A failed publish raises: the batch is not
+    acknowledged, and is judged again once the worker restarts."""
     decoded = await decode_or_dead_letter(
         events, lambda raw: decode(raw, ModelResponse), topics.deadletter
     )
     chosen = select([response for _, response in decoded], share)
-    if not chosen:
+    verdicts = await verdicts_of(judge, chosen) if chosen else None
+    if verdicts is None:
         return
-    verdicts = [checked(verdict) for verdict in await judge.score(chosen)]
-    sent = []
-    for response, verdict in zip(chosen, verdicts, strict=True):
+    judged = list(zip(chosen, verdicts, strict=True))
+    for response, verdict in judged:
         log.debug(
             "judged %s on %s: %s",
             response.query_id,
@@ -148,28 +150,26 @@ async def judge_events(
             verdict.error or f"score {verdict.score}",
             extra={"query_id": response.query_id},
         )
-        outcome = verdict_outcome(response, verdict)
-        if outcome is not None:
-            sent.append(
-                await topics.outcomes.send(key=response.query_id.encode(), value=encode(outcome))
-            )
-    await asyncio.gather(*sent)
-    for response, verdict in zip(chosen, verdicts, strict=True):
         observe_verdict(response, verdict)
+    outcomes = [o for r, v in judged if (o := verdict_outcome(r, v)) is not None]
+    sent = [await topics.outcomes.send(key=o.query_id.encode(), value=encode(o)) for o in outcomes]
+    await asyncio.gather(*sent)
 
 
-async def judge_or_log(
-    events: Sequence[EventT], judge: Judge, share: float, topics: Topics
-) -> None:
-    """judge_events, and an unexpected error logged and counted, never raised: the
-    judge scores a sample, so a batch it could not judge is skipped (acknowledged,
-    its verdicts lost; JUDGE_FAILED_BATCHES counts it) and it goes on with the
-    next, where raising would stop the worker on one odd reply."""
+async def verdicts_of(judge: Judge, responses: Sequence[ModelResponse]) -> list[Verdict] | None:
+    """The judge's checked verdicts, one per response; None when it failed
+    unexpectedly (logged, and counted by JUDGE_FAILED_BATCHES): the judge scores a
+    sample, so a batch it could not judge is skipped, where raising would stop the
+    worker on one odd reply."""
     try:
-        await judge_events(events, judge, share, topics)
+        verdicts = await judge.score(responses)
+        if len(verdicts) != len(responses):
+            raise ValueError(f"{len(verdicts)} verdicts for {len(responses)} responses")
     except Exception:
-        log.exception("a batch of %d responses was not judged", len(events))
+        log.exception("a batch of %d responses was not judged", len(responses))
         metrics.JUDGE_FAILED_BATCHES.inc()
+        return None
+    return [checked(verdict) for verdict in verdicts]
 
 
 def build_judge_app(
@@ -182,7 +182,7 @@ def build_judge_app(
     @app.agent(topics.responses, supervisor_strategy=CrashingSupervisor)
     async def judge_responses(stream: StreamT[bytes]) -> None:
         async for events in batches(stream, batch_size, 0.05):
-            await judge_or_log(events, judge, share, topics)
+            await judge_events(events, judge, share, topics)
 
     @app.on_before_shutdown.connect
     async def close(sender: object, /, *args: object, signal: object, **kwargs: object) -> None:

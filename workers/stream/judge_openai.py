@@ -71,9 +71,10 @@ _OVER = r"(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?)(?![.,/]?\d|[^\W\d]|%))?"
 # A second number after the first ("7-8", "7 to 8", "7 or 8"): a range, not a score.
 _RANGE = r"(\s*(?:[-\u2013\u2014]|\bto\b|\bor\b)\s*[-+]?\d)?"
 _DECOR = r"[\s*_\"'`]*"
-_PAREN = rf"(?:\([^)\n]*\){_DECOR})?"  # "Score (0-10): 3"
+_PAREN = rf"((?:\([^)\n]*\){_DECOR})?)"  # "Score (0-10): 3"
 # The rubric's own form: a line that starts with "Score:" or "Score =" (markdown
-# around it allowed); group 1 is the rest of the line.
+# around it allowed); group 1 is a parenthesis before the colon, group 2 the
+# rest of the line.
 _SCORE_LINE = re.compile(
     rf"^[ \t*_\"'`#>-]*(?:(?:final|overall)[ \t]+)?score\b{_DECOR}{_PAREN}[:=]([^\n]*)",
     re.IGNORECASE | re.MULTILINE,
@@ -85,6 +86,13 @@ _LABELLED = re.compile(
     rf"(?:(?:[:=]|\bis\b|\bof\b){_DECOR})?{_NUMBER}{_OVER}{_RANGE}",
     re.IGNORECASE,
 )
+# A scale named beside a score ("(out of 5)", "of 5", "on a scale of 1 to 5",
+# "(1-5)"): its numbers, each of which must be the rubric's 0 or 10.
+_SCALE_MENTION = re.compile(
+    r"(?:\bout\s+of|/|\bof\b|\bto\b|[-\u2013\u2014])\s*(\d+(?:\.\d+)?)(?![.,]?\d)", re.IGNORECASE
+)
+# "score: N" anywhere in a line: after the last Score line, a revision.
+_SCORE_COLON_VALUE = re.compile(rf"\bscore\b{_DECOR}[:=]{_DECOR}{_NUMBER}", re.IGNORECASE)
 _SCORE_COLON = re.compile(rf"\bscore\b{_DECOR}[:=]", re.IGNORECASE)
 _FRACTION = re.compile(rf"{_NUMBER}\s*(?:/|out\s+of)\s*10(?![.,/]?\d|[^\W\d]|%)", re.IGNORECASE)
 _BARE = re.compile(rf"^{_DECOR}{_NUMBER}(?:\s*/\s*10)?[\s*_\"'`.]*$")
@@ -105,17 +113,38 @@ def _value(number: str, over: str | None, range_: str | None) -> float | None:
     return _on_scale(float(number), float(over) if over else None)
 
 
-def _line_score(rest: str) -> float | None:
-    """The score on a "Score:" line; None when the line holds no single number."""
+def _other_scale(*beside: str) -> bool:
+    """Does the text beside a score name a scale other than the rubric's 0-10?"""
+    return any(
+        float(number) not in (0.0, SCALE_MAX)
+        for text in beside
+        for number in _SCALE_MENTION.findall(text)
+    )
+
+
+def _line_score(paren: str, rest: str) -> float | None:
+    """The score on a "Score:" line; None when the line holds no single number, or
+    names another scale beside it ("Score (out of 5): 4", "Score: 4 of 5")."""
     found = _LINE_VALUE.match(rest)
-    return _value(*found.groups()) if found else None
+    if not found or _other_scale(paren, rest[found.end() :]):
+        return None
+    return _value(*found.groups())
+
+
+def _labelled_score(match: re.Match[str]) -> float | None:
+    """A prose mention's score ("rating of 4"); None beside another scale
+    ("Rating (1-5): 4", "a score of 4 out of 5 points")."""
+    paren, number, over, range_ = match.groups()[1:]
+    line_end = match.string.find("\n", match.end())
+    tail = match.string[match.end() : None if line_end < 0 else line_end]
+    return None if _other_scale(paren, tail) else _value(number, over, range_)
 
 
 def _prose_score(reply: str) -> float | None:
     """For a reply with no "Score:" line: the "score is N" mentions if they all
     agree, else the "rating N" ones, else the "grade N" ones, else "N/10" if every
     such fraction agrees, else a reply that is just a number."""
-    labelled = [(m[1].lower(), _value(m[2], m[3], m[4])) for m in _LABELLED.finditer(reply)]
+    labelled = [(m[1].lower(), _labelled_score(m)) for m in _LABELLED.finditer(reply)]
     for wanted in ("score", "rating", "grade"):
         found = {value for label, value in labelled if label == wanted}
         if found:
@@ -135,11 +164,18 @@ def parse_score(reply: str | None) -> float | None:
     rubric asks for, so the last such line decides alone: prose after it ("a score
     of 10 would need...") is reasoning about the scale, not the verdict, and a judge
     that writes a second Score line has revised itself. Only without such a line is
-    prose read (`_prose_score`). A range, or a score off the 0-10 scale, is none."""
+    prose read (`_prose_score`). A range, or a score off the 0-10 scale, is none;
+    so is a "score: N" later in the text that disagrees with the last Score line
+    ("...so my final score: 3"): a revision the rubric's form did not hold."""
     if not reply or not reply.strip():
         return None
-    lines = _SCORE_LINE.findall(reply)
-    return _line_score(lines[-1]) if lines else _prose_score(reply)
+    lines = list(_SCORE_LINE.finditer(reply))
+    if not lines:
+        return _prose_score(reply)
+    last = lines[-1]
+    score = _line_score(last[1], last[2])
+    later = {_on_scale(float(m[1])) for m in _SCORE_COLON_VALUE.finditer(reply, last.end())}
+    return score if later <= {score} else None
 
 
 def failed_verdict(exc: BaseException) -> Verdict:

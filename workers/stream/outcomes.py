@@ -49,7 +49,7 @@ from workers.db.repository import (
     upsert_outcomes,
 )
 from workers.routing.embedder import Embedder, make_embedder
-from workers.routing.windows import bounded_created_at
+from workers.routing.windows import bounded_created_at, broker_time
 from workers.stream import metrics
 from workers.stream.app import (
     Topics,
@@ -81,17 +81,19 @@ def validate_outcome(raw: bytes | None, settings: Settings) -> Outcome:
     return outcome
 
 
-def with_score_time(outcome: Outcome, broker_timestamp: float, skew: timedelta) -> Outcome:
+def with_score_time(
+    outcome: Outcome, broker_timestamp: float, skew: timedelta, now: datetime
+) -> Outcome:
     """The outcome with the time that orders its score against another of its source:
-    its producer's `created_at`, held within `skew` of its record's broker timestamp
-    (a clock a year ahead would pin its score against later ones), or that timestamp
-    when the producer left it out. Not the time this writer decoded it (the default):
-    each writer that reads the record again would give it another time."""
-    broker_time = datetime.fromtimestamp(broker_timestamp, UTC)
-    if "created_at" in outcome.model_fields_set:
-        moment = bounded_created_at(outcome.created_at, broker_time, broker_time, skew)
-    else:
-        moment = broker_time
+    its producer's `created_at` (else its record's broker timestamp), held within
+    `skew` of that timestamp and no later than `skew` past this writer's clock `now`
+    (a producer's clock a day ahead, on a topic stamped at creation, would pin its
+    score against later ones). Not the time this writer decoded it: every writer
+    that reads the record again gives it the same time, unless it stood ahead of
+    the writer's clock."""
+    stamped = broker_time(broker_timestamp, now)
+    given = outcome.created_at if "created_at" in outcome.model_fields_set else stamped
+    moment = bounded_created_at(given, stamped, now, skew)
     if moment == outcome.created_at:
         return outcome
     return outcome.model_copy(update={"created_at": moment})
@@ -163,8 +165,10 @@ def build_outcome_app(
             )
             if not valid:
                 continue
+            now = datetime.now(UTC)
             outcomes = [
-                with_score_time(outcome, event.message.timestamp, skew) for event, outcome in valid
+                with_score_time(outcome, event.message.timestamp, skew, now)
+                for event, outcome in valid
             ]
             refused, changed = await write_with_retry(outcomes)
             written = [o for o in outcomes if (o.query_id, o.model) not in refused]

@@ -26,7 +26,7 @@ from faust.types import EventT, StreamT
 from schemas import PredictedBatch, QueryEvent
 from workers.config import Settings
 from workers.db.repository import unstorable_fields
-from workers.routing.windows import bounded_created_at
+from workers.routing.windows import bounded_created_at, broker_time
 from workers.stream import metrics
 from workers.stream.app import (
     PRODUCER_MAX_REQUEST_BYTES,
@@ -112,8 +112,9 @@ def with_bounded_time(
 ) -> QueryEvent:
     """The query with its `created_at` held within `skew` of its record's broker
     timestamp (and of the router's clock): it decides the window's hourly budget."""
-    broker_time = datetime.fromtimestamp(event.message.timestamp, UTC)
-    bounded = bounded_created_at(query.created_at, broker_time, now or datetime.now(UTC), skew)
+    now = now or datetime.now(UTC)
+    stamped = broker_time(event.message.timestamp, now)
+    bounded = bounded_created_at(query.created_at, stamped, now, skew)
     return (
         query if bounded == query.created_at else query.model_copy(update={"created_at": bounded})
     )
