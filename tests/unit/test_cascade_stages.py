@@ -773,6 +773,32 @@ def test_a_query_no_probe_answered_counts_its_forced_answer_towards_the_need(
     assert report.escalation_spend_usd == pytest.approx(COSTS[0])
 
 
+@pytest.mark.parametrize("need", [0.6, 0.7])
+def test_a_panel_model_asked_again_counts_its_one_shot_prediction(
+    cascade: FittedCascade, need: float
+) -> None:
+    """Quality mode: the first query's hints allow only the panel and no probe
+    answered, so cheap-a is asked again; the second's probes agree. The answer
+    asked again counted as quality 0 (its probe's posterior, zeroed for want of an
+    answer), so the second query was escalated to "dear" for nothing and the window
+    still read short of its need."""
+    queries = predicted(1, QueryHints(allowed_models=PANEL)) + predicted(2)[1:]
+    clusters = clusters_of(cascade, 2, 3)
+    decisions, report = plan_escalation_window(
+        "c", cascade, probed(queries, [[None, None], ["x", "x"]]), MODELS, clusters,
+        EscalationLimit.needed(need), BOUNDS,
+    )  # fmt: skip
+    _, alone = plan_escalation_window(
+        "c", cascade, probed(queries[1:], [["x", "x"]]), MODELS, clusters[1:],
+        EscalationLimit.needed(need), BOUNDS,
+    )  # fmt: skip
+    assert (decisions[0].role, decisions[0].model) == ("escalation", "cheap-a")
+    assert decisions[0].predicted_quality == pytest.approx(queries[0].quality[0])
+    assert decisions[1].role == "probe"  # accepted, as it is on its own
+    assert alone.escalation_queries == 0
+    assert report.solver_status != "infeasible_target_best_quality_plan"
+
+
 def test_an_escalation_window_reads_what_each_first_stage_asked_of_its_queries() -> None:
     """Queries of several first-stage windows meet in one escalation window: it must
     reach their mean need; a record without one (an older router's, or probed while

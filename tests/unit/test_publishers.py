@@ -6,6 +6,7 @@ transactions no assignment leaves before its decision is acknowledged."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from prometheus_client import REGISTRY
 from schemas import Assignment, DeadLetter, WindowReport
 from tests.tables import RouterTable, changelog, router_table
 from workers.config import model_topic
+from workers.routing.spend import SpendTracker
 from workers.stream.app import Topics
 from workers.stream.codec import dead_letter
 from workers.stream.decision_log import DECIDED, PUBLISHED, REFUSED, DecisionLog, Refusal
@@ -387,3 +389,29 @@ async def test_without_transactions_a_report_written_with_its_decisions_is_count
     resent = PoolWindow("default", 2, [], window.decided, report=None)
     assert await acknowledged.publish(resent, lambda: True)
     assert REGISTRY.get_sample_value("omnirouter_windows_total", labels) == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "budget", "matched"),
+    [("budget", 1.0, 0.2), ("budget", None, 0.2), ("quality", None, 0.0)],
+)
+def test_a_budget_window_s_spend_is_expected_even_without_a_budget_in_its_report(
+    mode: str, budget: float | None, matched: float
+) -> None:
+    """A cascade's escalations decided without a plan (no fitted cascade any more)
+    report no budget, in a budget-mode pool: their realised cost was never matched
+    against the predicted, so its error never reached the ledger."""
+    tracked, _ = window_records()
+    records = dataclasses.replace(tracked, spend=SpendTracker())
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    report = WindowReport(
+        window_id="w", pool="default", window_start=start,
+        window_end=start + timedelta(seconds=5), query_count=1, mode=mode,
+        window_budget_usd=budget, predicted_spend_usd=0.1, predicted_mean_quality=0.5,
+        solver="none", solver_status="near_optimal", solve_seconds=0.0,
+        assignments_per_model={"m": 1},
+    )  # fmt: skip
+    records.expect(PoolWindow("default", 2, [assignment("q")], [], report=report))
+    assert records.spend is not None
+    records.spend.observe("q", "m", 0.3)  # predicted 0.1
+    assert records.spend.unbooked(2, "default") == pytest.approx(matched)

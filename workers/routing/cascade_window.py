@@ -424,10 +424,15 @@ def plan_escalation_window(
     accept = np.where(
         answered.any(axis=1), cascade.policy.accept_quality(posterior), FORBIDDEN_QUALITY
     )
+    # P(good) of each escalation: the scorer's; a panel model asked again (no probe
+    # answered, and the hints allow nothing else) has no answer in hand to score,
+    # so its one-shot prediction.
+    escalated = posterior.copy()
+    escalated[:, panel] = np.where(allowed[:, panel], quality[:, panel], FORBIDDEN_QUALITY)
     asked = asked_models(probed, pool_models)
     asked[:, panel] = True
     choice = _escalation_choice(
-        posterior, accept, cost, allowed, answered, asked, panel, limit, solver, tie_tolerance,
+        escalated, accept, cost, allowed, answered, asked, panel, limit, solver, tie_tolerance,
         model_capacities(pool_models, capacities),
     )  # fmt: skip
     accepted = np.asarray(panel)[np.where(answered, posterior[:, panel], -np.inf).argmax(axis=1)]
@@ -445,11 +450,11 @@ def plan_escalation_window(
             continue
         decisions.append(
             _assignment(
-                query, bounds, pool_models[j], float(posterior[row, j]), cost[row, j], "escalation"
+                query, bounds, pool_models[j], float(escalated[row, j]), cost[row, j], "escalation"
             )
         )
         spend += float(cost[row, j])
-        chosen_quality.append(float(posterior[row, j]))
+        chosen_quality.append(float(escalated[row, j]))
     reached = float(np.mean(chosen_quality)) if chosen_quality else 0.0
     report = escalation_report(
         pool, bounds, decisions, pool_models, limit, chosen_quality, solver,
@@ -459,7 +464,7 @@ def plan_escalation_window(
 
 
 def _escalation_choice(
-    posterior: NDArray[np.float64],
+    escalated: NDArray[np.float64],
     accept: NDArray[np.float64],
     cost: NDArray[np.float64],
     allowed: NDArray[np.bool_],
@@ -471,27 +476,35 @@ def _escalation_choice(
     tie_tolerance: float,
     capacities: tuple[int | None, ...] | None = None,
 ) -> NDArray[np.int64]:
-    """Per query NEVER (accept) or the model it is escalated to. A query none of
-    whose probes answered is escalated whatever the plan (`forced_escalation`),
+    """Per query NEVER (accept) or the model it is escalated to (P(good)
+    `escalated`). A query none of whose probes answered must be escalated: it is
+    planned with the others, accepting forbidden and only to models not asked
+    yet, so the reserve or the need may buy it a better model than the cheapest.
+    One whose hints allow no such model is asked again (`forced_escalation`)
     first: it takes its slot of `capacities`, its cost comes out of the reserve
-    (budget mode; beyond it if need be) or its forced model's quality counts
-    towards the need (quality mode: an answer it cannot be given must not count
-    as a quality of FORBIDDEN_QUALITY, which the others would have to make up).
-    The other queries are then planned with what is left."""
+    (budget mode; beyond it if need be) or its quality counts towards the need
+    (quality mode), and the others are planned with what is left."""
     unanswered: NDArray[np.bool_] = np.asarray(~answered.any(axis=1), dtype=bool)
-    choice = np.full(len(posterior), NEVER, dtype=np.int64)
-    forced = forced_escalation(cost[unanswered], allowed[unanswered], asked[unanswered], capacities)
-    choice[unanswered] = forced
+    fresh = allowed & ~asked
+    fresh[:, list(panel)] = False
+    asked_again = unanswered & ~fresh.any(axis=1)
+    choice = np.full(len(escalated), NEVER, dtype=np.int64)
+    again = forced_escalation(
+        cost[asked_again], allowed[asked_again], asked[asked_again], capacities
+    )
+    choice[asked_again] = again
     rest = limit.for_the_rest(
-        np.maximum(posterior[unanswered, forced], 0.0),
-        float(cost[unanswered, forced].sum()),
+        np.maximum(escalated[asked_again, again], 0.0),
+        float(cost[asked_again, again].sum()),
         len(choice),
     )
-    solved = np.flatnonzero(~unanswered)
-    if len(solved):
-        choice[solved] = plan_escalations(
-            posterior[solved], accept[solved], cost[solved], panel, rest.mode, rest.value,
-            solver, tie_tolerance, allowed[solved], slots_left(capacities, forced),
+    planned = np.flatnonzero(~asked_again)
+    if len(planned):
+        may_escalate = np.where(unanswered[:, None], fresh, allowed)
+        choice[planned] = plan_escalations(
+            escalated[planned], accept[planned], cost[planned], panel, rest.mode, rest.value,
+            solver, tie_tolerance, may_escalate[planned], slots_left(capacities, again),
+            may_accept=~unanswered[planned],
         )  # fmt: skip
     return choice
 

@@ -227,10 +227,11 @@ class WindowRecords:
         """The assignments about to be sent: their predicted costs, for their outcomes
         to be matched with (workers/routing/spend.py). Called before they are sent,
         or an outcome read before the window's publishing ends would never match.
-        Not for a window without a budget (quality mode): it has nothing to correct,
-        and its entries would only fill the tracker."""
+        Not for a quality-mode window: it has nothing to correct, and its entries
+        would only fill the tracker. A budget-mode window whose report names no
+        budget (a cascade's escalations decided without a plan) still spends."""
         report = window.report
-        if self.spend is None or (report is not None and report.window_budget_usd is None):
+        if self.spend is None or (report is not None and report.mode != "budget"):
             return
         for a in window.sent:
             self.spend.expect(window.partition, a.pool, a.query_id, a.model, a.predicted_cost_usd)
