@@ -181,7 +181,7 @@ class Settings(BaseSettings):
     router_predict_batch: PositiveInt = 256
     # How far a query's created_at may stand from its record's broker timestamp
     # (and ahead of the router's clock): it decides the hourly budget's share.
-    router_clock_skew_seconds: float = Field(default=60.0, ge=0)
+    router_clock_skew_seconds: float = Field(default=60.0, ge=0, le=86_400)
     router_store_refresh_seconds: float = Field(default=5.0, gt=0)
     router_refit_seconds: float = Field(default=300.0, gt=0)
     # Also refit once the store holds this share more scored outcomes than the heads

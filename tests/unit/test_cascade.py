@@ -289,7 +289,7 @@ def test_forced_escalations_serve_the_queries_with_fewest_models_first() -> None
 def test_a_forced_escalation_takes_its_slot_before_the_plan(mode: str, limit: float) -> None:
     """Model 1 has one slot; the first query had no probe answer and its hints allow
     only models 0 (asked) and 1; the second is answered and would escalate to 1 too.
-    The forced query gets the slot, the other accepts (before, in budget mode: the
+    The forced query takes the slot, the other accepts (before, in budget mode: the
     plan took it first and the forced query went over the cap)."""
     posterior = np.array([[0.0, 0.8, -1.0], [0.5, 0.8, 0.9]])
     choice = _escalation_choice(
@@ -306,36 +306,6 @@ def test_a_forced_escalation_takes_its_slot_before_the_plan(mode: str, limit: fl
         (0, 1, None),
     )
     assert choice.tolist() == [1, NEVER]
-
-
-def forced_and_answered(mode: str, limit: float, solver: str = "exact") -> list[int]:
-    """Panel model 0; models 1 ($2, P(good) 0.3) and 2 ($20, 0.95). The first query
-    had no probe answer; the second's best probe answer is good with P 0.8."""
-    return _escalation_choice(
-        np.array([[0.0, 0.3, 0.95], [0.7, 0.3, 0.95]]),
-        np.array([-1.0, 0.8]),
-        np.array([[0.1, 2.0, 20.0], [0.1, 2.0, 20.0]]),
-        np.ones((2, 3), dtype=bool),
-        np.array([[False], [True]]),
-        np.array([[True, False, False], [True, False, False]]),
-        [0],
-        EscalationLimit(cast(Mode, mode), limit),
-        cast(Method, solver),
-        0.0,
-    ).tolist()
-
-
-@pytest.mark.parametrize("solver", ["exact", "fast"])
-def test_a_query_no_probe_answered_gets_the_model_its_limit_pays_for(solver: str) -> None:
-    """It was always sent to its cheapest model not asked yet, before the plan: with
-    a reserve of 30 it got model 1 (0.3), and at a need of 0.85 model 1 too, so the
-    other query was escalated to model 2 and the window missed its need anyway
-    ([1, 2]: 0.625 for $22), where model 2 for it and accepting the other reaches
-    0.875 for $20."""
-    assert forced_and_answered("budget", 30.0, solver) == [2, NEVER]
-    assert forced_and_answered("quality", 0.85, solver) == [2, NEVER]
-    # What the limit cannot pay for, the cheapest model not asked yet still answers.
-    assert forced_and_answered("budget", 1.0, solver) == [1, NEVER]
 
 
 def test_a_chosen_panel_leaves_out_the_models_that_may_not_probe() -> None:

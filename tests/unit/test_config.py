@@ -47,6 +47,8 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
         ),
         ({"router_models": []}, "at least one model"),
         ({"router_window_budget_usd": -1.0}, "greater than or equal to 0"),
+        # A skew of 1e11 s overflowed the bound on every query's created_at.
+        ({"router_clock_skew_seconds": 1e11}, "less than or equal to 86400"),
         (
             {"router_window_seconds": 5.0, "kafka_rebalance_timeout_seconds": 3.0},
             "KAFKA_REBALANCE_TIMEOUT_SECONDS=3.0 must exceed",

@@ -93,6 +93,7 @@ GOOD = {"text": "q", "model": "a", "score": 0.5, "cost": 0.1, "tokens": 4}
         # Values the store or the tokenizer refuses: the command stopped on an
         # uncaught DataError or TypeError, without the file or the line.
         ({**GOOD, "tokens": 3_000_000_000}, "tokens 3e+09 is more than 2147483647"),
+        ({**GOOD, "tokens": 10**400}, "tokens is not a finite number"),
         ({**GOOD, "text": "a \x00 b"}, "text holds a NUL character"),
         ({**GOOD, "prompt_id": "x\x00y"}, "prompt_id holds a NUL character"),
         ({**GOOD, "response": "\x00"}, "response holds a NUL character"),

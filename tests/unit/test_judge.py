@@ -80,7 +80,14 @@ from workers.stream.judge_replay import ReplayJudge
         ("Score: 8 out of 10 (missing 2 steps)", 0.8),
         ("Score: 7 (0 = wrong, 10 = right)", 0.7),
         ("Rating (0-10): 4", 0.4),
-        ("Score: 9\nNo other issue; the score: 9 stands.", 0.9),  # a later mention agrees
+        ("Score: 9\nNo other issue; my final score: 9 stands.", 0.9),  # a revision agrees
+        # Numbers beside the score that name no scale.
+        ("Score: 8 (GPT-4 level answer)", 0.8),
+        ("Score: 7 (3 of 4 steps correct)", 0.7),
+        ("Score: 9 - cites the 2019-2020 figures", 0.9),
+        ("Score: 6/10, loses points on 1 to 2 unit errors", 0.6),
+        ("It earns a rating of 8; it meets 2 of 3 criteria.", 0.8),
+        ("Score: 8\nRubric reminder: a perfect score: 10 needs units.", 0.8),
     ],
 )
 def test_readable_replies_give_their_score(reply: str, score: float) -> None:
@@ -137,7 +144,14 @@ def test_parsing_a_pathological_reply_is_quick() -> None:
     import time
 
     started = time.perf_counter()
-    for reply in ("score" + " " * 50_000 + "x", "Score: " + "*" * 50_000, "7/" * 30_000):
+    # The last: each mention's scale was looked for to the end of its line (240k
+    # characters: 178 s).
+    for reply in (
+        "score" + " " * 50_000 + "x",
+        "Score: " + "*" * 50_000,
+        "7/" * 30_000,
+        "rating of 5 " * 4_000 + "rating of 6",
+    ):
         assert parse_score(reply) is None
     assert time.perf_counter() - started < 2.0
 
@@ -415,3 +429,15 @@ async def test_outcomes_the_broker_did_not_take_leave_their_batch_unacknowledged
         await judge_events(batch(), FixedJudge(Verdict(score=0.6, cost_usd=0.01)), 1.0, topics)
     paid = REGISTRY.get_sample_value("omnirouter_judge_spend_usd_total")
     assert paid == pytest.approx(spend + 3 * 0.01)
+
+
+async def test_a_response_no_outcome_can_hold_costs_its_verdict_not_the_batch() -> None:
+    """A query id over the outcome's 200 characters raised ValidationError out of
+    the batch, which (unacknowledged) was judged and paid again on every restart."""
+    long_id = ModelResponse(query_id="q" * 201, model="m", pool="p", response="r")
+    assert verdict_outcome(long_id, Verdict(score=0.5, cost_usd=0.01)) is None
+    topics, outcomes, _ = fake_topics()
+    raws = [r.model_dump_json().encode() for r in [*responses(1), long_id]]
+    judge = FixedJudge(Verdict(score=0.6, cost_usd=0.01))
+    await judge_events([event(raw, i) for i, raw in enumerate(raws)], judge, 1.0, topics)
+    assert [Outcome.model_validate_json(v).query_id for _, v in outcomes.sent] == ["q0"]

@@ -220,8 +220,10 @@ def test_created_at_never_runs_ahead_of_the_routers_clock() -> None:
     assert bounded_created_at(broker_time, broker_time, T0, SKEW) == T0 + SKEW
 
 
-@pytest.mark.parametrize("timestamp", [1.7e15, 1e300, float("inf"), -1.0])
-def test_a_record_timestamp_no_datetime_holds_is_the_readers_clock(timestamp: float) -> None:
+@pytest.mark.parametrize("timestamp", [1.7e15, 1e300, float("inf"), float("nan"), -1.0, None])
+def test_a_record_timestamp_no_datetime_holds_is_the_readers_clock(
+    timestamp: float | None,
+) -> None:
     """Microseconds given for milliseconds is year 58892 (ValueError); -1 is none."""
     assert broker_time(timestamp, T0) == T0
 

@@ -582,19 +582,14 @@ def plan_escalations(
     tie_tolerance: float = 0.0,
     allowed: NDArray[np.bool_] | None = None,
     capacities: Sequence[int | None] | None = None,
-    may_accept: NDArray[np.bool_] | None = None,
 ) -> NDArray[np.int64]:
     """For each probed query, NEVER (accept its best probe answer, P(good)
     `accept_quality`) or the model to escalate to (P(good) its `posterior`); `limit`
     from `escalation_limit`. A model of the panel is no escalation (its answer is
     in hand); `allowed`: the (query, model) pairs the hints allow; `capacities`
     (one per model, None: unlimited): the most escalations each model may take
-    (accepting is never capped); `may_accept`: the queries with an answer to
-    accept (default all; one without must be escalated, over a cap if need be)."""
+    (accepting is never capped, so every window fits)."""
     accept_quality = accept_quality[:, None]
-    accepts = np.ones_like(accept_quality, dtype=bool)
-    if may_accept is not None:
-        accepts = np.asarray(may_accept, dtype=bool)[:, None]
     others = [j for j in range(posterior.shape[1]) if j not in panel]
     problem = WindowProblem(
         np.hstack([accept_quality, posterior[:, others]]),
@@ -604,11 +599,10 @@ def plan_escalations(
         quality_target=limit if mode == "quality" else None,
         capacities=None if capacities is None else (None, *(capacities[j] for j in others)),
         tie_tolerance=tie_tolerance,
-        allowed=np.hstack(
-            [accepts, np.ones_like(posterior[:, others], dtype=bool) if allowed is None
-             else allowed[:, others]]
-        ),
-    )  # fmt: skip
+        allowed=None
+        if allowed is None
+        else np.hstack([np.ones_like(accept_quality, dtype=bool), allowed[:, others]]),
+    )
     choice = solve(problem, solver).assignment
     return np.where(choice == 0, NEVER, np.asarray([NEVER, *others])[choice]).astype(np.int64)
 

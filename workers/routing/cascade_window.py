@@ -477,34 +477,26 @@ def _escalation_choice(
     capacities: tuple[int | None, ...] | None = None,
 ) -> NDArray[np.int64]:
     """Per query NEVER (accept) or the model it is escalated to (P(good)
-    `escalated`). A query none of whose probes answered must be escalated: it is
-    planned with the others, accepting forbidden and only to models not asked
-    yet, so the reserve or the need may buy it a better model than the cheapest.
-    One whose hints allow no such model is asked again (`forced_escalation`)
-    first: it takes its slot of `capacities`, its cost comes out of the reserve
-    (budget mode; beyond it if need be) or its quality counts towards the need
-    (quality mode), and the others are planned with what is left."""
+    `escalated`). A query none of whose probes answered is escalated whatever the
+    plan (`forced_escalation`), first: it takes its slot of `capacities`, its cost
+    comes out of the reserve (budget mode; beyond it if need be) or its forced
+    model's quality counts towards the need (quality mode: an answer it cannot be
+    given must not count as a quality of FORBIDDEN_QUALITY, which the others
+    would have to make up). The other queries are then planned with what is left."""
     unanswered: NDArray[np.bool_] = np.asarray(~answered.any(axis=1), dtype=bool)
-    fresh = allowed & ~asked
-    fresh[:, list(panel)] = False
-    asked_again = unanswered & ~fresh.any(axis=1)
     choice = np.full(len(escalated), NEVER, dtype=np.int64)
-    again = forced_escalation(
-        cost[asked_again], allowed[asked_again], asked[asked_again], capacities
-    )
-    choice[asked_again] = again
+    forced = forced_escalation(cost[unanswered], allowed[unanswered], asked[unanswered], capacities)
+    choice[unanswered] = forced
     rest = limit.for_the_rest(
-        np.maximum(escalated[asked_again, again], 0.0),
-        float(cost[asked_again, again].sum()),
+        np.maximum(escalated[unanswered, forced], 0.0),
+        float(cost[unanswered, forced].sum()),
         len(choice),
     )
-    planned = np.flatnonzero(~asked_again)
-    if len(planned):
-        may_escalate = np.where(unanswered[:, None], fresh, allowed)
-        choice[planned] = plan_escalations(
-            escalated[planned], accept[planned], cost[planned], panel, rest.mode, rest.value,
-            solver, tie_tolerance, may_escalate[planned], slots_left(capacities, again),
-            may_accept=~unanswered[planned],
+    solved = np.flatnonzero(~unanswered)
+    if len(solved):
+        choice[solved] = plan_escalations(
+            escalated[solved], accept[solved], cost[solved], panel, rest.mode, rest.value,
+            solver, tie_tolerance, allowed[solved], slots_left(capacities, forced),
         )  # fmt: skip
     return choice
 

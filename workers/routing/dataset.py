@@ -147,7 +147,10 @@ def _optional_number(value: object, name: str, where: str) -> float | None:
     elif isinstance(value, bool) or not isinstance(value, int | float):
         raise DatasetError(f"{where}: {name} is not a number: {value!r}")
     else:
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise DatasetError(f"{where}: {name} is not a finite number") from None
     if not math.isfinite(number):
         raise DatasetError(f"{where}: {name} is not a finite number: {value!r}")
     return number

@@ -75,12 +75,12 @@ def bounded_created_at(
     return min(max(created_at, earliest), latest)
 
 
-def broker_time(timestamp_seconds: float, now: datetime) -> datetime:
+def broker_time(timestamp_seconds: float | None, now: datetime) -> datetime:
     """A record's broker timestamp as a datetime; `now` for a record without one
-    (-1) or with one no datetime can hold (a producer that gave microseconds for
-    milliseconds: year 58892), which would otherwise stop the stage reading it, on
-    every restart."""
-    if timestamp_seconds < 0:
+    (None or -1: a message of format version 0) or with one no datetime can hold (a
+    producer that gave microseconds for milliseconds: year 58892), which would
+    otherwise stop the stage reading it, on every restart."""
+    if timestamp_seconds is None or not timestamp_seconds >= 0:
         return now
     try:
         return datetime.fromtimestamp(timestamp_seconds, UTC)

@@ -20,6 +20,7 @@ from typing import Protocol
 import faust
 from faust.types import EventT, StreamT
 from mode import CrashingSupervisor
+from pydantic import ValidationError
 
 from schemas import ModelResponse, Outcome
 from workers.config import Settings
@@ -108,14 +109,21 @@ def verdict_outcome(response: ModelResponse, verdict: Verdict) -> Outcome | None
     cost = verdict.cost_usd
     if verdict.score is None and not (cost and cost > 0):
         return None
-    return Outcome(
-        query_id=response.query_id,
-        model=response.model,
-        pool=response.pool,
-        quality_score=verdict.score,
-        source="judge",
-        judge_cost_usd=cost,
-    )
+    try:
+        return Outcome(
+            query_id=response.query_id,
+            model=response.model,
+            pool=response.pool,
+            quality_score=verdict.score,
+            source="judge",
+            judge_cost_usd=cost,
+        )
+    except ValidationError as exc:
+        # A response no outcome can name (a query id over the outcome's limit):
+        # raising would leave its batch unacknowledged, judged and paid again on
+        # every restart.
+        log.warning("judged a response no outcome can hold: %s", exc.errors()[0]["msg"])
+        return None
 
 
 def observe_verdict(response: ModelResponse, verdict: Verdict) -> None:

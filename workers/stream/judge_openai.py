@@ -86,13 +86,23 @@ _LABELLED = re.compile(
     rf"(?:(?:[:=]|\bis\b|\bof\b){_DECOR})?{_NUMBER}{_OVER}{_RANGE}",
     re.IGNORECASE,
 )
-# A scale named beside a score ("(out of 5)", "of 5", "on a scale of 1 to 5",
-# "(1-5)"): its numbers, each of which must be the rubric's 0 or 10.
-_SCALE_MENTION = re.compile(
-    r"(?:\bout\s+of|/|\bof\b|\bto\b|[-\u2013\u2014])\s*(\d+(?:\.\d+)?)(?![.,]?\d)", re.IGNORECASE
+# Another scale named beside a score: right after it ("4 of 5", "4 (out of 5)"),
+# in the label's parenthesis ("Score (out of 5): 4", "Rating (1-5): 4"), or as "on
+# a scale of 1 to 5" within _SCALE_REACH characters after it. The top of such a
+# scale must be the rubric's 10 ("Score (1-10): 7" is read). Numbers elsewhere
+# ("3 of 4 steps", "GPT-4", "2019-2020") name no scale.
+_SCALE_REACH = 60
+_SCALE_AFTER = re.compile(r"[\s*_]*\(?\s*(?:out\s+of|of|/)\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+_SCALE_IN_PAREN = re.compile(
+    r"(?:out\s+of|/)\s*(\d+(?:\.\d+)?)|(\d+(?:\.\d+)?)\s*(?:[-\u2013\u2014]|\bto\b)\s*(\d+(?:\.\d+)?)",
+    re.IGNORECASE,
 )
-# "score: N" anywhere in a line: after the last Score line, a revision.
-_SCORE_COLON_VALUE = re.compile(rf"\bscore\b{_DECOR}[:=]{_DECOR}{_NUMBER}", re.IGNORECASE)
+_SCALE_OF = re.compile(
+    r"\bscale\s+(?:of|from)\s+(\d+(?:\.\d+)?)\s*(?:[-\u2013\u2014]|\bto\b)\s*(\d+(?:\.\d+)?)",
+    re.IGNORECASE,
+)
+# "final score: N" mid-line, after the last Score line: a revision.
+_FINAL_SCORE = re.compile(rf"\bfinal\s+score\b{_DECOR}[:=]{_DECOR}{_NUMBER}", re.IGNORECASE)
 _SCORE_COLON = re.compile(rf"\bscore\b{_DECOR}[:=]", re.IGNORECASE)
 _FRACTION = re.compile(rf"{_NUMBER}\s*(?:/|out\s+of)\s*10(?![.,/]?\d|[^\W\d]|%)", re.IGNORECASE)
 _BARE = re.compile(rf"^{_DECOR}{_NUMBER}(?:\s*/\s*10)?[\s*_\"'`.]*$")
@@ -113,13 +123,16 @@ def _value(number: str, over: str | None, range_: str | None) -> float | None:
     return _on_scale(float(number), float(over) if over else None)
 
 
-def _other_scale(*beside: str) -> bool:
-    """Does the text beside a score name a scale other than the rubric's 0-10?"""
-    return any(
-        float(number) not in (0.0, SCALE_MAX)
-        for text in beside
-        for number in _SCALE_MENTION.findall(text)
-    )
+def _other_scale(paren: str, after: str) -> bool:
+    """Does the label's parenthesis, or the text right after the score, name a scale
+    other than the rubric's 0-10?"""
+    near = after[:_SCALE_REACH]
+    tops = [over or top for over, _, top in _SCALE_IN_PAREN.findall(paren)]
+    if found_after := _SCALE_AFTER.match(near):
+        tops.append(found_after[1])
+    if found_of := _SCALE_OF.search(near):
+        tops.append(found_of[2])
+    return any(float(top) != SCALE_MAX for top in tops)
 
 
 def _line_score(paren: str, rest: str) -> float | None:
@@ -135,9 +148,8 @@ def _labelled_score(match: re.Match[str]) -> float | None:
     """A prose mention's score ("rating of 4"); None beside another scale
     ("Rating (1-5): 4", "a score of 4 out of 5 points")."""
     paren, number, over, range_ = match.groups()[1:]
-    line_end = match.string.find("\n", match.end())
-    tail = match.string[match.end() : None if line_end < 0 else line_end]
-    return None if _other_scale(paren, tail) else _value(number, over, range_)
+    after = match.string[match.end() : match.end() + _SCALE_REACH].split("\n", 1)[0]
+    return None if _other_scale(paren, after) else _value(number, over, range_)
 
 
 def _prose_score(reply: str) -> float | None:
@@ -165,8 +177,8 @@ def parse_score(reply: str | None) -> float | None:
     of 10 would need...") is reasoning about the scale, not the verdict, and a judge
     that writes a second Score line has revised itself. Only without such a line is
     prose read (`_prose_score`). A range, or a score off the 0-10 scale, is none;
-    so is a "score: N" later in the text that disagrees with the last Score line
-    ("...so my final score: 3"): a revision the rubric's form did not hold."""
+    so is a "final score: N" later in the text that disagrees with the last Score
+    line ("...so my final score: 3"): a revision the rubric's form did not hold."""
     if not reply or not reply.strip():
         return None
     lines = list(_SCORE_LINE.finditer(reply))
@@ -174,7 +186,7 @@ def parse_score(reply: str | None) -> float | None:
         return _prose_score(reply)
     last = lines[-1]
     score = _line_score(last[1], last[2])
-    later = {_on_scale(float(m[1])) for m in _SCORE_COLON_VALUE.finditer(reply, last.end())}
+    later = {_on_scale(float(m[1])) for m in _FINAL_SCORE.finditer(reply, last.end())}
     return score if later <= {score} else None
 
 
