@@ -383,3 +383,16 @@ def test_under_capacities_a_window_that_can_keep_its_budget_keeps_it() -> None:
         if spend > budget + 1e-12:
             broken.append((seed, spend, budget))
     assert broken == []
+
+
+def test_an_explored_window_short_of_its_target_says_so() -> None:
+    """The rest of the window is planned at a target held at 1; the explored window
+    reached 1.8 of the 2.0 needed and still read "near_optimal"."""
+    problem = WindowProblem(
+        np.array([[0.8, 0.8], [1.0, 0.5]]), np.array([[1.0, 2.0], [1.0, 1.0]]), "quality",
+        quality_target=1.0, tie_tolerance=0.005,
+    )  # fmt: skip
+    explored = explore_and_solve(problem, np.zeros((2, 2)), 0.5, np.random.default_rng(2))
+    assert explored.explored.any()
+    assert not problem.meets_limit(explored.plan.assignment)
+    assert explored.plan.status == "infeasible_target_best_quality_plan"

@@ -215,3 +215,20 @@ def test_under_capacities_shadows_take_only_slots_the_answers_leave_free(mode: s
     shadows = plans[1].shadows[plans[1].shadows != NOT_SHADOWED]
     used = np.bincount(plans[1].plan.assignment, minlength=m) + np.bincount(shadows, minlength=m)
     assert (used <= np.array(problem.capacity_array)).all()
+
+
+def test_without_an_allowed_mask_exploration_and_shadows_keep_the_problem_s_hints() -> None:
+    """`allowed` left at its default meant every pair: the problem's own hints were
+    ignored, and a query allowed only "mid" was explored on the others."""
+    hints = np.zeros((20, 4), dtype=bool)
+    hints[:, 1] = True
+    problem = WindowProblem(
+        np.full((20, 4), 0.5), np.tile(COSTS, (20, 1)), "budget", window_budget_usd=1.0,
+        allowed=hints,
+    )  # fmt: skip
+    support = np.zeros((20, 4))
+    explored = explore_and_solve(problem, support, 1.0, np.random.default_rng(0), shadow_share=1.0)
+    assert (explored.plan.assignment == 1).all()
+    assert (explored.shadows == NOT_SHADOWED).all()
+    answered = np.ones(20, dtype=np.int64)
+    assert (choose_shadows(problem, answered, support, 1.0) == NOT_SHADOWED).all()

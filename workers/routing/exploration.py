@@ -129,7 +129,7 @@ def choose_explorations(
     if most == 0 or m == 1:
         return chosen
     rows = np.arange(n)
-    candidates = np.ones((n, m), dtype=bool) if allowed is None else allowed.copy()
+    candidates = problem.permitted.copy() if allowed is None else allowed & problem.permitted
     explorable: NDArray[np.bool_] = np.asarray(candidates.any(axis=0), dtype=bool)
     draws = _draws_of_explorable_columns(problem, support, rng, explorable)
     candidates[rows, planned] = False
@@ -200,6 +200,9 @@ def explore_and_solve(
         assignment[rest] = rest_plan.assignment
         status, solver = rest_plan.status, rest_plan.solver
         seconds += rest_plan.solve_seconds
+    if problem.mode == "quality" and not problem.meets_limit(assignment):
+        # The rest's target was held at 1 where exploration left more to make up.
+        status = "infeasible_target_best_quality_plan"
     # The rest planned again may answer a query with its shadow's model: one answer is enough.
     shadows[shadows == assignment] = NOT_SHADOWED
     shadowed = shadow_spend(problem, shadows)
