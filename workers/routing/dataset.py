@@ -179,8 +179,9 @@ def _text(value: object, name: str, where: str) -> str:
 
 
 def _fields(row: Mapping[str, object], where: str) -> dict[str, object]:
-    """The row's fields by name in lower case ("Score" is the score, not an extra
-    column ignored without a word); a name given twice so is refused."""
+    """A JSON row's fields by name in lower case, as a CSV header's are ("Score" is
+    the score, not an extra column ignored without a word); a name given twice so
+    is refused."""
     fields: dict[str, object] = {}
     for name, value in row.items():
         key = str(name).strip().lower()
@@ -190,9 +191,9 @@ def _fields(row: Mapping[str, object], where: str) -> dict[str, object]:
     return fields
 
 
-def _record(given: Mapping[str, object], where: str) -> RecordedOutcome:
-    """Validate one row of a generic file (JSON object or CSV row by header)."""
-    row = _fields(given, where)
+def _record(row: Mapping[str, object], where: str) -> RecordedOutcome:
+    """Validate one row of a generic file (JSON object or CSV row by header), its
+    field names in lower case."""
     text = _required_text(row.get("text"), "text", where)
     model = _required_text(row.get("model"), "model", where).strip()
     score = _optional_number(row.get("score"), "score", where)
@@ -240,7 +241,7 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Mapping[str, object]]]:
                 raise DatasetError(f"{path}:{line_number}: not JSON ({exc.msg})") from None
             if not isinstance(row, dict):
                 raise DatasetError(f"{path}:{line_number}: not a JSON object")
-            yield line_number, row
+            yield line_number, _fields(row, f"{path}:{line_number}")
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, Mapping[str, object]]]:
