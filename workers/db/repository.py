@@ -17,6 +17,7 @@ from schemas import SCORE_SOURCE_RANK, Outcome
 from workers.db.models import OutcomeRow
 from workers.routing.cascade_fit import AnsweredOutcome
 from workers.routing.store import OutcomeRecord
+from workers.routing.text_checks import text_refusal
 
 
 def create_engine(database_url: str) -> sa.Engine:
@@ -111,15 +112,9 @@ def _column_refusal(column_type: sa.types.TypeEngine[Any], value: object) -> str
 
 
 def _text_refusal(value: str, max_length: int | None) -> str | None:
-    if "\x00" in value:
-        return "holds a NUL character, which PostgreSQL text cannot store"
     if max_length is not None and len(value) > max_length:
         return f"{len(value)} characters, more than the column's {max_length}"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return f"character {exc.start} cannot be encoded as UTF-8 (a lone surrogate)"
-    return None
+    return text_refusal(value)
 
 
 def _takes_score(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:

@@ -15,6 +15,8 @@ from typing import Literal
 
 import numpy as np
 
+from workers.routing.text_checks import text_refusal
+
 
 class DatasetError(ValueError):
     """An outcome file that cannot be used, with the line at fault."""
@@ -163,18 +165,11 @@ def _required_text(value: object, name: str, where: str) -> str:
 
 
 def _text(value: object, name: str, where: str) -> str:
-    """A string the store and the embedder's tokenizer can take: no NUL character
-    (PostgreSQL text refuses it), no lone surrogate (it is not UTF-8)."""
+    """A string the store and the embedder's tokenizer can take (`text_refusal`)."""
     if not isinstance(value, str):
         raise DatasetError(f"{where}: {name} is not a string: {value!r}")
-    if "\x00" in value:
-        raise DatasetError(f"{where}: {name} holds a NUL character")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise DatasetError(
-            f"{where}: {name} holds a lone surrogate at character {exc.start} (not UTF-8)"
-        ) from None
+    if (reason := text_refusal(value)) is not None:
+        raise DatasetError(f"{where}: {name} {reason}")
     return value
 
 

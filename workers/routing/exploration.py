@@ -79,7 +79,7 @@ def window_allowance(
     if problem.mode != "budget" or problem.window_budget_usd is None:
         return math.inf
     own = share * problem.window_budget_usd
-    explorable = problem.permitted if allowed is None else allowed
+    explorable = problem.permitted_within(allowed)
     dearest = float(np.where(explorable, problem.cost, 0.0).max())
     return min(own + carried_usd, max(own, dearest))
 
@@ -129,7 +129,7 @@ def choose_explorations(
     if most == 0 or m == 1:
         return chosen
     rows = np.arange(n)
-    candidates = problem.permitted.copy() if allowed is None else allowed & problem.permitted
+    candidates = problem.permitted_within(allowed)
     explorable: NDArray[np.bool_] = np.asarray(candidates.any(axis=0), dtype=bool)
     draws = _draws_of_explorable_columns(problem, support, rng, explorable)
     candidates[rows, planned] = False

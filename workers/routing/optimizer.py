@@ -128,6 +128,11 @@ class WindowProblem:
     # `allowed`, every pair True when None (set in __post_init__).
     permitted: NDArray[np.bool_] = field(init=False, repr=False, compare=False)
 
+    def permitted_within(self, allowed: NDArray[np.bool_] | None) -> NDArray[np.bool_]:
+        """The pairs a plan may use, narrowed by a stage's own mask (`allowed`; None:
+        no narrowing); a new array, the caller's to change."""
+        return self.permitted.copy() if allowed is None else allowed & self.permitted
+
     def masked(self, score: NDArray[np.float64]) -> NDArray[np.float64]:
         """`score` with every forbidden pair at -inf: what the fast path ranks."""
         return np.where(self.permitted, score, -np.inf)

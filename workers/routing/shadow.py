@@ -93,7 +93,7 @@ def choose_shadows(
     if m == 1 or allowance_usd <= 0:
         return chosen
     rows = np.arange(n)
-    candidates = problem.permitted.copy() if allowed is None else allowed & problem.permitted
+    candidates = problem.permitted_within(allowed)
     candidates[rows, answered] = False
     answer_quality = problem.quality[rows, answered]
     if draws is not None:  # only models that might be better than the answer's

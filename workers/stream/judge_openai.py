@@ -65,11 +65,15 @@ def fill(rubric: str, question: str, answer: str) -> str:
     return re.sub(r"\{(question|answer)\}", lambda match: values[match[1]], rubric)
 
 
+_DIGITS = r"\d+(?:\.\d+)?"
+_PER = r"(?:/|out\s+of)"  # "7/10", "7 out of 10"
+_DASH = r"(?:[-\u2013\u2014]|\bto\b)"  # "1-5", "1 to 5"
 # A number not glued to more digits, letters or a percent sign ("8e3", "80%", "8,5").
-_NUMBER = r"(?<![\w.])([-+]?\d+(?:\.\d+)?)(?![.,]?\d|[^\W\d]|%)"
-_OVER = r"(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?)(?![.,/]?\d|[^\W\d]|%))?"
+_NUMBER = rf"(?<![\w.])([-+]?{_DIGITS})(?![.,]?\d|[^\W\d]|%)"
+_SCALE_TOP = rf"({_DIGITS})(?![.,/]?\d|[^\W\d]|%)"  # the 10 of "7/10"
+_OVER = rf"(?:\s*{_PER}\s*{_SCALE_TOP})?"
 # A second number after the first ("7-8", "7 to 8", "7 or 8"): a range, not a score.
-_RANGE = r"(\s*(?:[-\u2013\u2014]|\bto\b|\bor\b)\s*[-+]?\d)?"
+_RANGE = rf"(\s*(?:{_DASH}|\bor\b)\s*[-+]?\d)?"
 _DECOR = r"[\s*_\"'`]*"
 _PAREN = rf"((?:\([^)\n]*\){_DECOR})?)"  # "Score (0-10): 3"
 # The rubric's own form: a line that starts with "Score:" or "Score =" (markdown
@@ -92,19 +96,17 @@ _LABELLED = re.compile(
 # scale must be the rubric's 10 ("Score (1-10): 7" is read). Numbers elsewhere
 # ("3 of 4 steps", "GPT-4", "2019-2020") name no scale.
 _SCALE_REACH = 60
-_SCALE_AFTER = re.compile(r"[\s*_]*\(?\s*(?:out\s+of|of|/)\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+_SCALE_AFTER = re.compile(rf"[\s*_]*\(?\s*(?:{_PER}|of)\s*({_DIGITS})", re.IGNORECASE)
 _SCALE_IN_PAREN = re.compile(
-    r"(?:out\s+of|/)\s*(\d+(?:\.\d+)?)|(\d+(?:\.\d+)?)\s*(?:[-\u2013\u2014]|\bto\b)\s*(\d+(?:\.\d+)?)",
-    re.IGNORECASE,
+    rf"{_PER}\s*({_DIGITS})|({_DIGITS})\s*{_DASH}\s*({_DIGITS})", re.IGNORECASE
 )
 _SCALE_OF = re.compile(
-    r"\bscale\s+(?:of|from)\s+(\d+(?:\.\d+)?)\s*(?:[-\u2013\u2014]|\bto\b)\s*(\d+(?:\.\d+)?)",
-    re.IGNORECASE,
+    rf"\bscale\s+(?:of|from)\s+({_DIGITS})\s*{_DASH}\s*({_DIGITS})", re.IGNORECASE
 )
 # "final score: N" mid-line, after the last Score line: a revision.
 _FINAL_SCORE = re.compile(rf"\bfinal\s+score\b{_DECOR}[:=]{_DECOR}{_NUMBER}", re.IGNORECASE)
 _SCORE_COLON = re.compile(rf"\bscore\b{_DECOR}[:=]", re.IGNORECASE)
-_FRACTION = re.compile(rf"{_NUMBER}\s*(?:/|out\s+of)\s*10(?![.,/]?\d|[^\W\d]|%)", re.IGNORECASE)
+_FRACTION = re.compile(rf"{_NUMBER}\s*{_PER}\s*10(?![.,/]?\d|[^\W\d]|%)", re.IGNORECASE)
 _BARE = re.compile(rf"^{_DECOR}{_NUMBER}(?:\s*/\s*10)?[\s*_\"'`.]*$")
 
 
