@@ -179,6 +179,7 @@ def run(
         ]
         scored_at = _scored_query_rows(engine, run_id)
         judge_spend = _judge_spend(engine, run_id)
+        _write_stored_scores(log_dir / "scores.jsonl", engine, run_id, live)
     chosen = {int(a.query_id.removeprefix(f"{run_id}-")): a for a in assignments}
     shadows = {int(a.query_id.removeprefix(f"{run_id}-")): a for a in shadow_list}
     beliefs = {int(p.query.query_id.removeprefix(f"{run_id}-")): p.quality for p in predicted}
@@ -221,6 +222,28 @@ def _write_decisions(
                 "shadow": shadows[i].model if i in shadows else None,
             }
             out.write(json.dumps(row) + "\n")
+
+
+def _write_stored_scores(path: Path, engine: sa.Engine, run_id: str, live: OutcomeTable) -> None:
+    """Each stored score (the judge's, with its flips) beside the recorded one, in
+    the order stored: what the router learnt from, for a closer look."""
+    with Session(engine) as session, path.open("w") as out:
+        rows = session.scalars(
+            sa.select(OutcomeRow)
+            .where(OutcomeRow.query_id.like(f"{run_id}-%"), OutcomeRow.quality_score.is_not(None))
+            .order_by(OutcomeRow.id)
+        )
+        for row in rows:
+            i = int(row.query_id.removeprefix(f"{run_id}-"))
+            recorded = live.scores[i, live.models.index(row.model)]
+            stored = {
+                "query": i,
+                "model": row.model,
+                "score": row.quality_score,
+                "source": row.score_source,
+                "recorded_score": None if np.isnan(recorded) else float(recorded),
+            }
+            out.write(json.dumps(stored) + "\n")
 
 
 def _write_reports(path: Path, reports: list[WindowReport]) -> None:
