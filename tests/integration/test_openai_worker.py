@@ -139,6 +139,7 @@ ODD_REPLIES: dict[str, Any] = {
     },
     "html": "<html>bad gateway</html>",  # a proxy's page, with status 200
     "broken-json": '{"choices": [',  # announced as JSON, cut short
+    "nested-too-deeply": "[" * 100_000 + "]" * 100_000,  # json.loads: RecursionError
 }
 
 
@@ -147,7 +148,7 @@ async def odd(body: dict[str, Any]) -> web.StreamResponse:
     kind = body["messages"][-1]["content"]
     if kind == "html":
         return web.Response(text=ODD_REPLIES[kind], content_type="text/html")
-    if kind == "broken-json":
+    if kind in ("broken-json", "nested-too-deeply"):
         return web.Response(text=ODD_REPLIES[kind], content_type="application/json")
     return web.json_response(ODD_REPLIES[kind])
 
@@ -155,7 +156,8 @@ async def odd(body: dict[str, Any]) -> web.StreamResponse:
 def test_odd_replies_are_answers_or_errors_never_a_crash() -> None:
     """Each odd reply is an answer or an error: before, a null `choices` or a JSON
     list raised TypeError and a list of content parts or a negative token count
-    failed the Outcome, each stopping the worker with its batch."""
+    failed the Outcome, each stopping the worker with its batch; so did a body
+    nested too deeply to parse (a RecursionError, no ValueError, escaped `ask`)."""
     from workers.stream.openai_worker import ChatAnswerer
 
     async def answers(base_url: str) -> dict[str, Any]:
@@ -183,7 +185,7 @@ def test_odd_replies_are_answers_or_errors_never_a_crash() -> None:
     assert got["negative-usage"].input_tokens is None and got["negative-usage"].output_tokens == 2
     assert (got["no-usage"].response, got["no-usage"].error) == ("ok", None)
     assert got["no-usage"].input_tokens is None and got["no-usage"].cost_usd is None
-    for kind in ("no-choices", "null-content", "html", "broken-json"):
+    for kind in ("no-choices", "null-content", "html", "broken-json", "nested-too-deeply"):
         assert got[kind].response is None and got[kind].error, kind
     assert (got["no-choices"].input_tokens, got["no-choices"].output_tokens) == (5, 0)
     assert (got["null-content"].input_tokens, got["null-content"].output_tokens) == (7, 3)
@@ -277,3 +279,63 @@ def test_calls_in_flight_stay_within_the_limit_and_prompts_are_logged_only_when_
         answer_all(base.model_copy(update={"openai_log_prompts": True}), prompts[:1])
     assert [a.response for a in quiet] == ["ok"] * len(prompts)
     assert "private prompt 0" in caplog.text
+
+
+def test_an_answer_too_large_to_publish_is_an_error_not_a_stopped_worker(tmp_path: Path) -> None:
+    """An answer larger than a produce request (a model looping to its output limit)
+    is its query's error, with its usage; the worker goes on with the rest. Before,
+    its response failed to publish (MessageSizeTooLargeError) after the batch's
+    outcomes were out: the worker stopped, and at every restart called the model
+    again for the same batch and stopped again, the batch's other answers never
+    published."""
+    huge = "all work and no play. " * 60_000  # 1.3 MB
+
+    async def verbose(body: dict[str, Any]) -> web.StreamResponse:
+        prompt = body["messages"][-1]["content"]
+        return completion(huge if prompt == "loop" else prompt[::-1], 10, 300_000)
+
+    settings = Settings(router_models=MODELS, kafka_partitions=1)
+    names = settings.topic_names()
+    with ChatServer(verbose) as server, LocalBroker() as broker:
+        asyncio.run(create_topics(settings, broker.bootstrap_servers))
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "ROUTER_MODELS": json.dumps(MODELS),
+            "KAFKA_PARTITIONS": "1",
+            "OPENAI_BASE_URL": server.base_url,
+        }
+        with open(tmp_path / "openai.log", "wb") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "model-worker", "openai"],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            try:
+                routed = [assignment("q1", "large", "loop"), assignment("q2", "large", "short")]
+                asyncio.run(
+                    produce_values(broker.bootstrap_servers, names["route:large"],
+                                   [(a.query_id, a.model_dump_json()) for a in routed])
+                )  # fmt: skip
+                responses: list[ModelResponse] = []
+                deadline = time.monotonic() + 45
+                while len(responses) < 2 and worker.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    raw = asyncio.run(read_topic(broker.bootstrap_servers, names["responses"]))
+                    responses = [ModelResponse.model_validate_json(r) for r in raw]
+                outcomes = [
+                    Outcome.model_validate_json(r)
+                    for r in asyncio.run(read_topic(broker.bootstrap_servers, names["outcomes"]))
+                ]
+                still_running = worker.poll() is None
+            finally:
+                worker.terminate()
+                worker.wait(timeout=20)
+
+    assert still_running, (tmp_path / "openai.log").read_text(errors="replace")[-3000:]
+    by_id = {r.query_id: r for r in responses}
+    assert set(by_id) == {"q1", "q2"}
+    assert by_id["q2"].response == "trohs"
+    assert by_id["q1"].response is None and by_id["q1"].error
+    errors = {o.query_id: o.error for o in outcomes}
+    assert errors["q1"] and errors["q2"] is None
+    assert {o.output_tokens for o in outcomes if o.query_id == "q1"} == {300_000}

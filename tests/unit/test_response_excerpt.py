@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from schemas import Assignment, ModelResponse, Outcome
 from workers.db.repository import unstorable_reason
+from workers.stream.app import PRODUCER_MAX_REQUEST_BYTES
 from workers.stream.codec import decode, encode
 from workers.stream.model_worker import Answer, response_excerpt
 
@@ -57,3 +58,25 @@ def test_an_answer_with_characters_the_database_refuses_still_gets_its_outcome_s
     assert response.response == "A\x00B \ufffd final: (C)"
     assert decode(encode(response), ModelResponse).response == response.response
     assert decode(encode(outcome), Outcome).response == outcome.response
+
+
+def test_an_answer_too_large_for_a_produce_request_is_an_error_with_its_usage() -> None:
+    """A response record above the producer's request size could not be published:
+    the worker stopped with the batch, and stopped again at every restart
+    (test_openai_worker.py shows it end to end)."""
+    assignment = Assignment(
+        query_id="q", text="t", model="m", pool="default", window_id="w",
+        window_start="2026-01-01T00:00:00Z", window_end="2026-01-01T00:00:01Z",
+        predicted_quality=0.5, predicted_cost_usd=0.1,
+    )  # fmt: skip
+    answer = Answer(response="x" * PRODUCER_MAX_REQUEST_BYTES, output_tokens=250_000, cost_usd=2.5)
+    outcome, response = answer.events(assignment, response_chars=2000)
+    assert len(encode(response)) < PRODUCER_MAX_REQUEST_BYTES
+    assert response.response is None and response.error == outcome.error
+    assert (
+        outcome.error == f"answer of {PRODUCER_MAX_REQUEST_BYTES} characters, too large to publish"
+    )
+    assert (outcome.output_tokens, outcome.cost_usd) == (250_000, 2.5)
+    # An answer that fits is published whole, as before.
+    fitting = Answer(response="x" * 900_000)
+    assert fitting.events(assignment, 2000)[1].response == fitting.response

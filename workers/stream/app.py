@@ -39,6 +39,9 @@ T = TypeVar("T")
 # The most one produce request of a worker may carry (Faust's default, stated so
 # the router can refuse a query it could not forward; README "Record sizes").
 PRODUCER_MAX_REQUEST_BYTES = 1_000_000
+# What a produce request adds to a record's key and value: the record batch's
+# header (61 bytes) and the record's own framing (aiokafka's estimate), and more.
+RECORD_FRAMING_BYTES = 256
 # A router sends a few messages per query to a dozen topics; waiting 5 ms
 # gathers them into a few produce requests instead of one per message
 # (socket writes were 40% of a busy router's event loop without it).

@@ -58,17 +58,26 @@ def describe(exc: Exception, api: str) -> str:
     return f"{type(exc).__name__} calling the {api}"
 
 
+# The most tokens a reply's count may name: the outcomes table's token columns are
+# 32-bit. A larger count (a server's -1 read as unsigned) is no count: its outcome
+# would be refused by the writer, usage and all, and one beyond a float's range
+# would raise pricing it.
+MAX_TOKEN_COUNT = 2**31 - 1
+
+
 def _text(content: Any) -> str | None:
-    """A message's content as text: a list of text parts (some servers) is joined."""
+    """A message's content as text: a list of text parts (some servers) is joined;
+    a list without one (a refusal part) holds no text."""
     if isinstance(content, list):
         parts = [p.get("text") for p in content if isinstance(p, dict)]
-        return "".join(p for p in parts if isinstance(p, str))
+        texts = [p for p in parts if isinstance(p, str)]
+        return "".join(texts) if texts else None
     return content if isinstance(content, str) else None
 
 
 def _count(usage: Any, name: str) -> int | None:
     value = usage.get(name) if isinstance(usage, dict) else getattr(usage, name, None)
-    return value if type(value) is int and value >= 0 else None
+    return value if type(value) is int and 0 <= value <= MAX_TOKEN_COUNT else None
 
 
 def read_reply(completion: Any) -> ChatReply:
@@ -89,12 +98,12 @@ async def ask(
     client: openai.AsyncOpenAI, api: str, model: str, prompt: str, **options: Any
 ) -> ChatReply:
     """One user message to `model`; `api` names the API in the error ("model API").
-    A body announced as JSON that is not (a ValueError from the client) is an
-    error too."""
+    A body announced as JSON that is not (a ValueError from the client), or is
+    nested too deeply to parse (RecursionError), is an error too."""
     try:
         completion = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], **options
         )
-    except (openai.OpenAIError, ValueError) as exc:
+    except (openai.OpenAIError, ValueError, RecursionError) as exc:
         return ChatReply(error=describe(exc, api))
     return read_reply(completion)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import faust
@@ -20,7 +20,14 @@ from mode import CrashingSupervisor
 from schemas import FINAL_ROLES, Assignment, ModelResponse, Outcome, ScoreSource
 from workers.config import Settings
 from workers.stream import metrics
-from workers.stream.app import Topics, batches, decode_or_dead_letter, make_app
+from workers.stream.app import (
+    PRODUCER_MAX_REQUEST_BYTES,
+    RECORD_FRAMING_BYTES,
+    Topics,
+    batches,
+    decode_or_dead_letter,
+    make_app,
+)
 from workers.stream.codec import decode, encode
 
 log = logging.getLogger(__name__)
@@ -40,7 +47,12 @@ class Answer:
     latency_ms: float | None = None
 
     def events(self, assignment: Assignment, response_chars: int) -> tuple[Outcome, ModelResponse]:
-        """The Outcome (with `response_chars` of the answer, at most) and the response."""
+        """The Outcome (with `response_chars` of the answer, at most) and the response;
+        for an answer whose response would not fit in a produce request, those of
+        `too_large`."""
+        response = self.response_event(assignment)
+        if self.response is not None and not fits_a_request(response):
+            return self.too_large().events(assignment, response_chars)
         outcome = Outcome(
             query_id=assignment.query_id,
             model=assignment.model,
@@ -55,7 +67,11 @@ class Answer:
             source=self.score_source,
             response=response_excerpt(self.response, response_chars),
         )
-        response = ModelResponse(
+        return outcome, response
+
+    def response_event(self, assignment: Assignment) -> ModelResponse:
+        """The whole answer (or its error) for the application, with the assignment's role."""
+        return ModelResponse(
             query_id=assignment.query_id,
             model=assignment.model,
             pool=assignment.pool,
@@ -67,7 +83,20 @@ class Answer:
             role=assignment.role,
             final=assignment.role in FINAL_ROLES,
         )
-        return outcome, response
+
+    def too_large(self) -> Answer:
+        """The error that stands for an answer too large to publish (megabytes: a
+        model looping to its output limit), with its usage: sent, its response would
+        fail (MessageSizeTooLargeError) and stop the worker, which would ask again
+        and fail again at every start, the batch's other answers with it."""
+        error = f"answer of {len(self.response or '')} characters, too large to publish"
+        return replace(self, response=None, error=error)
+
+
+def fits_a_request(response: ModelResponse) -> bool:
+    """Whether the response, keyed by its query id, fits in one produce request."""
+    key = len(response.query_id.encode())
+    return len(encode(response)) + key + RECORD_FRAMING_BYTES <= PRODUCER_MAX_REQUEST_BYTES
 
 
 def response_excerpt(response: str | None, max_chars: int) -> str | None:

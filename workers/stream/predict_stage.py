@@ -30,6 +30,7 @@ from workers.routing.windows import bounded_created_at, broker_time
 from workers.stream import metrics
 from workers.stream.app import (
     PRODUCER_MAX_REQUEST_BYTES,
+    RECORD_FRAMING_BYTES,
     Topics,
     decode_or_dead_letter,
     held_batches,
@@ -42,9 +43,6 @@ T = TypeVar("T")
 
 # Whatever arrived within this long is predicted together (up to ROUTER_PREDICT_BATCH).
 PREDICT_BATCH_SECONDS = 0.05
-# What a produce request adds to a record's key and value: the record batch's
-# header (61 bytes) and the record's own framing (aiokafka's estimate), and more.
-RECORD_FRAMING_BYTES = 256
 
 
 def prediction_room_bytes(models: Sequence[str]) -> int:
