@@ -49,16 +49,37 @@ class CommaSeparated(click.ParamType):
 data_option = click.option(
     "--data",
     "data_path",
-    type=click.Path(exists=True, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="RouterBench-format file; default the shipped sample.",
 )
 # The replay judge of the cold-start benches: how much it scores, how often it errs.
 judge_share_option = click.option(
-    "--judge-share", default=0.2, show_default=True, help="Share the judge scores."
+    "--judge-share",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Share the judge scores.",
 )
 judge_flip_option = click.option(
-    "--judge-flip", default=0.1, show_default=True, help="Share of judge labels flipped."
+    "--judge-flip",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Share of judge labels flipped.",
+)
+# A bench's queries, repeats or batches: 0 failed only after its run (IndexError,
+# ZeroDivisionError, StatisticsError).
+at_least_one = click.IntRange(min=1)
+# A rate, latency or budget below 0 was silently unthrottled, or refused by the
+# workers a bench starts (in their log files) while the bench waited for them.
+non_negative = click.FloatRange(min=0.0)
+# The workers a bench starts refuse ROUTER_WINDOW_SECONDS <= 0.
+window_seconds_option = click.option(
+    "--window-seconds",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0, min_open=True),
 )
 
 
@@ -147,8 +168,17 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(database_url: str, revision: str) -> None:
     """Apply migrations up to REVISION."""
+    from sqlalchemy.exc import ArgumentError
+
     from workers.db import migrate
 
+    try:  # read here, not through Settings: checked as Settings checks it
+        make_url(database_url)
+    except ArgumentError:
+        raise click.BadParameter(
+            "not a database URL (e.g. postgresql+psycopg://user:password@host:5432/omnirouter)",
+            param_hint="--database-url / DATABASE_URL",
+        ) from None
     migrate.upgrade(database_url, revision)
     click.echo(f"database at {revision}")
 
@@ -336,6 +366,17 @@ def _replay_table(settings: Settings) -> OutcomeTable:
         raise click.ClickException(f"REPLAY_DATA_PATH: {exc}") from exc
 
 
+def _outcome_table(path: Path | None) -> OutcomeTable:
+    """The --data file (default the shipped sample); one that is no RouterBench file
+    is one line naming it and its line at fault, not DatasetError's traceback."""
+    from workers.routing.dataset import DatasetError, load_routerbench, shipped_sample_path
+
+    try:
+        return load_routerbench(path or shipped_sample_path())
+    except (DatasetError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @main.group("model-worker")
 def model_worker() -> None:
     """Workers that answer routed queries."""
@@ -431,7 +472,13 @@ def judge_replay(loglevel: str) -> None:
 
 @main.command()
 @data_option
-@click.option("--rate", default=50.0, show_default=True, help="Queries per second; 0: unthrottled.")
+@click.option(
+    "--rate",
+    default=50.0,
+    show_default=True,
+    type=non_negative,
+    help="Queries per second; 0: unthrottled.",
+)
 @click.option(
     "--limit", default=0, type=click.IntRange(0), help="At most this many queries; 0: all."
 )
@@ -444,12 +491,11 @@ def replay(
     """Produce QueryEvents from a RouterBench-format file."""
     import uuid
 
-    from workers.routing.dataset import load_routerbench, shipped_sample_path
     from workers.stream.replay import produce_queries, query_events
     from workers.stream.security import aiokafka_options
 
     settings = load_settings()
-    table = load_routerbench(data_path or shipped_sample_path())
+    table = _outcome_table(data_path)
     rows = list(range(skip, len(table) if limit <= 0 else min(len(table), skip + limit)))
     queries = query_events(table.take(rows), run_id or f"replay-{uuid.uuid4().hex[:8]}", pool)
     bootstrap = _need_bootstrap(settings)
@@ -546,15 +592,20 @@ def demo(state_dir: Path, warm_start: int) -> None:
 
 
 @main.command()
-@click.option("--train", "train_path", type=click.Path(exists=True, path_type=Path), required=True)
+@click.option(
+    "--train",
+    "train_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+)
 @click.option(
     "--test",
     "test_path",
-    type=click.Path(exists=True, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="Without it: 5-fold cross-validation on --train.",
 )
-@click.option("--window-size", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--window-size", default=200, show_default=True, type=at_least_one)
 @click.option(
     "--mode",
     "modes",
@@ -629,7 +680,13 @@ def bench() -> None:
 @click.option(
     "--sizes", default="100,500,1000,2000,5000", show_default=True, type=CommaSeparated(int)
 )
-@click.option("--repeats", default=3, show_default=True, help="Instances per size; median time.")
+@click.option(
+    "--repeats",
+    default=3,
+    show_default=True,
+    type=at_least_one,
+    help="Instances per size; median time.",
+)
 @click.option("--with-capacities/--no-capacities", default=False, show_default=True)
 def bench_solver(sizes: list[int], repeats: int, with_capacities: bool) -> None:
     """Exact ILP vs fast path: median solve time and the fast path's objective gap."""
@@ -650,9 +707,9 @@ def bench_solver(sizes: list[int], repeats: int, with_capacities: bool) -> None:
 
 
 @bench.command("pipeline")
-@click.option("--queries", default=20_000, show_default=True)
+@click.option("--queries", default=20_000, show_default=True, type=at_least_one)
 @click.option("--outcomes-in-store", default=100_000, show_default=True)
-@click.option("--window-seconds", default=1.0, show_default=True)
+@window_seconds_option
 @click.option("--routers", default=1, show_default=True, type=click.IntRange(1, 16))
 @embedder_option
 def bench_pipeline(
@@ -713,11 +770,19 @@ def bench_pipeline(
 
 
 @bench.command("cascade")
-@click.option("--queries", default=300, show_default=True)
-@click.option("--rate", default=20.0, show_default=True, help="Queries produced per second.")
-@click.option("--window-seconds", default=1.0, show_default=True)
-@click.option("--model-latency-ms", default=200.0, show_default=True)
-@click.option("--budget-per-query", default=0.0018, show_default=True, help="USD.")
+@click.option("--queries", default=300, show_default=True, type=at_least_one)
+@click.option(
+    "--rate",
+    default=20.0,
+    show_default=True,
+    type=non_negative,
+    help="Queries produced per second.",
+)
+@window_seconds_option
+@click.option("--model-latency-ms", default=200.0, show_default=True, type=non_negative)
+@click.option(
+    "--budget-per-query", default=0.0018, show_default=True, type=non_negative, help="USD."
+)
 @click.option(
     "--quality-target",
     type=click.FloatRange(0.0, 1.0),
@@ -773,16 +838,29 @@ def bench_cascade(
     "warm_prompts",
     default=300,
     show_default=True,
+    type=at_least_one,
     help="Prompts whose outcomes warm the store; the rest are replayed.",
 )
-@click.option("--rate", default=20.0, show_default=True, help="Replayed queries per second.")
+@click.option(
+    "--rate",
+    default=20.0,
+    show_default=True,
+    type=non_negative,
+    help="Replayed queries per second.",
+)
 def bench_accuracy(data_path: Path | None, warm_prompts: int, rate: float) -> None:
     """Routed accuracy and cost through Kafka vs the offline evaluation, same budget."""
     from workers.bench import accuracy
-    from workers.routing.dataset import load_routerbench, shipped_sample_path
+    from workers.routing.dataset import shipped_sample_path
 
     path = data_path or shipped_sample_path()
-    figures = accuracy.run(load_routerbench(path), path, warm_prompts, rate_per_second=rate)
+    table = _outcome_table(path)
+    if warm_prompts >= len(table):  # nothing left to replay: IndexError after the run
+        raise click.BadParameter(
+            f"{warm_prompts} leaves none of the file's {len(table)} prompts to replay",
+            param_hint="--warm",
+        )
+    figures = accuracy.run(table, path, warm_prompts, rate_per_second=rate)
     click.echo(f"prompts scored                {figures.prompts}")
     click.echo(f"budget per query              ${figures.budget_per_query_usd:.6f}")
     click.echo(f"mean window (streamed)        {figures.mean_window_queries:.1f} queries")
@@ -799,7 +877,11 @@ def bench_accuracy(data_path: Path | None, warm_prompts: int, rate: float) -> No
 @bench.command("predictor")
 @click.option("--outcomes-in-store", default=100_000, show_default=True)
 @click.option(
-    "--batches", default=40, show_default=True, help="Micro-batches of ROUTER_PREDICT_BATCH."
+    "--batches",
+    default=40,
+    show_default=True,
+    type=at_least_one,
+    help="Micro-batches of ROUTER_PREDICT_BATCH.",
 )
 @click.option("--profile/--no-profile", default=False, help="Add cProfile's top functions.")
 @embedder_option
@@ -827,10 +909,14 @@ def bench_predictor(
 
 @bench.command("cold-start")
 @data_option
-@click.option("--queries", default=2000, show_default=True, help="Queries streamed.")
+@click.option(
+    "--queries", default=2000, show_default=True, type=at_least_one, help="Queries streamed."
+)
 @judge_share_option
 @judge_flip_option
-@click.option("--rate", default=10.0, show_default=True, help="Queries per second.")
+@click.option(
+    "--rate", default=10.0, show_default=True, type=non_negative, help="Queries per second."
+)
 @click.option(
     "--png",
     "png_path",
@@ -849,13 +935,14 @@ def bench_cold_start(
     """Learning from an empty store through Kafka: replay models, the replay judge,
     budget mode; per block of 250 queries beside a warm-started router."""
     from workers.bench import cold_start
-    from workers.routing.dataset import load_routerbench, shipped_sample_path
+    from workers.routing.dataset import shipped_sample_path
 
     path = data_path or shipped_sample_path()
+    table = _outcome_table(path)
     # The warm-started reference predicts with the router's own embedder.
     embedder = _bench_embedder(load_settings())
     figures = cold_start.run(
-        load_routerbench(path), path, embedder, queries, judge_share, judge_flip,
+        table, path, embedder, queries, judge_share, judge_flip,
         rate_per_second=rate, progress=click.echo,
     )  # fmt: skip
     budget = figures.budget_per_query_usd
@@ -913,14 +1000,16 @@ def bench_cold_start(
 
 @bench.command("cold-start-replay")
 @data_option
-@click.option("--queries", default=2000, show_default=True, help="Queries per order.")
+@click.option(
+    "--queries", default=2000, show_default=True, type=at_least_one, help="Queries per order."
+)
 @judge_share_option
 @judge_flip_option
 @click.option(
     "--seeds",
     default=16,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=at_least_one,
     help="Orders of the queries replayed: seeds 0 to N-1 (seed 0 is the live bench's).",
 )
 @click.option(
@@ -949,13 +1038,12 @@ def bench_cold_start_replay(
     """The learning loop of `bench cold-start` offline, over many orders of the
     queries: the last block against the warm-started router, seed by seed."""
     from workers.bench.cold_start_replay import ReplaySummary, replay
-    from workers.routing.dataset import load_routerbench, shipped_sample_path
 
     # Read first: --out may name the same file.
     against = _replay_runs(against_path, seeds) if against_path is not None else None
     settings = load_settings()
+    table = _outcome_table(data_path)
     embedder = _bench_embedder(settings)
-    table = load_routerbench(data_path or shipped_sample_path())
     out_path.parent.mkdir(parents=True, exist_ok=True)
     runs = []
     with out_path.open("w") as out:
@@ -1030,7 +1118,7 @@ def _echo_paired_difference(
     type=CommaSeparated(float),
     help="Within-task AUCs of the synthetic predictor, comma-separated.",
 )
-@click.option("--window-size", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--window-size", default=200, show_default=True, type=at_least_one)
 def bench_signal(data_path: Path | None, aucs: list[float], window_size: int) -> None:
     """Routing targets vs predictor strength: cross-validated routing with synthetic
     quality estimates of a chosen within-task AUC (see workers/bench/signal.py)."""

@@ -28,6 +28,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from schemas.events import MAX_ID_LENGTH
+
 if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import NDArray
@@ -60,6 +62,11 @@ def model_topic(model: str) -> str:
 
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+# A model's name as every event carries it (an Outcome's model is 1 to 200 characters).
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+# Faust refuses a session timeout above its request timeout (its default, 90 s) when
+# a worker's consumer starts.
+MAX_SESSION_TIMEOUT_SECONDS = 90.0
 Tokens = TypeVar("Tokens", float, "NDArray[np.float64]")
 
 
@@ -96,6 +103,17 @@ class PoolPolicy(BaseModel):
     cascade: bool = False
     # The panel's models; None: chosen from stored outcomes (cascade.choose_panel).
     cascade_panel: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _each_model_once(self) -> PoolPolicy:
+        """A model listed twice was two columns of a window: twice its capacity, and
+        in a panel its probe paid for twice."""
+        for field in ("models", "cascade_panel"):
+            names = getattr(self, field) or []
+            twice = sorted({m for m in names if names.count(m) > 1})
+            if twice:
+                raise ValueError(f"{field} names {', '.join(map(repr, twice))} more than once")
+        return self
 
     @model_validator(mode="after")
     def _cascade_is_complete(self) -> PoolPolicy:
@@ -143,7 +161,7 @@ class Settings(BaseSettings):
     database_url: str = ""
 
     # Models and their economics.
-    router_models: list[str] = Field(default_factory=lambda: list(ROUTERBENCH_MODELS))
+    router_models: list[ModelName] = Field(default_factory=lambda: list(ROUTERBENCH_MODELS))
     router_model_prices: dict[str, ModelPrice] = Field(default_factory=dict)
     router_model_capacities: dict[str, PositiveInt] = Field(default_factory=dict)
     router_fallback_model: str | None = None
@@ -277,7 +295,7 @@ class Settings(BaseSettings):
     # None: long enough for a router to finish the window it is gathering when a
     # rebalance starts (window + solver time limit + 2 s); see rebalance_timeout_seconds.
     kafka_rebalance_timeout_seconds: float | None = Field(default=None, gt=0)
-    kafka_session_timeout_seconds: float = Field(default=10.0, gt=0)
+    kafka_session_timeout_seconds: float = Field(default=10.0, gt=0, le=MAX_SESSION_TIMEOUT_SECONDS)
     # How long a consumer's fetch may wait for data (workers/stream/transport.py).
     kafka_fetch_max_wait_ms: PositiveInt = 100
     # How the router fences a router that lost its partitions: "on", a Kafka

@@ -37,7 +37,12 @@ def parse_duration(text: str) -> timedelta:
     match = _DURATION.match(text)
     if not match:
         raise ValueError(f"not a duration: {text!r} (use a number and s, m, h, d or w: '6h')")
-    return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    try:  # OverflowError's traceback before: a period, or its cutoff, past any date
+        period = timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+        datetime.now(UTC) - period
+    except OverflowError:
+        raise ValueError(f"{text!r} reaches back before the year 1") from None
+    return period
 
 
 @dataclass(frozen=True)

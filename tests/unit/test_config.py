@@ -263,3 +263,48 @@ def test_a_policy_takes_one_limit_of_its_mode() -> None:
         )
     with pytest.raises(ValidationError, match="ROUTER_MODE=quality needs its limit, one only"):
         Settings(router_budget_per_hour_usd=5.0)
+
+
+def test_a_session_timeout_faust_would_refuse_is_refused_at_start() -> None:
+    """Faust refuses a session timeout above its request timeout (90 s) when a worker's
+    consumer starts: KAFKA_SESSION_TIMEOUT_SECONDS=120 passed here, and every worker
+    then stopped with Faust's ImproperlyConfigured traceback."""
+    from faust.types.settings import Settings as FaustSettings
+
+    from workers.config import MAX_SESSION_TIMEOUT_SECONDS
+
+    assert FaustSettings("x").broker_request_timeout == MAX_SESSION_TIMEOUT_SECONDS == 90.0
+    assert Settings(kafka_session_timeout_seconds=90.0).kafka_session_timeout_seconds == 90.0
+    with pytest.raises(ValidationError, match="less than or equal to 90"):
+        Settings(kafka_session_timeout_seconds=120.0)
+
+
+@pytest.mark.parametrize(
+    ("pool", "field"),
+    [
+        ({"mode": "quality", "quality_target": 0.8, "models": ["a", "b", "a"]}, "models"),
+        (
+            {
+                "mode": "quality",
+                "quality_target": 0.8,
+                "cascade": True,
+                "cascade_panel": ["a", "a"],
+            },
+            "cascade_panel",
+        ),
+    ],
+)
+def test_a_pool_names_each_model_once(pool: dict[str, object], field: str) -> None:
+    """A model listed twice was two columns of the window: twice its capacity (with
+    ROUTER_MODEL_CAPACITIES {"a": 4}, 8 queries on it) while its report counted 4;
+    twice in a panel, its probe was paid for twice in the cascade's predicted cost."""
+    with pytest.raises(ValidationError, match=rf"{field} names 'a' more than once"):
+        Settings(router_models=["a", "b", "c"], router_pools={"p": pool})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["", "m" * 201])
+def test_a_model_name_fits_the_events(name: str) -> None:
+    """Outcomes take a model name of 1 to 200 characters: a model named "" (or a longer
+    name) was routed to, and its model worker failed validating every answer's Outcome."""
+    with pytest.raises(ValidationError, match=r"router_models\.1"):
+        Settings(router_models=["a", name])
