@@ -177,13 +177,16 @@ class Outcome(Event):
     quality_score: float | None = Field(default=None, ge=0, le=1)
     input_tokens: int | None = Field(default=None, ge=0)
     output_tokens: int | None = Field(default=None, ge=0)
-    cost_usd: float | None = Field(default=None, ge=0)
-    latency_ms: float | None = Field(default=None, ge=0)
+    # Costs and latency finite: 1e400 holds no NaN or Infinity for the codec to
+    # refuse, yet reads as inf, which the pool's ledger would book
+    # (workers/routing/spend.py) and the metrics would sum.
+    cost_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    latency_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     error: str | None = None
     text: str | None = None  # the query text, so the store can embed it
     created_at: UtcDatetime = Field(default_factory=utc_now)
     source: ScoreSource | None = None
-    judge_cost_usd: float | None = Field(default=None, ge=0)
+    judge_cost_usd: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     response: str | None = None
 
     @property

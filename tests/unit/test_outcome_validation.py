@@ -46,6 +46,15 @@ def test_what_the_database_refuses_is_a_bad_event(fields: dict[str, object], rea
         validate_outcome(raw(**fields), SETTINGS)
 
 
+@pytest.mark.parametrize("field", ["cost_usd", "latency_ms", "judge_cost_usd"])
+def test_a_number_that_overflows_to_infinity_is_a_bad_event(field: str) -> None:
+    """1e400 holds no NaN or Infinity for the codec to refuse, yet reads as inf: a
+    cost of inf booked in the pool's ledger left NaN there and every later window
+    of the pool started from an empty account."""
+    with pytest.raises(BadEvent, match=f"{field}.*finite number"):
+        validate_outcome(f'{{"query_id": "q1", "model": "a", "{field}": 1e400}}'.encode(), SETTINGS)
+
+
 def test_a_textless_outcome_must_name_a_stored_or_batched_query_model_pair() -> None:
     """Feedback is checked by (query_id, model): the query being stored for another
     model is not enough (it would insert a phantom row with a score and no answer)."""

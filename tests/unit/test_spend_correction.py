@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -414,3 +415,60 @@ async def test_a_window_repays_the_ledgers_overspend_only_with_the_correction_on
     assert solved == "solved"
     assert seen[0].overspend_usd == (pytest.approx(0.3) if correction else 0.0)
     assert carried == [pytest.approx(0.7)]  # the pool's allowance, for its exploration
+
+
+# ------------------------------------------------------------------ third review
+
+
+def test_an_outcome_whose_cost_overflows_never_poisons_the_ledger() -> None:
+    """A cost of 1e400 holds no NaN or Infinity for the codec to refuse, but reads as
+    inf. Stored and matched, its error was capped at the ledger's ceiling, then the
+    tracker kept inf - inf = NaN: the next entry's overspend was NaN, written as
+    null, which the ledger reads as an incompatible entry, so every later window
+    started the pool afresh (its billed time, debt and reserve lost). The outcome
+    writer dead-letters it instead: a cost is a finite number."""
+    from workers.stream.codec import BadEvent
+    from workers.stream.outcomes import validate_outcome
+
+    tracker = SpendTracker()
+    records = spend_records(tracker)
+    records.expect(PoolWindow("gold", 0, [assignment("q1", 0.1)], [], report(1.0)))
+    raw = b'{"query_id": "q1", "model": "m", "cost_usd": 1e400}'
+    try:  # what the outcome writer stores, and the store refresh then reads
+        outcome = validate_outcome(raw, Settings(router_models=["m"]))
+        tracker.observe(outcome.query_id, outcome.model, outcome.cost_usd)
+    except BadEvent:
+        pass  # a dead letter: never stored
+    for second in (1, 2):
+        ends = report(1.0).model_copy(update={"window_end": START + timedelta(seconds=second)})
+        window = PoolWindow("gold", 0, [assignment(f"w{second}", 0.1)], [], ends)
+        _, entry = records.report(window)
+        records.remember(window, [], entry)
+    account = records.ledger.account("gold")
+    assert account.billed_until == START + timedelta(seconds=2)
+    assert math.isfinite(account.overspend_usd)
+
+
+def test_a_small_window_does_not_forgive_the_debt_larger_windows_ran_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The debt's ceiling was MAX_DEBT_WINDOWS times the nominal budget of the window
+    that books it: answers of a 100-query window (budget per query) 10% dearer
+    than predicted, matched in time for the next window of one query, left 0.04 of
+    their 0.10 owed (the rest forgiven: spent beyond the budget for good) and a
+    WARNING blaming the model prices. The same befalls an hourly budget's burst,
+    whose windows after the first bring next to no new time."""
+    from workers.stream import pool_ledger
+
+    per_query = 0.01
+    large = after_window(PoolAccount(), report(100 * per_query), error_usd=0.0)
+    with caplog.at_level(logging.WARNING, logger=pool_ledger.__name__):
+        small = after_window(large, report(per_query), error_usd=0.10)
+    assert small.overspend_usd == pytest.approx(0.10)
+    assert not caplog.records
+    # Windows that stay small bring the ceiling down to theirs (halved every
+    # MAX_DEBT_WINDOWS windows): persistent overspend is still capped.
+    account = small
+    for _ in range(10 * pool_ledger.MAX_DEBT_WINDOWS):
+        account = after_window(account, report(per_query), error_usd=0.10)
+    assert account.overspend_usd == pytest.approx(pool_ledger.MAX_DEBT_WINDOWS * per_query)

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # worked off within 2 x MAX_DEBT_WINDOWS windows once answers cost what they are
 # predicted to.
 MAX_DEBT_WINDOWS = 4
+# The budget that ceiling is counted in (`debt_scale_usd`) halves every MAX_DEBT_WINDOWS
+# windows smaller than the largest before them.
+DEBT_SCALE_DECAY = 0.5 ** (1 / MAX_DEBT_WINDOWS)
 
 
 class ReserveKept(BaseModel):
@@ -61,6 +64,8 @@ class PoolAccount(BaseModel):
     # window yet is dropped when it stops or hands the pool over: the error of the
     # outcomes read since the pool's last window, bounded by a few windows'.
     overspend_usd: float = 0.0
+    # The nominal budget that caps the overspend (`debt_scale_usd`).
+    debt_scale_usd: float = 0.0
 
 
 def unspent_usd(report: WindowReport) -> float:
@@ -75,14 +80,30 @@ def unspent_usd(report: WindowReport) -> float:
     return max(report.window_budget_usd - planned, 0.0)
 
 
+def debt_scale_usd(account: PoolAccount, report: WindowReport) -> float:
+    """The nominal budget the pool's overspend is capped by after this window: the
+    window's, or the largest of the pool's windows before it if more, halving every
+    MAX_DEBT_WINDOWS windows. The error a window books is that of earlier windows'
+    answers, so a small window (one query at a budget per query, an hourly budget's
+    burst after its first window) must not cut the debt larger ones ran up to four
+    of its own budgets; windows that stay small bring the ceiling down to theirs.
+    A window without nominal budget leaves it as it was."""
+    if report.window_budget_usd is None:
+        return 0.0
+    nominal = report.window_budget_usd + report.spend_correction_usd
+    if nominal <= 0.0:
+        return account.debt_scale_usd
+    return max(nominal, DEBT_SCALE_DECAY * account.debt_scale_usd)
+
+
 def booked_overspend(account: PoolAccount, report: WindowReport, error_usd: float | None) -> float:
     """The pool's overspend after a first-stage window: what it was, plus the error
     (realised - predicted) matched since the last window was written, less what
     this window repaid and what it left unspent (`unspent_usd`); floored at minus
-    the window's nominal budget and capped at
-    MAX_DEBT_WINDOWS of it (answers costing persistently more than predicted, wrong
-    ROUTER_MODEL_PRICES say, would otherwise leave a debt repaid for as many windows
-    after the prices are fixed; a WARNING names the pool). A window of nominal
+    the window's nominal budget and capped at MAX_DEBT_WINDOWS of `debt_scale_usd`
+    (answers costing persistently more than predicted, wrong ROUTER_MODEL_PRICES
+    say, would otherwise leave a debt repaid for as many windows after the prices
+    are fixed; a WARNING names the pool). A window of nominal
     budget 0 (an hourly budget's window with no new time) has no scale to floor or
     cap by: the overspend is kept as booked, plus the error, for the next window
     with a budget. None: the correction is off (ROUTER_SPEND_CORRECTION=false),
@@ -93,7 +114,7 @@ def booked_overspend(account: PoolAccount, report: WindowReport, error_usd: floa
     booked = account.overspend_usd + error_usd - report.spend_correction_usd - unspent_usd(report)
     if nominal <= 0.0:
         return booked
-    ceiling = MAX_DEBT_WINDOWS * nominal
+    ceiling = MAX_DEBT_WINDOWS * debt_scale_usd(account, report)
     if booked > ceiling:
         log.warning(
             "pool %s: realised spend over predicted reached %.4f USD, kept at %d windows' "
@@ -166,6 +187,7 @@ def after_window(
         billed_until=report.window_end,
         exploration_carried_usd=report.exploration_carried_usd,
         overspend_usd=booked_overspend(account, report, error_usd),
+        debt_scale_usd=debt_scale_usd(account, report),
     )
     return with_reserve(written, parts)
 
