@@ -706,6 +706,25 @@ def bench_solver(sizes: list[int], repeats: int, with_capacities: bool) -> None:
         )
 
 
+@bench.command("solver-fuzz")
+@click.option("--windows", default=4000, show_default=True, type=at_least_one)
+@click.option("--seed", default=0, show_default=True)
+def bench_solver_fuzz(windows: int, seed: int) -> None:
+    """Fast path vs exact ILP on small random windows: how often and how far worse."""
+    from workers.bench import solver_fuzz
+
+    click.echo(
+        f"{'caps':>5} {'mode':>7} {'windows':>7} {'compared':>8} {'>1% worse':>9} "
+        f"{'>10% worse':>10} {'worst %':>8} {'mean %':>7} {'broken':>6}"
+    )
+    for row in solver_fuzz.run(windows, seed):
+        click.echo(
+            f"{'yes' if row.capped else 'no':>5} {row.mode:>7} {row.windows:>7} "
+            f"{row.compared:>8} {row.over_1_percent:>9} {row.over_10_percent:>10} "
+            f"{100 * row.worst_gap:>8.1f} {100 * row.mean_gap:>7.2f} {row.broken:>6}"
+        )
+
+
 @bench.command("pipeline")
 @click.option("--queries", default=20_000, show_default=True, type=at_least_one)
 @click.option("--outcomes-in-store", default=100_000, show_default=True)
