@@ -13,10 +13,11 @@ nothing known, every prediction ties, and the cheapest plan is the answer).
 `solve_exact` is the reference (PuLP, HiGHS when installed, else CBC).
 `solve_fast` is Lagrangian dual decomposition: the coupling constraint gets a
 multiplier found by bisection, each capacity gets a price raised until the
-model's load fits, every query then picks its best model on its own, and a
-greedy pass spends what is left of the slack. Both never drop a query: an
-unreachable budget or target falls back to the cheapest or the best plan, and
-the plan's status says so.
+model's load fits, every query then picks its best model on its own (a few
+exchanges make that plan exact where a capacity binds), and a greedy pass
+spends what is left of the slack. Both never drop a query: an unreachable
+budget or target falls back to the cheapest or the best plan, and the plan's
+status says so.
 """
 
 from __future__ import annotations
@@ -669,11 +670,11 @@ def _bisect_multiplier(
     plan there and the plan just below it, which misses the constraint narrowly."""
     prices: NDArray[np.float64] | None = None
     low, high = 0.0, 1.0
-    plan, prices = _assign_within_capacity(lagrangian(high), caps, prices)
+    plan, prices = _best_assignment(lagrangian(high), caps, prices)
     while not feasible(plan) and high < 1e12:
         low, high = high, high * 4
-        plan, prices = _assign_within_capacity(lagrangian(high), caps, prices)
-    below, _ = _assign_within_capacity(lagrangian(low), caps)
+        plan, prices = _best_assignment(lagrangian(high), caps, prices)
+    below, _ = _best_assignment(lagrangian(low), caps)
     if feasible(below):
         return below, None
     # Halving ends at the precision, or where floating point cannot split the
@@ -682,7 +683,7 @@ def _bisect_multiplier(
         middle = (low + high) / 2
         if not low < middle < high:
             break
-        candidate, prices = _assign_within_capacity(lagrangian(middle), caps, prices)
+        candidate, prices = _best_assignment(lagrangian(middle), caps, prices)
         if feasible(candidate):
             high, plan = middle, candidate
         else:
@@ -768,15 +769,15 @@ def solve_fast(problem: WindowProblem) -> WindowPlan:
     caps = problem.capacity_array
     feasible = problem.meets_limit
     if problem.mode == "budget":
-        cheapest = reference = _best_assignment(problem.masked(-problem.cost), caps)
+        cheapest = reference = _best_assignment(problem.masked(-problem.cost), caps)[0]
         if not feasible(cheapest):
             return WindowPlan(
                 problem, cheapest, "infeasible_budget_cheapest_plan", "lagrangian", _since(started)
             )
     else:
-        best_quality = reference = _best_assignment(problem.masked(problem.quality), caps)
+        best_quality = reference = _best_assignment(problem.masked(problem.quality), caps)[0]
         if not feasible(best_quality):
-            best_preferred = _best_assignment(problem.masked(problem.preference), caps)
+            best_preferred = _best_assignment(problem.masked(problem.preference), caps)[0]
             return WindowPlan(
                 problem,
                 best_preferred,
@@ -822,13 +823,22 @@ def overflow(allowed: NDArray[np.bool_], caps: NDArray[np.float64]) -> NDArray[n
     return np.bincount(plan, minlength=2 * m)[m:].astype(float)
 
 
-def _best_assignment(score: NDArray[np.float64], caps: NDArray[np.float64]) -> NDArray[np.int64]:
-    """The best plan within the capacities: the Lagrangian heuristic's, made exact
-    when a capacity is finite (the heuristic's cheapest plan had cost up to a third
-    more than the cheapest, so a window that could keep its budget was called
-    infeasible and routed over it)."""
-    exact = within_capacity(score, caps)
-    return exact if exact is not None else _assign_within_capacity(score, caps)[0]
+def _best_assignment(
+    score: NDArray[np.float64],
+    caps: NDArray[np.float64],
+    prices: NDArray[np.float64] | None = None,
+) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """The best plan within the capacities, and the heuristic's prices (a warm start
+    for the next call): the Lagrangian heuristic's plan, made exact when a capacity
+    is finite. The heuristic's cheapest plan had cost up to a third more than the
+    cheapest, so a window that could keep its budget was called infeasible; and a
+    bisection on its plans, which need not move with the multiplier, ended on plans
+    up to 175% dearer than the exact solver's."""
+    plan, prices = _assign_within_capacity(score, caps, prices)
+    if np.isfinite(caps).any():
+        exact = best_within(score, caps, start=plan)
+        plan = plan if exact is None else exact
+    return plan, prices
 
 
 def per_query_plan(problem: WindowProblem) -> WindowPlan:
