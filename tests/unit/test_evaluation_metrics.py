@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
+from workers.routing.answer_scorer import ProbeAnswers
 from workers.routing.evaluate import (
+    AGREEMENT_RULE,
+    Point,
     accuracy_at_cost,
     aiq,
     cost_to_reach,
     greedy_threshold_plan,
     group_folds,
     oracle_plan,
+    record_agreement_rule,
     task_means,
     upper_hull,
     within_task_auc,
@@ -59,6 +65,48 @@ def test_oracle_takes_the_cheapest_correct_model_else_the_cheapest() -> None:
     scores = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
     costs = np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0], [2.0, 1.0, 3.0]])
     assert oracle_plan(scores, costs).tolist() == [1, 2, 1]
+
+
+def test_oracle_on_fractional_scores_takes_the_cheapest_best_scored_model() -> None:
+    """Scores in (0, 1) (a rubric's, a BLEU): no model scores 1.0, and the oracle took
+    the cheapest model on every row, below the best single model."""
+    scores = np.array([[0.2, 0.9, 0.9], [0.7, 0.4, 0.1], [0.5, 0.5, 0.5]])
+    costs = np.array([[1.0, 3.0, 2.0], [3.0, 2.0, 1.0], [2.0, 1.0, 3.0]])
+    assert oracle_plan(scores, costs).tolist() == [2, 0, 1]
+
+
+def test_oracle_reads_a_missing_score_as_no_answer() -> None:
+    """A row with a model's score missing still goes to the cheapest model that scored
+    best among the others (the row's maximum is NaN); a row of none, to the cheapest."""
+    nan = np.nan
+    scores = np.array([[nan, 1.0, 1.0], [nan, nan, nan], [nan, 0.0, 0.0]])
+    costs = np.array([[1.0, 3.0, 2.0], [3.0, 2.0, 1.0], [1.0, 3.0, 2.0]])
+    assert oracle_plan(scores, costs).tolist() == [2, 2, 2]
+
+
+def test_the_agreement_rule_escalates_to_the_model_predicted_best_not_the_dearest() -> None:
+    """A file whose dearest model is not its best (RouterBench's is): the rule sent
+    every disagreement to the dearest model, a worse answer at the highest price."""
+    answers = ProbeAnswers.of([["yes", "no"], ["yes", "yes"]])
+    truth = np.array([[0.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    spent = np.array([[0.1, 0.1, 0.5, 2.0], [0.1, 0.1, 0.5, 2.0]])
+    quality = np.array([[0.3, 0.3, 0.9, 0.4], [0.3, 0.3, 0.9, 0.4]])
+    points: dict[str, dict[float, Point]] = {}
+    record_agreement_rule(answers, [0, 1], truth, spent, quality=quality, points=points)
+    (rule,) = points[AGREEMENT_RULE].values()
+    assert rule.accuracy == 1.0
+    assert rule.escalation_usd == pytest.approx(0.5)
+
+
+def test_a_panel_of_one_probe_has_no_agreement_rule() -> None:
+    """A two-model file's panel is one probe, which agreed with itself on every
+    query: the cheapest model was reported as the agreement rule."""
+    answers = ProbeAnswers.of([["yes"], ["no"]])
+    truth = np.array([[0.0, 1.0], [0.0, 1.0]])
+    spent = np.array([[0.1, 1.0], [0.1, 1.0]])
+    points: dict[str, dict[float, Point]] = {}
+    record_agreement_rule(answers, [0], truth, spent, quality=truth, points=points)
+    assert AGREEMENT_RULE not in points
 
 
 def test_greedy_takes_the_cheapest_model_clearing_the_threshold() -> None:
@@ -186,3 +234,41 @@ def test_the_router_is_measured_at_the_dearest_model_s_cost_from_above() -> None
     report = build_report(points, table.models, settings, [], False, auc)
     margins = report.targets["margin_over_each_model_at_its_cost"]
     assert isinstance(margins, dict) and margins["dear"] == pytest.approx(0.0, abs=1e-9)
+
+
+class HashEmbedder:
+    """A unit vector per text, from its hash: no model to load."""
+
+    name = "hash"
+    dimension = 8
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        seeds = [int(hashlib.sha1(t.encode()).hexdigest()[:8], 16) for t in texts]
+        vectors = np.array([np.random.default_rng(s).normal(size=self.dimension) for s in seeds])
+        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_quality_targets_span_the_models_of_a_hard_file() -> None:
+    """Models right on 15% and 40% of the prompts: the fixed targets (0.55 to 0.95,
+    RouterBench's models span 0.54 to 0.88) were all out of reach, and every point of
+    the quality router was the same best-quality plan, its AIQ that plan's accuracy."""
+    from workers.routing.dataset import OutcomeTable
+    from workers.routing.evaluate import OMNIROUTER_QUALITY, EvaluationSettings, evaluate
+
+    n = 100
+    rng = np.random.default_rng(0)
+    table = OutcomeTable(
+        sample_ids=[f"q{i}" for i in range(n)],
+        eval_names=["hard"] * n,
+        prompts=[f"prompt {i}" for i in range(n)],
+        models=["cheap", "dear"],
+        scores=(rng.random((n, 2)) < [0.15, 0.4]).astype(float),
+        costs=np.tile([0.001, 0.01], (n, 1)),
+        responses=[{} for _ in range(n)],
+    )
+    settings = EvaluationSettings(window_size=20, modes=("quality",), solver="fast", cascade=False)
+    report = evaluate(table, None, HashEmbedder(), settings)
+    points = report.routers[OMNIROUTER_QUALITY]
+    dear_cost = report.single_models["dear"]["cost_usd"]
+    assert min(p["cost_usd"] for p in points) < 0.5 * dear_cost
+    assert len({round(p["cost_usd"], 9) for p in points}) >= 4

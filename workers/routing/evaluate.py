@@ -22,7 +22,7 @@ responses, in each mode the one-shot router is (budget: cascade_budget; quality,
 at the same targets: cascade_quality): a probed query's panel answers are the
 file's, its cost includes every probe and escalation. Beside it, the plain
 agreement rule: probe with the same two cheap models, accept when their final
-answers agree, else the dearest model (one point). The answer scorer's
+answers agree, else the model predicted best (one point). The answer scorer's
 within-task AUC (its P(good) of the probe models' answers) is reported next to
 the predictor's on the same answers.
 
@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,8 @@ class EvaluationSettings:
     modes: tuple[Mode, ...] = ("budget", "quality")
     solver: Method = "exact"
     budget_levels: int = 24
-    quality_targets: tuple[float, ...] = tuple(np.round(np.linspace(0.55, 0.95, 9), 2))
+    # Empty: spread over the training part's models (`quality_targets_for`).
+    quality_targets: tuple[float, ...] = ()
     thresholds: tuple[float, ...] = tuple(np.round(np.linspace(0.0, 1.0, 21), 2))
     knn: KnnSettings = field(default_factory=KnnSettings)
     # As the router's ROUTER_TIE_TOLERANCE: ties and near-ties to the cheaper model.
@@ -241,8 +243,11 @@ def greedy_threshold_plan(
 
 
 def oracle_plan(scores: NDArray[np.float64], costs: NDArray[np.float64]) -> NDArray[np.int64]:
-    """The cheapest model that answered well; the cheapest model if none did."""
-    good = scores >= 1.0
+    """The cheapest of the models that scored best: with 0/1 scores the cheapest that
+    answered well, else the cheapest. Best, not 1.0: fractional scores (a rubric's)
+    may reach 1.0 nowhere, and the oracle was then the cheapest model throughout."""
+    known = np.nan_to_num(scores, nan=-np.inf)  # a missing score is no answer
+    good = np.isfinite(known) & (known >= known.max(axis=1, keepdims=True))
     cheapest_good = np.where(good, costs, np.inf).argmin(axis=1)
     return np.where(good.any(axis=1), cheapest_good, costs.argmin(axis=1)).astype(np.int64)
 
@@ -404,7 +409,7 @@ def route_cascade_split(
             point.add(float(right), outcome.total_usd, len(window))
             point.probe_usd += outcome.probe_usd
             point.escalation_usd += outcome.escalation_usd
-    record_agreement_rule(answers, policy.panel, truth, spent, cost, points)
+    record_agreement_rule(answers, policy.panel, truth, spent, quality, points)
     return posterior[:, policy.panel]
 
 
@@ -426,16 +431,20 @@ def record_agreement_rule(
     panel: Sequence[int],
     truth: NDArray[np.float64],
     spent: NDArray[np.float64],
-    cost: NDArray[np.float64],
+    quality: NDArray[np.float64],
     points: dict[str, dict[float, Point]],
 ) -> None:
     """Probe with the panel; accept the first probe's answer when every final answer
-    is the same, else ask the model predicted dearest."""
-    dearest = int(cost.mean(axis=0).argmax())
+    is the same, else ask the model predicted best (the dearest is not always the
+    best). A panel of one probe (a pool of two models) has nothing to agree with:
+    no rule, not the probe alone under the rule's name."""
+    if len(panel) < 2:
+        return
+    best = int(quality.mean(axis=0).argmax())
     agree = np.array([len(set(row)) == 1 and bool(row[0]) for row in answers.finals])
-    final = np.where(agree, panel[0], dearest)
+    final = np.where(agree, panel[0], best)
     rows = np.arange(len(truth))
-    escalation = float(spent[rows[~agree], dearest].sum())
+    escalation = float(spent[rows[~agree], best].sum())
     probes = float(spent[:, list(panel)].sum())
     point = points.setdefault(AGREEMENT_RULE, {}).setdefault(0.0, Point(0.0))
     point.add(float(truth[rows, final].sum()), probes + escalation, len(truth))
@@ -500,6 +509,18 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=float)
+
+
+def quality_targets_for(scores: NDArray[np.float64], step: float = 0.05) -> tuple[float, ...]:
+    """Quality targets to sweep, on multiples of `step`: from the least accurate
+    model's accuracy to halfway from the most accurate one's to 1 (a router may beat
+    it). Fixed targets fit one file's models only: those of a file whose models are
+    all below them are out of reach, and each is then the same best-quality plan.
+    On RouterBench: 0.50-0.95."""
+    accuracy = np.nanmean(scores, axis=0)
+    low = math.floor(float(np.nanmin(accuracy)) / step) * step
+    high = min(math.ceil((float(np.nanmax(accuracy)) + 1.0) / 2 / step) * step, 1.0)
+    return tuple(round(float(t), 2) for t in np.arange(low, high + step / 2, step))
 
 
 def per_query_budgets(costs: NDArray[np.float64], levels: int) -> NDArray[np.float64]:
@@ -569,6 +590,8 @@ def evaluate(
     progress: Callable[[str], None] = lambda _: None,
 ) -> Report:
     """Train on `train` and route `test`; without `test`, cross-validate on `train`."""
+    if not settings.quality_targets:
+        settings = replace(settings, quality_targets=quality_targets_for(train.scores))
     train_vectors = embedder.embed(train.prompts)
     if test is not None:
         if test.models != train.models:
