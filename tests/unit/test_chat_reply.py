@@ -62,3 +62,13 @@ def test_content_parts_without_text_are_no_answer_text() -> None:
     assert read_reply(completion([])).text is None
     parts = [{"type": "text", "text": "a"}, {"type": "refusal", "refusal": "x"}, {"text": "b"}]
     assert read_reply(completion(parts)).text == "ab"
+
+
+def test_a_cost_that_overflows_is_unknown_not_a_stopped_worker() -> None:
+    """An absurd price (1e303 USD per million tokens) times a long answer overflows to
+    inf; since an Outcome holds finite costs only, building its events raised and
+    stopped the worker on its batch at every start."""
+    absurd = ModelPrice(input_per_mtok_usd=1e303, output_per_mtok_usd=1e303)
+    reply = read_reply(completion("ok", {"prompt_tokens": 10, "completion_tokens": 2_000_000}))
+    assert reply.cost(absurd) is None
+    assert reply.cost(PRICE) == pytest.approx((10 * 10.0 + 2_000_000 * 30.0) / 1e6)

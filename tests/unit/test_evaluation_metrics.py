@@ -98,6 +98,19 @@ def test_the_agreement_rule_escalates_to_the_model_predicted_best_not_the_deares
     assert rule.escalation_usd == pytest.approx(0.5)
 
 
+def test_the_agreement_rule_never_escalates_to_a_panel_model() -> None:
+    """A panel model predicted best (model 1) would be asked again and paid twice:
+    the rule escalates to the best model outside the panel."""
+    answers = ProbeAnswers.of([["yes", "no"], ["no", "yes"]])
+    truth = np.array([[0.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+    spent = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    quality = np.array([[0.3, 0.9, 0.8], [0.3, 0.9, 0.8]])
+    points: dict[str, dict[float, Point]] = {}
+    record_agreement_rule(answers, [0, 1], truth, spent, quality=quality, points=points)
+    (rule,) = points[AGREEMENT_RULE].values()
+    assert rule.escalation_usd == pytest.approx(6.0)  # model 2, twice
+
+
 def test_a_panel_of_one_probe_has_no_agreement_rule() -> None:
     """A two-model file's panel is one probe, which agreed with itself on every
     query: the cheapest model was reported as the agreement rule."""

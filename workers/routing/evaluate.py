@@ -435,12 +435,14 @@ def record_agreement_rule(
     points: dict[str, dict[float, Point]],
 ) -> None:
     """Probe with the panel; accept the first probe's answer when every final answer
-    is the same, else ask the model predicted best (the dearest is not always the
-    best). A panel of one probe (a pool of two models) has nothing to agree with:
-    no rule, not the probe alone under the rule's name."""
-    if len(panel) < 2:
+    is the same, else ask the model outside the panel predicted best (the dearest
+    is not always the best; a panel model would be paid twice). A panel of one
+    probe (a pool of two models) has nothing to agree with: no rule, not the probe
+    alone under the rule's name."""
+    outside = [j for j in range(quality.shape[1]) if j not in panel]
+    if len(panel) < 2 or not outside:
         return
-    best = int(quality.mean(axis=0).argmax())
+    best = outside[int(quality[:, outside].mean(axis=0).argmax())]
     agree = np.array([len(set(row)) == 1 and bool(row[0]) for row in answers.finals])
     final = np.where(agree, panel[0], best)
     rows = np.arange(len(truth))

@@ -683,7 +683,7 @@ def _bisect_multiplier(
         middle = (low + high) / 2
         if not low < middle < high:
             break
-        candidate, prices = _best_assignment(lagrangian(middle), caps, prices)
+        candidate, prices = _best_assignment(lagrangian(middle), caps, prices, start=plan)
         if feasible(candidate):
             high, plan = middle, candidate
         else:
@@ -827,18 +827,37 @@ def _best_assignment(
     score: NDArray[np.float64],
     caps: NDArray[np.float64],
     prices: NDArray[np.float64] | None = None,
+    start: NDArray[np.int64] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
     """The best plan within the capacities, and the heuristic's prices (a warm start
     for the next call): the Lagrangian heuristic's plan, made exact when a capacity
     is finite. The heuristic's cheapest plan had cost up to a third more than the
     cheapest, so a window that could keep its budget was called infeasible; and a
     bisection on its plans, which need not move with the multiplier, ended on plans
-    up to 175% dearer than the exact solver's."""
+    up to 175% dearer than the exact solver's. `start`: the exact plan of a nearby
+    multiplier, begun from where the heuristic's plan overflows or scores less
+    (with every model tightly capped, exchanges from the heuristic's plan took
+    seconds on 2,000 queries)."""
     plan, prices = _assign_within_capacity(score, caps, prices)
     if np.isfinite(caps).any():
+        if start is not None and _better_start(score, caps, start, plan):
+            plan = start
         exact = best_within(score, caps, start=plan)
         plan = plan if exact is None else exact
     return plan, prices
+
+
+def _better_start(
+    score: NDArray[np.float64],
+    caps: NDArray[np.float64],
+    start: NDArray[np.int64],
+    plan: NDArray[np.int64],
+) -> bool:
+    """Is `start` (a plan within the capacities) nearer the exact plan than `plan`:
+    does `plan` overflow a capacity, or score less?"""
+    rows = np.arange(score.shape[0])
+    overflows = (np.bincount(plan, minlength=score.shape[1]) > caps).any()
+    return bool(overflows or score[rows, start].sum() > score[rows, plan].sum())
 
 
 def per_query_plan(problem: WindowProblem) -> WindowPlan:

@@ -9,6 +9,7 @@ reply held one, the token counts it reported, or the error, never an exception.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +44,13 @@ class ChatReply:
     error: str | None = None
 
     def cost(self, price: ModelPrice | None) -> float | None:
-        """The call's cost at `price`; None (unknown, not free) without a price or counts."""
+        """The call's cost at `price`; None (unknown, not free) without a price or counts,
+        or where the product overflows (an absurd price: an Outcome holds finite
+        costs only, and the worker would stop on its batch)."""
         if price is None or self.input_tokens is None or self.output_tokens is None:
             return None
-        return price.cost(float(self.input_tokens), float(self.output_tokens))
+        cost = price.cost(float(self.input_tokens), float(self.output_tokens))
+        return cost if math.isfinite(cost) else None
 
 
 def describe(exc: Exception, api: str) -> str:

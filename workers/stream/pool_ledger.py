@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 # The overspend a pool's ledger keeps at most, in windows' nominal budgets: repaid
 # at most REPAY_SHARE (half) of each window (workers/routing/windows.py), it is
 # worked off within 2 x MAX_DEBT_WINDOWS windows once answers cost what they are
-# predicted to.
+# predicted to, while windows keep their size; after windows shrink from budget B
+# to b (the ceiling counts in recent larger windows, `debt_scale_usd`), within
+# about 2 x MAX_DEBT_WINDOWS + MAX_DEBT_WINDOWS x log2(B / b).
 MAX_DEBT_WINDOWS = 4
 # The budget that ceiling is counted in (`debt_scale_usd`) halves every MAX_DEBT_WINDOWS
 # windows smaller than the largest before them.
