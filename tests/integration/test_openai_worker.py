@@ -18,6 +18,7 @@ from aiohttp import web
 
 from schemas import Assignment, ModelResponse, Outcome
 from tests.chat_server import ChatServer, completion
+from tests.faults import poll_until, start_worker
 from workers.config import Settings
 from workers.services import LocalBroker
 from workers.stream.kafka_io import produce_values, read_topic
@@ -305,31 +306,28 @@ def test_an_answer_too_large_to_publish_is_an_error_not_a_stopped_worker(tmp_pat
             "KAFKA_PARTITIONS": "1",
             "OPENAI_BASE_URL": server.base_url,
         }
-        with open(tmp_path / "openai.log", "wb") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "workers.cli", "model-worker", "openai"],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
+        worker = start_worker("model-worker openai", env, tmp_path / "openai.log")
+        try:
+            routed = [assignment("q1", "large", "loop"), assignment("q2", "large", "short")]
+            asyncio.run(
+                produce_values(broker.bootstrap_servers, names["route:large"],
+                               [(a.query_id, a.model_dump_json()) for a in routed])
             )  # fmt: skip
-            try:
-                routed = [assignment("q1", "large", "loop"), assignment("q2", "large", "short")]
-                asyncio.run(
-                    produce_values(broker.bootstrap_servers, names["route:large"],
-                                   [(a.query_id, a.model_dump_json()) for a in routed])
-                )  # fmt: skip
-                responses: list[ModelResponse] = []
-                deadline = time.monotonic() + 45
-                while len(responses) < 2 and worker.poll() is None and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                    raw = asyncio.run(read_topic(broker.bootstrap_servers, names["responses"]))
-                    responses = [ModelResponse.model_validate_json(r) for r in raw]
-                outcomes = [
-                    Outcome.model_validate_json(r)
-                    for r in asyncio.run(read_topic(broker.bootstrap_servers, names["outcomes"]))
-                ]
-                still_running = worker.poll() is None
-            finally:
-                worker.terminate()
-                worker.wait(timeout=20)
+
+            def answered() -> list[ModelResponse]:
+                raw = asyncio.run(read_topic(broker.bootstrap_servers, names["responses"]))
+                return [ModelResponse.model_validate_json(r) for r in raw]
+
+            poll_until(lambda: len(answered()) >= 2 or worker.poll() is not None, 45)
+            responses = answered()
+            outcomes = [
+                Outcome.model_validate_json(r)
+                for r in asyncio.run(read_topic(broker.bootstrap_servers, names["outcomes"]))
+            ]
+            still_running = worker.poll() is None
+        finally:
+            worker.terminate()
+            worker.wait(timeout=20)
 
     assert still_running, (tmp_path / "openai.log").read_text(errors="replace")[-3000:]
     by_id = {r.query_id: r for r in responses}
