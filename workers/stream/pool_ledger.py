@@ -82,6 +82,14 @@ def unspent_usd(report: WindowReport) -> float:
     return max(report.window_budget_usd - planned, 0.0)
 
 
+def _nominal_usd(report: WindowReport) -> float | None:
+    """The window's budget before what it repaid (`spend_correction_usd`); None in
+    quality mode."""
+    if report.window_budget_usd is None:
+        return None
+    return report.window_budget_usd + report.spend_correction_usd
+
+
 def debt_scale_usd(account: PoolAccount, report: WindowReport) -> float:
     """The nominal budget the pool's overspend is capped by after this window: the
     window's, or the largest of the pool's windows before it if more, halving every
@@ -90,33 +98,35 @@ def debt_scale_usd(account: PoolAccount, report: WindowReport) -> float:
     burst after its first window) must not cut the debt larger ones ran up to four
     of its own budgets; windows that stay small bring the ceiling down to theirs.
     A window without nominal budget leaves it as it was."""
-    if report.window_budget_usd is None:
+    nominal = _nominal_usd(report)
+    if nominal is None:
         return 0.0
-    nominal = report.window_budget_usd + report.spend_correction_usd
     if nominal <= 0.0:
         return account.debt_scale_usd
     return max(nominal, DEBT_SCALE_DECAY * account.debt_scale_usd)
 
 
-def booked_overspend(account: PoolAccount, report: WindowReport, error_usd: float | None) -> float:
+def booked_overspend(
+    account: PoolAccount, report: WindowReport, error_usd: float | None, scale_usd: float
+) -> float:
     """The pool's overspend after a first-stage window: what it was, plus the error
     (realised - predicted) matched since the last window was written, less what
     this window repaid and what it left unspent (`unspent_usd`); floored at minus
-    the window's nominal budget and capped at MAX_DEBT_WINDOWS of `debt_scale_usd`
-    (answers costing persistently more than predicted, wrong ROUTER_MODEL_PRICES
-    say, would otherwise leave a debt repaid for as many windows after the prices
-    are fixed; a WARNING names the pool). A window of nominal
+    the window's nominal budget and capped at MAX_DEBT_WINDOWS of `scale_usd` (its
+    `debt_scale_usd`; answers costing persistently more than predicted, wrong
+    ROUTER_MODEL_PRICES say, would otherwise leave a debt repaid for as many
+    windows after the prices are fixed; a WARNING names the pool). A window of nominal
     budget 0 (an hourly budget's window with no new time) has no scale to floor or
     cap by: the overspend is kept as booked, plus the error, for the next window
     with a budget. None: the correction is off (ROUTER_SPEND_CORRECTION=false),
     and a quality-mode pool has no budget to correct: nothing is kept."""
-    if error_usd is None or report.window_budget_usd is None:
+    nominal = _nominal_usd(report)
+    if error_usd is None or nominal is None:
         return 0.0
-    nominal = report.window_budget_usd + report.spend_correction_usd
     booked = account.overspend_usd + error_usd - report.spend_correction_usd - unspent_usd(report)
     if nominal <= 0.0:
         return booked
-    ceiling = MAX_DEBT_WINDOWS * debt_scale_usd(account, report)
+    ceiling = MAX_DEBT_WINDOWS * scale_usd
     if booked > ceiling:
         log.warning(
             "pool %s: realised spend over predicted reached %.4f USD, kept at %d windows' "
@@ -185,11 +195,12 @@ def after_window(
     now = now or datetime.now(UTC)
     parts = reserve_within(account, now, reserve_seconds)
     parts.append(ReserveKept(kept_at=now, usd=report.escalation_reserve_usd))
+    scale = debt_scale_usd(account, report)
     written = PoolAccount(
         billed_until=report.window_end,
         exploration_carried_usd=report.exploration_carried_usd,
-        overspend_usd=booked_overspend(account, report, error_usd),
-        debt_scale_usd=debt_scale_usd(account, report),
+        overspend_usd=booked_overspend(account, report, error_usd, scale),
+        debt_scale_usd=scale,
     )
     return with_reserve(written, parts)
 
