@@ -357,24 +357,20 @@ def outcomes(loglevel: str) -> None:
 
 def _replay_table(settings: Settings) -> OutcomeTable:
     """The recorded outcomes replay workers answer and judge from (REPLAY_DATA_PATH)."""
-    from workers.routing.dataset import DatasetError, load_routerbench, shipped_sample_path
-
-    path = Path(settings.replay_data_path) if settings.replay_data_path else shipped_sample_path()
-    try:
-        return load_routerbench(path)
-    except (DatasetError, OSError) as exc:
-        raise click.ClickException(f"REPLAY_DATA_PATH: {exc}") from exc
+    path = Path(settings.replay_data_path) if settings.replay_data_path else None
+    return _outcome_table(path, setting="REPLAY_DATA_PATH")
 
 
-def _outcome_table(path: Path | None) -> OutcomeTable:
-    """The --data file (default the shipped sample); one that is no RouterBench file
-    is one line naming it and its line at fault, not DatasetError's traceback."""
+def _outcome_table(path: Path | None, setting: str | None = None) -> OutcomeTable:
+    """A RouterBench-format file (default the shipped sample); one that is not is
+    one line naming it and its line at fault (after the `setting` that named it),
+    not DatasetError's traceback."""
     from workers.routing.dataset import DatasetError, load_routerbench, shipped_sample_path
 
     try:
         return load_routerbench(path or shipped_sample_path())
     except (DatasetError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(f"{setting}: {exc}" if setting else str(exc)) from exc
 
 
 @main.group("model-worker")
@@ -649,14 +645,10 @@ def evaluate(
 ) -> None:
     """Route RouterBench-format outcomes offline; write report.json and cost_quality.png."""
     from workers.routing import evaluate as evaluation
-    from workers.routing.dataset import DatasetError, load_routerbench
     from workers.routing.embedder import CachedEmbedder
 
-    try:
-        train = load_routerbench(train_path)
-        test = load_routerbench(test_path) if test_path else None
-    except DatasetError as exc:
-        raise click.ClickException(str(exc)) from exc
+    train = _outcome_table(train_path)
+    test = _outcome_table(test_path) if test_path else None
     settings = evaluation.EvaluationSettings(
         window_size=window_size,
         modes=tuple(modes) or ("budget", "quality"),  # type: ignore[arg-type]
@@ -1142,13 +1134,10 @@ def bench_signal(data_path: Path | None, aucs: list[float], window_size: int) ->
     """Routing targets vs predictor strength: cross-validated routing with synthetic
     quality estimates of a chosen within-task AUC (see workers/bench/signal.py)."""
     from workers.bench import signal
-    from workers.routing.dataset import DatasetError, load_routerbench, shipped_sample_path
 
     try:
-        figures = signal.run(
-            load_routerbench(data_path or shipped_sample_path()), aucs, window_size
-        )
-    except (DatasetError, ValueError) as exc:
+        figures = signal.run(_outcome_table(data_path), aucs, window_size)
+    except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     best, cheapest = figures[0].best_model, figures[0].cheapest_model
     click.echo("margin: points of accuracy over a model at that model's own cost")
@@ -1194,11 +1183,10 @@ def bench_agreement(data_path: Path | None, shares: list[float], probes: int) ->
     single models, agreeing probe pairs and sequential majorities, mixed per task
     (see workers/bench/agreement.py)."""
     from workers.bench import agreement
-    from workers.routing.dataset import DatasetError, load_routerbench, shipped_sample_path
 
     try:
-        bound = agreement.run(load_routerbench(data_path or shipped_sample_path()), shares, probes)
-    except (DatasetError, ValueError) as exc:
+        bound = agreement.run(_outcome_table(data_path), shares, probes)
+    except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     for line in agreement.report_lines(bound):
         click.echo(line)
