@@ -54,6 +54,12 @@ STREAM_BUFFER_EVENTS = 1024
 RECORDS_PER_POLL = 1024
 
 
+def value_room_bytes(key: bytes, max_request_bytes: int = PRODUCER_MAX_REQUEST_BYTES) -> int:
+    """The most bytes a record's value may have under `key` and still fit in one
+    produce request."""
+    return max_request_bytes - len(key) - RECORD_FRAMING_BYTES
+
+
 def make_app(app_id: str, settings: Settings, bootstrap_servers: str) -> faust.App:
     if not bootstrap_servers:
         raise ValueError("KAFKA_BOOTSTRAP_SERVERS is not set")

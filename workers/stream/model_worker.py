@@ -21,12 +21,11 @@ from schemas import FINAL_ROLES, Assignment, ModelResponse, Outcome, ScoreSource
 from workers.config import Settings
 from workers.stream import metrics
 from workers.stream.app import (
-    PRODUCER_MAX_REQUEST_BYTES,
-    RECORD_FRAMING_BYTES,
     Topics,
     batches,
     decode_or_dead_letter,
     make_app,
+    value_room_bytes,
 )
 from workers.stream.codec import decode, encode
 
@@ -95,8 +94,7 @@ class Answer:
 
 def fits_a_request(response: ModelResponse) -> bool:
     """Whether the response, keyed by its query id, fits in one produce request."""
-    key = len(response.query_id.encode())
-    return len(encode(response)) + key + RECORD_FRAMING_BYTES <= PRODUCER_MAX_REQUEST_BYTES
+    return len(encode(response)) <= value_room_bytes(response.query_id.encode())
 
 
 def response_excerpt(response: str | None, max_chars: int) -> str | None:

@@ -30,11 +30,11 @@ from workers.routing.windows import bounded_created_at, broker_time
 from workers.stream import metrics
 from workers.stream.app import (
     PRODUCER_MAX_REQUEST_BYTES,
-    RECORD_FRAMING_BYTES,
     Topics,
     decode_or_dead_letter,
     held_batches,
     release,
+    value_room_bytes,
 )
 from workers.stream.codec import BadEvent, decode, encode
 from workers.stream.router_state import RouterState
@@ -209,7 +209,7 @@ def pool_records(batch: PredictedBatch, max_request_bytes: int) -> list[tuple[by
     records: list[tuple[bytes, bytes]] = []
     for pool, pool_rows in rows.items():
         key = pool.encode()
-        room = max_request_bytes - len(key) - RECORD_FRAMING_BYTES
+        room = value_room_bytes(key, max_request_bytes)
         records += [(key, value) for value in fitting(batch, pool_rows, room)]
     return records
 
