@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from sqlalchemy.engine import make_url
 
-from workers.config import ConfigurationError, Settings, load_settings
+from workers.config import (
+    DATABASE_URL_EXAMPLE,
+    ConfigurationError,
+    Settings,
+    is_database_url,
+    load_settings,
+)
 
 if TYPE_CHECKING:
     from workers.bench.cold_start_replay import ReplayRun
@@ -168,17 +174,13 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(database_url: str, revision: str) -> None:
     """Apply migrations up to REVISION."""
-    from sqlalchemy.exc import ArgumentError
-
     from workers.db import migrate
 
-    try:  # read here, not through Settings: checked as Settings checks it
-        make_url(database_url)
-    except ArgumentError:
+    if not is_database_url(database_url):  # read here, not through Settings
         raise click.BadParameter(
-            "not a database URL (e.g. postgresql+psycopg://user:password@host:5432/omnirouter)",
+            f"not a database URL (e.g. {DATABASE_URL_EXAMPLE})",
             param_hint="--database-url / DATABASE_URL",
-        ) from None
+        )
     migrate.upgrade(database_url, revision)
     click.echo(f"database at {revision}")
 

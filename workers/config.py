@@ -61,6 +61,19 @@ def model_topic(model: str) -> str:
     return f"{TOPIC_PREFIX}.route.{_TOPIC_UNSAFE.sub('-', model)}"
 
 
+DATABASE_URL_EXAMPLE = "postgresql+psycopg://user:password@host:5432/omnirouter"
+
+
+def is_database_url(url: str) -> bool:
+    """Whether SQLAlchemy can read `url`: checked at start, not after the embedder
+    has loaded (SQLAlchemy's traceback)."""
+    try:
+        make_url(url)
+    except ArgumentError:
+        return False
+    return True
+
+
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 # A model's name as every event carries it (an Outcome's model is 1 to 200 characters).
 ModelName = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
@@ -464,14 +477,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _database_url_parses(self) -> Settings:
         """Checked here, not after the embedder has loaded (SQLAlchemy's traceback)."""
-        if self.database_url:
-            try:
-                make_url(self.database_url)
-            except ArgumentError:
-                raise ValueError(
-                    "DATABASE_URL is not a database URL (e.g. "
-                    "postgresql+psycopg://user:password@host:5432/omnirouter)"
-                ) from None
+        if self.database_url and not is_database_url(self.database_url):
+            raise ValueError(f"DATABASE_URL is not a database URL (e.g. {DATABASE_URL_EXAMPLE})")
         return self
 
     @model_validator(mode="after")
