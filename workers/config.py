@@ -80,6 +80,8 @@ ModelName = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]
 # Faust refuses a session timeout above its request timeout (its default, 90 s) when
 # a worker's consumer starts.
 MAX_SESSION_TIMEOUT_SECONDS = 90.0
+# Kafka carries a group's rebalance timeout as a 32-bit count of milliseconds.
+MAX_REBALANCE_TIMEOUT_SECONDS = (2**31 - 1) / 1000
 Tokens = TypeVar("Tokens", float, "NDArray[np.float64]")
 
 
@@ -452,6 +454,13 @@ class Settings(BaseSettings):
                 f"KAFKA_REBALANCE_TIMEOUT_SECONDS={self.kafka_rebalance_timeout_seconds} must "
                 f"exceed ROUTER_WINDOW_SECONDS + ROUTER_SOLVER_TIME_LIMIT_SECONDS ({needed}): a "
                 "router finishes its window before it hands its partitions over"
+            )
+        if self.rebalance_timeout_seconds() > MAX_REBALANCE_TIMEOUT_SECONDS:
+            raise ValueError(
+                f"the rebalance timeout of {self.rebalance_timeout_seconds()} s ("
+                "KAFKA_REBALANCE_TIMEOUT_SECONDS, or when unset ROUTER_WINDOW_SECONDS + "
+                "ROUTER_SOLVER_TIME_LIMIT_SECONDS + 2) is above Kafka's limit of "
+                f"{MAX_REBALANCE_TIMEOUT_SECONDS} s (a 32-bit count of milliseconds)"
             )
         return self
 

@@ -53,6 +53,10 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
             {"router_window_seconds": 5.0, "kafka_rebalance_timeout_seconds": 3.0},
             "KAFKA_REBALANCE_TIMEOUT_SECONDS=3.0 must exceed",
         ),
+        # Kafka's join request holds the timeout in 32-bit milliseconds: the
+        # router failed to join its group at start.
+        ({"router_window_seconds": 3e6}, "above Kafka's limit of 2147483.647 s"),
+        ({"kafka_rebalance_timeout_seconds": 2.2e6}, "above Kafka's limit"),
         (  # a pool whose models cannot hold a window, though others can
             {
                 "router_models": ["a", "b"],
