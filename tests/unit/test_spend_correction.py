@@ -100,6 +100,21 @@ def test_booking_takes_only_what_was_booked() -> None:
     assert tracker.unbooked(0, "gold") == pytest.approx(0.25)
 
 
+def test_absurd_costs_leave_a_finite_error_to_book() -> None:
+    """Two finite costs near a float's limit summed to inf, and booking it left
+    NaN unbooked: every later window of the pool read NaN from its ledger."""
+    tracker = SpendTracker()
+    for query in ("q1", "q2", "q3"):
+        tracker.expect(0, "gold", query, "m", 0.0)
+    tracker.observe("q1", "m", 1.5e308)
+    tracker.observe("q2", "m", 1.5e308)
+    booked = tracker.unbooked(0, "gold")
+    assert math.isfinite(booked)
+    tracker.book(0, "gold", booked)
+    tracker.observe("q3", "m", 0.25)
+    assert tracker.unbooked(0, "gold") == pytest.approx(0.25)
+
+
 # ------------------------------------------------------------------ the budget
 
 

@@ -18,6 +18,7 @@ the store refresh's thread, the others on the event loop: one lock guards the st
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Iterable
@@ -90,7 +91,7 @@ class SpendTracker:
                 return
             error = cost_usd - expected.predicted_cost_usd
             key = (expected.partition, expected.pool)
-            self._unbooked[key] = self._unbooked.get(key, 0.0) + error
+            self._unbooked[key] = _finite(self._unbooked.get(key, 0.0) + error)
 
     def unbooked(self, partition: int, pool: str) -> float:
         """The pool's error matched and not yet booked (what its next ledger entry adds)."""
@@ -106,7 +107,7 @@ class SpendTracker:
         with self._lock:
             if key not in self._unbooked:
                 return  # 0 booked, or dropped in a rebalance since: nothing to take
-            left = self._unbooked[key] - amount_usd
+            left = _finite(self._unbooked[key] - amount_usd)
             if left == 0.0:
                 del self._unbooked[key]
             else:
@@ -128,3 +129,10 @@ class SpendTracker:
         """Assignments waiting for their outcome's cost."""
         with self._lock:
             return len(self._pending)
+
+
+def _finite(usd: float) -> float:
+    """`usd` held within a float's range. Each outcome's cost is finite, but two
+    absurd ones (near 1e308, an absurd price) sum to inf, and booking inf left
+    inf - inf = NaN unbooked: every later ledger entry of the pool was NaN."""
+    return min(max(usd, -sys.float_info.max), sys.float_info.max)
