@@ -49,6 +49,19 @@ def test_quality_target_is_met_at_least_cost(solver: object) -> None:
 
 
 @pytest.mark.parametrize("solver", [solve_exact, solve_fast])
+def test_quality_repair_takes_the_cheapest_upgrade_that_meets_the_target(solver: object) -> None:
+    """Query 1's upgrade gains more quality per dollar (0.4 for 3), but query 0's
+    (0.1 for 1) alone meets the target: the fast path's repair took the best
+    ratio and paid 3."""
+    quality = np.array([[0.5, 0.6], [0.5, 0.9]])
+    cost = np.array([[0.0, 1.0], [0.0, 3.0]])
+    problem = WindowProblem(quality, cost, "quality", quality_target=0.55)
+    plan = solver(problem)  # type: ignore[operator]
+    assert plan.assignment.tolist() == [1, 0]
+    assert plan.total_cost_usd == 1.0
+
+
+@pytest.mark.parametrize("solver", [solve_exact, solve_fast])
 def test_capacity_is_respected_even_when_budget_allows_more(solver: object) -> None:
     problem = two_by_two(mode="budget", window_budget_usd=100.0, capacities=(None, 1))
     plan = solver(problem)  # type: ignore[operator]

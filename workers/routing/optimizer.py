@@ -713,7 +713,7 @@ def _greedy_moves(
     plan: NDArray[np.int64],
     caps: NDArray[np.float64],
     purpose: Literal["repair", "improve"],
-) -> NDArray[np.int64]:
+) -> list[NDArray[np.int64]]:
     """Move one query at a time to another model with room, best ratio first.
 
     "repair" makes a plan that misses the coupling constraint meet it (budget
@@ -722,6 +722,14 @@ def _greedy_moves(
     feasible plan has (budget mode: upgrades by quality per dollar that still
     fit; quality mode: downgrades by dollars saved per quality lost that keep
     the target).
+
+    Returns the plan reached. A quality-mode repair also returns the path
+    finished early by the cheapest single upgrade that closes the rest of the
+    gap (the cheapest such finish over the path's steps): a big upgrade at a
+    good ratio can cost far more than a small one that is enough. Budget mode
+    keeps the ratio path alone: there the objective is predicted quality, and
+    the same finish lost routed accuracy in the cold-start replay
+    (docs/history-routing-quality.md).
     """
     plan = plan.copy()
     n, m = problem.quality.shape
@@ -730,6 +738,8 @@ def _greedy_moves(
     objective = problem.preference if problem.mode == "budget" else -cost
     load = np.bincount(plan, minlength=m).astype(float)
     budget_mode = problem.mode == "budget"
+    weigh_closing = purpose == "repair" and not budget_mode
+    path_cost, cheapest_finish = 0.0, (np.inf, plan)
     for _ in range(n * m):
         room = (load < caps)[None, :] & problem.permitted
         d_quality = quality - quality[rows, plan][:, None]
@@ -747,6 +757,12 @@ def _greedy_moves(
             ok = (helps > 0) & room
             ratio = np.where(ok, helps / np.maximum(hurts, 1e-18), -np.inf)
             ratio = np.where(ok & (hurts <= 0), np.inf, ratio)
+            if weigh_closing:
+                cheapest_finish = min(
+                    cheapest_finish,
+                    _closing_upgrade(plan, path_cost, ok & (d_quality >= -slack), d_cost),
+                    key=lambda finish: finish[0],
+                )
         else:
             # Objective gained per unit of slack used.
             gains, uses = (d_objective, d_cost) if budget_mode else (d_objective, -d_quality)
@@ -756,10 +772,30 @@ def _greedy_moves(
         i, j = divmod(int(np.argmax(ratio)), m)
         if not ok[i, j]:
             break
+        path_cost += float(d_cost[i, j])
         load[plan[i]] -= 1
         load[j] += 1
         plan[i] = j
-    return plan
+    if np.isfinite(cheapest_finish[0]):
+        return [plan, cheapest_finish[1]]
+    return [plan]
+
+
+def _closing_upgrade(
+    plan: NDArray[np.int64],
+    path_cost: float,
+    closes: NDArray[np.bool_],
+    d_cost: NDArray[np.float64],
+) -> tuple[float, NDArray[np.int64]]:
+    """The path so far finished by the cheapest single move that closes the gap:
+    its total added cost and its plan (inf: no single move closes it)."""
+    added = np.where(closes, d_cost, np.inf)
+    i, j = divmod(int(np.argmin(added)), added.shape[1])
+    if not np.isfinite(added[i, j]):
+        return np.inf, plan
+    finished = plan.copy()
+    finished[i] = j
+    return path_cost + float(added[i, j]), finished
 
 
 def solve_fast(problem: WindowProblem) -> WindowPlan:
@@ -786,11 +822,11 @@ def solve_fast(problem: WindowProblem) -> WindowPlan:
                 _since(started),
             )
     above, below = _bisect_multiplier(caps, feasible, _Lagrangian(problem))
-    candidates = [_greedy_moves(problem, above, caps, "improve")]
+    candidates = _greedy_moves(problem, above, caps, "improve")
     if below is not None:
-        repaired = _greedy_moves(problem, below, caps, "repair")
-        if feasible(repaired):
-            candidates.append(_greedy_moves(problem, repaired, caps, "improve"))
+        for repaired in _greedy_moves(problem, below, caps, "repair"):
+            if feasible(repaired):
+                candidates += _greedy_moves(problem, repaired, caps, "improve")
     # The heuristic's plans may miss the limit under capacities; the reference
     # (the cheapest, or the best quality, plan) keeps it.
     kept = [c for c in candidates if feasible(c)] + [reference]
