@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -46,6 +48,16 @@ def test_a_stronger_predictor_routes_better_on_the_real_sample() -> None:
     assert strong.auc_measured == pytest.approx(0.8, abs=0.03)
     assert strong.aiq > weak.aiq + 0.02
     assert strong.margin_at_each_model_cost[strong.best_model] is not None
+
+
+def test_a_file_of_fractional_scores_is_refused() -> None:
+    """The reading tells right answers from wrong ones: on fractional scores the
+    estimates were neither of the AUC asked for nor calibrated, and the bench
+    printed a curve for them all the same."""
+    table = load_routerbench(shipped_sample_path())
+    fractional = dataclasses.replace(table, scores=table.scores * 0.9)
+    with pytest.raises(ValueError, match="fractional scores"):
+        run(fractional, [0.7])
 
 
 def test_the_command_prints_a_row_per_auc_and_refuses_a_bad_one() -> None:

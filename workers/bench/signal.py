@@ -71,6 +71,14 @@ def run(
     folds: int = 5,
     seed: int = 0,
 ) -> list[SignalFigures]:
+    scores = table.scores[~np.isnan(table.scores)]
+    if ((scores != 0.0) & (scores != 1.0)).any():
+        # A fractional score is no right or wrong answer for the reading to tell
+        # apart: the estimates would be neither of the AUC asked for nor calibrated.
+        raise ValueError(
+            "bench signal reads right or wrong answers (scores 0 or 1); this file holds "
+            "fractional scores"
+        )
     settings = evaluation.EvaluationSettings(
         window_size=window_size, modes=("budget",), solver="fast", seed=seed
     )
