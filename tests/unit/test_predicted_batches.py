@@ -12,7 +12,7 @@ from schemas import PredictedBatch, PredictedQuery, QueryEvent
 from workers.config import Settings
 from workers.stream.app import PRODUCER_MAX_REQUEST_BYTES
 from workers.stream.codec import BadEvent, encode
-from workers.stream.predict_stage import QueryRules, pool_records
+from workers.stream.predict_stage import ASSIGNMENT_ROOM_BYTES, QueryRules, pool_records
 from workers.stream.window_stage import read_predictions, records_per_take, windows_of
 
 MODELS = ["small", "large"]
@@ -75,12 +75,12 @@ def test_each_pool_s_record_keeps_its_queries_cascade_clusters() -> None:
 
 def test_a_batch_too_large_for_one_request_is_split_and_each_part_fits() -> None:
     settings = Settings(router_models=MODELS, router_max_text_chars=PRODUCER_MAX_REQUEST_BYTES)
-    rules = QueryRules.of(settings)
+    rules = QueryRules.of(settings, transactions=True)
     # The largest query validation lets through, among small ones.
-    room = PRODUCER_MAX_REQUEST_BYTES - rules.prediction_room - 100
+    room = PRODUCER_MAX_REQUEST_BYTES - rules.prediction_room - ASSIGNMENT_ROOM_BYTES - 300
     largest = json.dumps({"query_id": "big", "text": "x" * room}).encode()
     big = rules.validate(largest)
-    queries = [QueryEvent(query_id=f"q{i}", text="t" * 1000) for i in range(5)]
+    queries = [QueryEvent(query_id=f"q{i}", text="t" * 3000) for i in range(5)]
     queries.insert(2, big)
     records = pool_records(batch(queries), PRODUCER_MAX_REQUEST_BYTES)
     assert len(records) > 1

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from faust.types import EventT, StreamT
 
 from schemas import PredictedBatch, QueryEvent
-from workers.config import Settings
+from workers.config import PoolPolicy, Settings
 from workers.db.repository import unstorable_fields
 from workers.routing.windows import bounded_created_at, broker_time
 from workers.stream import metrics
@@ -52,6 +52,33 @@ def prediction_room_bytes(models: Sequence[str]) -> int:
     return len(models) * per_model + 4096
 
 
+# What an assignment adds to its query's text and metadata: ids, model, window and
+# numbers (under 1 KB with names at their 200-character limit), with room to spare.
+ASSIGNMENT_ROOM_BYTES = 2048
+# The router forwards a query as pydantic writes it, which can be longer than the
+# bytes it came in: a number such as 1e15 is written 1000000000000000.0 (4.5 times
+# its 4 bytes), and fields left out get their defaults. Strings and whitespace
+# never grow. Below this growth a query's raw size settles the check, without
+# encoding it again.
+MAX_REENCODED_GROWTH = 5
+DEFAULTS_ROOM_BYTES = 1024
+
+
+def record_copies(policy: PoolPolicy, pool_models: int, transactions: bool) -> int:
+    """How many copies of a query's text and metadata the largest record forwarded
+    for it holds: an assignment one, a cascade's probe two (its context carries
+    the predicted query); without transactions a decision entry holds every
+    assignment of its query (an answer and its shadow, or a probe per panel model:
+    a configured panel's size, a chosen one's two at most)."""
+    per_assignment = 2 if policy.cascade else 1
+    if transactions:
+        return per_assignment
+    if not policy.cascade:
+        return 2
+    panel = len(policy.cascade_panel) if policy.cascade_panel else min(2, pool_models - 1)
+    return max(panel, 1) * per_assignment
+
+
 @dataclass(frozen=True)
 class QueryRules:
     """What a query must satisfy to be forwarded, read from the settings once per
@@ -60,16 +87,24 @@ class QueryRules:
     max_text_chars: int
     pool_models: Mapping[str, frozenset[str]]  # known pool -> the models it may use
     prediction_room: int  # bytes a prediction adds to its query
+    copies: Mapping[str, int]  # known pool -> `record_copies`
 
     @classmethod
-    def of(cls, settings: Settings) -> QueryRules:
+    def of(cls, settings: Settings, transactions: bool) -> QueryRules:
+        """`transactions`: whether the router publishes with them
+        (broker_features.use_transactions)."""
+        pool_models = {
+            pool: frozenset(settings.pool_policy(pool).models or settings.router_models)
+            for pool in settings.known_pools()
+        }
         return cls(
             max_text_chars=settings.router_max_text_chars,
-            pool_models={
-                pool: frozenset(settings.pool_policy(pool).models or settings.router_models)
-                for pool in settings.known_pools()
-            },
+            pool_models=pool_models,
             prediction_room=prediction_room_bytes(settings.router_models),
+            copies={
+                pool: record_copies(settings.pool_policy(pool), len(models), transactions)
+                for pool, models in pool_models.items()
+            },
         )
 
     def validate(self, raw: bytes | None) -> QueryEvent:
@@ -92,17 +127,34 @@ class QueryRules:
         allowed = query.hints.allowed_models if query.hints else None
         if allowed is not None and not pool_models & set(allowed):
             raise BadEvent(f"hints.allowed_models names none of pool {query.pool!r}'s models")
-        if len(raw or b"") + self.prediction_room > PRODUCER_MAX_REQUEST_BYTES:
+        size = self.forwarded_size(raw or b"", query)
+        if not self.fits(query.pool, size):
+            copies = self.copies[query.pool]
+            held = "" if copies == 1 else f" {copies} times in one of pool {query.pool!r}'s records"
             raise BadEvent(
-                f"query of {len(raw or b'')} bytes: its prediction would exceed the router's "
-                f"producer request size ({PRODUCER_MAX_REQUEST_BYTES} bytes)"
+                f"query of {size} bytes as the router writes it: forwarded{held}, it would "
+                f"exceed the router's producer request size ({PRODUCER_MAX_REQUEST_BYTES} bytes)"
             )
         return query
 
+    def fits(self, pool: str, size: int) -> bool:
+        """Does a query of `size` bytes fit the largest record forwarded for it?"""
+        held = self.copies[pool] * (size + ASSIGNMENT_ROOM_BYTES) + self.prediction_room
+        return held <= PRODUCER_MAX_REQUEST_BYTES
 
-def validate_query(raw: bytes | None, settings: Settings) -> QueryEvent:
-    """A valid QueryEvent the router can forward, or BadEvent with the reason."""
-    return QueryRules.of(settings).validate(raw)
+    def forwarded_size(self, raw: bytes, query: QueryEvent) -> int:
+        """The query's bytes as the router forwards it: encoded again where its raw
+        size cannot settle the check (a query of 1e15s once passed at 300 KB, its
+        prediction 1.14 MB: the predict stage failed on it at every restart)."""
+        if self.fits(query.pool, MAX_REENCODED_GROWTH * len(raw) + DEFAULTS_ROOM_BYTES):
+            return len(raw)
+        return len(encode(query))
+
+
+def validate_query(raw: bytes | None, settings: Settings, transactions: bool = True) -> QueryEvent:
+    """A valid QueryEvent the router can forward, or BadEvent with the reason (as a
+    router publishing with `transactions` checks it)."""
+    return QueryRules.of(settings, transactions).validate(raw)
 
 
 def with_bounded_time(
@@ -247,11 +299,16 @@ def rows_of(batch: PredictedBatch, rows: list[int]) -> PredictedBatch:
 
 
 async def predict_stage(
-    state: RouterState, topics: Topics, settings: Settings, stream: StreamT[bytes]
+    state: RouterState,
+    topics: Topics,
+    settings: Settings,
+    transactions: bool,
+    stream: StreamT[bytes],
 ) -> None:
     """One actor: two would interleave events, so windows would see queries out
-    of production order and hourly budgets would go wrong."""
-    rules = QueryRules.of(settings)
+    of production order and hourly budgets would go wrong. `transactions`: whether
+    the router publishes with them (what its records hold: QueryRules)."""
+    rules = QueryRules.of(settings, transactions)
     skew = timedelta(seconds=settings.router_clock_skew_seconds)
     await pipelined(
         held_batches(stream, settings.router_predict_batch, PREDICT_BATCH_SECONDS),

@@ -191,7 +191,9 @@ def build_router_app(
         CascadeRouting(state).solve_first_stage if cascading else None,
     )  # fmt: skip
     agent = partial(app.agent, supervisor_strategy=CrashingSupervisor)
-    agent(topics.queries, name="predict")(partial(predict_stage, state, topics, settings))
+    agent(topics.queries, name="predict")(
+        partial(predict_stage, state, topics, settings, transactions)
+    )
     agent(topics.predicted, name="solve_windows")(partial(window_stage, stage))
     if cascading:
         add_cascade_stages(app, stage, state)
