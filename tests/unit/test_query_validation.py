@@ -59,6 +59,15 @@ def test_a_megabyte_of_text_is_refused_at_the_default_limit() -> None:
         validate_query(raw(text="x" * 1_000_000), Settings())
 
 
+def test_a_query_id_in_the_escalation_keys_is_refused() -> None:
+    """The escalation decision of query "abc" is kept under "escalation:abc": a query
+    of that id shared its key, and whichever came second was skipped as a duplicate
+    (one of the two queries got no final answer)."""
+    with pytest.raises(BadEvent, match="reserves for its escalation decisions"):
+        validate_query(raw(query_id="escalation:abc"), SETTINGS)
+    assert validate_query(raw(query_id="abc:escalation:"), SETTINGS).query_id == "abc:escalation:"
+
+
 def test_a_reason_never_repeats_the_content() -> None:
     secret = "sk-live-123456"
     with pytest.raises(BadEvent) as caught:

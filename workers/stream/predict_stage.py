@@ -37,6 +37,7 @@ from workers.stream.app import (
     value_room_bytes,
 )
 from workers.stream.codec import BadEvent, decode, encode
+from workers.stream.publishers import ESCALATION_KEY_PREFIX
 from workers.stream.router_state import RouterState
 
 T = TypeVar("T")
@@ -116,6 +117,13 @@ class QueryRules:
         if unstorable is not None:
             # Routed and answered, its outcome would be refused: no learning from it.
             raise BadEvent(f"query whose outcome the database cannot store: {unstorable}")
+        if query.query_id.startswith(ESCALATION_KEY_PREFIX):
+            # Its decision would share a key with another query's escalation decision,
+            # and one of the two queries would get no final answer.
+            raise BadEvent(
+                f"query_id begins with {ESCALATION_KEY_PREFIX!r}, which the router reserves "
+                "for its escalation decisions"
+            )
         if len(query.text) > self.max_text_chars:
             raise BadEvent(
                 f"text has {len(query.text)} characters, more than "
