@@ -12,6 +12,7 @@ from workers.routing.predictor import (
     KnnSettings,
     TrainedHeads,
     column_means,
+    fit_hybrid,
     knn_estimates,
     neighbour_weights,
     shrunk_mean,
@@ -153,6 +154,35 @@ def test_list_prices_give_the_cost_from_tokens() -> None:
     # Unpriced and never observed: the mean observed cost, never "free" (which
     # would draw all traffic to a model nobody knows).
     assert estimates.cost[0, 0] == pytest.approx(0.5)
+
+
+def test_an_unpriced_model_costs_what_priced_ones_do_while_no_cost_is_observed() -> None:
+    """An empty store observes no cost: an unpriced model was predicted free, so a
+    window sent it everything (39 of 40 queries) and shadowed it without limit."""
+    prices = {
+        "large": ModelPrice(input_per_mtok_usd=10.0, output_per_mtok_usd=30.0),
+        "small": ModelPrice(input_per_mtok_usd=0.2, output_per_mtok_usd=0.6),
+    }
+    store = RetrievalStore([*MODELS, "self-hosted"], 3)
+    predictor = HybridPredictor(NoEmbedder(), store, prices=prices)
+    cost = predictor.predict_embedded(unit(1, 0, 0)[None, :], prompt_chars=[2000]).cost[0]
+    typical = [p.cost(500.0, 256.0) for p in prices.values()]
+    assert cost[2] == pytest.approx(np.mean(typical))
+
+
+def test_the_blend_is_retrieval_while_no_score_is_held_out() -> None:
+    """200 queries with usage, 12 scored, none in the held-out fifth: every Brier
+    score was NaN and the blend took the heads alone (weight 0), dropping the
+    retrieval part, its priors included, until the next refit."""
+    rng = np.random.default_rng(0)
+    n = 200
+    vectors = rng.normal(size=(n, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    scores = np.full((n, 2), np.nan)
+    held_in = np.random.default_rng(0).permutation(n)[n // 5 :]  # fit_hybrid's split
+    scores[held_in[:12], 0] = [1.0] * 6 + [0.0] * 6
+    fit = fit_hybrid(vectors, scores, np.full((n, 2), 0.01), KnnSettings())
+    assert fit.blend_weight == 1.0 and fit.report.holdout_brier_by_weight == {}
 
 
 def clustered_data(n: int, seed: int, linear: bool) -> tuple[np.ndarray, np.ndarray]:

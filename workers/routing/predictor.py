@@ -185,8 +185,9 @@ def priors(store: RetrievalStore, beliefs: Beliefs) -> Priors:
     """Each model's mean quality over the store, shrunk by STATED_PRIOR_OUTCOMES
     towards what the user stated or, where silent, towards what the store says of
     models of its cost (`quality_by_price`); its mean cost and output tokens. An
-    unobserved cost is the mean of all observed costs (never 0, which would draw
-    all traffic to the unknown)."""
+    unobserved cost is the mean of all observed costs, or while none is observed
+    the mean typical cost of the priced models (never 0, which would draw all
+    traffic to the unknown)."""
     known = ~np.isnan(store.scores)
     counts = known.sum(axis=0)
     means = np.where(known, store.scores, 0.0).sum(axis=0) / np.maximum(counts, 1)
@@ -196,13 +197,23 @@ def priors(store: RetrievalStore, beliefs: Beliefs) -> Priors:
     stated = np.where(
         np.isnan(beliefs.quality), quality_by_price(means, weight, typical_cost), beliefs.quality
     )
-    overall_cost = float(np.nanmean(store.costs)) if np.isfinite(store.costs).any() else 0.0
+    overall_cost = _overall_cost(store.costs, beliefs.typical_cost)
     return Priors(
         quality=weight * means + (1 - weight) * stated,
         weight=weight,
         cost=np.where(np.isnan(observed_cost), overall_cost, observed_cost),
         output_tokens=column_means(store.output_tokens, default=DEFAULT_OUTPUT_TOKENS),
     )
+
+
+def _overall_cost(costs: NDArray[np.float64], typical_cost: NDArray[np.float64]) -> float:
+    """What a query costs on a model of unknown cost: the mean observed cost, else the
+    priced models' mean typical cost, else 0 (nothing is priced or observed: every
+    model costs the same)."""
+    for known in (costs, typical_cost):
+        if np.isfinite(known).any():
+            return float(np.nanmean(known))
+    return 0.0
 
 
 # How many outcomes' worth a model's mean counts for beside its outcomes in a cluster.
@@ -439,6 +450,8 @@ class HybridFit(NamedTuple):
     report: FitReport
 
 
+# The blend weight is chosen on at least this many held-out scores (else retrieval).
+MIN_HOLDOUT_OUTCOMES = 20
 # A refit waits until the store holds this many queries: fewer leave the heads
 # their shrunk means and the blend on retrieval.
 MIN_REFIT_QUERIES = 50
@@ -495,7 +508,10 @@ def fit_hybrid(
     holdout, train = order[:cut], order[cut:]
     brier: dict[float, float] = {}
     blend_weight = 1.0
-    if len(holdout) >= 20:
+    # Chosen on held-out scores only: with none held out (few scored among many
+    # usage rows, early in a cold start) every Brier score was NaN and the first
+    # weight, heads alone, won.
+    if (~np.isnan(scores[holdout])).sum() >= MIN_HOLDOUT_OUTCOMES:
         inner = RetrievalStore([str(j) for j in range(n_models)], vectors.shape[1])
         inner.add_table([str(i) for i in train], vectors[train], scores[train], costs[train])
         knn_quality = knn_estimates(inner, vectors[holdout], knn).quality
