@@ -111,6 +111,25 @@ def test_a_lone_surrogate_is_refused(field: str) -> None:
     assert unstorable_fields({field: "a\ud800b"}) is not None
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"metadata": {"note": "a\ud800b"}},
+        {"hints": {"allowed_models": ["a", "b\ud800"]}},
+        {"metadata": {"note": "a\ud800b", "blob": "x" * 300_000}},  # measured as written
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_refused(fields: dict[str, object]) -> None:
+    """json.loads reads a lone surrogate into metadata and hints (fields without a
+    length limit): the query passed, and the predict stage failed writing its
+    prediction (PydanticSerializationError) at every restart."""
+    settings = Settings(router_models=["a", "b"], router_max_text_chars=1_000_000)
+    with pytest.raises(BadEvent, match="lone surrogate"):
+        validate_query(raw(**fields), settings)
+    pair = validate_query(raw(metadata={"emoji": "\U0001f600"}), settings)  # a whole pair
+    assert pair.metadata == {"emoji": "\U0001f600"}
+
+
 @pytest.mark.parametrize("timestamp", [1.7e15, 1e300, float("inf"), -1.0])
 def test_a_query_whose_record_timestamp_no_datetime_holds_is_timed_by_the_router(
     timestamp: float,

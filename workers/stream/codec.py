@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from schemas import DeadLetter
 
@@ -76,6 +78,23 @@ def decode_via_json_module(raw: bytes | None, event_type: type[EventT]) -> Event
             for error in exc.errors(include_input=False, include_url=False)
         )
         raise BadEvent(f"invalid {event_type.__name__}: {problems}") from None
+
+
+# An escape of half a surrogate pair: json.loads reads a lone one into a str that
+# has no UTF-8, which fields without a length limit (metadata, hints) accept.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def refuse_unwritable(raw: bytes, event: BaseModel) -> None:
+    """BadEvent for an event decoded from `raw` that could not be written again (a
+    lone surrogate in a value: no UTF-8 for it). Checked only where `raw` holds a
+    surrogate's escape, the one way such a string gets in."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return
+    try:
+        event.model_dump_json()
+    except PydanticSerializationError:
+        raise BadEvent("holds a lone surrogate (half a pair, no UTF-8 for it)") from None
 
 
 def _refuse_non_finite(constant: str) -> float:

@@ -36,7 +36,7 @@ from workers.stream.app import (
     release,
     value_room_bytes,
 )
-from workers.stream.codec import BadEvent, decode, encode
+from workers.stream.codec import BadEvent, decode, encode, refuse_unwritable
 from workers.stream.publishers import ESCALATION_KEY_PREFIX
 from workers.stream.router_state import RouterState
 
@@ -117,6 +117,9 @@ class QueryRules:
         if unstorable is not None:
             # Routed and answered, its outcome would be refused: no learning from it.
             raise BadEvent(f"query whose outcome the database cannot store: {unstorable}")
+        # A lone surrogate in metadata or hints: the prediction could not be written,
+        # and the predict stage failed on it at every restart.
+        refuse_unwritable(raw or b"", query)
         if query.query_id.startswith(ESCALATION_KEY_PREFIX):
             # Its decision would share a key with another query's escalation decision,
             # and one of the two queries would get no final answer.
