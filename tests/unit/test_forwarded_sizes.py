@@ -21,18 +21,29 @@ from workers.stream.predict_stage import QueryRules, pool_records
 from workers.stream.router_state import predicted_batch
 
 MODELS = ["cheap-a", "cheap-b", "dear"]
-SETTINGS = Settings(
-    router_models=MODELS,
-    router_max_text_chars=PRODUCER_MAX_REQUEST_BYTES,
-    router_pools={  # type: ignore[dict-item]
-        "c": {
-            "mode": "budget",
-            "window_budget_usd": 1.0,
-            "cascade": True,
-            "cascade_panel": ["cheap-a", "cheap-b"],
+
+
+def settings_of(models: list[str], panel: int) -> Settings:
+    """A one-shot pool "default" and a cascade pool "c" probing with the first
+    `panel` models."""
+    return Settings(
+        router_models=models,
+        router_max_text_chars=PRODUCER_MAX_REQUEST_BYTES,
+        router_pools={  # type: ignore[dict-item]
+            "c": {
+                "mode": "budget",
+                "window_budget_usd": 1.0,
+                "cascade": True,
+                "cascade_panel": models[:panel],
+            },
         },
-    },
-)
+    )
+
+
+SETTINGS = settings_of(MODELS, 2)
+# Forty models of 200-character names, probing with four: each probe's context
+# carries predictions of 40 models (before, counted once for the four).
+WIDE = settings_of([f"{i:03d}" + "m" * 197 for i in range(40)], 4)
 
 
 def query_of(chars: int, pool: str) -> bytes:
@@ -58,11 +69,14 @@ def largest_accepted(rules: QueryRules, pool: str) -> tuple[QueryEvent, int]:
     return query, low
 
 
-def predicted(query: QueryEvent) -> PredictedQuery:
-    n = len(MODELS)
+def predicted(query: QueryEvent, models: list[str]) -> PredictedQuery:
+    """Predictions written as long as floats get."""
+    n = len(models)
+    number = 0.12345678901234568
     return PredictedQuery(
-        query=query, models=MODELS, quality=[0.5] * n, cost_usd=[0.001] * n, support=[0.0] * n
-    )
+        query=query, models=models, quality=[number] * n, cost_usd=[number] * n,
+        support=[number] * n,
+    )  # fmt: skip
 
 
 def assignment(query: QueryEvent, model: str, role: str, metadata: dict[str, object]) -> Assignment:
@@ -70,41 +84,54 @@ def assignment(query: QueryEvent, model: str, role: str, metadata: dict[str, obj
         {
             "query_id": query.query_id, "text": query.text, "model": model, "pool": query.pool,
             "window_id": "w" * 200, "window_start": query.created_at,
-            "window_end": query.created_at, "predicted_quality": 0.5,
-            "predicted_cost_usd": 0.001, "metadata": metadata, "role": role,
+            "window_end": query.created_at, "predicted_quality": 0.12345678901234568,
+            "predicted_cost_usd": 0.12345678901234568, "metadata": metadata, "role": role,
         }
     )  # fmt: skip
 
 
-def largest_record(query: QueryEvent, transactions: bool) -> bytes:
+def largest_record(query: QueryEvent, settings: Settings, transactions: bool) -> bytes:
     """The largest record the router writes for `query`: an answer (one-shot pool) or
     a probe (cascade pool, its context holding the predicted query); without
     transactions, the decision entry of every assignment of the query (an answer
     and its shadow, or a probe per panel model)."""
+    models = settings.router_models
     if query.pool == "c":
-        metadata = probe_metadata(query.metadata, predicted(query), ["cheap-a", "cheap-b"], 3, "f")
-        probes = [assignment(query, m, "probe", metadata) for m in ("cheap-a", "cheap-b")]
+        panel = settings.router_pools["c"].cascade_panel or []
+        metadata = probe_metadata(query.metadata, predicted(query, models), panel, 3, "f" * 64)
+        probes = [assignment(query, m, "probe", metadata) for m in panel]
         return encode(probes[0]) if transactions else decided_value(probes)
-    answer = assignment(query, "dear", "answer", query.metadata)
-    shadow = assignment(query, "cheap-a", "shadow", query.metadata)
+    answer = assignment(query, models[-1], "answer", query.metadata)
+    shadow = assignment(query, models[0], "shadow", query.metadata)
     return encode(answer) if transactions else decided_value([answer, shadow])
 
 
+@pytest.mark.parametrize("settings", [SETTINGS, WIDE], ids=["3 models", "40 wide"])
 @pytest.mark.parametrize("transactions", [True, False])
 @pytest.mark.parametrize("pool", ["default", "c"])
-def test_the_largest_query_accepted_fits_its_largest_record(pool: str, transactions: bool) -> None:
+def test_the_largest_query_accepted_fits_its_largest_record(
+    pool: str, transactions: bool, settings: Settings
+) -> None:
     """Before: a valid query of 100,000 control characters (600 KB) made a cascade's
     probe of 1.2 MB, and without transactions an answer and its shadow made a
     decision entry of 1.2 MB."""
-    rules = QueryRules.of(SETTINGS, transactions)
+    rules = QueryRules.of(settings, transactions)
     query, chars = largest_accepted(rules, pool)
-    record = largest_record(query, transactions)
+    record = largest_record(query, settings, transactions)
     assert len(record) <= value_room_bytes(query.query_id.encode())
     # The bound is not needlessly tight: most of a request is the query's.
-    copies = rules.copies[pool]
+    copies = rules.largest[pool].queries
     assert copies * 6 * chars > 0.9 * PRODUCER_MAX_REQUEST_BYTES
     with pytest.raises(BadEvent, match="exceed the router's producer request size"):
         rules.validate(query_of(chars + 1, pool))
+
+
+def test_without_shadows_a_decision_entry_holds_one_answer() -> None:
+    """ROUTER_SHADOW_SHARE=0: no shadow, so without transactions a one-shot query's
+    decision entry holds its answer alone, and the query may take the whole request."""
+    rules = QueryRules.of(SETTINGS.model_copy(update={"router_shadow_share": 0.0}), False)
+    assert rules.largest["default"] == (1, 1)
+    assert QueryRules.of(SETTINGS, transactions=False).largest["default"] == (2, 1)
 
 
 def test_a_query_is_measured_as_the_router_writes_it() -> None:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Mappi
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from faust.types import EventT, StreamT
 
@@ -65,19 +65,29 @@ MAX_REENCODED_GROWTH = 5
 DEFAULTS_ROOM_BYTES = 1024
 
 
-def record_copies(policy: PoolPolicy, pool_models: int, transactions: bool) -> int:
-    """How many copies of a query's text and metadata the largest record forwarded
-    for it holds: an assignment one, a cascade's probe two (its context carries
-    the predicted query); without transactions a decision entry holds every
-    assignment of its query (an answer and its shadow, or a probe per panel model:
-    a configured panel's size, a chosen one's two at most)."""
-    per_assignment = 2 if policy.cascade else 1
-    if transactions:
-        return per_assignment
-    if not policy.cascade:
-        return 2
-    panel = len(policy.cascade_panel) if policy.cascade_panel else min(2, pool_models - 1)
-    return max(panel, 1) * per_assignment
+class RecordLoad(NamedTuple):
+    """What the largest record forwarded for a query holds: copies of its text and
+    metadata, and of its predictions."""
+
+    queries: int
+    predictions: int
+
+
+def largest_record(
+    policy: PoolPolicy, pool_models: int, transactions: bool, shadows: bool
+) -> RecordLoad:
+    """The largest record forwarded for a query of a pool. One-shot: its prediction
+    (the query and its predictions), or without transactions a decision entry of
+    an answer and its shadow (`shadows`: ROUTER_SHADOW_SHARE > 0). Cascade: a
+    probe holds the query twice and its predictions (its context carries the
+    predicted query), and without transactions a decision entry holds a probe per
+    panel model (a configured panel's size; a chosen panel's two at most)."""
+    if policy.cascade:
+        panel = len(policy.cascade_panel) if policy.cascade_panel else min(2, pool_models - 1)
+        probes = 1 if transactions else max(panel, 1)
+        return RecordLoad(2 * probes, probes)
+    answers = 2 if not transactions and shadows and pool_models > 1 else 1
+    return RecordLoad(answers, 1)
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,7 @@ class QueryRules:
     max_text_chars: int
     pool_models: Mapping[str, frozenset[str]]  # known pool -> the models it may use
     prediction_room: int  # bytes a prediction adds to its query
-    copies: Mapping[str, int]  # known pool -> `record_copies`
+    largest: Mapping[str, RecordLoad]  # known pool -> `largest_record`
 
     @classmethod
     def of(cls, settings: Settings, transactions: bool) -> QueryRules:
@@ -102,8 +112,13 @@ class QueryRules:
             max_text_chars=settings.router_max_text_chars,
             pool_models=pool_models,
             prediction_room=prediction_room_bytes(settings.router_models),
-            copies={
-                pool: record_copies(settings.pool_policy(pool), len(models), transactions)
+            largest={
+                pool: largest_record(
+                    settings.pool_policy(pool),
+                    len(models),
+                    transactions,
+                    shadows=settings.router_shadow_share > 0,
+                )
                 for pool, models in pool_models.items()
             },
         )
@@ -140,7 +155,7 @@ class QueryRules:
             raise BadEvent(f"hints.allowed_models names none of pool {query.pool!r}'s models")
         size = self.forwarded_size(raw or b"", query)
         if not self.fits(query.pool, size):
-            copies = self.copies[query.pool]
+            copies = self.largest[query.pool].queries
             held = "" if copies == 1 else f" {copies} times in one of pool {query.pool!r}'s records"
             raise BadEvent(
                 f"query of {size} bytes as the router writes it: forwarded{held}, it would "
@@ -150,7 +165,10 @@ class QueryRules:
 
     def fits(self, pool: str, size: int) -> bool:
         """Does a query of `size` bytes fit the largest record forwarded for it?"""
-        held = self.copies[pool] * (size + ASSIGNMENT_ROOM_BYTES) + self.prediction_room
+        load = self.largest[pool]
+        held = (
+            load.queries * (size + ASSIGNMENT_ROOM_BYTES) + load.predictions * self.prediction_room
+        )
         return held <= PRODUCER_MAX_REQUEST_BYTES
 
     def forwarded_size(self, raw: bytes, query: QueryEvent) -> int:
