@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from schemas import Assignment, ModelResponse, Outcome
 from workers.db.repository import unstorable_reason
-from workers.stream.app import PRODUCER_MAX_REQUEST_BYTES
+from workers.stream.app import PRODUCER_MAX_REQUEST_BYTES, value_room_bytes
 from workers.stream.codec import decode, encode
 from workers.stream.model_worker import Answer, response_excerpt
 
@@ -80,3 +80,27 @@ def test_an_answer_too_large_for_a_produce_request_is_an_error_with_its_usage() 
     # An answer that fits is published whole, as before.
     fitting = Answer(response="x" * 900_000)
     assert fitting.events(assignment, 2000)[1].response == fitting.response
+
+
+def test_an_answer_whose_outcome_would_not_fit_is_an_error_too() -> None:
+    """The outcome holds the query's text and an excerpt of the answer, and more
+    fields than the response: with a long excerpt (OUTCOME_RESPONSE_MAX_CHARS) and
+    no metadata it can be the larger. Only the response was checked, and the
+    outcome failed to publish with the batch, at every restart."""
+    answer = Answer(response="y" * 10_000, output_tokens=3, cost_usd=0.25, latency_ms=1234.5)
+
+    def events(text_chars: int) -> tuple[Outcome, ModelResponse]:
+        assignment = Assignment(
+            query_id="q", text="t" * text_chars, model="m", pool="default", window_id="w",
+            window_start="2026-01-01T00:00:00Z", window_end="2026-01-01T00:00:01Z",
+            predicted_quality=0.5, predicted_cost_usd=0.1,
+        )  # fmt: skip
+        return answer.events(assignment, response_chars=10_000)
+
+    room = value_room_bytes(b"q")
+    outcome, response = events(1)
+    # A text that leaves the response 50 bytes of room and the outcome none.
+    text_chars = room - len(encode(response)) - 50
+    outcome, response = events(text_chars)
+    assert len(encode(outcome)) <= room and len(encode(response)) <= room
+    assert outcome.error == "answer of 10000 characters, too large to publish"

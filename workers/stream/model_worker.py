@@ -47,12 +47,17 @@ class Answer:
 
     def events(self, assignment: Assignment, response_chars: int) -> tuple[Outcome, ModelResponse]:
         """The Outcome (with `response_chars` of the answer, at most) and the response;
-        for an answer whose response would not fit in a produce request, those of
-        `too_large`."""
+        for an answer whose response or outcome would not fit in a produce request,
+        those of `too_large`."""
         response = self.response_event(assignment)
-        if self.response is not None and not fits_a_request(response):
+        outcome = self.outcome_event(assignment, response_chars)
+        if self.response is not None and not (fits_a_request(response) and fits_a_request(outcome)):
             return self.too_large().events(assignment, response_chars)
-        outcome = Outcome(
+        return outcome, response
+
+    def outcome_event(self, assignment: Assignment, response_chars: int) -> Outcome:
+        """The usage (and any score) for the store, with `response_chars` of the answer."""
+        return Outcome(
             query_id=assignment.query_id,
             model=assignment.model,
             pool=assignment.pool,
@@ -66,7 +71,6 @@ class Answer:
             source=self.score_source,
             response=response_excerpt(self.response, response_chars),
         )
-        return outcome, response
 
     def response_event(self, assignment: Assignment) -> ModelResponse:
         """The whole answer (or its error) for the application, with the assignment's role."""
@@ -92,9 +96,9 @@ class Answer:
         return replace(self, response=None, error=error)
 
 
-def fits_a_request(response: ModelResponse) -> bool:
-    """Whether the response, keyed by its query id, fits in one produce request."""
-    return len(encode(response)) <= value_room_bytes(response.query_id.encode())
+def fits_a_request(event: ModelResponse | Outcome) -> bool:
+    """Whether the event, keyed by its query id, fits in one produce request."""
+    return len(encode(event)) <= value_room_bytes(event.query_id.encode())
 
 
 def response_excerpt(response: str | None, max_chars: int) -> str | None:
