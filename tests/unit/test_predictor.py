@@ -293,3 +293,22 @@ def test_a_model_with_few_outcomes_gets_its_mean_shrunk_not_its_raw_mean() -> No
     heads = TrainedHeads(1).fit(vectors, np.array([[0.0], [0.0], [0.0]]))
     predicted = heads.predict(vectors)[:, 0]
     assert predicted == pytest.approx([2.5 / 8] * 3)  # (0 + 5 x 0.5) / (3 + 5)
+
+
+def test_a_model_without_outcomes_keeps_its_stated_prior_after_a_refit() -> None:
+    """A head with too few labels of a class is its mean shrunk towards 0.5: blended
+    in, a model with no outcome and a stated prior of 0.2 was predicted 0.5 after
+    the first refit (retrieval's prior, which holds the stated one, weighed 0)."""
+    rng = np.random.default_rng(0)
+    store = RetrievalStore(["a", "b", "new"], 8)
+    vectors = rng.normal(size=(400, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for i, vector in enumerate(vectors):
+        good = float(vector[0] > 0)  # the query decides: the heads have something to learn
+        store.add(OutcomeRecord(f"q{i}", "a", good, 0.01, 10, vector))
+        store.add(OutcomeRecord(f"q{i}", "b", 1 - good, 0.001, 10, vector))
+    predictor = HybridPredictor(NoEmbedder(), store, model_priors={"new": 0.2})
+    report = predictor.fit()
+    assert report.blend_weight < 1.0  # the heads count for the models they know
+    quality = predictor.predict_embedded(vectors[:5], prompt_chars=[100] * 5).quality
+    assert quality[:, 2] == pytest.approx([0.2] * 5)

@@ -401,6 +401,23 @@ class TrainedHeads:
             return np.array([self.per_model], dtype=float).repeat(len(vectors), axis=0)
         return self._stacked.predict(vectors)
 
+    def blended(
+        self,
+        retrieval: NDArray[np.float64],
+        vectors: NDArray[np.float32],
+        retrieval_weight: float,
+    ) -> NDArray[np.float64]:
+        """Retrieval's predictions blended with the heads': `retrieval_weight` of them
+        where a model's head is a regression, all of them where it is only a mean
+        (too few labels of a class). Such a head is shrunk towards the shared 0.5,
+        while retrieval's prior holds what the user stated of the model, or what
+        the store says of models of its price: blended, a model with no outcome
+        was predicted 0.5 after the first refit, whatever its stated prior."""
+        if self._stacked is None:
+            return retrieval
+        weight = np.where(np.isnan(self._stacked.constant), retrieval_weight, 1.0)
+        return weight * retrieval + (1 - weight) * self._stacked.predict(vectors)
+
 
 @dataclass(frozen=True)
 class StackedLogistic:
@@ -515,13 +532,11 @@ def fit_hybrid(
         inner = RetrievalStore([str(j) for j in range(n_models)], vectors.shape[1])
         inner.add_table([str(i) for i in train], vectors[train], scores[train], costs[train])
         knn_quality = knn_estimates(inner, vectors[holdout], knn).quality
-        trained_quality = (
-            TrainedHeads(n_models).fit(vectors[train], scores[train]).predict(vectors[holdout])
-        )
+        held_out_heads = TrainedHeads(n_models).fit(vectors[train], scores[train])
         truth = scores[holdout]
         known = ~np.isnan(truth)
         for weight in np.round(np.linspace(0, 1, 11), 2):
-            blended = weight * knn_quality + (1 - weight) * trained_quality
+            blended = held_out_heads.blended(knn_quality, vectors[holdout], float(weight))
             brier[float(weight)] = float(np.mean((blended[known] - truth[known]) ** 2))
         blend_weight = min(brier, key=lambda w: (brier[w], -w))
     heads = TrainedHeads(n_models).fit(vectors, scores)
@@ -589,9 +604,8 @@ class HybridPredictor:
     ) -> Estimates:
         knn = knn_estimates(self.store, vectors, self.knn, self.beliefs)
         quality = knn.quality
-        if self.blend_weight < 1.0 and self.heads.fitted:
-            trained = self.heads.predict(vectors)
-            quality = self.blend_weight * knn.quality + (1 - self.blend_weight) * trained
+        if self.blend_weight < 1.0:
+            quality = self.heads.blended(knn.quality, vectors, self.blend_weight)
         cost = knn.cost.copy()
         prompt_tokens = np.array([math.ceil(c / CHARS_PER_TOKEN) for c in prompt_chars], float)
         for j, model in enumerate(self.models):
