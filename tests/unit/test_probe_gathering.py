@@ -20,6 +20,7 @@ from workers.routing.probes import (
     probe_metadata,
     probed_query,
 )
+from workers.stream.codec import encode
 
 PANEL = ["cheap-a", "cheap-b"]
 PREDICTED = PredictedQuery(
@@ -42,6 +43,30 @@ def probe_answer(model: str, response: str | None, error: str | None = None) -> 
         role="probe",
         final=False,
     )
+
+
+def test_an_answer_too_large_to_gather_with_the_others_is_no_answer() -> None:
+    """Each answer of about 600 KB fits a request alone (the model worker's check);
+    gathered, two made a 1.2 MB pending entry and probed query that the router could
+    not write, and the gatherer failed on it at every restart."""
+    room = 999_000
+    pending = add_answer(None, probe_answer("cheap-a", "x" * 600_000), 100.0, 0, room)
+    pending = add_answer(pending, probe_answer("cheap-b", "y" * 600_000), 101.0, 0, room)
+    assert pending is not None and is_complete(pending)
+    probed = probed_query(pending)
+    assert len(encode(probed)) <= room and len(pending.model_dump_json()) <= room
+    first, second = probed.answers
+    assert first.response == "x" * 600_000
+    assert second.response is None
+    assert second.error == (
+        "answer of 600000 characters, too large to gather with the panel's other answers"
+    )
+    # Answers that fit together are gathered whole.
+    small = add_answer(None, probe_answer("cheap-a", "x" * 1000), 100.0, 0, room)
+    small = add_answer(small, probe_answer("cheap-b", "y" * 1000), 101.0, 0, room)
+    assert small is not None and [a.response for a in probed_query(small).answers] == [
+        "x" * 1000, "y" * 1000,
+    ]  # fmt: skip
 
 
 def test_the_query_is_ready_once_every_panel_model_answered() -> None:

@@ -88,10 +88,19 @@ def user_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def add_answer(
-    pending: PendingProbes | None, response: ModelResponse, now: float, partition: int = 0
+    pending: PendingProbes | None,
+    response: ModelResponse,
+    now: float,
+    partition: int = 0,
+    room_bytes: int | None = None,
 ) -> PendingProbes | None:
     """`pending` with the probe's answer added (the first answer starts it); None
-    when the response carries no cascade context (not a probe of this router)."""
+    when the response carries no cascade context (not a probe of this router).
+    An answer that would make the gathered answers too large for one record
+    (`room_bytes`; None: no limit) is added as an error, no answer: each answer
+    fits a request on its own, but two near a megabyte (models looping to their
+    output limits) made a pending entry, and a probed query, that the router could
+    not write, and the gatherer failed on it at every restart."""
     if pending is None:
         context = response.metadata.get(CASCADE_METADATA_KEY)
         if not isinstance(context, dict):
@@ -119,7 +128,24 @@ def add_answer(
         response=None if response.error else response.response,
         error=response.error,
     )
-    return pending.model_copy(update={"answers": {**pending.answers, response.model: answer}})
+    added = pending.model_copy(update={"answers": {**pending.answers, response.model: answer}})
+    if room_bytes is None or answer.response is None or _gathered_bytes(added) <= room_bytes:
+        return added
+    too_large = ProbeAnswer(
+        model=response.model,
+        error=f"answer of {len(answer.response)} characters, too large to gather with the "
+        "panel's other answers",
+    )
+    return pending.model_copy(update={"answers": {**pending.answers, response.model: too_large}})
+
+
+def _gathered_bytes(pending: PendingProbes) -> int:
+    """The larger of the two records the gathered answers are written as: the
+    pending entry and the probed query forwarded."""
+    return max(
+        len(pending.model_dump_json().encode()),
+        len(probed_query(pending).model_dump_json().encode()),
+    )
 
 
 def is_complete(pending: PendingProbes) -> bool:

@@ -65,7 +65,7 @@ from workers.routing.probes import (
     probed_query,
 )
 from workers.routing.windows import WindowBounds
-from workers.stream.app import batches, decode_or_dead_letter, hand_over
+from workers.stream.app import batches, decode_or_dead_letter, hand_over, value_room_bytes
 from workers.stream.codec import BadEvent, decode, encode
 from workers.stream.decision_log import Refusal, classify
 from workers.stream.publishers import ESCALATION_KEY_PREFIX, PoolWindow
@@ -152,7 +152,9 @@ class ProbeGatherer:
 
     async def take(self, response: ModelResponse, partition: int) -> None:
         key = response.query_id.encode()
-        pending = add_answer(self.pending(key), response, time.time(), partition)
+        # Written keyed by the query id (the table), forwarded keyed by the pool.
+        room = min(value_room_bytes(key), value_room_bytes(response.pool.encode()))
+        pending = add_answer(self.pending(key), response, time.time(), partition, room)
         if pending is None:
             return
         if is_complete(pending):
