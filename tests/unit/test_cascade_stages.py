@@ -216,8 +216,8 @@ def test_a_cascade_window_s_unused_allowance_is_carried_and_spent_later(
     _, first = explored_window(cascade, policy(1.5), 0.01)
     assert first.exploration_queries == 0
     assert first.exploration_carried_usd == pytest.approx(0.01 * 90)
-    _, later = explored_window(cascade, policy(1.5), 0.01, carried_usd=40.0)
-    assert later.exploration_queries == 1  # round(1% of 60 queries)
+    _, later = explored_window(cascade, policy(1.5), 1 / 60, carried_usd=40.0)
+    assert later.exploration_queries == 1  # 1/60 of 60 queries
     # What it may spend: the share and what was carried, up to the dearest answer it
     # may explore ($20; not a probe option's price, which can be dearer): what it
     # does not spend of that is carried on.

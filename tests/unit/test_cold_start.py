@@ -4,6 +4,7 @@ the window's budget."""
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -11,7 +12,12 @@ import pytest
 
 from schemas import PredictedQuery, QueryEvent
 from workers.config import ModelPrice, PoolPolicy
-from workers.routing.exploration import NOT_EXPLORED, choose_explorations, explore_and_solve
+from workers.routing.exploration import (
+    NOT_EXPLORED,
+    choose_explorations,
+    exploration_count,
+    explore_and_solve,
+)
 from workers.routing.optimizer import (
     WindowProblem,
     best_within,
@@ -249,6 +255,18 @@ def test_explored_queries_are_a_fair_sample_not_the_hardest() -> None:
     # Hardest-first picked queries with a planned quality of 0.15 on average.
     assert planned_quality[explored].mean() > 0.3
     assert planned_quality[explored].max() > 0.6
+
+
+def test_a_window_explores_its_share_of_queries_on_average_never_a_query_more() -> None:
+    """Rounded half up, every window of 10 to 29 queries explored one at a share of
+    0.05: a stream of 10-query windows explored 10% of its queries, twice its share."""
+    rng = np.random.default_rng(0)
+    for queries, share in ((10, 0.05), (25, 0.05), (7, 0.3), (40, 0.05)):
+        counts = [exploration_count(share, queries, rng) for _ in range(4000)]
+        expected = share * queries
+        assert np.mean(counts) == pytest.approx(expected, abs=0.03)
+        assert set(counts) <= {math.floor(expected), math.ceil(expected)}
+    assert exploration_count(0.0, 100, rng) == 0
 
 
 def test_a_query_whose_best_candidate_does_not_fit_tries_the_next() -> None:

@@ -120,12 +120,13 @@ def choose_explorations(
     allowance_usd: float = math.inf,
     room_window: WindowProblem | None = None,
 ) -> NDArray[np.int64]:
-    """For each query the model to explore, or NOT_EXPLORED: at most round(share x
-    queries) of them, within the allowance and the window's room (module doc;
-    `room_window`: the window the rest must still fit, default `problem`)."""
+    """For each query the model to explore, or NOT_EXPLORED: at most
+    `exploration_count` of them, within the allowance and the window's room
+    (module doc; `room_window`: the window the rest must still fit, default
+    `problem`)."""
     n, m = problem.quality.shape
     chosen = np.full(n, NOT_EXPLORED, dtype=np.int64)
-    most = math.floor(share * n + 0.5)
+    most = exploration_count(share, n, rng)
     if most == 0 or m == 1:
         return chosen
     rows = np.arange(n)
@@ -150,6 +151,16 @@ def choose_explorations(
             spent, count = spent + cost, count + 1
             break
     return chosen
+
+
+def exploration_count(share: float, queries: int, rng: np.random.Generator) -> int:
+    """How many of a window's queries may be explored: share x queries, rounded up
+    or down at random by its fraction, so the share of the queries on average and
+    never a whole query more. Rounded half up, every window of 10 to 29 queries
+    explored one at the default 0.05 (a 10-query window twice its share). The
+    draw comes from a child of `rng`, leaving the exploration draws as they were."""
+    whole, fraction = divmod(share * queries, 1.0)
+    return int(whole) + int(rng.spawn(1)[0].random() < fraction)
 
 
 def explore_and_solve(
