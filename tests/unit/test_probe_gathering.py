@@ -12,6 +12,7 @@ from schemas import Assignment, ModelResponse, PredictedQuery, QueryEvent
 from workers.routing.probes import (
     CASCADE_METADATA_KEY,
     NO_ANSWER_BEFORE_DEADLINE,
+    PendingProbes,
     accepted_metadata,
     add_answer,
     final_response,
@@ -67,6 +68,26 @@ def test_an_answer_too_large_to_gather_with_the_others_is_no_answer() -> None:
     assert small is not None and [a.response for a in probed_query(small).answers] == [
         "x" * 1000, "y" * 1000,
     ]  # fmt: skip
+
+
+def test_whatever_answers_come_the_gathered_record_fits() -> None:
+    """An answer that leaves the record within a few bytes of the room, then a short
+    one gathered as the longer too-large error: the record was 47 bytes over."""
+    room = 999_742
+
+    def gathered(pending: PendingProbes) -> int:
+        return max(len(pending.model_dump_json()), len(encode(probed_query(pending))))
+
+    empty = add_answer(None, probe_answer("cheap-a", ""), 100.0, 0, room)
+    assert empty is not None
+    base = gathered(empty)
+    for first_chars in (room - base - 20, room - base - 300, 500_000):
+        first = add_answer(None, probe_answer("cheap-a", "x" * first_chars), 100.0, 0, room)
+        assert first is not None and gathered(first) <= room
+        for second in ("y" * 70, "y" * 600_000, None):
+            error = None if second else "e" * 5000  # a model's long error
+            both = add_answer(first, probe_answer("cheap-b", second, error), 101.0, 0, room)
+            assert both is not None and is_complete(both) and gathered(both) <= room
 
 
 def test_the_query_is_ready_once_every_panel_model_answered() -> None:

@@ -128,23 +128,39 @@ def add_answer(
         response=None if response.error else response.response,
         error=response.error,
     )
-    added = pending.model_copy(update={"answers": {**pending.answers, response.model: answer}})
-    if room_bytes is None or answer.response is None or _gathered_bytes(added) <= room_bytes:
+    added = _with_answer(pending, answer)
+    if room_bytes is None or _fits_with_the_rest(added, room_bytes):
         return added
-    too_large = ProbeAnswer(
-        model=response.model,
-        error=f"answer of {len(answer.response)} characters, too large to gather with the "
-        "panel's other answers",
-    )
-    return pending.model_copy(update={"answers": {**pending.answers, response.model: too_large}})
+    return _with_answer(pending, _too_large_to_gather(answer))
 
 
-def _gathered_bytes(pending: PendingProbes) -> int:
-    """The larger of the two records the gathered answers are written as: the
-    pending entry and the probed query forwarded."""
-    return max(
-        len(pending.model_dump_json().encode()),
-        len(probed_query(pending).model_dump_json().encode()),
+# The longest error an answer is gathered as when it does not fit. Room for one is
+# kept for every panel model yet to answer, so whatever comes, the record fits.
+GATHERED_ERROR_CHARS = 120
+
+
+def _with_answer(pending: PendingProbes, answer: ProbeAnswer) -> PendingProbes:
+    return pending.model_copy(update={"answers": {**pending.answers, answer.model: answer}})
+
+
+def _too_large_to_gather(answer: ProbeAnswer) -> ProbeAnswer:
+    size = len(answer.response or answer.error or "")
+    error = f"answer of {size} characters, too large to gather with the panel's other answers"
+    return ProbeAnswer(model=answer.model, error=error[:GATHERED_ERROR_CHARS])
+
+
+def _fits_with_the_rest(pending: PendingProbes, room_bytes: int) -> bool:
+    """Do the gathered answers fit `room_bytes`, with the longest error for every
+    panel model yet to answer? Measured as the larger of the two records they are
+    written as: the pending entry and the probed query forwarded."""
+    longest = "x" * GATHERED_ERROR_CHARS
+    rest = {
+        m: ProbeAnswer(model=m, error=longest) for m in pending.panel if m not in pending.answers
+    }
+    filled = pending.model_copy(update={"answers": {**pending.answers, **rest}})
+    return room_bytes >= max(
+        len(filled.model_dump_json().encode()),
+        len(probed_query(filled).model_dump_json().encode()),
     )
 
 
