@@ -104,28 +104,26 @@ class QueryRules:
     def of(cls, settings: Settings, transactions: bool) -> QueryRules:
         """`transactions`: whether the router publishes with them
         (broker_features.use_transactions)."""
+        policies = {pool: settings.pool_policy(pool) for pool in settings.known_pools()}
         pool_models = {
-            pool: frozenset(settings.pool_policy(pool).models or settings.router_models)
-            for pool in settings.known_pools()
+            pool: frozenset(policy.models or settings.router_models)
+            for pool, policy in policies.items()
         }
+        shadows = settings.router_shadow_share > 0
         return cls(
             max_text_chars=settings.router_max_text_chars,
             pool_models=pool_models,
             prediction_room=prediction_room_bytes(settings.router_models),
             largest={
-                pool: largest_record(
-                    settings.pool_policy(pool),
-                    len(models),
-                    transactions,
-                    shadows=settings.router_shadow_share > 0,
-                )
-                for pool, models in pool_models.items()
+                pool: largest_record(policy, len(pool_models[pool]), transactions, shadows)
+                for pool, policy in policies.items()
             },
         )
 
     def validate(self, raw: bytes | None) -> QueryEvent:
         """A valid QueryEvent the router can forward, or BadEvent with the reason."""
         query = decode(raw, QueryEvent)
+        assert raw is not None  # decode refuses an empty message
         unstorable = unstorable_fields(
             {"query_id": query.query_id, "text": query.text, "pool": query.pool}
         )
@@ -134,7 +132,7 @@ class QueryRules:
             raise BadEvent(f"query whose outcome the database cannot store: {unstorable}")
         # A lone surrogate in metadata or hints: the prediction could not be written,
         # and the predict stage failed on it at every restart.
-        refuse_unwritable(raw or b"", query)
+        refuse_unwritable(raw, query)
         if query.query_id.startswith(ESCALATION_KEY_PREFIX):
             # Its decision would share a key with another query's escalation decision,
             # and one of the two queries would get no final answer.
@@ -153,7 +151,7 @@ class QueryRules:
         allowed = query.hints.allowed_models if query.hints else None
         if allowed is not None and not pool_models & set(allowed):
             raise BadEvent(f"hints.allowed_models names none of pool {query.pool!r}'s models")
-        size = self.forwarded_size(raw or b"", query)
+        size = self.forwarded_size(raw, query)
         if not self.fits(query.pool, size):
             copies = self.largest[query.pool].queries
             held = "" if copies == 1 else f" {copies} times in one of pool {query.pool!r}'s records"
