@@ -88,6 +88,10 @@ from workers.stream.judge_replay import ReplayJudge
         ("Score: 6/10, loses points on 1 to 2 unit errors", 0.6),
         ("It earns a rating of 8; it meets 2 of 3 criteria.", 0.8),
         ("Score: 8\nRubric reminder: a perfect score: 10 needs units.", 0.8),
+        ("Score: 9 (final score: 9)", 0.9),  # a revision on the same line that agrees
+        # A heading over a numbered list: the list's "1." is no score.
+        ("### Rating\n\n1. Accuracy: wrong.\n2. Completeness: poor.\n\nOverall 2/10", 0.2),
+        ("Score: 7 on a 1-10 scale", 0.7),
     ],
 )
 def test_readable_replies_give_their_score(reply: str, score: float) -> None:
@@ -134,6 +138,18 @@ def test_readable_replies_give_their_score(reply: str, score: float) -> None:
         "I'd give it a score of 4 out of 5 points.",
         # A revision after the last Score line, mid-line: it was read as the first 9.
         "Score: 9\nOn reflection the units are wrong, so my final score: 3",
+        # ... and on the Score line itself: it was read as the 9.
+        "Score: 9; on reflection the units are wrong, final score: 2",
+        "score: 0.9 ... final score: 0.2",
+        # A label over a numbered list: its "1." was read as a score of 0.1.
+        "Rating:\n1. Accuracy: the answer is wrong.",
+        "Grade:\n1. Wrong units.",
+        "Score\n1. The answer is correct.",
+        # Another scale in other words: these were read out of 10.
+        "Score: 7 on a 1-5 scale",
+        "rating: 7 (on a 1-5 scale)",
+        "Score: 3 points out of 5",
+        "Score: 4 stars out of 5",
     ],
 )
 def test_unreadable_replies_give_no_score(reply: str | None) -> None:

@@ -75,6 +75,9 @@ _OVER = rf"(?:\s*{_PER}\s*{_SCALE_TOP})?"
 # A second number after the first ("7-8", "7 to 8", "7 or 8"): a range, not a score.
 _RANGE = rf"(\s*(?:{_DASH}|\bor\b)\s*[-+]?\d)?"
 _DECOR = r"[\s*_\"'`]*"
+# Decoration within one line: a label's number is on its line ("Rating:\n1. ..." is
+# a list, not a rating of 1).
+_INLINE_DECOR = r"[ \t*_\"'`]*"
 _PAREN = rf"((?:\([^)\n]*\){_DECOR})?)"  # "Score (0-10): 3"
 # The rubric's own form: a line that starts with "Score:" or "Score =" (markdown
 # around it allowed); group 1 is a parenthesis before the colon, group 2 the
@@ -86,8 +89,8 @@ _SCORE_LINE = re.compile(
 _LINE_VALUE = re.compile(rf"{_DECOR}{_NUMBER}{_OVER}{_RANGE}")
 _LABELLED = re.compile(
     # One run of decoration between required tokens: no ambiguous backtracking.
-    rf"\b(score|rating|grade)\b{_DECOR}{_PAREN}"
-    rf"(?:(?:[:=]|\bis\b|\bof\b){_DECOR})?{_NUMBER}{_OVER}{_RANGE}",
+    rf"\b(score|rating|grade)\b{_INLINE_DECOR}{_PAREN}"
+    rf"(?:(?:[:=]|\bis\b|\bof\b){_INLINE_DECOR})?{_NUMBER}{_OVER}{_RANGE}",
     re.IGNORECASE,
 )
 # Another scale named beside a score: right after it ("4 of 5", "4 (out of 5)"),
@@ -96,12 +99,16 @@ _LABELLED = re.compile(
 # scale must be the rubric's 10 ("Score (1-10): 7" is read). Numbers elsewhere
 # ("3 of 4 steps", "GPT-4", "2019-2020") name no scale.
 _SCALE_REACH = 60
-_SCALE_AFTER = re.compile(rf"[\s*_]*\(?\s*(?:{_PER}|of)\s*({_DIGITS})", re.IGNORECASE)
+_SCALE_AFTER = re.compile(
+    rf"[\s*_]*(?:(?:points?|stars?|marks?)\s+)?\(?\s*(?:{_PER}|of)\s*({_DIGITS})", re.IGNORECASE
+)
 _SCALE_IN_PAREN = re.compile(
     rf"{_PER}\s*({_DIGITS})|({_DIGITS})\s*{_DASH}\s*({_DIGITS})", re.IGNORECASE
 )
 _SCALE_OF = re.compile(
-    rf"\bscale\s+(?:of|from)\s+({_DIGITS})\s*{_DASH}\s*({_DIGITS})", re.IGNORECASE
+    rf"\bscale\s+(?:of|from)\s+{_DIGITS}\s*{_DASH}\s*({_DIGITS})"
+    rf"|(?<![\w.]){_DIGITS}\s*{_DASH}\s*({_DIGITS})[\s-]*(?:point\s+)?scale\b",
+    re.IGNORECASE,
 )
 # "final score: N" mid-line, after the last Score line: a revision.
 _FINAL_SCORE = re.compile(rf"\bfinal\s+score\b{_DECOR}[:=]{_DECOR}{_NUMBER}", re.IGNORECASE)
@@ -133,7 +140,7 @@ def _other_scale(paren: str, after: str) -> bool:
     if found_after := _SCALE_AFTER.match(near):
         tops.append(found_after[1])
     if found_of := _SCALE_OF.search(near):
-        tops.append(found_of[2])
+        tops.append(found_of[1] or found_of[2])
     return any(float(top) != SCALE_MAX for top in tops)
 
 
@@ -188,7 +195,7 @@ def parse_score(reply: str | None) -> float | None:
         return _prose_score(reply)
     last = lines[-1]
     score = _line_score(last[1], last[2])
-    later = {_on_scale(float(m[1])) for m in _FINAL_SCORE.finditer(reply, last.end())}
+    later = {_on_scale(float(m[1])) for m in _FINAL_SCORE.finditer(reply, last.start(2))}
     return score if later <= {score} else None
 
 
