@@ -169,6 +169,27 @@ def test_a_window_books_the_error_less_what_it_repaid() -> None:
     assert after.overspend_usd == pytest.approx(0.2)
 
 
+def test_a_repayment_the_cheapest_plan_cannot_make_stays_owed() -> None:
+    """Ten queries at $0.0015 each, the cheapest model $0.001: nominal $0.015, of
+    which $0.006 is held back for the debt. The budget left ($0.009) is below the
+    cheapest plan ($0.010), which the window takes: it repays $0.005, and $0.001 is
+    still owed (it was booked as repaid, and so forgiven)."""
+    policy = PoolPolicy(mode="budget", budget_per_query_usd=0.0015)
+    account = PoolAccount(overspend_usd=0.006, debt_scale_usd=0.015)
+    _, planned = route_window("gold", policy, window(10), MODELS, bounds(0.006))
+    assert planned.solver_status == "infeasible_budget_cheapest_plan"
+    assert planned.predicted_spend_usd == pytest.approx(0.010)
+    after = after_window(account, planned, error_usd=0.0)
+    assert after.overspend_usd == pytest.approx(0.001)
+    # A window whose nominal budget is below the cheapest plan repays nothing and
+    # books no new debt for what it spent beyond it.
+    _, beyond = route_window(
+        "gold", PoolPolicy(mode="budget", budget_per_query_usd=0.0005), window(10), MODELS,
+        bounds(0.006),
+    )  # fmt: skip
+    assert after_window(account, beyond, error_usd=0.0).overspend_usd == pytest.approx(0.006)
+
+
 def test_budget_a_window_left_unspent_offsets_answers_that_cost_more() -> None:
     """Planned at 0.9 of its 1.0 and its answers 0.05 dearer than predicted: the
     window kept its budget and owes nothing; the 0.05 left is a credit."""

@@ -70,16 +70,22 @@ class PoolAccount(BaseModel):
     debt_scale_usd: float = 0.0
 
 
-def unspent_usd(report: WindowReport) -> float:
-    """What a budget window's plan left of its budget: neither spent nor kept back
-    for escalations. The pool's promise is realised spend within its budgets, so
-    budget a window did not use offsets answers that cost more than predicted, as
-    answers that cost less do: a window planned at 90% of its budget whose answers
-    then cost 5% more than predicted has kept its budget and owes nothing."""
-    if report.window_budget_usd is None:
+def repaid_usd(report: WindowReport) -> float:
+    """What a budget window repaid: what its plan left of its nominal budget, neither
+    spent nor kept back for escalations. The pool's promise is realised spend within
+    its budgets, so budget a window did not use offsets answers that cost more than
+    predicted, as answers that cost less do: a window planned at 90% of its budget
+    whose answers then cost 5% more than predicted has kept its budget and owes
+    nothing. It is what the plan left, not the correction it was asked for: a
+    window whose cheapest plan costs more than the budget the correction left
+    repays less, and the rest stays owed (counting the correction as repaid forgave
+    it). A plan beyond the nominal budget (an unreachable budget's cheapest plan)
+    repays nothing and books no debt."""
+    nominal = _nominal_usd(report)
+    if nominal is None:
         return 0.0
     planned = report.predicted_spend_usd + report.escalation_reserve_usd
-    return max(report.window_budget_usd - planned, 0.0)
+    return max(nominal - planned, 0.0)
 
 
 def _nominal_usd(report: WindowReport) -> float | None:
@@ -111,7 +117,7 @@ def booked_overspend(
 ) -> float:
     """The pool's overspend after a first-stage window: what it was, plus the error
     (realised - predicted) matched since the last window was written, less what
-    this window repaid and what it left unspent (`unspent_usd`); floored at minus
+    this window left of its nominal budget (`repaid_usd`); floored at minus
     the window's nominal budget and capped at MAX_DEBT_WINDOWS of `scale_usd` (its
     `debt_scale_usd`; answers costing persistently more than predicted, wrong
     ROUTER_MODEL_PRICES say, would otherwise leave a debt repaid for as many
@@ -123,7 +129,7 @@ def booked_overspend(
     nominal = _nominal_usd(report)
     if error_usd is None or nominal is None:
         return 0.0
-    booked = account.overspend_usd + error_usd - report.spend_correction_usd - unspent_usd(report)
+    booked = account.overspend_usd + error_usd - repaid_usd(report)
     if nominal <= 0.0:
         return booked
     ceiling = MAX_DEBT_WINDOWS * scale_usd
