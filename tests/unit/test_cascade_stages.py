@@ -32,7 +32,7 @@ from schemas import (
 )
 from tests.unit.test_cascade import COSTS, recorded, unit_vectors
 from workers.config import PoolPolicy, Settings
-from workers.routing.cascade import fit_cascade
+from workers.routing.cascade import NEVER, fit_cascade
 from workers.routing.cascade_window import (
     EscalationLimit,
     FirstStageLimit,
@@ -852,3 +852,40 @@ async def test_the_escalation_stage_of_a_quality_pool_asks_what_the_first_stage_
     mean_need = (half * first_need + (len(mixed) - half) * 0.5) / len(mixed)
     assert report.quality_target == pytest.approx(mean_need)
     assert np.mean([d.predicted_quality for d in decisions]) >= report.quality_target - 1e-9
+
+
+def test_a_probe_option_never_counts_on_a_model_the_hints_forbid(
+    cascade: FittedCascade,
+) -> None:
+    """The fitted options escalate doubtful answers to "dear". A query whose hints
+    allow only the panel may be probed, but only to accept: the first stage read
+    0.90 (the target) through "dear", which the escalation stage never asks, and
+    said near_optimal."""
+    assert {o.escalate_to for o in cascade.policy.options} == {NEVER, MODELS.index("dear")}
+    free, _ = route_cascade_window(
+        "c", quality_policy(0.9), cascade, predicted(20), MODELS, clusters_of(cascade, 20, 7),
+        BOUNDS,
+    )  # fmt: skip
+    assert {a.role for a in free} == {"probe"}  # the control: without hints, probed
+    panel_only = QueryHints(allowed_models=PANEL)
+    _, report = route_cascade_window(
+        "c", quality_policy(0.9), cascade, predicted(20, panel_only), MODELS,
+        clusters_of(cascade, 20, 7), BOUNDS,
+    )  # fmt: skip
+    assert report.solver_status == "infeasible_target_best_quality_plan"
+    assert report.predicted_mean_quality < 0.9
+
+
+def test_a_quality_window_that_cannot_reach_its_target_takes_its_best_plan(
+    cascade: FittedCascade,
+) -> None:
+    """Neither plan reaches 0.9 when the hints allow only the panel: the window's
+    plan is the better of the two, probing (the accepted answer reads above 0.7),
+    not the direct plan (0.7) it kept before while saying best quality."""
+    queries = predicted(20, QueryHints(allowed_models=PANEL))
+    assignments, report = route_cascade_window(
+        "c", quality_policy(0.9), cascade, queries, MODELS, clusters_of(cascade, 20, 7), BOUNDS
+    )
+    assert report.solver_status == "infeasible_target_best_quality_plan"
+    assert report.probe_queries > 0 and report.predicted_mean_quality > 0.7
+    assert {a.role for a in assignments} == {"probe"}

@@ -58,6 +58,28 @@ def test_without_room_in_the_panel_nothing_is_probed() -> None:
     assert (plan.assignment < 3).all() and (plan.assignment != 0).all()
 
 
+@pytest.mark.parametrize("solver", ["fast", "exact"])
+def test_a_window_larger_than_every_cap_still_probes_within_the_panel_s_caps(
+    solver: str,
+) -> None:
+    """Every model capped (6 + 6 + 2 slots for 20 queries), the dear model the
+    fallback taking what the caps cannot hold: the panel's slots still go to
+    probes. The plans with probes were checked against the probe window's
+    capacities, where the fallback is never lifted (its probe options are uncapped
+    columns), so every one was refused and nothing was probed."""
+    problem = first_stage_problem(
+        QUALITY, COST, OPTIONS, "budget", 160.0, capacities=(6, 6, 2), fallback_model=2
+    )
+    plan = plan_first_stage(problem, 3, cast(Method, solver), panel=PANEL)
+    # Six probes fill the panel's slots, the dear model the rest: $158, 17.7 right,
+    # against at best $155, 16.5 right answered directly.
+    assert (plan.assignment >= 3).sum() == 6
+    assert keeps_panel_caps(problem, plan.assignment, 3, PANEL)
+    assert problem.meets_limit(plan.assignment)
+    direct = plan_first_stage(direct_only(problem, 3), 3, cast(Method, solver))
+    assert plan.total_quality > direct.total_quality
+
+
 def random_window(seed: int, mode: str) -> tuple[WindowProblem, NDArray[np.bool_], int]:
     """A small first-stage window with random caps on the panel (and the dear model),
     a random fallback and random hints; its direct columns' allowed mask."""

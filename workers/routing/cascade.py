@@ -477,7 +477,9 @@ def plan_first_stage(
     cascade that probes nothing must route exactly as the one-shot router does."""
     direct_problem = direct_only(problem, n_models)
     direct = solve(direct_problem, solver, time_limit_seconds)
-    with_probes = solve_with_probes(problem, n_models, panel, solver, time_limit_seconds)
+    with_probes = solve_with_probes(
+        problem, n_models, panel, solver, time_limit_seconds, direct_problem.capacity_array
+    )
     if with_probes is None:  # no plan with probes keeps the panel's caps
         return direct
     pays = probes_pay(problem, with_probes, direct_problem, direct, n_models)
@@ -531,7 +533,8 @@ def probes_pay(
     n_models: int,
 ) -> bool:
     """Does the plan with probe options probe at all, and beat the direct-only plan
-    (quality mode: reach the target, at less cost or where the direct plan cannot)?
+    (quality mode: reach the target, at less cost or where the direct plan cannot;
+    where neither does, more quality)?
     Each plan is checked against its own window, not trusted by its status: a solve
     out of time may return the fast path's plan, which can miss the target, and a
     plan whose probes were limited for the panel's caps may miss the budget."""
@@ -545,9 +548,11 @@ def probes_pay(
         ):
             return False
         return with_probes.total_quality > direct.total_quality
-    if not problem.meets_limit(with_probes.assignment):
-        return False
     direct_reaches = direct_problem.meets_limit(direct.assignment)
+    if not problem.meets_limit(with_probes.assignment):
+        # Neither reaches the target: the window's plan is its best quality (the
+        # status says so), which probing may be.
+        return not direct_reaches and with_probes.total_quality > direct.total_quality
     return not direct_reaches or with_probes.total_cost_usd < direct.total_cost_usd
 
 

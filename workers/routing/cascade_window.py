@@ -112,6 +112,18 @@ def matrices(
     return quality, cost, allowed
 
 
+def options_allowed(policy: CascadePolicy, allowed: NDArray[np.bool_]) -> NDArray[np.bool_]:
+    """Which probe options each query may take, given the models its hints allow
+    (`allowed`, per pool model): none if a panel model is forbidden (it would be
+    asked), nor one escalating to a forbidden model (its price counts on that
+    model's answers, which the escalation stage would never ask for: the first
+    stage planned on a quality it could not deliver)."""
+    may_probe: NDArray[np.bool_] = np.asarray(allowed[:, policy.panel].all(axis=1), dtype=bool)
+    targets = np.array([o.escalate_to for o in policy.options], dtype=np.int64)
+    reachable = (targets == NEVER)[None, :] | allowed[:, np.maximum(targets, 0)]
+    return np.asarray(may_probe[:, None] & reachable, dtype=np.bool_)
+
+
 @dataclass(frozen=True)
 class WindowLimit:
     """A cascade window's one limit: a budget, USD (budget mode), or a mean quality
@@ -197,9 +209,7 @@ def route_cascade_window(
     n_models = len(pool_models)
     quality, cost, allowed = matrices(queries, models, pool_models)
     options = price_options(cascade.policy, clusters, quality, cost)
-    # A query whose hints forbid a panel model may not be probed.
-    may_probe: NDArray[np.bool_] = np.asarray(allowed[:, panel].all(axis=1), dtype=bool)
-    option_allowed = np.repeat(may_probe[:, None], options.quality.shape[1], axis=1)
+    option_allowed = options_allowed(cascade.policy, allowed)
     limit = FirstStageLimit.of(policy, bounds, len(queries))
     problem = first_stage_problem(
         quality,

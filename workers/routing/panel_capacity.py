@@ -9,7 +9,8 @@ only) and each capped panel model's cap less P. P is tried at a few shares of
 what an unbounded solve probed (no more than the panel's caps), the queries
 kept for probing being those that solve's probes gained most on. Of the plans
 that keep every panel cap as configured and every other model within the
-window's capacities (a limited solve may lift a cap where the hints or the
+direct-only window's capacities (where the fallback takes what the caps cannot
+hold; a limited solve may lift a cap where the hints or the
 window's size leave it no choice; such a plan is dropped), the best is kept;
 none: the window is answered directly (`plan_first_stage`).
 """
@@ -47,14 +48,21 @@ def keeps_panel_caps(
 
 
 def keeps_caps(
-    problem: WindowProblem, assignment: NDArray[np.int64], n_models: int, panel: Sequence[int]
+    problem: WindowProblem,
+    assignment: NDArray[np.int64],
+    n_models: int,
+    panel: Sequence[int],
+    direct_caps: NDArray[np.float64],
 ) -> bool:
-    """`keeps_panel_caps`, and every other model within the capacity the window gives
-    it: a plan whose probes were limited must not push the queries the panel can no
-    longer take onto another capped model."""
+    """`keeps_panel_caps`, and every other model within `direct_caps`, the capacity
+    the direct-only window gives it: a plan whose probes were limited must not push
+    the queries the panel can no longer take onto another capped model. Not the
+    capacities of `problem`: its probe options are uncapped columns, so there the
+    fallback never takes what the caps cannot hold, and every plan leaving it the
+    window's overflow was refused (a window larger than its caps never probed)."""
     load = np.bincount(assignment[assignment < n_models], minlength=n_models)
     others = [j for j in range(n_models) if j not in panel_caps(problem, panel)]
-    within = all(load[j] <= problem.capacity_array[j] for j in others)
+    within = all(load[j] <= direct_caps[j] for j in others)
     return within and keeps_panel_caps(problem, assignment, n_models, panel)
 
 
@@ -64,10 +72,12 @@ def solve_with_probes(
     panel: Sequence[int],
     solver: Method,
     time_limit_seconds: float,
+    direct_caps: NDArray[np.float64],
 ) -> WindowPlan | None:
     """The window's plan with probe options (module doc): as the optimiser solves it
     when it keeps the panel's caps, else the best plan of a few probe counts that
-    does; None: none does."""
+    does; None: none does. `direct_caps`: the direct-only window's capacities
+    (`keeps_caps`)."""
     plan = solve(problem, solver, time_limit_seconds)
     caps = panel_caps(problem, panel)
     if not caps or keeps_panel_caps(problem, plan.assignment, n_models, panel):
@@ -82,7 +92,7 @@ def solve_with_probes(
             candidate = solve(limited, solver, time_limit_seconds)
         except CapacityError:  # the caps less `count` cannot hold the other queries
             continue
-        if keeps_caps(problem, candidate.assignment, n_models, panel):
+        if keeps_caps(problem, candidate.assignment, n_models, panel, direct_caps):
             kept.append(candidate)
     return max(kept, key=lambda p: _rank(problem, p), default=None)
 
