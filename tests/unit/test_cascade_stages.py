@@ -406,6 +406,28 @@ def test_a_forced_escalation_does_not_ask_again_a_model_that_failed_already(
     assert [(d.role, d.model) for d in decisions] == [("escalation", "cheap-a")]
 
 
+def test_a_model_an_earlier_panel_asked_is_not_asked_again(cascade: FittedCascade) -> None:
+    """Probed by an earlier fit's panel [cheap-a, dear], whose answers disagree; the
+    pool refitted since to [cheap-a, cheap-b]. With reserve to spare, every query
+    was escalated to "dear": its answer asked for, and paid, twice."""
+    queries = predicted(10)
+    items = [
+        ProbedQuery(
+            predicted=q,
+            answers=[
+                ProbeAnswer(model="cheap-a", response="x"),
+                ProbeAnswer(model="dear", response="y"),
+            ],
+        )
+        for q in queries
+    ]
+    decisions, _ = plan_escalation_window(
+        "c", cascade, items, MODELS, clusters_of(cascade, 10, 5),
+        EscalationLimit.reserve(100 * COSTS[2]), BOUNDS,
+    )  # fmt: skip
+    assert [d for d in decisions if d.role == "escalation" and d.model == "dear"] == []
+
+
 def test_a_query_whose_hints_forbid_a_probe_model_is_answered_directly(
     cascade: FittedCascade,
 ) -> None:

@@ -131,6 +131,26 @@ def test_an_answer_twice_or_from_outside_the_panel_changes_nothing() -> None:
     assert stranger.first_answer_at == 0.0 and not is_complete(stranger)
 
 
+def test_a_redelivered_answer_as_an_error_keeps_the_answer_in_hand() -> None:
+    """cheap-a's "4" delivered again as an error (its worker answered again after a
+    crash, the model then rate-limited): the error replaced the answer, and the
+    query counted as none of its probes answered. A later answer still replaces
+    an earlier error."""
+    pending = add_answer(None, probe_answer("cheap-a", "4"), now=0.0)
+    pending = add_answer(pending, probe_answer("cheap-a", None, error="429"), now=1.0)
+    pending = add_answer(pending, probe_answer("cheap-b", None, error="timeout"), now=2.0)
+    assert pending is not None and pending.answers["cheap-a"].response == "4"
+    pending = add_answer(pending, probe_answer("cheap-b", "4"), now=3.0)
+    assert pending is not None and pending.answers["cheap-b"].response == "4"
+
+
+def test_an_answer_to_another_pool_s_query_of_the_same_id_is_not_gathered() -> None:
+    ours = add_answer(None, probe_answer("cheap-a", "4"), now=0.0)
+    theirs = probe_answer("cheap-b", "Paris").model_copy(update={"pool": "other"})
+    gathered = add_answer(ours, theirs, now=1.0)
+    assert gathered is not None and gathered.answers.keys() == {"cheap-a"}
+
+
 def test_a_response_without_the_cascade_context_is_not_gathered() -> None:
     plain = probe_answer("cheap-a", "4").model_copy(update={"metadata": {"user": 7}})
     assert add_answer(None, plain, now=0.0) is None

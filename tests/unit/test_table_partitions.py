@@ -14,10 +14,11 @@ from faust import Event
 from faust.assignor.client_assignment import ClientAssignment
 from faust.types import TP, EventT, Message, TableT
 
-from schemas import ModelResponse, PredictedQuery, QueryEvent
+from schemas import ModelResponse, PredictedQuery, ProbedQuery, QueryEvent
 from tests.tables import router_table
 from workers.routing.probes import probe_metadata
-from workers.stream.cascade_stage import ProbeGatherer
+from workers.stream.cascade_stage import ProbeGatherer, probes_key
+from workers.stream.codec import decode
 from workers.stream.decision_log import DecisionLog
 from workers.stream.table_store import write
 from workers.stream.window_stage import WindowStage
@@ -36,16 +37,18 @@ async def rebalance(table: TableT, owned: Iterable[int], before: Iterable[int] =
 PANEL = ["cheap-a", "cheap-b"]
 
 
-def probe_answer(query_id: str) -> ModelResponse:
+def probe_answer(
+    query_id: str, pool: str = "p", model: str = "cheap-a", text: str = "2+2?", answer: str = "4"
+) -> ModelResponse:
     predicted = PredictedQuery(
-        query=QueryEvent(query_id=query_id, text="2+2?", pool="p"),
+        query=QueryEvent(query_id=query_id, text=text, pool=pool),
         models=[*PANEL, "dear"],
         quality=[0.6, 0.6, 0.9],
         cost_usd=[0.001, 0.001, 0.01],
     )
     return ModelResponse(
-        query_id=query_id, model="cheap-a", pool="p", response="4",
-        metadata=probe_metadata({}, predicted, PANEL), text="2+2?", role="probe", final=False,
+        query_id=query_id, model=model, pool=pool, response=answer,
+        metadata=probe_metadata({}, predicted, PANEL), text=text, role="probe", final=False,
     )  # fmt: skip
 
 
@@ -54,9 +57,11 @@ class ProbedTopic:
 
     def __init__(self) -> None:
         self.keys: list[bytes] = []
+        self.values: list[bytes] = []
 
     async def send(self, key: bytes, value: bytes) -> asyncio.Future[None]:
         self.keys.append(key)
+        self.values.append(value)
         acknowledged = asyncio.get_running_loop().create_future()
         acknowledged.set_result(None)
         return acknowledged
@@ -84,8 +89,28 @@ async def test_a_router_forwards_no_probes_of_a_partition_it_lost() -> None:
 
     assert await gatherer.forward_overdue(deadline_seconds=0.0) == 1
     assert len(probed.keys) == 1
-    assert sent[-1] == (0, b"q0", None)  # the one tombstone: of its own partition
-    assert gatherer.pending(b"q1") is None
+    assert sent[-1] == (0, probes_key("p", "q0"), None)  # the one tombstone: its own partition
+    assert gatherer.pending(probes_key("p", "q1")) is None
+
+
+async def test_two_pools_queries_of_one_id_are_gathered_apart() -> None:
+    """Two pools' queries of id "q" (routed by two routers), their answers
+    interleaved: each is forwarded with its own answers. Keyed by the id alone,
+    pool p's query took pool o's answers ("Paris" to "2+2?") and o's was never
+    forwarded."""
+    probed = ProbedTopic()
+    gatherer = ProbeGatherer(router_table("probes").table, stage_of(probed))
+    await rebalance(gatherer.table, owned=[0])
+    france = {"pool": "o", "text": "capital of France?", "answer": "Paris"}
+    await gatherer.take(probe_answer("q"), partition=0)
+    await gatherer.take(probe_answer("q", model="cheap-a", **france), partition=0)
+    await gatherer.take(probe_answer("q", model="cheap-b", **france), partition=0)
+    await gatherer.take(probe_answer("q", model="cheap-b"), partition=0)
+    forwarded = [decode(value, ProbedQuery) for value in probed.values]
+    assert sorted(
+        (p.predicted.query.pool, p.predicted.query.text, tuple(a.response for a in p.answers))
+        for p in forwarded
+    ) == [("o", "capital of France?", ("Paris", "Paris")), ("p", "2+2?", ("4", "4"))]
 
 
 async def test_a_router_forgets_no_decisions_of_a_partition_it_lost() -> None:

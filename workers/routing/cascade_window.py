@@ -504,9 +504,12 @@ def _escalation_choice(
     )
     solved = np.flatnonzero(~unanswered)
     if len(solved):
+        # A model the query was probed with already (by an earlier fit's panel) is no
+        # escalation: its answer was asked for, and paid, once.
+        may_escalate = allowed[solved] & ~asked[solved]
         choice[solved] = plan_escalations(
             escalated[solved], accept[solved], cost[solved], panel, rest.mode, rest.value,
-            solver, tie_tolerance, allowed[solved], slots_left(capacities, forced),
+            solver, tie_tolerance, may_escalate, slots_left(capacities, forced),
         )  # fmt: skip
     return choice
 

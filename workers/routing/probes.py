@@ -121,8 +121,11 @@ def add_answer(
             cascade_fit=fit,
             quality_needed=carried_quality_needed(context),
         )
-    if response.model not in pending.panel:
-        return pending
+    if response.model not in pending.panel or response.pool != pending.predicted.query.pool:
+        return pending  # not asked, or another pool's query of the same id
+    held = pending.answers.get(response.model)
+    if held is not None and (held.response is not None or response.error):
+        return pending  # a redelivered answer never replaces one in hand with an error
     answer = ProbeAnswer(
         model=response.model,
         response=None if response.error else response.response,

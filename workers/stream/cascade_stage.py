@@ -9,7 +9,7 @@ the window stage, the probe gatherer and the escalation stage.
   from the vector it predicted with); only a query without one of the current
   fit (the pool fitted or refitted since it was predicted, an older record) is
   embedded again.
-- `gather_probes` (agent on omnirouter.responses, probes only): a table keyed by
+- `gather_probes` (agent on omnirouter.responses, probes only): a table keyed by pool and
   query id holds the answers so far; when every panel model answered (or
   CASCADE_PROBE_DEADLINE_SECONDS passed since the first answer, `forward_overdue`)
   a ProbedQuery goes to omnirouter.probed, keyed by pool: co-partitioned with
@@ -125,9 +125,17 @@ class CascadeRouting:
 # ------------------------------------------------------------------ probe gatherer
 
 
+def probes_key(pool: str, query_id: str) -> bytes:
+    """A probed query's key in the probes table: its pool and id. Keyed by the id
+    alone, two pools' queries of one id (routed by two routers, README "Delivery
+    guarantees") were gathered as one: one pool's query took the other's answers
+    and the other's got no final answer."""
+    return f"{pool}\x1f{query_id}".encode()
+
+
 @dataclass(frozen=True)
 class ProbeGatherer:
-    """The probes table (query id -> PendingProbes JSON) and where ready queries go."""
+    """The probes table (`probes_key` -> PendingProbes JSON) and where ready queries go."""
 
     table: TableT
     stage: WindowStage
@@ -151,8 +159,8 @@ class ProbeGatherer:
         self._write(pending.partition, key, None)
 
     async def take(self, response: ModelResponse, partition: int) -> None:
-        key = response.query_id.encode()
-        # Written keyed by the query id (the table), forwarded keyed by the pool.
+        key = probes_key(response.pool, response.query_id)
+        # Written keyed by pool and query id (the table), forwarded keyed by the pool.
         room = min(value_room_bytes(key), value_room_bytes(response.pool.encode()))
         pending = add_answer(self.pending(key), response, time.time(), partition, room)
         if pending is None:
