@@ -92,6 +92,8 @@ from workers.stream.judge_replay import ReplayJudge
         # A heading over a numbered list: the list's "1." is no score.
         ("### Rating\n\n1. Accuracy: wrong.\n2. Completeness: poor.\n\nOverall 2/10", 0.2),
         ("Score: 7 on a 1-10 scale", 0.7),
+        ("Score: 8\n**Revised score: 6/10**", 0.6),  # a revision on a line of its own
+        ("Score: 8\nUpdated score: 5", 0.5),
     ],
 )
 def test_readable_replies_give_their_score(reply: str, score: float) -> None:
@@ -141,6 +143,7 @@ def test_readable_replies_give_their_score(reply: str, score: float) -> None:
         # ... and on the Score line itself: it was read as the 9.
         "Score: 9; on reflection the units are wrong, final score: 2",
         "score: 0.9 ... final score: 0.2",
+        "Score: 8; on reflection my revised score: 6",
         # A label over a numbered list: its "1." was read as a score of 0.1.
         "Rating:\n1. Accuracy: the answer is wrong.",
         "Grade:\n1. Wrong units.",

@@ -79,11 +79,13 @@ _DECOR = r"[\s*_\"'`]*"
 # a list, not a rating of 1).
 _INLINE_DECOR = r"[ \t*_\"'`]*"
 _PAREN = rf"((?:\([^)\n]*\){_DECOR})?)"  # "Score (0-10): 3"
+# Words before "score" that make it the judge's verdict, or its revision of one.
+_REVISION = r"(?:final|overall|revised|updated|corrected|adjusted)"
 # The rubric's own form: a line that starts with "Score:" or "Score =" (markdown
 # around it allowed); group 1 is a parenthesis before the colon, group 2 the
 # rest of the line.
 _SCORE_LINE = re.compile(
-    rf"^[ \t*_\"'`#>-]*(?:(?:final|overall)[ \t]+)?score\b{_DECOR}{_PAREN}[:=]([^\n]*)",
+    rf"^[ \t*_\"'`#>-]*(?:{_REVISION}[ \t]+)?score\b{_DECOR}{_PAREN}[:=]([^\n]*)",
     re.IGNORECASE | re.MULTILINE,
 )
 _LINE_VALUE = re.compile(rf"{_DECOR}{_NUMBER}{_OVER}{_RANGE}")
@@ -110,8 +112,9 @@ _SCALE_OF = re.compile(
     rf"|(?<![\w.]){_DIGITS}\s*{_DASH}\s*({_DIGITS})[\s-]*(?:point\s+)?scale\b",
     re.IGNORECASE,
 )
-# "final score: N" mid-line, after the last Score line: a revision.
-_FINAL_SCORE = re.compile(rf"\bfinal\s+score\b{_DECOR}[:=]{_DECOR}{_NUMBER}", re.IGNORECASE)
+# "final score: N" (or "revised score: N", ...) mid-line, after the last Score
+# line's number: a revision.
+_FINAL_SCORE = re.compile(rf"\b{_REVISION}\s+score\b{_DECOR}[:=]{_DECOR}{_NUMBER}", re.IGNORECASE)
 _SCORE_COLON = re.compile(rf"\bscore\b{_DECOR}[:=]", re.IGNORECASE)
 _FRACTION = re.compile(rf"{_NUMBER}\s*{_PER}\s*10(?![.,/]?\d|[^\W\d]|%)", re.IGNORECASE)
 _BARE = re.compile(rf"^{_DECOR}{_NUMBER}(?:\s*/\s*10)?[\s*_\"'`.]*$")
