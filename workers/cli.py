@@ -569,7 +569,20 @@ def seed_outcomes_command(
     if unknown:
         click.echo(f"skipped the rows of models not in ROUTER_MODELS: {named}")
     prompts = len({r.prompt_id for r in records})
-    count = seed_records(sa.create_engine(settings.database_url), records, _embedder(settings))
+    embedder = _embedder(settings)
+    try:
+        count = seed_records(
+            sa.create_engine(settings.database_url),
+            records,
+            embedder,
+            response_chars=settings.outcome_response_max_chars,
+        )
+    except sa.exc.DBAPIError as exc:  # the database away, or its schema not made
+        cause = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise click.ClickException(
+            f"cannot store the outcomes in DATABASE_URL's database ({cause}); is it up, "
+            "and migrated (omnirouter db upgrade)?"
+        ) from None
     click.echo(f"stored {count} outcomes of {prompts} prompts")
 
 

@@ -356,7 +356,9 @@ class Settings(BaseSettings):
         if not self.router_models:
             raise ValueError("ROUTER_MODELS must name at least one model")
         topics = [model_topic(m) for m in self.router_models]
-        if len(set(topics)) != len(topics):
+        # Kafka refuses a topic that differs from an existing one only by '.' and '_'
+        # (their metric names collide): the second model's topic would fail to be created.
+        if len({t.replace(".", "_") for t in topics}) != len(topics):
             raise ValueError(f"ROUTER_MODELS map to clashing topic names: {topics}")
         known = set(self.router_models)
         named = {

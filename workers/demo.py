@@ -297,7 +297,9 @@ def run_demo(settings: Settings, state_dir: Path, warm_start: int = 0) -> int:
         if len(warm):
             click.echo(f"[demo] warm start: storing the recorded outcomes of {len(warm)} prompts")
             embedder = make_embedder(settings.router_embedder, Path(settings.embedder_cache_dir))
-            stored = seed_outcomes(engine, warm, embedder)
+            stored = seed_outcomes(
+                engine, warm, embedder, response_chars=settings.outcome_response_max_chars
+            )
             click.echo(f"[demo] stored {stored} outcomes")
         else:
             click.echo(store_at_start(engine))

@@ -204,3 +204,18 @@ def test_the_seed_command_stores_a_generic_csv(postgres_url: str, tmp_path: Path
     assert refused.returncode != 0
     assert f"{bad}:2: score 2 is outside [0, 1]" in refused.stderr
     engine.dispose()
+
+
+def test_the_seed_command_keeps_responses_to_outcome_response_max_chars(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The command stored 2,000 characters of each response whatever the setting."""
+    path = tmp_path / "evals.jsonl"
+    row = {"prompt_id": "a", "text": "Count.", "model": GPT4, "score": 1, "response": "x" * 5000}
+    path.write_text(json.dumps(row) + "\n")
+    env = {**os.environ, "DATABASE_URL": postgres_url, "OUTCOME_RESPONSE_MAX_CHARS": "100"}
+    env.pop("ROUTER_MODELS", None)
+    result = omnirouter(["seed-outcomes", "--data", str(path)], env)
+    assert result.returncode == 0, result.stderr
+    excerpt = stored(sa.create_engine(postgres_url))[("seed-a", GPT4)].response_excerpt
+    assert excerpt == response_excerpt("x" * 5000, 100)

@@ -164,3 +164,25 @@ def test_report_refuses_a_period_no_date_can_hold(
         result = CliRunner().invoke(main, ["report", "--since", since])
         assert result.exit_code == 2, (result.output, result.exc_info)
         assert "--since" in result.output
+
+
+class ZeroEmbedder:
+    """Vectors that say nothing: the command's failure comes after embedding."""
+
+    name = "zero"
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        return [[0.0] * 4 for _ in texts]
+
+
+def test_seed_outcomes_with_the_database_out_of_reach_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The whole upsert statement's traceback before (the database down, or not
+    migrated); now one line saying what to check."""
+    monkeypatch.setattr("workers.cli._embedder", lambda settings: ZeroEmbedder())
+    monkeypatch.setenv("DATABASE_URL", f"postgresql+psycopg://nobody@{closed_port()}/none")
+    result = CliRunner().invoke(main, ["seed-outcomes", "--limit", "2"])
+    assert result.exit_code == 1, result.output
+    assert "Error: cannot store the outcomes in DATABASE_URL's database" in result.output
+    assert result.exc_info is not None and result.exc_info[0] is SystemExit

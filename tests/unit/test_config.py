@@ -41,6 +41,8 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
             "ROUTER_MODEL_CAPACITIES",
         ),
         ({"router_models": ["a/b", "a-b"]}, "clashing topic names"),
+        # Kafka refuses a topic differing from another only by '.' and '_'.
+        ({"router_models": ["a.b", "a_b"]}, "clashing topic names"),
         (  # a misspelt name sent our name upstream
             {"router_models": ["a", "b"], "openai_model_map": {"c": "upstream-c"}},
             r"OPENAI_MODEL_MAP names models not in ROUTER_MODELS: \['c'\]",

@@ -17,6 +17,7 @@ from workers.routing.dataset import (
     load_seed_file,
     shipped_sample_path,
     split_known_models,
+    stored_prompt_ids,
     text_prompt_id,
 )
 
@@ -273,3 +274,58 @@ def test_field_names_ignore_case(tmp_path: Path) -> None:
     )
     with pytest.raises(DatasetError, match=r"twice.jsonl:1: score is given twice"):
         load_outcome_rows(twice)
+
+
+def rb_row(prompt: object = "p", a: object = None, **extra: object) -> dict[str, object]:
+    """A RouterBench row of models a and b (b's outcome not recorded)."""
+    return {"prompt": prompt, "outcomes": {"a": a or {"score": 1, "cost": 0.1}, "b": {}}, **extra}
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (rb_row(a={"score": 5}), "a: score 5 is outside"),
+        (rb_row(a={"score": 1, "cost": -1}), "a: cost -1 is not a finite number"),
+        (rb_row(a={"score": 1, "cost": 1e400}), "a: cost inf is not a finite number"),
+        (rb_row(a={"score": 1, "response": 5}), "response is not a string"),
+        (rb_row(prompt=None), "prompt is missing"),
+        (rb_row(prompt="p\x00"), "NUL"),
+        (rb_row(sample_id="x" * 181), "sample_id is longer"),
+        ({"prompt": "p", "outcomes": {"a": 1}}, "expected an object"),
+        ({"prompt": "p", "outcomes": ["a"]}, "outcomes is not an object"),
+    ],
+)
+def test_a_bad_routerbench_row_is_named_by_its_line(
+    tmp_path: Path, row: object, message: str
+) -> None:
+    """Each was a traceback (or, for a null prompt, the text "None" stored)."""
+    path = write_jsonl(tmp_path / "rb.jsonl", [row])
+    with pytest.raises(DatasetError, match=f"^{re.escape(str(path))}:1.*{message}"):
+        load_seed_file(path)
+
+
+def test_a_routerbench_sample_id_given_to_two_prompts_stores_both() -> None:
+    """Seeded under one id, the second prompt's outcomes replaced the first's."""
+    ids = stored_prompt_ids(["s1", "s2", "s1", "s1"], ["p", "q", "r", "p"])
+    assert ids == ["s1", "s2", text_prompt_id("r"), "s1"]
+
+
+def test_routerbench_rows_without_sample_ids_of_two_files_are_two_prompts(tmp_path: Path) -> None:
+    """Their ids were line numbers: the second file's first prompt replaced the first's."""
+    one = load_seed_file(write_jsonl(tmp_path / "one.jsonl", [rb_row("p")]))
+    two = load_seed_file(write_jsonl(tmp_path / "two.jsonl", [rb_row("q")]))
+    assert one[0].prompt_id == text_prompt_id("p") and two[0].prompt_id == text_prompt_id("q")
+
+
+def test_a_routerbench_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "rb.jsonl"
+    path.write_text("\ufeff" + json.dumps(rb_row()) + "\n", encoding="utf-8")
+    assert [r.score for r in load_seed_file(path)] == [1.0, None]
+
+
+def test_a_json_field_named_twice_is_refused(tmp_path: Path) -> None:
+    """json.loads kept the last value: a score of 1 then 0 was stored as 0."""
+    path = tmp_path / "evals.jsonl"
+    path.write_text('{"text": "t", "model": "a", "score": 1, "score": 0}\n', encoding="utf-8")
+    with pytest.raises(DatasetError, match=at(path, 1) + "score is given twice"):
+        load_outcome_rows(path)

@@ -10,10 +10,10 @@ from typing import Any, cast
 
 import pytest
 
-from schemas import Outcome, QueryEvent
+from schemas import Outcome, PredictedBatch, QueryEvent
 from workers.config import Settings
 from workers.db.repository import unstorable_fields, unstorable_reason
-from workers.stream.codec import BadEvent
+from workers.stream.codec import BadEvent, encode
 from workers.stream.predict_stage import validate_query, with_bounded_time
 
 SETTINGS = Settings(
@@ -143,3 +143,30 @@ def test_a_query_whose_record_timestamp_no_datetime_holds_is_timed_by_the_router
     assert with_bounded_time(record, an_hour_before, skew, now).created_at == now - skew
     on_time = QueryEvent(query_id="q", text="t", created_at=now - timedelta(seconds=5))
     assert with_bounded_time(record, on_time, skew, now) == on_time
+
+
+def nested_query(depth: int) -> bytes:
+    """A query whose metadata holds objects `depth` deep."""
+    return (
+        b'{"query_id": "q", "text": "hi", "metadata": {"x": '
+        + b'{"a": ' * depth + b"1" + b"}" * depth + b"}}"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("depth", [300, 900])
+def test_metadata_nested_deeper_than_its_records_can_be_written_is_refused(depth: int) -> None:
+    """json.loads (the path of an event pydantic's parser refuses) read it, and the
+    prediction could not be written (pydantic writes 255 levels): the predict stage
+    failed on it at every restart."""
+    with pytest.raises(BadEvent, match="nested more than"):
+        validate_query(nested_query(depth), SETTINGS)
+
+
+def test_metadata_as_deep_as_allowed_is_forwarded_and_read_back() -> None:
+    query = validate_query(nested_query(180), SETTINGS)
+    models = SETTINGS.router_models
+    batch = PredictedBatch(
+        models=models, queries=[query], quality=[[0.5] * len(models)],
+        cost_usd=[[0.1] * len(models)], support=[[0.0] * len(models)],
+    )  # fmt: skip
+    assert PredictedBatch.model_validate_json(encode(batch)).queries[0] == query

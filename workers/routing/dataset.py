@@ -11,7 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -58,8 +58,54 @@ def _number(value: object, where: str) -> float:
     return float(value)
 
 
+def _recorded(outcome: object, where: str) -> tuple[float, float, str | None]:
+    """One model's (score, cost, response) of a RouterBench row, held to what a
+    generic row must be (NaN or null: not recorded)."""
+    if not isinstance(outcome, dict):
+        raise DatasetError(f"{where}: expected an object of score, cost and response")
+    score = _number(outcome.get("score"), f"{where} score")
+    if not math.isnan(score) and not 0 <= score <= 1:
+        raise DatasetError(f"{where}: score {score:g} is outside [0, 1]")
+    cost = _number(outcome.get("cost"), f"{where} cost")
+    if not math.isnan(cost) and not 0 <= cost < math.inf:
+        raise DatasetError(f"{where}: cost {cost:g} is not a finite number >= 0")
+    response = outcome.get("response")
+    if response is not None:
+        response = _text(response, "response", where)
+    return score, cost, response
+
+
+def _routerbench_row(line: str, where: str) -> tuple[dict[str, Any], dict[str, object]]:
+    """A RouterBench line's row and its outcomes by model."""
+    try:
+        row = json.loads(line)
+        outcomes = row["outcomes"]
+        row["prompt"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{where}: not a RouterBench row ({exc})") from exc
+    if not isinstance(outcomes, dict) or not outcomes:
+        raise DatasetError(f"{where}: outcomes is not an object of models")
+    return row, outcomes
+
+
+def _sample_id(raw: object, prompt: str, where: str) -> str:
+    """A row's sample id; without one, the text's id (as a generic row's): ids
+    from line numbers made two files' prompts one query, the second seeded over
+    the first."""
+    if raw is None:
+        return text_prompt_id(prompt)
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        raw = str(raw)
+    sample_id = _required_text(raw, "sample_id", where).strip()
+    if len(sample_id) > MAX_PROMPT_ID_CHARS:
+        raise DatasetError(f"{where}: sample_id is longer than {MAX_PROMPT_ID_CHARS} chars")
+    return sample_id
+
+
 def load_routerbench(path: str | Path) -> OutcomeTable:
-    """Read a RouterBench-format JSONL file; models are those of the first row."""
+    """Read a RouterBench-format JSONL file; models are those of the first row. Each
+    model's outcome is held to a generic row's rules (`_recorded`); a bad row stops
+    the read with its line and the problem."""
     sample_ids: list[str] = []
     eval_names: list[str] = []
     prompts: list[str] = []
@@ -67,27 +113,23 @@ def load_routerbench(path: str | Path) -> OutcomeTable:
     cost_rows: list[list[float]] = []
     responses: list[dict[str, str | None]] = []
     models: list[str] = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{line_number}"
-            try:
-                row = json.loads(line)
-                outcomes = row["outcomes"]
-                prompt = row["prompt"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DatasetError(f"{where}: not a RouterBench row ({exc})") from exc
-            if not models:
-                models = sorted(outcomes)
+            row, outcomes = _routerbench_row(line, where)
+            models = models or sorted(outcomes)
             if sorted(outcomes) != models:
                 raise DatasetError(f"{where}: models differ from the first row's")
-            sample_ids.append(str(row.get("sample_id", line_number)))
+            prompt = _required_text(row["prompt"], "prompt", where)
+            recorded = [_recorded(outcomes[m], f"{where} {m}") for m in models]
+            sample_ids.append(_sample_id(row.get("sample_id"), prompt, where))
             eval_names.append(str(row.get("eval_name", "")))
-            prompts.append(str(prompt))
-            score_rows.append([_number(outcomes[m].get("score"), f"{where} {m}") for m in models])
-            cost_rows.append([_number(outcomes[m].get("cost"), f"{where} {m}") for m in models])
-            responses.append({m: outcomes[m].get("response") for m in models})
+            prompts.append(prompt)
+            score_rows.append([score for score, _, _ in recorded])
+            cost_rows.append([cost for _, cost, _ in recorded])
+            responses.append({m: r for m, (_, _, r) in zip(models, recorded, strict=True)})
     if not prompts:
         raise DatasetError(f"{path}: no rows")
     return OutcomeTable(
@@ -173,12 +215,16 @@ def _text(value: object, name: str, where: str) -> str:
     return value
 
 
-def _fields(row: Mapping[str, object], where: str) -> dict[str, object]:
+class _Pairs(list[tuple[str, object]]):
+    """A JSON object's (name, value) pairs in their order, names given twice kept."""
+
+
+def _fields(row: _Pairs, where: str) -> dict[str, object]:
     """A JSON row's fields by name in lower case, as a CSV header's are ("Score" is
     the score, not an extra column ignored without a word); a name given twice so
     is refused."""
     fields: dict[str, object] = {}
-    for name, value in row.items():
+    for name, value in row:
         key = str(name).strip().lower()
         if key in fields:
             raise DatasetError(f"{where}: {key} is given twice (names ignore case)")
@@ -231,10 +277,11 @@ def _json_rows(path: Path) -> Iterator[tuple[int, Mapping[str, object]]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                # Pairs, not a dict: json.loads keeps the last of a name given twice.
+                row = json.loads(line, object_pairs_hook=_Pairs)
             except json.JSONDecodeError as exc:
                 raise DatasetError(f"{path}:{line_number}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
+            if not isinstance(row, _Pairs):
                 raise DatasetError(f"{path}:{line_number}: not a JSON object")
             yield line_number, _fields(row, f"{path}:{line_number}")
 
@@ -319,11 +366,23 @@ def detect_format(path: str | Path) -> Literal["routerbench", "generic"]:
     return "routerbench" if is_routerbench else "generic"
 
 
+def stored_prompt_ids(sample_ids: Sequence[str], prompts: Sequence[str]) -> list[str]:
+    """Each prompt's id in the store: its sample id, or its text's id where an
+    earlier row gave that sample id to another prompt (RouterBench has a few such
+    ARC ids: seeded under one id, the second prompt's outcomes replaced the first's)."""
+    first_text: dict[str, str] = {}
+    return [
+        sample_id if first_text.setdefault(sample_id, prompt) == prompt else text_prompt_id(prompt)
+        for sample_id, prompt in zip(sample_ids, prompts, strict=True)
+    ]
+
+
 def table_records(table: OutcomeTable) -> list[RecordedOutcome]:
     """A RouterBench table as rows, one per (prompt, model); NaN -> None."""
+    prompt_ids = stored_prompt_ids(table.sample_ids, table.prompts)
     return [
         RecordedOutcome(
-            prompt_id=table.sample_ids[row],
+            prompt_id=prompt_ids[row],
             text=prompt,
             model=model,
             score=None if math.isnan(score := table.scores[row, column]) else float(score),

@@ -97,6 +97,34 @@ def refuse_unwritable(raw: bytes, event: BaseModel) -> None:
         raise BadEvent("holds a lone surrogate (half a pair, no UTF-8 for it)") from None
 
 
+# How deep a query may nest. Its records are read back with pydantic's JSON parser
+# alone (200 levels), some holding it 5 levels down (a cascade probe's decision
+# entry: the query's prediction in the probe's metadata); json.loads, the path of
+# an event that parser refuses, reads about 1,000 and pydantic writes 255.
+MAX_EVENT_DEPTH = 190
+
+
+def refuse_too_deep(raw: bytes, event: dict[str, object]) -> None:
+    """BadEvent for an event nested more than MAX_EVENT_DEPTH levels deep (`event`:
+    its fields that hold containers, such as a query's metadata): metadata 300
+    levels deep passed validation, then its prediction could not be encoded and the
+    predict stage failed on it at every restart. Walked only where `raw` holds
+    that many brackets."""
+    if raw.count(b"{") + raw.count(b"[") <= MAX_EVENT_DEPTH:
+        return
+    level: list[object] = [event]
+    for _ in range(MAX_EVENT_DEPTH):
+        level = [inner for value in level for inner in _containers_in(value)]
+    if level:
+        raise BadEvent(f"not JSON this service reads: nested more than {MAX_EVENT_DEPTH} deep")
+
+
+def _containers_in(value: object) -> list[object]:
+    """The objects and arrays directly inside a JSON object or array."""
+    inner = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [item for item in inner if isinstance(item, dict | list)]
+
+
 def _refuse_non_finite(constant: str) -> float:
     raise ValueError(f"{constant} is not a number JSON allows")
 

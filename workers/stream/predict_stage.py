@@ -36,7 +36,7 @@ from workers.stream.app import (
     release,
     value_room_bytes,
 )
-from workers.stream.codec import BadEvent, decode, encode, refuse_unwritable
+from workers.stream.codec import BadEvent, decode, encode, refuse_too_deep, refuse_unwritable
 from workers.stream.publishers import ESCALATION_KEY_PREFIX
 from workers.stream.router_state import RouterState
 
@@ -133,6 +133,8 @@ class QueryRules:
         # A lone surrogate in metadata or hints: the prediction could not be written,
         # and the predict stage failed on it at every restart.
         refuse_unwritable(raw, query)
+        # Metadata nested deeper than a record forwarding it can be written.
+        refuse_too_deep(raw, {"metadata": query.metadata})
         if query.query_id.startswith(ESCALATION_KEY_PREFIX):
             # Its decision would share a key with another query's escalation decision,
             # and one of the two queries would get no final answer.

@@ -115,7 +115,11 @@ def seed_records(
 
 
 def seed_outcomes(
-    engine: sa.Engine, table: OutcomeTable, embedder: Embedder, run_id: str = "seed"
+    engine: sa.Engine,
+    table: OutcomeTable,
+    embedder: Embedder,
+    run_id: str = "seed",
+    response_chars: int = OUTCOME_RESPONSE_CHARS,
 ) -> int:
     """Store every model's recorded outcome on every prompt of a RouterBench table."""
-    return seed_records(engine, table_records(table), embedder, run_id)
+    return seed_records(engine, table_records(table), embedder, run_id, response_chars)
