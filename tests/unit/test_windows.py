@@ -178,6 +178,17 @@ def test_no_second_is_billed_twice() -> None:
     assert (start, end) == (T0 + timedelta(seconds=8), T0 + timedelta(seconds=9))
 
 
+def test_a_lagging_producer_s_query_does_not_bill_the_pool_s_idle_spell() -> None:
+    """Billing stands at T0; the pool idle for 30 minutes; then a window holds a
+    current query and one from a producer 40 minutes behind (made before the
+    billed point: no new time). The stale query stretched the window back to T0:
+    1,800 s billed (at $36/h, $18 for two queries) where the current one earns a
+    window length."""
+    now = T0 + timedelta(minutes=30)
+    lagging = now - timedelta(minutes=40)
+    assert traffic_span([lagging, now], T0, FIVE_SECONDS) == (now - FIVE_SECONDS, now)
+
+
 def test_consecutive_windows_never_overlap() -> None:
     billed: datetime | None = None
     spans = []

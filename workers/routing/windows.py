@@ -55,6 +55,13 @@ def traffic_span(
     before its first (at most one window length), and no later than one window
     length before its last: queries made together (a batch job's burst) stand
     for a window's time as a lone query does, not for the ~0 s between them."""
+    if billed_until is not None:
+        # Queries made before the billed point bring no time, nor stretch the window
+        # back over time already billed or a pool's idle spell after it (a lagging
+        # producer's query after an idle spell billed the whole spell).
+        created = [moment for moment in created if moment > billed_until]
+        if not created:
+            return billed_until, billed_until
     first, last = min(created), max(created)
     gap = (last - first) / (len(created) - 1) if len(created) > 1 else window_length
     start = min(first - min(gap, window_length), last - window_length)

@@ -172,14 +172,16 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def observe_report(report: WindowReport) -> None:
-    """A window solved, once its report is on the broker (workers/stream/publishers.py)."""
+def observe_report(report: WindowReport, own_budget: bool = True) -> None:
+    """A window solved, once its report is on the broker (workers/stream/publishers.py).
+    `own_budget` False: a cascade's escalation window, whose budget is the reserve its
+    first stages kept back of budgets counted already."""
     pool = report.pool
     WINDOWS.labels(pool, report.solver_status).inc()
     WINDOW_SOLVE_SECONDS.labels(pool).observe(report.solve_seconds)
     WINDOW_QUERIES.labels(pool).observe(report.query_count)
     PREDICTED_SPEND_USD.labels(pool).inc(report.predicted_spend_usd)
-    if report.window_budget_usd is not None:
+    if own_budget and report.window_budget_usd is not None:
         WINDOW_BUDGET_USD.labels(pool).inc(report.window_budget_usd)
     if report.spend_correction_usd > 0:
         SPEND_CORRECTION_USD.labels(pool).inc(report.spend_correction_usd)

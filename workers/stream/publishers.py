@@ -261,7 +261,7 @@ class WindowRecords:
 def observe_report(window: PoolWindow) -> None:
     """Count the window's report (if it has one): it is on the broker."""
     if window.report is not None:
-        metrics.observe_report(window.report)
+        metrics.observe_report(window.report, own_budget=window.stage == "first")
 
 
 def observe_published(window: PoolWindow) -> None:
