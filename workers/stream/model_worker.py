@@ -8,6 +8,7 @@ openai_worker.py), in the manner of one class per router behind one interface.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -16,6 +17,8 @@ from typing import Protocol
 import faust
 from faust.types import StreamT, TopicT
 from mode import CrashingSupervisor
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from schemas import FINAL_ROLES, Assignment, ModelResponse, Outcome, ScoreSource
 from workers.config import Settings
@@ -24,10 +27,11 @@ from workers.stream.app import (
     Topics,
     batches,
     decode_or_dead_letter,
+    hand_over,
     make_app,
     value_room_bytes,
 )
-from workers.stream.codec import decode, encode
+from workers.stream.codec import BadEvent, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +136,56 @@ def encodable(text: str) -> str:
     return text
 
 
+def decode_assignment(raw: bytes | None) -> Assignment:
+    """An assignment whose response and outcome can be written, or BadEvent: the
+    Outcome holds ids of at most 200 characters, and no event holds a lone
+    surrogate; failing there, after the model was paid, stopped the worker on its
+    batch at every start."""
+    assignment = decode(raw, Assignment)
+    try:
+        for event in Answer(error="-").events(assignment, 0):
+            encode(event)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        )
+        raise BadEvent(f"assignment whose outcome cannot be built: {problems}") from None
+    except (PydanticSerializationError, ValueError):
+        raise BadEvent("assignment whose response or outcome cannot be written as UTF-8") from None
+    return assignment
+
+
+# How often a batch in hand looks whether a rebalance began: Faust only sets a flag
+# (`App.rebalancing`, from its synchronous `on_rebalance_start`), with no event to
+# wait on.
+REBALANCE_CHECK_SECONDS = 0.1
+
+
+async def answer_unless_rebalanced(
+    app: faust.App, answerer: Answerer, assignments: Sequence[Assignment], grace_seconds: float
+) -> list[Answer] | None:
+    """The answers, or None when a rebalance began and they were not all in within
+    `grace_seconds` of it (the calls are then cancelled). Faust's revocation waits
+    for the batch in hand, and a member holding it past the group's rebalance
+    timeout was put out of the group while another answered the same assignments
+    again: two different final answers published, both paid."""
+    answering = asyncio.ensure_future(answerer.answer(assignments))
+    loop = asyncio.get_running_loop()
+    rebalance_began: float | None = None
+    while not answering.done():
+        await asyncio.wait({answering}, timeout=REBALANCE_CHECK_SECONDS)
+        if answering.done() or not app.rebalancing:
+            continue
+        rebalance_began = rebalance_began or loop.time()
+        if loop.time() - rebalance_began >= grace_seconds:
+            answering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await answering
+            return None
+    return answering.result()
+
+
 class Answerer(Protocol):
     async def answer(self, assignments: Sequence[Assignment]) -> list[Answer]:
         """One Answer per assignment, in order."""
@@ -154,6 +208,8 @@ def build_model_worker_app(
         raise ValueError(f"models not in ROUTER_MODELS: {sorted(unknown)}")
     app = make_app(f"omnirouter-model-{kind}", settings, bootstrap_servers)
     topics = Topics.of(app, settings)
+    # What a revocation may wait for the batch in hand, well within the rebalance timeout.
+    grace = settings.rebalance_timeout_seconds() / 2
     routes = app.topic(
         *[topics.routes[m].get_topic_name() for m in served],
         key_serializer="raw",
@@ -163,13 +219,15 @@ def build_model_worker_app(
     @app.agent(routes, supervisor_strategy=CrashingSupervisor)
     async def answer(stream: StreamT[bytes]) -> None:
         async for events in batches(stream, batch_size, 0.05):
-            decoded = await decode_or_dead_letter(
-                events, lambda raw: decode(raw, Assignment), topics.deadletter
-            )
+            decoded = await decode_or_dead_letter(events, decode_assignment, topics.deadletter)
             assignments = [assignment for _, assignment in decoded]
             if not assignments:
                 continue
-            answers = await answerer.answer(assignments)
+            answers = await answer_unless_rebalanced(app, answerer, assignments, grace)
+            if answers is None:
+                log.warning("a rebalance began: %d assignments left to the owner", len(decoded))
+                hand_over([event for event, _ in decoded])
+                continue
             answered = [
                 result.events(a, settings.outcome_response_max_chars)
                 for a, result in zip(assignments, answers, strict=True)

@@ -52,6 +52,8 @@ class ReplayAnswerer:
         cost = float(self.table.costs[row, column])
         scored = self.scores and not math.isnan(score)  # NaN: not recorded
         response = self.table.responses[row].get(assignment.model)
+        if response is None and math.isnan(score):  # the model's outcome is not recorded
+            return Answer(error=NOT_RECORDED, latency_ms=self.latency_ms)
         return Answer(
             response=response,
             quality_score=score if scored else None,
